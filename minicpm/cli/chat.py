@@ -1,0 +1,69 @@
+"""The interactive chat loop of `minicpm chat`: streaming replies, /reset, /exit, tokens/s."""
+
+from __future__ import annotations
+
+import sys
+
+from minicpm.generation.chat import stream_chat
+from minicpm.generation.text import GenerationStats
+
+HELP = "commands: /reset (new conversation), /exit (quit); Ctrl-C stops a reply"
+
+
+def chat_loop(model, tokenizer, sampling: dict, system: str | None = None,
+              stdin=None, stdout=None) -> int:
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    interactive = stdin.isatty()
+    dim = ("\033[2m", "\033[0m") if stdout.isatty() else ("", "")
+    history = _fresh(system)
+    print(f"{dim[0]}{HELP}{dim[1]}", file=stdout, flush=True)
+    while True:
+        if interactive:
+            try:
+                query = input(">>> ")
+            except EOFError:
+                print(file=stdout)
+                return 0
+        else:
+            stdout.write(">>> ")
+            line = stdin.readline()
+            if not line:
+                print(file=stdout)
+                return 0
+            query = line.rstrip("\n")
+            print(query, file=stdout)
+        command = query.strip()
+        if not command:
+            continue
+        if command in ("/exit", "/quit"):
+            return 0
+        if command == "/reset":
+            history = _fresh(system)
+            print(f"{dim[0]}(conversation cleared){dim[1]}", file=stdout, flush=True)
+            continue
+        if command.startswith("/"):
+            print(f"{dim[0]}unknown command {command}; {HELP}{dim[1]}", file=stdout, flush=True)
+            continue
+        history.append({"role": "user", "content": query})
+        reply, stats = _stream_reply(model, tokenizer, history, sampling, stdout)
+        history.append({"role": "assistant", "content": reply})
+        print(f"\n{dim[0]}[{stats.new_tokens} tokens, {stats.decode_tokens_per_second:.1f} tok/s, "
+              f"prompt {stats.prompt_tokens} tokens in {stats.prefill_seconds:.2f} s]{dim[1]}",
+              file=stdout, flush=True)
+
+
+def _fresh(system: str | None) -> list[dict]:
+    return [{"role": "system", "content": system}] if system else []
+
+
+def _stream_reply(model, tokenizer, history, sampling, stdout) -> tuple[str, GenerationStats]:
+    stats = GenerationStats()
+    pieces = []
+    try:
+        for piece in stream_chat(model, tokenizer, history, stats=stats, **sampling):
+            pieces.append(piece)
+            stdout.write(piece)
+            stdout.flush()
+    except KeyboardInterrupt:
+        stdout.write(" [stopped]")
+    return "".join(pieces), stats

@@ -1,0 +1,110 @@
+"""`minicpm <verb>`: the command line.
+
+Only argparse is imported at the top so that `minicpm --help` answers at once; each verb
+imports what it needs. Errors caused by input print one line (`error: ...`) and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+SAMPLING_FLAGS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "max_new_tokens")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None,
+                   help="checkpoint directory, .gguf file or hub id (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if present)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser, temperature: float, top_p: float) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--temperature", type=float, default=temperature, help=f"0 = greedy (default {temperature})")
+    g.add_argument("--top-p", type=float, default=top_p, help=f"nucleus sampling mass (default {top_p})")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats")
+    g.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
+    g.add_argument("--max-new-tokens", type=int, default=None, help="reply length limit")
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict:
+    out = {name: getattr(args, name) for name in SAMPLING_FLAGS}
+    out["stop"] = args.stop
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="minicpm", description="Run, convert and inspect MiniCPM-family language models.")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="verb", metavar="<verb>")
+
+    p = sub.add_parser("chat", help="interactive streaming chat (/reset, /exit)")
+    add_model_args(p)
+    add_sampling_args(p, temperature=0.3, top_p=0.8)
+    p.add_argument("--system", default=None, help="system message for the conversation")
+
+    p = sub.add_parser("generate", help="complete prompts (one per line of a file, or --prompt)")
+    add_model_args(p)
+    add_sampling_args(p, temperature=0.0, top_p=1.0)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", action="append", help="prompt text (repeatable)")
+    src.add_argument("--prompt-file", help="file with one prompt per line, or JSONL with a 'prompt' field")
+    p.add_argument("--raw", action="store_true", help="feed prompts as plain text, without the chat template")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default 8)")
+    p.add_argument("--output", help="write JSONL {prompt, response} here instead of printing")
+
+    p = sub.add_parser("info", help="architecture, parameter count, dtype and memory of a model")
+    add_model_args(p)
+
+    p = sub.add_parser("convert", help="write a model in another format")
+    p.add_argument("src", help="checkpoint directory, .gguf file or hub id")
+    p.add_argument("out", help="output directory (or .gguf file)")
+    p.add_argument("--to", required=True, choices=["hf", "llama", "gguf"],
+                   help="hf: MiniCPM format; llama: scalings folded in (LlamaForCausalLM); gguf: llama.cpp")
+    p.add_argument("--dtype", default=None, help="dtype of the written weights (default: as loaded)")
+    p.add_argument("--type", default="f16", help="GGUF tensor type: f32, f16, bf16, q8_0, q4_0 (default f16)")
+    p.add_argument("--force", action="store_true", help="replace an existing output")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from minicpm import __version__
+
+        print(__version__)
+        return 0
+    if not args.verb:
+        parser.print_help()
+        return 0
+    from minicpm.errors import MiniCPMError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            warnings.formatwarning = lambda message, *a, **k: f"warning: {message}\n"
+            return run_verb(args)
+    except MiniCPMError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+def run_verb(args: argparse.Namespace) -> int:
+    from minicpm.cli import verbs
+
+    return getattr(verbs, args.verb)(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""The work behind each `minicpm` verb; every verb is a thin layer over a library function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from minicpm.errors import MiniCPMError
+
+
+def _load(args: argparse.Namespace):
+    import torch
+
+    import minicpm
+
+    if args.threads:
+        if args.threads < 1:
+            raise MiniCPMError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    model, tokenizer = minicpm.load(args.model, dtype=args.dtype, device=args.device)
+    if tokenizer is None:
+        raise MiniCPMError(f"{args.model} has no tokenizer files; this verb needs one")
+    return model, tokenizer
+
+
+def chat(args: argparse.Namespace) -> int:
+    from minicpm.cli.chat import chat_loop
+    from minicpm.cli.main import sampling_kwargs
+
+    model, tokenizer = _load(args)
+    return chat_loop(model, tokenizer, sampling_kwargs(args), system=args.system)
+
+
+def generate(args: argparse.Namespace) -> int:
+    from minicpm.cli.main import sampling_kwargs
+    from minicpm.generation.chat import chat_params
+    from minicpm.generation.sampling import SamplingParams
+    from minicpm.generation.text import generate_texts
+
+    prompts = args.prompt or read_prompts(Path(args.prompt_file))
+    if args.batch_size < 1:
+        raise MiniCPMError(f"--batch-size must be >= 1, got {args.batch_size}")
+    model, tokenizer = _load(args)
+    kwargs = sampling_kwargs(args)
+    encoded = [tokenizer.encode(p) if args.raw else
+               tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                             tokenize=True) for p in prompts]
+    out = open(args.output, "w", encoding="utf-8") if args.output else None
+    try:
+        for start in range(0, len(prompts), args.batch_size):
+            batch = encoded[start:start + args.batch_size]
+            if args.raw:
+                params = SamplingParams.from_kwargs(**kwargs)
+            else:  # the official chat settings: reply cut at role markers, max_length 4096
+                params = chat_params(max(map(len, batch)), model.config.max_position_embeddings, **kwargs)
+            for prompt, text in zip(prompts[start:start + args.batch_size],
+                                    generate_texts(model, tokenizer, batch, params)):
+                if out:
+                    out.write(json.dumps({"prompt": prompt, "response": text}, ensure_ascii=False) + "\n")
+                else:
+                    print(text if len(prompts) == 1 else f"### {prompt}\n{text}\n", flush=True)
+    finally:
+        if out:
+            out.close()
+    return 0
+
+
+def read_prompts(path: Path) -> list[str]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise MiniCPMError(f"cannot read prompt file {path}: {e}") from None
+    prompts = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("{"):
+            try:
+                record = json.loads(line)
+                prompts.append(str(record["prompt"]))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise MiniCPMError(f"{path}:{number}: JSON line without a 'prompt' field") from None
+        else:
+            prompts.append(line)
+    if not prompts:
+        raise MiniCPMError(f"{path} holds no prompts")
+    return prompts
+
+
+def info(args: argparse.Namespace) -> int:
+    from minicpm.inspect import describe
+
+    for key, value in describe(args.model).items():
+        print(f"{key:>22}: {value}")
+    return 0
+
+
+def convert(args: argparse.Namespace) -> int:
+    from minicpm.formats.convert import convert as run_convert
+
+    started = time.perf_counter()
+    out = run_convert(args.src, args.out, to=args.to, dtype=args.dtype, gguf_type=args.type,
+                      overwrite=args.force)
+    print(f"wrote {out} ({args.to}) in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    return 0

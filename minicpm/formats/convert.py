@@ -1,0 +1,40 @@
+"""`minicpm convert`: load from any supported format, write another.
+
+  hf     the MiniCPM format (config model_type "minicpm"; a Llama source gets neutral scalings)
+  llama  the "llama format": scalings folded into the weights, loadable by LlamaForCausalLM
+  gguf   a llama.cpp file (see minicpm.formats.gguf)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from minicpm.errors import MiniCPMError
+from minicpm.formats.hf import checkpoint_state_dict, save_pretrained
+from minicpm.formats.llama import to_llama, to_minicpm
+
+TARGETS = ("hf", "llama", "gguf")
+
+
+def convert(src: str, out: str | Path, to: str, dtype: Any = None, gguf_type: str = "f16",
+            overwrite: bool = False) -> Path:
+    if to not in TARGETS:
+        raise MiniCPMError(f"unknown target format {to!r}; choose one of {', '.join(TARGETS)}")
+    out = Path(out)
+    if out.exists() and not overwrite and (out.is_file() or any(out.iterdir())):
+        raise MiniCPMError(f"{out} already exists (pass --force to replace it)")
+    from minicpm.loading import load
+
+    model, tokenizer = load(src, dtype=dtype, device="cpu")
+    if to == "hf":
+        return save_pretrained(model, tokenizer, out, config=to_minicpm(model.config), overwrite=overwrite)
+    if to == "llama":
+        config, state = to_llama(model.config, checkpoint_state_dict(model))
+        return save_pretrained(None, tokenizer, out, config=config, state_dict=state, overwrite=overwrite)
+    from minicpm.formats.gguf import write_gguf
+
+    if tokenizer is None:
+        raise MiniCPMError(f"{src} has no tokenizer; a GGUF file needs one")
+    write_gguf(model.config, checkpoint_state_dict(model).items(), tokenizer, out, file_type=gguf_type)
+    return out

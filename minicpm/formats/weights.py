@@ -1,0 +1,121 @@
+"""Turn (name, tensor) pairs from any checkpoint format into a ready model.
+
+Every loader (Hugging Face directories, GGUF) ends here. The model is built on the meta device,
+so no memory is spent on random initial weights; each tensor is converted and assigned as it
+arrives, so peak memory stays near one copy of the model plus one tensor. Every name is checked:
+missing, unexpected and mis-shaped tensors are errors that name the tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from minicpm.config import MiniCPMConfig
+from minicpm.errors import CheckpointError, MiniCPMError
+from minicpm.model import MiniCPMForCausalLM, RotaryEmbedding
+
+# Rotary tables some checkpoints carry; they are recomputed from the config.
+_DERIVED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+def resolve_dtype(dtype: Any) -> torch.dtype | None:
+    """None/"auto" keep the checkpoint's dtype; strings like "bf16" or torch dtypes are accepted."""
+    if dtype is None or dtype == "auto":
+        return None
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise MiniCPMError(f"dtype must be a floating point type, got {dtype}")
+        return dtype
+    key = str(dtype).lower().removeprefix("torch.")
+    if key not in DTYPES:
+        raise MiniCPMError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16")
+    return DTYPES[key]
+
+
+def resolve_device(device: Any) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise MiniCPMError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+
+
+def build_model(config: MiniCPMConfig, named_tensors: Iterable[tuple[str, torch.Tensor]],
+                dtype: Any = None, device: Any = None, source: str = "checkpoint") -> MiniCPMForCausalLM:
+    """Assemble a model from checkpoint tensors (Hugging Face names), in eval mode."""
+    dtype, device = resolve_dtype(dtype), resolve_device(device)
+    with torch.device("meta"):
+        model = MiniCPMForCausalLM(config)
+    params = dict(model.named_parameters())  # a tied head appears once, as the embedding
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+    for name, tensor in named_tensors:
+        if name.endswith(_DERIVED_SUFFIXES):
+            continue
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue  # some tied checkpoints store a copy of the embedding; the tie wins
+        if name not in params:
+            unexpected.append(name)
+            continue
+        expected = params[name].shape
+        if tuple(tensor.shape) != tuple(expected):
+            raise CheckpointError(
+                f"{source}: tensor {name} has shape {list(tensor.shape)}, "
+                f"config.json implies {list(expected)}")
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"{source}: tensor {name} has non-float dtype {tensor.dtype}")
+        target = dtype or (config_dtype(config) or tensor.dtype)
+        _assign(model, name, tensor.to(device=device, dtype=target))
+        loaded.add(name)
+    if unexpected:
+        shown = ", ".join(sorted(unexpected)[:8]) + (" ..." if len(unexpected) > 8 else "")
+        raise CheckpointError(f"{source}: {len(unexpected)} unexpected tensor(s): {shown}")
+    missing = sorted(set(params) - loaded)
+    if missing:
+        shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
+        raise CheckpointError(f"{source}: {len(missing)} missing tensor(s): {shown}")
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.model.rotary_emb = RotaryEmbedding(config).to(device)
+    return model.eval().requires_grad_(False)
+
+
+def config_dtype(config: MiniCPMConfig) -> torch.dtype | None:
+    """The dtype config.json declares (torch_dtype), if any."""
+    name = config.torch_dtype
+    return DTYPES.get(str(name).removeprefix("torch.")) if name else None
+
+
+def _assign(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    setattr(module, attr, nn.Parameter(value, requires_grad=False))
+
+
+def random_model(config: MiniCPMConfig, seed: int = 0, dtype: Any = torch.float32,
+                 std: float | None = None) -> MiniCPMForCausalLM:
+    """A seeded random model (tests, benchmarks): N(0, std) linears/embedding, norms near 1."""
+    gen = torch.Generator().manual_seed(seed)
+    std = config.initializer_range if std is None else std
+    with torch.device("meta"):
+        shapes = {n: p.shape for n, p in MiniCPMForCausalLM(config).named_parameters()}
+
+    def tensors():
+        for name, shape in shapes.items():
+            if name.endswith("norm.weight"):
+                yield name, 1.0 + 0.1 * torch.randn(shape, generator=gen)
+            else:
+                yield name, std * torch.randn(shape, generator=gen)
+
+    return build_model(config, tensors(), dtype=dtype, device="cpu", source="random")

@@ -1,0 +1,105 @@
+"""Sampling settings and the pure function that picks the next token.
+
+`SamplingParams` validates everything a user can pass (CLI, `generate`, `chat`, the server);
+`sample_next` turns one step's logits into token ids with an explicit random generator, so a
+seed reproduces a run exactly. Temperature 0 means greedy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from minicpm.errors import MiniCPMError
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int | None = None  # None: as many as the context allows
+    temperature: float = 0.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # >1 discourages tokens already in prompt or output (HF rule)
+    seed: int | None = None
+    stop_token_ids: list[int] | None = None  # None: the model's end-of-sequence ids
+    stop: list[str] = field(default_factory=list)  # stop strings (text level)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = [s for s in self.stop if s]
+        _check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
+        _check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
+        _check(0 <= self.min_p < 1, f"min_p must be in [0, 1), got {self.min_p}")
+        _check(isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be an integer >= 0, got {self.top_k}")
+        _check(self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.max_new_tokens is not None:
+            _check(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
+                   f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> SamplingParams:
+        """Accept our names plus the Hugging Face ones the official API uses (do_sample, ...)."""
+        do_sample = kwargs.pop("do_sample", None)
+        if "eos_token_id" in kwargs:
+            eos = kwargs.pop("eos_token_id")
+            kwargs["stop_token_ids"] = [eos] if isinstance(eos, int) else eos
+        if kwargs.pop("num_beams", 1) != 1:
+            raise MiniCPMError("beam search is not supported (num_beams must be 1)")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise MiniCPMError(f"unknown generation argument(s): {', '.join(unknown)}; "
+                               f"supported: {', '.join(sorted(names | {'do_sample'}))}")
+        params = cls(**kwargs)
+        if do_sample is False:
+            params.temperature = 0.0
+        elif do_sample and params.temperature == 0:
+            params.temperature = 1.0  # HF's default temperature when sampling is asked for
+        return params
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise MiniCPMError(message)
+
+
+def make_generator(seed: int | None, device: Any = "cpu") -> torch.Generator:
+    gen = torch.Generator(device=device)
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(seed)
+    return gen
+
+
+def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
+                seen: torch.Tensor | None = None) -> torch.Tensor:
+    """Next token ids [B] from fp32 logits [B, V]; `seen` [B, V] marks tokens to penalise."""
+    if params.repetition_penalty != 1.0 and seen is not None:
+        penalised = torch.where(logits > 0, logits / params.repetition_penalty,
+                                logits * params.repetition_penalty)
+        logits = torch.where(seen, penalised, logits)
+    if params.greedy:
+        return logits.argmax(-1)
+    logits = logits / params.temperature
+    if params.top_k:
+        kth = logits.topk(min(params.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.min_p:
+        probs = probs.masked_fill(probs < params.min_p * probs.amax(-1, keepdim=True), 0.0)
+    if params.top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the tokens ranked above
+        sorted_probs = sorted_probs.masked_fill(before >= params.top_p * sorted_probs.sum(-1, keepdim=True), 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

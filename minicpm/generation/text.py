@@ -1,0 +1,139 @@
+"""From token ids to text: streaming detokenization with stop strings.
+
+Stop strings can span token boundaries, so while streaming we hold back any tail of the text
+that could still grow into a stop string, and release it once it cannot. The stop string itself
+is never shown.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from minicpm.generation.generate import TokenGenerator
+from minicpm.generation.sampling import SamplingParams
+
+
+class StopStringFilter:
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+        self.stopped = False
+
+    def push(self, text: str) -> str:
+        """Text that is safe to show now; sets `stopped` when a stop string completed."""
+        if self.stopped:
+            return ""
+        self.pending += text
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.stopped = True
+            out, self.pending = self.pending[:min(hits)], ""
+            return out
+        hold = self._held_suffix()
+        out = self.pending[:len(self.pending) - hold]
+        self.pending = self.pending[len(self.pending) - hold:]
+        return out
+
+    def flush(self) -> str:
+        out, self.pending = ("" if self.stopped else self.pending), ""
+        return out
+
+    def _held_suffix(self) -> int:
+        """Length of the longest tail of `pending` that begins some stop string."""
+        best = 0
+        for stop in self.stops:
+            for n in range(min(len(stop) - 1, len(self.pending)), best, -1):
+                if self.pending.endswith(stop[:n]):
+                    best = n
+                    break
+        return best
+
+
+class RowText:
+    """Text of one generated row: incremental decoding plus stop strings."""
+
+    def __init__(self, tokenizer, stops: list[str]):
+        self.decoder = tokenizer.stream_decoder(skip_special_tokens=True)
+        self.filter = StopStringFilter(stops)
+        self.text = ""
+
+    def push(self, token: int) -> str:
+        piece = self.filter.push(self.decoder.push(token))
+        self.text += piece
+        return piece
+
+    def flush(self) -> str:
+        piece = "" if self.filter.stopped else self.filter.push(self.decoder.flush())
+        piece += self.filter.flush()
+        self.text += piece
+        return piece
+
+    @property
+    def stopped(self) -> bool:
+        return self.filter.stopped
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    finish_reason: str = "length"  # "stop" (stop token or string) or "length"
+    tokens: list[int] = field(default_factory=list)
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        steps = self.new_tokens - 1  # the first token comes out of prefill
+        return steps / self.decode_seconds if steps > 0 and self.decode_seconds > 0 else 0.0
+
+
+def stream_text(model, tokenizer, prompt_ids: list[int], params: SamplingParams,
+                stats: GenerationStats | None = None) -> Iterator[str]:
+    """Yield the reply's text piece by piece; fills `stats` as it goes."""
+    stats = stats if stats is not None else GenerationStats()
+    gen = TokenGenerator(model, [prompt_ids], params, pad_token_id=tokenizer.pad_token_id)
+    row = RowText(tokenizer, params.stop)
+    stats.prompt_tokens = len(gen.prompts[0])
+    start = last = time.perf_counter()
+    for step in gen:
+        token = step[0]
+        now = time.perf_counter()
+        if stats.new_tokens == 0:
+            stats.prefill_seconds = now - start
+        else:
+            stats.decode_seconds += now - last
+        last = now
+        stats.new_tokens += 1
+        stats.tokens.append(token)
+        if token in gen.stop_ids:
+            stats.finish_reason = "stop"
+            break
+        piece = row.push(token)
+        if piece:
+            yield piece
+        if row.stopped:
+            stats.finish_reason = "stop"
+            gen.finish(0)
+            break
+    tail = row.flush()
+    if tail:
+        yield tail
+
+
+def generate_texts(model, tokenizer, prompts: list[list[int]], params: SamplingParams) -> list[str]:
+    """Batched generation of full replies (each row stops on its own stop token or string)."""
+    gen = TokenGenerator(model, prompts, params, pad_token_id=tokenizer.pad_token_id)
+    rows = [RowText(tokenizer, params.stop) for _ in prompts]
+    for step in gen:
+        for i, token in enumerate(step):
+            if token is None or token in gen.stop_ids:
+                continue
+            rows[i].push(token)
+            if rows[i].stopped:
+                gen.finish(i)
+    for row in rows:
+        row.flush()
+    return [row.text for row in rows]

@@ -1,0 +1,83 @@
+"""`minicpm info`: what a checkpoint is, read from its config and file headers (no weights loaded)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from minicpm.config import MiniCPMConfig
+from minicpm.loading import resolve
+
+
+def describe(model_arg: str | None) -> dict[str, str]:
+    path = resolve(model_arg)
+    if path.is_file():
+        config, fmt, stored = _gguf_facts(path)
+        size = path.stat().st_size
+    else:
+        config, fmt, stored, size = _hf_facts(path)
+    n = config.num_parameters()
+    emb = config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2)
+    out = {
+        "path": str(path),
+        "format": fmt,
+        "architecture": f"{config.architecture} (model_type {config.model_type})",
+        "parameters": f"{_count(n)} ({_count(n - emb)} non-embedding)",
+        "layers": str(config.num_hidden_layers),
+        "hidden / ffn": f"{config.hidden_size} / {config.intermediate_size}",
+        "attention heads": f"{config.num_attention_heads} query, {config.num_key_value_heads} key/value, "
+                           f"head dim {config.head_dim}",
+        "vocabulary": str(config.vocab_size),
+        "context": f"{config.max_position_embeddings} tokens",
+        "rope": f"theta {config.rope_theta:g}" + (f", scaling {config.rope_scaling}" if config.rope_scaling else ""),
+        "activation": config.hidden_act + (f" (threshold {config.hidden_act_param})"
+                                           if config.hidden_act == "fatrelu" else ""),
+        "head": "tied to the embedding" if config.tie_word_embeddings else "separate lm_head",
+        "muP scalings": (f"embedding x{config.embedding_scale:g}, residual x{config.residual_scale:.6g}, "
+                         f"logits /{config.logit_scale:g}") if config.has_mup_scaling else "none",
+    }
+    if config.num_experts:
+        out["experts"] = f"{config.num_experts}, {config.num_experts_per_tok} per token"
+    out["stored dtype"] = stored
+    out["size on disk"] = _bytes(size)
+    out["memory (bf16 / fp32)"] = f"{_bytes(2 * n)} / {_bytes(4 * n)} for the weights"
+    return out
+
+
+def _hf_facts(path: Path) -> tuple[MiniCPMConfig, str, str, int]:
+    from safetensors import safe_open
+
+    from minicpm.formats.hf import weight_files
+
+    config = MiniCPMConfig.from_file(path / "config.json")
+    files = weight_files(path)
+    dtypes: Counter[str] = Counter()
+    for f in files:
+        if f.suffix == ".safetensors":
+            with safe_open(str(f), framework="pt") as handle:
+                for name in handle.keys():
+                    dtypes[handle.get_slice(name).get_dtype().lower()] += 1
+    kind = "safetensors" if files[0].suffix == ".safetensors" else "pytorch .bin"
+    stored = ", ".join(dtypes) if dtypes else (config.torch_dtype or "unknown")
+    fmt = f"Hugging Face directory ({kind}, {len(files)} file{'s' * (len(files) > 1)})"
+    return config, fmt, stored, sum(f.stat().st_size for f in files)
+
+
+def _gguf_facts(path: Path) -> tuple[MiniCPMConfig, str, str]:
+    from minicpm.formats.gguf import read_gguf_info
+
+    config, tensor_types = read_gguf_info(path)
+    stored = ", ".join(f"{t} x{n}" for t, n in Counter(tensor_types).most_common())
+    return config, "GGUF (dequantized to float32 when loaded)", stored
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GB"

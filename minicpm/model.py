@@ -1,0 +1,350 @@
+"""The MiniCPM decoder, in one file, with Hugging Face parameter names.
+
+MiniCPM is a Llama-style pre-norm decoder (RMSNorm, rotary attention with GQA, SwiGLU MLP) plus
+three muP scalings that appear below as explicit lines:
+
+    x      = embed_tokens(ids) * scale_emb                       # embedding scale
+    x      = x + branch(x) * scale_depth / sqrt(num_layers)      # residual scale, every branch
+    logits = lm_head(norm(x) / (hidden_size / dim_model_base))   # logit scale
+
+Variants are config fields, never name checks: GQA (num_key_value_heads), tied or untied head,
+rope scaling (linear / dynamic NTK / llama3), mixture of experts (num_experts), FATReLU
+(MiniCPM-S). A Llama checkpoint is this model with neutral scalings.
+
+Precision follows the official code: RMSNorm statistics, rotary embedding and softmax in fp32,
+logits returned as fp32, everything else in the parameter dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minicpm.config import MiniCPMConfig
+
+
+class KVCache:
+    """Preallocated keys and values for every layer, [batch, kv_heads, max_len, head_dim].
+
+    All rows share one write position (`length`); left padding is handled by the attention
+    mask, so a batch of different prompt lengths still advances in lockstep.
+    """
+
+    def __init__(self, config: MiniCPMConfig, batch_size: int, max_len: int,
+                 dtype: torch.dtype = torch.float32, device: Any = None):
+        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.max_len = max_len
+        self.length = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys[0].shape[0]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this step's k/v at the current position; return all keys/values so far."""
+        start, end = self.length, self.length + k.shape[2]
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        variance = x.float().pow(2).mean(-1, keepdim=True)
+        return (x * torch.rsqrt(variance + self.eps)).to(x.dtype) * self.weight
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables in fp32 for given positions ("rotate-half" layout, full head dim)."""
+
+    def __init__(self, config: MiniCPMConfig):
+        super().__init__()
+        self.dim = config.head_dim
+        self.base = config.rope_theta
+        self.max_positions = config.max_position_embeddings
+        self.scaling = config.rope_scaling or {}
+        self.kind = self.scaling.get("rope_type", "default")
+        inv_freq = self._inv_freq(self.base)
+        if self.kind == "llama3":
+            inv_freq = _llama3_inv_freq(inv_freq, self.scaling)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def _inv_freq(self, base: float) -> torch.Tensor:
+        return 1.0 / (base ** (torch.arange(0, self.dim, 2, dtype=torch.float32) / self.dim))
+
+    def forward(self, position_ids: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids [B, S]; seq_len = total length so far (dynamic NTK rescales past it)."""
+        inv_freq = self.inv_freq.to(position_ids.device)
+        positions = position_ids.float()
+        if self.kind == "linear":
+            positions = positions / self.scaling["factor"]
+        elif self.kind == "dynamic" and seq_len > self.max_positions:
+            # NTK-aware: raise the base for the current length. Keys already cached keep the
+            # rotation of their time (as the official implementation does while generating).
+            factor = self.scaling["factor"]
+            base = self.base * ((factor * seq_len / self.max_positions) - (factor - 1)) ** (
+                self.dim / (self.dim - 2))
+            inv_freq = self._inv_freq(base).to(position_ids.device)
+        freqs = positions[..., None] * inv_freq  # [B, S, dim/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos(), emb.sin()
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
+    """Llama 3.1 frequency-dependent scaling (long wavelengths slowed by `factor`)."""
+    factor = scaling["factor"]
+    low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+    old_len = scaling.get("original_max_position_embeddings", 8192)
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old_len / wavelen - low) / (high - low)
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    mid = (1 - smooth) * scaled / factor + smooth * scaled
+    is_mid = (wavelen <= old_len / low) & (wavelen >= old_len / high)
+    return torch.where(is_mid, mid, scaled)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, S, D] rotated in fp32 and cast back; cos/sin [B, S, D]."""
+    cos, sin = cos[:, None], sin[:, None]
+    xf = x.float()
+    return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: MiniCPMConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        bias = config.attention_bias
+        d = config.hidden_size
+        self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=bias)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and s > 1,
+            enable_gqa=self.num_kv_heads != self.num_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+
+
+def _activation(config: MiniCPMConfig):
+    if config.hidden_act == "silu":
+        return F.silu
+    threshold = config.hidden_act_param if config.hidden_act == "fatrelu" else 0.0
+    # FATReLU (MiniCPM-S): keep z where z > threshold, zero elsewhere; ReLU is threshold 0.
+    return lambda z: torch.where(z > threshold, z, torch.zeros((), dtype=z.dtype, device=z.device))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(act(gate(x)) * up(x))."""
+
+    def __init__(self, config: MiniCPMConfig):
+        super().__init__()
+        d, f, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(d, f, bias=bias)
+        self.up_proj = nn.Linear(d, f, bias=bias)
+        self.down_proj = nn.Linear(f, d, bias=bias)
+        self.act = _activation(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Expert(nn.Module):
+    """One MiniCPM-MoE expert: w2(silu(w1 x) * w3 x), names as in the official checkpoint."""
+
+    def __init__(self, config: MiniCPMConfig):
+        super().__init__()
+        d, f = config.hidden_size, config.intermediate_size
+        self.w1 = nn.Linear(d, f, bias=False)
+        self.w2 = nn.Linear(f, d, bias=False)
+        self.w3 = nn.Linear(d, f, bias=False)
+        self.act = _activation(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(self.act(self.w1(x)) * self.w3(x))
+
+
+class MoE(nn.Module):
+    """Top-k of softmax routing over all experts, the k weights renormalised to sum to 1."""
+
+    def __init__(self, config: MiniCPMConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.experts = nn.ModuleList(Expert(config) for _ in range(config.num_experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float32)
+        weights, chosen = probs.topk(self.top_k, dim=-1)  # [N, k]
+        weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            rows, slot = torch.nonzero(chosen == e, as_tuple=True)
+            if rows.numel():
+                out.index_add_(0, rows, expert(x[rows]) * weights[rows, slot, None])
+        return out.reshape(shape)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: MiniCPMConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MoE(config) if config.num_experts else MLP(config)
+        self.residual_scale = config.residual_scale
+
+    def forward(self, x, cos, sin, mask, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache) * self.residual_scale
+        x = x + self.mlp(self.post_attention_layernorm(x)) * self.residual_scale
+        return x
+
+
+class MiniCPMModel(nn.Module):
+    def __init__(self, config: MiniCPMConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+
+
+class MiniCPMForCausalLM(nn.Module):
+    def __init__(self, config: MiniCPMConfig):
+        super().__init__()
+        self.config = config
+        self.model = MiniCPMModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    def forward(self, input_ids: torch.Tensor | None = None, *,
+                attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None,
+                cache: KVCache | None = None,
+                inputs_embeds: torch.Tensor | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """Logits [B, S, vocab] in fp32 (only the last position with `last_only`).
+
+        attention_mask [B, past + S] (1 = real token, 0 = padding) covers everything in the
+        cache plus the new tokens. `inputs_embeds` are used as given (no embedding scale), as
+        the official code does for multimodal callers.
+        """
+        if inputs_embeds is None:
+            if input_ids.dim() == 1:
+                input_ids = input_ids[None]
+            x = self.model.embed_tokens(input_ids) * self.config.embedding_scale
+        else:
+            x = inputs_embeds
+        b, s, _ = x.shape
+        past = cache.length if cache is not None else 0
+        if cache is not None and past + s > cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} tokens; {past} + {s} do not fit")
+        if position_ids is None:
+            position_ids = _positions(attention_mask, past, s, x.device)
+        cos, sin = self.model.rotary_emb(position_ids, past + s)
+        mask = _attention_mask(attention_mask, past, s, self.config.sliding_window, x.device)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.length += s
+        if last_only:
+            x = x[:, -1:]
+        x = self.model.norm(x)
+        return self.lm_head(x / self.config.logit_scale).float()
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        return KVCache(self.config, batch_size, max_len, dtype=self.dtype, device=self.device)
+
+    def generate(self, input_ids, max_new_tokens: int = 128, **sampling: Any):
+        """New token ids for each prompt; temperature 0 (the default) is greedy.
+
+        `input_ids`: a list of ids, a list of such lists (batched, left-padded internally) or a
+        [B, S] tensor. Returns a [B, new] tensor (rows that stopped early padded with the pad
+        id) for tensor input, otherwise lists. See `minicpm.generation.generate`.
+        """
+        from minicpm.generation import generate
+
+        return generate(self, input_ids, max_new_tokens=max_new_tokens, **sampling)
+
+    def chat(self, tokenizer, query: str, history: list[dict] | None = None, role: str = "user",
+             **sampling: Any) -> tuple[str, list[dict]]:
+        """The official `chat()`: returns (response, history) with the reply appended."""
+        from minicpm.generation.chat import chat
+
+        return chat(self, tokenizer, query, history=history, role=role, **sampling)
+
+
+def _positions(attention_mask: torch.Tensor | None, past: int, s: int, device) -> torch.Tensor:
+    if attention_mask is None:
+        return torch.arange(past, past + s, device=device)[None]
+    # Left padding: count only real tokens; pad slots get position 0 (they are masked anyway).
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    return positions[:, past:past + s]
+
+
+def _attention_mask(attention_mask: torch.Tensor | None, past: int, s: int,
+                    window: int | None, device) -> torch.Tensor | None:
+    """Boolean [B, 1, S, past+S] mask (True = may attend), or None for plain causal."""
+    if attention_mask is None and window is None and (past == 0 or s == 1):
+        return None  # SDPA's is_causal (prefill) or no mask at all (one new token)
+    total = past + s
+    q_pos = torch.arange(past, total, device=device)[:, None]
+    k_pos = torch.arange(total, device=device)[None, :]
+    allowed = k_pos <= q_pos
+    if window is not None:
+        allowed = allowed & (k_pos > q_pos - window)
+    allowed = allowed[None, None]
+    if attention_mask is not None:
+        allowed = allowed & attention_mask[:, None, None, :total].bool()
+        # A query on a pad slot would see no key at all; let it see itself to avoid NaN.
+        allowed = allowed | _diagonal(s, past, device)
+    return allowed
+
+
+def _diagonal(s: int, past: int, device) -> torch.Tensor:
+    q_pos = torch.arange(past, past + s, device=device)[:, None]
+    k_pos = torch.arange(past + s, device=device)[None, :]
+    return (k_pos == q_pos)[None, None]
