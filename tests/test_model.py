@@ -1,0 +1,200 @@
+"""The model across every variant: shapes and dtypes, cached decoding, batching, and parity with
+transformers' LlamaForCausalLM through the llama-format export (scalings folded into weights)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import VARIANTS, random_model, variant_config
+
+from minicpm.formats.hf import checkpoint_state_dict, save_pretrained
+from minicpm.formats.llama import to_llama
+
+
+def _ids(vocab: int, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_logits_shape_and_dtype(variant):
+    config = variant_config(variant)
+    model = random_model(config)
+    logits = model(_ids(config.vocab_size, (2, 9)))
+    assert logits.shape == (2, 9, config.vocab_size)
+    assert logits.dtype == torch.float32
+    assert torch.isfinite(logits).all()
+    assert logits.std() > 0.1  # a real spread, not a degenerate network
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_tracks_fp32(variant, dtype):
+    config = variant_config(variant)
+    ids = _ids(config.vocab_size, (1, 12))
+    ref = random_model(config)(ids)
+    low = random_model(config, dtype=dtype)(ids)
+    assert low.dtype == torch.float32  # logits are always returned in fp32
+    rel = (low - ref).norm() / ref.norm()
+    # bf16 keeps 8 mantissa bits, fp16 11; random MoE routing amplifies the difference
+    assert rel < (0.1 if dtype == torch.bfloat16 else 0.02), f"{dtype}: relative error {rel:.3g}"
+    agree = (low.argmax(-1) == ref.argmax(-1)).float().mean()
+    assert agree > 0.7
+
+
+def test_cached_decode_equals_full_forward(variant):
+    config = variant_config(variant)
+    model = random_model(config)
+    ids = _ids(config.vocab_size, (2, 20))  # within max_position_embeddings for every variant
+    full = model(ids)
+    cache = model.new_cache(2, 24)
+    steps = [model(ids[:, :11], cache=cache)]
+    steps += [model(ids[:, i:i + 1], cache=cache) for i in range(11, 16)]
+    steps.append(model(ids[:, 16:], cache=cache))  # a second multi-token chunk after decoding
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+    assert cache.length == 20
+
+
+def test_left_padded_batch_equals_rows(variant):
+    config = variant_config(variant)
+    model = random_model(config)
+    rows = [_ids(config.vocab_size, (n,), seed=n).tolist() for n in (13, 7, 10)]
+    width = max(map(len, rows))
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r)
+        mask[i, width - len(r):] = 1
+    batched = model(ids, attention_mask=mask)
+    for i, r in enumerate(rows):
+        alone = model(torch.tensor([r]))[0]
+        torch.testing.assert_close(batched[i, width - len(r):], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_left_padded_cached_decode_equals_rows(variant):
+    config = variant_config(variant)
+    model = random_model(config)
+    rows = [_ids(config.vocab_size, (n,), seed=n).tolist() for n in (9, 5)]
+    nxt = [[3, 17], [8, 4]]
+    ids = torch.tensor([rows[0], [0] * 4 + rows[1]])
+    mask = torch.tensor([[1] * 9, [0] * 4 + [1] * 5])
+    cache = model.new_cache(2, 16)
+    model(ids, attention_mask=mask, cache=cache)
+    for step in range(2):
+        mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+        out = model(torch.tensor([[nxt[0][step]], [nxt[1][step]]]), attention_mask=mask, cache=cache)
+        for i in range(2):
+            alone = model(torch.tensor([rows[i] + nxt[i][:step + 1]]))[0, -1]
+            torch.testing.assert_close(out[i, -1], alone, rtol=1e-5, atol=1e-5)
+
+
+DENSE = [v for v in VARIANTS if v != "moe"]
+
+
+@pytest.mark.parametrize("name", DENSE)
+def test_matches_transformers_llama_through_llama_format(name, tmp_path):
+    """Folding every scaling into the weights must give a stock Llama with our exact logits."""
+    transformers = pytest.importorskip("transformers")
+    config = variant_config(name)
+    if name == "s":  # Llama has no FATReLU; a threshold of 0 is plain ReLU, which it has
+        config = config.replace(hidden_act_param=0.0)
+    model = random_model(config)
+    llama_config, state = to_llama(config, checkpoint_state_dict(model))
+    assert llama_config.model_type == "llama"
+    save_pretrained(None, None, tmp_path / "llama", config=llama_config, state_dict=state)
+    ref = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "llama", dtype=torch.float32).eval()
+    length = min(24, config.max_position_embeddings)
+    ids = _ids(config.vocab_size, (2, length))
+    with torch.no_grad():
+        expected = ref(ids).logits
+    torch.testing.assert_close(model(ids), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_dynamic_rope_beyond_context_matches_transformers(tmp_path):
+    """Past max_position_embeddings the dynamic-NTK base grows with the sequence (full forward)."""
+    transformers = pytest.importorskip("transformers")
+    config = variant_config("128k")
+    model = random_model(config)
+    llama_config, state = to_llama(config, checkpoint_state_dict(model))
+    save_pretrained(None, None, tmp_path / "llama", config=llama_config, state_dict=state)
+    ref = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "llama", dtype=torch.float32).eval()
+    ids = _ids(config.vocab_size, (1, 3 * config.max_position_embeddings))
+    with torch.no_grad():
+        expected = ref(ids).logits
+    ours = model(ids)
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
+    # ... and it is really in effect: a plain rope gives different logits
+    plain = random_model(config.replace(rope_scaling=None))
+    assert (plain(ids) - ours).abs().max() > 1e-2
+
+
+def test_llama3_rope_matches_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}
+    config = variant_config("llama", rope_scaling=scaling, rope_theta=500.0)
+    model = random_model(config)
+    save_pretrained(model, None, tmp_path / "llama")
+    ref = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "llama", dtype=torch.float32).eval()
+    ids = _ids(config.vocab_size, (1, 40))
+    with torch.no_grad():
+        expected = ref(ids).logits
+    torch.testing.assert_close(model(ids), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_scalings_are_the_documented_numbers():
+    from minicpm.config import preset
+
+    two_b, one_b = preset("minicpm-2b"), preset("minicpm-1b")
+    assert two_b.residual_scale == pytest.approx(1.4 / math.sqrt(40)) == pytest.approx(0.221359436)
+    assert one_b.residual_scale == pytest.approx(0.194145069)
+    assert (two_b.logit_scale, one_b.logit_scale) == (9.0, 6.0)
+    assert two_b.embedding_scale == 12.0
+    assert two_b.num_parameters() == 2_724_880_896
+    assert one_b.num_parameters() == 1_435_991_040
+    assert preset("minicpm-2b-128k").num_parameters() == 3_030_315_264
+    assert preset("minicpm-moe-8x2b").num_parameters() == 13_873_291_776
+
+
+def test_each_scaling_changes_the_output():
+    """Each muP scaling is applied: switching any one of them off changes the logits."""
+    config = variant_config("2b")
+    ids = _ids(config.vocab_size, (1, 8))
+    base = random_model(config)(ids)
+    for change in (dict(scale_emb=1.0), dict(scale_depth=None), dict(dim_model_base=None)):
+        other = random_model(config.replace(**change))(ids)
+        assert (other - base).abs().max() > 1e-3, change
+
+
+def _naive_moe(layer_mlp, x: torch.Tensor) -> torch.Tensor:
+    """Token by token, expert by expert: the formula of facts 2.8 written plainly."""
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        p = torch.softmax(layer_mlp.gate(x[t]), dim=-1)
+        w, e = p.topk(layer_mlp.top_k)
+        w = w / w.sum()
+        for weight, idx in zip(w, e):
+            ex = layer_mlp.experts[int(idx)]
+            out[t] += weight * ex.w2(torch.nn.functional.silu(ex.w1(x[t])) * ex.w3(x[t]))
+    return out
+
+
+def test_moe_block_matches_plain_formula():
+    config = variant_config("moe")
+    model = random_model(config)
+    moe = model.model.layers[0].mlp
+    x = torch.randn(11, config.hidden_size, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(moe(x), _naive_moe(moe, x), rtol=1e-4, atol=1e-4)
+
+
+def test_fatrelu_zeroes_activations_below_threshold():
+    config = variant_config("s", hidden_act_param=0.05)
+    mlp = random_model(config).model.layers[0].mlp
+    z = torch.tensor([-1.0, 0.0, 0.04, 0.05, 0.06, 2.0])
+    assert mlp.act(z).tolist() == pytest.approx([0, 0, 0, 0, 0.06, 2.0])
+
+
+def test_tied_head_shares_the_embedding():
+    model = random_model(variant_config("2b"))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    untied = random_model(variant_config("128k"))
+    assert untied.lm_head.weight is not untied.model.embed_tokens.weight
