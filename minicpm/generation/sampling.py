@@ -85,9 +85,7 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
                 seen: torch.Tensor | None = None) -> torch.Tensor:
     """Next token ids [B] from fp32 logits [B, V]; `seen` [B, V] marks tokens to penalise."""
     if params.repetition_penalty != 1.0 and seen is not None:
-        penalised = torch.where(logits > 0, logits / params.repetition_penalty,
-                                logits * params.repetition_penalty)
-        logits = torch.where(seen, penalised, logits)
+        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.greedy:
         return logits.argmax(-1)
     logits = logits / params.temperature
@@ -103,3 +101,9 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
         sorted_probs = sorted_probs.masked_fill(before >= params.top_p * sorted_probs.sum(-1, keepdim=True), 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """The CTRL/Hugging Face rule: seen tokens' positive logits divided, negative multiplied."""
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
