@@ -253,7 +253,8 @@ def _normalize_rope_scaling(scaling: dict[str, Any] | None) -> dict[str, Any] | 
     return out
 
 
-# Named shapes of the family (numbers from the model cards / released configs). Presets build
+# Named shapes of the family (numbers from the released config.json files: the 1B vocabulary is
+# 73440, the 128k model's 122760 with max_position_embeddings 65536 and dynamic NTK). Presets build
 # seeded random checkpoints for tests and benchmarks; they are never a substitute for a real
 # config.json when loading weights.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -263,13 +264,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         scale_emb=12.0, dim_model_base=256.0, scale_depth=1.4, tie_word_embeddings=True,
     ),
     "minicpm-1b": dict(
-        vocab_size=122753, hidden_size=1536, intermediate_size=3840, num_hidden_layers=52,
+        vocab_size=73440, hidden_size=1536, intermediate_size=3840, num_hidden_layers=52,
         num_attention_heads=24, num_key_value_heads=8, max_position_embeddings=4096,
         scale_emb=12.0, dim_model_base=256.0, scale_depth=1.4, tie_word_embeddings=True,
     ),
     "minicpm-2b-128k": dict(
-        vocab_size=127660, hidden_size=2304, intermediate_size=5760, num_hidden_layers=40,
-        num_attention_heads=36, num_key_value_heads=36, max_position_embeddings=131072,
+        vocab_size=122760, hidden_size=2304, intermediate_size=5760, num_hidden_layers=40,
+        num_attention_heads=36, num_key_value_heads=36, max_position_embeddings=65536,
+        rope_theta=1e6, rope_scaling={"type": "dynamic", "factor": 4.0},
         scale_emb=12.0, dim_model_base=256.0, scale_depth=1.4, tie_word_embeddings=False,
     ),
     "minicpm-moe-8x2b": dict(
@@ -279,10 +281,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_experts=8, num_experts_per_tok=2,
     ),
     "minicpm-s-1b": dict(
-        vocab_size=122753, hidden_size=1536, intermediate_size=3840, num_hidden_layers=52,
+        vocab_size=73440, hidden_size=1536, intermediate_size=3840, num_hidden_layers=52,
         num_attention_heads=24, num_key_value_heads=8, max_position_embeddings=4096,
         scale_emb=12.0, dim_model_base=256.0, scale_depth=1.4, tie_word_embeddings=True,
-        hidden_act="fatrelu", hidden_act_param=0.0,
+        hidden_act="fatrelu", hidden_act_param=0.03,
     ),
     # Tiny shapes for tests: every scaling switched on, so a skipped scaling cannot hide.
     "tiny": dict(

@@ -150,8 +150,8 @@ def test_scalings_are_the_documented_numbers():
     assert (two_b.logit_scale, one_b.logit_scale) == (9.0, 6.0)
     assert two_b.embedding_scale == 12.0
     assert two_b.num_parameters() == 2_724_880_896
-    assert one_b.num_parameters() == 1_435_991_040
-    assert preset("minicpm-2b-128k").num_parameters() == 3_030_315_264
+    assert one_b.num_parameters() == 1_247_440_896 + 73440 * 1536 + 1536  # 1.2B non-embedding
+    assert preset("minicpm-2b-128k").num_parameters() == 2_442_055_680 + 2 * 122760 * 2304 + 2304
     assert preset("minicpm-moe-8x2b").num_parameters() == 13_873_291_776
 
 

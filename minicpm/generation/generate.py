@@ -58,7 +58,7 @@ class TokenGenerator:
         cache = model.new_cache(batch, length + self.max_new_tokens)
         mask_arg = mask if not bool(mask.all()) else None
         logits = self._prefill(ids, mask_arg, cache)
-        generator = make_generator(params.seed)
+        generator = make_generator(params.seed, logits.device)
         seen = None
         if params.repetition_penalty != 1.0:
             seen = torch.zeros(batch, logits.shape[-1], dtype=torch.bool, device=logits.device)
