@@ -512,3 +512,44 @@ def test_load_gguf_returns_model_and_tokenizer(tmp_path):
     ids = tokenizer.encode("ab ba")
     assert ids[0] == 1 and len(ids) > 1
     assert load_gguf(path, dtype=torch.bfloat16)[0].dtype == torch.bfloat16
+
+
+# ------------------------------------------------------------------------------------------------
+# Official MiniCPM outputs (tests/fixtures/official): GGUF must not change what the model computes
+# ------------------------------------------------------------------------------------------------
+OFFICIAL = Path(__file__).parent / "fixtures" / "official"
+OFFICIAL_GGUF_VARIANTS = ["2b", "1b", "128k", "moe"]  # "s" (FATReLU) has no llama.cpp graph
+
+
+def official_checkpoint(variant: str):
+    from safetensors.torch import load_file
+
+    folder = OFFICIAL / variant
+    if not folder.is_dir():
+        pytest.skip(f"{folder} is missing")
+    config = MiniCPMConfig.from_file(folder / "config.json")
+    return config, load_file(folder / "model.safetensors"), load_file(folder / "reference.safetensors")
+
+
+@pytest.mark.parametrize("variant", OFFICIAL_GGUF_VARIANTS)
+def test_official_checkpoint_through_gguf(tmp_path, variant):
+    from minicpm.formats.weights import build_model
+
+    config, state, reference = official_checkpoint(variant)
+    path = write_gguf(config, state.items(), tiny_spm_metadata(config.vocab_size),
+                      tmp_path / f"{variant}.gguf", file_type="f32")
+    back, tensors, _ = read_gguf(path)
+    assert (back.rope_theta, back.rope_scaling, back.tie_word_embeddings) == (
+        config.rope_theta, config.rope_scaling, config.tie_word_embeddings)
+    model = build_model(back, tensors, dtype=torch.float32, device="cpu")
+    torch.testing.assert_close(model(reference["input_ids"]), reference["logits"],
+                               atol=1e-4, rtol=1e-4)
+    if "long_logits" in reference:  # 128k: dynamic NTK beyond max_position_embeddings
+        torch.testing.assert_close(model(reference["long_ids"]), reference["long_logits"],
+                                   atol=1e-4, rtol=1e-4)
+
+
+def test_official_fatrelu_checkpoint_is_refused(tmp_path):
+    config, state, _ = official_checkpoint("s")
+    with pytest.raises(ConfigError, match="SiLU"):
+        write_gguf(config, state.items(), tiny_spm_metadata(320), tmp_path / "s.gguf")

@@ -463,6 +463,8 @@ def write_gguf(config: MiniCPMConfig, named_tensors: Iterable[tuple[str, torch.T
     block size fall back to F16, and in q4_0 files the output matrix (`output.weight`, or
     `token_embd.weight` when tied) is Q8_0, as llama.cpp's quantizer also keeps the head finer.
     The file appears at `path` only when complete (written to a temporary name, then renamed).
+    The tensors are gathered first (the header lists every shape before any data; a state dict
+    costs no copy), then converted and written one at a time.
     """
     import gguf
 
@@ -474,6 +476,7 @@ def write_gguf(config: MiniCPMConfig, named_tensors: Iterable[tuple[str, torch.T
     tensors = dict(named_tensors)
     plan = _plan_tensors(config, tensors, file_type)
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     writer = gguf.GGUFWriter(tmp, arch)
     try:
