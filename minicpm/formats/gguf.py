@@ -97,6 +97,7 @@ _QUANTIZATION_VERSION = 2  # GGML_QNT_VERSION, written by llama.cpp's own conver
 # ------------------------------------------------------------------------------------------------
 # Name mapping
 # ------------------------------------------------------------------------------------------------
+@functools.cache
 def _template_regex(template: str) -> re.Pattern[str]:
     return re.compile(re.escape(template).replace(r"\{\}", r"(\d+)"))
 
@@ -172,7 +173,7 @@ def read_gguf(path: str | os.PathLike, dtype: torch.dtype | None = None
     """
     path = Path(path)
     reader, config, metadata = _open_gguf(path)
-    return config, _iter_tensors(reader, config, dtype, path), metadata
+    return config, _iter_tensors(reader, config, dtype), metadata
 
 
 def read_gguf_info(path: str | os.PathLike) -> tuple[MiniCPMConfig, list[str]]:
@@ -416,8 +417,8 @@ def _to_torch(data: np.ndarray, qtype) -> torch.Tensor:
     return torch.from_numpy(dequantize(data, qtype))
 
 
-def _iter_tensors(reader, config: MiniCPMConfig, dtype: torch.dtype | None,
-                  path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_tensors(reader, config: MiniCPMConfig,
+                  dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
     for t in reader.tensors:
         if t.name == "rope_freqs.weight":
             continue  # recomputed from the rope scaling in hf.config
