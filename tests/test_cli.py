@@ -1,0 +1,140 @@
+"""The `minicpm` command, run as a user runs it: a real process, real files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import random_model, variant_config
+
+from minicpm.formats.hf import load_model, save_pretrained
+
+CLI = [sys.executable, "-m", "minicpm.cli.main"]
+
+
+def run(*args, stdin: str | None = None, timeout: float = 120):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([*CLI, *map(str, args)], input=stdin, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def assert_clean_error(result, *fragments: str):
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_help_is_instant_and_imports_no_torch():
+    started = time.perf_counter()
+    result = run("--help")
+    assert result.returncode == 0 and "chat" in result.stdout and "convert" in result.stdout
+    assert time.perf_counter() - started < 5
+    probe = subprocess.run([sys.executable, "-c", "import sys, minicpm.cli.main; print('torch' in sys.modules)"],
+                           capture_output=True, text=True, check=True)
+    assert probe.stdout.strip() == "False"
+
+
+def test_info_reports_the_architecture(tiny_checkpoint):
+    result = run("info", tiny_checkpoint)
+    assert result.returncode == 0, result.stderr
+    config = load_model(tiny_checkpoint).config
+    assert "MiniCPMForCausalLM" in result.stdout
+    assert "embedding x12, residual x0.80829" in result.stdout  # 1.4 / sqrt(3)
+    assert "logits /4" in result.stdout  # 64 / 16
+    assert f"{config.num_parameters() / 1e6:.1f} M" in result.stdout
+    assert "float32" in result.stdout
+
+
+def test_generate_matches_the_library(tiny_checkpoint, tmp_path):
+    from minicpm.loading import load
+
+    model, tokenizer = load(str(tiny_checkpoint))
+    prompts = ["The capital of France is", "天气"]
+    file = tmp_path / "prompts.txt"
+    file.write_text("\n".join(prompts) + "\n\n")
+    out = tmp_path / "out.jsonl"
+    result = run("generate", tiny_checkpoint, "--prompt-file", file, "--raw", "--max-new-tokens", 6,
+                 "--output", out, "--batch-size", 2)
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in records] == prompts
+    for record in records:
+        new = model.generate(tokenizer.encode(record["prompt"]), max_new_tokens=6)
+        new = [t for t in new if t not in (tokenizer.eos_token_id,)]
+        assert record["response"] == tokenizer.decode(new, skip_special_tokens=True)
+
+
+def test_chat_session_through_stdin(tiny_checkpoint):
+    result = run("chat", tiny_checkpoint, "--temperature", 0, "--max-new-tokens", 5,
+                 stdin="hello there\n/reset\nsecond question\n/exit\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("tok/s") == 2
+    assert "(conversation cleared)" in result.stdout
+
+
+def test_convert_to_llama_and_back(tiny_checkpoint, tmp_path):
+    original = load_model(tiny_checkpoint)
+    ids = torch.tensor([[1, 20, 30, 40, 50]])
+    result = run("convert", tiny_checkpoint, tmp_path / "llama", "--to", "llama")
+    assert result.returncode == 0, result.stderr
+    llama = load_model(tmp_path / "llama")
+    assert llama.config.model_type == "llama" and not llama.config.has_mup_scaling
+    torch.testing.assert_close(llama(ids), original(ids), rtol=1e-5, atol=1e-5)
+    assert (tmp_path / "llama" / "tokenizer_config.json").exists()
+    result = run("convert", tmp_path / "llama", tmp_path / "hf", "--to", "hf")
+    assert result.returncode == 0, result.stderr
+    back = load_model(tmp_path / "hf")
+    assert back.config.model_type == "minicpm"
+    torch.testing.assert_close(back(ids), original(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_convert_refuses_to_overwrite(tiny_checkpoint, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("precious")
+    result = run("convert", tiny_checkpoint, tmp_path / "out", "--to", "hf")
+    assert_clean_error(result, "already exists")
+    assert (tmp_path / "out" / "keep.txt").read_text() == "precious"
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["info", "/no/such/model"], "no such file or directory"),
+    (["chat", "/no/such/model.gguf"], "no such file or directory"),
+    (["generate", "--prompt", "hi", "--temperature", "-1", "{ckpt}"], "temperature must be >= 0"),
+    (["generate", "--prompt", "hi", "--top-p", "2", "{ckpt}"], "top_p must be in (0, 1]"),
+    (["generate", "--prompt-file", "/no/such/prompts.txt", "{ckpt}"], "cannot read prompt file"),
+    (["info", "{bad_config}"], "missing required field"),
+    (["convert", "{ckpt}", "{tmp}/x", "--to", "gguf", "--type", "q3_weird"], "q3_weird"),
+])
+def test_bad_input_is_one_clear_line(args, fragment, tiny_checkpoint, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"model_type": "minicpm", "vocab_size": 5}))
+    args = [a.format(ckpt=tiny_checkpoint, bad_config=bad, tmp=tmp_path) for a in args]
+    assert_clean_error(run(*args), fragment)
+
+
+def test_hub_id_without_network_says_what_to_do(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = subprocess.run([*CLI, "info", "openbmb/MiniCPM-2B-sft-bf16"], capture_output=True, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=60)
+    assert_clean_error(result, "openbmb/MiniCPM-2B-sft-bf16", "local")
+
+
+def test_saved_checkpoint_runs_in_the_cli(tmp_path, spm_tokenizer_dir):
+    """A MoE checkpoint saved by the library is usable by every verb."""
+    from minicpm.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_pretrained(spm_tokenizer_dir)
+    model = random_model(variant_config("moe", vocab_size=tokenizer.vocab_size, max_position_embeddings=256))
+    path = save_pretrained(model, tokenizer, tmp_path / "moe")
+    assert run("info", path).returncode == 0
+    result = run("generate", path, "--prompt", "hi", "--max-new-tokens", 3)
+    assert result.returncode == 0, result.stderr
