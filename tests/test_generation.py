@@ -187,3 +187,17 @@ def test_held_text_is_flushed_at_the_end():
 def test_earliest_of_several_stop_strings_wins():
     shown, f = _feed(["world", "lo w"], ["hello world"])
     assert shown == ["hel"] and f.stopped
+
+
+def test_chat_stops_at_the_end_of_turn_token_even_when_it_is_not_eos(spm_tokenizer_dir):
+    """A ChatML turn ends with <|im_end|>; generation must stop there though eos is </s>."""
+    from minicpm.generation.text import with_chat_stop_ids
+    from minicpm.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_pretrained(spm_tokenizer_dir.parent / "minicpm-chatml")
+    end = tokenizer.token_to_id("<|im_end|>")
+    assert end is not None and end != tokenizer.eos_token_id
+    model = random_model(variant_config("2b", vocab_size=tokenizer.vocab_size))
+    params = with_chat_stop_ids(model, tokenizer, SamplingParams())
+    assert set(params.stop_token_ids) >= {2, end}
+    assert with_chat_stop_ids(model, tokenizer, SamplingParams(stop_token_ids=[7])).stop_token_ids == [7]

@@ -7,6 +7,7 @@ is never shown.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -75,6 +76,15 @@ class RowText:
         return self.filter.stopped
 
 
+def with_chat_stop_ids(model, tokenizer, params: SamplingParams) -> SamplingParams:
+    """Unless the caller chose stop ids, stop at the config's eos ids and at the tokenizer's
+    end-of-turn tokens too (a ChatML turn ends with <|im_end|>, which need not be the eos)."""
+    if params.stop_token_ids is not None:
+        return params
+    ids = sorted(set(model.config.eos_token_ids) | set(tokenizer.stop_token_ids))
+    return dataclasses.replace(params, stop_token_ids=ids)
+
+
 @dataclass
 class GenerationStats:
     prompt_tokens: int = 0
@@ -94,6 +104,7 @@ def stream_text(model, tokenizer, prompt_ids: list[int], params: SamplingParams,
                 stats: GenerationStats | None = None) -> Iterator[str]:
     """Yield the reply's text piece by piece; fills `stats` as it goes."""
     stats = stats if stats is not None else GenerationStats()
+    params = with_chat_stop_ids(model, tokenizer, params)
     gen = TokenGenerator(model, [prompt_ids], params, pad_token_id=tokenizer.pad_token_id)
     row = RowText(tokenizer, params.stop)
     stats.prompt_tokens = len(gen.prompts[0])
@@ -125,6 +136,7 @@ def stream_text(model, tokenizer, prompt_ids: list[int], params: SamplingParams,
 
 def generate_texts(model, tokenizer, prompts: list[list[int]], params: SamplingParams) -> list[str]:
     """Batched generation of full replies (each row stops on its own stop token or string)."""
+    params = with_chat_stop_ids(model, tokenizer, params)
     gen = TokenGenerator(model, prompts, params, pad_token_id=tokenizer.pad_token_id)
     rows = [RowText(tokenizer, params.stop) for _ in prompts]
     for step in gen:
