@@ -24,6 +24,9 @@ def chat_loop(model, tokenizer, sampling: dict, system: str | None = None,
             except EOFError:
                 print(file=stdout)
                 return 0
+            except KeyboardInterrupt:  # like a shell: drop the line, keep the session
+                print(f"\n{dim[0]}(use /exit or Ctrl-D to quit){dim[1]}", file=stdout, flush=True)
+                continue
         else:
             stdout.write(">>> ")
             line = stdin.readline()
