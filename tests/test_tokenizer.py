@@ -241,6 +241,20 @@ def test_non_legacy_spm_prefixes_only_the_start(tmp_path, sp):
     assert t.encode("<s>Hi", add_special_tokens=False) == [1] + bare.encode("Hi")
 
 
+def test_llama_class_directory_with_both_files_reads_tokenizer_model(tmp_path, sp):
+    transformers = pytest.importorskip("transformers")
+    out = copy_fixture(tmp_path, "minicpm-spm")
+    fast = transformers.AutoTokenizer.from_pretrained(out)
+    fast.backend_tokenizer.save(str(out / "tokenizer.json"))
+    t = Tokenizer.from_pretrained(out)
+    assert t.backend.kind == "spm"
+    assert t.encode(" Hello") == [1] + sp.encode(" Hello")  # sentencepiece, not the conversion
+    other = copy_fixture(tmp_path / "other", "minicpm-spm",
+                         tokenizer_class="PreTrainedTokenizerFast")
+    shutil.copy(out / "tokenizer.json", other / "tokenizer.json")
+    assert Tokenizer.from_pretrained(other).backend.kind == "hf"
+
+
 # --- errors -------------------------------------------------------------------------------------
 def test_missing_and_corrupt_files(tmp_path):
     with pytest.raises(MiniCPMError, match="not a directory"):

@@ -32,8 +32,9 @@ K = "tokenizer.ggml."
 # Pre-tokenizer regexes of llama.cpp (src/llama-vocab.cpp), applied one after the other.
 _GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
 _CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
-_LLAMA3_REST = r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-_QWEN2_REST = r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_LLAMA3_REST = (r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_REST = _LLAMA3_REST.replace(r"\p{N}{1,3}", r"\p{N}")  # digits one by one
 _LLAMA3 = _CONTRACTIONS + _LLAMA3_REST
 _QWEN2 = _CONTRACTIONS + _QWEN2_REST
 PRE_REGEXES: dict[str, list[str]] = {

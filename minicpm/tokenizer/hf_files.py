@@ -1,6 +1,7 @@
 """Reading and writing a Hugging Face tokenizer directory.
 
-Files read: `tokenizer.json` (preferred) or `tokenizer.model`; `tokenizer_config.json`,
+Files read: `tokenizer.json` (preferred, except for Llama-class tokenizers such as MiniCPM's,
+which are read from their SentencePiece model) or `tokenizer.model`; `tokenizer_config.json`,
 `special_tokens_map.json`, `added_tokens.json` and `chat_template.jinja` when present.
 As in transformers, a value in tokenizer_config.json wins over special_tokens_map.json, and a
 chat_template.jinja file wins over the config's `chat_template`.

@@ -84,26 +84,25 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, chat_format: str | None = None) -> Tokenizer:
-        """Load a Hugging Face tokenizer directory (tokenizer.json, else tokenizer.model)."""
+        """Load a Hugging Face tokenizer directory: tokenizer.json, else tokenizer.model
+        (tokenizer.model first for Llama-class tokenizers, see `_model_file`)."""
         directory = Path(directory)
         if not directory.is_dir():
             raise MiniCPMError(f"{directory} is not a directory")
         config = hf_files.read_config(directory)
         added = hf_files.added_tokens(config, directory)
         named = {key: hf_files.token_text(config.get(key)) for key in hf_files.NAMED_TOKENS}
-        if (directory / "tokenizer.json").is_file():
-            backend = _load_tokenizer_json(directory / "tokenizer.json")
+        path = _model_file(directory, config)
+        if path.name == "tokenizer.json":
+            backend = _load_tokenizer_json(path)
             backend.add_tokens([t for _, t in sorted(added.items())
                                 if backend.id_of(t.content) is None])
             add_bos, add_eos = _post_processor_flags(backend, named)
-        elif (directory / "tokenizer.model").is_file():
-            path = directory / "tokenizer.model"
+        else:
             backend = SpmBackend(path.read_bytes(), added, legacy=config.get("legacy") is not False,
                                  source=str(path))
             named = {key: named[key] if key in config else _SPM_DEFAULTS.get(key) for key in named}
             add_bos, add_eos = True, False
-        else:
-            raise MiniCPMError(f"{directory} has no tokenizer.json or tokenizer.model")
         return cls(backend, **named,
                    additional_special_tokens=hf_files.extra_special_tokens(config),
                    add_bos_token=bool(config.get("add_bos_token", add_bos)),
@@ -272,6 +271,20 @@ class Tokenizer:
     def __repr__(self) -> str:
         return (f"Tokenizer({self.backend.kind}, vocab_size={self.vocab_size}, "
                 f"bos={self.bos_token!r}, eos={self.eos_token!r}, add_bos={self.add_bos_token})")
+
+
+def _model_file(directory: Path, config: dict[str, Any]) -> Path:
+    """tokenizer.json if present, else tokenizer.model; but a Llama-class tokenizer (MiniCPM's)
+    that ships both is read from tokenizer.model: its tokenizer.json is a conversion that
+    differs from the SentencePiece model on text starting with a space, and only the
+    SentencePiece model carries the scores a GGUF file needs."""
+    json_file, spm_file = directory / "tokenizer.json", directory / "tokenizer.model"
+    llama_class = config.get("tokenizer_class") in ("LlamaTokenizer", "LlamaTokenizerFast")
+    if spm_file.is_file() and (llama_class or not json_file.is_file()):
+        return spm_file
+    if json_file.is_file():
+        return json_file
+    raise MiniCPMError(f"{directory} has no tokenizer.json or tokenizer.model")
 
 
 def _load_tokenizer_json(path: Path) -> HfBackend:
