@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import time
 from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
 import torch
+from gguf import GGML_QUANT_SIZES, GGUFEndian, GGUFValueType
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize, quantize
 
@@ -27,6 +29,7 @@ from minicpm.formats.gguf import (
     read_gguf_info,
     write_gguf,
 )
+from minicpm.formats.gguf_file import GGUFFile
 
 CONFIGS = {
     "tied": preset("tiny"),
@@ -446,8 +449,12 @@ def test_corrupt_header_counts(tmp_path):
         read_gguf(path)
 
 
-def _write_raw(path: Path, arch: str, tensors: dict[str, tuple[np.ndarray, T | None]]) -> Path:
-    writer = gguf.GGUFWriter(path, arch)
+def _write_raw(path: Path, arch: str, tensors: dict[str, tuple[np.ndarray, T | None]],
+               endianess: GGUFEndian = GGUFEndian.LITTLE, extra=None) -> Path:
+    """A GGUF file with a minimal llama-style header; `extra(writer)` adds more keys."""
+    writer = gguf.GGUFWriter(path, arch, endianess=endianess)
+    if extra is not None:
+        extra(writer)
     writer.add_context_length(128)
     writer.add_embedding_length(64)
     writer.add_block_count(1)
@@ -479,6 +486,225 @@ def test_unsupported_tensor_type_and_unknown_tensor(tmp_path):
     path = _write_raw(tmp_path / "odd.gguf", "llama", {"blk.0.attn_qkv.weight": (fused, None)})
     with pytest.raises(CheckpointError, match="unexpected tensor blk.0.attn_qkv.weight"):
         read_gguf(path)
+
+
+def _first_key_offsets(data: bytes) -> tuple[int, int]:
+    """(offset of the first key's length, offset of its value type) in a GGUF file."""
+    key_length = int.from_bytes(data[24:32], "little")
+    return 24, 32 + key_length
+
+
+def test_corrupt_metadata(tmp_path):
+    path, _ = write_tiny(tmp_path, CONFIGS["tied"])
+    data = path.read_bytes()
+    length_at, type_at = _first_key_offsets(data)
+    cases = {
+        "version": (4, (1).to_bytes(4, "little"), "version 1 is not supported"),
+        "vtype": (type_at, (99).to_bytes(4, "little"), "unknown value type 99"),
+        "keylen": (length_at, (10**9).to_bytes(8, "little"), "needs 1000000000 bytes"),
+    }
+    for name, (offset, patch, message) in cases.items():
+        broken = tmp_path / f"{name}.gguf"
+        broken.write_bytes(data[:offset] + patch + data[offset + len(patch):])
+        with pytest.raises(CheckpointError, match=f"{broken.name}.*{message}"):
+            read_gguf(broken)
+
+
+def test_token_that_is_not_utf8(tmp_path):
+    path, _ = write_tiny(tmp_path, CONFIGS["tied"])
+    data = path.read_bytes()
+    word_start = "\u2581".encode()  # first in the word pieces of tiny_spm_metadata
+    broken = tmp_path / "latin1.gguf"
+    broken.write_bytes(data.replace(word_start, b"\xff" * len(word_start), 1))
+    with pytest.raises(CheckpointError, match=r"latin1.gguf.*tokenizer.ggml.tokens.*not UTF-8"):
+        read_gguf(broken)
+
+
+def test_bad_alignment(tmp_path):
+    embedding = (np.zeros((320, 64), np.float32), None)
+    for name, add, message in (
+            ("odd", lambda w: w.add_uint32("general.alignment", 48), "48 is not a power of two"),
+            ("signed", lambda w: w.add_int32("general.alignment", 64), "type INT32, not UINT32")):
+        path = _write_raw(tmp_path / f"{name}.gguf", "llama", {"token_embd.weight": embedding},
+                          extra=add)
+        with pytest.raises(CheckpointError, match=f"{name}.gguf.*{message}"):
+            read_gguf(path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Our container parser (gguf_file.py) gives exactly what gguf-py's GGUFReader gives
+# ------------------------------------------------------------------------------------------------
+def assert_identical(ours, theirs, where: str) -> None:
+    """Same value and same Python types throughout (repr tells 1, 1.0 and True apart, and shows
+    every float exactly)."""
+    assert type(ours) is type(theirs), where
+    assert repr(ours) == repr(theirs), where
+
+
+def assert_parses_like_gguf_reader(path: Path) -> GGUFFile:
+    ours, reader = GGUFFile(path), gguf.GGUFReader(path)
+    fields = {k: f for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    assert list(ours.metadata) == list(fields)  # same keys in the same order
+    for key, field in fields.items():
+        assert_identical(ours.metadata[key], field.contents(), key)
+        assert ours.value_types[key] == field.types[0], key
+    assert ours.version == reader.fields["GGUF.version"].contents()
+    assert (ours.alignment, ours.data_offset) == (reader.alignment, reader.data_offset)
+    assert [t.name for t in ours.tensors] == [t.name for t in reader.tensors]
+    for mine, theirs in zip(ours.tensors, reader.tensors):
+        assert (mine.tensor_type, mine.dims, mine.offset, mine.n_bytes, mine.n_elements) == (
+            theirs.tensor_type, tuple(theirs.shape.tolist()), theirs.data_offset,
+            theirs.n_bytes, theirs.n_elements), mine.name
+        data = ours.tensor_data(mine)
+        assert (data.shape, data.dtype) == (theirs.data.shape, theirs.data.dtype), mine.name
+        assert data.tobytes() == theirs.data.tobytes(), mine.name
+    return ours
+
+
+SCALAR_KEYS = {  # key -> (value type, value), one of every scalar type at its extremes
+    "t.u8": (GGUFValueType.UINT8, 255), "t.i8": (GGUFValueType.INT8, -128),
+    "t.u16": (GGUFValueType.UINT16, 65535), "t.i16": (GGUFValueType.INT16, -32768),
+    "t.u32": (GGUFValueType.UINT32, 2**32 - 1), "t.i32": (GGUFValueType.INT32, -2**31),
+    "t.u64": (GGUFValueType.UINT64, 2**64 - 1), "t.i64": (GGUFValueType.INT64, -2**63),
+    "t.f32": (GGUFValueType.FLOAT32, 0.1), "t.f64": (GGUFValueType.FLOAT64, 0.1),
+    "t.true": (GGUFValueType.BOOL, True), "t.false": (GGUFValueType.BOOL, False),
+    "t.str": (GGUFValueType.STRING, "h\u00e9llo \u2581w\u00f6rld \U0001f642"),
+    "t.empty_str": (GGUFValueType.STRING, ""),
+}
+ARRAY_KEYS = {  # key -> (item type, items)
+    "a.u8": (GGUFValueType.UINT8, [0, 1, 255]), "a.i8": (GGUFValueType.INT8, [-128, 0, 127]),
+    "a.u16": (GGUFValueType.UINT16, [0, 65535]), "a.i16": (GGUFValueType.INT16, [-32768, 7]),
+    "a.u32": (GGUFValueType.UINT32, [0, 2**32 - 1]), "a.i32": (GGUFValueType.INT32, [-1, 2]),
+    "a.u64": (GGUFValueType.UINT64, [2**64 - 1, 3]), "a.i64": (GGUFValueType.INT64, [-2**63]),
+    "a.f32": (GGUFValueType.FLOAT32, [0.1, -2.5, 1e-30, float("inf")]),
+    "a.f64": (GGUFValueType.FLOAT64, [0.1, -0.0, 1e300]),
+    "a.bool": (GGUFValueType.BOOL, [True, False, True]),
+    "a.str": (GGUFValueType.STRING, ["", "a", "\u2581the", "\U0001f642", "x" * 1000]),
+    "a.nested_int": (GGUFValueType.ARRAY, [[1, 2], [3], [4, 5, 6]]),
+    "a.nested_str": (GGUFValueType.ARRAY, [["a", "bc"], ["\u00e9"]]),
+    "a.nested_float": (GGUFValueType.ARRAY, [[0.5], [0.25, 0.125]]),
+    "a.nested_deeper": (GGUFValueType.ARRAY, [[[1, 2]], [[3]]]),
+}
+
+
+def write_every_value_type(path: Path, endianess: GGUFEndian) -> Path:
+    """Every GGUF value type as key, and tensors of every kind we read, 64-byte aligned."""
+    def add_keys(writer):
+        writer.add_custom_alignment(64)
+        for key, (vtype, value) in SCALAR_KEYS.items():
+            writer.add_key_value(key, value, vtype)
+        for key, (item_type, items) in ARRAY_KEYS.items():
+            writer.add_key_value(key, items, GGUFValueType.ARRAY, sub_type=item_type)
+
+    rows = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)
+    tensors = {"f32": (rows, None), "f16": (rows.astype(np.float16), None),
+               "i32": (np.arange(5, dtype=np.int32), None),
+               "bf16": (quantize(rows, T.BF16), T.BF16)}
+    for qtype in (T.Q8_0, T.Q4_0, T.Q4_1):
+        tensors[qtype.name] = (quantize(rows, qtype), qtype)
+    return _write_raw(path, "llama", tensors, endianess=endianess, extra=add_keys)
+
+
+@pytest.mark.parametrize("endianess", [GGUFEndian.LITTLE, GGUFEndian.BIG])
+def test_parser_reads_every_value_type_like_gguf_reader(tmp_path, endianess):
+    path = write_every_value_type(tmp_path / "values.gguf", endianess)
+    parsed = assert_parses_like_gguf_reader(path)
+    assert parsed.byte_order == ("<" if endianess == GGUFEndian.LITTLE else ">")
+    assert parsed.alignment == 64 and parsed.data_offset % 64 == 0
+    for key, (vtype, value) in SCALAR_KEYS.items():
+        expected = float(np.float32(value)) if vtype == GGUFValueType.FLOAT32 else value
+        assert_identical(parsed.metadata[key], expected, key)
+    assert parsed.metadata["a.str"] == ARRAY_KEYS["a.str"][1]
+    assert parsed.metadata["a.nested_int"] == [1, 2, 3, 4, 5, 6]  # flattened, as gguf-py does
+    assert parsed.metadata["a.nested_str"] == ["a", "bc", "\u00e9"]
+    assert parsed.metadata["a.nested_deeper"] == [1, 2, 3]
+
+
+def test_nested_arrays_of_mixed_item_types(tmp_path):
+    """The one deliberate difference: gguf-py decodes every inner array with the first one's item
+    type ([[1, 2], ["a"]] -> [1, 2, 97]); we decode each as stored."""
+    path = _write_raw(tmp_path / "mixed.gguf", "llama", {},
+                      extra=lambda w: w.add_array("t.mixed", [[1, 2], ["a"]]))
+    assert GGUFFile(path).metadata["t.mixed"] == [1, 2, "a"]
+    assert gguf.GGUFReader(path).fields["t.mixed"].contents() == [1, 2, 97]
+
+
+@pytest.mark.parametrize("file_type", FILE_TYPES)
+def test_parser_reads_written_files_like_gguf_reader(tmp_path, file_type):
+    path, _ = write_tiny(tmp_path, CONFIGS["moe"], file_type)  # 3-D expert stacks included
+    parsed = assert_parses_like_gguf_reader(path)
+    assert len(parsed.metadata["tokenizer.ggml.tokens"]) == 320
+
+
+def test_parser_reads_smollm2_like_gguf_reader():
+    parsed = assert_parses_like_gguf_reader(smollm2_path())
+    assert len(parsed.metadata["tokenizer.ggml.tokens"]) == 49152
+    assert len(parsed.metadata["tokenizer.ggml.merges"]) > 40000
+
+
+def test_smollm2_opens_quickly():
+    """gguf-py's GGUFReader needs seconds for the 49k-token vocabulary; ours a few hundredths
+    (the bound is loose so that a busy machine does not fail it)."""
+    path = smollm2_path()
+    start = time.perf_counter()
+    read_gguf_info(path)
+    assert time.perf_counter() - start < 1.0
+
+
+def test_big_endian_file(tmp_path):
+    rows = np.random.default_rng(1).standard_normal((320, 64)).astype(np.float32)
+    norm = rows[0].astype(np.float16)
+    tensors = {"token_embd.weight": (rows, None), "output_norm.weight": (norm, None)}
+    path = _write_raw(tmp_path / "be.gguf", "llama", tensors, endianess=GGUFEndian.BIG)
+    config, read, _ = read_gguf(path)
+    assert config.hidden_size == 64 and config.vocab_size == 320
+    read = dict(read)
+    assert torch.equal(read["model.embed_tokens.weight"], torch.from_numpy(rows))
+    assert torch.equal(read["model.norm.weight"], torch.from_numpy(norm))
+    tensors["token_embd.weight"] = (quantize(rows, T.Q8_0), T.Q8_0)
+    path = _write_raw(tmp_path / "be_q8.gguf", "llama", tensors, endianess=GGUFEndian.BIG)
+    with pytest.raises(CheckpointError, match="Q8_0, which is not supported in a big-endian"):
+        read_gguf(path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Our Q4_0/Q4_1/Q8_0 dequantizers are bit-identical to gguf-py's
+# ------------------------------------------------------------------------------------------------
+def _bits(array: np.ndarray) -> bytes:
+    return np.ascontiguousarray(array).tobytes()
+
+
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0, T.Q4_1], ids=lambda q: q.name)
+def test_fast_dequantizers_match_gguf_py_bit_for_bit(qtype):
+    from minicpm.formats.gguf import _FAST_DEQUANTIZERS, _to_torch
+
+    block, type_size = GGML_QUANT_SIZES[qtype]
+    rng = np.random.default_rng(int(qtype))
+    weights = rng.standard_normal((4, 3, 5 * block)).astype(np.float32)
+    # Random bytes hit every quant value and every float16 scale (subnormal, inf, NaN too).
+    noise = rng.integers(0, 256, (2, 7, 9 * type_size), dtype=np.uint8)
+    for raw in (quantize(weights, qtype), noise, noise[1]):
+        with np.errstate(all="ignore"):
+            expected = dequantize(raw, qtype)
+            ours = _FAST_DEQUANTIZERS[qtype.name](raw)
+            through_read_path = _to_torch(raw, qtype).numpy()
+        assert ours.dtype == np.float32 and ours.shape == expected.shape
+        assert _bits(ours) == _bits(expected)
+        assert _bits(through_read_path) == _bits(expected)
+
+
+def test_smollm2_dequantizes_like_gguf_py():
+    from minicpm.formats.gguf import _FAST_DEQUANTIZERS
+
+    parsed = GGUFFile(smollm2_path())
+    checked = set()
+    for info in parsed.tensors:
+        if info.tensor_type.name in _FAST_DEQUANTIZERS:
+            data = parsed.tensor_data(info)
+            ours = _FAST_DEQUANTIZERS[info.tensor_type.name](data)
+            assert _bits(ours) == _bits(dequantize(data, info.tensor_type)), info.name
+            checked.add(info.tensor_type.name)
+    assert checked == {"Q4_1", "Q8_0"}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """GGUF, the llama.cpp file format: read it into our model, write it for llama.cpp.
 
-Reading (`read_gguf`, `load_gguf`) memory-maps the file with `gguf.GGUFReader` and converts one
-tensor at a time (quantized blocks dequantized to float32, F16/BF16 kept as they are), so a large
-file is never duplicated in memory. Writing (`write_gguf`) produces files that llama.cpp runs:
-architecture `minicpm` for MiniCPM configs, `llama` for Llama configs.
+Reading (`read_gguf`, `load_gguf`) memory-maps the file (our own container parser, gguf_file.py:
+gguf-py's reader takes seconds on large vocabularies) and converts one tensor at a time (quantized
+blocks dequantized to float32, F16/BF16 kept as they are), so a large file is never duplicated in
+memory. Writing (`write_gguf`) produces files that llama.cpp runs: architecture `minicpm` for
+MiniCPM configs, `llama` for Llama configs.
 
 What differs between the two layouts, and how we map it:
 
@@ -44,6 +45,7 @@ import torch
 
 from minicpm.config import MiniCPMConfig
 from minicpm.errors import CheckpointError, ConfigError
+from minicpm.formats.gguf_file import GGUFFile
 
 logger = logging.getLogger(__name__)
 
@@ -172,28 +174,28 @@ def read_gguf(path: str | os.PathLike, dtype: torch.dtype | None = None
     `metadata` maps every GGUF key to its Python value (tokenizer lists included).
     """
     path = Path(path)
-    reader, config, metadata = _open_gguf(path)
-    return config, _iter_tensors(reader, config, dtype), metadata
+    file, config, metadata = _open_gguf(path)
+    return config, _iter_tensors(file, config, dtype), metadata
 
 
 def read_gguf_info(path: str | os.PathLike) -> tuple[MiniCPMConfig, list[str]]:
     """(config, stored type name of every tensor) without touching tensor data (`inspect`)."""
-    reader, config, _metadata = _open_gguf(Path(path))
-    return config, [t.tensor_type.name for t in reader.tensors]
+    file, config, _metadata = _open_gguf(Path(path))
+    return config, [t.tensor_type.name for t in file.tensors]
 
 
-def _open_gguf(path: Path):
-    """(reader, config, metadata), with every tensor checked to be one we can produce."""
-    reader = _open_reader(path)
-    metadata = _metadata(reader)
+def _open_gguf(path: Path) -> tuple[GGUFFile, MiniCPMConfig, dict[str, Any]]:
+    """(file, config, metadata), with every tensor checked to be one we can produce."""
+    file = _open_file(path)
+    metadata = file.metadata
     arch = metadata.get("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported; "
                               f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
-    names = [t.name for t in reader.tensors]
+    names = [t.name for t in file.tensors]
     config = config_from_metadata(metadata, tied="output.weight" not in names, source=str(path))
-    _check_tensors(reader, path)
-    return reader, config, metadata
+    _check_tensors(file)
+    return file, config, metadata
 
 
 def load_gguf(path: str | os.PathLike, dtype: Any = None, device: Any = None):
@@ -211,30 +213,10 @@ def load_gguf(path: str | os.PathLike, dtype: Any = None, device: Any = None):
     return model, tokenizer
 
 
-def _open_reader(path: Path):
-    from gguf import GGUFReader
-
+def _open_file(path: Path) -> GGUFFile:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such GGUF file")
-    try:
-        return GGUFReader(path)
-    except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError, OSError) as e:
-        # GGUFReader reports a short or garbled file as a failed reshape/lookup.
-        raise CheckpointError(f"{path}: not a valid GGUF file (truncated or corrupt?): {e}"
-                              ) from None
-
-
-def _metadata(reader) -> dict[str, Any]:
-    """Every key/value of the file as Python values (the GGUF.* header pseudo-keys left out)."""
-    out = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        try:
-            out[key] = field.contents()
-        except (ValueError, IndexError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"GGUF key {key!r} cannot be decoded: {e}") from None
-    return out
+    return GGUFFile(path)  # our own parser: see gguf_file.py for why not gguf.GGUFReader
 
 
 def _f32(value: float) -> float:
@@ -379,11 +361,14 @@ def _can_dequantize(qtype: int) -> bool:
     return True
 
 
-def _check_tensors(reader, path: Path) -> None:
+def _check_tensors(file: GGUFFile) -> None:
     """Fail before building anything: unknown names or block types gguf-py cannot decode."""
-    for t in reader.tensors:
+    from gguf import GGMLQuantizationType as T
+
+    path = file.path
+    for t in file.tensors:
         if t.name == "rope_freqs.weight":
-            if reader.get_field(HF_CONFIG_KEY) is None:
+            if HF_CONFIG_KEY not in file.metadata:
                 raise CheckpointError(
                     f"{path}: tensor rope_freqs.weight (llama3-style rope frequency factors) is "
                     "not supported without the hf.config key that records the rope scaling")
@@ -393,6 +378,10 @@ def _check_tensors(reader, path: Path) -> None:
         if not _can_dequantize(int(t.tensor_type)):
             raise CheckpointError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, which "
                                   "gguf-py cannot dequantize")
+        if file.byte_order == ">" and t.tensor_type not in (T.F32, T.F16):
+            # gguf-py's block decoders assume little-endian scales; F32/F16 we can swap.
+            raise CheckpointError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, which "
+                                  "is not supported in a big-endian GGUF file")
 
 
 def _expert_template(name: str) -> tuple[str, int] | None:
@@ -404,32 +393,93 @@ def _expert_template(name: str) -> tuple[str, int] | None:
     return None
 
 
+# ------------------------------------------------------------------------------------------------
+# Dequantization of the common block types
+# ------------------------------------------------------------------------------------------------
+# gguf-py decodes in groups of 16 rows; whole-tensor numpy operations are about 3x faster (SmolLM2's
+# Q4_1/Q8_0 weights: 0.7 s -> 0.23 s). Same float32 operations in the same order as gguf-py, so the
+# results are bit-identical (tests compare them bit for bit). Block layouts, 32 values each:
+#   Q8_0: f16 d, 32 x int8 q          -> d * q
+#   Q4_0: f16 d, 16 bytes of nibbles  -> d * (q - 8)
+#   Q4_1: f16 d, f16 m, 16 bytes      -> d * q + m
+# A nibble byte j holds value j in its low and value j + 16 in its high half.
+def _blocks(data: np.ndarray, type_size: int) -> np.ndarray:
+    return data.reshape(-1, type_size)
+
+
+def _half(blocks: np.ndarray, start: int) -> np.ndarray:
+    """The float16 at bytes start..start+2 of every block, as a float32 column."""
+    return blocks[:, start:start + 2].copy().view(np.float16).astype(np.float32)
+
+
+def _nibbles(packed: np.ndarray) -> np.ndarray:
+    """[n, 16] packed bytes -> [n, 32] values 0..15 (low halves first, then high halves)."""
+    out = np.empty((packed.shape[0], 2 * packed.shape[1]), np.uint8)
+    np.bitwise_and(packed, 0x0F, out=out[:, :packed.shape[1]])
+    np.right_shift(packed, 4, out=out[:, packed.shape[1]:])
+    return out
+
+
+def _unblock(values: np.ndarray, data: np.ndarray, type_size: int) -> np.ndarray:
+    """[n_blocks, 32] values -> the tensor's element shape (rows of whole blocks)."""
+    return values.reshape(*data.shape[:-1], data.shape[-1] // type_size * values.shape[1])
+
+
+def _dequantize_q8_0(data: np.ndarray) -> np.ndarray:
+    blocks = _blocks(data, 34)
+    values = blocks[:, 2:].view(np.int8).astype(np.float32)
+    values *= _half(blocks, 0)
+    return _unblock(values, data, 34)
+
+
+def _dequantize_q4_0(data: np.ndarray) -> np.ndarray:
+    blocks = _blocks(data, 18)
+    values = (_nibbles(blocks[:, 2:]).view(np.int8) - np.int8(8)).astype(np.float32)
+    values *= _half(blocks, 0)
+    return _unblock(values, data, 18)
+
+
+def _dequantize_q4_1(data: np.ndarray) -> np.ndarray:
+    blocks = _blocks(data, 20)
+    values = _nibbles(blocks[:, 4:]).astype(np.float32)
+    values *= _half(blocks, 0)
+    values += _half(blocks, 2)  # a separate add, as gguf-py: no fused multiply-add rounding
+    return _unblock(values, data, 20)
+
+
+_FAST_DEQUANTIZERS = {"Q8_0": _dequantize_q8_0, "Q4_0": _dequantize_q4_0,
+                      "Q4_1": _dequantize_q4_1}
+
+
 def _to_torch(data: np.ndarray, qtype) -> torch.Tensor:
     """One tensor's raw data (memory-mapped) -> torch, dequantized if it is a block type."""
     from gguf import GGMLQuantizationType as T
     from gguf.quants import dequantize
 
     if qtype in (T.F32, T.F16):
-        return torch.from_numpy(np.array(data))  # a private copy; the map is read-only
+        # A private copy in native byte order (the map is read-only; the file may be big-endian).
+        return torch.from_numpy(np.array(data, dtype=data.dtype.newbyteorder("=")))
     if qtype == T.BF16:  # stored as raw bytes; reinterpret rather than widen
         raw = np.array(data).view(np.int16)
         return torch.from_numpy(raw).view(torch.bfloat16)
-    return torch.from_numpy(dequantize(data, qtype))
+    fast = _FAST_DEQUANTIZERS.get(qtype.name)
+    return torch.from_numpy(fast(data) if fast else dequantize(data, qtype))
 
 
-def _iter_tensors(reader, config: MiniCPMConfig,
+def _iter_tensors(file: GGUFFile, config: MiniCPMConfig,
                   dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
-    for t in reader.tensors:
+    for t in file.tensors:
         if t.name == "rope_freqs.weight":
             continue  # recomputed from the rope scaling in hf.config
+        data = file.tensor_data(t)
         stacked = _expert_template(t.name)
         if stacked is not None:
             hf_template, layer = stacked
-            for expert in range(t.data.shape[0]):  # dequantize one expert at a time
-                tensor = _to_torch(t.data[expert], t.tensor_type)
+            for expert in range(data.shape[0]):  # dequantize one expert at a time
+                tensor = _to_torch(data[expert], t.tensor_type)
                 yield hf_template.format(layer, expert), _cast(tensor, dtype)
             continue
-        tensor = _to_torch(t.data, t.tensor_type)
+        tensor = _to_torch(data, t.tensor_type)
         heads = _rope_heads(t.name, config)
         if heads is not None:
             tensor = deinterleave_rope_rows(tensor, heads)
