@@ -84,7 +84,9 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def _inv_freq(self, base: float) -> torch.Tensor:
-        return 1.0 / (base ** (torch.arange(0, self.dim, 2, dtype=torch.float32) / self.dim))
+        # Always a real CPU tensor, also while the model is built on the meta device.
+        exponents = torch.arange(0, self.dim, 2, dtype=torch.float32, device="cpu") / self.dim
+        return 1.0 / (base ** exponents)
 
     def forward(self, position_ids: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids [B, S]; seq_len = total length so far (dynamic NTK rescales past it)."""
@@ -237,7 +239,10 @@ class DecoderLayer(nn.Module):
 class MiniCPMModel(nn.Module):
     def __init__(self, config: MiniCPMConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # An explicit weight skips nn.Embedding's own init, whose first call on the meta device
+        # costs over a second of imports; MiniCPMForCausalLM initialises weights itself.
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
+                                         _weight=torch.empty(config.vocab_size, config.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
@@ -251,6 +256,17 @@ class MiniCPMForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        if not self.lm_head.weight.is_meta:
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """The official initialisation: N(0, initializer_range) for every Linear and Embedding."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(0.0, self.config.initializer_range)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
 
     @property
     def dtype(self) -> torch.dtype:

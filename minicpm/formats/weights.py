@@ -16,7 +16,7 @@ from torch import nn
 
 from minicpm.config import MiniCPMConfig
 from minicpm.errors import CheckpointError, MiniCPMError
-from minicpm.model import MiniCPMForCausalLM, RotaryEmbedding
+from minicpm.model import MiniCPMForCausalLM
 
 # Rotary tables some checkpoints carry; they are recomputed from the config.
 _DERIVED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
@@ -87,7 +87,7 @@ def build_model(config: MiniCPMConfig, named_tensors: Iterable[tuple[str, torch.
         raise CheckpointError(f"{source}: {len(missing)} missing tensor(s): {shown}")
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.model.rotary_emb = RotaryEmbedding(config).to(device)
+    model.model.rotary_emb.to(device)  # its tables are computed from the config, not loaded
     return model.eval().requires_grad_(False)
 
 
