@@ -219,3 +219,14 @@ def test_weights_are_memory_mapped_not_copied(tmp_path):
     grew = float(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout)
     assert size_mb > 40
     assert grew < 0.4 * size_mb, f"anonymous memory grew {grew:.0f} MB for {size_mb:.0f} MB of weights"
+
+
+def test_gptq_style_checkpoint_is_refused_by_name(tmp_path):
+    """The official *-int4 repos carry a quantization_config; say so instead of listing qweights."""
+    model = random_model(variant_config("2b"))
+    path = save_pretrained(model, None, tmp_path / "c")
+    raw = json.loads((path / "config.json").read_text())
+    raw["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError, match="gptq-quantized weights"):
+        load_model(path)
