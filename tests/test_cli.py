@@ -112,6 +112,7 @@ def test_convert_refuses_to_overwrite(tiny_checkpoint, tmp_path):
     (["generate", "--prompt-file", "/no/such/prompts.txt", "{ckpt}"], "cannot read prompt file"),
     (["info", "{bad_config}"], "missing required field"),
     (["convert", "{ckpt}", "{tmp}/x", "--to", "gguf", "--type", "q3_weird"], "q3_weird"),
+    (["generate", "--prompt", "hi", "--output", "/no/such/dir/out.jsonl", "{ckpt}"], "/no/such/dir/out.jsonl"),
 ])
 def test_bad_input_is_one_clear_line(args, fragment, tiny_checkpoint, tmp_path):
     bad = tmp_path / "bad"

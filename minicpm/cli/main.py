@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             warnings.simplefilter("default")
             warnings.formatwarning = lambda message, *a, **k: f"warning: {message}\n"
             return run_verb(args)
-    except MiniCPMError as e:
+    except (MiniCPMError, OSError) as e:  # bad input, or a file we cannot read or write
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
