@@ -48,7 +48,9 @@ def bench_ours(workdir: Path, dtype: str) -> dict:
 
     from minicpm.formats.hf import load_model
 
+    start = time.perf_counter()
     model = load_model(workdir / "hf", dtype=dtype)
+    load = time.perf_counter() - start
     ids = prompt_ids(model.config.vocab_size)
     model(torch.tensor([ids[:8]]))  # warm-up
     with torch.inference_mode():
@@ -58,7 +60,8 @@ def bench_ours(workdir: Path, dtype: str) -> dict:
     start = time.perf_counter()
     out = model.generate(ids, max_new_tokens=NEW_TOKENS, stop_token_ids=[])
     total = time.perf_counter() - start
-    return {"prefill": PROMPT_TOKENS / prefill, "decode": (len(out) - 1) / max(total - prefill, 1e-9)}
+    return {"load": load, "prefill": PROMPT_TOKENS / prefill,
+            "decode": (len(out) - 1) / max(total - prefill, 1e-9)}
 
 
 def bench_transformers(workdir: Path, dtype: str) -> dict:
@@ -66,7 +69,9 @@ def bench_transformers(workdir: Path, dtype: str) -> dict:
     import transformers
 
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    start = time.perf_counter()
     model = transformers.LlamaForCausalLM.from_pretrained(workdir / "llama", dtype=torch_dtype).eval()
+    load = time.perf_counter() - start
     ids = prompt_ids(model.config.vocab_size)
     with torch.inference_mode():
         model(torch.tensor([ids[:8]]))
@@ -78,15 +83,18 @@ def bench_transformers(workdir: Path, dtype: str) -> dict:
                              do_sample=False, pad_token_id=0)
         total = time.perf_counter() - start
     new = out.shape[1] - PROMPT_TOKENS
-    return {"prefill": PROMPT_TOKENS / prefill, "decode": (new - 1) / max(total - prefill, 1e-9)}
+    return {"load": load, "prefill": PROMPT_TOKENS / prefill,
+            "decode": (new - 1) / max(total - prefill, 1e-9)}
 
 
 def bench_llamacpp(workdir: Path, dtype: str) -> dict:
     import llama_cpp
 
     path = workdir / f"model-{dtype}.gguf"
+    start = time.perf_counter()
     llm = llama_cpp.Llama(str(path), n_ctx=512, n_threads=int(os.environ["BENCH_THREADS"]),
                           n_batch=512, verbose=False)
+    load = time.perf_counter() - start
     ids = prompt_ids(llm.n_vocab())
     llm.eval(ids[:8])
     llm.reset()
@@ -98,7 +106,7 @@ def bench_llamacpp(workdir: Path, dtype: str) -> dict:
         token = llm.sample(temp=0.0)
         llm.eval([token])
     decode = time.perf_counter() - start
-    return {"prefill": PROMPT_TOKENS / prefill, "decode": (NEW_TOKENS - 1) / decode}
+    return {"load": load, "prefill": PROMPT_TOKENS / prefill, "decode": (NEW_TOKENS - 1) / decode}
 
 
 ENGINES = {"ours": bench_ours, "transformers": bench_transformers, "llama.cpp": bench_llamacpp}
@@ -144,16 +152,16 @@ def write_table(rows: list[tuple[str, str, dict | str]], threads: int, out: Path
         f"dequantized from its Q4_1 GGUF and run by every engine at the precision shown.",
         f"Prefill: one {PROMPT_TOKENS}-token prompt. Decode: {NEW_TOKENS} new tokens, batch 1, greedy. "
         "Ratios are to llama.cpp at the same precision (higher is better for speed).", "",
-        "| engine | precision | prefill tok/s | decode tok/s | peak RSS MB | prefill vs llama.cpp | decode vs llama.cpp |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| engine | precision | load s | prefill tok/s | decode tok/s | peak RSS MB | prefill vs llama.cpp | decode vs llama.cpp |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for engine, dtype, r in rows:
         if isinstance(r, str):
-            lines.append(f"| {engine} | {dtype} | not run: {r} | | | | |")
+            lines.append(f"| {engine} | {dtype} | not run: {r} | | | | | |")
             continue
         p = peer.get(dtype)
         ratio = (lambda k: f"{r[k] / p[k]:.2f}x") if p else (lambda k: "n/a")
-        lines.append(f"| {engine} | {dtype} | {r['prefill']:.1f} | {r['decode']:.1f} | {r['rss']:.0f} | "
+        lines.append(f"| {engine} | {dtype} | {r['load']:.2f} | {r['prefill']:.1f} | {r['decode']:.1f} | {r['rss']:.0f} | "
                      f"{ratio('prefill')} | {ratio('decode')} |")
     text = "\n".join(lines) + "\n"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import time
 from pathlib import Path
 
 import gguf
@@ -640,15 +639,6 @@ def test_parser_reads_smollm2_like_gguf_reader():
     parsed = assert_parses_like_gguf_reader(smollm2_path())
     assert len(parsed.metadata["tokenizer.ggml.tokens"]) == 49152
     assert len(parsed.metadata["tokenizer.ggml.merges"]) > 40000
-
-
-def test_smollm2_opens_quickly():
-    """gguf-py's GGUFReader needs seconds for the 49k-token vocabulary; ours a few hundredths
-    (the bound is loose so that a busy machine does not fail it)."""
-    path = smollm2_path()
-    start = time.perf_counter()
-    read_gguf_info(path)
-    assert time.perf_counter() - start < 1.0
 
 
 def test_big_endian_file(tmp_path):
