@@ -37,8 +37,10 @@ class KVCache:
     def __init__(self, config: MiniCPMConfig, batch_size: int, max_len: int,
                  dtype: torch.dtype = torch.float32, device: Any = None):
         shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        # empty, not zeros: slots past `length` are never read, and untouched pages of a long
+        # context cost no memory until they are written
+        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.max_len = max_len
         self.length = 0
 
