@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -71,10 +72,12 @@ def test_generate_matches_the_library(tiny_checkpoint, tmp_path):
 
 def test_chat_session_through_stdin(tiny_checkpoint):
     result = run("chat", tiny_checkpoint, "--temperature", 0, "--max-new-tokens", 5,
-                 stdin="hello there\n/reset\nsecond question\n/exit\n")
+                 stdin="hello there\nand a follow-up\n/reset\nsecond question\n/exit\n")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.count("tok/s") == 2
+    assert result.stdout.count("tok/s") == 3
     assert "(conversation cleared)" in result.stdout
+    cached = [int(n) for n in re.findall(r"\((\d+) cached\)", result.stdout)]
+    assert cached[0] == 0 and cached[1] > 5 and cached[2] == 0  # the follow-up reused turn one
 
 
 def test_convert_to_llama_and_back(tiny_checkpoint, tmp_path):

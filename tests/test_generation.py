@@ -201,3 +201,28 @@ def test_chat_stops_at_the_end_of_turn_token_even_when_it_is_not_eos(spm_tokeniz
     params = with_chat_stop_ids(model, tokenizer, SamplingParams())
     assert set(params.stop_token_ids) >= {2, end}
     assert with_chat_stop_ids(model, tokenizer, SamplingParams(stop_token_ids=[7])).stop_token_ids == [7]
+
+
+def test_prompt_cache_reuses_the_conversation_without_changing_it(model):
+    """Greedy replies are identical with and without the cache; later turns run only new tokens."""
+    from minicpm.generation.generate import PromptCache
+
+    cache = PromptCache()
+    turn1 = [5, 9, 33, 100, 7]
+    params = SamplingParams(max_new_tokens=6, **NO_STOP)
+
+    def reply(prompt, prompt_cache):
+        gen = TokenGenerator(model, [prompt], params, prompt_cache=prompt_cache)
+        return [step[0] for step in gen], gen.reused_tokens
+
+    first, reused = reply(turn1, cache)
+    assert reused == 0 and first == reply(turn1, None)[0]
+    # the next prompt is the history so far (with the reply) plus a new question
+    turn2 = turn1 + first + [44, 12, 13]
+    second, reused = reply(turn2, cache)
+    assert reused == len(turn1) + len(first) - 1  # the last reply token was never fed back
+    assert second == reply(turn2, None)[0]
+    # an edited history reuses only the common prefix
+    edited = turn1[:3] + [77, 78]
+    third, reused = reply(edited, cache)
+    assert reused == 3 and third == reply(edited, None)[0]

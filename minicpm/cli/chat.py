@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from minicpm.generation.chat import stream_chat
+from minicpm.generation.generate import PromptCache
 from minicpm.generation.text import GenerationStats
 
 HELP = "commands: /reset (new conversation), /exit (quit); Ctrl-C stops a reply"
@@ -16,6 +17,7 @@ def chat_loop(model, tokenizer, sampling: dict, system: str | None = None,
     interactive = stdin.isatty()
     dim = ("\033[2m", "\033[0m") if stdout.isatty() else ("", "")
     history = _fresh(system)
+    prompt_cache = PromptCache()  # the conversation so far stays in the KV cache between turns
     print(f"{dim[0]}{HELP}{dim[1]}", file=stdout, flush=True)
     while True:
         if interactive:
@@ -41,17 +43,18 @@ def chat_loop(model, tokenizer, sampling: dict, system: str | None = None,
         if command in ("/exit", "/quit"):
             return 0
         if command == "/reset":
-            history = _fresh(system)
+            history, prompt_cache = _fresh(system), PromptCache()
             print(f"{dim[0]}(conversation cleared){dim[1]}", file=stdout, flush=True)
             continue
         if command.startswith("/"):
             print(f"{dim[0]}unknown command {command}; {HELP}{dim[1]}", file=stdout, flush=True)
             continue
         history.append({"role": "user", "content": query})
-        reply, stats = _stream_reply(model, tokenizer, history, sampling, stdout)
+        reply, stats = _stream_reply(model, tokenizer, history, sampling, stdout, prompt_cache)
         history.append({"role": "assistant", "content": reply})
         print(f"\n{dim[0]}[{stats.new_tokens} tokens, {stats.decode_tokens_per_second:.1f} tok/s, "
-              f"prompt {stats.prompt_tokens} tokens in {stats.prefill_seconds:.2f} s]{dim[1]}",
+              f"prompt {stats.prompt_tokens} tokens ({stats.cached_prompt_tokens} cached) "
+              f"in {stats.prefill_seconds:.2f} s]{dim[1]}",
               file=stdout, flush=True)
 
 
@@ -59,11 +62,11 @@ def _fresh(system: str | None) -> list[dict]:
     return [{"role": "system", "content": system}] if system else []
 
 
-def _stream_reply(model, tokenizer, history, sampling, stdout) -> tuple[str, GenerationStats]:
+def _stream_reply(model, tokenizer, history, sampling, stdout, prompt_cache) -> tuple[str, GenerationStats]:
     stats = GenerationStats()
     pieces = []
     try:
-        for piece in stream_chat(model, tokenizer, history, stats=stats, **sampling):
+        for piece in stream_chat(model, tokenizer, history, stats=stats, prompt_cache=prompt_cache, **sampling):
             pieces.append(piece)
             stdout.write(piece)
             stdout.flush()

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from minicpm.errors import MiniCPMError
+from minicpm.generation.generate import PromptCache
 from minicpm.generation.sampling import SamplingParams
 from minicpm.generation.text import GenerationStats, stream_text
 
@@ -31,13 +32,17 @@ def chat_params(prompt_len: int, context: int, max_length: int = 4096, **samplin
 
 
 def stream_chat(model, tokenizer, messages: list[dict], stats: GenerationStats | None = None,
-                **sampling: Any) -> Iterator[str]:
-    """Stream the assistant's reply to `messages` (rendered with the model's chat template)."""
+                prompt_cache: PromptCache | None = None, **sampling: Any) -> Iterator[str]:
+    """Stream the assistant's reply to `messages` (rendered with the model's chat template).
+
+    Pass the same `prompt_cache` for every turn of a conversation to skip re-running the
+    history that the previous turn already put in the KV cache.
+    """
     if tokenizer is None:
         raise MiniCPMError("this checkpoint has no tokenizer files; chat needs one")
     prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     params = chat_params(len(prompt_ids), model.config.max_position_embeddings, **sampling)
-    yield from stream_text(model, tokenizer, prompt_ids, params, stats)
+    yield from stream_text(model, tokenizer, prompt_ids, params, stats, prompt_cache)
 
 
 def chat(model, tokenizer, query: str, history: list[dict] | None = None, role: str = "user",

@@ -10,21 +10,59 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from minicpm.errors import MiniCPMError
 from minicpm.generation.sampling import SamplingParams, make_generator, sample_next
+from minicpm.model import KVCache
 
 PREFILL_CHUNK = 512  # bounds the attention score matrix of long prompts
 
 
+@dataclass
+class PromptCache:
+    """A KV cache kept between generations of one conversation, and the ids it holds.
+
+    The next prompt of a chat starts with the previous one plus the reply, so only the tokens
+    after the longest common prefix need a prefill.
+    """
+
+    cache: KVCache | None = None
+    ids: list[int] = field(default_factory=list)
+
+    def reuse(self, model, prompt: list[int], capacity: int) -> tuple[KVCache, int]:
+        """A cache to continue `prompt` from, and how many of its tokens are already in it."""
+        if self.cache is None or self.cache.max_len < capacity:
+            self.cache = grown(self.cache, model.new_cache(1, capacity), len(self.ids))
+        common = 0
+        for old, new in zip(self.ids, prompt[:-1]):  # at least one token left to run
+            if old != new:
+                break
+            common += 1
+        self.cache.length, self.ids = common, prompt[:common]
+        return self.cache, common
+
+
+def grown(old: KVCache | None, new: KVCache, keep: int) -> KVCache:
+    """`new` holding the first `keep` positions of `old` (a conversation outgrew its cache)."""
+    if old is not None:
+        for layer in range(len(new.keys)):
+            new.keys[layer][:, :, :keep] = old.keys[layer][:, :, :keep]
+            new.values[layer][:, :, :keep] = old.values[layer][:, :, :keep]
+    return new
+
+
 class TokenGenerator:
     def __init__(self, model, prompts: list[list[int]], params: SamplingParams,
-                 pad_token_id: int | None = None, prefill_chunk: int = PREFILL_CHUNK):
+                 pad_token_id: int | None = None, prefill_chunk: int = PREFILL_CHUNK,
+                 prompt_cache: PromptCache | None = None):
         if not prompts or any(len(p) == 0 for p in prompts):
             raise MiniCPMError("every prompt needs at least one token")
+        if prompt_cache is not None and len(prompts) != 1:
+            raise MiniCPMError("a prompt cache serves one conversation: pass a single prompt")
         config = model.config
         self.model = model
         self.params = params
@@ -42,6 +80,8 @@ class TokenGenerator:
         self.pad_id = pad_token_id if pad_token_id is not None else (config.pad_token_id or 0)
         self.finished = [False] * len(prompts)
         self.prefill_chunk = prefill_chunk
+        self.prompt_cache = prompt_cache
+        self.reused_tokens = 0  # prompt tokens found in the prompt cache (not run again)
 
     def finish(self, row: int) -> None:
         self.finished[row] = True
@@ -55,9 +95,13 @@ class TokenGenerator:
         device = model.device
         ids, mask = left_pad(self.prompts, self.pad_id, device)
         batch, length = ids.shape
-        cache = model.new_cache(batch, length + self.max_new_tokens)
         mask_arg = mask if not bool(mask.all()) else None
-        logits = self._prefill(ids, mask_arg, cache)
+        if self.prompt_cache is None:
+            cache, done = model.new_cache(batch, length + self.max_new_tokens), 0
+        else:
+            cache, done = self.prompt_cache.reuse(model, self.prompts[0], length + self.max_new_tokens)
+        self.reused_tokens = done
+        logits = self._prefill(ids[:, done:], mask_arg, cache)
         generator = make_generator(params.seed, logits.device)
         seen = None
         if params.repetition_penalty != 1.0:
@@ -81,6 +125,8 @@ class TokenGenerator:
             if mask_arg is not None:
                 mask_arg = torch.cat([mask_arg, mask_arg.new_ones(batch, 1)], dim=1)
             logits = model(tokens[:, None], attention_mask=mask_arg, cache=cache)[:, -1]
+            if self.prompt_cache is not None:
+                self.prompt_cache.ids.append(int(tokens[0]))
 
     def _prefill(self, ids: torch.Tensor, mask: torch.Tensor | None, cache) -> torch.Tensor:
         logits = None
@@ -88,6 +134,8 @@ class TokenGenerator:
             end = start + self.prefill_chunk
             chunk_mask = mask[:, :end] if mask is not None else None
             logits = self.model(ids[:, start:end], attention_mask=chunk_mask, cache=cache, last_only=True)
+        if self.prompt_cache is not None:
+            self.prompt_cache.ids = list(self.prompts[0])
         return logits[:, -1]
 
 

@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from minicpm.generation.generate import TokenGenerator
+from minicpm.generation.generate import PromptCache, TokenGenerator
 from minicpm.generation.sampling import SamplingParams
 
 
@@ -88,6 +88,7 @@ def with_chat_stop_ids(model, tokenizer, params: SamplingParams) -> SamplingPara
 @dataclass
 class GenerationStats:
     prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0  # taken from a prompt cache instead of being run again
     new_tokens: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
@@ -101,11 +102,12 @@ class GenerationStats:
 
 
 def stream_text(model, tokenizer, prompt_ids: list[int], params: SamplingParams,
-                stats: GenerationStats | None = None) -> Iterator[str]:
+                stats: GenerationStats | None = None, prompt_cache: PromptCache | None = None) -> Iterator[str]:
     """Yield the reply's text piece by piece; fills `stats` as it goes."""
     stats = stats if stats is not None else GenerationStats()
     params = with_chat_stop_ids(model, tokenizer, params)
-    gen = TokenGenerator(model, [prompt_ids], params, pad_token_id=tokenizer.pad_token_id)
+    gen = TokenGenerator(model, [prompt_ids], params, pad_token_id=tokenizer.pad_token_id,
+                         prompt_cache=prompt_cache)
     row = RowText(tokenizer, params.stop)
     stats.prompt_tokens = len(gen.prompts[0])
     start = last = time.perf_counter()
@@ -114,6 +116,7 @@ def stream_text(model, tokenizer, prompt_ids: list[int], params: SamplingParams,
         now = time.perf_counter()
         if stats.new_tokens == 0:
             stats.prefill_seconds = now - start
+            stats.cached_prompt_tokens = gen.reused_tokens
         else:
             stats.decode_seconds += now - last
         last = now
