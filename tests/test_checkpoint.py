@@ -230,3 +230,12 @@ def test_gptq_style_checkpoint_is_refused_by_name(tmp_path):
     (path / "config.json").write_text(json.dumps(raw))
     with pytest.raises(CheckpointError, match="gptq-quantized weights"):
         load_model(path)
+
+
+def test_unavailable_or_unknown_device_is_a_clear_error(tmp_path):
+    path = save_pretrained(random_model(variant_config("2b")), None, tmp_path / "c")
+    with pytest.raises(MiniCPMError, match="unknown device 'gpu0'"):
+        load_model(path, device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(MiniCPMError, match="no usable CUDA GPU"):
+            load_model(path, device="cuda")

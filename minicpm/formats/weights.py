@@ -46,9 +46,15 @@ def resolve_device(device: Any) -> torch.device:
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        resolved = torch.device(device)
     except (RuntimeError, TypeError):
         raise MiniCPMError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise MiniCPMError(f"device {device!r} asked for, but this machine has no usable CUDA GPU; "
+                           "use --device cpu")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise MiniCPMError(f"device {device!r} asked for, but MPS is not available here; use --device cpu")
+    return resolved
 
 
 def build_model(config: MiniCPMConfig, named_tensors: Iterable[tuple[str, torch.Tensor]],
