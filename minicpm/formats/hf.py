@@ -92,11 +92,15 @@ def load_model(directory: str | Path, dtype: Any = None, device: Any = None):
     directory = Path(directory)
     config = MiniCPMConfig.from_file(directory / "config.json")
     foreign = config.extra.get("quantization_config")
-    if config.quantization or foreign:
-        method = (foreign or {}).get("quant_method", "our own") if isinstance(foreign, dict) else "unknown"
+    if foreign:
+        method = foreign.get("quant_method", "unknown") if isinstance(foreign, dict) else "unknown"
         raise CheckpointError(f"{directory} holds {method}-quantized weights, which this version cannot "
                               "load yet; use the bf16/fp16/fp32 release of the model")
     files = weight_files(directory)
+    if config.quantization:  # our own: rebuild the quantized layers, then fill them
+        from minicpm.quantization import load_quantized
+
+        return load_quantized(config, iter_tensors(files), dtype=dtype, device=device, source=str(directory))
     return build_model(config, iter_tensors(files), dtype=dtype, device=device, source=str(directory))
 
 

@@ -1,0 +1,196 @@
+"""Weight-only quantized Linear: int8 per output channel, int4 group-wise with zero points.
+
+A layer is made from integer codes plus scales (and zeros), whatever produced them: round-to-
+nearest here (`from_float`), GPTQ/AWQ later through `from_quantized`. Dequantization is
+
+    int8:  w[n, k] = qweight[n, k] * scales[n]
+    int4:  w[n, k] = (q[n, k] - zeros[n, k // G]) * scales[n, k // G]      q in 0..15
+
+On CPU the forward pass runs PyTorch's weight-packed kernels (`_weight_int8pack_mm`,
+`_weight_int4pack_mm_for_cpu`), which read the int8/int4 codes directly. Elsewhere, or where a
+kernel refuses a shape (int4 packing needs out_features % 16 == 0), the layer keeps the plain
+codes and dequantizes on the fly; slower, same numbers.
+
+The checkpoint form is portable, not the CPU-packed one (whose byte order is an internal detail
+of PyTorch): see `portable_state`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minicpm.errors import MiniCPMError
+
+GROUP_SIZES = (32, 64, 128)
+_INT4_PACK_ROWS = 16  # _convert_weight_to_int4pack_for_cpu wants out_features divisible by this
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row RTN: (qweight int8 [N, K], scales fp32 [N])."""
+    w = weight.float()
+    scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-10)
+    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric group-wise RTN: (q uint8 [N, K] in 0..15, scales [N, K/G], zeros [N, K/G]) in fp32."""
+    n, k = weight.shape
+    w = weight.float().reshape(n, k // group_size, group_size)
+    lo, hi = w.amin(dim=-1), w.amax(dim=-1)
+    scales = ((hi - lo) / 15).clamp(min=1e-10)
+    zeros = torch.round(-lo / scales).clamp(0, 15)  # integer zero point, as GPTQ/AWQ store it
+    q = torch.round(w / scales[..., None] + zeros[..., None]).clamp(0, 15)
+    return q.to(torch.uint8).reshape(n, k), scales, zeros
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K] codes 0..15 -> uint8 [N, K/2]; even k in the low nibble, odd k in the high."""
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_nibbles."""
+    return torch.stack((packed & 15, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
+
+
+def _has_op(name: str) -> bool:
+    return hasattr(torch.ops.aten, name)
+
+
+class QuantizedLinear(nn.Module):
+    """y = x @ dequant(W).T + b, with W held as int8 or int4 codes."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int | None,
+                 qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None = None,
+                 bias: torch.Tensor | None = None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size = bits, group_size
+        # Runtime tensors are non-persistent buffers: they move with .to(), and the checkpoint
+        # form is written by _save_to_state_dict instead.
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.packed = self._pick_kernel(qweight.device)
+        if bits == 8:
+            self.register_buffer("qweight", qweight, persistent=False)        # int8 [N, K]
+            self.register_buffer("scales", scales, persistent=False)          # [N]
+        elif self.packed:
+            self.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                qweight.to(torch.int32), 1), persistent=False)               # PyTorch's CPU layout
+            # The kernel computes (q - 8) * scale + zero: our zero point becomes (8 - zeros) * scale.
+            szeros = torch.stack((scales, (8 - zeros) * scales), dim=-1)     # [N, K/G, 2]
+            self.register_buffer("scales_and_zeros", szeros.transpose(0, 1).contiguous(), persistent=False)
+        else:
+            self.register_buffer("qweight", qweight, persistent=False)        # uint8 [N, K], 0..15
+            self.register_buffer("scales", scales, persistent=False)          # [N, K/G]
+            self.register_buffer("zeros", zeros, persistent=False)            # [N, K/G]
+
+    def _pick_kernel(self, device: torch.device) -> bool:
+        """Whether the CPU weight-packed kernel serves this layer (else: dequantize + F.linear)."""
+        if device.type != "cpu":
+            return False  # the CUDA int4 kernel wants another layout; not wired up yet
+        if self.bits == 8:
+            return _has_op("_weight_int8pack_mm")
+        return (_has_op("_weight_int4pack_mm_for_cpu") and _has_op("_convert_weight_to_int4pack_for_cpu")
+                and self.out_features % _INT4_PACK_ROWS == 0)
+
+    @classmethod
+    def from_quantized(cls, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                       bits: int, group_size: int | None, bias: torch.Tensor | None = None,
+                       dtype: torch.dtype = torch.float32) -> QuantizedLinear:
+        """A layer from codes in the checkpoint layout (int4: nibble-packed uint8 [N, K/2])."""
+        if bits == 4:
+            qweight = unpack_nibbles(qweight)
+        out_features, in_features = qweight.shape
+        zeros = None if zeros is None else zeros.to(dtype)
+        return cls(in_features, out_features, bits, group_size, qweight, scales.to(dtype), zeros,
+                   None if bias is None else bias.to(dtype))
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, bits: int, group_size: int | None = None,
+                   name: str = "layer") -> QuantizedLinear:
+        """Round-to-nearest quantization of an nn.Linear (its dtype becomes the compute dtype)."""
+        weight, dtype = linear.weight.detach(), linear.weight.dtype
+        bias = None if linear.bias is None else linear.bias.detach()
+        if bits == 8:
+            q, scales = quantize_int8(weight)
+            return cls(weight.shape[1], weight.shape[0], 8, None, q, scales.to(dtype), None, bias)
+        if bits != 4:
+            raise MiniCPMError(f"bits must be 4 or 8, got {bits}")
+        if weight.shape[1] % group_size:
+            raise MiniCPMError(f"{name}: in_features {weight.shape[1]} is not divisible by group size "
+                               f"{group_size}")
+        q, scales, zeros = quantize_int4(weight, group_size)
+        return cls(weight.shape[1], weight.shape[0], 4, group_size, q, scales.to(dtype), zeros.to(dtype), bias)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return (self.scales_and_zeros if self.bits == 4 and self.packed else self.scales).dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(self.compute_dtype)  # the kernels want 2-D x in the scales' dtype
+        if not self.packed:
+            y = F.linear(x2, self.dequantize().to(x2.dtype))
+        elif self.bits == 8:
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, self.group_size,
+                                                           self.scales_and_zeros)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+    def codes(self) -> torch.Tensor:
+        """The integer codes, [N, K] (int8, or uint8 0..15 for int4), whatever the runtime layout."""
+        if self.bits == 8 or not self.packed:
+            return self.qweight
+        # The packed byte order is private to PyTorch, so read the codes back through the kernel
+        # itself: with scale 1 and zero 8 it returns q exactly (small integers are exact in fp32).
+        ones = torch.ones_like(self.scales_and_zeros, dtype=torch.float32)
+        ones[..., 1] = 8
+        eye = torch.eye(self.in_features, dtype=torch.float32, device=self.qweight.device)
+        q = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.qweight, self.group_size, ones)
+        return q.t().round().to(torch.uint8)
+
+    def scales_zeros(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(scales, zeros) in the checkpoint layout."""
+        if self.bits == 8:
+            return self.scales, None
+        if not self.packed:
+            return self.scales, self.zeros
+        scales, shifted = self.scales_and_zeros.transpose(0, 1).unbind(-1)
+        return scales.contiguous(), (8 - shifted.float() / scales.float()).round().to(scales.dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight as floats, [N, K] in the compute dtype (fallback path and tests)."""
+        scales, zeros = self.scales_zeros()
+        q = self.codes().float()
+        if self.bits == 8:
+            return (q * scales.float()[:, None]).to(scales.dtype)
+        n, k = q.shape
+        g = q.reshape(n, k // self.group_size, self.group_size)
+        w = (g - zeros.float()[..., None]) * scales.float()[..., None]
+        return w.reshape(n, k).to(scales.dtype)
+
+    def portable_state(self) -> dict[str, torch.Tensor]:
+        """Checkpoint tensors: qweight (int8 [N, K] | uint8 [N, K/2] nibbles), scales, zeros, bias."""
+        scales, zeros = self.scales_zeros()
+        q = self.codes()
+        state = {"qweight": q if self.bits == 8 else pack_nibbles(q), "scales": scales}
+        if zeros is not None:
+            state["zeros"] = zeros
+        if self.bias is not None:
+            state["bias"] = self.bias
+        return state
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        for name, tensor in self.portable_state().items():
+            destination[prefix + name] = tensor if keep_vars else tensor.detach()
+
+    def extra_repr(self) -> str:
+        group = f", group_size={self.group_size}" if self.bits == 4 else ""
+        kernel = "packed" if self.packed else "dequantize"
+        return f"{self.in_features}, {self.out_features}, bits={self.bits}{group}, kernel={kernel}"

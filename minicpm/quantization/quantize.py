@@ -1,0 +1,191 @@
+"""Swap a model's Linears for quantized ones, save the result, and rebuild it at load time.
+
+Which layers are quantized is a predicate over (name, module); by default every Linear of the
+decoder except the MoE router (a few outputs that decide everything downstream). The head is its
+own choice: int8 by default, or kept as it is (`head="bf16"`, i.e. in the model's own dtype).
+
+A tied embedding stays as it is for the lookup and the head gets its own int8 copy: the lookup
+reads a few rows per token, while the head is read whole on every decoded token.
+
+int4 group size: a layer whose in_features the asked group does not divide uses the largest of
+32/64/128 below it that does (SmolLM2's 576 -> 64 for an asked 128); the rule depends only on
+(asked group, in_features), so the loader re-derives it and config.json need not list layers.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from minicpm.config import MiniCPMConfig
+from minicpm.errors import CheckpointError, MiniCPMError
+from minicpm.quantization.linear import GROUP_SIZES, QuantizedLinear
+
+Predicate = Callable[[str, nn.Module], bool]
+HEADS = ("int8", "bf16")
+
+
+def default_predicate(name: str, module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) and not name.endswith("mlp.gate")
+
+
+def make_spec(bits: int = 4, group_size: int = 128, head: str = "int8") -> dict[str, Any]:
+    """The `config.quantization` record, validated."""
+    if bits not in (4, 8):
+        raise MiniCPMError(f"bits must be 4 or 8, got {bits}")
+    if bits == 4 and group_size not in GROUP_SIZES:
+        raise MiniCPMError(f"group size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size}")
+    if head not in HEADS:
+        raise MiniCPMError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
+    return {"method": "rtn", "bits": bits, "group_size": group_size if bits == 4 else None, "head": head}
+
+
+def layer_group_size(asked: int, in_features: int, name: str) -> int:
+    """The largest allowed group <= asked that divides in_features."""
+    for group in sorted(GROUP_SIZES, reverse=True):
+        if group <= asked and in_features % group == 0:
+            return group
+    raise MiniCPMError(f"{name}: in_features {in_features} is not divisible by any int4 group size "
+                       f"<= {asked} ({', '.join(map(str, GROUP_SIZES))}); use --bits 8")
+
+
+def plan(model: nn.Module, spec: dict[str, Any], predicate: Predicate | None = None,
+         skip: Iterable[str] = ()) -> dict[str, tuple[int, int | None]]:
+    """{module name: (bits, group_size)} for every Linear to swap, the head included."""
+    predicate = predicate or default_predicate
+    skip = set(skip)
+    chosen: dict[str, tuple[int, int | None]] = {}
+    for name, module in model.model.layers.named_modules(prefix="model.layers"):
+        if isinstance(module, nn.Linear) and predicate(name, module) and name not in skip:
+            group = layer_group_size(spec["group_size"], module.in_features, name) if spec["bits"] == 4 else None
+            chosen[name] = (spec["bits"], group)
+    if spec["head"] == "int8":
+        chosen["lm_head"] = (8, None)
+    return chosen
+
+
+def _skipped(model: nn.Module, chosen: dict) -> list[str]:
+    return [name for name, m in model.model.layers.named_modules(prefix="model.layers")
+            if isinstance(m, nn.Linear) and name not in chosen]
+
+
+def _note_group_fallbacks(spec: dict[str, Any], chosen: dict) -> None:
+    smaller = sorted({g for bits, g in chosen.values() if bits == 4 and g != spec["group_size"]})
+    if smaller:
+        count = sum(1 for bits, g in chosen.values() if bits == 4 and g != spec["group_size"])
+        warnings.warn(f"{count} layer(s) use int4 group size {'/'.join(map(str, smaller))} instead of "
+                      f"{spec['group_size']}, which does not divide their in_features", stacklevel=3)
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 128, head: str = "int8",
+                   predicate: Predicate | None = None, progress: bool = False) -> nn.Module:
+    """Quantize `model` in place (round-to-nearest), one decoder layer at a time."""
+    from tqdm import tqdm
+
+    if model.config.quantization:
+        raise MiniCPMError("this model is already quantized")
+    spec = make_spec(bits, group_size, head)
+    chosen = plan(model, spec, predicate)  # before any swap, so a bad layer leaves the model intact
+    _note_group_fallbacks(spec, chosen)
+    skipped = _skipped(model, chosen)
+    for i, layer in enumerate(tqdm(model.model.layers, desc="quantizing", unit="layer", disable=not progress)):
+        for name, module in list(layer.named_modules(prefix=f"model.layers.{i}")):
+            if name in chosen:
+                b, g = chosen[name]
+                _swap(model, name, QuantizedLinear.from_float(module, b, g, name=name))
+    if "lm_head" in chosen:  # a tied head gets its own copy; the embedding keeps the original
+        model.lm_head = QuantizedLinear.from_float(model.lm_head, 8, name="lm_head")
+    if skipped:
+        spec["skip"] = skipped
+    model.config = model.config.replace(quantization=spec)
+    return model
+
+
+def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent), attr, new)
+
+
+def load_quantized(config: MiniCPMConfig, named_tensors: Iterable[tuple[str, torch.Tensor]],
+                   dtype: Any = None, device: Any = None, source: str = "checkpoint") -> nn.Module:
+    """Rebuild a model saved by `quantize_model` + `save_pretrained`, one tensor at a time."""
+    from minicpm.formats.weights import config_dtype, resolve_device, resolve_dtype
+    from minicpm.model import MiniCPMForCausalLM
+
+    dtype, device = resolve_dtype(dtype), resolve_device(device)
+    spec = _read_spec(config, source)
+    with torch.device("meta"):
+        model = MiniCPMForCausalLM(config)
+    chosen = plan(model, spec, skip=spec.get("skip", ()))
+    has_bias = {name: model.get_submodule(name).bias is not None for name in chosen}
+    params = {n: p for n, p in model.named_parameters()
+              if n.rpartition(".")[0] not in chosen}  # a tied head's weight appears as the embedding
+    pending: dict[str, dict[str, torch.Tensor]] = {name: {} for name in chosen}
+    loaded, unexpected = set(), []
+    for name, tensor in named_tensors:
+        prefix, _, leaf = name.rpartition(".")
+        target = dtype or config_dtype(config) or (tensor.dtype if tensor.is_floating_point() else None)
+        if prefix in pending and leaf in ("qweight", "scales", "zeros", "bias"):
+            pending[prefix][leaf] = tensor.to(device)
+            if _complete(pending[prefix], chosen[prefix][0], has_bias[prefix]):
+                _place(model, prefix, pending.pop(prefix), chosen[prefix], target, source)
+        elif name in params:
+            _check_shape(name, tensor, params[name].shape, source)
+            _swap_param(model, name, tensor.to(device=device, dtype=target))
+            loaded.add(name)
+        elif not name.endswith("rotary_emb.inv_freq"):
+            unexpected.append(name)
+    _check_complete(unexpected, sorted(set(params) - loaded) + sorted(pending), source)
+    if config.tie_word_embeddings and "lm_head" not in chosen:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.model.rotary_emb.to(device)
+    return model.eval().requires_grad_(False)
+
+
+def _read_spec(config: MiniCPMConfig, source: str) -> dict[str, Any]:
+    q = config.quantization
+    if q.get("method") != "rtn":
+        raise CheckpointError(f"{source}: unknown quantization method {q.get('method')!r} in config.json")
+    try:
+        return {**make_spec(q["bits"], q.get("group_size") or 128, q.get("head", "int8")), **q}
+    except (KeyError, MiniCPMError) as e:
+        raise CheckpointError(f"{source}: bad quantization record in config.json: {e}") from None
+
+
+def _complete(parts: dict, bits: int, bias: bool) -> bool:
+    need = {"qweight", "scales"} | ({"zeros"} if bits == 4 else set()) | ({"bias"} if bias else set())
+    return need <= parts.keys()
+
+
+def _place(model: nn.Module, name: str, parts: dict, bits_group: tuple, dtype, source: str) -> None:
+    bits, group = bits_group
+    expected = model.get_submodule(name).weight.shape  # the meta Linear it replaces
+    width = expected[1] if bits == 8 else expected[1] // 2
+    _check_shape(f"{name}.qweight", parts["qweight"], (expected[0], width), source)
+    dtype = dtype or parts["scales"].dtype
+    layer = QuantizedLinear.from_quantized(parts["qweight"], parts["scales"], parts.get("zeros"), bits, group,
+                                           parts.get("bias"), dtype=dtype)
+    _swap(model, name, layer)
+
+
+def _swap_param(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent), attr, nn.Parameter(value, requires_grad=False))
+
+
+def _check_shape(name: str, tensor: torch.Tensor, shape, source: str) -> None:
+    if tuple(tensor.shape) != tuple(shape):
+        raise CheckpointError(f"{source}: tensor {name} has shape {list(tensor.shape)}, "
+                              f"config.json implies {list(shape)}")
+
+
+def _check_complete(unexpected: list[str], missing: list[str], source: str) -> None:
+    for what, names in (("unexpected", sorted(unexpected)), ("missing", missing)):
+        if names:
+            shown = ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
+            raise CheckpointError(f"{source}: {len(names)} {what} tensor(s): {shown}")
