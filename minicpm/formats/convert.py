@@ -2,7 +2,8 @@
 
   hf     the MiniCPM format (config model_type "minicpm"; a Llama source gets neutral scalings)
   llama  the "llama format": scalings folded into the weights, loadable by LlamaForCausalLM
-  gguf   a llama.cpp file (see minicpm.formats.gguf)
+  gguf   a llama.cpp file (see minicpm.formats.gguf), and next to it `<stem>.Modelfile` for
+         ollama (chat template, stop strings, default sampling; see minicpm.formats.ollama)
 """
 
 from __future__ import annotations
@@ -36,5 +37,8 @@ def convert(src: str, out: str | Path, to: str, dtype: Any = None, gguf_type: st
 
     if tokenizer is None:
         raise MiniCPMError(f"{src} has no tokenizer; a GGUF file needs one")
+    from minicpm.formats.ollama import write_modelfile
+
     write_gguf(model.config, checkpoint_state_dict(model).items(), tokenizer, out, file_type=gguf_type)
+    write_modelfile(out, tokenizer)
     return out
