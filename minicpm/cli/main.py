@@ -71,6 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="dtype of the written weights (default: as loaded)")
     p.add_argument("--type", default="f16", help="GGUF tensor type: f32, f16, bf16, q8_0, q4_0 (default f16)")
     p.add_argument("--force", action="store_true", help="replace an existing output")
+
+    p = sub.add_parser("quantize", help="write a weight-only int8/int4 checkpoint (round-to-nearest)")
+    p.add_argument("src", help="checkpoint directory, .gguf file or hub id")
+    p.add_argument("out", help="output checkpoint directory")
+    p.add_argument("--bits", type=int, default=4, help="4 or 8 (default 4)")
+    p.add_argument("--group-size", type=int, default=128, help="int4 group: 32, 64 or 128 (default 128)")
+    p.add_argument("--head", default="int8", help="int8 (default) or bf16: keep the head as stored")
+    p.add_argument("--force", action="store_true", help="replace an existing output")
     return parser
 
 

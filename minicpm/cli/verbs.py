@@ -106,3 +106,13 @@ def convert(args: argparse.Namespace) -> int:
                       overwrite=args.force)
     print(f"wrote {out} ({args.to}) in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     return 0
+
+
+def quantize(args: argparse.Namespace) -> int:
+    from minicpm.quantization import quantize_checkpoint
+
+    started = time.perf_counter()
+    out = quantize_checkpoint(args.src, args.out, bits=args.bits, group_size=args.group_size,
+                              head=args.head, overwrite=args.force)
+    print(f"wrote {out} (int{args.bits}) in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    return 0

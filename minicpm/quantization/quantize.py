@@ -78,7 +78,7 @@ def _note_group_fallbacks(spec: dict[str, Any], chosen: dict) -> None:
     if smaller:
         count = sum(1 for bits, g in chosen.values() if bits == 4 and g != spec["group_size"])
         warnings.warn(f"{count} layer(s) use int4 group size {'/'.join(map(str, smaller))} instead of "
-                      f"{spec['group_size']}, which does not divide their in_features", stacklevel=3)
+                      f"{spec['group_size']}, which does not divide their in_features", stacklevel=4)
 
 
 @torch.no_grad()
