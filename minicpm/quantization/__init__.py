@@ -8,14 +8,14 @@ Checkpoint layout of a quantized Linear `X` (portable; packed for the CPU kernel
     X.qweight  int8 [N, K]                      (8 bits)   w = qweight * scales[:, None]
                uint8 [N, K/2], even k low nibble (4 bits)   w = (q - zeros) * scales, per group
     X.scales   [N] (8 bits) or [N, K/G] (4 bits), model dtype
-    X.zeros    [N, K/G] zero points in code units (4 bits only)
+    X.zeros    [N, K/G] zero points in code units, floats (4 bits only; integer for GPTQ/AWQ)
     X.bias     if the layer has one
 """
 
 from minicpm.quantization.linear import QuantizedLinear
 from minicpm.quantization.quantize import load_quantized, make_spec, quantize_model
 
-__all__ = ["QuantizedLinear", "load_quantized", "make_spec", "quantize_model", "quantize_checkpoint"]
+__all__ = ["QuantizedLinear", "load_quantized", "make_spec", "quantize_checkpoint", "quantize_model"]
 
 
 def quantize_checkpoint(src, out, bits: int = 4, group_size: int = 128, head: str = "int8",
