@@ -1,7 +1,8 @@
 # Setup and everyday commands. Everything installs into a local virtual environment (.venv).
 #   make run    install, then chat with the default model (SmolLM2-135M-Instruct)
 #   make test   install, then run the whole test suite
-#   make bench  install, then measure speed against the peers (writes docs/benchmarks.md)
+#   make bench  install, then measure speed against the peers (writes docs/benchmarks.md);
+#               BENCH_ARGS=--full adds the MiniCPM-2B shape (~5.5 GB in bf16, much longer)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
@@ -50,7 +51,7 @@ test-peer: install
 	$(PY) -m pytest -q -m peer
 
 bench: install
-	$(PY) benchmarks/run.py
+	$(PY) benchmarks/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

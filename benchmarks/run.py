@@ -11,6 +11,11 @@ precision under test) in its own process, so that peak memory is its own:
 Measured per engine: prefill tokens/s (a 128-token prompt), decode tokens/s (64 new tokens, batch
 1, greedy), and peak RSS. Results go to docs/benchmarks.md with the date and machine, and each
 row carries its ratio to the peer at the same precision.
+
+A second section (`minicpm.bench`, also `minicpm bench`) runs seeded random weights of the real
+MiniCPM-1B shape (and MiniCPM-2B with --full, ~5.5 GB in bf16) at a 512-token prompt and 128 new
+tokens, with our int8/int4 rows when minicpm.quantization is there, and the machine's memory
+bandwidth.
 """
 
 from __future__ import annotations
@@ -19,7 +24,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -33,7 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from minicpm.bench import peak_rss_mb as own_peak  # VmHWM: see there why not ru_maxrss
+
+    return own_peak()
 
 
 def prompt_ids(vocab: int) -> list[int]:
@@ -144,10 +150,10 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {platform.system()}"
 
 
-def write_table(rows: list[tuple[str, str, dict | str]], threads: int, out: Path) -> str:
+def smollm2_table(rows: list[tuple[str, str, dict | str]], threads: int) -> str:
     peer = {dtype: r for engine, dtype, r in rows if engine == "llama.cpp" and isinstance(r, dict)}
     lines = [
-        f"# Benchmarks ({date.today().isoformat()})", "",
+        f"## SmolLM2-135M-Instruct ({date.today().isoformat()})", "",
         f"Machine: {machine()}; threads: {threads}. Model: SmolLM2-135M-Instruct (the default model), "
         f"dequantized from its Q4_1 GGUF and run by every engine at the precision shown.",
         f"Prefill: one {PROMPT_TOKENS}-token prompt. Decode: {NEW_TOKENS} new tokens, batch 1, greedy. "
@@ -163,10 +169,7 @@ def write_table(rows: list[tuple[str, str, dict | str]], threads: int, out: Path
         ratio = (lambda k: f"{r[k] / p[k]:.2f}x") if p else (lambda k: "n/a")
         lines.append(f"| {engine} | {dtype} | {r['load']:.2f} | {r['prefill']:.1f} | {r['decode']:.1f} | {r['rss']:.0f} | "
                      f"{ratio('prefill')} | {ratio('decode')} |")
-    text = "\n".join(lines) + "\n"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    return text
+    return "\n".join(lines) + "\n"
 
 
 def main() -> int:
@@ -175,6 +178,9 @@ def main() -> int:
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     parser.add_argument("--case", nargs=2, metavar=("ENGINE", "DTYPE"), help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    parser.add_argument("--full", action="store_true", help="also the MiniCPM-2B shape (~5.5 GB in bf16)")
+    parser.add_argument("--shapes-only", action="store_true", help="skip the SmolLM2 section")
+    parser.add_argument("--preset", help=argparse.SUPPRESS)  # e.g. tiny: a quick check of the machinery
     args = parser.parse_args()
     if args.case:
         import torch
@@ -184,6 +190,22 @@ def main() -> int:
         result["rss"] = peak_rss_mb()
         print(json.dumps(result))
         return 0
+    sections = ["# Benchmarks", ""]
+    if not args.shapes_only:
+        sections.append(run_smollm2(args.threads))
+    from minicpm import bench
+
+    log = lambda message: print(message, file=sys.stderr, flush=True)
+    sections.append(bench.bench(args.full, args.threads, args.preset, log=log))
+    text = "\n".join(sections)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(text)
+    return 0
+
+
+def run_smollm2(threads: int) -> str:
     with tempfile.TemporaryDirectory(prefix="minicpm-bench-") as tmp:
         workdir = Path(tmp)
         print("preparing weights ...", file=sys.stderr)
@@ -192,9 +214,8 @@ def main() -> int:
         for dtype in ("float32", "bfloat16"):
             for engine in ENGINES:
                 print(f"running {engine} {dtype} ...", file=sys.stderr)
-                rows.append((engine, dtype, run_case(workdir, engine, dtype, args.threads)))
-        print(write_table(rows, args.threads, Path(args.out)))
-    return 0
+                rows.append((engine, dtype, run_case(workdir, engine, dtype, threads)))
+        return smollm2_table(rows, threads)
 
 
 if __name__ == "__main__":

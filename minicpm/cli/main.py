@@ -63,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="architecture, parameter count, dtype and memory of a model")
     add_model_args(p)
 
+    p = sub.add_parser("bench", help="speed on random MiniCPM-1B weights vs llama.cpp and transformers")
+    p.add_argument("--full", action="store_true", help="also the MiniCPM-2B shape (~5.5 GB in bf16)")
+    p.add_argument("--threads", type=int, default=None, help="threads for every engine (default: up to 2)")
+    p.add_argument("--out", default=None, help="also write the Markdown table to this file")
+    p.add_argument("--preset", default=None, help=argparse.SUPPRESS)  # e.g. tiny: checks the machinery
+
     p = sub.add_parser("convert", help="write a model in another format")
     p.add_argument("src", help="checkpoint directory, .gguf file or hub id")
     p.add_argument("out", help="output directory (or .gguf file)")

@@ -98,6 +98,16 @@ def info(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench(args: argparse.Namespace) -> int:
+    from minicpm.bench import bench as run_bench
+
+    text = run_bench(args.full, args.threads, args.preset, log=lambda m: print(m, file=sys.stderr, flush=True))
+    if args.out:
+        Path(args.out).write_text(text, encoding="utf-8")
+    print(text)
+    return 0
+
+
 def convert(args: argparse.Namespace) -> int:
     from minicpm.formats.convert import convert as run_convert
 

@@ -1,0 +1,407 @@
+"""`minicpm bench`: speed on the real MiniCPM shapes, side by side with llama.cpp and transformers.
+
+Seeded random weights of a family shape (MiniCPM-1B by default, MiniCPM-2B with `full=True`)
+are written once as a bf16 checkpoint, a llama-format checkpoint and f16/q8_0/q4_0 GGUF files.
+Then every engine runs in its own process (so peak RSS is its own, and one engine's allocator
+state cannot slow the next) on the same threads:
+
+  ours          bf16; int8 and int4 too when `minicpm.quantization` is importable
+  llama.cpp     f16, q8_0, q4_0 through llama-cpp-python, when installed
+  transformers  LlamaForCausalLM on the llama-format export, bf16
+
+Measured: time to first token for a PROMPT_TOKENS prompt (prefill tok/s = prompt / that time),
+decode tok/s over NEW_TOKENS greedy tokens at batch 1, and peak RSS. The machine's memory read
+bandwidth is measured too; decode is also given as a fraction of the bandwidth-bound limit
+(bandwidth / bytes of weights read per token; the KV cache, a few % here, is left out).
+Random networks: speeds are real, the text is noise.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+PROMPT_TOKENS = 512
+NEW_TOKENS = 128
+SEED = 0
+# (engine, precision) in table order; the llama.cpp row of the same "class" is each row's peer.
+CASES = [
+    ("ours", "bf16"), ("ours", "int8"), ("ours", "int4"),
+    ("llama.cpp", "f16"), ("llama.cpp", "q8_0"), ("llama.cpp", "q4_0"),
+    ("transformers", "bf16"),
+]
+PEER = {"bf16": "f16", "int8": "q8_0", "int4": "q4_0", "f16": "f16", "q8_0": "q8_0", "q4_0": "q4_0"}
+
+
+# --- preparation ----------------------------------------------------------------------------------
+def random_tensors(config, seed: int = SEED):
+    """(name, bf16 tensor) for every checkpoint tensor, generated one at a time.
+
+    Drawn directly in bf16, so the largest transient is one tensor, never an fp32 model. Linear
+    weights get a small std so activations stay finite through 52 layers of random matrices.
+    """
+    import torch
+
+    from minicpm.formats.hf import checkpoint_state_dict
+    from minicpm.model import MiniCPMForCausalLM
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        meta = MiniCPMForCausalLM(config)
+    for name, tensor in checkpoint_state_dict(meta).items():
+        if name.endswith("norm.weight"):
+            yield name, torch.ones(tensor.shape, dtype=torch.bfloat16)
+        else:
+            yield name, torch.empty(tensor.shape, dtype=torch.bfloat16).normal_(0.0, 0.02, generator=gen)
+
+
+def bench_tokenizer():
+    """The default model's tokenizer: any real vocabulary will do for random weights (llama.cpp
+    needs one in the GGUF; spare embedding rows are named as padding by write_gguf)."""
+    from minicpm.formats.gguf import _open_gguf
+    from minicpm.loading import default_model_path
+    from minicpm.tokenizer import Tokenizer
+
+    _, _, meta = _open_gguf(default_model_path())
+    return Tokenizer.from_gguf_metadata(meta)
+
+
+def prepare(shape: str, workdir: Path, gguf_types=("f16", "q8_0", "q4_0"), log=print) -> None:
+    """Write `shape`'s random checkpoint as hf/ (bf16), llama/ (bf16) and model-<type>.gguf."""
+    from minicpm.config import preset
+    from minicpm.formats.gguf import write_gguf
+    from minicpm.formats.hf import save_pretrained
+    from minicpm.formats.llama import to_llama
+
+    tokenizer = bench_tokenizer()
+    config = preset(shape, torch_dtype="bfloat16")
+    if tokenizer.vocab_size > config.vocab_size:  # tiny test shapes: GGUF needs a row per token
+        config = config.replace(vocab_size=tokenizer.vocab_size)
+    if config.max_position_embeddings < PROMPT_TOKENS + NEW_TOKENS:  # tiny shapes again
+        config = config.replace(max_position_embeddings=PROMPT_TOKENS + NEW_TOKENS)
+    start = time.perf_counter()
+    state = dict(random_tensors(config))  # bf16 only: ~2.7 GB for 1B, ~5.5 GB for 2B
+    save_pretrained(None, None, workdir / "hf", config=config, state_dict=state, overwrite=True)
+    log(f"  {shape}: random bf16 checkpoint in {time.perf_counter() - start:.0f} s")
+    for gguf_type in gguf_types:
+        start = time.perf_counter()
+        write_gguf(config, state.items(), tokenizer, workdir / f"model-{gguf_type}.gguf",
+                   file_type=gguf_type, name=f"random {shape}")
+        log(f"  {shape}: {gguf_type} GGUF in {time.perf_counter() - start:.0f} s")
+    llama_config, llama_state = to_llama(config, state)
+    del state  # the folded copy replaces it: never two models in memory for long
+    save_pretrained(None, None, workdir / "llama", config=llama_config, state_dict=llama_state,
+                    overwrite=True)
+
+
+# --- measurements (each in its own process) -------------------------------------------------------
+def prompt_ids(vocab: int, n: int = PROMPT_TOKENS) -> list[int]:
+    import random
+
+    rng = random.Random(SEED)
+    return [rng.randrange(10, vocab) for _ in range(n)]
+
+
+def _timed_tokens(tokens) -> dict:
+    """TTFT and decode speed from an iterator of tokens that starts with the prefill."""
+    start = time.perf_counter()
+    first = None
+    count = 0
+    for _ in tokens:
+        count += 1
+        if first is None:
+            first = time.perf_counter()
+    end = time.perf_counter()
+    ttft = first - start
+    return {"ttft": ttft, "prefill": PROMPT_TOKENS / ttft, "decode": (count - 1) / max(end - first, 1e-9),
+            "new_tokens": count}
+
+
+def unique_weight_bytes(model) -> int:
+    """Bytes of the weights one decoded token reads: every tensor once, except an embedding table
+    that is not also the head (a lookup reads one row of it)."""
+    seen, total = set(), 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        total += tensor.numel() * tensor.element_size()
+    # ours: model.model.embed_tokens; transformers: the same path. A quantized head (ours) is a
+    # module without `.weight`, so the bf16 embedding beside it is lookup-only.
+    embed = model.model.embed_tokens.weight
+    head = getattr(model.lm_head, "weight", None)
+    if head is None or head.data_ptr() != embed.data_ptr():
+        total -= embed.numel() * embed.element_size()
+    return total
+
+
+def run_ours(workdir: Path, precision: str) -> dict:
+    import torch
+
+    from minicpm.formats.hf import load_model
+    from minicpm.generation.generate import TokenGenerator
+    from minicpm.generation.sampling import SamplingParams
+
+    start = time.perf_counter()
+    model = load_model(workdir / "hf", dtype="bfloat16")
+    if precision != "bf16":
+        from minicpm.quantization import quantize_model
+
+        quantize_model(model, bits=8 if precision == "int8" else 4, group_size=128, head="int8")
+    load = time.perf_counter() - start
+    ids = prompt_ids(model.config.vocab_size)
+    params = SamplingParams.from_kwargs(temperature=0.0, max_new_tokens=4, stop_token_ids=[])
+    for _ in TokenGenerator(model, [ids[:16]], params):  # warm-up: first-call allocations
+        pass
+    params = SamplingParams.from_kwargs(temperature=0.0, max_new_tokens=NEW_TOKENS, stop_token_ids=[])
+    with torch.inference_mode():
+        result = _timed_tokens(TokenGenerator(model, [ids], params))
+    return {**result, "load": load, "weight_bytes": unique_weight_bytes(model)}
+
+
+def run_transformers(workdir: Path, precision: str) -> dict:
+    import torch
+    import transformers
+
+    start = time.perf_counter()
+    model = transformers.LlamaForCausalLM.from_pretrained(workdir / "llama", dtype=torch.bfloat16).eval()
+    load = time.perf_counter() - start
+    ids = prompt_ids(model.config.vocab_size)
+    stamps: list[float] = []
+
+    class Clock(transformers.generation.streamers.BaseStreamer):
+        # generate() calls put() once with the prompt, then once per new token
+        def put(self, value):
+            stamps.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    def tokens():
+        with torch.inference_mode():
+            model.generate(torch.tensor([ids[:16]]), max_new_tokens=4, do_sample=False, pad_token_id=0)
+            start = time.perf_counter()
+            model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                           do_sample=False, pad_token_id=0, streamer=Clock())
+        return start
+
+    start = tokens()
+    first, end, count = stamps[1], stamps[-1], len(stamps) - 1
+    ttft = first - start
+    return {"ttft": ttft, "prefill": PROMPT_TOKENS / ttft, "decode": (count - 1) / (end - first),
+            "new_tokens": count, "load": load, "weight_bytes": unique_weight_bytes(model)}
+
+
+def run_llamacpp(workdir: Path, precision: str) -> dict:
+    import llama_cpp
+
+    path = workdir / f"model-{precision}.gguf"
+    start = time.perf_counter()
+    llm = llama_cpp.Llama(str(path), n_ctx=PROMPT_TOKENS + NEW_TOKENS + 16, n_batch=PROMPT_TOKENS,
+                          n_threads=int(os.environ["BENCH_THREADS"]), verbose=False)
+    load = time.perf_counter() - start
+    ids = prompt_ids(llm.n_vocab())
+    llm.eval(ids[:16])  # warm-up
+    llm.reset()
+
+    def tokens():
+        llm.eval(ids)
+        for step in range(NEW_TOKENS):
+            token = llm.sample(temp=0.0)
+            yield token
+            if step < NEW_TOKENS - 1:
+                llm.eval([token])
+
+    result = _timed_tokens(tokens())
+    return {**result, "load": load, "weight_bytes": gguf_weight_bytes(path)}
+
+
+def gguf_weight_bytes(path: Path) -> int:
+    """Tensor data of a GGUF file minus a separate embedding table (see unique_weight_bytes)."""
+    from minicpm.formats.gguf_file import GGUFFile
+
+    sizes = {t.name: t.n_bytes for t in GGUFFile(path).tensors}
+    total = sum(sizes.values())
+    if "output.weight" in sizes:
+        total -= sizes.get("token_embd.weight", 0)
+    return total
+
+
+RUNNERS = {"ours": run_ours, "transformers": run_transformers, "llama.cpp": run_llamacpp}
+
+
+def run_case_here(engine: str, precision: str, workdir: Path, threads: int) -> dict:
+    """Entry point of the child process: one engine, one precision."""
+    import torch
+
+    torch.set_num_threads(threads)
+    result = RUNNERS[engine](workdir, precision)
+    result["rss"] = peak_rss_mb()
+    return result
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS. Not getrusage's ru_maxrss: Linux carries that across fork+exec,
+    so a child would report at least its parent's size at the fork. VmHWM starts afresh at exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_case(engine: str, precision: str, workdir: Path, threads: int, timeout: float = 1800) -> dict | str:
+    """One case in a fresh process; a dict of results, or why it did not run (one line)."""
+    env = {**os.environ, "BENCH_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
+    cmd = [sys.executable, "-m", "minicpm.bench", engine, precision, str(workdir), str(threads)]
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"timed out after {timeout:.0f} s"
+    if result.returncode != 0:
+        return ((result.stderr.strip().splitlines() or ["failed"])[-1])[:160]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def skip_reason(engine: str, precision: str) -> str | None:
+    """Why a case cannot run on this installation, checked before spending time on it."""
+    if engine == "ours" and precision != "bf16" and not _has_quantization():
+        return "minicpm.quantization (quantize_model) is not available in this version"
+    if engine == "llama.cpp" and importlib.util.find_spec("llama_cpp") is None:
+        return "llama-cpp-python is not installed (`make test-peer` builds it)"
+    if engine == "transformers" and importlib.util.find_spec("transformers") is None:
+        return "transformers is not installed"
+    return None
+
+
+def _has_quantization() -> bool:
+    try:
+        from minicpm.quantization import quantize_model  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# --- the machine ----------------------------------------------------------------------------------
+def memory_bandwidth_gbs(threads: int, megabytes: int = 1024, repeats: int = 5) -> float:
+    """Read bandwidth: the best of a few sums over a buffer far larger than any cache."""
+    import torch
+
+    torch.set_num_threads(threads)
+    data = torch.ones(megabytes * 2**20 // 4, dtype=torch.float32)
+    data.sum()  # first touch faults the pages in; not a measurement
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - start)
+    return data.numel() * 4 / best / 1e9
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()}"
+
+
+# --- the table ------------------------------------------------------------------------------------
+def table(shape: str, rows: list[tuple[str, str, dict | str]], bandwidth: float) -> str:
+    """Markdown rows for one shape; ratios are to llama.cpp at the matching precision."""
+    peer = {p: r for e, p, r in rows if e == "llama.cpp" and isinstance(r, dict)}
+    lines = [
+        f"### {shape}", "",
+        "| engine | precision | load s | TTFT s | prefill tok/s | decode tok/s | weights GB/token | "
+        "decode / bandwidth limit | peak RSS MB | prefill vs llama.cpp | decode vs llama.cpp |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for engine, precision, r in rows:
+        if isinstance(r, str):
+            lines.append(f"| {engine} | {precision} | not run: {r} | | | | | | | | |")
+            continue
+        p = peer.get(PEER[precision])
+        ratio = (lambda k: f"{r[k] / p[k]:.2f}x") if p else (lambda k: "n/a")
+        limit = bandwidth * 1e9 / r["weight_bytes"]
+        lines.append(
+            f"| {engine} | {precision} | {r['load']:.1f} | {r['ttft']:.2f} | {r['prefill']:.1f} | "
+            f"{r['decode']:.2f} | {r['weight_bytes'] / 1e9:.2f} | {r['decode'] / limit:.0%} of {limit:.1f} | "
+            f"{r['rss']:.0f} | {ratio('prefill')} | {ratio('decode')} |")
+    return "\n".join(lines) + "\n"
+
+
+def header(threads: int, bandwidth: float) -> str:
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return "\n".join([
+        f"## MiniCPM shapes, random weights ({stamp})", "",
+        f"Machine: {machine()}; threads: {threads}; memory read bandwidth {bandwidth:.1f} GB/s "
+        "(best sum over a 1 GiB fp32 tensor).",
+        f"Seeded random weights of the real shapes (config presets), bf16 checkpoint; GGUFs written "
+        f"from the same weights by `write_gguf` (q4_0 keeps the tied head in q8_0, as llama.cpp does). "
+        f"Prefill: one {PROMPT_TOKENS}-token prompt, TTFT = prompt in to first token out. Decode: "
+        f"{NEW_TOKENS} new tokens, batch 1, greedy. Each engine in its own process. The bandwidth "
+        "limit is bandwidth / weight bytes read per token (KV cache left out). Ratios are to "
+        "llama.cpp at the matching precision (bf16 vs f16, int8 vs q8_0, int4 vs q4_0).", "",
+    ])
+
+
+def run(shapes: list[str], workdir: Path, threads: int, log=print) -> str:
+    """Prepare and measure every shape in `shapes`; returns the Markdown section."""
+    bandwidth = memory_bandwidth_gbs(threads)
+    log(f"memory read bandwidth: {bandwidth:.1f} GB/s on {threads} threads")
+    parts = [header(threads, bandwidth)]
+    for shape in shapes:
+        shape_dir = workdir / shape
+        log(f"preparing {shape} ...")
+        prepare(shape, shape_dir, log=log)
+        rows = []
+        for engine, precision in CASES:
+            reason = skip_reason(engine, precision)
+            if reason is None:
+                log(f"  running {engine} {precision} ...")
+            result = reason or run_case(engine, precision, shape_dir, threads)
+            if isinstance(result, dict):
+                log(f"    prefill {result['prefill']:.1f} tok/s, decode {result['decode']:.2f} tok/s")
+            rows.append((engine, precision, result))
+        parts.append(table(shape, rows, bandwidth))
+        _remove_tree(shape_dir)  # the next shape needs the disk
+    return "\n".join(parts)
+
+
+def _remove_tree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def shapes_for(full: bool, preset_name: str | None = None) -> list[str]:
+    if preset_name:
+        return [preset_name]
+    return ["minicpm-1b", "minicpm-2b"] if full else ["minicpm-1b"]
+
+
+def bench(full: bool = False, threads: int | None = None, preset_name: str | None = None,
+          workdir: Path | None = None, log=print) -> str:
+    """Run the benchmark in a scratch directory (removed afterwards); returns the Markdown."""
+    import tempfile
+
+    threads = threads or default_threads()
+    if workdir is not None:
+        return run(shapes_for(full, preset_name), Path(workdir), threads, log=log)
+    with tempfile.TemporaryDirectory(prefix="minicpm-bench-") as tmp:
+        return run(shapes_for(full, preset_name), Path(tmp), threads, log=log)
+
+
+def default_threads() -> int:
+    # The issue's comparisons are at 2 threads (a laptop's worth); more cores only when asked.
+    return min(os.cpu_count() or 1, 2)
+
+
+if __name__ == "__main__":  # child process: python -m minicpm.bench ENGINE PRECISION WORKDIR THREADS
+    engine_arg, precision_arg, workdir_arg, threads_arg = sys.argv[1:5]
+    print(json.dumps(run_case_here(engine_arg, precision_arg, Path(workdir_arg), int(threads_arg))))

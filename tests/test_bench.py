@@ -1,0 +1,62 @@
+"""The benchmark's machinery, not its numbers: preparation writes checkpoints every engine can load,
+and the table is assembled from results. No timings are asserted here."""
+
+from __future__ import annotations
+
+import torch
+
+from minicpm import bench
+
+
+def test_prepare_writes_loadable_checkpoints(tmp_path):
+    from minicpm.formats.gguf import load_gguf
+    from minicpm.formats.hf import load_model
+
+    bench.prepare("tiny", tmp_path, log=lambda message: None)
+    ours = load_model(tmp_path / "hf")
+    assert ours.lm_head.weight.dtype == torch.bfloat16
+    # the tiny shape is widened to the tokenizer's vocabulary and the benchmark's context
+    assert ours.config.vocab_size >= 49152
+    assert ours.config.max_position_embeddings >= bench.PROMPT_TOKENS + bench.NEW_TOKENS
+    ids = torch.tensor([bench.prompt_ids(ours.config.vocab_size, 8)])
+    reference = ours(ids).float()
+    for gguf_type in ("f16", "q8_0", "q4_0"):
+        model, tokenizer = load_gguf(tmp_path / f"model-{gguf_type}.gguf", dtype="float32")
+        assert tokenizer is not None and model.config.vocab_size == ours.config.vocab_size
+        assert torch.isfinite(model(ids)).all()
+    f16, _ = load_gguf(tmp_path / "model-f16.gguf", dtype="float32")
+    torch.testing.assert_close(f16(ids), reference, atol=2e-2, rtol=2e-2)
+
+
+def test_prepare_llama_format_loads_in_transformers(tmp_path):
+    import transformers
+
+    bench.prepare("tiny", tmp_path, gguf_types=(), log=lambda message: None)
+    model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "llama", dtype=torch.bfloat16)
+    assert model.config.num_hidden_layers == 3
+
+
+def test_random_tensors_are_bf16_and_seeded():
+    from minicpm.config import preset
+
+    first = dict(bench.random_tensors(preset("tiny")))
+    again = dict(bench.random_tensors(preset("tiny")))
+    assert all(t.dtype == torch.bfloat16 for t in first.values())
+    assert all(torch.equal(first[name], again[name]) for name in first)
+    assert "lm_head.weight" not in first  # tied: stored once
+
+
+def test_table_ratios_and_skipped_rows():
+    result = {"load": 1.0, "ttft": 2.0, "prefill": 256.0, "decode": 4.0, "weight_bytes": 2e9, "rss": 3000.0}
+    peer = {**result, "prefill": 128.0, "decode": 2.0}
+    rows = [("ours", "bf16", result), ("ours", "int4", "not installed"), ("llama.cpp", "f16", peer)]
+    text = bench.table("tiny", rows, bandwidth=20.0)
+    assert "| ours | bf16 | 1.0 | 2.00 | 256.0 | 4.00 | 2.00 | 40% of 10.0 | 3000 | 2.00x | 2.00x |" in text
+    assert "| ours | int4 | not run: not installed |" in text
+
+
+def test_cli_parses_bench():
+    from minicpm.cli.main import build_parser
+
+    args = build_parser().parse_args(["bench", "--full", "--threads", "1", "--preset", "tiny"])
+    assert (args.verb, args.full, args.threads, args.preset) == ("bench", True, 1, "tiny")
