@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -31,15 +30,11 @@ import time
 from datetime import date
 from pathlib import Path
 
+from minicpm.bench import machine, peak_rss_mb  # one definition for both benchmark sections
+
 PROMPT_TOKENS = 128
 NEW_TOKENS = 64
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def peak_rss_mb() -> float:
-    from minicpm.bench import peak_rss_mb as own_peak  # VmHWM: see there why not ru_maxrss
-
-    return own_peak()
 
 
 def prompt_ids(vocab: int) -> list[int]:
@@ -142,12 +137,6 @@ def run_case(workdir: Path, engine: str, dtype: str, threads: int) -> dict | str
         last = (result.stderr.strip().splitlines() or ["failed"])[-1]
         return last[:120]
     return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()}"
 
 
 def smollm2_table(rows: list[tuple[str, str, dict | str]], threads: int) -> str:
