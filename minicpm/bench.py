@@ -390,7 +390,11 @@ def bench(full: bool = False, threads: int | None = None, preset_name: str | Non
     """Run the benchmark in a scratch directory (removed afterwards); returns the Markdown."""
     import tempfile
 
-    threads = threads or default_threads()
+    if threads is not None and threads < 1:
+        from minicpm.errors import MiniCPMError
+
+        raise MiniCPMError(f"threads must be >= 1, got {threads}")
+    threads = default_threads() if threads is None else threads
     if workdir is not None:
         return run(shapes_for(full, preset_name), Path(workdir), threads, log=log)
     with tempfile.TemporaryDirectory(prefix="minicpm-bench-") as tmp:

@@ -60,3 +60,12 @@ def test_cli_parses_bench():
 
     args = build_parser().parse_args(["bench", "--full", "--threads", "1", "--preset", "tiny"])
     assert (args.verb, args.full, args.threads, args.preset) == ("bench", True, 1, "tiny")
+
+
+def test_bench_refuses_zero_threads_before_doing_any_work():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "minicpm.cli.main", "bench", "--threads", "0"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "threads must be >= 1, got 0" in result.stderr
