@@ -270,13 +270,14 @@ class MiniCPMForCausalLM(nn.Module):
                 if getattr(module, "bias", None) is not None:
                     module.bias.zero_()
 
+    # Read from the final norm: the embedding may be swapped for a quantized table.
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.embed_tokens.weight.dtype
+        return self.model.norm.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
+        return self.model.norm.weight.device
 
     def forward(self, input_ids: torch.Tensor | None = None, *,
                 attention_mask: torch.Tensor | None = None,

@@ -186,6 +186,14 @@ class QuantizedLinear(nn.Module):
             return self.scales, self.zeros
         return self.scales_and_zeros[..., 0].t().to(self.dtype).contiguous(), self.zeros
 
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """Rows `index` of the dequantized weight, [*index.shape, K] (a shared embedding lookup)."""
+        if self.bits == 8:
+            flat = index.reshape(-1)
+            w = self.qweight[flat].float() * self.scales[flat].float()[:, None]
+            return w.to(self.dtype).reshape(*index.shape, self.in_features)
+        return F.embedding(index, self.dequantize())  # int4 heads are not made; correct, not fast
+
     def dequantize(self) -> torch.Tensor:
         """The weight as floats, [N, K] in the layer's dtype (fallback path and tests)."""
         scales, zeros = self.scales_zeros()
