@@ -36,17 +36,22 @@ class KVCache:
 
     def __init__(self, config: MiniCPMConfig, batch_size: int, max_len: int,
                  dtype: torch.dtype = torch.float32, device: Any = None):
-        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.dtype = dtype  # of the keys/values handed to attention
         # empty, not zeros: slots past `length` are never read, and untouched pages of a long
         # context cost no memory until they are written
-        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.keys = self._allocate(config.num_hidden_layers, self.shape, dtype, device)
+        self.values = self._allocate(config.num_hidden_layers, self.shape, dtype, device)
         self.max_len = max_len
         self.length = 0
 
+    @staticmethod
+    def _allocate(layers: int, shape: tuple, dtype: torch.dtype, device: Any) -> list[torch.Tensor]:
+        return [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
+
     @property
     def batch_size(self) -> int:
-        return self.keys[0].shape[0]
+        return self.shape[0]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this step's k/v at the current position; return all keys/values so far."""
@@ -55,8 +60,52 @@ class KVCache:
         self.values[layer][:, :, start:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
+    def copy_prefix(self, other: KVCache, keep: int) -> None:
+        """Take the first `keep` positions of `other` (same layout; a conversation outgrew it)."""
+        for mine, theirs in zip(self._stores(), other._stores()):
+            mine[:, :, :keep] = theirs[:, :, :keep]
+
+    def _stores(self) -> list[torch.Tensor]:
+        return self.keys + self.values
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._stores())
+
     def reset(self) -> None:
         self.length = 0
+
+
+class Int8KVCache(KVCache):
+    """Keys and values as int8 with one scale per (token, head): half of a bf16 cache.
+
+    MiniCPM-2B has no GQA, so its bf16 cache takes 0.37 MB per token (750 MB at 2k tokens);
+    the int8 one 0.19 MB. Symmetric absmax rounding per head vector, as llama.cpp's q8_0
+    cache does per 32 values. Attention gets dequantized copies of the layer it works on.
+    """
+
+    def __init__(self, config: MiniCPMConfig, batch_size: int, max_len: int,
+                 dtype: torch.dtype = torch.float32, device: Any = None):
+        super().__init__(config, batch_size, max_len, torch.int8, device)
+        self.dtype = dtype
+        scale_shape = self.shape[:3] + (1,)
+        self.key_scales = self._allocate(config.num_hidden_layers, scale_shape, dtype, device)
+        self.value_scales = self._allocate(config.num_hidden_layers, scale_shape, dtype, device)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        start, end = self.length, self.length + k.shape[2]
+        out = []
+        for store, scales, new in ((self.keys, self.key_scales, k), (self.values, self.value_scales, v)):
+            scale = (new.abs().amax(-1, keepdim=True).float() / 127).clamp(min=1e-8)
+            store[layer][:, :, start:end] = torch.round(new.float() / scale).to(torch.int8)
+            scales[layer][:, :, start:end] = scale.to(self.dtype)
+            out.append(store[layer][:, :, :end].to(self.dtype) * scales[layer][:, :, :end])
+        return out[0], out[1]
+
+    def _stores(self) -> list[torch.Tensor]:
+        return self.keys + self.values + self.key_scales + self.value_scales
+
+
+KV_CACHE_DTYPES = ("auto", "int8")
 
 
 class RMSNorm(nn.Module):
@@ -66,8 +115,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        variance = x.float().pow(2).mean(-1, keepdim=True)
-        return (x * torch.rsqrt(variance + self.eps)).to(x.dtype) * self.weight
+        # x * rsqrt(mean(x^2) + eps) in fp32, as one op (bitwise equal to spelling it out)
+        return F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype) * self.weight
 
 
 class RotaryEmbedding(nn.Module):
@@ -156,10 +205,30 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and s > 1,
-            enable_gqa=self.num_kv_heads != self.num_heads)
+        if s == 1 and q.dtype != torch.float32:
+            out = single_query_attention(q, k, v, mask)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None and s > 1,
+                enable_gqa=self.num_kv_heads != self.num_heads)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+
+
+def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention of one new token per row (decoding) as two batched matmuls, softmax in fp32.
+
+    PyTorch's CPU SDPA is slow for a single bf16 query: with 24 heads over 8 kv heads it took
+    1.0 ms at 512 keys and 4.3 ms at 2048, against 0.26 and 1.0 ms this way (fp32 SDPA is fine).
+    """
+    b, h, _, d = q.shape
+    kv = k.shape[1]
+    rows = q.reshape(b, kv, h // kv, d)  # the query heads that share a kv head, as matrix rows
+    scores = torch.matmul(rows, k.transpose(-1, -2)).float() * d ** -0.5  # [b, kv, h/kv, keys]
+    if mask is not None:  # [b, 1, 1, keys]
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.matmul(probs, v).reshape(b, h, 1, d)
 
 
 def _activation(config: MiniCPMConfig):
@@ -254,6 +323,7 @@ class MiniCPMForCausalLM(nn.Module):
     def __init__(self, config: MiniCPMConfig):
         super().__init__()
         self.config = config
+        self.kv_cache_dtype = "auto"  # what new_cache makes: the model's dtype, or "int8"
         self.model = MiniCPMModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -314,8 +384,13 @@ class MiniCPMForCausalLM(nn.Module):
         x = self.model.norm(x)
         return self.lm_head(x / self.config.logit_scale).float()
 
-    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
-        return KVCache(self.config, batch_size, max_len, dtype=self.dtype, device=self.device)
+    def new_cache(self, batch_size: int, max_len: int, kv_dtype: str | None = None) -> KVCache:
+        """An empty cache; `kv_dtype` "int8" halves its memory (default: `self.kv_cache_dtype`)."""
+        kind = kv_dtype or self.kv_cache_dtype
+        if kind not in KV_CACHE_DTYPES:
+            raise ValueError(f"KV cache dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {kind!r}")
+        cls = Int8KVCache if kind == "int8" else KVCache
+        return cls(self.config, batch_size, max_len, dtype=self.dtype, device=self.device)
 
     def generate(self, input_ids, max_new_tokens: int = 128, **sampling: Any):
         """New token ids for each prompt; temperature 0 (the default) is greedy.

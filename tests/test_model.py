@@ -198,3 +198,76 @@ def test_tied_head_shares_the_embedding():
     assert model.lm_head.weight is model.model.embed_tokens.weight
     untied = random_model(variant_config("128k"))
     assert untied.lm_head.weight is not untied.model.embed_tokens.weight
+
+
+@pytest.mark.parametrize("kv_heads", [8, 2])
+@pytest.mark.parametrize("padded", [False, True])
+def test_single_query_attention_equals_sdpa(kv_heads, padded):
+    import torch.nn.functional as F
+
+    from minicpm.model import single_query_attention
+
+    gen = torch.Generator().manual_seed(kv_heads)
+    q = torch.randn(3, 8, 1, 16, generator=gen)
+    k, v = torch.randn(2, 3, kv_heads, 21, 16, generator=gen)
+    mask = None
+    if padded:  # row i has i padding slots on the left
+        mask = (torch.arange(21)[None] >= torch.arange(3)[:, None])[:, None, None]
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(single_query_attention(q, k, v, mask), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_cached_decode_tracks_full_forward():
+    """bf16 decoding takes the matmul attention path; the full forward takes SDPA."""
+    config = variant_config("1b")
+    model = random_model(config, dtype=torch.bfloat16)
+    ids = _ids(config.vocab_size, (2, 16))
+    full = model(ids)
+    cache = model.new_cache(2, 16)
+    steps = [model(ids[:, :10], cache=cache)] + [model(ids[:, i:i + 1], cache=cache) for i in range(10, 16)]
+    got = torch.cat(steps, dim=1)
+    assert (got - full).norm() / full.norm() < 0.02
+    assert (got.argmax(-1) == full.argmax(-1)).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("name", ["2b", "1b"])
+def test_int8_kv_cache_is_half_the_memory_and_close(name):
+    config = variant_config(name)
+    model = random_model(config, dtype=torch.bfloat16)
+    ids = _ids(config.vocab_size, (1, 24))
+    outs = {}
+    for kind in ("auto", "int8"):
+        cache = model.new_cache(1, 24, kv_dtype=kind)
+        steps = [model(ids[:, :12], cache=cache)] + [model(ids[:, i:i + 1], cache=cache) for i in range(12, 24)]
+        outs[kind] = (torch.cat(steps, dim=1), cache.nbytes())
+    (ref, ref_bytes), (got, int8_bytes) = outs["auto"], outs["int8"]
+    # int8 codes plus one bf16 scale per head vector of head_dim values
+    assert int8_bytes == pytest.approx(ref_bytes / 2 * (1 + 2 / config.head_dim))
+    rel = (got - ref).norm() / ref.norm()
+    assert 0 < rel < 0.05, rel
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+
+
+def test_int8_kv_cache_through_generation_and_growth():
+    from minicpm.generation.generate import PromptCache
+
+    config = variant_config("1b")
+    model = random_model(config, dtype=torch.bfloat16)
+    model.kv_cache_dtype = "int8"
+    prompt = _ids(config.vocab_size, (9,)).tolist()
+    first = model.generate(prompt, max_new_tokens=4)
+    pc = PromptCache()
+    cache, reused = pc.reuse(model, prompt, capacity=10)
+    assert type(cache).__name__ == "Int8KVCache" and reused == 0
+    model(torch.tensor([prompt]), cache=cache)
+    pc.ids = prompt
+    grown, reused = pc.reuse(model, prompt + first, capacity=40)  # outgrows: keys copied over
+    assert grown.max_len == 40 and reused == len(prompt)
+    torch.testing.assert_close(grown.keys[0][:, :, :9], cache.keys[0][:, :, :9])
+    torch.testing.assert_close(grown.key_scales[1][:, :, :9], cache.key_scales[1][:, :, :9])
+
+
+def test_unknown_kv_cache_dtype_is_refused():
+    model = random_model(variant_config("2b"))
+    with pytest.raises(ValueError, match="KV cache dtype must be one of auto, int8"):
+        model.new_cache(1, 8, kv_dtype="int4")

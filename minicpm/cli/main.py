@@ -31,6 +31,8 @@ def add_sampling_args(p: argparse.ArgumentParser, temperature: float, top_p: flo
     g.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
     g.add_argument("--max-new-tokens", type=int, default=None, help="reply length limit")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--kv-cache", choices=("auto", "int8"), default="auto",
+                   help="KV cache precision: the model's dtype, or int8 (half the memory)")
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:

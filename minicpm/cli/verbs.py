@@ -23,6 +23,7 @@ def _load(args: argparse.Namespace):
     model, tokenizer = minicpm.load(args.model, dtype=args.dtype, device=args.device)
     if tokenizer is None:
         raise MiniCPMError(f"{args.model} has no tokenizer files; this verb needs one")
+    model.kv_cache_dtype = getattr(args, "kv_cache", "auto")
     return model, tokenizer
 
 
@@ -112,8 +113,10 @@ def convert(args: argparse.Namespace) -> int:
     from minicpm.formats.convert import convert as run_convert
 
     started = time.perf_counter()
+    # --type: f32, f16, bf16, q8_0, q4_0, q4_k_m (llama.cpp's Q4_K_M mix), q6_k; checked by
+    # run_convert before the model is loaded
     out = run_convert(args.src, args.out, to=args.to, dtype=args.dtype, gguf_type=args.type,
-                      overwrite=args.force)
+                      overwrite=args.force, progress=sys.stderr.isatty())
     print(f"wrote {out} ({args.to}) in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     return 0
 
@@ -122,7 +125,8 @@ def quantize(args: argparse.Namespace) -> int:
     from minicpm.quantization import quantize_checkpoint
 
     started = time.perf_counter()
+    # --embedding: "head" (default) reads a tied embedding from the int8 head; "float" keeps it
     out = quantize_checkpoint(args.src, args.out, bits=args.bits, group_size=args.group_size,
-                              head=args.head, overwrite=args.force)
+                              head=args.head, overwrite=args.force, embedding=getattr(args, "embedding", "head"))
     print(f"wrote {out} (int{args.bits}) in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     return 0

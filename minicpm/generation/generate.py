@@ -49,9 +49,7 @@ class PromptCache:
 def grown(old: KVCache | None, new: KVCache, keep: int) -> KVCache:
     """`new` holding the first `keep` positions of `old` (a conversation outgrew its cache)."""
     if old is not None:
-        for layer in range(len(new.keys)):
-            new.keys[layer][:, :, :keep] = old.keys[layer][:, :, :keep]
-            new.values[layer][:, :, :keep] = old.values[layer][:, :, :keep]
+        new.copy_prefix(old, keep)
     return new
 
 
