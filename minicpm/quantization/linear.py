@@ -6,14 +6,20 @@ nearest here (`from_float`), GPTQ/AWQ later through `from_quantized`. Dequantiza
     int8:  w[n, k] = qweight[n, k] * scales[n]
     int4:  w[n, k] = (q[n, k] - zeros[n, k // G]) * scales[n, k // G]      q in 0..15
 
-On CPU the forward pass runs PyTorch's weight-packed kernels (`_weight_int8pack_mm`,
-`_weight_int4pack_mm_for_cpu`), which read the int8/int4 codes directly. Elsewhere, or where a
-kernel refuses a shape (int4 packing needs out_features % 16 == 0), the layer keeps the plain
-codes and dequantizes on the fly; slower, same numbers.
-
-The kernels run with bf16 activations (x is cast around the call): their fp32 paths are reference
-loops, 5-20x slower than bf16 at batch 1 on this CPU (e.g. int8 2304x2304: 8.1 ms fp32, 0.39 ms
-bf16; fp32 F.linear: 1.9 ms). Scales are then held in bf16 too, as the kernels require.
+On CPU the forward pass runs, in order of preference:
+  native      our AVX-512 VNNI kernel (`native.py`, csrc/qgemv.c): x quantized to int8 per block of
+              32, u8 x s8 dot products, the weight in a tiled layout of its own. Decode (M=1)
+              streams the weight at close to memory bandwidth; prefill (M=512) is about as fast
+              as bf16 F.linear and ~3x PyTorch's int4 kernel. x in fp32 or bf16, y in x's dtype.
+  packed      PyTorch's weight-packed kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`)
+              where the native kernel is unavailable (MINICPM_NATIVE=0, no compiler, other CPU).
+              They run with bf16 activations (x is cast around the call): their fp32 paths are
+              reference loops, 5-20x slower than bf16 at batch 1 (e.g. int8 2304x2304: 8.1 ms fp32,
+              0.39 ms bf16; fp32 F.linear: 1.9 ms). Scales are then held in bf16 too, as the kernels
+              require. Int4 packing needs out_features % 16 == 0.
+  dequantize  everywhere else (other devices, shapes the packed kernels refuse): plain codes,
+              dequantized on the fly; slower, same numbers.
+A layer holds one runtime copy of its weight, in the layout of its kernel.
 
 The checkpoint form is portable, not the CPU-packed one (whose byte order is an internal detail
 of PyTorch): see `portable_state`.
@@ -26,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minicpm.errors import MiniCPMError
+from minicpm.quantization import native
 
 GROUP_SIZES = (32, 64, 128)
 _INT4_PACK_ROWS = 16  # _convert_weight_to_int4pack_for_cpu wants out_features divisible by this
@@ -79,9 +86,21 @@ class QuantizedLinear(nn.Module):
         # Runtime tensors are non-persistent buffers: they move with .to(), and the checkpoint
         # form is written by _save_to_state_dict instead.
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self.packed = self._pick_kernel(qweight.device)
+        self.kernel = self._pick_kernel(qweight.device)
         self.dtype = scales.dtype  # of the float tensors it saves; the model's dtype
-        if bits == 8:
+        if self.kernel == "native":
+            # scales/zeros in the model's dtype when the kernel reads it, so that saving is exact
+            meta = scales.dtype if scales.dtype in native.KINDS else torch.float32
+            self.k_padded = native.padded_k(bits, in_features, group_size)
+            if bits == 8:
+                self.register_buffer("qweight", native.pack_int8(qweight, self.k_padded), persistent=False)
+                self.register_buffer("scales", native.pack_meta(scales.to(meta)[:, None]).reshape(-1),
+                                     persistent=False)                              # [T*16]
+            else:
+                self.register_buffer("qweight", native.pack_int4(qweight), persistent=False)
+                self.register_buffer("scales", native.pack_meta(scales.to(meta)), persistent=False)  # [T, K/G, 16]
+                self.register_buffer("zeros", native.pack_meta(zeros.to(meta)), persistent=False)
+        elif bits == 8:
             if self.packed and qweight.data_ptr() % 64:
                 # The int8 kernel crashes (SIGSEGV) on weights that are not 64-byte aligned, as
                 # tensors read from a safetensors file can be; a copy from PyTorch's allocator is.
@@ -105,14 +124,22 @@ class QuantizedLinear(nn.Module):
             self.register_buffer("scales", scales, persistent=False)          # [N, K/G]
             self.register_buffer("zeros", zeros, persistent=False)            # [N, K/G]
 
-    def _pick_kernel(self, device: torch.device) -> bool:
-        """Whether the CPU weight-packed kernel serves this layer (else: dequantize + F.linear)."""
+    @property
+    def packed(self) -> bool:
+        """Whether the weight is in PyTorch's packed layout (the native kernel has its own)."""
+        return self.kernel == "packed"
+
+    def _pick_kernel(self, device: torch.device) -> str:
+        """native > packed (PyTorch's CPU kernels) > dequantize (+ F.linear)."""
         if device.type != "cpu":
-            return False  # the CUDA int4 kernel wants another layout; not wired up yet
+            return "dequantize"  # the CUDA int4 kernel wants another layout; not wired up yet
+        if (self.bits == 8 or self.in_features % 32 == 0) and native.available():
+            return "native"
         if self.bits == 8:
-            return _has_op("_weight_int8pack_mm")
-        return (_has_op("_weight_int4pack_mm_for_cpu") and _has_op("_convert_weight_to_int4pack_for_cpu")
-                and self.out_features % _INT4_PACK_ROWS == 0)
+            return "packed" if _has_op("_weight_int8pack_mm") else "dequantize"
+        ok = (_has_op("_weight_int4pack_mm_for_cpu") and _has_op("_convert_weight_to_int4pack_for_cpu")
+              and self.out_features % _INT4_PACK_ROWS == 0)
+        return "packed" if ok else "dequantize"
 
     @classmethod
     def from_quantized(cls, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
@@ -145,7 +172,7 @@ class QuantizedLinear(nn.Module):
 
     @property
     def _kernel_dtype(self) -> torch.dtype:
-        return torch.bfloat16 if self.packed else self.dtype
+        return torch.bfloat16 if self.packed else self.dtype  # native: x's own dtype
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -153,8 +180,19 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
+        if self.kernel == "native" and self.qweight.device.type == "cpu":
+            x2 = x.reshape(-1, shape[-1])
+            if x2.dtype not in (torch.float32, torch.bfloat16):
+                x2 = x2.float()
+            bias = self.bias if self.bias is None or self.bias.dtype in native.KINDS else None
+            y = native.gemm(x2.contiguous(), self.bits, self.qweight, self.scales,
+                            self.zeros if self.bits == 4 else None, self.out_features, self.in_features,
+                            self.k_padded, self.group_size, bias)
+            if self.bias is not None and bias is None:
+                y = y + self.bias.to(y.dtype)
+            return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
         x2 = x.reshape(-1, shape[-1]).to(self.compute_dtype)  # the kernels want 2-D x in the scales' dtype
-        if not self.packed:
+        if self.kernel != "packed":
             y = F.linear(x2, self.dequantize().to(x2.dtype))
         elif self.bits == 8:
             y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales)
@@ -167,6 +205,10 @@ class QuantizedLinear(nn.Module):
 
     def codes(self) -> torch.Tensor:
         """The integer codes, [N, K] (int8, or uint8 0..15 for int4), whatever the runtime layout."""
+        if self.kernel == "native":
+            if self.bits == 8:
+                return native.unpack_int8(self.qweight, self.out_features, self.in_features, self.k_padded)
+            return native.unpack_int4(self.qweight, self.out_features, self.in_features)
         if self.bits == 8 or not self.packed:
             return self.qweight
         # The packed byte order is private to PyTorch, so read the codes back through the kernel
@@ -180,6 +222,11 @@ class QuantizedLinear(nn.Module):
 
     def scales_zeros(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(scales, zeros) in the checkpoint layout."""
+        if self.kernel == "native":
+            if self.bits == 8:
+                return self.scales[:self.out_features].to(self.dtype), None
+            return (native.unpack_meta(self.scales, self.out_features).to(self.dtype),
+                    native.unpack_meta(self.zeros, self.out_features).to(self.dtype))
         if self.bits == 8:
             return self.scales.to(self.dtype), None
         if not self.packed:
@@ -190,7 +237,11 @@ class QuantizedLinear(nn.Module):
         """Rows `index` of the dequantized weight, [*index.shape, K] (a shared embedding lookup)."""
         if self.bits == 8:
             flat = index.reshape(-1)
-            w = self.qweight[flat].float() * self.scales[flat].float()[:, None]
+            if self.kernel == "native":
+                q = native.int8_rows(self.qweight, self.out_features, self.in_features, self.k_padded, flat)
+            else:
+                q = self.qweight[flat]
+            w = q.float() * self.scales[flat].float()[:, None]
             return w.to(self.dtype).reshape(*index.shape, self.in_features)
         return F.embedding(index, self.dequantize())  # int4 heads are not made; correct, not fast
 
@@ -222,5 +273,4 @@ class QuantizedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.bits == 4 else ""
-        kernel = "packed" if self.packed else "dequantize"
-        return f"{self.in_features}, {self.out_features}, bits={self.bits}{group}, kernel={kernel}"
+        return f"{self.in_features}, {self.out_features}, bits={self.bits}{group}, kernel={self.kernel}"

@@ -1,0 +1,243 @@
+/* Weight-only int4/int8 GEMM for small and large batches on AVX-512 VNNI CPUs.
+ *
+ * y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]), w held as integer codes:
+ *   int4: w = (q - z[n, g]) * s[n, g], q in 0..15, groups of G along k
+ *   int8: w = (u - 128) * s[n],        u = q + 128 in 1..255
+ *
+ * x is quantized to int8 per block of QB values (one float scale d per block), so the inner
+ * products are u8 x s8 -> s32 (vpdpbusd). The zero points come out through per-group sums of
+ * the quantized x:  sum_k (q - z) x = sum_b d_b dot(q, xq)_b - z * sum_b d_b sum(xq_b).
+ *
+ * Weight layout: tiles of 16 output rows, one 32-bit lane per row, so that a vpdpbusd against a
+ * broadcast of 4 x bytes does 16 rows x 4 k at once and no horizontal sums are needed.
+ *   int4: [tile][k/32][4 loads][16 rows][4 bytes]; a byte holds k = 4L+b (low nibble) and
+ *         16+4L+b (high nibble) of its 32-k block, so and/shift give two vpdpbusd operands.
+ *   int8: [tile][k/32][8 loads][16 rows][4 bytes], k = 4L+b.
+ * Scales and zeros: [tile][group][16] in fp32, bf16 or fp16 (kind 0, 1, 2).
+ */
+#include <immintrin.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { K_F32 = 0, K_BF16 = 1, K_F16 = 2 };
+#define MC_MAX 4   /* x rows per pass over a weight tile: 4 accumulators each fit the 32 zmm */
+#define MB 64      /* x rows per outer block, so their int8 copy stays in L2 */
+
+typedef __attribute__((aligned(1), may_alias)) int32_t i32u;
+
+static inline __m512 cvt_bf16(__m256i h) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+static inline __m512 load16(const void *p, long i, int kind) {
+    if (kind == K_F32) return _mm512_loadu_ps((const float *)p + i);
+    __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i));
+    return kind == K_BF16 ? cvt_bf16(h) : _mm512_cvtph_ps(h);
+}
+
+static inline __m512 load16_mask(const void *p, long i, int kind, __mmask16 k) {
+    if (kind == K_F32) return _mm512_maskz_loadu_ps(k, (const float *)p + i);
+    __m256i h = _mm256_maskz_loadu_epi16(k, (const uint16_t *)p + i);
+    return kind == K_BF16 ? cvt_bf16(h) : _mm512_cvtph_ps(h);
+}
+
+static inline void store16_mask(void *p, long i, int kind, __m512 v, __mmask16 k) {
+    if (kind == K_F32) {
+        _mm512_mask_storeu_ps((float *)p + i, k, v);
+        return;
+    }
+    __m256i h;
+    if (kind == K_BF16) {  /* round to nearest even, as PyTorch does */
+        __m512i u = _mm512_castps_si512(v);
+        __m512i r = _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
+                                     _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)));
+        h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_add_epi32(u, r), 16));
+    } else {
+        h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    }
+    _mm256_mask_storeu_epi16((uint16_t *)p + i, k, h);
+}
+
+static inline __mmask16 tail_mask(long left) { return left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1); }
+
+/* One row of x -> int8 codes q[Kp] (zero past K), block scales d[Kp/QB], and per group of G the
+ * sums xg[g] = sum_b d_b * sum(q_b) that carry the zero points. */
+static void quantize_row(const void *x, int xkind, long K, long Kp, int QB, int G,
+                         int8_t *q, float *d, float *xg) {
+    int nv = QB / 16;
+    for (long g0 = 0; g0 < Kp; g0 += G) {
+        float gs = 0.f;
+        for (long b0 = g0; b0 < g0 + G; b0 += QB) {
+            __m512 v[8];
+            __m512 amax = _mm512_setzero_ps();
+            for (int i = 0; i < nv; i++) {
+                long k = b0 + 16 * i;
+                v[i] = load16_mask(x, k, xkind, tail_mask(K - k > 0 ? K - k : 0));
+                amax = _mm512_max_ps(amax, _mm512_abs_ps(v[i]));
+            }
+            float m = _mm512_reduce_max_ps(amax);
+            float dd = m / 127.f, id = m > 0.f ? 127.f / m : 0.f;
+            __m512i sum = _mm512_setzero_si512();
+            for (int i = 0; i < nv; i++) {
+                __m512i qi = _mm512_cvtps_epi32(_mm512_mul_ps(v[i], _mm512_set1_ps(id)));
+                sum = _mm512_add_epi32(sum, qi);
+                _mm_storeu_si128((__m128i *)(q + b0 + 16 * i), _mm512_cvtepi32_epi8(qi));
+            }
+            d[b0 / QB] = dd;
+            gs += dd * (float)_mm512_reduce_add_epi32(sum);
+        }
+        xg[g0 / G] = gs;
+    }
+}
+
+/* 16 rows of an int4 tile against MC rows of quantized x. */
+static inline __attribute__((always_inline)) void tile_int4(
+    const uint8_t *w, const void *sc, const void *zc, long meta0, int mk,
+    const int8_t *xq, const float *xd, const float *xg, long Kp, int G, int QB, const int MC, __m512 *out) {
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    const int KG = (int)(Kp / G), bpg = G / QB, cpb = QB / 32;
+    const long nb = Kp / QB;
+    __m512 acc[MC_MAX];
+#pragma GCC unroll 4
+    for (int m = 0; m < MC; m++) acc[m] = _mm512_setzero_ps();
+    for (int g = 0; g < KG; g++) {
+        __m512 ga[MC_MAX];
+#pragma GCC unroll 4
+        for (int m = 0; m < MC; m++) ga[m] = _mm512_setzero_ps();
+        for (int b = 0; b < bpg; b++) {
+            const long blk = (long)g * bpg + b;
+            /* two chains per row (low/high nibbles) halve the vpdpbusd dependency chain */
+            __m512i lo_acc[MC_MAX], hi_acc[MC_MAX];
+#pragma GCC unroll 4
+            for (int m = 0; m < MC; m++) lo_acc[m] = hi_acc[m] = _mm512_setzero_si512();
+            for (int c = 0; c < cpb; c++) {
+                const long k0 = (blk * cpb + c) * 32;
+                const uint8_t *wp = w + k0 * 8;  /* 16 rows x 32 k / 2 bytes = 256 per 32 k */
+#pragma GCC unroll 4
+                for (int L = 0; L < 4; L++) {
+                    __m512i v = _mm512_loadu_si512(wp + 64 * L);
+                    __m512i lo = _mm512_and_si512(v, m4);
+                    __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+#pragma GCC unroll 4
+                    for (int m = 0; m < MC; m++) {
+                        const int8_t *xk = xq + m * Kp + k0 + 4 * L;
+                        lo_acc[m] = _mm512_dpbusd_epi32(lo_acc[m], lo, _mm512_set1_epi32(*(const i32u *)xk));
+                        hi_acc[m] = _mm512_dpbusd_epi32(hi_acc[m], hi, _mm512_set1_epi32(*(const i32u *)(xk + 16)));
+                    }
+                }
+            }
+#pragma GCC unroll 4
+            for (int m = 0; m < MC; m++)
+                ga[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(lo_acc[m], hi_acc[m])),
+                                        _mm512_set1_ps(xd[m * nb + blk]), ga[m]);
+        }
+        __m512 s = load16(sc, meta0 + 16L * g, mk), z = load16(zc, meta0 + 16L * g, mk);
+#pragma GCC unroll 4
+        for (int m = 0; m < MC; m++) {
+            ga[m] = _mm512_fnmadd_ps(z, _mm512_set1_ps(xg[m * KG + g]), ga[m]);
+            acc[m] = _mm512_fmadd_ps(s, ga[m], acc[m]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int m = 0; m < MC; m++) out[m] = acc[m];
+}
+
+/* 16 rows of an int8 tile (codes + 128, per-row scale) against MC rows of quantized x. */
+static inline __attribute__((always_inline)) void tile_int8(
+    const uint8_t *w, const void *sc, long meta0, int mk,
+    const int8_t *xq, const float *xd, const float *xg, long Kp, int QB, const int MC, __m512 *out) {
+    const int cpb = QB / 32;
+    const long nb = Kp / QB;
+    __m512 ga[MC_MAX];
+#pragma GCC unroll 4
+    for (int m = 0; m < MC; m++) ga[m] = _mm512_setzero_ps();
+    for (long blk = 0; blk < nb; blk++) {
+        __m512i a0[MC_MAX], a1[MC_MAX];
+#pragma GCC unroll 4
+        for (int m = 0; m < MC; m++) a0[m] = a1[m] = _mm512_setzero_si512();
+        for (int c = 0; c < cpb; c++) {
+            const long k0 = (blk * cpb + c) * 32;
+            const uint8_t *wp = w + k0 * 16;  /* 16 rows x 32 k bytes = 512 per 32 k */
+#pragma GCC unroll 8
+            for (int L = 0; L < 8; L += 2) {
+                __m512i v0 = _mm512_loadu_si512(wp + 64 * L), v1 = _mm512_loadu_si512(wp + 64 * L + 64);
+#pragma GCC unroll 4
+                for (int m = 0; m < MC; m++) {
+                    const int8_t *xk = xq + m * Kp + k0 + 4 * L;
+                    a0[m] = _mm512_dpbusd_epi32(a0[m], v0, _mm512_set1_epi32(*(const i32u *)xk));
+                    a1[m] = _mm512_dpbusd_epi32(a1[m], v1, _mm512_set1_epi32(*(const i32u *)(xk + 4)));
+                }
+            }
+        }
+#pragma GCC unroll 4
+        for (int m = 0; m < MC; m++)
+            ga[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a0[m], a1[m])),
+                                    _mm512_set1_ps(xd[m * nb + blk]), ga[m]);
+    }
+    __m512 s = load16(sc, meta0, mk);
+#pragma GCC unroll 4
+    for (int m = 0; m < MC; m++)
+        out[m] = _mm512_mul_ps(s, _mm512_fnmadd_ps(_mm512_set1_ps(128.f), _mm512_set1_ps(xg[m]), ga[m]));
+}
+
+static inline __attribute__((always_inline)) void run_tile(
+    int bits, const uint8_t *w, const void *sc, const void *zc, long t, int mk,
+    const int8_t *xq, const float *xd, const float *xg, long Kp, int G, int QB, const int MC, __m512 *out) {
+    if (bits == 4)
+        tile_int4(w + t * 8 * Kp, sc, zc, t * 16 * (Kp / G), mk, xq, xd, xg, Kp, G, QB, MC, out);
+    else
+        tile_int8(w + t * 16 * Kp, sc, t * 16, mk, xq, xd, xg, Kp, QB, MC, out);
+}
+
+int qgemm_abi_version(void) { return 1; }
+
+/* y[M, N] = x[M, K] @ W.T + bias. Kp: K padded to the weight layout (a multiple of QB and G);
+ * for int8 G is ignored (one group of Kp). Returns 0, or -1 when scratch memory is short. */
+int qgemm(int bits, const void *x, int xkind, long M, long K, long Kp, long N, int G, int QB,
+          const uint8_t *w, const void *sc, const void *zc, int mk,
+          const void *bias, int bkind, void *y, int nthreads) {
+    if (bits == 8) G = (int)Kp;
+    const long nb = Kp / QB, KG = Kp / G, T = (N + 15) / 16;
+    int8_t *xq = aligned_alloc(64, ((size_t)M * Kp + 63) / 64 * 64);
+    float *xd = malloc(sizeof(float) * (size_t)M * nb), *xg = malloc(sizeof(float) * (size_t)M * KG);
+    if (!xq || !xd || !xg) {
+        free(xq); free(xd); free(xg);
+        return -1;
+    }
+    if (nthreads < 1) nthreads = 1;
+    if (T < nthreads) nthreads = (int)T;
+#pragma omp parallel num_threads(nthreads)
+    {
+#pragma omp for schedule(static)
+        for (long m = 0; m < M; m++)
+            quantize_row((const char *)x + m * K * (xkind == K_F32 ? 4 : 2), xkind, K, Kp, QB, G,
+                         xq + m * Kp, xd + m * nb, xg + m * KG);
+        const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+        const long t0 = T * tid / nt, t1 = T * (tid + 1) / nt;
+        for (long mb = 0; mb < M; mb += MB) {
+            const long me = mb + MB < M ? mb + MB : M;
+            for (long t = t0; t < t1; t++) {
+                const __mmask16 km = tail_mask(N - 16 * t);
+                __m512 bv = bias ? load16_mask(bias, 16 * t, bkind, km) : _mm512_setzero_ps();
+                for (long m0 = mb; m0 < me; m0 += MC_MAX) {
+                    __m512 out[MC_MAX];
+                    const int8_t *xq0 = xq + m0 * Kp;
+                    const float *xd0 = xd + m0 * nb, *xg0 = xg + m0 * KG;
+                    const long mc = me - m0 < MC_MAX ? me - m0 : MC_MAX;
+                    switch (mc) {  /* constant MC: the row loops unroll and stay in registers */
+                    case 4: run_tile(bits, w, sc, zc, t, mk, xq0, xd0, xg0, Kp, G, QB, 4, out); break;
+                    case 3: run_tile(bits, w, sc, zc, t, mk, xq0, xd0, xg0, Kp, G, QB, 3, out); break;
+                    case 2: run_tile(bits, w, sc, zc, t, mk, xq0, xd0, xg0, Kp, G, QB, 2, out); break;
+                    default: run_tile(bits, w, sc, zc, t, mk, xq0, xd0, xg0, Kp, G, QB, 1, out); break;
+                    }
+                    for (long m = 0; m < mc; m++)
+                        store16_mask(y, (m0 + m) * N + 16 * t, xkind, _mm512_add_ps(out[m], bv), km);
+                }
+            }
+        }
+    }
+    free(xq); free(xd); free(xg);
+    return 0;
+}

@@ -1,0 +1,258 @@
+"""The native int4/int8 GEMM (csrc/qgemv.c): built at first use, loaded with ctypes.
+
+The C file is compiled with `$CC` (default gcc) `-O3 -march=native -fopenmp` into
+`$XDG_CACHE_HOME/minicpm/kernels/<hash>/` (hash of source, flags, compiler version and CPU
+flags), written to a temporary name and renamed, so two processes starting together at worst both
+compile. It links libgomp.so.1, the soname of the OpenMP runtime that torch's wheel ships and has
+already loaded, so both share one thread pool.
+
+`library()` returns None, after one warning that says why, where the kernel cannot serve: env
+MINICPM_NATIVE=0, not an x86-64 Linux CPU with AVX-512 F/BW/VL/VNNI, no working compiler, or a
+self-check that disagrees with plain arithmetic. Callers then use PyTorch's kernels.
+
+Layouts (see the C file): tiles of 16 output rows,
+    int4: bytes [tile][k/32][4][16 rows][4], low nibble k = 4L+b, high nibble k = 16+4L+b
+    int8: bytes [tile][k/32][8][16 rows][4], code + 128
+    scales, zeros: [tile][group][16] (int8: scales [tile*16])
+Rows past N are zero codes with zero scales.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+ROWS = 16  # output rows per tile: one per 32-bit lane of a zmm register
+SOURCE = Path(__file__).parent / "csrc" / "qgemv.c"
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
+KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # dtype codes the C side reads
+ABI_VERSION = 1
+
+_lock = threading.Lock()
+_state: dict = {}
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "minicpm" / "kernels"
+
+
+def _build(cc: str, flags: set[str]) -> Path:
+    """Compile (or find compiled) the kernel; raises RuntimeError with a one-line reason."""
+    compiler = shutil.which(cc)
+    if compiler is None:
+        raise RuntimeError(f"no C compiler ({cc!r} not found; set CC)")
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise RuntimeError(f"{cc} --version failed: {exc}") from None
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), compiler.encode(), version.encode(),
+                                     " ".join(sorted(flags)).encode()])).hexdigest()[:16]
+    target = _cache_root() / key / "qgemv.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".qgemv-", suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        result = subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
+                                timeout=300)
+        if result.returncode != 0:
+            tail = (result.stderr.strip().splitlines() or ["no output"])[-1]
+            raise RuntimeError(f"compiling {SOURCE.name} failed: {tail}")
+        os.replace(tmp, target)  # atomic: a concurrent process sees no file or a whole one
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise RuntimeError(f"compiling {SOURCE.name} failed: {exc}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _load() -> ctypes.CDLL:
+    if os.environ.get("MINICPM_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+        raise RuntimeError("disabled by MINICPM_NATIVE=0")
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        raise RuntimeError(f"needs x86-64 Linux, this is {platform.system()} {platform.machine()}")
+    flags = _cpu_flags()
+    missing = [f for f in REQUIRED_CPU_FLAGS if f not in flags]
+    if missing:
+        raise RuntimeError(f"the CPU lacks {', '.join(missing)}")
+    path = _build(os.environ.get("CC") or "gcc", flags)
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as exc:
+        raise RuntimeError(f"loading {path} failed: {exc}") from None
+    if lib.qgemm_abi_version() != ABI_VERSION:
+        raise RuntimeError(f"{path} is a stale build")
+    c_long, c_int, c_void = ctypes.c_long, ctypes.c_int, ctypes.c_void_p
+    lib.qgemm.argtypes = [c_int, c_void, c_int, c_long, c_long, c_long, c_long, c_int, c_int,
+                          c_void, c_void, c_void, c_int, c_void, c_int, c_void, c_int]
+    lib.qgemm.restype = c_int
+    _self_check(lib)
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel, or None (after one warning) where it cannot serve."""
+    if "lib" not in _state:
+        with _lock:
+            if "lib" not in _state:
+                try:
+                    _state["lib"], _state["reason"] = _load_checked(), None
+                except RuntimeError as exc:
+                    _state["lib"], _state["reason"] = None, str(exc)
+                    if "MINICPM_NATIVE=0" not in str(exc):
+                        warnings.warn(f"native int4/int8 kernel unavailable ({exc}); using PyTorch's kernels",
+                                      RuntimeWarning, stacklevel=3)
+    return _state["lib"]
+
+
+def _load_checked() -> ctypes.CDLL:
+    _state["lib"] = None  # the self-check calls qgemm directly, not through library()
+    return _load()
+
+
+def reason() -> str | None:
+    """Why the kernel is not used (None when it is, or before the first library() call)."""
+    return _state.get("reason")
+
+
+def available() -> bool:
+    return library() is not None
+
+
+# ---------------------------------------------------------------- layouts (torch ops: any device)
+
+def act_block(bits: int, group_size: int | None, k_padded: int) -> int:
+    """Values of x per int8 scale: 32, llama.cpp's q8_0 block (accuracy over a few % speed)."""
+    return 32
+
+
+def padded_k(bits: int, in_features: int, group_size: int | None) -> int:
+    return in_features if bits == 4 else -(-in_features // 32) * 32
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [N, K] (0..15, K % 32 == 0) -> the tiled nibble layout, uint8 [T*K*8]."""
+    n, k = q.shape
+    t = -(-n // ROWS)
+    q = torch.nn.functional.pad(q, (0, 0, 0, t * ROWS - n))
+    v = q.reshape(t, ROWS, k // 32, 2, 4, 4)              # [tile, row, block, half, L, b]
+    packed = v[:, :, :, 0] | (v[:, :, :, 1] << 4)         # [tile, row, block, L, b]
+    return packed.permute(0, 2, 3, 1, 4).contiguous().reshape(-1)
+
+
+def unpack_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    t = -(-n // ROWS)
+    v = packed.reshape(t, k // 32, 4, ROWS, 4).permute(0, 3, 1, 2, 4)   # [tile, row, block, L, b]
+    q = torch.stack((v & 15, v >> 4), dim=3)                            # [tile, row, block, half, L, b]
+    return q.reshape(t * ROWS, k)[:n]
+
+
+def pack_int8(q: torch.Tensor, k_padded: int) -> torch.Tensor:
+    """int8 codes [N, K] -> codes + 128 in the tiled layout, uint8 [T*Kp*16]."""
+    n, k = q.shape
+    t = -(-n // ROWS)
+    u = (q.to(torch.int16) + 128).to(torch.uint8)
+    u = torch.nn.functional.pad(u, (0, k_padded - k, 0, t * ROWS - n), value=128)
+    v = u.reshape(t, ROWS, k_padded // 32, 8, 4)          # [tile, row, block, L, b]
+    return v.permute(0, 2, 3, 1, 4).contiguous().reshape(-1)
+
+
+def _int8_view(packed: torch.Tensor, n: int, k_padded: int) -> torch.Tensor:
+    t = -(-n // ROWS)
+    return packed.reshape(t, k_padded // 32, 8, ROWS, 4)
+
+
+def unpack_int8(packed: torch.Tensor, n: int, k: int, k_padded: int) -> torch.Tensor:
+    v = _int8_view(packed, n, k_padded).permute(0, 3, 1, 2, 4).reshape(-1, k_padded)
+    return (v[:n, :k].to(torch.int16) - 128).to(torch.int8)
+
+
+def int8_rows(packed: torch.Tensor, n: int, k: int, k_padded: int, index: torch.Tensor) -> torch.Tensor:
+    """Codes (as int16, offset removed) of rows `index` (1-D), gathered straight from the tiles."""
+    v = _int8_view(packed, n, k_padded)
+    rows = v[index // ROWS, :, :, index % ROWS, :]       # [len, block, L, b]
+    return rows.reshape(len(index), k_padded)[:, :k].to(torch.int16) - 128
+
+
+def pack_meta(m: torch.Tensor) -> torch.Tensor:
+    """[N, G] per-row-and-group floats -> [T, G, 16] (rows past N: 0)."""
+    n, g = m.shape
+    t = -(-n // ROWS)
+    m = torch.nn.functional.pad(m, (0, 0, 0, t * ROWS - n))
+    return m.reshape(t, ROWS, g).transpose(1, 2).contiguous()
+
+
+def unpack_meta(m: torch.Tensor, n: int) -> torch.Tensor:
+    t, g, _ = m.shape
+    return m.transpose(1, 2).reshape(t * ROWS, g)[:n]
+
+
+# ---------------------------------------------------------------- the call
+
+def gemm(x2: torch.Tensor, bits: int, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+         n: int, k: int, k_padded: int, group_size: int | None, bias: torch.Tensor | None,
+         threads: int | None = None) -> torch.Tensor:
+    """y = x2 @ W.T + bias for x2 [M, K] contiguous fp32/bf16 on CPU; y in x2's dtype."""
+    lib = _state["lib"]
+    m = x2.shape[0]
+    y = torch.empty(m, n, dtype=x2.dtype)
+    if m == 0:
+        return y
+    mk = KINDS[scales.dtype]
+    rc = lib.qgemm(bits, x2.data_ptr(), KINDS[x2.dtype], m, k, k_padded, n, group_size or 0,
+                   act_block(bits, group_size, k_padded), weight.data_ptr(), scales.data_ptr(),
+                   None if zeros is None else zeros.data_ptr(), mk,
+                   None if bias is None else bias.data_ptr(), 0 if bias is None else KINDS[bias.dtype],
+                   y.data_ptr(), threads or torch.get_num_threads())
+    if rc != 0:
+        raise MemoryError("native qgemm: out of memory for its activation scratch")
+    return y
+
+
+def _self_check(lib: ctypes.CDLL) -> None:
+    """Both layouts against plain float arithmetic on a small odd shape; a miscompile disables."""
+    _state["lib"] = lib
+    try:
+        g = torch.Generator().manual_seed(0)
+        n, k, group = 37, 128, 32
+        x = torch.randn(3, k, generator=g)
+        q4 = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+        s4 = torch.rand(n, k // group, generator=g) + 0.5
+        z4 = torch.rand(n, k // group, generator=g) * 15
+        w4 = ((q4.float().reshape(n, -1, group) - z4[..., None]) * s4[..., None]).reshape(n, k)
+        y4 = gemm(x, 4, pack_int4(q4), pack_meta(s4), pack_meta(z4), n, k, k, group, None, 1)
+        q8 = torch.randint(-127, 128, (n, k - 8), generator=g, dtype=torch.int8)
+        s8 = torch.rand(n, generator=g) + 0.5
+        kp = padded_k(8, k - 8, None)
+        y8 = gemm(x[:, :k - 8].contiguous(), 8, pack_int8(q8, kp), pack_meta(s8[:, None]).reshape(-1), None, n, k - 8, kp, None, None, 1)
+        for y, ref in ((y4, x @ w4.T), (y8, x[:, :k - 8] @ (q8.float() * s8[:, None]).T)):
+            err = ((y - ref).norm() / ref.norm()).item()
+            if not err < 0.02:
+                raise RuntimeError(f"self-check failed (relative error {err:.3g})")
+    finally:
+        _state["lib"] = None
