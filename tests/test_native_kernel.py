@@ -80,6 +80,18 @@ def test_non_contiguous_and_half_inputs():
     assert y16.dtype == torch.float16 and rel_error(y16, reference(layer, x.half())) < TOL
 
 
+def test_bias_grad_and_bad_shapes():
+    layer, _ = make(8, None, 24, 64)
+    layer.bias.data = layer.bias.data.double()  # a bias dtype the kernel does not read: added in fp32
+    x = torch.randn(2, 64)
+    assert rel_error(layer(x), reference(layer, x)) < TOL
+    xg = x.clone().requires_grad_()
+    layer(xg).sum().backward()  # no backward in the kernel: the dequantize path carries the gradient
+    assert torch.allclose(xg.grad, layer.dequantize().float().sum(0).expand(2, -1), rtol=1e-4, atol=1e-4)
+    with pytest.raises((ValueError, RuntimeError)):
+        layer(torch.randn(2, 63))
+
+
 def test_threads_do_not_change_the_result():
     layer, _ = make(4, 64, 200, 512)
     x = torch.randn(5, 512)

@@ -87,6 +87,7 @@ class QuantizedLinear(nn.Module):
         # form is written by _save_to_state_dict instead.
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.kernel = self._pick_kernel(qweight.device)
+        self._plan = None  # the native kernel's arguments, made at first use
         self.dtype = scales.dtype  # of the float tensors it saves; the model's dtype
         if self.kernel == "native":
             # scales/zeros in the model's dtype when the kernel reads it, so that saving is exact
@@ -123,6 +124,10 @@ class QuantizedLinear(nn.Module):
             self.register_buffer("qweight", qweight, persistent=False)        # uint8 [N, K], 0..15
             self.register_buffer("scales", scales, persistent=False)          # [N, K/G]
             self.register_buffer("zeros", zeros, persistent=False)            # [N, K/G]
+
+    def _apply(self, fn, *args, **kwargs):
+        self._plan = None  # .to() and friends move or convert the tensors the plan points at
+        return super()._apply(fn, *args, **kwargs)
 
     @property
     def packed(self) -> bool:
@@ -179,18 +184,27 @@ class QuantizedLinear(nn.Module):
         return self._kernel_dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        plan = self._plan
+        if (plan is not None and x.is_cpu and (x.dtype is torch.bfloat16 or x.dtype is torch.float32)
+                and x.shape[-1] == self.in_features and x.is_contiguous() and not x.requires_grad):
+            return native.run(plan, x)  # the decode path: as little Python as possible
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        if self.kernel == "native" and self.qweight.device.type == "cpu":
-            x2 = x.reshape(-1, shape[-1])
-            if x2.dtype not in (torch.float32, torch.bfloat16):
-                x2 = x2.float()
-            bias = self.bias if self.bias is None or self.bias.dtype in native.KINDS else None
-            y = native.gemm(x2.contiguous(), self.bits, self.qweight, self.scales,
-                            self.zeros if self.bits == 4 else None, self.out_features, self.in_features,
-                            self.k_padded, self.group_size, bias)
-            if self.bias is not None and bias is None:
-                y = y + self.bias.to(y.dtype)
-            return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        # autograd through x (the kernel has no backward) goes the dequantize way, as elsewhere
+        if self.kernel == "native" and self.qweight.is_cpu and not (x.requires_grad and torch.is_grad_enabled()):
+            if shape[-1] != self.in_features or not x.is_cpu:  # the C side would read out of bounds
+                raise ValueError(f"{self}: got input of shape {tuple(shape)} on {x.device}")
+            if self._plan is None:
+                bias = None if self.bias is None else self.bias.detach()
+                if bias is not None and bias.dtype not in native.KINDS:
+                    bias = bias.float()  # a copy the plan keeps: the kernel reads fp32/bf16/fp16
+                self._plan = native.plan(self.bits, self.qweight, self.scales, self.zeros if self.bits == 4 else None,
+                                         self.out_features, self.in_features, self.k_padded, self.group_size,
+                                         None if bias is None else bias.contiguous())
+            x2 = x if x.dtype in (torch.float32, torch.bfloat16) else x.float()
+            return native.run(self._plan, x2.contiguous()).to(x.dtype)
         x2 = x.reshape(-1, shape[-1]).to(self.compute_dtype)  # the kernels want 2-D x in the scales' dtype
         if self.kernel != "packed":
             y = F.linear(x2, self.dequantize().to(x2.dtype))

@@ -37,7 +37,7 @@ SOURCE = Path(__file__).parent / "csrc" / "qgemv.c"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
 KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # dtype codes the C side reads
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 _lock = threading.Lock()
 _state: dict = {}
@@ -111,6 +111,8 @@ def _load() -> ctypes.CDLL:
     lib.qgemm.argtypes = [c_int, c_void, c_int, c_long, c_long, c_long, c_long, c_int, c_int,
                           c_void, c_void, c_void, c_int, c_void, c_int, c_void, c_int]
     lib.qgemm.restype = c_int
+    lib.qgemm_plan.argtypes = [ctypes.POINTER(Plan), c_void, c_int, c_long, c_void, c_int]
+    lib.qgemm_plan.restype = c_int
     _self_check(lib)
     return lib
 
@@ -214,24 +216,43 @@ def unpack_meta(m: torch.Tensor, n: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------- the call
 
+class Plan(ctypes.Structure):
+    """A layer's fixed kernel arguments (struct qplan in the C file). Holds its tensors alive."""
+    _fields_ = [("bits", ctypes.c_int), ("G", ctypes.c_int), ("QB", ctypes.c_int), ("mk", ctypes.c_int),
+                ("bkind", ctypes.c_int), ("pad", ctypes.c_int), ("K", ctypes.c_long), ("Kp", ctypes.c_long),
+                ("N", ctypes.c_long), ("w", ctypes.c_void_p), ("sc", ctypes.c_void_p), ("zc", ctypes.c_void_p),
+                ("bias", ctypes.c_void_p)]
+
+
+def plan(bits: int, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, n: int, k: int,
+         k_padded: int, group_size: int | None, bias: torch.Tensor | None) -> Plan:
+    """Arguments for `run`. Tensors must stay where they are (a layer rebuilds its plan on .to())."""
+    for t in (weight, scales, zeros, bias):
+        if t is not None and (t.device.type != "cpu" or not t.is_contiguous()):
+            raise ValueError("native kernel tensors must be contiguous and on the CPU")
+    p = Plan(bits, group_size or 0, act_block(bits, group_size, k_padded), KINDS[scales.dtype],
+             0 if bias is None else KINDS[bias.dtype], 0, k, k_padded, n, weight.data_ptr(), scales.data_ptr(),
+             None if zeros is None else zeros.data_ptr(), None if bias is None else bias.data_ptr())
+    p.tensors = (weight, scales, zeros, bias)
+    p.ref = ctypes.byref(p)
+    return p
+
+
+def run(p: Plan, x: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+    """y = x @ W.T + bias for x [..., K] contiguous fp32/bf16 on the CPU; y [..., N] in x's dtype."""
+    y = torch.empty(x.shape[:-1] + (p.N,), dtype=x.dtype)
+    m = x.numel() // p.K
+    if m and _state["lib"].qgemm_plan(p.ref, x.data_ptr(), KINDS[x.dtype], m, y.data_ptr(),
+                                      threads or torch.get_num_threads()):
+        raise MemoryError("native qgemm: out of memory for its activation scratch")
+    return y
+
+
 def gemm(x2: torch.Tensor, bits: int, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
          n: int, k: int, k_padded: int, group_size: int | None, bias: torch.Tensor | None,
          threads: int | None = None) -> torch.Tensor:
-    """y = x2 @ W.T + bias for x2 [M, K] contiguous fp32/bf16 on CPU; y in x2's dtype."""
-    lib = _state["lib"]
-    m = x2.shape[0]
-    y = torch.empty(m, n, dtype=x2.dtype)
-    if m == 0:
-        return y
-    mk = KINDS[scales.dtype]
-    rc = lib.qgemm(bits, x2.data_ptr(), KINDS[x2.dtype], m, k, k_padded, n, group_size or 0,
-                   act_block(bits, group_size, k_padded), weight.data_ptr(), scales.data_ptr(),
-                   None if zeros is None else zeros.data_ptr(), mk,
-                   None if bias is None else bias.data_ptr(), 0 if bias is None else KINDS[bias.dtype],
-                   y.data_ptr(), threads or torch.get_num_threads())
-    if rc != 0:
-        raise MemoryError("native qgemm: out of memory for its activation scratch")
-    return y
+    """One-off form of plan() + run()."""
+    return run(plan(bits, weight, scales, zeros, n, k, k_padded, group_size, bias), x2, threads)
 
 
 def _self_check(lib: ctypes.CDLL) -> None:

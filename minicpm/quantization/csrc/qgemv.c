@@ -22,7 +22,12 @@
 #include <string.h>
 
 enum { K_F32 = 0, K_BF16 = 1, K_F16 = 2 };
+#ifndef MC_MAX
 #define MC_MAX 4   /* x rows per pass over a weight tile: 4 accumulators each fit the 32 zmm */
+#endif
+#ifndef PF_DIST
+#define PF_DIST 0  /* bytes of weight to prefetch ahead (0: leave it to the hardware prefetcher) */
+#endif
 #define MB 64      /* x rows per outer block, so their int8 copy stays in L2 */
 
 typedef __attribute__((aligned(1), may_alias)) int32_t i32u;
@@ -100,27 +105,28 @@ static inline __attribute__((always_inline)) void tile_int4(
     const int KG = (int)(Kp / G), bpg = G / QB, cpb = QB / 32;
     const long nb = Kp / QB;
     __m512 acc[MC_MAX];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int m = 0; m < MC; m++) acc[m] = _mm512_setzero_ps();
     for (int g = 0; g < KG; g++) {
         __m512 ga[MC_MAX];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int m = 0; m < MC; m++) ga[m] = _mm512_setzero_ps();
         for (int b = 0; b < bpg; b++) {
             const long blk = (long)g * bpg + b;
             /* two chains per row (low/high nibbles) halve the vpdpbusd dependency chain */
             __m512i lo_acc[MC_MAX], hi_acc[MC_MAX];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
             for (int m = 0; m < MC; m++) lo_acc[m] = hi_acc[m] = _mm512_setzero_si512();
             for (int c = 0; c < cpb; c++) {
                 const long k0 = (blk * cpb + c) * 32;
                 const uint8_t *wp = w + k0 * 8;  /* 16 rows x 32 k / 2 bytes = 256 per 32 k */
-#pragma GCC unroll 4
+#pragma GCC unroll 8
                 for (int L = 0; L < 4; L++) {
+                    if (PF_DIST) _mm_prefetch((const char *)wp + 64 * L + PF_DIST, _MM_HINT_T0);
                     __m512i v = _mm512_loadu_si512(wp + 64 * L);
                     __m512i lo = _mm512_and_si512(v, m4);
                     __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
                     for (int m = 0; m < MC; m++) {
                         const int8_t *xk = xq + m * Kp + k0 + 4 * L;
                         lo_acc[m] = _mm512_dpbusd_epi32(lo_acc[m], lo, _mm512_set1_epi32(*(const i32u *)xk));
@@ -128,19 +134,19 @@ static inline __attribute__((always_inline)) void tile_int4(
                     }
                 }
             }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
             for (int m = 0; m < MC; m++)
                 ga[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(lo_acc[m], hi_acc[m])),
                                         _mm512_set1_ps(xd[m * nb + blk]), ga[m]);
         }
         __m512 s = load16(sc, meta0 + 16L * g, mk), z = load16(zc, meta0 + 16L * g, mk);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int m = 0; m < MC; m++) {
             ga[m] = _mm512_fnmadd_ps(z, _mm512_set1_ps(xg[m * KG + g]), ga[m]);
             acc[m] = _mm512_fmadd_ps(s, ga[m], acc[m]);
         }
     }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int m = 0; m < MC; m++) out[m] = acc[m];
 }
 
@@ -151,11 +157,11 @@ static inline __attribute__((always_inline)) void tile_int8(
     const int cpb = QB / 32;
     const long nb = Kp / QB;
     __m512 ga[MC_MAX];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int m = 0; m < MC; m++) ga[m] = _mm512_setzero_ps();
     for (long blk = 0; blk < nb; blk++) {
         __m512i a0[MC_MAX], a1[MC_MAX];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int m = 0; m < MC; m++) a0[m] = a1[m] = _mm512_setzero_si512();
         for (int c = 0; c < cpb; c++) {
             const long k0 = (blk * cpb + c) * 32;
@@ -163,7 +169,11 @@ static inline __attribute__((always_inline)) void tile_int8(
 #pragma GCC unroll 8
             for (int L = 0; L < 8; L += 2) {
                 __m512i v0 = _mm512_loadu_si512(wp + 64 * L), v1 = _mm512_loadu_si512(wp + 64 * L + 64);
-#pragma GCC unroll 4
+                if (PF_DIST) {
+                    _mm_prefetch((const char *)wp + 64 * L + PF_DIST, _MM_HINT_T0);
+                    _mm_prefetch((const char *)wp + 64 * L + 64 + PF_DIST, _MM_HINT_T0);
+                }
+#pragma GCC unroll 8
                 for (int m = 0; m < MC; m++) {
                     const int8_t *xk = xq + m * Kp + k0 + 4 * L;
                     a0[m] = _mm512_dpbusd_epi32(a0[m], v0, _mm512_set1_epi32(*(const i32u *)xk));
@@ -171,13 +181,13 @@ static inline __attribute__((always_inline)) void tile_int8(
                 }
             }
         }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int m = 0; m < MC; m++)
             ga[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a0[m], a1[m])),
                                     _mm512_set1_ps(xd[m * nb + blk]), ga[m]);
     }
     __m512 s = load16(sc, meta0, mk);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int m = 0; m < MC; m++)
         out[m] = _mm512_mul_ps(s, _mm512_fnmadd_ps(_mm512_set1_ps(128.f), _mm512_set1_ps(xg[m]), ga[m]));
 }
@@ -191,7 +201,7 @@ static inline __attribute__((always_inline)) void run_tile(
         tile_int8(w + t * 16 * Kp, sc, t * 16, mk, xq, xd, xg, Kp, QB, MC, out);
 }
 
-int qgemm_abi_version(void) { return 1; }
+int qgemm_abi_version(void) { return 2; }
 
 /* y[M, N] = x[M, K] @ W.T + bias. Kp: K padded to the weight layout (a multiple of QB and G);
  * for int8 G is ignored (one group of Kp). Returns 0, or -1 when scratch memory is short. */
@@ -208,12 +218,20 @@ int qgemm(int bits, const void *x, int xkind, long M, long K, long Kp, long N, i
     }
     if (nthreads < 1) nthreads = 1;
     if (T < nthreads) nthreads = (int)T;
+    const size_t xrow = (size_t)K * (xkind == K_F32 ? 4 : 2);
+    /* a few rows are quantized before forking: one barrier less per decode call */
+    const int serial_quant = M * Kp <= 16384;
+    if (serial_quant)
+        for (long m = 0; m < M; m++)
+            quantize_row((const char *)x + m * xrow, xkind, K, Kp, QB, G, xq + m * Kp, xd + m * nb, xg + m * KG);
 #pragma omp parallel num_threads(nthreads)
     {
+        if (!serial_quant) {
 #pragma omp for schedule(static)
-        for (long m = 0; m < M; m++)
-            quantize_row((const char *)x + m * K * (xkind == K_F32 ? 4 : 2), xkind, K, Kp, QB, G,
-                         xq + m * Kp, xd + m * nb, xg + m * KG);
+            for (long m = 0; m < M; m++)
+                quantize_row((const char *)x + m * xrow, xkind, K, Kp, QB, G, xq + m * Kp, xd + m * nb,
+                             xg + m * KG);
+        }
         const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
         const long t0 = T * tid / nt, t1 = T * (tid + 1) / nt;
         for (long mb = 0; mb < M; mb += MB) {
@@ -227,6 +245,10 @@ int qgemm(int bits, const void *x, int xkind, long M, long K, long Kp, long N, i
                     const float *xd0 = xd + m0 * nb, *xg0 = xg + m0 * KG;
                     const long mc = me - m0 < MC_MAX ? me - m0 : MC_MAX;
                     switch (mc) {  /* constant MC: the row loops unroll and stay in registers */
+#if MC_MAX >= 6
+                    case 6: run_tile(bits, w, sc, zc, t, mk, xq0, xd0, xg0, Kp, G, QB, 6, out); break;
+                    case 5: run_tile(bits, w, sc, zc, t, mk, xq0, xd0, xg0, Kp, G, QB, 5, out); break;
+#endif
                     case 4: run_tile(bits, w, sc, zc, t, mk, xq0, xd0, xg0, Kp, G, QB, 4, out); break;
                     case 3: run_tile(bits, w, sc, zc, t, mk, xq0, xd0, xg0, Kp, G, QB, 3, out); break;
                     case 2: run_tile(bits, w, sc, zc, t, mk, xq0, xd0, xg0, Kp, G, QB, 2, out); break;
@@ -240,4 +262,18 @@ int qgemm(int bits, const void *x, int xkind, long M, long K, long Kp, long N, i
     }
     free(xq); free(xd); free(xg);
     return 0;
+}
+
+/* A layer's fixed arguments, built once per layer in Python: a decode step makes hundreds of
+ * calls, and converting 17 ctypes arguments each time costs more than a small GEMV. */
+struct qplan {
+    int bits, G, QB, mk, bkind, pad;
+    long K, Kp, N;
+    const uint8_t *w;
+    const void *sc, *zc, *bias;
+};
+
+int qgemm_plan(const struct qplan *p, const void *x, int xkind, long M, void *y, int nthreads) {
+    return qgemm(p->bits, x, xkind, M, p->K, p->Kp, p->N, p->G, p->QB, p->w, p->sc, p->zc, p->mk,
+                 p->bias, p->bkind, y, nthreads);
 }
