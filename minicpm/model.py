@@ -53,12 +53,27 @@ class KVCache:
     def batch_size(self) -> int:
         return self.shape[0]
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this step's k/v at the current position; return all keys/values so far."""
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> int:
+        """Store this step's k/v at the current position; returns the new end position."""
         start, end = self.length, self.length + k.shape[2]
         self.keys[layer][:, :, start:end] = k
         self.values[layer][:, :, start:end] = v
+        return end
+
+    def read(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of positions [0, end), [batch, kv_heads, end, head_dim]."""
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this step's k/v at the current position; return all keys/values so far."""
+        return self.read(layer, self.write(layer, k, v))
+
+    def attend(self, layer: int, q: torch.Tensor, end: int, mask: torch.Tensor | None) -> torch.Tensor | None:
+        """Attention of a single query per row over positions [0, end), straight from the
+        stores by the native kernel (fp32 result); None where it does not serve."""
+        from minicpm.kernels.attention import decode_attention
+
+        return decode_attention(q, self.keys[layer], self.values[layer], end, mask)
 
     def copy_prefix(self, other: KVCache, keep: int) -> None:
         """Take the first `keep` positions of `other` (same layout; a conversation outgrew it)."""
@@ -79,27 +94,36 @@ class Int8KVCache(KVCache):
     """Keys and values as int8 with one scale per (token, head): half of a bf16 cache.
 
     MiniCPM-2B has no GQA, so its bf16 cache takes 0.37 MB per token (750 MB at 2k tokens);
-    the int8 one 0.19 MB. Symmetric absmax rounding per head vector, as llama.cpp's q8_0
-    cache does per 32 values. Attention gets dequantized copies of the layer it works on.
+    the int8 one 0.2 MB. Symmetric absmax rounding per head vector, as llama.cpp's q8_0 cache
+    does per 32 values. The native decode kernel reads the codes directly; PyTorch's attention
+    (prefill, or no native kernel) gets dequantized copies of the layer it works on.
     """
 
     def __init__(self, config: MiniCPMConfig, batch_size: int, max_len: int,
                  dtype: torch.dtype = torch.float32, device: Any = None):
         super().__init__(config, batch_size, max_len, torch.int8, device)
         self.dtype = dtype
-        scale_shape = self.shape[:3] + (1,)
-        self.key_scales = self._allocate(config.num_hidden_layers, scale_shape, dtype, device)
-        self.value_scales = self._allocate(config.num_hidden_layers, scale_shape, dtype, device)
+        scale_shape = self.shape[:3] + (1,)  # fp32: what the native kernel reads, 6% of the codes
+        self.key_scales = self._allocate(config.num_hidden_layers, scale_shape, torch.float32, device)
+        self.value_scales = self._allocate(config.num_hidden_layers, scale_shape, torch.float32, device)
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> int:
         start, end = self.length, self.length + k.shape[2]
-        out = []
         for store, scales, new in ((self.keys, self.key_scales, k), (self.values, self.value_scales, v)):
             scale = (new.abs().amax(-1, keepdim=True).float() / 127).clamp(min=1e-8)
             store[layer][:, :, start:end] = torch.round(new.float() / scale).to(torch.int8)
-            scales[layer][:, :, start:end] = scale.to(self.dtype)
-            out.append(store[layer][:, :, :end].to(self.dtype) * scales[layer][:, :, :end])
-        return out[0], out[1]
+            scales[layer][:, :, start:end] = scale
+        return end
+
+    def read(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple((store[layer][:, :, :end].float() * scales[layer][:, :, :end]).to(self.dtype)
+                     for store, scales in ((self.keys, self.key_scales), (self.values, self.value_scales)))
+
+    def attend(self, layer: int, q: torch.Tensor, end: int, mask: torch.Tensor | None) -> torch.Tensor | None:
+        from minicpm.kernels.attention import decode_attention
+
+        return decode_attention(q, self.keys[layer], self.values[layer], end, mask,
+                                self.key_scales[layer], self.value_scales[layer])
 
     def _stores(self) -> list[torch.Tensor]:
         return self.keys + self.values + self.key_scales + self.value_scales
@@ -203,15 +227,24 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)
-        if s == 1 and q.dtype != torch.float32:
-            out = single_query_attention(q, k, v, mask)
+        if cache is None:
+            out = attention(q, k, v, mask)
         else:
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None and s > 1,
-                enable_gqa=self.num_kv_heads != self.num_heads)
-        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+            end = cache.write(self.layer_idx, k, v)
+            # decoding: the native kernel reads the cache as stored (None where it cannot)
+            out = cache.attend(self.layer_idx, q, end, mask) if s == 1 else None
+            if out is None:
+                out = attention(q, *cache.read(self.layer_idx, end), mask)
+        return self.o_proj(out.to(x.dtype).transpose(1, 2).reshape(b, s, -1))
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """PyTorch attention; mask None means causal (several queries) or everything (one query)."""
+    s = q.shape[2]
+    if s == 1 and q.dtype != torch.float32:
+        return single_query_attention(q, k, v, mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and s > 1,
+                                          enable_gqa=k.shape[1] != q.shape[1])
 
 
 def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

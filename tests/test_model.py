@@ -50,7 +50,8 @@ def test_cached_decode_equals_full_forward(variant):
     steps = [model(ids[:, :11], cache=cache)]
     steps += [model(ids[:, i:i + 1], cache=cache) for i in range(11, 16)]
     steps.append(model(ids[:, 16:], cache=cache))  # a second multi-token chunk after decoding
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+    # (decode steps run the native attention kernel, whose fp32 sums are ordered differently)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-4)
     assert cache.length == 20
 
 
@@ -84,7 +85,7 @@ def test_left_padded_cached_decode_equals_rows(variant):
         out = model(torch.tensor([[nxt[0][step]], [nxt[1][step]]]), attention_mask=mask, cache=cache)
         for i in range(2):
             alone = model(torch.tensor([rows[i] + nxt[i][:step + 1]]))[0, -1]
-            torch.testing.assert_close(out[i, -1], alone, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(out[i, -1], alone, rtol=1e-4, atol=1e-4)
 
 
 DENSE = [v for v in VARIANTS if v != "moe"]
@@ -241,8 +242,8 @@ def test_int8_kv_cache_is_half_the_memory_and_close(name):
         steps = [model(ids[:, :12], cache=cache)] + [model(ids[:, i:i + 1], cache=cache) for i in range(12, 24)]
         outs[kind] = (torch.cat(steps, dim=1), cache.nbytes())
     (ref, ref_bytes), (got, int8_bytes) = outs["auto"], outs["int8"]
-    # int8 codes plus one bf16 scale per head vector of head_dim values
-    assert int8_bytes == pytest.approx(ref_bytes / 2 * (1 + 2 / config.head_dim))
+    # int8 codes plus one fp32 scale per head vector of head_dim values
+    assert int8_bytes == pytest.approx(ref_bytes / 2 * (1 + 4 / config.head_dim))
     rel = (got - ref).norm() / ref.norm()
     assert 0 < rel < 0.05, rel
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
@@ -271,3 +272,42 @@ def test_unknown_kv_cache_dtype_is_refused():
     model = random_model(variant_config("2b"))
     with pytest.raises(ValueError, match="KV cache dtype must be one of auto, int8"):
         model.new_cache(1, 8, kv_dtype="int4")
+
+
+@pytest.fixture
+def torch_attention_only(monkeypatch):
+    """Decoding as if the native attention kernel could not be built."""
+    from minicpm.kernels import attention as native
+
+    monkeypatch.setitem(native._state, "lib", None)
+
+
+@pytest.mark.parametrize("kv", ["auto", "int8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_decode_attention_equals_pytorch(kv, dtype, request):
+    """The same left-padded cached decode with the native kernel and with PyTorch's attention."""
+    from minicpm.kernels.attention import library
+
+    assert library() is not None, "the native attention kernel should build on this machine"
+    config = variant_config("1b")
+    model = random_model(config, dtype=dtype)
+    ids = _ids(config.vocab_size, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, :3] = 0
+
+    def decode():
+        cache = model.new_cache(2, 16, kv_dtype=kv)
+        out = [model(ids[:, :8], attention_mask=mask[:, :8], cache=cache)]
+        out += [model(ids[:, i:i + 1], attention_mask=mask[:, :i + 1], cache=cache) for i in range(8, 12)]
+        return torch.cat(out, dim=1)
+
+    native = decode()
+    request.getfixturevalue("torch_attention_only")
+    reference = decode()
+    if dtype == torch.float32:
+        torch.testing.assert_close(native, reference, rtol=1e-5, atol=1e-5)
+    else:  # both differ from fp32 by bf16 noise; the kernel (fp32 scores) no more than PyTorch's
+        exact = model.float()(ids, attention_mask=mask)
+        err = {name: ((out - exact).norm() / exact.norm()).item()
+               for name, out in (("native", native), ("torch", reference))}
+        assert err["native"] < 0.05 and err["native"] <= 1.25 * err["torch"], err

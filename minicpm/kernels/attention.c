@@ -1,0 +1,149 @@
+// Attention of one new token per sequence against its KV cache (the decode step), on CPU.
+//
+// PyTorch runs this as two small batched matmuls whose kernels are tuned for big matrices; at
+// a 2k context that reads the cache at a few GB/s. Here each key and value row is read once
+// per kv head and used by every query head that shares it (GQA), so the step streams the
+// cache at close to memory speed.
+//
+// Layouts (all contiguous):
+//   q      float32 [B, H, D]                       (already rotated)
+//   k, v   [B, KV, max_len, D] of float32 | bf16 | fp16 | int8, positions 0..len-1 valid
+//   kscale, vscale  float32 [B, KV, max_len]       (int8 only: row value = code * scale)
+//   mask   uint8 [B, len] or NULL                  (0 = padding, not attended)
+//   out    float32 [B, H, D]
+// Query head h uses kv head h / (H / KV), as in Llama/MiniCPM. D must be a multiple of 16.
+// Scores and the softmax are fp32.
+
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { KIND_F32 = 0, KIND_BF16 = 1, KIND_F16 = 2, KIND_I8 = 3 };
+
+int minicpm_attention_abi(void) { return 1; }
+
+static inline __m512 load16(const void *base, int kind, size_t i) {
+    switch (kind) {
+    case KIND_BF16: {  // bf16 is the top half of an fp32
+        __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)base + i));
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    case KIND_F16:
+        return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)base + i)));
+    case KIND_I8:
+        return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)base + i))));
+    default:
+        return _mm512_loadu_ps((const float *)base + i);
+    }
+}
+
+// e^x for x <= 0 (softmax after subtracting the max): 2^(x log2 e) split into an integer power,
+// set in the exponent bits, and a degree-6 polynomial for the fraction; relative error ~2e-7.
+static inline __m512 exp_nonpositive(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));  // below this e^x underflows to 0 anyway
+    __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+    __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.69314718055994531f));  // in [0, ln 2)
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+
+// probs[i] = exp(s[i] - max) / sum over i < len (in place); masked entries hold -INFINITY.
+static void softmax(float *s, int64_t len) {
+    float mx = -INFINITY;
+    for (int64_t i = 0; i < len; i++) mx = s[i] > mx ? s[i] : mx;
+    if (mx == -INFINITY) {  // nothing to attend (fully masked): zeros, not NaN
+        memset(s, 0, (size_t)len * sizeof(float));
+        return;
+    }
+    __m512 vmax = _mm512_set1_ps(mx), vsum = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= len; i += 16) {
+        __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(s + i), vmax));
+        _mm512_storeu_ps(s + i, e);
+        vsum = _mm512_add_ps(vsum, e);
+    }
+    float sum = _mm512_reduce_add_ps(vsum);
+    for (; i < len; i++) {
+        s[i] = s[i] == -INFINITY ? 0.0f : expf(s[i] - mx);
+        sum += s[i];
+    }
+    __m512 inv = _mm512_set1_ps(1.0f / sum);
+    for (i = 0; i + 16 <= len; i += 16) _mm512_storeu_ps(s + i, _mm512_mul_ps(_mm512_loadu_ps(s + i), inv));
+    for (; i < len; i++) s[i] /= sum;
+}
+
+// One (sequence, kv head): `group` query heads against `len` cached positions.
+static void attend(const float *q, const void *k, const void *v, const float *kscale, const float *vscale,
+                   const uint8_t *mask, float *out, float *scores, int group, int64_t len, int d, int kind,
+                   float softmax_scale) {
+    enum { MAXV = 16 };  // head_dim up to 256
+    const int nv = d / 16;
+    for (int64_t t = 0; t < len; t++) {
+        if (mask && !mask[t]) {
+            for (int g = 0; g < group; g++) scores[g * len + t] = -INFINITY;
+            continue;
+        }
+        __m512 row[MAXV];
+        for (int j = 0; j < nv; j++) row[j] = load16(k, kind, (size_t)t * d + j * 16);
+        float rs = softmax_scale * (kscale ? kscale[t] : 1.0f);
+        for (int g = 0; g < group; g++) {
+            __m512 acc = _mm512_setzero_ps();
+            for (int j = 0; j < nv; j++) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * d + j * 16), row[j], acc);
+            scores[g * len + t] = _mm512_reduce_add_ps(acc) * rs;
+        }
+    }
+    for (int g = 0; g < group; g++) softmax(scores + g * len, len);
+    memset(out, 0, (size_t)group * d * sizeof(float));
+    for (int64_t t = 0; t < len; t++) {
+        if (mask && !mask[t]) continue;
+        __m512 row[MAXV];
+        for (int j = 0; j < nv; j++) row[j] = load16(v, kind, (size_t)t * d + j * 16);
+        float rs = vscale ? vscale[t] : 1.0f;
+        for (int g = 0; g < group; g++) {
+            __m512 p = _mm512_set1_ps(scores[g * len + t] * rs);
+            float *o = out + g * d;
+            for (int j = 0; j < nv; j++) _mm512_storeu_ps(o + j * 16, _mm512_fmadd_ps(p, row[j], _mm512_loadu_ps(o + j * 16)));
+        }
+    }
+}
+
+// Returns 0, or -1 for a shape this kernel does not take (the caller falls back).
+int minicpm_decode_attention(const float *q, const void *k, const void *v, const float *kscale,
+                             const float *vscale, const uint8_t *mask, float *out, int64_t batch,
+                             int64_t heads, int64_t kv_heads, int64_t max_len, int64_t len, int64_t d,
+                             int kind, float softmax_scale, int threads) {
+    if (d % 16 || d > 256 || heads % kv_heads || len > max_len || len < 1) return -1;
+    const int64_t group = heads / kv_heads, tasks = batch * kv_heads;
+    const size_t elem = kind == KIND_F32 ? 4 : kind == KIND_I8 ? 1 : 2;
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        float *scores = malloc((size_t)group * len * sizeof(float));
+        if (!scores) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t task = 0; task < tasks; task++) {
+            if (!scores) continue;
+            const int64_t b = task / kv_heads;
+            const size_t cache_off = (size_t)task * max_len;  // rows of [B, KV, max_len]
+            attend(q + task * group * d, (const char *)k + cache_off * d * elem, (const char *)v + cache_off * d * elem,
+                   kscale ? kscale + cache_off : NULL, vscale ? vscale + cache_off : NULL,
+                   mask ? mask + b * len : NULL, out + task * group * d, scores, (int)group, len, (int)d, kind,
+                   softmax_scale);
+        }
+        free(scores);
+    }
+    return failed ? -2 : 0;
+}

@@ -1,0 +1,93 @@
+"""Decode attention (one query per sequence) over a KV cache: native kernel or None.
+
+`decode_attention` returns None where the kernel does not serve (not built here, a dtype or
+shape it does not take, a non-CPU tensor); the caller then runs PyTorch's attention.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+from minicpm.kernels.build import KernelUnavailable, load
+
+SOURCE = Path(__file__).with_name("attention.c")
+ABI = 1
+KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3}
+
+_lock = threading.Lock()
+_state: dict = {}
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel, or None after one warning saying why (silent if switched off)."""
+    with _lock:
+        if "lib" not in _state:
+            try:
+                _state["lib"] = _load_checked()
+            except KernelUnavailable as exc:
+                _state["lib"] = None
+                if "MINICPM_NATIVE=0" not in str(exc):
+                    warnings.warn(f"native attention kernel unavailable ({exc}); using PyTorch's",
+                                  RuntimeWarning, stacklevel=3)
+    return _state["lib"]
+
+
+def _load_checked() -> ctypes.CDLL:
+    lib = load(SOURCE)
+    if lib.minicpm_attention_abi() != ABI:
+        raise KernelUnavailable(f"{SOURCE.name}: stale build")
+    c_ptr, c_i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.minicpm_decode_attention.argtypes = [c_ptr] * 7 + [c_i64] * 6 + [ctypes.c_int, ctypes.c_float, ctypes.c_int]
+    lib.minicpm_decode_attention.restype = ctypes.c_int
+    _self_check(lib)
+    return lib
+
+
+def _call(lib, q, k, v, length, kscale, vscale, mask) -> torch.Tensor | None:
+    b, h, _, d = q.shape
+    queries = q.reshape(b, h, d).float().contiguous()
+    out = torch.empty(b, h, d)
+    rc = lib.minicpm_decode_attention(
+        queries.data_ptr(), k.data_ptr(), v.data_ptr(),
+        None if kscale is None else kscale.data_ptr(), None if vscale is None else vscale.data_ptr(),
+        None if mask is None else mask.data_ptr(), out.data_ptr(),
+        b, h, k.shape[1], k.shape[2], length, d, KINDS[k.dtype], d ** -0.5, torch.get_num_threads())
+    return out.view(b, h, 1, d) if rc == 0 else None
+
+
+def _self_check(lib) -> None:
+    """A miscompiled or misbehaving build is refused rather than trusted."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 1, 32, generator=g)
+    k, v = torch.randn(2, 2, 2, 9, 32, generator=g)
+    got = _call(lib, q, k, v, 7, None, None, None)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k[:, :, :7], v[:, :, :7], enable_gqa=True)
+    if got is None or not torch.allclose(got, ref, atol=1e-4):
+        raise KernelUnavailable("self-check against PyTorch failed")
+
+
+def decode_attention(q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tensor, length: int,
+                     mask: torch.Tensor | None = None, k_scales: torch.Tensor | None = None,
+                     v_scales: torch.Tensor | None = None) -> torch.Tensor | None:
+    """softmax(q k^T / sqrt(d)) v for q [B, H, 1, D] over the first `length` cache positions.
+
+    k_store/v_store: a whole cache layer [B, KV, max_len, D] (contiguous); int8 stores come with
+    scales [B, KV, max_len, 1] (fp32). mask: bool [B, 1, 1, length] or None. Returns fp32
+    [B, H, 1, D], or None where the kernel does not serve.
+    """
+    if q.device.type != "cpu" or k_store.dtype not in KINDS or not k_store.is_contiguous():
+        return None
+    if (k_store.dtype == torch.int8) != (k_scales is not None):
+        return None
+    lib = library()
+    if lib is None:
+        return None
+    if mask is not None:
+        mask = mask.reshape(mask.shape[0], -1)[:, :length].to(torch.uint8).contiguous()
+    scales = [None if s is None else s.float().contiguous() for s in (k_scales, v_scales)]
+    return _call(lib, q, k_store, v_store.contiguous(), length, *scales, mask)

@@ -1,0 +1,104 @@
+"""Compile a kernel's C file once per machine and load it with ctypes.
+
+Why not torch.utils.cpp_extension: compiling against torch's C++ headers takes minutes on two
+cores; these files are plain C with intrinsics and build in about a second. The shared object is
+cached under `$XDG_CACHE_HOME/minicpm/kernels/<hash>/` (hash of source, flags, compiler version
+and CPU flags), written under a temporary name and renamed, so processes starting together see
+either no file or a whole one. It links libgomp.so.1: the OpenMP runtime torch's wheel ships has
+that soname and is already loaded once torch is imported, so both share one thread pool.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+AVX512 = ("avx512f", "avx512bw", "avx512vl")
+
+
+class KernelUnavailable(RuntimeError):
+    """Why a native kernel cannot serve on this machine (one line, shown once)."""
+
+
+def disabled() -> bool:
+    return os.environ.get("MINICPM_NATIVE", "1").strip().lower() in ("0", "false", "no", "off")
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "minicpm" / "kernels"
+
+
+def check_machine(required_flags: tuple[str, ...]) -> set[str]:
+    """The CPU flags, or KernelUnavailable when the kernels cannot run here at all."""
+    if disabled():
+        raise KernelUnavailable("disabled by MINICPM_NATIVE=0")
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        raise KernelUnavailable(f"needs x86-64 Linux, this is {platform.system()} {platform.machine()}")
+    flags = cpu_flags()
+    missing = [f for f in required_flags if f not in flags]
+    if missing:
+        raise KernelUnavailable(f"the CPU lacks {', '.join(missing)}")
+    return flags
+
+
+def compile_source(source: Path, cpu: set[str]) -> Path:
+    """The cached shared object built from `source` (compiled now if missing)."""
+    cc = os.environ.get("CC") or "gcc"
+    compiler = shutil.which(cc)
+    if compiler is None:
+        raise KernelUnavailable(f"no C compiler ({cc!r} not found; set CC)")
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise KernelUnavailable(f"{cc} --version failed: {exc}") from None
+    key = hashlib.sha256(b"\0".join([source.read_bytes(), " ".join(FLAGS).encode(), compiler.encode(),
+                                     version.encode(), " ".join(sorted(cpu)).encode()])).hexdigest()[:16]
+    target = cache_root() / key / (source.stem + ".so")
+    if target.exists():
+        return target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{source.stem}-", suffix=".so", dir=target.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise KernelUnavailable(f"cannot write the kernel cache {target.parent}: {exc}") from None
+    try:
+        result = subprocess.run([compiler, *FLAGS, "-o", tmp, str(source)], capture_output=True, text=True,
+                                timeout=300)
+        if result.returncode != 0:
+            tail = (result.stderr.strip().splitlines() or ["no output"])[-1]
+            raise KernelUnavailable(f"compiling {source.name} failed: {tail}")
+        os.replace(tmp, target)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise KernelUnavailable(f"compiling {source.name} failed: {exc}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def load(source: Path, required_flags: tuple[str, ...] = AVX512) -> ctypes.CDLL:
+    """Build (once) and load `source`; raises KernelUnavailable with the reason."""
+    path = compile_source(source, check_machine(required_flags))
+    try:
+        return ctypes.CDLL(str(path))
+    except OSError as exc:
+        raise KernelUnavailable(f"loading {path} failed: {exc}") from None
