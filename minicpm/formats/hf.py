@@ -10,10 +10,12 @@ never leaves a half-written checkpoint where a good one was.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -50,13 +52,22 @@ def weight_files(directory: Path) -> list[Path]:
         f"{directory} has no weights (model.safetensors, pytorch_model.bin or their index)")
 
 
-def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for every tensor in the given files, one at a time."""
+def iter_tensors(files: list[Path], copy: Callable[[str], bool] | None = None
+                 ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor in the given files, one at a time.
+
+    Tensors are memory-mapped. With `copy`, safetensors tensors for which copy(name) is true are
+    read into memory of their own instead: for a reader that converts them anyway (quantized codes
+    packed for the kernels, tensors being quantized), a mapping would keep every page it touched
+    in the process's RSS until the whole file is closed, on top of the converted copy.
+    """
     for path in files:
-        if path.suffix == ".safetensors":
+        if path.suffix != ".safetensors":
+            yield from _iter_bin(path)
+        elif copy is None:
             yield from _iter_safetensors(path)
         else:
-            yield from _iter_bin(path)
+            yield from _iter_safetensors_reading(path, copy)
 
 
 def _iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -66,6 +77,62 @@ def _iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, f.get_tensor(name)
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
+
+
+_SAFETENSORS_TORCH = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """(tensor entries, offset of the data) of a safetensors file, checked against its size."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        if not 2 <= length <= min(size - 8, 100 * 2**20):
+            raise CheckpointError(f"{path} is not a readable safetensors file: bad header length")
+        try:
+            header = json.loads(f.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
+    header.pop("__metadata__", None)
+    for name, entry in header.items():
+        try:
+            begin, end = entry["data_offsets"]
+            count = math.prod(int(d) for d in entry["shape"])
+            valid = (entry["dtype"] in _SAFETENSORS_TORCH and 0 <= begin <= end <= size - 8 - length
+                     and count * _SAFETENSORS_TORCH[entry["dtype"]].itemsize == end - begin)
+        except (KeyError, TypeError, ValueError):
+            valid = False
+        if not valid:
+            raise CheckpointError(f"{path} is not a readable safetensors file: bad entry for {name}")
+    return header, 8 + length
+
+
+def _iter_safetensors_reading(path: Path, copy: Callable[[str], bool]) -> Iterator[tuple[str, torch.Tensor]]:
+    header, start = _safetensors_header(path)
+    names = sorted(header, key=lambda n: header[n]["data_offsets"][0])  # one forward pass over the file
+    with ExitStack() as stack:
+        mapped = None
+        raw = stack.enter_context(open(path, "rb"))
+        for name in names:
+            entry = header[name]
+            if copy(name):
+                begin, end = entry["data_offsets"]
+                data = torch.empty(end - begin, dtype=torch.uint8)
+                raw.seek(start + begin)
+                if raw.readinto(memoryview(data.numpy())) != end - begin:
+                    raise CheckpointError(f"{path} is not a readable safetensors file: {name} is truncated")
+                yield name, data.view(_SAFETENSORS_TORCH[entry["dtype"]]).reshape(entry["shape"])
+            else:
+                if mapped is None:
+                    try:
+                        mapped = stack.enter_context(safe_open(str(path), framework="pt"))
+                    except (SafetensorError, OSError) as e:
+                        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
+                yield name, mapped.get_tensor(name)
 
 
 def _iter_bin(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -87,20 +154,28 @@ def is_checkpoint_dir(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").exists()
 
 
-def load_model(directory: str | Path, dtype: Any = None, device: Any = None):
-    """The model of a Hugging Face checkpoint directory (quantization re-applied if recorded)."""
-    directory = Path(directory)
+def read_config(directory: Path) -> MiniCPMConfig:
+    """config.json of a checkpoint directory; other tools' quantized formats are refused by name."""
     config = MiniCPMConfig.from_file(directory / "config.json")
     foreign = config.extra.get("quantization_config")
     if foreign:
         method = foreign.get("quant_method", "unknown") if isinstance(foreign, dict) else "unknown"
         raise CheckpointError(f"{directory} holds {method}-quantized weights, which this version cannot "
                               "load yet; use the bf16/fp16/fp32 release of the model")
+    return config
+
+
+def load_model(directory: str | Path, dtype: Any = None, device: Any = None):
+    """The model of a Hugging Face checkpoint directory (quantization re-applied if recorded)."""
+    directory = Path(directory)
+    config = read_config(directory)
     files = weight_files(directory)
     if config.quantization:  # our own: rebuild the quantized layers, then fill them
-        from minicpm.quantization import load_quantized
+        from minicpm.quantization.quantize import is_quantized_part, load_quantized
 
-        return load_quantized(config, iter_tensors(files), dtype=dtype, device=device, source=str(directory))
+        # codes read into memory of their own: they are repacked for the kernels anyway
+        return load_quantized(config, iter_tensors(files, copy=is_quantized_part), dtype=dtype, device=device,
+                              source=str(directory))
     return build_model(config, iter_tensors(files), dtype=dtype, device=device, source=str(directory))
 
 
@@ -122,28 +197,48 @@ def save_pretrained(model, tokenizer, out_dir: str | Path, *, dtype: Any = None,
     llama-format checkpoint without building a second model).
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise MiniCPMError(f"{out_dir} already exists and is not empty (pass overwrite=True / --force)")
+    check_writable(out_dir, overwrite)
     config = config or model.config
     state = state_dict if state_dict is not None else checkpoint_state_dict(model)
     target = resolve_dtype(dtype)
     if target is not None:
         state = {k: v.to(target) for k, v in state.items()}
-    stored = next(iter(state.values())).dtype
+    # the first float tensor: a quantized checkpoint may begin with integer codes
+    stored = next((v.dtype for v in state.values() if v.is_floating_point()), next(iter(state.values())).dtype)
     config = config.replace(torch_dtype=str(stored).removeprefix("torch."))
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         config.save(tmp / "config.json")
         _write_generation_config(config, tmp)
         _write_shards(state, tmp, max_shard_bytes)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+    return out_dir
+
+
+def check_writable(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise MiniCPMError(f"{out_dir} already exists and is not empty (pass overwrite=True / --force)")
+
+
+@contextmanager
+def atomic_dir(out_dir: Path) -> Iterator[Path]:
+    """A temporary directory beside `out_dir`, renamed to it when the block succeeds."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        yield tmp
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out_dir
+
+
+def write_checkpoint_files(config: MiniCPMConfig, tokenizer, out: Path) -> None:
+    """config.json, generation_config.json and the tokenizer files (a streaming writer's part)."""
+    config.save(out / "config.json")
+    _write_generation_config(config, out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
 
 
 def checkpoint_state_dict(model) -> dict[str, torch.Tensor]:
@@ -195,3 +290,102 @@ def _replace_dir(new: Path, dest: Path) -> None:
     os.replace(dest, old)
     os.replace(new, dest)
     shutil.rmtree(old, ignore_errors=True)
+
+
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+class ShardWriter:
+    """Safetensors shards written one tensor at a time, split as `_write_shards` splits them.
+
+    save_file needs a whole shard in memory; here each tensor's bytes go to a scratch file as they
+    come, and closing a shard writes its header and copies the bytes over in safetensors' own
+    order (widest dtype first, then by name, so every tensor stays aligned) a chunk at a time.
+    Memory: one tensor and one chunk. Write into a directory from `atomic_dir`.
+    """
+
+    CHUNK = 64 * 2**20
+
+    def __init__(self, out: Path, max_shard_bytes: int = 2 * 1024**3):
+        self.out, self.max_shard_bytes = out, max_shard_bytes
+        self.done: list[tuple[Path, list[str], int]] = []  # (written shard, names, bytes)
+        self.names: set[str] = set()
+        self._start()
+
+    def _start(self) -> None:
+        # open across add() calls; closed by _finish_shard or abort
+        self._scratch = open(self.out / f".shard-{len(self.done) + 1}.data", "w+b")  # noqa: SIM115
+        self._entries: dict[str, tuple[str, list[int], int, int]] = {}  # name: dtype, shape, offset, bytes
+        self._size = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self.names:
+            raise ValueError(f"tensor {name} written twice")
+        if tensor.dtype not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"tensor {name}: dtype {tensor.dtype} cannot be stored in safetensors")
+        tensor = tensor.detach().cpu().contiguous()
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._entries and self._size + nbytes > self.max_shard_bytes:
+            self._finish_shard()
+            self._start()
+        if nbytes:
+            self._scratch.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
+        self._entries[name] = (_SAFETENSORS_DTYPES[tensor.dtype], list(tensor.shape), self._size, nbytes)
+        self._size += nbytes
+        self.names.add(name)
+
+    def _finish_shard(self) -> None:
+        order = sorted(self._entries, key=lambda n: (-_itemsize(self._entries[n][0]), n))
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name in order:
+            dtype, shape, _, nbytes = self._entries[name]
+            header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors pads it
+        path = self.out / f".shard-{len(self.done) + 1}.safetensors"
+        with open(path, "wb") as f:
+            f.write(len(raw).to_bytes(8, "little"))
+            f.write(raw)
+            for name in order:
+                _, _, start, nbytes = self._entries[name]
+                self._scratch.seek(start)
+                while nbytes:
+                    chunk = self._scratch.read(min(nbytes, self.CHUNK))
+                    f.write(chunk)
+                    nbytes -= len(chunk)
+        self._scratch.close()
+        os.unlink(self._scratch.name)
+        self.done.append((path, list(self._entries), self._size))
+
+    def close(self) -> list[Path]:
+        """Finish the last shard and name the files as save_pretrained does (index if several)."""
+        self._finish_shard()
+        if len(self.done) == 1:
+            final = self.out / "model.safetensors"
+            os.replace(self.done[0][0], final)
+            return [final]
+        weight_map, total, files = {}, 0, []
+        for i, (path, names, size) in enumerate(self.done, 1):
+            file = f"model-{i:05d}-of-{len(self.done):05d}.safetensors"
+            os.replace(path, self.out / file)
+            files.append(self.out / file)
+            weight_map.update(dict.fromkeys(names, file))
+            total += size
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (self.out / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        return files
+
+    def abort(self) -> None:
+        if not self._scratch.closed:
+            self._scratch.close()
+
+
+def _itemsize(safetensors_dtype: str) -> int:
+    return next(torch.empty(0, dtype=d).element_size() for d, n in _SAFETENSORS_DTYPES.items()
+                if n == safetensors_dtype)

@@ -4,8 +4,12 @@ Which layers are quantized is a predicate over (name, module); by default every 
 decoder except the MoE router (a few outputs that decide everything downstream). The head is its
 own choice: int8 by default, or kept as it is (`head="bf16"`, i.e. in the model's own dtype).
 
-A tied embedding stays as it is for the lookup and the head gets its own int8 copy: the lookup
-reads a few rows per token, while the head is read whole on every decoded token.
+A tied embedding with an int8 head reads its lookups from the head's int8 table
+(`embedding="head"`, the default; QuantizedEmbedding): the float table is then neither kept in
+memory nor stored, 566 MB of bf16 for MiniCPM-2B. `embedding="float"` keeps the float table for
+the lookups beside the head's int8 copy (what checkpoints without the "embedding" key hold).
+An untied embedding is never quantized: a lookup reads a few rows of it per token, and loading
+leaves it memory-mapped, so only the rows touched are paged in.
 
 int4 group size: a layer whose in_features the asked group does not divide uses the largest of
 32/64/128 below it that does (SmolLM2's 576 -> 64 for an asked 128); the rule depends only on
@@ -27,21 +31,36 @@ from minicpm.quantization.linear import GROUP_SIZES, QuantizedLinear
 
 Predicate = Callable[[str, nn.Module], bool]
 HEADS = ("int8", "bf16")
+EMBEDDINGS = ("head", "float")
 
 
 def default_predicate(name: str, module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) and not name.endswith("mlp.gate")
 
 
-def make_spec(bits: int = 4, group_size: int = 128, head: str = "int8") -> dict[str, Any]:
-    """The `config.quantization` record, validated."""
+def make_spec(bits: int = 4, group_size: int = 128, head: str = "int8",
+              embedding: str = "head") -> dict[str, Any]:
+    """The `config.quantization` record, validated (`embedding` as asked; see `shares_table`)."""
     if bits not in (4, 8):
         raise MiniCPMError(f"bits must be 4 or 8, got {bits}")
     if bits == 4 and group_size not in GROUP_SIZES:
         raise MiniCPMError(f"group size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size}")
     if head not in HEADS:
         raise MiniCPMError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
-    return {"method": "rtn", "bits": bits, "group_size": group_size if bits == 4 else None, "head": head}
+    if embedding not in EMBEDDINGS:
+        raise MiniCPMError(f"embedding must be one of {', '.join(EMBEDDINGS)}, got {embedding!r}")
+    return {"method": "rtn", "bits": bits, "group_size": group_size if bits == 4 else None, "head": head,
+            "embedding": embedding}
+
+
+def shares_table(config: MiniCPMConfig, spec: dict[str, Any]) -> bool:
+    """Whether the embedding lookups read the int8 head's table (tied, int8 head, not "float")."""
+    return bool(config.tie_word_embeddings) and spec["head"] == "int8" and spec.get("embedding") == "head"
+
+
+def effective_spec(config: MiniCPMConfig, spec: dict[str, Any]) -> dict[str, Any]:
+    """The spec as recorded: "embedding" says what the checkpoint holds, "head" only when shared."""
+    return {**spec, "embedding": "head" if shares_table(config, spec) else "float"}
 
 
 def layer_group_size(asked: int, in_features: int, name: str) -> int:
@@ -83,13 +102,16 @@ def _note_group_fallbacks(spec: dict[str, Any], chosen: dict) -> None:
 
 @torch.no_grad()
 def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 128, head: str = "int8",
-                   predicate: Predicate | None = None, progress: bool = False) -> nn.Module:
+                   predicate: Predicate | None = None, progress: bool = False,
+                   embedding: str = "head") -> nn.Module:
     """Quantize `model` in place (round-to-nearest), one decoder layer at a time."""
     from tqdm import tqdm
 
+    from minicpm.quantization.embedding import QuantizedEmbedding
+
     if model.config.quantization:
         raise MiniCPMError("this model is already quantized")
-    spec = make_spec(bits, group_size, head)
+    spec = effective_spec(model.config, make_spec(bits, group_size, head, embedding))
     chosen = plan(model, spec, predicate)  # before any swap, so a bad layer leaves the model intact
     _note_group_fallbacks(spec, chosen)
     skipped = _skipped(model, chosen)
@@ -98,8 +120,10 @@ def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 128, head:
             if name in chosen:
                 b, g = chosen[name]
                 _swap(model, name, QuantizedLinear.from_float(module, b, g, name=name))
-    if "lm_head" in chosen:  # a tied head gets its own copy; the embedding keeps the original
+    if "lm_head" in chosen:  # a tied head gets its own copy of the table
         model.lm_head = QuantizedLinear.from_float(model.lm_head, 8, name="lm_head")
+    if shares_table(model.config, spec):  # and the lookups read it: the float table is dropped
+        model.model.embed_tokens = QuantizedEmbedding(model.lm_head)
     if skipped:
         spec["skip"] = skipped
     model.config = model.config.replace(quantization=spec)
@@ -116,15 +140,19 @@ def load_quantized(config: MiniCPMConfig, named_tensors: Iterable[tuple[str, tor
     """Rebuild a model saved by `quantize_model` + `save_pretrained`, one tensor at a time."""
     from minicpm.formats.weights import config_dtype, resolve_device, resolve_dtype
     from minicpm.model import MiniCPMForCausalLM
+    from minicpm.quantization.embedding import QuantizedEmbedding
 
     dtype, device = resolve_dtype(dtype), resolve_device(device)
     spec = _read_spec(config, source)
     with torch.device("meta"):
         model = MiniCPMForCausalLM(config)
     chosen = plan(model, spec, skip=spec.get("skip", ()))
+    shared = shares_table(config, spec)
     has_bias = {name: model.get_submodule(name).bias is not None for name in chosen}
     params = {n: p for n, p in model.named_parameters()
               if n.rpartition(".")[0] not in chosen}  # a tied head's weight appears as the embedding
+    if shared:  # not stored: the lookups read the head's table
+        params.pop("model.embed_tokens.weight")
     pending: dict[str, dict[str, torch.Tensor]] = {name: {} for name in chosen}
     loaded, unexpected = set(), []
     for name, tensor in named_tensors:
@@ -141,10 +169,31 @@ def load_quantized(config: MiniCPMConfig, named_tensors: Iterable[tuple[str, tor
         elif not name.endswith("rotary_emb.inv_freq"):
             unexpected.append(name)
     _check_complete(unexpected, sorted(set(params) - loaded) + sorted(pending), source)
-    if config.tie_word_embeddings and "lm_head" not in chosen:
+    if shared:
+        model.model.embed_tokens = QuantizedEmbedding(model.lm_head)
+    elif config.tie_word_embeddings and "lm_head" not in chosen:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.model.rotary_emb.to(device)
+    _release_freed_memory()
     return model.eval().requires_grad_(False)
+
+
+def _release_freed_memory() -> None:
+    """Hand the heap's free pages back to the OS (glibc): unpacking and repacking every layer's
+    codes leaves tens of MB of freed transients in the heap, counted in RSS until reused."""
+    import ctypes
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl): nothing to trim
+            pass
+
+
+def is_quantized_part(name: str) -> bool:
+    """A quantized layer's codes, scales or zeros (checkpoint name)."""
+    return name.rpartition(".")[2] in ("qweight", "scales", "zeros")
 
 
 def _read_spec(config: MiniCPMConfig, source: str) -> dict[str, Any]:
@@ -152,7 +201,10 @@ def _read_spec(config: MiniCPMConfig, source: str) -> dict[str, Any]:
     if q.get("method") != "rtn":
         raise CheckpointError(f"{source}: unknown quantization method {q.get('method')!r} in config.json")
     try:
-        return {**make_spec(q["bits"], q.get("group_size") or 128, q.get("head", "int8")), **q}
+        # no "embedding" key: written before the shared table existed, the float table is stored
+        embedding = q.get("embedding", "float")
+        return {**make_spec(q["bits"], q.get("group_size") or 128, q.get("head", "int8"), embedding), **q,
+                "embedding": embedding}
     except (KeyError, MiniCPMError) as e:
         raise CheckpointError(f"{source}: bad quantization record in config.json: {e}") from None
 
@@ -189,3 +241,100 @@ def _check_complete(unexpected: list[str], missing: list[str], source: str) -> N
         if names:
             shown = ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
             raise CheckpointError(f"{source}: {len(names)} {what} tensor(s): {shown}")
+
+
+# Rows of an int8 layer quantized at once when streaming: each row has its own scale, so slices
+# give the very codes the whole would, and the fp32 transients of MiniCPM-2B's 122753-row head
+# stay ~20 MB each instead of 1.1 GB.
+STREAM_ROWS = 2048
+
+
+@torch.no_grad()
+def quantize_tensors(config: MiniCPMConfig, named_tensors: Iterable[tuple[str, torch.Tensor]],
+                     spec: dict[str, Any], dtype: Any = None, source: str = "checkpoint",
+                     predicate: Predicate | None = None):
+    """(config with the quantization record, iterator of the checkpoint's (name, tensor) pairs).
+
+    The streaming form of `quantize_model` + `save_pretrained`: each source tensor is cast to
+    the dtype `load` would give it, quantized if it is a chosen Linear's weight, and passed on;
+    no model is built. The same names, dtypes and values as that path. Names and shapes are
+    checked as `build_model` checks them; missing tensors are reported at the end.
+    """
+    from minicpm.formats.weights import _DERIVED_SUFFIXES, config_dtype, resolve_dtype
+    from minicpm.model import MiniCPMForCausalLM
+
+    if config.quantization:
+        raise MiniCPMError(f"{source} is already quantized")
+    dtype = resolve_dtype(dtype)
+    with torch.device("meta"):
+        meta = MiniCPMForCausalLM(config)
+    chosen = plan(meta, spec, predicate)
+    _note_group_fallbacks(spec, chosen)
+    spec = effective_spec(config, spec)
+    skipped = _skipped(meta, chosen)
+    if skipped:
+        spec["skip"] = skipped
+    shapes = {n: tuple(p.shape) for n, p in meta.named_parameters()}  # a tied head appears as the embedding
+    has_bias = {name: meta.get_submodule(name).bias is not None for name in chosen}
+    tied_copy = config.tie_word_embeddings and "lm_head" in chosen
+
+    def tensors():
+        pending: dict[str, dict[str, torch.Tensor]] = {}
+        seen, unexpected = set(), []
+        for name, tensor in named_tensors:
+            if name.endswith(_DERIVED_SUFFIXES) or (name == "lm_head.weight" and config.tie_word_embeddings):
+                continue  # recomputed / the tie wins, as build_model does
+            if name not in shapes:
+                unexpected.append(name)
+                continue
+            _check_shape(name, tensor, shapes[name], source)
+            if not tensor.is_floating_point():
+                raise CheckpointError(f"{source}: tensor {name} has non-float dtype {tensor.dtype}")
+            tensor = tensor.to(dtype or config_dtype(config) or tensor.dtype)
+            seen.add(name)
+            module, _, leaf = name.rpartition(".")
+            if name == "model.embed_tokens.weight" and tied_copy:
+                if not shares_table(config, spec):
+                    yield name, tensor
+                yield from _quantized_state("lm_head", {"weight": tensor}, chosen["lm_head"])
+            elif module in chosen and leaf in ("weight", "bias"):
+                parts = pending.setdefault(module, {})
+                parts[leaf] = tensor
+                if "weight" in parts and ("bias" in parts or not has_bias[module]):
+                    yield from _quantized_state(module, pending.pop(module), chosen[module])
+            else:
+                yield name, tensor
+        missing = sorted(set(shapes) - seen)
+        _check_complete(unexpected, missing, source)
+
+    return config.replace(quantization=spec), tensors()
+
+
+def _quantized_state(name: str, parts: dict[str, torch.Tensor], bits_group: tuple):
+    """The checkpoint tensors of one quantized Linear, through QuantizedLinear itself."""
+    bits, group = bits_group
+    weight, bias = parts["weight"], parts.get("bias")
+    rows = weight.shape[0]
+    step = STREAM_ROWS if bits == 8 else rows
+    state: dict[str, torch.Tensor] = {}
+    for i in range(0, rows, step):
+        piece = _quantize_rows(weight[i:i + step], None if bias is None else bias[i:i + step], bits, group, name)
+        if step >= rows:
+            state = piece
+            break
+        for leaf, tensor in piece.items():  # per-row codes and scales: the slices fill the whole layer's
+            if leaf not in state:
+                state[leaf] = torch.empty((rows, *tensor.shape[1:]), dtype=tensor.dtype)
+            state[leaf][i:i + step] = tensor
+    for leaf, tensor in state.items():
+        yield f"{name}.{leaf}", tensor
+
+
+def _quantize_rows(weight: torch.Tensor, bias: torch.Tensor | None, bits: int, group: int | None,
+                   name: str) -> dict[str, torch.Tensor]:
+    with torch.device("meta"):
+        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias, requires_grad=False)
+    return dict(QuantizedLinear.from_float(linear, bits, group, name=name).portable_state())
