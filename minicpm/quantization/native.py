@@ -124,8 +124,8 @@ def library() -> ctypes.CDLL | None:
             if "lib" not in _state:
                 try:
                     _state["lib"], _state["reason"] = _load_checked(), None
-                except RuntimeError as exc:
-                    _state["lib"], _state["reason"] = None, str(exc)
+                except Exception as exc:  # noqa: BLE001 - whatever went wrong, PyTorch's kernels still work
+                    _state["lib"], _state["reason"] = None, str(exc) or type(exc).__name__
                     if "MINICPM_NATIVE=0" not in str(exc):
                         warnings.warn(f"native int4/int8 kernel unavailable ({exc}); using PyTorch's kernels",
                                       RuntimeWarning, stacklevel=3)

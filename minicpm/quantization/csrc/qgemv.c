@@ -130,13 +130,16 @@ static inline __attribute__((always_inline)) void tile_int4(
                     for (int m = 0; m < MC; m++) {
                         const int8_t *xk = xq + m * Kp + k0 + 4 * L;
                         lo_acc[m] = _mm512_dpbusd_epi32(lo_acc[m], lo, _mm512_set1_epi32(*(const i32u *)xk));
-                        hi_acc[m] = _mm512_dpbusd_epi32(hi_acc[m], hi, _mm512_set1_epi32(*(const i32u *)(xk + 16)));
+                        if (MC == 1)  /* a second chain; with more rows, rows are the parallel chains */
+                            hi_acc[m] = _mm512_dpbusd_epi32(hi_acc[m], hi, _mm512_set1_epi32(*(const i32u *)(xk + 16)));
+                        else
+                            lo_acc[m] = _mm512_dpbusd_epi32(lo_acc[m], hi, _mm512_set1_epi32(*(const i32u *)(xk + 16)));
                     }
                 }
             }
 #pragma GCC unroll 8
             for (int m = 0; m < MC; m++)
-                ga[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(lo_acc[m], hi_acc[m])),
+                ga[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(MC == 1 ? _mm512_add_epi32(lo_acc[m], hi_acc[m]) : lo_acc[m]),
                                         _mm512_set1_ps(xd[m * nb + blk]), ga[m]);
         }
         __m512 s = load16(sc, meta0 + 16L * g, mk), z = load16(zc, meta0 + 16L * g, mk);
@@ -177,13 +180,16 @@ static inline __attribute__((always_inline)) void tile_int8(
                 for (int m = 0; m < MC; m++) {
                     const int8_t *xk = xq + m * Kp + k0 + 4 * L;
                     a0[m] = _mm512_dpbusd_epi32(a0[m], v0, _mm512_set1_epi32(*(const i32u *)xk));
-                    a1[m] = _mm512_dpbusd_epi32(a1[m], v1, _mm512_set1_epi32(*(const i32u *)(xk + 4)));
+                    if (MC == 1)
+                        a1[m] = _mm512_dpbusd_epi32(a1[m], v1, _mm512_set1_epi32(*(const i32u *)(xk + 4)));
+                    else
+                        a0[m] = _mm512_dpbusd_epi32(a0[m], v1, _mm512_set1_epi32(*(const i32u *)(xk + 4)));
                 }
             }
         }
 #pragma GCC unroll 8
         for (int m = 0; m < MC; m++)
-            ga[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a0[m], a1[m])),
+            ga[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(MC == 1 ? _mm512_add_epi32(a0[m], a1[m]) : a0[m]),
                                     _mm512_set1_ps(xd[m * nb + blk]), ga[m]);
     }
     __m512 s = load16(sc, meta0, mk);
