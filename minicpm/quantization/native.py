@@ -157,41 +157,62 @@ def padded_k(bits: int, in_features: int, group_size: int | None) -> int:
     return in_features if bits == 4 else -(-in_features // 32) * 32
 
 
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """Contiguous, with a storage offset that allows an int64 view."""
+    if not t.is_contiguous() or t.storage_offset() % 8:
+        t = t.clone(memory_format=torch.contiguous_format)
+    return t
+
+
+def _pad_rows(q: torch.Tensor, value: int = 0) -> torch.Tensor:
+    n = q.shape[0]
+    t = -(-n // ROWS)
+    return q if n == t * ROWS else torch.nn.functional.pad(q, (0, 0, 0, t * ROWS - n), value=value)
+
+
+# The byte shuffles below move 4-byte groups as int32 and combine nibbles 8 bytes at a time as
+# int64 (codes are < 16, so a 4-bit shift never carries into the next byte): 10x faster than
+# per-byte indexing, which matters at load time (~0.4 G codes for MiniCPM-1B).
+
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """uint8 codes [N, K] (0..15, K % 32 == 0) -> the tiled nibble layout, uint8 [T*K*8]."""
     n, k = q.shape
-    t = -(-n // ROWS)
-    q = torch.nn.functional.pad(q, (0, 0, 0, t * ROWS - n))
-    v = q.reshape(t, ROWS, k // 32, 2, 4, 4)              # [tile, row, block, half, L, b]
-    packed = v[:, :, :, 0] | (v[:, :, :, 1] << 4)         # [tile, row, block, L, b]
-    return packed.permute(0, 2, 3, 1, 4).contiguous().reshape(-1)
+    q = _aligned(_pad_rows(q))
+    halves = q.view(-1, k // 32, 2, 16).view(torch.int64)            # [row, block, half, 2 x 8 bytes]
+    packed = halves[:, :, 0] | (halves[:, :, 1] << 4)                # [row, block, 2]: bytes (L, b)
+    packed = packed.view(torch.int32).view(-1, ROWS, k // 32, 4)     # [tile, row, block, L] x 4 bytes
+    return packed.permute(0, 2, 3, 1).contiguous().view(torch.uint8).reshape(-1)
 
 
 def unpack_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     t = -(-n // ROWS)
-    v = packed.reshape(t, k // 32, 4, ROWS, 4).permute(0, 3, 1, 2, 4)   # [tile, row, block, L, b]
-    q = torch.stack((v & 15, v >> 4), dim=3)                            # [tile, row, block, half, L, b]
-    return q.reshape(t * ROWS, k)[:n]
+    v = _aligned(packed).view(torch.int32).view(t, k // 32, 4, ROWS)  # [tile, block, L, row]
+    v = v.permute(0, 3, 1, 2).contiguous().view(torch.int64)          # [tile, row, block, 2 x 8 bytes]
+    mask = 0x0F0F0F0F0F0F0F0F
+    q = torch.stack((v & mask, (v >> 4) & mask), dim=3)               # [tile, row, block, half, 2]
+    return q.view(torch.uint8).reshape(t * ROWS, k)[:n]
 
 
 def pack_int8(q: torch.Tensor, k_padded: int) -> torch.Tensor:
     """int8 codes [N, K] -> codes + 128 in the tiled layout, uint8 [T*Kp*16]."""
     n, k = q.shape
-    t = -(-n // ROWS)
-    u = (q.to(torch.int16) + 128).to(torch.uint8)
-    u = torch.nn.functional.pad(u, (0, k_padded - k, 0, t * ROWS - n), value=128)
-    v = u.reshape(t, ROWS, k_padded // 32, 8, 4)          # [tile, row, block, L, b]
-    return v.permute(0, 2, 3, 1, 4).contiguous().reshape(-1)
+    u = q.contiguous().view(torch.uint8) ^ 0x80                       # q + 128, in two's complement
+    if k_padded != k:
+        u = torch.nn.functional.pad(u, (0, k_padded - k), value=128)
+    u = _aligned(_pad_rows(u, 128))
+    v = u.view(torch.int32).view(-1, ROWS, k_padded // 32, 8)        # [tile, row, block, L] x 4 bytes
+    return v.permute(0, 2, 3, 1).contiguous().view(torch.uint8).reshape(-1)
 
 
 def _int8_view(packed: torch.Tensor, n: int, k_padded: int) -> torch.Tensor:
     t = -(-n // ROWS)
-    return packed.reshape(t, k_padded // 32, 8, ROWS, 4)
+    return packed.view(t, k_padded // 32, 8, ROWS, 4)
 
 
 def unpack_int8(packed: torch.Tensor, n: int, k: int, k_padded: int) -> torch.Tensor:
-    v = _int8_view(packed, n, k_padded).permute(0, 3, 1, 2, 4).reshape(-1, k_padded)
-    return (v[:n, :k].to(torch.int16) - 128).to(torch.int8)
+    t = -(-n // ROWS)
+    v = _aligned(packed).view(torch.int32).view(t, k_padded // 32, 8, ROWS).permute(0, 3, 1, 2).contiguous()
+    return (v.view(torch.uint8).reshape(t * ROWS, k_padded)[:n, :k] ^ 0x80).view(torch.int8)
 
 
 def int8_rows(packed: torch.Tensor, n: int, k: int, k_padded: int, index: torch.Tensor) -> torch.Tensor:
