@@ -1,8 +1,9 @@
 """`minicpm bench`: speed on the real MiniCPM shapes, side by side with llama.cpp and transformers.
 
 Seeded random weights of a family shape (MiniCPM-1B by default, MiniCPM-2B with `full=True`)
-are written once as a bf16 checkpoint, a llama-format checkpoint and f16/q8_0/q4_0 GGUF files.
-Then every engine runs in its own process (so peak RSS is its own, and one engine's allocator
+are written once as a bf16 checkpoint, a llama-format checkpoint, f16/q8_0/q4_0 GGUF files and,
+through the streaming `quantize_checkpoint`, our int8/int4 checkpoints (so our quantized rows load
+what a user loads: load time and peak RSS are not those of quantizing). Then every engine runs in its own process (so peak RSS is its own, and one engine's allocator
 state cannot slow the next) on the same threads:
 
   ours          bf16; int8 and int4 too when `minicpm.quantization` is importable
@@ -14,6 +15,10 @@ decode tok/s over NEW_TOKENS greedy tokens at batch 1, and peak RSS. The machine
 bandwidth is measured too; decode is also given as a fraction of the bandwidth-bound limit
 (bandwidth / bytes of weights read per token; the KV cache, a few % here, is left out).
 Random networks: speeds are real, the text is noise.
+
+A second table is the memory target "chat with a 2k context": peak RSS of ours int4 (int8 KV
+cache where the model offers one) and llama.cpp q4_0 (n_ctx 2048, its default f16 KV cache)
+prefilling the same CTX_PROMPT-token prompt and decoding CTX_NEW tokens, filling the context.
 """
 
 from __future__ import annotations
@@ -31,6 +36,9 @@ from pathlib import Path
 
 PROMPT_TOKENS = 512
 NEW_TOKENS = 128
+CTX = 2048                # the memory case: a full 2k context ...
+CTX_NEW = 32              # ... of which this many tokens are generated
+CTX_PROMPT = CTX - CTX_NEW
 SEED = 0
 # (engine, precision) in table order; the llama.cpp row of the same "class" is each row's peer.
 CASES = [
@@ -39,6 +47,8 @@ CASES = [
     ("transformers", "bf16"),
 ]
 PEER = {"bf16": "f16", "int8": "q8_0", "int4": "q4_0", "f16": "f16", "q8_0": "q8_0", "q4_0": "q4_0"}
+QUANTIZED = {"int8": 8, "int4": 4}  # our quantized checkpoints: precision -> bits (group 128, int8 head)
+MEMORY_CASES = [("ours", "int4"), ("llama.cpp", "q4_0")]
 
 
 # --- preparation ----------------------------------------------------------------------------------
@@ -74,8 +84,10 @@ def bench_tokenizer():
     return Tokenizer.from_gguf_metadata(meta)
 
 
-def prepare(shape: str, workdir: Path, gguf_types=("f16", "q8_0", "q4_0"), log=print) -> None:
-    """Write `shape`'s random checkpoint as hf/ (bf16), llama/ (bf16) and model-<type>.gguf."""
+def prepare(shape: str, workdir: Path, gguf_types=("f16", "q8_0", "q4_0"), log=print,
+            quantized=tuple(QUANTIZED)) -> None:
+    """Write `shape`'s random checkpoint as hf/ (bf16), ours-<int8|int4>/, llama/ (bf16) and
+    model-<type>.gguf."""
     from minicpm.config import preset
     from minicpm.formats.gguf import write_gguf
     from minicpm.formats.hf import save_pretrained
@@ -85,12 +97,14 @@ def prepare(shape: str, workdir: Path, gguf_types=("f16", "q8_0", "q4_0"), log=p
     config = preset(shape, torch_dtype="bfloat16")
     if tokenizer.vocab_size > config.vocab_size:  # tiny test shapes: GGUF needs a row per token
         config = config.replace(vocab_size=tokenizer.vocab_size)
-    if config.max_position_embeddings < PROMPT_TOKENS + NEW_TOKENS:  # tiny shapes again
-        config = config.replace(max_position_embeddings=PROMPT_TOKENS + NEW_TOKENS)
+    if config.max_position_embeddings < max(PROMPT_TOKENS + NEW_TOKENS, CTX):  # tiny shapes again
+        config = config.replace(max_position_embeddings=max(PROMPT_TOKENS + NEW_TOKENS, CTX))
     start = time.perf_counter()
     state = dict(random_tensors(config))  # bf16 only: ~2.7 GB for 1B, ~5.5 GB for 2B
     save_pretrained(None, None, workdir / "hf", config=config, state_dict=state, overwrite=True)
     log(f"  {shape}: random bf16 checkpoint in {time.perf_counter() - start:.0f} s")
+    if quantized and _has_quantization():
+        prepare_quantized(workdir, quantized, log=lambda m: log(f"  {shape}: {m}"))
     for gguf_type in gguf_types:
         start = time.perf_counter()
         write_gguf(config, state.items(), tokenizer, workdir / f"model-{gguf_type}.gguf",
@@ -100,6 +114,21 @@ def prepare(shape: str, workdir: Path, gguf_types=("f16", "q8_0", "q4_0"), log=p
     del state  # the folded copy replaces it: never two models in memory for long
     save_pretrained(None, None, workdir / "llama", config=llama_config, state_dict=llama_state,
                     overwrite=True)
+
+
+def prepare_quantized(workdir: Path, precisions=tuple(QUANTIZED), log=print) -> None:
+    """ours-<precision>/ from hf/ by the streaming quantize_checkpoint, as `minicpm quantize` does."""
+    from minicpm.quantization import quantize_checkpoint
+
+    for precision in precisions:
+        start = time.perf_counter()
+        quantize_checkpoint(workdir / "hf", workdir / f"ours-{precision}", bits=QUANTIZED[precision],
+                            group_size=128, head="int8", overwrite=True, progress=False)
+        log(f"{precision} checkpoint (streaming quantize_checkpoint) in {time.perf_counter() - start:.0f} s")
+
+
+def ours_path(workdir: Path, precision: str) -> Path:
+    return workdir / ("hf" if precision == "bf16" else f"ours-{precision}")
 
 
 # --- measurements (each in its own process) -------------------------------------------------------
@@ -136,9 +165,10 @@ def unique_weight_bytes(model) -> int:
         total += tensor.numel() * tensor.element_size()
     # ours: model.model.embed_tokens; transformers: the same path. A quantized head (ours) is a
     # module without `.weight`, so the bf16 embedding beside it is lookup-only.
-    embed = model.model.embed_tokens.weight
+    # A tied embedding that reads the int8 head's rows (QuantizedEmbedding) has no table of its own.
+    embed = getattr(model.model.embed_tokens, "weight", None)
     head = getattr(model.lm_head, "weight", None)
-    if head is None or head.data_ptr() != embed.data_ptr():
+    if embed is not None and (head is None or head.data_ptr() != embed.data_ptr()):
         total -= embed.numel() * embed.element_size()
     return total
 
@@ -151,11 +181,7 @@ def run_ours(workdir: Path, precision: str) -> dict:
     from minicpm.generation.sampling import SamplingParams
 
     start = time.perf_counter()
-    model = load_model(workdir / "hf", dtype="bfloat16")
-    if precision != "bf16":
-        from minicpm.quantization import quantize_model
-
-        quantize_model(model, bits=8 if precision == "int8" else 4, group_size=128, head="int8")
+    model = load_model(ours_path(workdir, precision), dtype="bfloat16")  # quantized in prepare()
     load = time.perf_counter() - start
     ids = prompt_ids(model.config.vocab_size)
     params = SamplingParams.from_kwargs(temperature=0.0, max_new_tokens=4, stop_token_ids=[])
@@ -235,15 +261,64 @@ def gguf_weight_bytes(path: Path) -> int:
     return total
 
 
+def ctx_ids(vocab: int) -> list[int]:
+    return prompt_ids(vocab, CTX_PROMPT)
+
+
+def _ctx_result(tokens, load: float, kv: str) -> dict:
+    result = _timed_tokens(tokens)
+    result["prefill"] = CTX_PROMPT / result["ttft"]
+    return {**result, "load": load, "kv": kv, "context": CTX}
+
+
+def run_ours_ctx(workdir: Path, precision: str) -> dict:
+    """A CTX_PROMPT-token prompt and CTX_NEW greedy tokens in a CTX-token cache, int8 KV if offered."""
+    import inspect
+
+    from minicpm.formats.hf import load_model
+    from minicpm.generation.generate import TokenGenerator
+    from minicpm.generation.sampling import SamplingParams
+
+    start = time.perf_counter()
+    model = load_model(ours_path(workdir, precision), dtype="bfloat16")
+    load = time.perf_counter() - start
+    kv = "bf16"
+    if "kv_dtype" in inspect.signature(model.new_cache).parameters:
+        model.kv_cache_dtype, kv = "int8", "int8"  # what TokenGenerator's new_cache then makes
+    params = SamplingParams.from_kwargs(temperature=0.0, max_new_tokens=CTX_NEW, stop_token_ids=[])
+    return _ctx_result(TokenGenerator(model, [ctx_ids(model.config.vocab_size)], params), load, kv)
+
+
+def run_llamacpp_ctx(workdir: Path, precision: str) -> dict:
+    import llama_cpp
+
+    start = time.perf_counter()
+    llm = llama_cpp.Llama(str(workdir / f"model-{precision}.gguf"), n_ctx=CTX, n_batch=512,
+                          n_threads=int(os.environ["BENCH_THREADS"]), verbose=False)
+    load = time.perf_counter() - start
+    ids = ctx_ids(llm.n_vocab())
+
+    def tokens():
+        llm.eval(ids)
+        for step in range(CTX_NEW):
+            token = llm.sample(temp=0.0)
+            yield token
+            if step < CTX_NEW - 1:
+                llm.eval([token])
+
+    return _ctx_result(tokens(), load, "f16")
+
+
 RUNNERS = {"ours": run_ours, "transformers": run_transformers, "llama.cpp": run_llamacpp}
+CTX_RUNNERS = {"ours": run_ours_ctx, "llama.cpp": run_llamacpp_ctx}
 
 
-def run_case_here(engine: str, precision: str, workdir: Path, threads: int) -> dict:
-    """Entry point of the child process: one engine, one precision."""
+def run_case_here(engine: str, precision: str, workdir: Path, threads: int, mode: str = "speed") -> dict:
+    """Entry point of the child process: one engine, one precision; mode "ctx": the 2k-context case."""
     import torch
 
     torch.set_num_threads(threads)
-    result = RUNNERS[engine](workdir, precision)
+    result = (CTX_RUNNERS if mode == "ctx" else RUNNERS)[engine](workdir, precision)
     result["rss"] = peak_rss_mb()
     return result
 
@@ -257,10 +332,11 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_case(engine: str, precision: str, workdir: Path, threads: int, timeout: float = 1800) -> dict | str:
+def run_case(engine: str, precision: str, workdir: Path, threads: int, timeout: float = 1800,
+             mode: str = "speed") -> dict | str:
     """One case in a fresh process; a dict of results, or why it did not run (one line)."""
     env = {**os.environ, "BENCH_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
-    cmd = [sys.executable, "-m", "minicpm.bench", engine, precision, str(workdir), str(threads)]
+    cmd = [sys.executable, "-m", "minicpm.bench", engine, precision, str(workdir), str(threads), mode]
     try:
         result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -273,7 +349,7 @@ def run_case(engine: str, precision: str, workdir: Path, threads: int, timeout: 
 def skip_reason(engine: str, precision: str) -> str | None:
     """Why a case cannot run on this installation, checked before spending time on it."""
     if engine == "ours" and precision != "bf16" and not _has_quantization():
-        return "minicpm.quantization (quantize_model) is not available in this version"
+        return "minicpm.quantization (quantize_checkpoint) is not available in this version"
     if engine == "llama.cpp" and importlib.util.find_spec("llama_cpp") is None:
         return "llama-cpp-python is not installed (`make test-peer` builds it)"
     if engine == "transformers" and importlib.util.find_spec("transformers") is None:
@@ -283,7 +359,7 @@ def skip_reason(engine: str, precision: str) -> str | None:
 
 def _has_quantization() -> bool:
     try:
-        from minicpm.quantization import quantize_model  # noqa: F401
+        from minicpm.quantization import quantize_checkpoint  # noqa: F401
     except ImportError:
         return False
     return True
@@ -335,6 +411,22 @@ def table(shape: str, rows: list[tuple[str, str, dict | str]], bandwidth: float)
     return "\n".join(lines) + "\n"
 
 
+def memory_table(shape: str, rows: list[tuple[str, str, dict | str]]) -> str:
+    """The 2k-context chat case: peak RSS first, speeds for context."""
+    lines = [
+        f"#### {shape}: chat with a {CTX}-token context ({CTX_PROMPT}-token prompt + {CTX_NEW} new tokens)", "",
+        "| engine | precision | KV cache | load s | prefill tok/s | decode tok/s | peak RSS MB |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for engine, precision, r in rows:
+        if isinstance(r, str):
+            lines.append(f"| {engine} | {precision} | not run: {r} | | | | |")
+            continue
+        lines.append(f"| {engine} | {precision} | {r['kv']} | {r['load']:.1f} | {r['prefill']:.1f} | "
+                     f"{r['decode']:.2f} | {r['rss']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
 def header(threads: int, bandwidth: float) -> str:
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return "\n".join([
@@ -344,7 +436,9 @@ def header(threads: int, bandwidth: float) -> str:
         f"Seeded random weights of the real shapes (config presets), bf16 checkpoint; GGUFs written "
         f"from the same weights by `write_gguf` (q4_0 keeps the tied head in q8_0, as llama.cpp does). "
         f"Prefill: one {PROMPT_TOKENS}-token prompt, TTFT = prompt in to first token out. Decode: "
-        f"{NEW_TOKENS} new tokens, batch 1, greedy. Each engine in its own process. The bandwidth "
+        f"{NEW_TOKENS} new tokens, batch 1, greedy. Each engine in its own process; ours int8/int4 "
+        "load checkpoints written beforehand by `quantize_checkpoint` (head int8, int4 group 128; a "
+        "tied embedding reads the int8 head's rows). The bandwidth "
         "limit is bandwidth / weight bytes read per token (KV cache left out). Ratios are to "
         "llama.cpp at the matching precision (bf16 vs f16, int8 vs q8_0, int4 vs q4_0).", "",
     ])
@@ -369,6 +463,16 @@ def run(shapes: list[str], workdir: Path, threads: int, log=print) -> str:
                 log(f"    prefill {result['prefill']:.1f} tok/s, decode {result['decode']:.2f} tok/s")
             rows.append((engine, precision, result))
         parts.append(table(shape, rows, bandwidth))
+        memory_rows = []
+        for engine, precision in MEMORY_CASES:
+            reason = skip_reason(engine, precision)
+            if reason is None:
+                log(f"  running {engine} {precision} with a {CTX}-token context ...")
+            result = reason or run_case(engine, precision, shape_dir, threads, mode="ctx")
+            if isinstance(result, dict):
+                log(f"    peak RSS {result['rss']:.0f} MB")
+            memory_rows.append((engine, precision, result))
+        parts.append(memory_table(shape, memory_rows))
         _remove_tree(shape_dir)  # the next shape needs the disk
     return "\n".join(parts)
 
@@ -406,6 +510,7 @@ def default_threads() -> int:
     return min(os.cpu_count() or 1, 2)
 
 
-if __name__ == "__main__":  # child process: python -m minicpm.bench ENGINE PRECISION WORKDIR THREADS
+if __name__ == "__main__":  # child process: python -m minicpm.bench ENGINE PRECISION WORKDIR THREADS [MODE]
     engine_arg, precision_arg, workdir_arg, threads_arg = sys.argv[1:5]
-    print(json.dumps(run_case_here(engine_arg, precision_arg, Path(workdir_arg), int(threads_arg))))
+    mode_arg = sys.argv[5] if len(sys.argv) > 5 else "speed"
+    print(json.dumps(run_case_here(engine_arg, precision_arg, Path(workdir_arg), int(threads_arg), mode_arg)))

@@ -26,12 +26,17 @@ def test_prepare_writes_loadable_checkpoints(tmp_path):
         assert torch.isfinite(model(ids)).all()
     f16, _ = load_gguf(tmp_path / "model-f16.gguf", dtype="float32")
     torch.testing.assert_close(f16(ids), reference, atol=2e-2, rtol=2e-2)
+    for precision, bits in bench.QUANTIZED.items():  # written once, by the streaming quantizer
+        quantized = load_model(bench.ours_path(tmp_path, precision))
+        assert quantized.config.quantization["bits"] == bits
+        assert quantized.config.quantization["embedding"] == "head"  # tied: one int8 table
+        assert torch.isfinite(quantized(ids)).all()
 
 
 def test_prepare_llama_format_loads_in_transformers(tmp_path):
     import transformers
 
-    bench.prepare("tiny", tmp_path, gguf_types=(), log=lambda message: None)
+    bench.prepare("tiny", tmp_path, gguf_types=(), quantized=(), log=lambda message: None)
     model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "llama", dtype=torch.bfloat16)
     assert model.config.num_hidden_layers == 3
 
@@ -53,6 +58,27 @@ def test_table_ratios_and_skipped_rows():
     text = bench.table("tiny", rows, bandwidth=20.0)
     assert "| ours | bf16 | 1.0 | 2.00 | 256.0 | 4.00 | 2.00 | 40% of 10.0 | 3000 | 2.00x | 2.00x |" in text
     assert "| ours | int4 | not run: not installed |" in text
+
+
+def test_ours_cases_load_the_prepared_quantized_checkpoint(tmp_path):
+    """Both child-process entry points run on the tiny shape: speed, and the 2k-context memory case."""
+    bench.prepare("tiny", tmp_path, gguf_types=(), quantized=("int4",), log=lambda message: None)
+    speed = bench.run_case("ours", "int4", tmp_path, threads=1, timeout=300)
+    assert isinstance(speed, dict), speed
+    assert speed["new_tokens"] == bench.NEW_TOKENS and speed["rss"] > 0 and speed["weight_bytes"] > 0
+    ctx = bench.run_case("ours", "int4", tmp_path, threads=1, timeout=300, mode="ctx")
+    assert isinstance(ctx, dict), ctx
+    assert ctx["new_tokens"] == bench.CTX_NEW and ctx["context"] == bench.CTX and ctx["kv"] in ("int8", "bf16")
+    assert bench.CTX_PROMPT + bench.CTX_NEW == bench.CTX
+
+
+def test_memory_table():
+    ours = {"load": 1.5, "ttft": 10.0, "prefill": 201.6, "decode": 3.0, "new_tokens": 32, "kv": "int8",
+            "context": 2048, "rss": 1900.0}
+    text = bench.memory_table("minicpm-2b", [("ours", "int4", ours), ("llama.cpp", "q4_0", "not installed")])
+    assert "| ours | int4 | int8 | 1.5 | 201.6 | 3.00 | 1900 |" in text
+    assert "| llama.cpp | q4_0 | not run: not installed |" in text
+    assert "2048-token context" in text
 
 
 def test_cli_parses_bench():
