@@ -36,7 +36,7 @@ CONFIGS = {
     "untied": preset("tiny", tie_word_embeddings=False),
     "moe": preset("tiny-gqa", num_experts=4, num_experts_per_tok=2),
 }
-FILE_TYPES = ["f32", "f16", "bf16", "q8_0", "q4_0"]
+FILE_TYPES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q6_k"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -155,6 +155,13 @@ def expected_type(gguf_name: str, shape, config: MiniCPMConfig, file_type: str) 
     if len(shape) == 1 or "ffn_gate_inp" in gguf_name:
         return T.F32
     head = "token_embd.weight" if config.tie_word_embeddings else "output.weight"
+    if file_type in ("q4_k_m", "q6_k"):
+        # The tiny rows (64, 160) hold no 256-value super-block: llama.cpp falls back to Q8_0
+        # for Q6_K (and the head) and to Q5_0 for Q4_K. In q4_k_m, Q6_K goes to the head and to
+        # attn_v/ffn_down of the last of the 3 layers (tests/test_gguf_kquants.py has the rule).
+        assert config.hidden_size % 256 and config.num_hidden_layers == 3
+        finer = gguf_name == head or gguf_name.startswith(("blk.2.attn_v", "blk.2.ffn_down"))
+        return T.Q8_0 if file_type == "q6_k" or finer else T.Q5_0
     if file_type == "q4_0" and gguf_name == head:
         return T.Q8_0
     return T[file_type.upper()]
@@ -202,7 +209,8 @@ def test_round_trip(tmp_path, variant, file_type):
         reference = stored_reference(original, qtype)
         assert tensor.dtype == reference.dtype, name
         assert torch.equal(tensor, reference), name  # exact: no loss beyond the storage type
-        bound = {T.F32: 0, T.F16: 1e-3, T.BF16: 8e-3, T.Q8_0: 1 / 127, T.Q4_0: 1 / 8}[qtype]
+        bound = {T.F32: 0, T.F16: 1e-3, T.BF16: 8e-3, T.Q8_0: 1 / 127, T.Q5_0: 1 / 16,
+                 T.Q4_0: 1 / 8}[qtype]
         err = (tensor.float() - original).abs().max().item()
         assert err <= bound * original.abs().max().item() + 1e-12, (name, err)
 
@@ -769,3 +777,40 @@ def test_official_fatrelu_checkpoint_is_refused(tmp_path):
     config, state, _ = official_checkpoint("s")
     with pytest.raises(ConfigError, match="SiLU"):
         write_gguf(config, state.items(), tiny_spm_metadata(320), tmp_path / "s.gguf")
+
+
+@pytest.mark.parametrize("file_type", ["f16", "q4_k_m"])
+def test_export_writes_scales_chat_template_and_stop_tokens(tiny_checkpoint, tmp_path, file_type):
+    """`convert --to gguf` of a MiniCPM checkpoint always writes the three muP multipliers
+    llama.cpp's minicpm graph reads (without minicpm.logit_scale it would multiply the logits
+    instead of dividing), the tokenizer's chat template and its stop token."""
+    import json
+
+    from minicpm.formats.convert import convert
+    from minicpm.tokenizer import Tokenizer
+
+    out = convert(str(tiny_checkpoint), tmp_path / "m.gguf", to="gguf", gguf_type=file_type)
+    config = json.loads((tiny_checkpoint / "config.json").read_text())
+    tokenizer = Tokenizer.from_pretrained(tiny_checkpoint)
+    fields = gguf.GGUFReader(out).fields
+    layers, hidden = config["num_hidden_layers"], config["hidden_size"]
+    scales = {"minicpm.embedding_scale": config["scale_emb"],
+              "minicpm.residual_scale": config["scale_depth"] / math.sqrt(layers),
+              "minicpm.logit_scale": hidden / config["dim_model_base"]}
+    for key, number in scales.items():
+        assert fields[key].types[0] == GGUFValueType.FLOAT32, key
+        assert fields[key].contents() == np.float32(number), key
+    assert fields["tokenizer.chat_template"].contents() == tokenizer.chat_template
+    assert "<用户>" in fields["tokenizer.chat_template"].contents()
+    assert fields["tokenizer.ggml.eos_token_id"].contents() == config["eos_token_id"] == 2
+    assert fields["tokenizer.ggml.bos_token_id"].contents() == config["bos_token_id"] == 1
+
+
+def test_scale_keys_are_written_even_when_neutral(tmp_path):
+    """A minicpm-architecture config with no muP scaling still gets all three keys (1, 1, 1):
+    llama.cpp's defaults for missing ones are MiniCPM-2B's, not neutral."""
+    config = preset("tiny", scale_emb=1.0, dim_model_base=None, scale_depth=None)
+    path, _ = write_tiny(tmp_path, config, "q8_0")
+    fields = gguf.GGUFReader(path).fields
+    assert [float(fields[f"minicpm.{k}"].contents()) for k in
+            ("embedding_scale", "residual_scale", "logit_scale")] == [1.0, 1.0, 1.0]

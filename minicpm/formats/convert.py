@@ -19,9 +19,17 @@ TARGETS = ("hf", "llama", "gguf")
 
 
 def convert(src: str, out: str | Path, to: str, dtype: Any = None, gguf_type: str = "f16",
-            overwrite: bool = False) -> Path:
+            overwrite: bool = False, progress: bool = False) -> Path:
+    """Write `src` as `to`; `gguf_type` is one of minicpm.formats.gguf.FILE_TYPES (f32, f16,
+    bf16, q8_0, q4_0, q4_k_m, q6_k); `progress` shows a bar while the GGUF tensors are written."""
     if to not in TARGETS:
         raise MiniCPMError(f"unknown target format {to!r}; choose one of {', '.join(TARGETS)}")
+    if to == "gguf":
+        from minicpm.formats.gguf import FILE_TYPES
+
+        if gguf_type not in FILE_TYPES:  # before loading what may be gigabytes
+            raise MiniCPMError(f"unknown GGUF type {gguf_type!r}; choose one of "
+                               f"{', '.join(FILE_TYPES)}")
     out = Path(out)
     if out.exists() and not overwrite and (out.is_file() or any(out.iterdir())):
         raise MiniCPMError(f"{out} already exists (pass --force to replace it)")
@@ -39,6 +47,7 @@ def convert(src: str, out: str | Path, to: str, dtype: Any = None, gguf_type: st
         raise MiniCPMError(f"{src} has no tokenizer; a GGUF file needs one")
     from minicpm.formats.ollama import write_modelfile
 
-    write_gguf(model.config, checkpoint_state_dict(model).items(), tokenizer, out, file_type=gguf_type)
+    write_gguf(model.config, checkpoint_state_dict(model).items(), tokenizer, out,
+               file_type=gguf_type, progress=progress)
     write_modelfile(out, tokenizer)
     return out

@@ -85,14 +85,19 @@ EXPERT_NAMES = {
 # Tensors whose rows llama.cpp interleaves for its rotary layout, with the head count to use.
 _ROPE_PERMUTED = {"attn_q": "num_attention_heads", "attn_k": "num_key_value_heads"}
 
-# write_gguf(file_type=...) -> (GGML type of 2-D weights, general.file_type value)
+# write_gguf(file_type=...) -> (GGML type of 2-D weights, general.file_type value = llama_ftype)
 FILE_TYPES = {
     "f32": ("F32", 0),
     "f16": ("F16", 1),
     "bf16": ("BF16", 32),
     "q8_0": ("Q8_0", 7),
     "q4_0": ("Q4_0", 2),
+    "q4_k_m": ("Q4_K", 15),  # llama.cpp's Q4_K_M mix: Q4_K, Q6_K where it matters (see _q4_k_m_type)
+    "q6_k": ("Q6_K", 18),
 }
+# llama.cpp's replacement when a row is not a whole number of blocks (tensor_type_fallback in
+# llama-quant.cpp): a 32-value type of about the same precision; F16 if even that does not fit.
+_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 _QUANTIZATION_VERSION = 2  # GGML_QNT_VERSION, written by llama.cpp's own converter
 
 
@@ -504,20 +509,24 @@ class _Planned:
 
 def write_gguf(config: MiniCPMConfig, named_tensors: Iterable[tuple[str, torch.Tensor]],
                tokenizer: Any, path: str | os.PathLike, file_type: str = "f16",
-               name: str | None = None) -> Path:
+               name: str | None = None, progress: bool = False) -> Path:
     """Write a GGUF file llama.cpp runs; returns its path.
 
     `named_tensors`: HF names (a state dict's items). `tokenizer`: an object with
     `to_gguf_metadata()` or a dict of `tokenizer.*` keys (None writes no tokenizer; llama.cpp
-    then refuses the file). `file_type`: f32, f16, bf16, q8_0, q4_0 for the 2-D weights; 1-D
-    tensors (norms) and the MoE router stay F32, rows whose length is not a multiple of the
-    block size fall back to F16, and in q4_0 files the output matrix (`output.weight`, or
-    `token_embd.weight` when tied) is Q8_0, as llama.cpp's quantizer also keeps the head finer.
+    then refuses the file). `file_type`: f32, f16, bf16, q8_0, q4_0, q4_k_m, q6_k for the 2-D
+    weights; 1-D tensors (norms) and the MoE router stay F32. In q4_0 files the output matrix
+    (`output.weight`, or `token_embd.weight` when tied) is Q8_0, keeping the head finer as
+    llama.cpp's quantizer does; q4_k_m chooses per tensor as llama.cpp's Q4_K_M does (see
+    `_q4_k_m_type`). Rows whose length is not a multiple of the block size fall back as in
+    llama.cpp: Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, and a 32-value type -> F16.
+    `progress`: a progress bar (weights written) on stderr.
     The file appears at `path` only when complete (written to a temporary name, then renamed).
     The tensors are gathered first (the header lists every shape before any data; a state dict
     costs no copy), then converted and written one at a time.
     """
     import gguf
+    from tqdm import tqdm
 
     if file_type not in FILE_TYPES:
         raise ConfigError(f"GGUF file type {file_type!r} is not supported; "
@@ -541,8 +550,12 @@ def write_gguf(config: MiniCPMConfig, named_tensors: Iterable[tuple[str, torch.T
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for item in plan:  # one tensor converted and in memory at a time
-            writer.write_tensor_data(_encode(item.produce(), item.qtype))
+        total = sum(math.prod(item.shape) for item in plan)
+        with tqdm(total=total, desc=f"writing {path.name}", unit="w", unit_scale=True,
+                  disable=not progress, leave=False) as bar:
+            for item in plan:  # one tensor converted and in memory at a time
+                writer.write_tensor_data(_encode(item.produce(), item.qtype))
+                bar.update(math.prod(item.shape))
         writer.flush()
         for handle in writer.fout or []:
             os.fsync(handle.fileno())
@@ -570,15 +583,53 @@ def _weight_type(gguf_name: str, shape: tuple[int, ...], config: MiniCPMConfig, 
     """The GGML type one tensor is stored as, given the requested file type."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
-    wanted = T[FILE_TYPES[file_type][0]]
     if len(shape) == 1 or gguf_name.endswith("ffn_gate_inp.weight"):
         return T.F32  # llama.cpp keeps norms (and the router) in F32
+    wanted = FILE_TYPES[file_type][0]
     head = "token_embd.weight" if config.tie_word_embeddings else "output.weight"
-    if wanted == T.Q4_0 and gguf_name == head:
-        wanted = T.Q8_0
-    if shape[-1] % GGML_QUANT_SIZES[wanted][0]:
+    if file_type == "q4_k_m":
+        wanted = _q4_k_m_type(gguf_name, shape, config)
+    elif wanted == "Q4_0" and gguf_name == head:
+        wanted = "Q8_0"
+    row = shape[-1]
+    if row % GGML_QUANT_SIZES[T[wanted]][0] and wanted in _FALLBACK:
+        wanted = _FALLBACK[wanted]
+    if row % GGML_QUANT_SIZES[T[wanted]][0]:
         return T.F16  # rows must hold whole quantization blocks
-    return wanted
+    return T[wanted]
+
+
+def _use_more_bits(layer: int, n_layers: int) -> bool:
+    """llama.cpp's choice of layers for a finer type in the _M mixes: the first and last eighth,
+    and every third layer in between."""
+    return (layer < n_layers // 8 or layer >= 7 * n_layers // 8
+            or (layer - n_layers // 8) % 3 == 2)
+
+
+def _q4_k_m_type(gguf_name: str, shape: tuple[int, ...], config: MiniCPMConfig) -> str:
+    """The type llama.cpp's `llama_tensor_get_type` (llama-quant.cpp, LLAMA_FTYPE_MOSTLY_Q4_K_M,
+    no importance matrix, no overrides) gives a 2-D/3-D weight of a llama/minicpm model, before
+    the fallback for rows that are not whole blocks."""
+    head = "token_embd.weight" if config.tie_word_embeddings else "output.weight"
+    if gguf_name == head:  # the output matrix (shared with the embedding when tied)
+        return "Q8_0" if shape[-1] % 256 else "Q6_K"
+    match = re.fullmatch(r"blk\.(\d+)\.(\w+?)(?:_exps)?\.weight", gguf_name)
+    if match is None:
+        return "Q4_K"  # the untied token embedding
+    layer, role = int(match[1]), match[2]
+    n_layers = config.num_hidden_layers
+    eight_experts = config.num_experts == 8  # llama.cpp tunes Mixtral-like 8-expert models
+    if role == "attn_v":
+        if eight_experts:
+            return "Q8_0"
+        return "Q6_K" if _use_more_bits(layer, n_layers) else "Q4_K"
+    if role == "attn_k" and eight_experts:
+        return "Q8_0"
+    if role == "attn_output" and eight_experts:
+        return "Q5_K"
+    if role == "ffn_down" and _use_more_bits(layer, n_layers):
+        return "Q6_K"
+    return "Q4_K"
 
 
 _EXPERT_PATTERN = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(w[123])\.weight")
@@ -663,7 +714,11 @@ def _encode(tensor: torch.Tensor, qtype) -> np.ndarray:
     from gguf import GGMLQuantizationType as T
     from gguf.quants import quantize
 
+    from minicpm.formats.gguf_quants import K_QUANT_ENCODERS
+
     tensor = tensor.detach().cpu().contiguous()
+    if qtype.name in K_QUANT_ENCODERS:  # gguf-py cannot write k-quants
+        return K_QUANT_ENCODERS[qtype.name](tensor)
     if qtype == T.F32:
         return tensor.float().numpy()
     if qtype == T.F16:
