@@ -7,45 +7,26 @@ shape it does not take, a non-CPU tensor); the caller then runs PyTorch's attent
 from __future__ import annotations
 
 import ctypes
-import threading
-import warnings
 from pathlib import Path
 
 import torch
 
-from minicpm.kernels.build import KernelUnavailable, load
+from minicpm.kernels.build import Kernel, KernelUnavailable
 
-SOURCE = Path(__file__).with_name("attention.c")
 ABI = 1
 KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3}
 
-_lock = threading.Lock()
-_state: dict = {}
 
-
-def library() -> ctypes.CDLL | None:
-    """The loaded kernel, or None after one warning saying why (silent if switched off)."""
-    with _lock:
-        if "lib" not in _state:
-            try:
-                _state["lib"] = _load_checked()
-            except KernelUnavailable as exc:
-                _state["lib"] = None
-                if "MINICPM_NATIVE=0" not in str(exc):
-                    warnings.warn(f"native attention kernel unavailable ({exc}); using PyTorch's",
-                                  RuntimeWarning, stacklevel=3)
-    return _state["lib"]
-
-
-def _load_checked() -> ctypes.CDLL:
-    lib = load(SOURCE)
+def _setup(lib: ctypes.CDLL) -> None:
     if lib.minicpm_attention_abi() != ABI:
-        raise KernelUnavailable(f"{SOURCE.name}: stale build")
+        raise KernelUnavailable("attention.c: stale build")
     c_ptr, c_i64 = ctypes.c_void_p, ctypes.c_int64
     lib.minicpm_decode_attention.argtypes = [c_ptr] * 7 + [c_i64] * 6 + [ctypes.c_int, ctypes.c_float, ctypes.c_int]
     lib.minicpm_decode_attention.restype = ctypes.c_int
     _self_check(lib)
-    return lib
+
+
+KERNEL = Kernel(Path(__file__).with_name("attention.c"), "attention kernel", _setup)
 
 
 def _call(lib, q, k, v, length, kscale, vscale, mask) -> torch.Tensor | None:
@@ -84,7 +65,7 @@ def decode_attention(q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tens
         return None
     if (k_store.dtype == torch.int8) != (k_scales is not None):
         return None
-    lib = library()
+    lib = KERNEL.library()
     if lib is None:
         return None
     if mask is not None:

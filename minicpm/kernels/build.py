@@ -17,6 +17,9 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
@@ -102,3 +105,43 @@ def load(source: Path, required_flags: tuple[str, ...] = AVX512) -> ctypes.CDLL:
         return ctypes.CDLL(str(path))
     except OSError as exc:
         raise KernelUnavailable(f"loading {path} failed: {exc}") from None
+
+
+class Kernel:
+    """One C file, built and loaded on first use; `library()` is None where it cannot serve.
+
+    `setup(lib)` declares the ctypes signatures and runs a self-check against PyTorch; it raises
+    KernelUnavailable to refuse a build (a stale or miscompiled one). The reason is warned once.
+    """
+
+    def __init__(self, source: Path, what: str, setup: Callable[[ctypes.CDLL], None],
+                 required_flags: tuple[str, ...] = AVX512):
+        self.source, self.what, self.setup, self.required_flags = source, what, setup, required_flags
+        self.reason: str | None = None
+        self._lib: ctypes.CDLL | None = None
+        self._tried = False
+        self._lock = threading.Lock()
+
+    def library(self) -> ctypes.CDLL | None:
+        if not self._tried:
+            with self._lock:
+                if not self._tried:
+                    self._lib = self._load()
+                    self._tried = True
+        return self._lib
+
+    def _load(self) -> ctypes.CDLL | None:
+        try:
+            lib = load(self.source, self.required_flags)
+            self.setup(lib)
+            return lib
+        except KernelUnavailable as exc:
+            self.reason = str(exc)
+            if not disabled():
+                warnings.warn(f"native {self.what} unavailable ({exc}); using PyTorch's", RuntimeWarning,
+                              stacklevel=4)
+            return None
+
+    def disable(self) -> None:
+        """Use PyTorch from now on (tests compare both paths)."""
+        self._lib, self._tried = None, True
