@@ -68,12 +68,18 @@ def layer_bytes(layer: nn.Module) -> int:
 
 
 def copies(layer: nn.Module, count: int) -> list[nn.Module]:
-    """Distinct copies (their own memory) of one layer: same numbers, no cache reuse across them."""
+    """Distinct copies (their own memory) of one layer: same numbers, no cache reuse across them.
+
+    Native layers are rebuilt from their checkpoint form, so that their weights sit in huge-page
+    memory as a loaded model's do (a deepcopy would land in PyTorch's ordinary allocations).
+    """
     import copy
-    out = [layer]
-    for _ in range(count - 1):
-        out.append(copy.deepcopy(layer))
-    return out
+    if isinstance(layer, QuantizedLinear) and layer.kernel == "native":
+        state = layer.portable_state()
+        return [layer] + [QuantizedLinear.from_quantized(state["qweight"], state["scales"], state.get("zeros"),
+                                                         layer.bits, layer.group_size, state.get("bias"),
+                                                         dtype=layer.dtype) for _ in range(count - 1)]
+    return [layer] + [copy.deepcopy(layer) for _ in range(count - 1)]
 
 
 def decode(variant: str, shapes, group: int, mb: float, repeat: int) -> dict[str, tuple[float, float]]:

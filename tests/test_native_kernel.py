@@ -134,6 +134,18 @@ def test_module_to_bfloat16_keeps_working():
     assert rel_error(layer(x), expected) < 2e-2
 
 
+def test_copies_get_their_own_plan():
+    import copy
+    import pickle
+    layer, _ = make(4, 32, 48, 128)
+    x = torch.randn(2, 128)
+    expected = layer(x)  # the layer now holds pointers to its own tensors
+    clone = copy.deepcopy(layer)
+    restored = pickle.loads(pickle.dumps(layer))
+    del layer
+    assert torch.equal(clone(x), expected) and torch.equal(restored(x), expected)
+
+
 def _run(code: str, **env) -> subprocess.CompletedProcess:
     full_env = {**os.environ, **env}
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,

@@ -129,6 +129,11 @@ class QuantizedLinear(nn.Module):
         self._plan = None  # .to() and friends move or convert the tensors the plan points at
         return super()._apply(fn, *args, **kwargs)
 
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_plan"] = None  # raw pointers: a copy (deepcopy, pickle) makes its own plan
+        return state
+
     @property
     def packed(self) -> bool:
         """Whether the weight is in PyTorch's packed layout (the native kernel has its own)."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import mmap
 import os
 import platform
 import shutil
@@ -157,6 +158,54 @@ def padded_k(bits: int, in_features: int, group_size: int | None) -> int:
     return in_features if bits == 4 else -(-in_features // 32) * 32
 
 
+# ---------------------------------------------------------------- weight memory
+
+_HUGE = 2 << 20          # a transparent huge page
+_ARENA = 64 << 20        # weights are carved from arenas of this size
+_SMALL = 256 << 10       # below this, TLB misses do not matter: plain torch memory
+_arena: dict = {"buf": None, "used": 0}
+_arena_lock = threading.Lock()
+
+
+def _huge_block(nbytes: int) -> torch.Tensor:
+    """uint8 [nbytes] at a 2 MB boundary of private anonymous memory advised for huge pages.
+
+    With 4 KB pages every 4 KB of a streamed weight costs a TLB miss (a 400 MB model overflows
+    the TLB many times): measured 1-thread int4 GEMV from DRAM 20.6 -> 27.6 GB/s with huge pages.
+    PyTorch's allocator does not ask for them, and THP is commonly set to `madvise`.
+    """
+    size = -(-nbytes // _HUGE) * _HUGE
+    mm = mmap.mmap(-1, size + _HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    mm.madvise(mmap.MADV_HUGEPAGE)  # before the first touch, so faults map huge pages directly
+    full = torch.frombuffer(mm, dtype=torch.uint8)  # keeps the mapping alive
+    start = -full.data_ptr() % _HUGE
+    return full[start:start + nbytes]
+
+
+def weight_buffer(nbytes: int) -> torch.Tensor:
+    """Memory for a packed weight: huge-page arenas for big ones, else torch.empty."""
+    if nbytes >= _SMALL and hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            if nbytes > _ARENA // 4:
+                return _huge_block(nbytes)
+            with _arena_lock:
+                buf, used = _arena["buf"], _arena["used"]
+                if buf is None or used + nbytes > buf.numel():
+                    buf, used = _huge_block(_ARENA), 0
+                _arena["buf"], _arena["used"] = buf, used + -(-nbytes // 64) * 64
+                # an arena is freed once the current one moved on and its weights are gone
+                return buf[used:used + nbytes]
+        except (OSError, ValueError, RuntimeError):
+            pass
+    return torch.empty(nbytes, dtype=torch.uint8)
+
+
+def _placed(packed: torch.Tensor) -> torch.Tensor:
+    out = weight_buffer(packed.numel())
+    out.copy_(packed)
+    return out
+
+
 def _aligned(t: torch.Tensor) -> torch.Tensor:
     """Contiguous, with a storage offset that allows an int64 view."""
     if not t.is_contiguous() or t.storage_offset() % 8:
@@ -181,7 +230,7 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     halves = q.view(-1, k // 32, 2, 16).view(torch.int64)            # [row, block, half, 2 x 8 bytes]
     packed = halves[:, :, 0] | (halves[:, :, 1] << 4)                # [row, block, 2]: bytes (L, b)
     packed = packed.view(torch.int32).view(-1, ROWS, k // 32, 4)     # [tile, row, block, L] x 4 bytes
-    return packed.permute(0, 2, 3, 1).contiguous().view(torch.uint8).reshape(-1)
+    return _placed(packed.permute(0, 2, 3, 1).contiguous().view(torch.uint8).reshape(-1))
 
 
 def unpack_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
@@ -201,7 +250,7 @@ def pack_int8(q: torch.Tensor, k_padded: int) -> torch.Tensor:
         u = torch.nn.functional.pad(u, (0, k_padded - k), value=128)
     u = _aligned(_pad_rows(u, 128))
     v = u.view(torch.int32).view(-1, ROWS, k_padded // 32, 8)        # [tile, row, block, L] x 4 bytes
-    return v.permute(0, 2, 3, 1).contiguous().view(torch.uint8).reshape(-1)
+    return _placed(v.permute(0, 2, 3, 1).contiguous().view(torch.uint8).reshape(-1))
 
 
 def _int8_view(packed: torch.Tensor, n: int, k_padded: int) -> torch.Tensor:
