@@ -554,8 +554,9 @@ def write_gguf(config: MiniCPMConfig, named_tensors: Iterable[tuple[str, torch.T
         with tqdm(total=total, desc=f"writing {path.name}", unit="w", unit_scale=True,
                   disable=not progress, leave=False) as bar:
             for item in plan:  # one tensor converted and in memory at a time
-                writer.write_tensor_data(_encode(item.produce(), item.qtype))
-                bar.update(math.prod(item.shape))
+                done = bar.n
+                writer.write_tensor_data(_encode(item.produce(), item.qtype, bar.update))
+                bar.update(math.prod(item.shape) - (bar.n - done))
         writer.flush()
         for handle in writer.fout or []:
             os.fsync(handle.fileno())
@@ -709,16 +710,19 @@ def _rope_freqs_tensor(config: MiniCPMConfig) -> list[_Planned]:
     return [_Planned("rope_freqs.weight", (config.head_dim // 2,), T.F32, factors)]
 
 
-def _encode(tensor: torch.Tensor, qtype) -> np.ndarray:
-    """A tensor as the bytes/array GGUF stores for `qtype`."""
+def _encode(tensor: torch.Tensor, qtype, on_weights: Callable[[int], Any] | None = None
+            ) -> np.ndarray:
+    """A tensor as the bytes/array GGUF stores for `qtype`. `on_weights(n)`: progress within a
+    k-quant tensor (the slow ones: MiniCPM-2B's embedding alone takes tens of seconds)."""
     from gguf import GGMLQuantizationType as T
     from gguf.quants import quantize
 
-    from minicpm.formats.gguf_quants import K_QUANT_ENCODERS
+    from minicpm.formats.gguf_quants import K_QUANT_ENCODERS, QK_K, encode_k_quant
 
     tensor = tensor.detach().cpu().contiguous()
     if qtype.name in K_QUANT_ENCODERS:  # gguf-py cannot write k-quants
-        return K_QUANT_ENCODERS[qtype.name](tensor)
+        report = None if on_weights is None else (lambda blocks: on_weights(blocks * QK_K))
+        return encode_k_quant(tensor, qtype.name, on_blocks=report)
     if qtype == T.F32:
         return tensor.float().numpy()
     if qtype == T.F16:
