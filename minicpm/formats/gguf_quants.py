@@ -73,18 +73,20 @@ def _make_qkx2_quants(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: f
         # the stretch factor exactly as llama.cpp's float32 expression rmin + rdelta*is + nmax
         stretch = _f32(_f32(_f32(rmin) + _f32(_f32(rdelta) * step)) + nmax)
         # llama.cpp's loop grids from the best min found so far, not the data's minimum
-        trial = _round((stretch / (hi - lo)) * (x - lo)).clamp_(0, nmax)
+        # in place where possible: these few passes over the data are the encoder's whole cost
+        trial = (x - lo).mul_(stretch / (hi - lo)).round_().clamp_(0, nmax)
         wl = weights * trial
         sum_l = wl.sum(-1, keepdim=True)
         sum_l2 = (wl * trial).sum(-1, keepdim=True)
-        sum_xl = (wl * x).sum(-1, keepdim=True)
+        sum_xl = wl.mul_(x).sum(-1, keepdim=True)
         det = sum_w * sum_l2 - sum_l * sum_l
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
         this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
         positive = this_min > 0  # the fit wants a positive offset: refit through zero instead
         this_scale = torch.where(positive, sum_xl / sum_l2, this_scale)
         this_min = torch.where(positive, torch.zeros_like(this_min), this_min)
-        error = (weights * (this_scale * trial + this_min - x).square()).sum(-1, keepdim=True)
+        residual = (trial * this_scale).add_(this_min).sub_(x)
+        error = residual.square_().mul_(weights).sum(-1, keepdim=True)
         better = (det > 0) & (error < best)  # NaN errors (degenerate fits) never win
         levels = torch.where(better, trial, levels)
         best = torch.where(better, error, best)
@@ -109,8 +111,8 @@ def _make_qx_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Ten
     wx = weights * x
 
     def fit(iscale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        q = _round(iscale * x).clamp_(-nmax, nmax - 1)
-        return q, (wx * q).sum(-1, keepdim=True), (weights * q * q).sum(-1, keepdim=True)
+        q = (x * iscale).round_().clamp_(-nmax, nmax - 1)
+        return q, (wx * q).sum(-1, keepdim=True), (weights * q).mul_(q).sum(-1, keepdim=True)
 
     levels, sum_lx, sum_l2 = fit(-nmax / peak)
     scale = torch.where(sum_l2 > 0, sum_lx / sum_l2, torch.zeros_like(sum_l2))
