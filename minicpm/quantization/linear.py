@@ -8,9 +8,11 @@ nearest here (`from_float`), GPTQ/AWQ later through `from_quantized`. Dequantiza
 
 On CPU the forward pass runs, in order of preference:
   native      our AVX-512 VNNI kernel (`native.py`, csrc/qgemv.c): x quantized to int8 per block of
-              32, u8 x s8 dot products, the weight in a tiled layout of its own. Decode (M=1)
-              streams the weight at close to memory bandwidth; prefill (M=512) is about as fast
-              as bf16 F.linear and ~3x PyTorch's int4 kernel. x in fp32 or bf16, y in x's dtype.
+              32 inside the call, u8 x s8 dot products, the weight in a tiled layout of its own in
+              huge-page memory. Decode (M=1) streams the weight from DRAM at ~25 GB/s, 2.5x
+              PyTorch's int4 kernel; prefill (M=512) is ~2.5x PyTorch's int4 kernel and on par
+              with bf16 F.linear (numbers: benchmarks/qgemv.py). x in fp32 or bf16, y in x's dtype.
+              The int8 x costs ~0.5% relative error per output (llama.cpp's q8_0 does the same).
   packed      PyTorch's weight-packed kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`)
               where the native kernel is unavailable (MINICPM_NATIVE=0, no compiler, other CPU).
               They run with bf16 activations (x is cast around the call): their fp32 paths are

@@ -14,7 +14,8 @@ Layouts (see the C file): tiles of 16 output rows,
     int4: bytes [tile][k/32][4][16 rows][4], low nibble k = 4L+b, high nibble k = 16+4L+b
     int8: bytes [tile][k/32][8][16 rows][4], code + 128
     scales, zeros: [tile][group][16] (int8: scales [tile*16])
-Rows past N are zero codes with zero scales.
+Rows past N are zero codes with zero scales. Big packed weights live in 2 MB-aligned arenas
+advised for transparent huge pages (`weight_buffer`).
 """
 
 from __future__ import annotations
@@ -161,7 +162,7 @@ def padded_k(bits: int, in_features: int, group_size: int | None) -> int:
 # ---------------------------------------------------------------- weight memory
 
 _HUGE = 2 << 20          # a transparent huge page
-_ARENA = 64 << 20        # weights are carved from arenas of this size
+_ARENA = 32 << 20        # weights are carved from arenas of this size (the current one stays mapped)
 _SMALL = 256 << 10       # below this, TLB misses do not matter: plain torch memory
 _arena: dict = {"buf": None, "used": 0}
 _arena_lock = threading.Lock()
