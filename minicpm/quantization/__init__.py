@@ -51,14 +51,14 @@ def quantize_checkpoint(src, out, bits: int = 4, group_size: int = 128, head: st
     check_writable(out, overwrite)  # fail before the slow part
     spec = make_spec(bits, group_size, head, embedding)
     config, tensors, tokenizer, dtype, source = _open_source(src)
+    # the bar counts source tensors (a quantized Linear writes 2-4 tensors for one read)
+    tensors = tqdm(tensors, desc="quantizing", unit="tensor", total=_count_tensors(config), disable=not progress)
     config, quantized = quantize_tensors(config, tensors, spec, dtype=dtype, source=source)
-    total = _count_tensors(config)
     with atomic_dir(out) as tmp:
         writer = ShardWriter(tmp, max_shard_bytes)
         stored = None
         try:
-            for name, tensor in tqdm(quantized, desc="quantizing", unit="tensor", total=total,
-                                     disable=not progress):
+            for name, tensor in quantized:
                 if stored is None and tensor.is_floating_point():
                     stored = tensor.dtype  # save_pretrained records the first float tensor's dtype
                 writer.add(name, tensor)

@@ -330,6 +330,7 @@ def _quantized_state(name: str, parts: dict[str, torch.Tensor], bits_group: tupl
             state[leaf][i:i + step] = tensor
     for leaf, tensor in state.items():
         yield f"{name}.{leaf}", tensor
+    _release_freed_memory()  # the layer's temporaries, as when loading
 
 
 def _quantize_rows(weight: torch.Tensor, bias: torch.Tensor | None, bits: int, group: int | None,
