@@ -146,6 +146,17 @@ def test_copies_get_their_own_plan():
     assert torch.equal(clone(x), expected) and torch.equal(restored(x), expected)
 
 
+def test_layers_built_in_and_out_of_inference_mode_share_arenas():
+    x = torch.randn(1, 1024)
+    with torch.inference_mode():
+        inside, _ = make(4, 128, 1024, 1024)  # 512 KB of codes: carved from a huge-page arena
+        inside(x)
+    outside, _ = make(8, None, 512, 1024)
+    assert rel_error(outside(x), reference(outside, x)) < TOL
+    with torch.inference_mode():
+        assert rel_error(inside(x), reference(inside, x)) < TOL
+
+
 def _run(code: str, **env) -> subprocess.CompletedProcess:
     full_env = {**os.environ, **env}
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,

@@ -202,8 +202,11 @@ def weight_buffer(nbytes: int) -> torch.Tensor:
 
 
 def _placed(packed: torch.Tensor) -> torch.Tensor:
-    out = weight_buffer(packed.numel())
-    out.copy_(packed)
+    # Arenas outlive the call: made under inference_mode they would be inference tensors, which a
+    # layer built later outside it could not be copied into.
+    with torch.inference_mode(False):
+        out = weight_buffer(packed.numel())
+        out.copy_(packed)
     return out
 
 
