@@ -22,6 +22,10 @@ What differs between the two layouts, and how we map it:
   dim_model_base = hidden_size / logit_scale, choosing the shortest decimal whose derived scale
   rounds to the stored float32 (so 1.4 comes back as 1.4, not 1.3999999). We always write all
   three keys: llama.cpp's fallback for a missing logit_scale multiplies logits instead of dividing.
+* Quantized writing: Q8_0/Q4_0/Q5_0 blocks come from gguf-py, the k-quants (Q4_K/Q5_K/Q6_K, which
+  gguf-py cannot write) from gguf_quants.py, llama.cpp's reference encoders without an importance
+  matrix. `q4_k_m` picks each tensor's type as llama.cpp's Q4_K_M does (`_q4_k_m_type`); on the
+  same weights both give the same types and file size and nearly all blocks byte for byte.
 * What GGUF cannot say (dynamic-NTK or llama3 rope scaling parameters, eos lists, torch_dtype)
   travels in our own key `hf.config` (the Hugging Face config as JSON). The standard keys stay
   authoritative; `hf.config` only fills gaps. llama.cpp ignores it.
