@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", required=True, choices=["hf", "llama", "gguf"],
                    help="hf: MiniCPM format; llama: scalings folded in (LlamaForCausalLM); gguf: llama.cpp")
     p.add_argument("--dtype", default=None, help="dtype of the written weights (default: as loaded)")
-    p.add_argument("--type", default="f16", help="GGUF tensor type: f32, f16, bf16, q8_0, q4_0 (default f16)")
+    p.add_argument("--type", default="f16", help="GGUF tensor type: f32, f16, bf16, q8_0, q4_0, q4_k_m "
+                   "(llama.cpp's Q4_K_M mix), q6_k (default f16)")
     p.add_argument("--force", action="store_true", help="replace an existing output")
 
     p = sub.add_parser("quantize", help="write a weight-only int8/int4 checkpoint (round-to-nearest)")
