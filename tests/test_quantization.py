@@ -14,6 +14,7 @@ from torch import nn
 import minicpm
 from minicpm.errors import CheckpointError, MiniCPMError
 from minicpm.formats.hf import load_model, save_pretrained
+from minicpm.model import Linear
 from minicpm.formats.weights import random_model
 from minicpm.quantization import QuantizedLinear, quantize_model
 from minicpm.quantization.linear import pack_nibbles, unpack_nibbles
@@ -122,10 +123,11 @@ def test_checkpoint_tensor_names_and_dtypes(tmp_path):
     with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
         names = set(f.keys())
         assert f.get_tensor("model.layers.0.self_attn.q_proj.qweight").dtype == torch.uint8
-        assert f.get_tensor("lm_head.qweight").dtype == torch.int8  # the tied head's own int8 copy
+        assert f.get_tensor("lm_head.qweight").dtype == torch.int8  # the tied table, int8
     assert {"model.layers.0.mlp.down_proj.scales", "model.layers.0.mlp.down_proj.zeros",
-            "model.embed_tokens.weight", "lm_head.scales"} <= names
+            "lm_head.scales"} <= names
     assert not any(n.endswith("proj.weight") for n in names)
+    assert "model.embed_tokens.weight" not in names  # the embedding reads the int8 head
 
 
 def test_predicate_selects_the_swapped_layers(tmp_path):
@@ -139,7 +141,7 @@ def test_predicate_selects_the_swapped_layers(tmp_path):
 
 def test_moe_router_stays_in_float():
     model = quantize_model(model_of("moe"), bits=4, group_size=32)
-    assert type(model.model.layers[0].mlp.gate) is nn.Linear
+    assert type(model.model.layers[0].mlp.gate) is Linear  # the model's float Linear, not swapped
     assert isinstance(model.model.layers[0].mlp.experts[0].w1, QuantizedLinear)
 
 
@@ -165,7 +167,7 @@ def test_layer_no_group_divides_names_the_layer():
     model = model_of("2b", intermediate_size=144)  # 144 = 16 x 9: no group of 32 divides it
     with pytest.raises(MiniCPMError, match=r"model\.layers\.0\.mlp\.down_proj: in_features 144"):
         quantize_model(model, bits=4, group_size=32)
-    assert type(model.model.layers[0].self_attn.q_proj) is nn.Linear  # nothing was swapped
+    assert type(model.model.layers[0].self_attn.q_proj) is Linear  # nothing was swapped
 
 
 def test_quantizing_twice_is_refused():
