@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minicpm.quantization import QuantizedLinear, native
+from minicpm.kernels import qgemm as native
+from minicpm.quantization import QuantizedLinear
 
 MODELS = {  # hidden, intermediate, heads, kv heads, layers, vocab
     "1b": (1536, 3840, 24, 8, 52, 73440),

@@ -1,4 +1,4 @@
-"""The native int4/int8 kernel (minicpm/quantization/native.py, csrc/qgemv.c): against the exact
+"""The native int4/int8 kernel (minicpm/kernels/qgemm.py, qgemv.c): against the exact
 dequantized fp32 product, its layouts against the checkpoint form, and its fallbacks."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from minicpm.quantization import QuantizedLinear, native
+from minicpm.kernels import qgemm as native
+from minicpm.quantization import QuantizedLinear
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernel unavailable: {native.reason()}")
 
@@ -166,7 +167,8 @@ def _run(code: str, **env) -> subprocess.CompletedProcess:
 CHECK = """
     import torch
     from torch import nn
-    from minicpm.quantization import QuantizedLinear, native
+    from minicpm.kernels import qgemm as native
+    from minicpm.quantization import QuantizedLinear
     torch.manual_seed(0)
     for bits, group in ((4, 32), (8, None)):
         linear = nn.Linear(256, 48)

@@ -107,6 +107,9 @@ def load(source: Path, required_flags: tuple[str, ...] = AVX512) -> ctypes.CDLL:
         raise KernelUnavailable(f"loading {path} failed: {exc}") from None
 
 
+_warned: set[str] = set()  # reasons already shown: no compiler is one message, not one per kernel
+
+
 class Kernel:
     """One C file, built and loaded on first use; `library()` is None where it cannot serve.
 
@@ -137,7 +140,8 @@ class Kernel:
             return lib
         except KernelUnavailable as exc:
             self.reason = str(exc)
-            if not disabled():
+            if not disabled() and self.reason not in _warned:
+                _warned.add(self.reason)
                 warnings.warn(f"native {self.what} unavailable ({exc}); using PyTorch's", RuntimeWarning,
                               stacklevel=4)
             return None

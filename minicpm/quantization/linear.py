@@ -7,7 +7,7 @@ nearest here (`from_float`), GPTQ/AWQ later through `from_quantized`. Dequantiza
     int4:  w[n, k] = (q[n, k] - zeros[n, k // G]) * scales[n, k // G]      q in 0..15
 
 On CPU the forward pass runs, in order of preference:
-  native      our AVX-512 VNNI kernel (`native.py`, csrc/qgemv.c): x quantized to int8 per block of
+  native      our AVX-512 VNNI kernel (minicpm/kernels/qgemm.py): x quantized to int8 per block of
               32 inside the call, u8 x s8 dot products, the weight in a tiled layout of its own in
               huge-page memory. Decode (M=1) streams the weight from DRAM at ~25 GB/s, 2.5x
               PyTorch's int4 kernel; prefill (M=512) is ~2.5x PyTorch's int4 kernel and on par
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minicpm.errors import MiniCPMError
-from minicpm.quantization import native
+from minicpm.kernels import qgemm as native
 
 GROUP_SIZES = (32, 64, 128)
 _INT4_PACK_ROWS = 16  # _convert_weight_to_int4pack_for_cpu wants out_features divisible by this

@@ -1,14 +1,9 @@
-"""The native int4/int8 GEMM (csrc/qgemv.c): built at first use, loaded with ctypes.
+"""The native int4/int8 weight-only GEMM (qgemv.c) behind QuantizedLinear, and its layouts.
 
-The C file is compiled with `$CC` (default gcc) `-O3 -march=native -fopenmp` into
-`$XDG_CACHE_HOME/minicpm/kernels/<hash>/` (hash of source, flags, compiler version and CPU
-flags), written to a temporary name and renamed, so two processes starting together at worst both
-compile. It links libgomp.so.1, the soname of the OpenMP runtime that torch's wheel ships and has
-already loaded, so both share one thread pool.
-
-`library()` returns None, after one warning that says why, where the kernel cannot serve: env
-MINICPM_NATIVE=0, not an x86-64 Linux CPU with AVX-512 F/BW/VL/VNNI, no working compiler, or a
-self-check that disagrees with plain arithmetic. Callers then use PyTorch's kernels.
+Built and loaded by `minicpm.kernels.build` (needs AVX-512 VNNI). `library()` returns None,
+after one warning that says why, where the kernel cannot serve: MINICPM_NATIVE=0, another CPU,
+no working compiler, or a self-check that disagrees with plain arithmetic. QuantizedLinear then
+uses PyTorch's kernels.
 
 Layouts (see the C file): tiles of 16 output rows,
     int4: bytes [tile][k/32][4][16 rows][4], low nibble k = 4L+b, high nibble k = 16+4L+b
@@ -21,127 +16,51 @@ advised for transparent huge pages (`weight_buffer`).
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import mmap
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import threading
-import warnings
 from pathlib import Path
 
 import torch
 
+from minicpm.kernels.build import AVX512, Kernel, KernelUnavailable
+
 ROWS = 16  # output rows per tile: one per 32-bit lane of a zmm register
-SOURCE = Path(__file__).parent / "csrc" / "qgemv.c"
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
-REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
 KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # dtype codes the C side reads
 ABI_VERSION = 2
 
-_lock = threading.Lock()
-_state: dict = {}
+_lock = threading.Lock()  # guards the huge-page arena
+_lib: ctypes.CDLL | None = None  # what run() calls; set once the library passed its self-check
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def _cache_root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "minicpm" / "kernels"
-
-
-def _build(cc: str, flags: set[str]) -> Path:
-    """Compile (or find compiled) the kernel; raises RuntimeError with a one-line reason."""
-    compiler = shutil.which(cc)
-    if compiler is None:
-        raise RuntimeError(f"no C compiler ({cc!r} not found; set CC)")
-    try:
-        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise RuntimeError(f"{cc} --version failed: {exc}") from None
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), compiler.encode(), version.encode(),
-                                     " ".join(sorted(flags)).encode()])).hexdigest()[:16]
-    target = _cache_root() / key / "qgemv.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".qgemv-", suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        result = subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
-                                timeout=300)
-        if result.returncode != 0:
-            tail = (result.stderr.strip().splitlines() or ["no output"])[-1]
-            raise RuntimeError(f"compiling {SOURCE.name} failed: {tail}")
-        os.replace(tmp, target)  # atomic: a concurrent process sees no file or a whole one
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise RuntimeError(f"compiling {SOURCE.name} failed: {exc}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
-
-
-def _load() -> ctypes.CDLL:
-    if os.environ.get("MINICPM_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
-        raise RuntimeError("disabled by MINICPM_NATIVE=0")
-    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        raise RuntimeError(f"needs x86-64 Linux, this is {platform.system()} {platform.machine()}")
-    flags = _cpu_flags()
-    missing = [f for f in REQUIRED_CPU_FLAGS if f not in flags]
-    if missing:
-        raise RuntimeError(f"the CPU lacks {', '.join(missing)}")
-    path = _build(os.environ.get("CC") or "gcc", flags)
-    try:
-        lib = ctypes.CDLL(str(path))
-    except OSError as exc:
-        raise RuntimeError(f"loading {path} failed: {exc}") from None
+def _setup(lib: ctypes.CDLL) -> None:
+    global _lib
     if lib.qgemm_abi_version() != ABI_VERSION:
-        raise RuntimeError(f"{path} is a stale build")
+        raise KernelUnavailable("qgemv.c: stale build")
     c_long, c_int, c_void = ctypes.c_long, ctypes.c_int, ctypes.c_void_p
     lib.qgemm.argtypes = [c_int, c_void, c_int, c_long, c_long, c_long, c_long, c_int, c_int,
                           c_void, c_void, c_void, c_int, c_void, c_int, c_void, c_int]
     lib.qgemm.restype = c_int
     lib.qgemm_plan.argtypes = [ctypes.POINTER(Plan), c_void, c_int, c_long, c_void, c_int]
     lib.qgemm_plan.restype = c_int
-    _self_check(lib)
-    return lib
+    _lib = lib
+    try:
+        _self_check()
+    except KernelUnavailable:
+        _lib = None
+        raise
+
+
+KERNEL = Kernel(Path(__file__).with_name("qgemv.c"), "int4/int8 kernel", _setup,
+                required_flags=AVX512 + ("avx512_vnni",))
 
 
 def library() -> ctypes.CDLL | None:
-    """The loaded kernel, or None (after one warning) where it cannot serve."""
-    if "lib" not in _state:
-        with _lock:
-            if "lib" not in _state:
-                try:
-                    _state["lib"], _state["reason"] = _load_checked(), None
-                except Exception as exc:  # noqa: BLE001 - whatever went wrong, PyTorch's kernels still work
-                    _state["lib"], _state["reason"] = None, str(exc) or type(exc).__name__
-                    if "MINICPM_NATIVE=0" not in str(exc):
-                        warnings.warn(f"native int4/int8 kernel unavailable ({exc}); using PyTorch's kernels",
-                                      RuntimeWarning, stacklevel=3)
-    return _state["lib"]
-
-
-def _load_checked() -> ctypes.CDLL:
-    _state["lib"] = None  # the self-check calls qgemm directly, not through library()
-    return _load()
+    return KERNEL.library()
 
 
 def reason() -> str | None:
     """Why the kernel is not used (None when it is, or before the first library() call)."""
-    return _state.get("reason")
+    return KERNEL.reason
 
 
 def available() -> bool:
@@ -316,8 +235,8 @@ def run(p: Plan, x: torch.Tensor, threads: int | None = None) -> torch.Tensor:
     """y = x @ W.T + bias for x [..., K] contiguous fp32/bf16 on the CPU; y [..., N] in x's dtype."""
     y = torch.empty(x.shape[:-1] + (p.N,), dtype=x.dtype)
     m = x.numel() // p.K
-    if m and _state["lib"].qgemm_plan(p.ref, x.data_ptr(), KINDS[x.dtype], m, y.data_ptr(),
-                                      threads or torch.get_num_threads()):
+    if m and _lib.qgemm_plan(p.ref, x.data_ptr(), KINDS[x.dtype], m, y.data_ptr(),
+                             threads or torch.get_num_threads()):
         raise MemoryError("native qgemm: out of memory for its activation scratch")
     return y
 
@@ -329,25 +248,22 @@ def gemm(x2: torch.Tensor, bits: int, weight: torch.Tensor, scales: torch.Tensor
     return run(plan(bits, weight, scales, zeros, n, k, k_padded, group_size, bias), x2, threads)
 
 
-def _self_check(lib: ctypes.CDLL) -> None:
+def _self_check() -> None:
     """Both layouts against plain float arithmetic on a small odd shape; a miscompile disables."""
-    _state["lib"] = lib
-    try:
-        g = torch.Generator().manual_seed(0)
-        n, k, group = 37, 128, 32
-        x = torch.randn(3, k, generator=g)
-        q4 = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
-        s4 = torch.rand(n, k // group, generator=g) + 0.5
-        z4 = torch.rand(n, k // group, generator=g) * 15
-        w4 = ((q4.float().reshape(n, -1, group) - z4[..., None]) * s4[..., None]).reshape(n, k)
-        y4 = gemm(x, 4, pack_int4(q4), pack_meta(s4), pack_meta(z4), n, k, k, group, None, 1)
-        q8 = torch.randint(-127, 128, (n, k - 8), generator=g, dtype=torch.int8)
-        s8 = torch.rand(n, generator=g) + 0.5
-        kp = padded_k(8, k - 8, None)
-        y8 = gemm(x[:, :k - 8].contiguous(), 8, pack_int8(q8, kp), pack_meta(s8[:, None]).reshape(-1), None, n, k - 8, kp, None, None, 1)
-        for y, ref in ((y4, x @ w4.T), (y8, x[:, :k - 8] @ (q8.float() * s8[:, None]).T)):
-            err = ((y - ref).norm() / ref.norm()).item()
-            if not err < 0.02:
-                raise RuntimeError(f"self-check failed (relative error {err:.3g})")
-    finally:
-        _state["lib"] = None
+    g = torch.Generator().manual_seed(0)
+    n, k, group = 37, 128, 32
+    x = torch.randn(3, k, generator=g)
+    q4 = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    s4 = torch.rand(n, k // group, generator=g) + 0.5
+    z4 = torch.rand(n, k // group, generator=g) * 15
+    w4 = ((q4.float().reshape(n, -1, group) - z4[..., None]) * s4[..., None]).reshape(n, k)
+    y4 = gemm(x, 4, pack_int4(q4), pack_meta(s4), pack_meta(z4), n, k, k, group, None, 1)
+    q8 = torch.randint(-127, 128, (n, k - 8), generator=g, dtype=torch.int8)
+    s8 = torch.rand(n, generator=g) + 0.5
+    kp = padded_k(8, k - 8, None)
+    y8 = gemm(x[:, :k - 8].contiguous(), 8, pack_int8(q8, kp), pack_meta(s8[:, None]).reshape(-1), None,
+              n, k - 8, kp, None, None, 1)
+    for y, ref in ((y4, x @ w4.T), (y8, x[:, :k - 8] @ (q8.float() * s8[:, None]).T)):
+        err = ((y - ref).norm() / ref.norm()).item()
+        if not err < 0.02:
+            raise KernelUnavailable(f"qgemv.c: self-check failed (relative error {err:.3g})")
