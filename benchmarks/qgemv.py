@@ -18,7 +18,6 @@ import contextlib
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from minicpm.kernels import qgemm as native

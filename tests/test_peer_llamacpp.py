@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import VARIANTS, random_model, variant_config
+from conftest import VARIANTS, variant_config
 from test_gguf import (CONFIGS, OFFICIAL_GGUF_VARIANTS, official_checkpoint, smollm2_path,
                        tiny_spm_metadata, write_tiny)
 

@@ -201,9 +201,23 @@ def test_cli_quantize_then_load_and_generate(tiny_checkpoint, tmp_path):
 
 @pytest.mark.parametrize("args,fragment", [(["--bits", "3"], "bits must be 4 or 8"),
                                            (["--group-size", "100"], "group size must be one of"),
-                                           (["--head", "fp8"], "head must be one of")])
+                                           (["--head", "fp8"], "head must be one of"),
+                                           (["--embedding", "int4"], "embedding must be one of")])
 def test_cli_quantize_bad_input(tiny_checkpoint, tmp_path, args, fragment):
     assert_clean_error(run("quantize", tiny_checkpoint, tmp_path / "out", *args), fragment)
+
+
+def test_cli_quantize_embedding_flag(tiny_checkpoint, tmp_path):
+    from safetensors import safe_open
+
+    stored = {}
+    for kind in ("head", "float"):
+        result = run("quantize", tiny_checkpoint, tmp_path / kind, "--bits", "8", "--embedding", kind)
+        assert result.returncode == 0, result.stderr
+        with safe_open(str(tmp_path / kind / "model.safetensors"), "pt") as f:
+            stored[kind] = "model.embed_tokens.weight" in set(f.keys())
+        assert json.loads((tmp_path / kind / "config.json").read_text())["quantization"]["embedding"] == kind
+    assert stored == {"head": False, "float": True}
 
 
 @pytest.mark.slow

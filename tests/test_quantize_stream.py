@@ -11,7 +11,6 @@ import textwrap
 import pytest
 import torch
 from conftest import variant_config
-from test_cli import run
 
 from minicpm.errors import CheckpointError, MiniCPMError
 from minicpm.formats.hf import iter_tensors, load_model, save_pretrained, weight_files
@@ -158,24 +157,6 @@ def test_bad_input_is_a_clear_error_and_leaves_nothing(tmp_path):
     with pytest.raises(CheckpointError, match="missing tensor.*model.layers.1.mlp.up_proj.weight"):
         quantize_checkpoint(src, tmp_path / "broken", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q", "src"]
-
-
-def test_quantize_verb_passes_the_embedding_choice(tiny_checkpoint, tmp_path):
-    import argparse
-
-    from minicpm.cli import verbs
-
-    def args(out, **kw):
-        return argparse.Namespace(**{"src": str(tiny_checkpoint), "out": str(out), "bits": 8, "group_size": 128,
-                                     "head": "int8", "force": False, **kw})
-
-    assert verbs.quantize(args(tmp_path / "f", embedding="float")) == 0
-    assert json.loads((tmp_path / "f" / "config.json").read_text())["quantization"]["embedding"] == "float"
-    assert verbs.quantize(args(tmp_path / "d")) == 0  # a parser without --embedding: the default
-    assert json.loads((tmp_path / "d" / "config.json").read_text())["quantization"]["embedding"] == "head"
-    result = run("quantize", tiny_checkpoint, tmp_path / "q", "--bits", "4", "--group-size", "32")
-    assert result.returncode == 0, result.stderr
-    assert "model.embed_tokens.weight" not in stored(tmp_path / "q")
 
 
 ANON = """

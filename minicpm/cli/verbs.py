@@ -125,8 +125,7 @@ def quantize(args: argparse.Namespace) -> int:
     from minicpm.quantization import quantize_checkpoint
 
     started = time.perf_counter()
-    # --embedding: "head" (default) reads a tied embedding from the int8 head; "float" keeps it
     out = quantize_checkpoint(args.src, args.out, bits=args.bits, group_size=args.group_size,
-                              head=args.head, overwrite=args.force, embedding=getattr(args, "embedding", "head"))
+                              head=args.head, overwrite=args.force, embedding=args.embedding)
     print(f"wrote {out} (int{args.bits}) in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     return 0
