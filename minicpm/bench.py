@@ -226,6 +226,16 @@ def run_transformers(workdir: Path, precision: str) -> dict:
             "new_tokens": count, "load": load, "weight_bytes": unique_weight_bytes(model)}
 
 
+def llama_greedy_tokens(llm, ids: list[int], new: int):
+    """llama.cpp: the prompt, then `new` greedy tokens, yielded as they come (the first after prefill)."""
+    llm.eval(ids)
+    for step in range(new):
+        token = llm.sample(temp=0.0)
+        yield token
+        if step < new - 1:
+            llm.eval([token])
+
+
 def run_llamacpp(workdir: Path, precision: str) -> dict:
     import llama_cpp
 
@@ -238,15 +248,7 @@ def run_llamacpp(workdir: Path, precision: str) -> dict:
     llm.eval(ids[:16])  # warm-up
     llm.reset()
 
-    def tokens():
-        llm.eval(ids)
-        for step in range(NEW_TOKENS):
-            token = llm.sample(temp=0.0)
-            yield token
-            if step < NEW_TOKENS - 1:
-                llm.eval([token])
-
-    result = _timed_tokens(tokens())
+    result = _timed_tokens(llama_greedy_tokens(llm, ids, NEW_TOKENS))
     return {**result, "load": load, "weight_bytes": gguf_weight_bytes(path)}
 
 
@@ -298,15 +300,7 @@ def run_llamacpp_ctx(workdir: Path, precision: str) -> dict:
     load = time.perf_counter() - start
     ids = ctx_ids(llm.n_vocab())
 
-    def tokens():
-        llm.eval(ids)
-        for step in range(CTX_NEW):
-            token = llm.sample(temp=0.0)
-            yield token
-            if step < CTX_NEW - 1:
-                llm.eval([token])
-
-    return _ctx_result(tokens(), load, "f16")
+    return _ctx_result(llama_greedy_tokens(llm, ids, CTX_NEW), load, "f16")
 
 
 RUNNERS = {"ours": run_ours, "transformers": run_transformers, "llama.cpp": run_llamacpp}
