@@ -207,11 +207,8 @@ def save_pretrained(model, tokenizer, out_dir: str | Path, *, dtype: Any = None,
     stored = next((v.dtype for v in state.values() if v.is_floating_point()), next(iter(state.values())).dtype)
     config = config.replace(torch_dtype=str(stored).removeprefix("torch."))
     with atomic_dir(out_dir) as tmp:
-        config.save(tmp / "config.json")
-        _write_generation_config(config, tmp)
+        write_checkpoint_files(config, tokenizer, tmp)
         _write_shards(state, tmp, max_shard_bytes)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
     return out_dir
 
 
@@ -266,17 +263,25 @@ def _write_shards(state: dict[str, torch.Tensor], out: Path, max_shard_bytes: in
             size = 0
         shards[-1][name] = tensor.detach().contiguous().cpu()
         size += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
-        return
-    weight_map, total = {}, 0
-    for i, shard in enumerate(shards, 1):
-        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+    names = shard_file_names(len(shards))
+    for file, shard in zip(names, shards):
         save_file(shard, str(out / file), metadata={"format": "pt"})
-        for name, tensor in shard.items():
-            weight_map[name] = file
-            total += tensor.numel() * tensor.element_size()
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    if len(shards) > 1:
+        write_index(out, [(file, list(shard), sum(t.numel() * t.element_size() for t in shard.values()))
+                          for file, shard in zip(names, shards)])
+
+
+def shard_file_names(count: int) -> list[str]:
+    """The weight file names of a checkpoint in `count` shards, as transformers names them."""
+    if count == 1:
+        return ["model.safetensors"]
+    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def write_index(out: Path, shards: list[tuple[str, list[str], int]]) -> None:
+    """model.safetensors.index.json for shards given as (file, tensor names, bytes)."""
+    weight_map = {name: file for file, names, _ in shards for name in names}
+    index = {"metadata": {"total_size": sum(size for _, _, size in shards)}, "weight_map": weight_map}
     (out / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
@@ -366,20 +371,12 @@ class ShardWriter:
     def close(self) -> list[Path]:
         """Finish the last shard and name the files as save_pretrained does (index if several)."""
         self._finish_shard()
-        if len(self.done) == 1:
-            final = self.out / "model.safetensors"
-            os.replace(self.done[0][0], final)
-            return [final]
-        weight_map, total, files = {}, 0, []
-        for i, (path, names, size) in enumerate(self.done, 1):
-            file = f"model-{i:05d}-of-{len(self.done):05d}.safetensors"
+        names = shard_file_names(len(self.done))
+        for (path, _, _), file in zip(self.done, names):
             os.replace(path, self.out / file)
-            files.append(self.out / file)
-            weight_map.update(dict.fromkeys(names, file))
-            total += size
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (self.out / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        return files
+        if len(self.done) > 1:
+            write_index(self.out, [(file, tensors, size) for (_, tensors, size), file in zip(self.done, names)])
+        return [self.out / file for file in names]
 
     def abort(self) -> None:
         if not self._scratch.closed:
