@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minicpm.config import MiniCPMConfig
+from minicpm.kernels.attention import decode_attention
 from minicpm.kernels.linear import linear_bf16
 
 
@@ -72,8 +73,6 @@ class KVCache:
     def attend(self, layer: int, q: torch.Tensor, end: int, mask: torch.Tensor | None) -> torch.Tensor | None:
         """Attention of a single query per row over positions [0, end), straight from the
         stores by the native kernel (fp32 result); None where it does not serve."""
-        from minicpm.kernels.attention import decode_attention
-
         return decode_attention(q, self.keys[layer], self.values[layer], end, mask)
 
     def copy_prefix(self, other: KVCache, keep: int) -> None:
@@ -121,8 +120,6 @@ class Int8KVCache(KVCache):
                      for store, scales in ((self.keys, self.key_scales), (self.values, self.value_scales)))
 
     def attend(self, layer: int, q: torch.Tensor, end: int, mask: torch.Tensor | None) -> torch.Tensor | None:
-        from minicpm.kernels.attention import decode_attention
-
         return decode_attention(q, self.keys[layer], self.values[layer], end, mask,
                                 self.key_scales[layer], self.value_scales[layer])
 

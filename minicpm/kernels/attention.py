@@ -61,14 +61,14 @@ def decode_attention(q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tens
     scales [B, KV, max_len, 1] (fp32). mask: bool [B, 1, 1, length] or None. Returns fp32
     [B, H, 1, D], or None where the kernel does not serve.
     """
-    if q.device.type != "cpu" or k_store.dtype not in KINDS or not k_store.is_contiguous():
-        return None
-    if (k_store.dtype == torch.int8) != (k_scales is not None):
+    stores = (k_store, v_store) + (() if k_scales is None else (k_scales, v_scales))
+    if (q.device.type != "cpu" or k_store.dtype not in KINDS or not all(t.is_contiguous() for t in stores)
+            or (k_store.dtype == torch.int8) != (k_scales is not None)
+            or (k_scales is not None and k_scales.dtype != torch.float32)):
         return None
     lib = KERNEL.library()
     if lib is None:
         return None
     if mask is not None:
         mask = mask.reshape(mask.shape[0], -1)[:, :length].to(torch.uint8).contiguous()
-    scales = [None if s is None else s.float().contiguous() for s in (k_scales, v_scales)]
-    return _call(lib, q, k_store, v_store.contiguous(), length, *scales, mask)
+    return _call(lib, q, k_store, v_store, length, k_scales, v_scales, mask)
