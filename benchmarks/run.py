@@ -30,7 +30,7 @@ import time
 from datetime import date
 from pathlib import Path
 
-from minicpm.bench import machine, peak_rss_mb  # one definition for both benchmark sections
+from minicpm.bench import machine, markdown_table, peak_rss_mb, ratios  # shared with the shapes section
 
 PROMPT_TOKENS = 128
 NEW_TOKENS = 64
@@ -140,25 +140,21 @@ def run_case(workdir: Path, engine: str, dtype: str, threads: int) -> dict | str
 
 
 def smollm2_table(rows: list[tuple[str, str, dict | str]], threads: int) -> str:
-    peer = {dtype: r for engine, dtype, r in rows if engine == "llama.cpp" and isinstance(r, dict)}
     lines = [
         f"## SmolLM2-135M-Instruct ({date.today().isoformat()})", "",
         f"Machine: {machine()}; threads: {threads}. Model: SmolLM2-135M-Instruct (the default model), "
         f"dequantized from its Q4_1 GGUF and run by every engine at the precision shown.",
         f"Prefill: one {PROMPT_TOKENS}-token prompt. Decode: {NEW_TOKENS} new tokens, batch 1, greedy. "
         "Ratios are to llama.cpp at the same precision (higher is better for speed).", "",
-        "| engine | precision | load s | prefill tok/s | decode tok/s | peak RSS MB | prefill vs llama.cpp | decode vs llama.cpp |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for engine, dtype, r in rows:
-        if isinstance(r, str):
-            lines.append(f"| {engine} | {dtype} | not run: {r} | | | | | |")
-            continue
-        p = peer.get(dtype)
-        ratio = (lambda k: f"{r[k] / p[k]:.2f}x") if p else (lambda k: "n/a")
-        lines.append(f"| {engine} | {dtype} | {r['load']:.2f} | {r['prefill']:.1f} | {r['decode']:.1f} | {r['rss']:.0f} | "
-                     f"{ratio('prefill')} | {ratio('decode')} |")
-    return "\n".join(lines) + "\n"
+    ratio = ratios(rows, {})
+
+    def cells(dtype: str, r: dict) -> list[str]:
+        return [f"{r['load']:.2f}", f"{r['prefill']:.1f}", f"{r['decode']:.1f}", f"{r['rss']:.0f}", *ratio(dtype, r)]
+
+    columns = ["engine", "precision", "load s", "prefill tok/s", "decode tok/s", "peak RSS MB",
+               "prefill vs llama.cpp", "decode vs llama.cpp"]
+    return "\n".join(lines + markdown_table(columns, 2, rows, cells)) + "\n"
 
 
 def main() -> int:

@@ -382,43 +382,53 @@ def machine() -> str:
 
 
 # --- the table ------------------------------------------------------------------------------------
-def table(shape: str, rows: list[tuple[str, str, dict | str]], bandwidth: float) -> str:
-    """Markdown rows for one shape; ratios are to llama.cpp at the matching precision."""
-    peer = {p: r for e, p, r in rows if e == "llama.cpp" and isinstance(r, dict)}
-    lines = [
-        f"### {shape}", "",
-        "| engine | precision | load s | TTFT s | prefill tok/s | decode tok/s | weights GB/token | "
-        "decode / bandwidth limit | peak RSS MB | prefill vs llama.cpp | decode vs llama.cpp |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
+def markdown_table(columns: list[str], text_columns: int, rows: list[tuple[str, str, dict | str]],
+                   cells) -> list[str]:
+    """A Markdown table of (engine, precision, result) rows: `cells(result)` gives the cells after
+    the first two of a measured row; a result that is a string says why the row was not run."""
+    align = ["---" if i < text_columns else "---:" for i in range(len(columns))]
+    lines = ["| " + " | ".join(columns) + " |", "| " + " | ".join(align) + " |"]
     for engine, precision, r in rows:
         if isinstance(r, str):
-            lines.append(f"| {engine} | {precision} | not run: {r} | | | | | | | | |")
-            continue
-        p = peer.get(PEER[precision])
-        ratio = (lambda k: f"{r[k] / p[k]:.2f}x") if p else (lambda k: "n/a")
+            lines.append(f"| {engine} | {precision} | not run: {r} |" + " |" * (len(columns) - 3))
+        else:
+            lines.append("| " + " | ".join([engine, precision, *cells(precision, r)]) + " |")
+    return lines
+
+
+def ratios(rows: list[tuple[str, str, dict | str]], peer_of: dict[str, str]):
+    """cells -> (prefill, decode) ratio strings against llama.cpp's row at the matching precision."""
+    peer = {p: r for e, p, r in rows if e == "llama.cpp" and isinstance(r, dict)}
+
+    def of(precision: str, r: dict) -> list[str]:
+        p = peer.get(peer_of.get(precision, precision))
+        return [f"{r[k] / p[k]:.2f}x" if p else "n/a" for k in ("prefill", "decode")]
+    return of
+
+
+def table(shape: str, rows: list[tuple[str, str, dict | str]], bandwidth: float) -> str:
+    """Markdown rows for one shape; ratios are to llama.cpp at the matching precision."""
+    ratio = ratios(rows, PEER)
+
+    def cells(precision: str, r: dict) -> list[str]:
         limit = bandwidth * 1e9 / r["weight_bytes"]
-        lines.append(
-            f"| {engine} | {precision} | {r['load']:.1f} | {r['ttft']:.2f} | {r['prefill']:.1f} | "
-            f"{r['decode']:.2f} | {r['weight_bytes'] / 1e9:.2f} | {r['decode'] / limit:.0%} of {limit:.1f} | "
-            f"{r['rss']:.0f} | {ratio('prefill')} | {ratio('decode')} |")
-    return "\n".join(lines) + "\n"
+        return [f"{r['load']:.1f}", f"{r['ttft']:.2f}", f"{r['prefill']:.1f}", f"{r['decode']:.2f}",
+                f"{r['weight_bytes'] / 1e9:.2f}", f"{r['decode'] / limit:.0%} of {limit:.1f}", f"{r['rss']:.0f}",
+                *ratio(precision, r)]
+
+    columns = ["engine", "precision", "load s", "TTFT s", "prefill tok/s", "decode tok/s", "weights GB/token",
+               "decode / bandwidth limit", "peak RSS MB", "prefill vs llama.cpp", "decode vs llama.cpp"]
+    return "\n".join([f"### {shape}", "", *markdown_table(columns, 2, rows, cells)]) + "\n"
 
 
 def memory_table(shape: str, rows: list[tuple[str, str, dict | str]]) -> str:
     """The 2k-context chat case: peak RSS first, speeds for context."""
-    lines = [
-        f"#### {shape}: chat with a {CTX}-token context ({CTX_PROMPT}-token prompt + {CTX_NEW} new tokens)", "",
-        "| engine | precision | KV cache | load s | prefill tok/s | decode tok/s | peak RSS MB |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: |",
-    ]
-    for engine, precision, r in rows:
-        if isinstance(r, str):
-            lines.append(f"| {engine} | {precision} | not run: {r} | | | | |")
-            continue
-        lines.append(f"| {engine} | {precision} | {r['kv']} | {r['load']:.1f} | {r['prefill']:.1f} | "
-                     f"{r['decode']:.2f} | {r['rss']:.0f} |")
-    return "\n".join(lines) + "\n"
+    def cells(precision: str, r: dict) -> list[str]:
+        return [r["kv"], f"{r['load']:.1f}", f"{r['prefill']:.1f}", f"{r['decode']:.2f}", f"{r['rss']:.0f}"]
+
+    columns = ["engine", "precision", "KV cache", "load s", "prefill tok/s", "decode tok/s", "peak RSS MB"]
+    title = f"#### {shape}: chat with a {CTX}-token context ({CTX_PROMPT}-token prompt + {CTX_NEW} new tokens)"
+    return "\n".join([title, "", *markdown_table(columns, 3, rows, cells)]) + "\n"
 
 
 def header(threads: int, bandwidth: float) -> str:
