@@ -67,21 +67,29 @@ def download(repo_id: str) -> Path:
                            "pass a local directory or .gguf file") from None
 
 
-def load(path_or_id: str | Path | None = None, dtype: Any = None, device: Any = None):
-    """(model, tokenizer) for a checkpoint directory, a .gguf file or a hub id."""
+def locate(path_or_id: str | Path | None = None) -> Path:
+    """The checkpoint directory (with config.json) or the .gguf file a user's argument names."""
     path = resolve(path_or_id)
     if path.is_file():
         if path.suffix != ".gguf":
             raise MiniCPMError(f"{path}: expected a checkpoint directory or a .gguf file")
+        return path
+    if (path / "config.json").exists():
+        return path
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return ggufs[0]
+    raise MiniCPMError(f"{path} has no config.json" + (
+        f" and {len(ggufs)} .gguf files (pass one)" if ggufs else " and no .gguf file"))
+
+
+def load(path_or_id: str | Path | None = None, dtype: Any = None, device: Any = None):
+    """(model, tokenizer) for a checkpoint directory, a .gguf file or a hub id."""
+    path = locate(path_or_id)
+    if path.is_file():
         from minicpm.formats.gguf import load_gguf
 
         return load_gguf(path, dtype=dtype, device=device)
-    if (path / "config.json").exists():
-        from minicpm.formats.hf import load_pretrained
+    from minicpm.formats.hf import load_pretrained
 
-        return load_pretrained(path, dtype=dtype, device=device)
-    ggufs = sorted(path.glob("*.gguf"))
-    if len(ggufs) == 1:
-        return load(ggufs[0], dtype=dtype, device=device)
-    raise MiniCPMError(f"{path} has no config.json" + (
-        f" and {len(ggufs)} .gguf files (pass one)" if ggufs else " and no .gguf file"))
+    return load_pretrained(path, dtype=dtype, device=device)

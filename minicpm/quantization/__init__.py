@@ -73,21 +73,13 @@ def quantize_checkpoint(src, out, bits: int = 4, group_size: int = 128, head: st
 
 def _open_source(src):
     """(config, lazy (name, tensor) pairs, tokenizer or None, dtype to load in, source name)."""
-    from minicpm.errors import CheckpointError, MiniCPMError
+    from minicpm.errors import CheckpointError
     from minicpm.formats.hf import iter_tensors, read_config, weight_files
-    from minicpm.loading import resolve
+    from minicpm.loading import locate
     from minicpm.tokenizer import Tokenizer
 
-    path = resolve(src)
-    if path.is_dir() and not (path / "config.json").exists():
-        ggufs = sorted(path.glob("*.gguf"))
-        if len(ggufs) != 1:
-            raise MiniCPMError(f"{path} has no config.json" + (
-                f" and {len(ggufs)} .gguf files (pass one)" if ggufs else " and no .gguf file"))
-        path = ggufs[0]
+    path = locate(src)  # the same checkpoint `minicpm.load(src)` would open
     if path.is_file():
-        if path.suffix != ".gguf":
-            raise MiniCPMError(f"{path}: expected a checkpoint directory or a .gguf file")
         from minicpm.formats.gguf import read_gguf
 
         config, tensors, metadata = read_gguf(path)
