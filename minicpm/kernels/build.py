@@ -145,7 +145,3 @@ class Kernel:
                 warnings.warn(f"native {self.what} unavailable ({exc}); using PyTorch's", RuntimeWarning,
                               stacklevel=4)
             return None
-
-    def disable(self) -> None:
-        """Use PyTorch from now on (tests compare both paths)."""
-        self._lib, self._tried = None, True
