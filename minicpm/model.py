@@ -17,6 +17,7 @@ logits returned as fp32, everything else in the parameter dtype.
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -32,9 +33,14 @@ from minicpm.kernels.linear import linear_bf16
 class KVCache:
     """Preallocated keys and values for every layer, [batch, kv_heads, max_len, head_dim].
 
-    All rows share one write position (`length`); left padding is handled by the attention
-    mask, so a batch of different prompt lengths still advances in lockstep.
+    Two ways to use it. As one batch: all rows share one write position (`length`); left padding
+    is handled by the attention mask, so a batch of different prompt lengths still advances in
+    lockstep. As independent slots (the serving engine): each row holds its own sequence at its
+    own length, which the caller tracks; `view(slot, length)` prefills one slot and
+    `write_rows`/`attend_rows` decode one token for several slots at their own positions.
     """
+
+    STORES = ("keys", "values")  # attribute names of the per-layer tensor lists
 
     def __init__(self, config: MiniCPMConfig, batch_size: int, max_len: int,
                  dtype: torch.dtype = torch.float32, device: Any = None):
@@ -73,7 +79,48 @@ class KVCache:
     def attend(self, layer: int, q: torch.Tensor, end: int, mask: torch.Tensor | None) -> torch.Tensor | None:
         """Attention of a single query per row over positions [0, end), straight from the
         stores by the native kernel (fp32 result); None where it does not serve."""
-        return decode_attention(q, self.keys[layer], self.values[layer], end, mask)
+        return decode_attention(q, self.keys[layer], self.values[layer], end, mask, *self._scales(layer))
+
+    def _scales(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        return None, None  # keys and values are stored as they are
+
+    # ---- independent slots (rows at their own lengths)
+
+    def view(self, slot: int, length: int) -> KVCache:
+        """Row `slot` as a batch-1 cache holding `length` positions; it shares this cache's
+        memory, so running the model on it (a prefill chunk) fills the slot."""
+        view = copy.copy(self)
+        for name in self.STORES:
+            setattr(view, name, [t[slot:slot + 1] for t in getattr(self, name)])
+        view.shape = (1,) + self.shape[1:]
+        view.length = length
+        return view
+
+    def write_rows(self, layer: int, rows: torch.Tensor, positions: torch.Tensor,
+                   k: torch.Tensor, v: torch.Tensor) -> None:
+        """One new token per row: k/v [B, KV, 1, D] row i goes to slot rows[i] at positions[i]."""
+        self.keys[layer][rows, :, positions] = k[:, :, 0]
+        self.values[layer][rows, :, positions] = v[:, :, 0]
+
+    def read_row(self, layer: int, slot: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of one slot's positions [start, end), [1, kv_heads, end - start, head_dim]."""
+        return (self.keys[layer][slot:slot + 1, :, start:end],
+                self.values[layer][slot:slot + 1, :, start:end])
+
+    def attend_rows(self, layer: int, q: torch.Tensor, rows: torch.Tensor, starts: torch.Tensor | None,
+                    ends: torch.Tensor, bound: int) -> torch.Tensor:
+        """Attention of q [B, H, 1, D], row i over positions [starts[i], ends[i]) of slot rows[i]
+        (starts None: from 0; bound = max(ends)). A row's result never depends on the other rows:
+        the kernel reduces each over its own positions only, and so does the PyTorch loop."""
+        out = decode_attention(q, self.keys[layer], self.values[layer], bound, None, *self._scales(layer),
+                               rows=rows, starts=starts, ends=ends)
+        if out is not None:
+            return out
+        firsts = [0] * len(rows) if starts is None else starts.tolist()
+        return torch.cat([attention(q[i:i + 1], *self.read_row(layer, row, first, end), None)
+                          for i, (row, first, end) in enumerate(zip(rows.tolist(), firsts, ends.tolist()))])
+
+    # ----
 
     def copy_prefix(self, other: KVCache, keep: int) -> None:
         """Take the first `keep` positions of `other` (same layout; a conversation outgrew it)."""
@@ -81,7 +128,7 @@ class KVCache:
             mine[:, :, :keep] = theirs[:, :, :keep]
 
     def _stores(self) -> list[torch.Tensor]:
-        return self.keys + self.values
+        return [t for name in self.STORES for t in getattr(self, name)]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._stores())
@@ -99,6 +146,8 @@ class Int8KVCache(KVCache):
     (prefill, or no native kernel) gets dequantized copies of the layer it works on.
     """
 
+    STORES = ("keys", "values", "key_scales", "value_scales")
+
     def __init__(self, config: MiniCPMConfig, batch_size: int, max_len: int,
                  dtype: torch.dtype = torch.float32, device: Any = None):
         super().__init__(config, batch_size, max_len, torch.int8, device)
@@ -107,24 +156,56 @@ class Int8KVCache(KVCache):
         self.key_scales = self._allocate(config.num_hidden_layers, scale_shape, torch.float32, device)
         self.value_scales = self._allocate(config.num_hidden_layers, scale_shape, torch.float32, device)
 
+    @staticmethod
+    def _quantize(new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """int8 codes and fp32 scales [..., 1] of head vectors [..., D]."""
+        scale = (new.abs().amax(-1, keepdim=True).float() / 127).clamp(min=1e-8)
+        return torch.round(new.float() / scale).to(torch.int8), scale
+
+    def _coded(self) -> tuple[tuple[list[torch.Tensor], list[torch.Tensor]], ...]:
+        return (self.keys, self.key_scales), (self.values, self.value_scales)
+
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> int:
         start, end = self.length, self.length + k.shape[2]
-        for store, scales, new in ((self.keys, self.key_scales, k), (self.values, self.value_scales, v)):
-            scale = (new.abs().amax(-1, keepdim=True).float() / 127).clamp(min=1e-8)
-            store[layer][:, :, start:end] = torch.round(new.float() / scale).to(torch.int8)
-            scales[layer][:, :, start:end] = scale
+        for (store, scales), new in zip(self._coded(), (k, v)):
+            store[layer][:, :, start:end], scales[layer][:, :, start:end] = self._quantize(new)
         return end
 
+    def write_rows(self, layer: int, rows: torch.Tensor, positions: torch.Tensor,
+                   k: torch.Tensor, v: torch.Tensor) -> None:
+        for (store, scales), new in zip(self._coded(), (k, v)):
+            store[layer][rows, :, positions], scales[layer][rows, :, positions] = self._quantize(new[:, :, 0])
+
     def read(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return tuple((store[layer][:, :, :end].float() * scales[layer][:, :, :end]).to(self.dtype)
-                     for store, scales in ((self.keys, self.key_scales), (self.values, self.value_scales)))
+        return self._dequantized(layer, (slice(None), slice(None), slice(0, end)))
 
-    def attend(self, layer: int, q: torch.Tensor, end: int, mask: torch.Tensor | None) -> torch.Tensor | None:
-        return decode_attention(q, self.keys[layer], self.values[layer], end, mask,
-                                self.key_scales[layer], self.value_scales[layer])
+    def read_row(self, layer: int, slot: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._dequantized(layer, (slice(slot, slot + 1), slice(None), slice(start, end)))
 
-    def _stores(self) -> list[torch.Tensor]:
-        return self.keys + self.values + self.key_scales + self.value_scales
+    def _dequantized(self, layer: int, part: tuple[slice, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple((store[layer][part].float() * scales[layer][part]).to(self.dtype)
+                     for store, scales in self._coded())
+
+    def _scales(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.key_scales[layer], self.value_scales[layer]
+
+
+class SlotStep:
+    """What the layers see of the cache while decoding one token for several slots at once:
+    row i writes at positions[i] of slot rows[i] and attends to that slot's positions up to it
+    (the last `window` of them with a sliding window). Same protocol as KVCache (write, attend)."""
+
+    def __init__(self, cache: KVCache, rows: torch.Tensor, positions: torch.Tensor, window: int | None):
+        self.cache, self.rows, self.positions = cache, rows, positions
+        self.ends = positions + 1
+        self.starts = None if window is None else (self.ends - window).clamp(min=0)
+        self.bound = int(self.ends.max())
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.cache.write_rows(layer, self.rows, self.positions, k, v)
+
+    def attend(self, layer: int, q: torch.Tensor, end: None, mask: None) -> torch.Tensor:
+        return self.cache.attend_rows(layer, q, self.rows, self.starts, self.ends, self.bound)
 
 
 KV_CACHE_DTYPES = ("auto", "int8")
@@ -404,7 +485,7 @@ class MiniCPMForCausalLM(nn.Module):
         if inputs_embeds is None:
             if input_ids.dim() == 1:
                 input_ids = input_ids[None]
-            x = self.model.embed_tokens(input_ids) * self.config.embedding_scale
+            x = self._embed(input_ids)
         else:
             x = inputs_embeds
         b, s, _ = x.shape
@@ -419,10 +500,36 @@ class MiniCPMForCausalLM(nn.Module):
             x = layer(x, cos, sin, mask, cache)
         if cache is not None:
             cache.length += s
-        if last_only:
-            x = x[:, -1:]
+        return self._logits(x[:, -1:] if last_only else x)
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids) * self.config.embedding_scale
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
         x = self.model.norm(x)
         return self.lm_head(x / self.config.logit_scale).float()
+
+    def prefill_slot(self, input_ids: torch.Tensor, cache: KVCache, slot: int, start: int,
+                     last_only: bool = True) -> torch.Tensor:
+        """Run ids [S] as positions [start, start + S) of one cache row ("slot") that already
+        holds `start` positions; logits [S, vocab] (or [1, vocab] with `last_only`)."""
+        return self(input_ids[None], cache=cache.view(slot, start), last_only=last_only)[0]
+
+    def decode_slots(self, input_ids: torch.Tensor, cache: KVCache, rows: torch.Tensor,
+                     positions: torch.Tensor) -> torch.Tensor:
+        """One new token for each of several slots at their own lengths: token input_ids[i]
+        goes to position positions[i] of cache row rows[i] (all int64 [B]). Logits [B, vocab].
+
+        Each row's result is what the same row would give alone, where the kernels allow (see
+        KVCache.attend_rows): nothing here mixes rows. Dynamic NTK rope reads the longest row's
+        length, which changes nothing while every row fits max_position_embeddings.
+        """
+        x = self._embed(input_ids[:, None])
+        step = SlotStep(cache, rows, positions, self.config.sliding_window)
+        cos, sin = self.model.rotary_emb(positions[:, None], step.bound)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, None, step)
+        return self._logits(x)[:, 0]
 
     def new_cache(self, batch_size: int, max_len: int, kv_dtype: str | None = None) -> KVCache:
         """An empty cache; `kv_dtype` "int8" halves its memory (default: `self.kv_cache_dtype`)."""

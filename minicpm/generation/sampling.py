@@ -2,7 +2,9 @@
 
 `SamplingParams` validates everything a user can pass (CLI, `generate`, `chat`, the server);
 `sample_next` turns one step's logits into token ids with an explicit random generator, so a
-seed reproduces a run exactly. Temperature 0 means greedy.
+seed reproduces a run exactly. Temperature 0 means greedy. `RowSampler` is one sequence's
+sampling state in the serving engine (its own generator and penalty history), and
+`token_logprob`/`prompt_logprobs` report log-probabilities of the model's raw logits.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ class SamplingParams:
     top_p: float = 1.0
     min_p: float = 0.0
     repetition_penalty: float = 1.0  # >1 discourages tokens already in prompt or output (HF rule)
+    # OpenAI's, over generated tokens only: logit -= presence * (count > 0) + frequency * count
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     seed: int | None = None
     stop_token_ids: list[int] | None = None  # None: the model's end-of-sequence ids
     stop: list[str] = field(default_factory=list)  # stop strings (text level)
@@ -37,9 +42,17 @@ class SamplingParams:
         _check(0 <= self.min_p < 1, f"min_p must be in [0, 1), got {self.min_p}")
         _check(isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be an integer >= 0, got {self.top_k}")
         _check(self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check(-2 <= value <= 2, f"{name} must be in [-2, 2], got {value}")
         if self.max_new_tokens is not None:
-            _check(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
-                   f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens}")
+            # 0 only scores a prompt (the server's echo with prompt logprobs)
+            _check(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 0,
+                   f"max_new_tokens must be an integer >= 0, got {self.max_new_tokens}")
+
+    @property
+    def penalised(self) -> bool:
+        return self.repetition_penalty != 1.0 or bool(self.presence_penalty or self.frequency_penalty)
 
     @property
     def greedy(self) -> bool:
@@ -60,6 +73,7 @@ class SamplingParams:
             raise MiniCPMError(f"unknown generation argument(s): {', '.join(unknown)}; "
                                f"supported: {', '.join(sorted(names | {'do_sample'}))}")
         params = cls(**kwargs)
+        _check(params.max_new_tokens != 0, "max_new_tokens must be an integer >= 1 to generate")
         if do_sample is False:
             params.temperature = 0.0
         elif do_sample and params.temperature == 0:
@@ -82,10 +96,13 @@ def make_generator(seed: int | None, device: Any = "cpu") -> torch.Generator:
 
 
 def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
-                seen: torch.Tensor | None = None) -> torch.Tensor:
-    """Next token ids [B] from fp32 logits [B, V]; `seen` [B, V] marks tokens to penalise."""
+                seen: torch.Tensor | None = None, counts: torch.Tensor | None = None) -> torch.Tensor:
+    """Next token ids [B] from fp32 logits [B, V]; `seen` [B, V] marks tokens for the repetition
+    penalty, `counts` [B, V] (fp32) counts generated tokens for the presence/frequency ones."""
     if params.repetition_penalty != 1.0 and seen is not None:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if counts is not None and (params.presence_penalty or params.frequency_penalty):
+        logits = apply_presence_frequency(logits, counts, params.presence_penalty, params.frequency_penalty)
     if params.greedy:
         return logits.argmax(-1)
     logits = logits / params.temperature
@@ -107,3 +124,70 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     """The CTRL/Hugging Face rule: seen tokens' positive logits divided, negative multiplied."""
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalised, logits)
+
+
+def apply_presence_frequency(logits: torch.Tensor, counts: torch.Tensor, presence: float,
+                             frequency: float) -> torch.Tensor:
+    """OpenAI's rule: logit - presence * (count > 0) - frequency * count."""
+    return logits - presence * (counts > 0).float() - frequency * counts
+
+
+class RowSampler:
+    """One sequence's sampling in the serving engine: its parameters, its own random generator
+    (a seeded request draws the same numbers however many others run beside it) and the token
+    history its penalties read."""
+
+    def __init__(self, params: SamplingParams, vocab_size: int, prompt_ids: list[int]):
+        self.params = params
+        self.generator = None if params.greedy else make_generator(params.seed)
+        self.seen = self.counts = None
+        if params.repetition_penalty != 1.0:  # the HF rule covers the prompt too
+            self.seen = torch.zeros(1, vocab_size, dtype=torch.bool)
+            self.seen[0, prompt_ids] = True
+        if params.presence_penalty or params.frequency_penalty:
+            self.counts = torch.zeros(1, vocab_size)
+
+    @property
+    def plain_greedy(self) -> bool:
+        """The argmax of the raw logits (so a whole batch of such rows takes one argmax)."""
+        return self.params.greedy and not self.params.penalised
+
+    def sample(self, logits: torch.Tensor) -> int:
+        """The next token from this row's fp32 logits [V]."""
+        return int(sample_next(logits[None], self.params, self.generator, self.seen, self.counts)[0])
+
+    def observe(self, token: int) -> None:
+        """Record a generated token for the penalties."""
+        if self.seen is not None:
+            self.seen[0, token] = True
+        if self.counts is not None:
+            self.counts[0, token] += 1
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # the k most likely (id, logprob), best first
+
+
+def token_logprob(logits: torch.Tensor, token: int, k: int) -> TokenLogprob:
+    """Log-probability of `token` under raw fp32 logits [V] (before penalties and temperature)
+    and the top-k alternatives."""
+    return _logprobs(torch.log_softmax(logits, dim=-1), token, k)
+
+
+def prompt_logprobs(logits: torch.Tensor, targets: list[int], k: int) -> list[TokenLogprob]:
+    """For logits [S, V] of consecutive positions, the logprob of each position's next token
+    targets[i] (len(targets) <= S) and its top-k. Callers pass a prompt chunk at a time, so a
+    long prompt never holds [prompt_len, V] log-probabilities at once."""
+    logprobs = torch.log_softmax(logits[:len(targets)], dim=-1)
+    return [_logprobs(row, token, k) for row, token in zip(logprobs, targets)]
+
+
+def _logprobs(logprobs: torch.Tensor, token: int, k: int) -> TokenLogprob:
+    top = []
+    if k:
+        values, ids = logprobs.topk(min(k, logprobs.shape[-1]))
+        top = list(zip(ids.tolist(), values.tolist()))
+    return TokenLogprob(token, float(logprobs[token]), top)

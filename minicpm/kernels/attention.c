@@ -13,6 +13,12 @@
 //   out    float32 [B, H, D]
 // Query head h uses kv head h / (H / KV), as in Llama/MiniCPM. D must be a multiple of 16.
 // Scores and the softmax are fp32.
+//
+// Independent slots (the serving engine): query row b may read cache row rows[b] (of `slots`)
+// over its own positions [starts[b], ends[b]) (each array NULL: b, 0, len). A row's positions
+// are reduced on their own, in the same order whatever the other rows hold, so its result is
+// bitwise what it would be alone; a mask instead keeps every row at `len` positions, and the
+// padding shifts where the vectorised softmax sums begin.
 
 #include <immintrin.h>
 #include <math.h>
@@ -22,7 +28,7 @@
 
 enum { KIND_F32 = 0, KIND_BF16 = 1, KIND_F16 = 2, KIND_I8 = 3 };
 
-int minicpm_attention_abi(void) { return 1; }
+int minicpm_attention_abi(void) { return 2; }
 
 static inline __m512 load16(const void *base, int kind, size_t i) {
     switch (kind) {
@@ -117,12 +123,23 @@ static void attend(const float *q, const void *k, const void *v, const float *ks
     }
 }
 
+static int valid_rows(const int64_t *rows, const int64_t *starts, const int64_t *ends, int64_t batch,
+                      int64_t slots, int64_t len) {
+    for (int64_t b = 0; b < batch; b++) {
+        int64_t row = rows ? rows[b] : b, lo = starts ? starts[b] : 0, hi = ends ? ends[b] : len;
+        if (row < 0 || row >= slots || lo < 0 || lo > hi || hi > len) return 0;
+    }
+    return 1;
+}
+
 // Returns 0, or -1 for a shape this kernel does not take (the caller falls back).
 int minicpm_decode_attention(const float *q, const void *k, const void *v, const float *kscale,
-                             const float *vscale, const uint8_t *mask, float *out, int64_t batch,
-                             int64_t heads, int64_t kv_heads, int64_t max_len, int64_t len, int64_t d,
-                             int kind, float softmax_scale, int threads) {
+                             const float *vscale, const uint8_t *mask, const int64_t *rows,
+                             const int64_t *starts, const int64_t *ends, float *out, int64_t batch,
+                             int64_t slots, int64_t heads, int64_t kv_heads, int64_t max_len, int64_t len,
+                             int64_t d, int kind, float softmax_scale, int threads) {
     if (d % 16 || d > 256 || heads % kv_heads || len > max_len || len < 1) return -1;
+    if (!valid_rows(rows, starts, ends, batch, slots, len)) return -1;
     const int64_t group = heads / kv_heads, tasks = batch * kv_heads;
     const size_t elem = kind == KIND_F32 ? 4 : kind == KIND_I8 ? 1 : 2;
     int failed = 0;
@@ -136,11 +153,18 @@ int minicpm_decode_attention(const float *q, const void *k, const void *v, const
 #pragma omp for schedule(static)
         for (int64_t task = 0; task < tasks; task++) {
             if (!scores) continue;
-            const int64_t b = task / kv_heads;
-            const size_t cache_off = (size_t)task * max_len;  // rows of [B, KV, max_len]
-            attend(q + task * group * d, (const char *)k + cache_off * d * elem, (const char *)v + cache_off * d * elem,
-                   kscale ? kscale + cache_off : NULL, vscale ? vscale + cache_off : NULL,
-                   mask ? mask + b * len : NULL, out + task * group * d, scores, (int)group, len, (int)d, kind,
+            const int64_t b = task / kv_heads, head = task % kv_heads;
+            const int64_t row = rows ? rows[b] : b, lo = starts ? starts[b] : 0, hi = ends ? ends[b] : len;
+            float *o = out + task * group * d;
+            if (hi == lo) {  // nothing to attend: zeros, as a fully masked row
+                memset(o, 0, (size_t)group * d * sizeof(float));
+                continue;
+            }
+            // the row's first position: its stores, scales and mask all start there
+            const size_t first = (size_t)(row * kv_heads + head) * max_len + lo;
+            attend(q + task * group * d, (const char *)k + first * d * elem, (const char *)v + first * d * elem,
+                   kscale ? kscale + first : NULL, vscale ? vscale + first : NULL,
+                   mask ? mask + b * len + lo : NULL, o, scores, (int)group, hi - lo, (int)d, kind,
                    softmax_scale);
         }
         free(scores);

@@ -13,7 +13,7 @@ import torch
 
 from minicpm.kernels.build import Kernel, KernelUnavailable
 
-ABI = 1
+ABI = 2
 KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3}
 
 
@@ -21,7 +21,7 @@ def _setup(lib: ctypes.CDLL) -> None:
     if lib.minicpm_attention_abi() != ABI:
         raise KernelUnavailable("attention.c: stale build")
     c_ptr, c_i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.minicpm_decode_attention.argtypes = [c_ptr] * 7 + [c_i64] * 6 + [ctypes.c_int, ctypes.c_float, ctypes.c_int]
+    lib.minicpm_decode_attention.argtypes = [c_ptr] * 10 + [c_i64] * 7 + [ctypes.c_int, ctypes.c_float, ctypes.c_int]
     lib.minicpm_decode_attention.restype = ctypes.c_int
     _self_check(lib)
 
@@ -29,16 +29,20 @@ def _setup(lib: ctypes.CDLL) -> None:
 KERNEL = Kernel(Path(__file__).with_name("attention.c"), "attention kernel", _setup)
 
 
-def _call(lib, q, k, v, length, kscale, vscale, mask) -> torch.Tensor | None:
+def _call(lib, q, k, v, length, kscale=None, vscale=None, mask=None, rows=None, starts=None,
+          ends=None) -> torch.Tensor | None:
     b, h, _, d = q.shape
     queries = q.reshape(b, h, d).float().contiguous()
     out = torch.empty(b, h, d)
     rc = lib.minicpm_decode_attention(
-        queries.data_ptr(), k.data_ptr(), v.data_ptr(),
-        None if kscale is None else kscale.data_ptr(), None if vscale is None else vscale.data_ptr(),
-        None if mask is None else mask.data_ptr(), out.data_ptr(),
-        b, h, k.shape[1], k.shape[2], length, d, KINDS[k.dtype], d ** -0.5, torch.get_num_threads())
+        queries.data_ptr(), k.data_ptr(), v.data_ptr(), *map(_pointer, (kscale, vscale, mask, rows, starts, ends)),
+        out.data_ptr(), b, k.shape[0], h, k.shape[1], k.shape[2], length, d, KINDS[k.dtype], d ** -0.5,
+        torch.get_num_threads())
     return out.view(b, h, 1, d) if rc == 0 else None
+
+
+def _pointer(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
 
 
 def _self_check(lib) -> None:
@@ -46,29 +50,42 @@ def _self_check(lib) -> None:
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 4, 1, 32, generator=g)
     k, v = torch.randn(2, 2, 2, 9, 32, generator=g)
-    got = _call(lib, q, k, v, 7, None, None, None)
+    got = _call(lib, q, k, v, 7)
     ref = torch.nn.functional.scaled_dot_product_attention(q, k[:, :, :7], v[:, :, :7], enable_gqa=True)
     if got is None or not torch.allclose(got, ref, atol=1e-4):
         raise KernelUnavailable("self-check against PyTorch failed")
+    # rows in swapped slots over their own ranges: the second row reads slot 0, positions 2..8
+    index = torch.tensor([1, 0]), torch.tensor([0, 2]), torch.tensor([7, 9])
+    got = _call(lib, q, k, v, 9, None, None, None, *index)
+    ref = torch.nn.functional.scaled_dot_product_attention(q[1:], k[:1, :, 2:9], v[:1, :, 2:9], enable_gqa=True)
+    if got is None or not torch.allclose(got[1:], ref, atol=1e-4):
+        raise KernelUnavailable("self-check of slot rows against PyTorch failed")
 
 
 def decode_attention(q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tensor, length: int,
                      mask: torch.Tensor | None = None, k_scales: torch.Tensor | None = None,
-                     v_scales: torch.Tensor | None = None) -> torch.Tensor | None:
+                     v_scales: torch.Tensor | None = None, *, rows: torch.Tensor | None = None,
+                     starts: torch.Tensor | None = None, ends: torch.Tensor | None = None) -> torch.Tensor | None:
     """softmax(q k^T / sqrt(d)) v for q [B, H, 1, D] over the first `length` cache positions.
 
     k_store/v_store: a whole cache layer [B, KV, max_len, D] (contiguous); int8 stores come with
     scales [B, KV, max_len, 1] (fp32). mask: bool [B, 1, 1, length] or None. Returns fp32
     [B, H, 1, D], or None where the kernel does not serve.
+
+    Slots: query row b reads cache row rows[b] over positions [starts[b], ends[b]) (int64 [B]
+    each, contiguous; None: b, 0, length; every end <= length), so the store may hold more rows
+    than q and a row's result does not depend on the others.
     """
     stores = (k_store, v_store) + (() if k_scales is None else (k_scales, v_scales))
     if (q.device.type != "cpu" or k_store.dtype not in KINDS or not all(t.is_contiguous() for t in stores)
             or (k_store.dtype == torch.int8) != (k_scales is not None)
-            or (k_scales is not None and k_scales.dtype != torch.float32)):
+            or (k_scales is not None and k_scales.dtype != torch.float32)
+            or not all(t is None or (t.dtype == torch.int64 and t.is_contiguous() and t.is_cpu)
+                       for t in (rows, starts, ends))):
         return None
     lib = KERNEL.library()
     if lib is None:
         return None
     if mask is not None:
         mask = mask.reshape(mask.shape[0], -1)[:, :length].to(torch.uint8).contiguous()
-    return _call(lib, q, k_store, v_store, length, k_scales, v_scales, mask)
+    return _call(lib, q, k_store, v_store, length, k_scales, v_scales, mask, rows, starts, ends)

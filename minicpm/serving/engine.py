@@ -1,0 +1,435 @@
+"""Continuous batching: many requests share one model, one decode step at a time.
+
+`Engine.submit` queues a request and returns its `Stream` of `TokenEvent`s. A background thread
+runs the scheduler; each iteration it
+  1. ends cancelled requests and admits waiting ones into free KV-cache slots (FIFO);
+  2. prefills admitted prompts a chunk (`prefill_chunk` tokens) at a time, until this
+     iteration's prompt budget (also `prefill_chunk` tokens) is spent: a long prompt takes
+     several iterations, and the streams already running get a token in each of them;
+  3. runs one decode step for every row with a token to feed (`model.decode_slots`), samples
+     each row with its own parameters and random generator, and hands out the events.
+A prompt is always cut into the same chunks, and a decode row's result does not depend on the
+other rows (see `KVCache.attend_rows`), so a request's greedy tokens are the same alone or in a
+busy batch. The engine works on token ids: callers template and tokenize; the tokenizer only
+turns new tokens into text (stop strings, `TokenEvent.text`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import Self
+
+import torch
+
+from minicpm.errors import MiniCPMError
+from minicpm.generation.sampling import (
+    RowSampler,
+    SamplingParams,
+    TokenLogprob,
+    prompt_logprobs,
+    token_logprob,
+)
+from minicpm.generation.text import RowText, with_chat_stop_ids
+
+__all__ = ["Engine", "EngineClosed", "QueueFull", "Request", "Stream", "TokenEvent", "TokenLogprob"]
+
+log = logging.getLogger(__name__)
+JSON_RETRIES = 8  # resamples of a token the JSON constraint refuses, before masking the whole vocabulary
+
+
+class QueueFull(RuntimeError):
+    """More requests are waiting than the engine's max_queue (the server answers 503)."""
+
+
+class EngineClosed(RuntimeError):
+    """The engine was closed; it takes no more requests."""
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]  # already templated and tokenized
+    params: SamplingParams = field(default_factory=SamplingParams)
+    logprobs: int | None = None  # k: the chosen token's logprob and the top-k per new token
+    prompt_logprobs: int | None = None  # k: the same for every prompt token (the first: None)
+    json_object: bool = False  # constrain the reply to one JSON object
+
+
+@dataclass
+class TokenEvent:
+    token_id: int | None  # None only on a final event that carries no token
+    text: str  # text this token released (stop strings held back and never shown); may be ""
+    logprob: TokenLogprob | None
+    finish_reason: str | None  # None while running; "stop", "length", "cancelled" or "error"
+
+
+class Stream:
+    """The events of one request, for a sync (`for`) or an async (`async for`) consumer.
+
+    The engine thread appends events; a waiting consumer is woken through a condition variable
+    (sync) or its event loop (async), so no thread is parked per async stream.
+    """
+
+    def __init__(self, request: Request, engine: Engine):
+        self.request = request
+        self.prompt_logprobs: list[TokenLogprob | None] = []
+        self.usage = {"prompt_tokens": len(request.prompt_ids), "completion_tokens": 0}
+        self.metrics: dict[str, float] = {}
+        self.finish_reason: str | None = None
+        self.error: str | None = None  # why, when finish_reason is "error"
+        self.cancelled = False
+        self.submitted = time.perf_counter()
+        self._engine = engine
+        self._events: collections.deque[TokenEvent] = collections.deque()
+        self._ready = threading.Condition()
+        self._waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future] | None = None
+
+    def cancel(self) -> None:
+        """Stop generating; the slot is freed at the next engine step, then iteration ends."""
+        self.cancelled = True
+        self._engine._wake_up()
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        while True:
+            with self._ready:
+                while not self._events:
+                    self._ready.wait()
+                event = self._events.popleft()
+            yield event
+            if event.finish_reason is not None:
+                return
+
+    async def __aiter__(self) -> AsyncIterator[TokenEvent]:
+        loop = asyncio.get_running_loop()
+        while True:
+            with self._ready:
+                event = self._events.popleft() if self._events else None
+                if event is None:
+                    woken = loop.create_future()
+                    self._waiter = (loop, woken)
+            if event is None:
+                await woken
+                continue
+            yield event
+            if event.finish_reason is not None:
+                return
+
+    def _push(self, event: TokenEvent) -> None:
+        """Called by the engine thread."""
+        with self._ready:
+            self._events.append(event)
+            self._ready.notify()
+            waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            loop, woken = waiter
+            loop.call_soon_threadsafe(_resolve, woken)
+
+    def _seconds(self) -> float:
+        return time.perf_counter() - self.submitted
+
+
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():  # the consumer may have gone (a client that disconnected)
+        future.set_result(None)
+
+
+class _Row:
+    """A request admitted into a KV-cache slot: its prefill progress and decoding state."""
+
+    def __init__(self, stream: Stream, slot: int, engine: Engine):
+        request = stream.request
+        self.stream, self.request, self.slot = stream, request, slot
+        self.prompt = request.prompt_ids
+        self.prefilled = 0  # prompt tokens already in the slot
+        self.position = 0  # tokens in the slot: where the next token is written
+        self.next_token: int | None = None  # sampled, shown, not yet fed to the model
+        self.generated = 0
+        params = request.params
+        room = engine.context - len(self.prompt)
+        self.budget = room if params.max_new_tokens is None else min(params.max_new_tokens, room)
+        self.stop_ids = engine._stop_ids(params)
+        self.sampler = RowSampler(params, engine.vocab_size, self.prompt)
+        self.text = RowText(engine.tokenizer, params.stop) if engine.tokenizer is not None else None
+        self.constraint = engine._json_constraint() if request.json_object else None
+
+    @property
+    def prefilling(self) -> bool:
+        return self.prefilled < len(self.prompt)
+
+    @property
+    def plain_greedy(self) -> bool:
+        return self.sampler.plain_greedy and self.constraint is None
+
+
+class Engine:
+    """Continuous batching over one model: `submit` requests, iterate their streams.
+
+    max_batch: KV-cache slots (rows decoded together; the native bf16 and int4/int8 Linear
+    kernels keep rows independent up to 16). max_queue: waiting requests before QueueFull.
+    prefill_chunk: prompt tokens per forward call, and per scheduler iteration.
+    """
+
+    def __init__(self, model, tokenizer=None, max_batch: int = 16, max_queue: int = 64,
+                 prefill_chunk: int = 256, kv_dtype: str | None = None, context: int | None = None):
+        if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
+            raise MiniCPMError("max_batch and prefill_chunk must be >= 1 and max_queue >= 0")
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
+        self.context = context or model.config.max_position_embeddings
+        self.vocab_size = model.config.vocab_size
+        self.cache = model.new_cache(max_batch, self.context, kv_dtype)
+        self._threads = torch.get_num_threads()  # a new thread would start from the default
+        self._lock = threading.Condition()
+        self._waiting: collections.deque[Stream] = collections.deque()
+        self._rows: list[_Row] = []  # admitted, in admission order (engine thread only)
+        self._free = list(range(max_batch))
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._json = None
+        self.counters = {"steps": 0, "generated_tokens": 0, "prompt_tokens": 0}
+
+    # ---------------------------------------------------------------- public API
+
+    def start(self) -> Self:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="minicpm-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def submit(self, request: Request) -> Stream:
+        """Queue a request; raises QueueFull, EngineClosed, or MiniCPMError for a bad request."""
+        self._validate(request)
+        stream = Stream(request, self)
+        with self._lock:
+            if self._closed:
+                raise EngineClosed("the engine is closed")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are already waiting (max_queue {self.max_queue})")
+            self._waiting.append(stream)
+            self._lock.notify()
+        return stream
+
+    def close(self) -> None:
+        """Stop the scheduler; every unfinished stream ends with finish_reason "error"."""
+        with self._lock:
+            self._closed = True
+            self._lock.notify()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        for row in self._rows:
+            self._finish(row, None, "", None, "error", "the engine was closed")
+        with self._lock:
+            waiting, self._waiting = list(self._waiting), collections.deque()
+        for stream in waiting:
+            _end(stream, "error", "the engine was closed")
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            waiting = len(self._waiting)
+        return {"running": len(self._rows), "waiting": waiting, "max_batch": self.max_batch,
+                "max_queue": self.max_queue, **self.counters}
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- checks on submit
+
+    def _validate(self, request: Request) -> None:
+        prompt, params = request.prompt_ids, request.params
+        if not prompt:
+            raise MiniCPMError("the prompt has no tokens")
+        if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in prompt):
+            raise MiniCPMError(f"prompt token ids must be integers in [0, {self.vocab_size})")
+        if len(prompt) + 1 > self.context:
+            raise MiniCPMError(f"the prompt has {len(prompt)} tokens but the context holds {self.context} "
+                               f"(prompt + 1 generated token must fit)")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(request, name)
+            if k is not None and not (isinstance(k, int) and 0 <= k <= self.vocab_size):
+                raise MiniCPMError(f"{name} must be an integer in [0, {self.vocab_size}], got {k!r}")
+        if params.max_new_tokens == 0 and request.prompt_logprobs is None:
+            raise MiniCPMError("max_new_tokens 0 only scores the prompt: ask for prompt_logprobs")
+        if params.stop and self.tokenizer is None:
+            raise MiniCPMError("stop strings need the engine to have a tokenizer")
+        if request.json_object:
+            self._json_constraint()  # raises if JSON mode is not available
+
+    def _stop_ids(self, params: SamplingParams) -> set[int]:
+        if self.tokenizer is not None:
+            params = with_chat_stop_ids(self.model, self.tokenizer, params)
+        ids = self.model.config.eos_token_ids if params.stop_token_ids is None else params.stop_token_ids
+        return set(ids)
+
+    def _json_constraint(self):
+        """A fresh JSON-object constraint (the per-tokenizer tables are built once)."""
+        if self.tokenizer is None:
+            raise MiniCPMError("JSON mode needs the engine to have a tokenizer")
+        try:
+            from minicpm.generation.json_mode import JsonObjectConstraint
+        except ImportError:
+            raise MiniCPMError("JSON mode is not available in this build") from None
+        return JsonObjectConstraint(self.tokenizer)
+
+    # ---------------------------------------------------------------- the scheduler thread
+
+    def _wake_up(self) -> None:
+        with self._lock:
+            self._lock.notify()
+
+    def _run(self) -> None:
+        torch.set_num_threads(self._threads)
+        with torch.inference_mode():
+            while True:
+                with self._lock:
+                    while not self._closed and not self._rows and not self._waiting:
+                        self._lock.wait()
+                    if self._closed:
+                        return
+                try:
+                    self.step()
+                except Exception as exc:  # a bug or a broken model: fail the rows, keep serving
+                    log.exception("engine step failed")
+                    for row in list(self._rows):
+                        self._finish(row, None, "", None, "error", f"{type(exc).__name__}: {exc}")
+
+    def step(self) -> None:
+        """One scheduler iteration (the thread calls this; tests may too, without start())."""
+        self._drop_cancelled()
+        self._admit()
+        self._prefill()
+        self._decode()
+        self.counters["steps"] += 1
+
+    def _drop_cancelled(self) -> None:
+        for row in [r for r in self._rows if r.stream.cancelled]:
+            self._finish(row, None, "", None, "cancelled")
+        with self._lock:
+            cancelled = [s for s in self._waiting if s.cancelled]
+            for stream in cancelled:
+                self._waiting.remove(stream)
+        for stream in cancelled:
+            _end(stream, "cancelled")
+
+    def _admit(self) -> None:
+        with self._lock:
+            while self._free and self._waiting:
+                stream = self._waiting.popleft()
+                row = _Row(stream, self._free.pop(0), self)
+                stream.metrics["queued_s"] = stream._seconds()
+                self._rows.append(row)
+
+    # ---------------------------------------------------------------- prefill
+
+    def _prefill(self) -> None:
+        budget = self.prefill_chunk
+        for row in [r for r in self._rows if r.prefilling]:
+            if budget <= 0:
+                break
+            budget -= self._prefill_chunk(row)
+
+    def _prefill_chunk(self, row: _Row) -> int:
+        """Run the row's next prompt chunk; at the prompt's end, emit its first token."""
+        start = row.prefilled
+        end = min(start + self.prefill_chunk, len(row.prompt))
+        wants_prompt_logprobs = row.request.prompt_logprobs is not None
+        ids = torch.tensor(row.prompt[start:end], dtype=torch.long)
+        logits = self.model.prefill_slot(ids, self.cache, row.slot, start, last_only=not wants_prompt_logprobs)
+        if wants_prompt_logprobs:
+            if start == 0:
+                row.stream.prompt_logprobs.append(None)  # nothing precedes the first token
+            targets = row.prompt[start + 1:end + 1]  # each position predicts the next prompt token
+            row.stream.prompt_logprobs.extend(prompt_logprobs(logits, targets, row.request.prompt_logprobs))
+        row.prefilled = row.position = end
+        self.counters["prompt_tokens"] += end - start
+        if not row.prefilling:
+            if row.budget == 0:  # scoring only (max_new_tokens 0)
+                self._finish(row, None, "", None, "length")
+            else:
+                self._accept(row, self._sample(row, logits[-1]), logits[-1])
+        return end - start
+
+    # ---------------------------------------------------------------- decode
+
+    def _decode(self) -> None:
+        rows = [r for r in self._rows if r.next_token is not None]
+        if not rows:
+            return
+        ids = torch.tensor([r.next_token for r in rows], dtype=torch.long)
+        slots = torch.tensor([r.slot for r in rows], dtype=torch.long)
+        positions = torch.tensor([r.position for r in rows], dtype=torch.long)
+        logits = self.model.decode_slots(ids, self.cache, slots, positions)
+        if all(r.plain_greedy for r in rows):
+            tokens = logits.argmax(-1).tolist()  # one call for the common case
+        else:
+            tokens = [self._sample(r, logits[i]) for i, r in enumerate(rows)]
+        for i, (row, token) in enumerate(zip(rows, tokens)):
+            row.position += 1
+            self._accept(row, token, logits[i])
+
+    def _sample(self, row: _Row, logits: torch.Tensor) -> int:
+        if row.constraint is None:
+            return row.sampler.sample(logits)
+        return self._sample_json(row, logits)
+
+    def _sample_json(self, row: _Row, logits: torch.Tensor) -> int:
+        """Sample; while the JSON constraint refuses the token, rule it out and sample again
+        (cheap when the model mostly follows), then fall back to the full allowed mask."""
+        logits = logits.clone()
+        for _ in range(JSON_RETRIES):
+            token = row.sampler.sample(logits)
+            if row.constraint.allows(token):
+                return token
+            logits[token] = float("-inf")
+        return row.sampler.sample(logits.masked_fill(~row.constraint.allowed_mask(), float("-inf")))
+
+    def _accept(self, row: _Row, token: int, logits: torch.Tensor) -> None:
+        """A sampled token: count it, turn it into text, finish the row or queue it for decoding."""
+        stream = row.stream
+        row.generated += 1
+        stream.usage["completion_tokens"] = row.generated
+        self.counters["generated_tokens"] += 1
+        if row.generated == 1:
+            stream.metrics["ttft_s"] = stream._seconds()
+        logprob = None if row.request.logprobs is None else token_logprob(logits, token, row.request.logprobs)
+        row.sampler.observe(token)
+        if token in row.stop_ids:
+            self._finish(row, token, self._flush(row), logprob, "stop")
+            return
+        text = row.text.push(token) if row.text is not None else ""
+        if row.constraint is not None:
+            row.constraint.advance(token)
+        if (row.text is not None and row.text.stopped) or (row.constraint is not None and row.constraint.complete):
+            self._finish(row, token, text + self._flush(row), logprob, "stop")
+        elif row.generated >= row.budget:
+            self._finish(row, token, text + self._flush(row), logprob, "length")
+        else:
+            row.next_token = token
+            stream._push(TokenEvent(token, text, logprob, None))
+
+    @staticmethod
+    def _flush(row: _Row) -> str:
+        return row.text.flush() if row.text is not None else ""
+
+    def _finish(self, row: _Row, token: int | None, text: str, logprob: TokenLogprob | None,
+                reason: str, error: str | None = None) -> None:
+        """End a row now and give its slot back."""
+        self._rows.remove(row)
+        self._free.append(row.slot)
+        row.next_token = None
+        row.stream.error = error
+        _end(row.stream, reason, error, TokenEvent(token, text, logprob, reason))
+
+
+def _end(stream: Stream, reason: str, error: str | None = None, event: TokenEvent | None = None) -> None:
+    stream.finish_reason = reason
+    stream.error = error
+    stream.metrics["total_s"] = stream._seconds()
+    stream._push(event or TokenEvent(None, "", None, reason))
