@@ -27,7 +27,7 @@ from torch import nn
 
 from minicpm.config import MiniCPMConfig
 from minicpm.kernels.attention import decode_attention
-from minicpm.kernels.linear import linear_bf16
+from minicpm.kernels.linear import decode_linear
 
 
 class KVCache:
@@ -212,11 +212,12 @@ KV_CACHE_DTYPES = ("auto", "int8")
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose decode-sized bf16 products (a few rows of x) run the native weight-stream
-    kernel: PyTorch's bf16 GEMV reads the weight at about half of the memory bandwidth here."""
+    """nn.Linear whose decode-sized products (a few rows of x) run the native weight-stream
+    kernels: PyTorch's bf16 GEMV reads the weight at about half of the memory bandwidth here,
+    and MKL's fp32 results for a row change with the number of rows (batched decoding)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = linear_bf16(x, self.weight, self.bias)
+        y = decode_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias) if y is None else y
 
 
@@ -401,15 +402,18 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x = x.reshape(-1, shape[-1])
-        probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float32)
+        # Decoding (one position per sequence), the gate and the experts see [N, 1, D], which
+        # keeps them on the decode kernels: then a row's result does not depend on the batch.
+        x = x.reshape(-1, 1, shape[-1]) if shape[-2] == 1 else x.reshape(-1, shape[-1])
+        probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float32).reshape(x.shape[0], -1)
         weights, chosen = probs.topk(self.top_k, dim=-1)  # [N, k]
         weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
         out = torch.zeros_like(x)
         for e, expert in enumerate(self.experts):
             rows, slot = torch.nonzero(chosen == e, as_tuple=True)
             if rows.numel():
-                out.index_add_(0, rows, expert(x[rows]) * weights[rows, slot, None])
+                scale = weights[rows, slot].reshape(-1, *[1] * (x.dim() - 1))
+                out.index_add_(0, rows, expert(x[rows]) * scale)
         return out.reshape(shape)
 
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minicpm.kernels.linear import KERNEL, MAX_ROWS, linear_bf16
+from minicpm.kernels.attention import decode_attention
+from minicpm.kernels.linear import KERNEL, KERNEL_F32, MAX_ROWS, linear_bf16, linear_f32
 
 
 @pytest.mark.parametrize("n,k", [(7, 33), (64, 64), (100, 1000), (1536, 3840)])
@@ -37,6 +38,51 @@ def test_bf16_linear_keeps_leading_dims_and_declines_what_it_does_not_serve():
     assert linear_bf16(torch.randn(1, 32).bfloat16(), w.t().contiguous().t(), None) is None  # strided W
     trained = torch.nn.Parameter(w.clone())
     assert linear_bf16(torch.randn(1, 32).bfloat16(), trained, None) is None       # autograd
+
+
+@pytest.mark.parametrize("n,k", [(7, 33), (37, 70), (1536, 960)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_f32_linear_rows_do_not_depend_on_the_row_count(n, k, bias):
+    """MKL's F.linear sums a row differently for other row counts; this kernel does not."""
+    assert KERNEL_F32.library() is not None, KERNEL_F32.reason
+    g = torch.Generator().manual_seed(n + k)
+    x, w = torch.randn(MAX_ROWS, k, generator=g), torch.randn(n, k, generator=g) / k ** 0.5
+    b = torch.randn(n, generator=g) if bias else None
+    full = linear_f32(x, w, b)
+    torch.testing.assert_close(full, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    for rows in (1, 2, 3, 5, 8):
+        assert torch.equal(linear_f32(x[:rows], w, b), full[:rows])
+    assert torch.equal(torch.cat([linear_f32(x[i:i + 1], w, b) for i in range(MAX_ROWS)]), full)
+
+
+@pytest.mark.parametrize("kind", [torch.float32, torch.bfloat16, torch.int8])
+def test_decode_attention_slots_are_independent_rows(kind):
+    """Rows reading their own slots over their own ranges give, bit for bit, what each gives
+    alone, and what SDPA gives over those positions."""
+    g = torch.Generator().manual_seed(1)
+    slots, kv, heads, max_len, d = 5, 2, 4, 40, 32
+    k, v = (torch.randn(slots, kv, max_len, d, generator=g) for _ in range(2))
+    scales = None
+    if kind == torch.int8:  # codes and per-position scales, as Int8KVCache stores them
+        scales = [torch.rand(slots, kv, max_len, 1, generator=g) / 50 for _ in range(2)]
+        k, v = ((t * 40).round().clamp(-127, 127).to(torch.int8) for t in (k, v))
+    else:
+        k, v = k.to(kind), v.to(kind)
+    q = torch.randn(4, heads, 1, d, generator=g)
+    rows, starts, ends = torch.tensor([3, 0, 4, 1]), torch.tensor([0, 5, 0, 17]), torch.tensor([1, 33, 40, 18])
+    extra = {} if scales is None else dict(k_scales=scales[0], v_scales=scales[1])
+    together = decode_attention(q, k, v, 40, rows=rows, starts=starts, ends=ends, **extra)
+    for i in range(4):
+        one = slice(i, i + 1)
+        alone = decode_attention(q[one], k, v, 40, rows=rows[one], starts=starts[one], ends=ends[one], **extra)
+        assert torch.equal(alone, together[one])
+        r, lo, hi = rows[i], starts[i], ends[i]
+        keys, values = k[r:r + 1, :, lo:hi].float(), v[r:r + 1, :, lo:hi].float()
+        if scales is not None:
+            keys, values = keys * scales[0][r:r + 1, :, lo:hi], values * scales[1][r:r + 1, :, lo:hi]
+        ref = F.scaled_dot_product_attention(q[one], keys, values, enable_gqa=True)
+        torch.testing.assert_close(together[one], ref, rtol=1e-4, atol=1e-5)
+    assert decode_attention(q, k, v, 40, rows=torch.tensor([0, 1, 2, 5]), ends=ends, **extra) is None  # no slot 5
 
 
 def _python(code: str, **env) -> subprocess.CompletedProcess:

@@ -1,4 +1,6 @@
-"""bf16 Linear for decoding (a few rows of x) by the native kernel, or None where it does not serve."""
+"""Linear for decoding (a few rows of x) by the native weight-stream kernels, or None where they
+do not serve: bf16 (linear_bf16.c, faster than oneDNN's GEMV) and fp32 (linear_f32.c, which keeps
+each row's sums independent of how many rows there are, unlike MKL's)."""
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ def _setup(lib: ctypes.CDLL) -> None:
     lib.minicpm_linear_bf16.restype = None
     g = torch.Generator().manual_seed(0)
     x, w, b = torch.randn(3, 70, generator=g), torch.randn(9, 70, generator=g), torch.randn(9, generator=g)
-    got = _call(lib, x.bfloat16(), w.bfloat16(), b.bfloat16())
+    got = _call(lib.minicpm_linear_bf16, x.bfloat16(), w.bfloat16(), b.bfloat16())
     ref = torch.nn.functional.linear(x.bfloat16().float(), w.bfloat16().float(), b.bfloat16().float())
     if not torch.allclose(got.float(), ref, rtol=0.02, atol=0.05):
         raise KernelUnavailable("linear_bf16.c: self-check against PyTorch failed")
@@ -31,25 +33,65 @@ KERNEL = Kernel(Path(__file__).with_name("linear_bf16.c"), "bf16 linear kernel",
                 required_flags=AVX512 + ("avx512_bf16",))
 
 
-def _call(lib, x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _setup_f32(lib: ctypes.CDLL) -> None:
+    if lib.minicpm_linear_f32_abi() != ABI:
+        raise KernelUnavailable("linear_f32.c: stale build")
+    c_ptr, c_i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.minicpm_linear_f32.argtypes = [c_ptr, c_i64, c_i64, c_ptr, c_i64, c_ptr, c_ptr, ctypes.c_int]
+    lib.minicpm_linear_f32.restype = None
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(6, 70, generator=g), torch.randn(37, 70, generator=g), torch.randn(37, generator=g)
+    got = _call(lib.minicpm_linear_f32, x, w, b)
+    if not torch.allclose(got, torch.nn.functional.linear(x, w, b), rtol=1e-4, atol=1e-4):
+        raise KernelUnavailable("linear_f32.c: self-check against PyTorch failed")
+
+
+KERNEL_F32 = Kernel(Path(__file__).with_name("linear_f32.c"), "fp32 linear kernel", _setup_f32)
+
+
+def _call(function, x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     m, k = x2.shape
     n = weight.shape[0]
-    y = torch.empty(m, n, dtype=torch.bfloat16)
-    lib.minicpm_linear_bf16(x2.data_ptr(), m, k, weight.data_ptr(), n,
-                            None if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads())
+    y = torch.empty(m, n, dtype=x2.dtype)
+    function(x2.data_ptr(), m, k, weight.data_ptr(), n, None if bias is None else bias.data_ptr(), y.data_ptr(),
+             torch.get_num_threads())
     return y
+
+
+def _run(kernel: Kernel, name: str, dtype: torch.dtype, x: torch.Tensor, weight: torch.Tensor,
+         bias: torch.Tensor | None) -> torch.Tensor | None:
+    """F.linear(x, weight, bias) by `kernel` for `dtype` CPU tensors and at most MAX_ROWS rows; else None."""
+    if (x.dtype is not dtype or weight.dtype is not dtype or not x.is_cpu or not weight.is_contiguous()
+            or weight.requires_grad and torch.is_grad_enabled()):
+        return None
+    k = weight.shape[1]
+    if x.shape[-1] != k or x.numel() > MAX_ROWS * k or (bias is not None and bias.dtype is not dtype):
+        return None
+    lib = kernel.library()
+    if lib is None:
+        return None
+    bias = None if bias is None else bias.contiguous()
+    y = _call(getattr(lib, name), x.reshape(-1, k).contiguous(), weight, bias)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
     """F.linear(x, weight, bias) for bf16 CPU tensors and at most MAX_ROWS rows; else None."""
-    if (x.dtype is not torch.bfloat16 or weight.dtype is not torch.bfloat16 or not x.is_cpu
-            or not weight.is_contiguous() or weight.requires_grad and torch.is_grad_enabled()):
-        return None
-    k = weight.shape[1]
-    if x.shape[-1] != k or x.numel() > MAX_ROWS * k or (bias is not None and bias.dtype is not torch.bfloat16):
-        return None
-    lib = KERNEL.library()
-    if lib is None:
-        return None
-    y = _call(lib, x.reshape(-1, k).contiguous(), weight, bias)
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    return _run(KERNEL, "minicpm_linear_bf16", torch.bfloat16, x, weight, bias)
+
+
+def linear_f32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """F.linear(x, weight, bias) for fp32 CPU tensors and at most MAX_ROWS rows (each row's
+    result independent of the row count); else None."""
+    return _run(KERNEL_F32, "minicpm_linear_f32", torch.float32, x, weight, bias)
+
+
+def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """The native kernel for x's dtype, or None (the caller runs F.linear). fp32 takes it only
+    for one position per sequence (x [..., 1, K]: decoding), where batching must not change a
+    row; a short prefill keeps MKL's sums, as a long one does."""
+    if x.dtype is torch.bfloat16:
+        return linear_bf16(x, weight, bias)
+    if x.dtype is torch.float32 and x.dim() >= 2 and x.shape[-2] == 1:
+        return linear_f32(x, weight, bias)
+    return None
