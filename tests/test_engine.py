@@ -257,6 +257,43 @@ def test_presence_and_frequency_penalties_follow_the_openai_rule(bf16_model):
             seq.append(token)
     assert got == seq[len(p):]
     assert got != tokens(run_alone(engine, Request(p, greedy(12))))
+    assert bf16_model.generate(p, max_new_tokens=12, presence_penalty=1.0, frequency_penalty=0.7,
+                               stop_token_ids=[]) == got  # generate() applies them too
+
+
+class OnlyTheseTokens:
+    """A stand-in for the JSON-object constraint: allows a few ids, complete after `length`."""
+
+    def __init__(self, allowed: list[int], length: int):
+        self.allowed, self.length, self.taken = set(allowed), length, []
+
+    def allows(self, token_id: int) -> bool:
+        return token_id in self.allowed
+
+    def advance(self, token_id: int) -> None:
+        self.taken.append(token_id)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.taken) == self.length
+
+    def allowed_mask(self) -> torch.Tensor:
+        mask = torch.zeros(VOCAB, dtype=torch.bool)
+        mask[list(self.allowed)] = True
+        return mask
+
+
+def test_json_mode_samples_only_what_the_constraint_allows(bf16_model, tokenizer, monkeypatch):
+    engine = Engine(bf16_model, tokenizer, max_batch=2)
+    p = prompt(6, seed=9)
+    free = tokens(run_alone(engine, Request(p, greedy(6))))
+    allowed = [free[0], 900, 901, 902]  # the model's first choice, then only unlikely ones
+    monkeypatch.setattr(engine, "_json_constraint", lambda: OnlyTheseTokens(allowed, length=5))
+    for params in (greedy(20), SamplingParams(max_new_tokens=20, temperature=1.0, seed=3, stop_token_ids=[])):
+        events = run_alone(engine, Request(p, params, json_object=True))
+        assert len(events) == 5 and set(tokens(events)) <= set(allowed)
+        assert events[-1].finish_reason == "stop"  # the object is complete
+    assert tokens(run_alone(engine, Request(p, greedy(20), json_object=True)))[0] == free[0]
 
 
 # ---------------------------------------------------------------- the thread

@@ -70,7 +70,7 @@ def test_decode_attention_slots_are_independent_rows(kind):
         k, v = k.to(kind), v.to(kind)
     q = torch.randn(4, heads, 1, d, generator=g)
     rows, starts, ends = torch.tensor([3, 0, 4, 1]), torch.tensor([0, 5, 0, 17]), torch.tensor([1, 33, 40, 18])
-    extra = {} if scales is None else dict(k_scales=scales[0], v_scales=scales[1])
+    extra = {} if scales is None else {"k_scales": scales[0], "v_scales": scales[1]}
     together = decode_attention(q, k, v, 40, rows=rows, starts=starts, ends=ends, **extra)
     for i in range(4):
         one = slice(i, i + 1)

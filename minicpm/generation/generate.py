@@ -105,8 +105,13 @@ class TokenGenerator:
         if params.repetition_penalty != 1.0:
             seen = torch.zeros(batch, logits.shape[-1], dtype=torch.bool, device=logits.device)
             seen.scatter_(1, ids.to(logits.device), mask.to(logits.device).bool())
+        counts = None  # generated tokens, for the presence/frequency penalties
+        if params.presence_penalty or params.frequency_penalty:
+            counts = torch.zeros(batch, logits.shape[-1], device=logits.device)
         for step in range(self.max_new_tokens):
-            tokens = sample_next(logits, params, generator, seen).to(device)
+            tokens = sample_next(logits, params, generator, seen, counts).to(device)
+            if counts is not None:
+                counts.scatter_add_(1, tokens[:, None].to(counts.device), torch.ones_like(counts[:, :1]))
             out: list[int | None] = []
             for row, token in enumerate(tokens.tolist()):
                 if self.finished[row]:

@@ -88,6 +88,7 @@ class Stream:
         self._events: collections.deque[TokenEvent] = collections.deque()
         self._ready = threading.Condition()
         self._waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future] | None = None
+        self._drained = False  # the final event was taken: iterating again ends at once
 
     def cancel(self) -> None:
         """Stop generating; the slot is freed at the next engine step, then iteration ends."""
@@ -97,27 +98,37 @@ class Stream:
     def __iter__(self) -> Iterator[TokenEvent]:
         while True:
             with self._ready:
-                while not self._events:
+                while not self._events and not self._drained:
                     self._ready.wait()
-                event = self._events.popleft()
-            yield event
-            if event.finish_reason is not None:
+                event = self._take()
+            if event is None:
                 return
+            yield event
 
     async def __aiter__(self) -> AsyncIterator[TokenEvent]:
         loop = asyncio.get_running_loop()
         while True:
             with self._ready:
-                event = self._events.popleft() if self._events else None
-                if event is None:
+                waiting = not self._events and not self._drained
+                if waiting:
                     woken = loop.create_future()
                     self._waiter = (loop, woken)
-            if event is None:
+                else:
+                    event = self._take()
+            if waiting:
                 await woken
-                continue
-            yield event
-            if event.finish_reason is not None:
+            elif event is None:
                 return
+            else:
+                yield event
+
+    def _take(self) -> TokenEvent | None:
+        """The next event (lock held); None once the final one has been taken."""
+        if self._drained:
+            return None
+        event = self._events.popleft()
+        self._drained = event.finish_reason is not None
+        return event
 
     def _push(self, event: TokenEvent) -> None:
         """Called by the engine thread."""
@@ -127,7 +138,10 @@ class Stream:
             waiter, self._waiter = self._waiter, None
         if waiter is not None:
             loop, woken = waiter
-            loop.call_soon_threadsafe(_resolve, woken)
+            try:
+                loop.call_soon_threadsafe(_resolve, woken)
+            except RuntimeError:  # the consumer's event loop is closed: nobody to wake
+                pass
 
     def _seconds(self) -> float:
         return time.perf_counter() - self.submitted
@@ -320,11 +334,16 @@ class Engine:
 
     def _admit(self) -> None:
         with self._lock:
-            while self._free and self._waiting:
-                stream = self._waiting.popleft()
-                row = _Row(stream, self._free.pop(0), self)
-                stream.metrics["queued_s"] = stream._seconds()
-                self._rows.append(row)
+            admitted = [self._waiting.popleft() for _ in range(min(len(self._free), len(self._waiting)))]
+        for stream in admitted:
+            stream.metrics["queued_s"] = stream._seconds()
+            slot = self._free.pop(0)
+            try:
+                self._rows.append(_Row(stream, slot, self))
+            except Exception as exc:  # e.g. the JSON constraint could not be built
+                log.exception("admitting a request failed")
+                self._free.append(slot)
+                _end(stream, "error", f"{type(exc).__name__}: {exc}")
 
     # ---------------------------------------------------------------- prefill
 
