@@ -7,6 +7,8 @@ arrives at which step is exact; a few run the real thread (sync and asyncio cons
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 
 import pytest
 import torch
@@ -288,7 +290,7 @@ def test_json_mode_samples_only_what_the_constraint_allows(bf16_model, tokenizer
     p = prompt(6, seed=9)
     free = tokens(run_alone(engine, Request(p, greedy(6))))
     allowed = [free[0], 900, 901, 902]  # the model's first choice, then only unlikely ones
-    monkeypatch.setattr(engine, "_json_constraint", lambda: OnlyTheseTokens(allowed, length=5))
+    monkeypatch.setattr(engine, "_json_class", lambda: lambda tokenizer: OnlyTheseTokens(allowed, length=5))
     for params in (greedy(20), SamplingParams(max_new_tokens=20, temperature=1.0, seed=3, stop_token_ids=[])):
         events = run_alone(engine, Request(p, params, json_object=True))
         assert len(events) == 5 and set(tokens(events)) <= set(allowed)
@@ -313,6 +315,29 @@ def test_threaded_sync_and_async_consumers(bf16_model):
         assert all(events[-1].finish_reason == "length" for events in concurrent)
         stats = engine.stats()
     assert stats["running"] == 0 and stats["waiting"] == 0 and stats["generated_tokens"] == 120
+
+
+def test_an_async_consumer_that_goes_away_cancels_its_request(bf16_model):
+    with Engine(bf16_model, max_batch=2) as engine:
+        closed, timed_out = (engine.submit(Request(prompt(4, seed=i), SamplingParams(stop_token_ids=[])))
+                             for i in range(2))
+
+        async def leave_early():
+            events = closed.__aiter__()
+            assert (await events.__anext__()).finish_reason is None
+            await events.aclose()  # as `async for ...: break` does once the iterator is finalised
+
+            async def read_all():
+                return [event async for event in timed_out]
+            with contextlib.suppress(asyncio.TimeoutError):  # as a disconnected client's task
+                await asyncio.wait_for(read_all(), timeout=0.001)
+
+        asyncio.run(leave_early())
+        deadline = time.monotonic() + 5
+        while engine.stats()["running"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert closed.finish_reason == timed_out.finish_reason == "cancelled"
+        assert engine.stats()["running"] == 0
 
 
 def test_close_ends_every_stream(bf16_model):

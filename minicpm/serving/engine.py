@@ -106,21 +106,28 @@ class Stream:
             yield event
 
     async def __aiter__(self) -> AsyncIterator[TokenEvent]:
+        """As `__iter__`; a consumer that goes away (its task cancelled, as when a client
+        disconnects, or the iterator closed early) cancels the request."""
         loop = asyncio.get_running_loop()
-        while True:
-            with self._ready:
-                waiting = not self._events and not self._drained
+        try:
+            while True:
+                with self._ready:
+                    waiting = not self._events and not self._drained
+                    if waiting:
+                        woken = loop.create_future()
+                        self._waiter = (loop, woken)
+                    else:
+                        event = self._take()
                 if waiting:
-                    woken = loop.create_future()
-                    self._waiter = (loop, woken)
+                    await woken
+                elif event is None:
+                    return
                 else:
-                    event = self._take()
-            if waiting:
-                await woken
-            elif event is None:
-                return
-            else:
-                yield event
+                    yield event
+        except (asyncio.CancelledError, GeneratorExit):
+            if not self._drained:
+                self.cancel()
+            raise
 
     def _take(self) -> TokenEvent | None:
         """The next event (lock held); None once the final one has been taken."""
@@ -204,7 +211,6 @@ class Engine:
         self._free = list(range(max_batch))
         self._closed = False
         self._thread: threading.Thread | None = None
-        self._json = None
         self.counters = {"steps": 0, "generated_tokens": 0, "prompt_tokens": 0}
 
     # ---------------------------------------------------------------- public API
@@ -235,7 +241,7 @@ class Engine:
             self._lock.notify()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
-        for row in self._rows:
+        for row in list(self._rows):
             self._finish(row, None, "", None, "error", "the engine was closed")
         with self._lock:
             waiting, self._waiting = list(self._waiting), collections.deque()
@@ -274,7 +280,7 @@ class Engine:
         if params.stop and self.tokenizer is None:
             raise MiniCPMError("stop strings need the engine to have a tokenizer")
         if request.json_object:
-            self._json_constraint()  # raises if JSON mode is not available
+            self._json_class()  # raises if JSON mode is not available
 
     def _stop_ids(self, params: SamplingParams) -> set[int]:
         if self.tokenizer is not None:
@@ -282,15 +288,18 @@ class Engine:
         ids = self.model.config.eos_token_ids if params.stop_token_ids is None else params.stop_token_ids
         return set(ids)
 
-    def _json_constraint(self):
-        """A fresh JSON-object constraint (the per-tokenizer tables are built once)."""
+    def _json_class(self) -> type:
         if self.tokenizer is None:
             raise MiniCPMError("JSON mode needs the engine to have a tokenizer")
         try:
             from minicpm.generation.json_mode import JsonObjectConstraint
         except ImportError:
             raise MiniCPMError("JSON mode is not available in this build") from None
-        return JsonObjectConstraint(self.tokenizer)
+        return JsonObjectConstraint
+
+    def _json_constraint(self):
+        """A fresh JSON-object constraint (its per-tokenizer tables are built once)."""
+        return self._json_class()(self.tokenizer)
 
     # ---------------------------------------------------------------- the scheduler thread
 
