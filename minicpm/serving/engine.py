@@ -191,9 +191,12 @@ class _Row:
 class Engine:
     """Continuous batching over one model: `submit` requests, iterate their streams.
 
-    max_batch: KV-cache slots (rows decoded together; the native bf16 and int4/int8 Linear
-    kernels keep rows independent up to 16). max_queue: waiting requests before QueueFull.
-    prefill_chunk: prompt tokens per forward call, and per scheduler iteration.
+    max_batch: KV-cache slots, the rows decoded together. The native decode Linear kernels
+    (bf16, fp32, int4/int8) keep a row's result independent of the others up to 16 rows; past
+    that, float weights go to oneDNN/MKL (MKL's fp32 sums change with the row count).
+    max_queue: waiting requests before QueueFull. prefill_chunk: prompt tokens per forward call,
+    and per scheduler iteration. kv_dtype: "int8" halves the cache. context: positions per slot
+    (default: max_position_embeddings; the cache is allocated lazily, pages as they are written).
     """
 
     def __init__(self, model, tokenizer=None, max_batch: int = 16, max_queue: int = 64,
