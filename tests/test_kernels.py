@@ -85,6 +85,18 @@ def test_decode_attention_slots_are_independent_rows(kind):
     assert decode_attention(q, k, v, 40, rows=torch.tensor([0, 1, 2, 5]), ends=ends, **extra) is None  # no slot 5
 
 
+def test_decode_attention_left_padding_sums_as_alone():
+    """A left-padded row (mask) reduces over its real positions exactly as the unpadded row does."""
+    g = torch.Generator().manual_seed(2)
+    k, v = (torch.randn(2, 2, 48, 32, generator=g) for _ in range(2))
+    q = torch.randn(2, 4, 1, 32, generator=g)
+    mask = torch.ones(2, 1, 1, 45, dtype=torch.bool)
+    mask[1, ..., :13] = False  # row 1: 13 pads, then 32 real positions
+    padded = decode_attention(q, k, v, 45, mask)
+    alone = decode_attention(q[1:], k[1:, :, 13:].contiguous(), v[1:, :, 13:].contiguous(), 32)
+    assert torch.equal(padded[1:], alone)
+
+
 def _python(code: str, **env) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env={**os.environ, **env})

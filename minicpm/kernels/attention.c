@@ -17,8 +17,8 @@
 // Independent slots (the serving engine): query row b may read cache row rows[b] (of `slots`)
 // over its own positions [starts[b], ends[b]) (each array NULL: b, 0, len). A row's positions
 // are reduced on their own, in the same order whatever the other rows hold, so its result is
-// bitwise what it would be alone; a mask instead keeps every row at `len` positions, and the
-// padding shifts where the vectorised softmax sums begin.
+// bitwise what it would be alone. With a mask, a row's leading masked positions (left padding)
+// are skipped the same way; masked positions after its first attended one stay in its range.
 
 #include <immintrin.h>
 #include <math.h>
@@ -154,7 +154,11 @@ int minicpm_decode_attention(const float *q, const void *k, const void *v, const
         for (int64_t task = 0; task < tasks; task++) {
             if (!scores) continue;
             const int64_t b = task / kv_heads, head = task % kv_heads;
-            const int64_t row = rows ? rows[b] : b, lo = starts ? starts[b] : 0, hi = ends ? ends[b] : len;
+            const int64_t row = rows ? rows[b] : b, hi = ends ? ends[b] : len;
+            int64_t lo = starts ? starts[b] : 0;
+            // left padding: begin at the first attended position, so that the row's sums run as
+            // they would without the padding (a masked position adds nothing, but shifts them)
+            while (mask && lo < hi && !mask[b * len + lo]) lo++;
             float *o = out + task * group * d;
             if (hi == lo) {  // nothing to attend: zeros, as a fully masked row
                 memset(o, 0, (size_t)group * d * sizeof(float));
