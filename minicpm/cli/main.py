@@ -62,6 +62,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default 8)")
     p.add_argument("--output", help="write JSONL {prompt, response} here instead of printing")
 
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching and a web chat")
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' (default: $MINICPM_API_KEY, else no key)")
+    p.add_argument("--served-model-name", default=None, help="model id clients use (default: from the path)")
+    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together (default 16)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond those (default 64)")
+    p.add_argument("--context", type=int, default=None,
+                   help="tokens per request, prompt + reply (default: the model's context length)")
+    p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per forward pass (default 256)")
+    p.add_argument("--kv-cache", choices=("auto", "int8"), default="auto",
+                   help="KV cache precision: the model's dtype, or int8 (half the memory)")
+    p.add_argument("--log-level", default="warning", help="uvicorn's log level (default warning)")
+
     p = sub.add_parser("info", help="architecture, parameter count, dtype and memory of a model")
     add_model_args(p)
 

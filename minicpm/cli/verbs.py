@@ -91,6 +91,38 @@ def read_prompts(path: Path) -> list[str]:
     return prompts
 
 
+def serve(args: argparse.Namespace) -> int:
+    import os
+
+    from minicpm.serving.app import listening_socket, serve as run_server
+    from minicpm.serving.engine import Engine
+
+    listening_socket(args.host, args.port).close()  # a taken port fails before the model loads
+    for flag in ("max_batch", "prefill_chunk"):
+        if getattr(args, flag) < 1:
+            raise MiniCPMError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    model, tokenizer = _load(args)
+    context = model.config.max_position_embeddings
+    if args.context is not None and not 2 <= args.context <= context:
+        raise MiniCPMError(f"--context must be in [2, {context}] (the model's context), got {args.context}")
+    engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
+                    prefill_chunk=args.prefill_chunk, context=args.context)
+    name = args.served_model_name or served_name(args.model)
+    run_server(engine, tokenizer, name, host=args.host, port=args.port,
+               api_key=args.api_key or os.environ.get("MINICPM_API_KEY") or None, log_level=args.log_level)
+    return 0
+
+
+def served_name(model: str | None) -> str:
+    """The id clients pass as "model": the checkpoint's folder or file name."""
+    if model is None:
+        from minicpm.loading import DEFAULT_MODEL_FILE
+
+        return DEFAULT_MODEL_FILE.split(".")[0]  # SmolLM2-135M-Instruct
+    path = Path(model.rstrip("/"))
+    return path.stem if path.suffix == ".gguf" else path.name
+
+
 def info(args: argparse.Namespace) -> int:
     from minicpm.inspect import describe
 
