@@ -166,6 +166,8 @@ def test_queue_full_and_bad_requests(bf16_model):
         engine.submit(Request([1, VOCAB], greedy(3)))
     with pytest.raises(MiniCPMError, match="presence_penalty"):
         SamplingParams(presence_penalty=2.5)
+    with pytest.raises(MiniCPMError, match="context must be in"):
+        Engine(bf16_model, context=CONTEXT + 1)
 
 
 def test_finish_reasons(bf16_model):

@@ -206,6 +206,9 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.context = context or model.config.max_position_embeddings
+        if not 2 <= self.context <= model.config.max_position_embeddings:
+            # past it, dynamic NTK rope would rescale by the longest row: rows would depend on each other
+            raise MiniCPMError(f"context must be in [2, {model.config.max_position_embeddings}], got {self.context}")
         self.vocab_size = model.config.vocab_size
         self.cache = model.new_cache(max_batch, self.context, kv_dtype)
         self._threads = torch.get_num_threads()  # a new thread would start from the default
