@@ -141,7 +141,7 @@ class Server:
         finally:
             if not work.done():
                 work.cancel()
-                cancel_all(streams)
+                self.abandon(streams)
         choices = work.result()
         for stream in streams:
             self.metrics.observe_stream(endpoint, stream)
@@ -149,6 +149,14 @@ class Server:
         if failed:
             raise ApiError(500, f"Generation failed: {failed[0]}", kind="server_error")
         return choices
+
+    def abandon(self, streams: list[Stream]) -> None:
+        """The client went away: cancel what still runs (its slots free at the next step)."""
+        # called once per HTTP request; streams that ended normally were counted as they ended
+        gone = [s for s in streams if s.finish_reason in (None, "cancelled")]
+        cancel_all(gone)
+        if gone:
+            self.metrics.finished.labels("cancelled").inc(len(gone))
 
     def usage(self, streams: list[Stream], prompt_tokens: int | None = None) -> dict[str, int]:
         prompt = sum({id(s.request.prompt_ids): s.usage["prompt_tokens"] for s in streams}.values()) \
@@ -372,7 +380,7 @@ async def chat_completion(server: Server, body: ChatCompletionRequest, http: Htt
     streams = server.submit(requests)
     reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
-        return event_stream(chat_chunks(server, body, streams, reply_id, created), streams)
+        return event_stream(server, chat_chunks(server, body, streams, reply_id, created), streams)
     choices = await server.gather(http, streams, "chat")
     return {
         "id": reply_id, "object": "chat.completion", "created": created, "model": server.model_name,
@@ -415,13 +423,13 @@ async def chat_chunks(server: Server, body: ChatCompletionRequest, streams: list
     yield sse("[DONE]")
 
 
-def event_stream(chunks: AsyncIterator[str], streams: list[Stream]) -> StreamingResponse:
+def event_stream(server: Server, chunks: AsyncIterator[str], streams: list[Stream]) -> StreamingResponse:
     async def body() -> AsyncIterator[str]:
         try:
             async for text in chunks:
                 yield text
         finally:  # the client went away (the response task was cancelled) or we are done
-            cancel_all([s for s in streams if s.finish_reason is None])
+            server.abandon(streams)
 
     return StreamingResponse(body(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -469,7 +477,7 @@ async def completion(server: Server, body: CompletionRequest, http: HttpRequest)
     reply_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     prompt_of = [p for p in prompts for _ in range(body.n)]
     if body.stream:
-        return event_stream(completion_chunks(server, body, streams, prompt_of, reply_id, created), streams)
+        return event_stream(server, completion_chunks(server, body, streams, prompt_of, reply_id, created), streams)
     choices = await server.gather(http, streams, "completions")
     out = []
     for i, (c, stream, prompt) in enumerate(zip(choices, streams, prompt_of)):
