@@ -19,20 +19,7 @@ python="$venv/bin/python"
 [ -x "$python" ] || { echo "error: no python at $python (create the venv first)" >&2; exit 1; }
 
 # --- CMake flags: AMX always off, each SIMD extension on only if the CPU has it ----------------
-cpu_flags=" $(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | cut -d: -f2) "
-has() { [[ "$cpu_flags" == *" $1 "* ]]; }
-onoff() { if has "$1"; then echo ON; else echo OFF; fi; }
-avx512=OFF
-if has avx512f && has avx512cd && has avx512vl && has avx512dq && has avx512bw; then avx512=ON; fi
-cmake_args="-DGGML_NATIVE=OFF -DGGML_AVX=$(onoff avx) -DGGML_AVX2=$(onoff avx2)"
-cmake_args+=" -DGGML_FMA=$(onoff fma) -DGGML_F16C=$(onoff f16c) -DGGML_AVX512=$avx512"
-if [ "$avx512" = ON ]; then
-  cmake_args+=" -DGGML_AVX512_VNNI=$(onoff avx512_vnni) -DGGML_AVX512_BF16=$(onoff avx512_bf16)"
-  cmake_args+=" -DGGML_AVX512_VBMI=$(onoff avx512vbmi)"
-else
-  cmake_args+=" -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_BF16=OFF -DGGML_AVX512_VBMI=OFF"
-fi
-cmake_args+=" -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+source "$(dirname "$0")/llama_cpp_flags.sh"
 
 key=$(printf '%s %s' "$version" "$cmake_args" | sha256sum | cut -c1-12)
 wheel_dir="$cache/llama-cpp-python-$version-$key"

@@ -18,46 +18,14 @@ import pytest
 import torch
 
 import minicpm
-from tests.conftest import FIXTURES, random_model, variant_config
+from tests.server_process import start_server, stop_server, tiny_checkpoint
 
 KEY = "sk-test-key"
 
 
-def start_server(checkpoint: Path, *args: str) -> tuple[subprocess.Popen, str]:
-    """Run `minicpm serve` on a free port; returns the process and its base URL once it answers."""
-    cmd = [sys.executable, "-m", "minicpm.cli.main", "serve", str(checkpoint), "--port", "0", "--threads", "2",
-           *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 120
-    url = None
-    while url is None:
-        line = proc.stdout.readline()
-        if not line:
-            raise AssertionError(f"server exited with {proc.wait()} before it was ready")
-        found = re.search(r"at (http://\S+)", line)
-        url = found.group(1) if found else None
-        assert time.time() < deadline, "server did not start in 120 s"
-    return proc, url
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    from minicpm.formats.hf import save_pretrained
-    from minicpm.tokenizer import Tokenizer
-
-    tokenizer = Tokenizer.from_pretrained(FIXTURES / "tokenizers" / "minicpm-spm")
-    config = variant_config("2b", vocab_size=tokenizer.vocab_size, max_position_embeddings=256)
-    model = random_model(config, seed=3, dtype=torch.bfloat16)  # bf16: the native kernels serve it
-    return save_pretrained(model, tokenizer, tmp_path_factory.mktemp("serve") / "tiny-minicpm")
+    return tiny_checkpoint(tmp_path_factory.mktemp("serve"))
 
 
 @pytest.fixture(scope="module")
