@@ -310,3 +310,17 @@ def test_taken_port_is_a_clear_error(server, checkpoint):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_json_object_response_format(client):
+    from minicpm.generation.json_mode import START, run
+
+    reply = client.chat.completions.create(model="tiny-minicpm", messages=[{"role": "user", "content": "JSON"}],
+                                           max_tokens=40, temperature=0.8, seed=1,
+                                           response_format={"type": "json_object"})
+    text, reason = reply.choices[0].message.content, reply.choices[0].finish_reason
+    assert text.lstrip().startswith("{") and run(START, text) is not None  # a valid prefix, at least
+    if reason == "stop":
+        assert isinstance(json.loads(text), dict)
+    else:  # the random model ran out of tokens inside the object
+        assert reason == "length" and reply.usage.completion_tokens == 40

@@ -144,4 +144,6 @@ def test_wrong_key_shows_the_servers_error(browser, server):
     ask(browser, "hi")
     wait_for(lambda: browser.find_element(By.ID, "send").is_enabled(), what="the request to end")
     assert "API key" in browser.find_element(By.ID, "error").text
-    assert not turns(browser, "assistant")  # the failed turn is not left behind
+    # the failed turn is taken back and its text returned to the input box
+    assert not turns(browser, "assistant") and not turns(browser, "user")
+    assert browser.find_element(By.ID, "prompt").get_attribute("value") == "hi"
