@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 
 import pytest
@@ -298,6 +299,23 @@ def test_json_mode_samples_only_what_the_constraint_allows(bf16_model, tokenizer
         assert len(events) == 5 and set(tokens(events)) <= set(allowed)
         assert events[-1].finish_reason == "stop"  # the object is complete
     assert tokens(run_alone(engine, Request(p, greedy(20), json_object=True)))[0] == free[0]
+
+
+def test_json_mode_keeps_the_reply_a_json_object(bf16_model, tokenizer):
+    json_mode = pytest.importorskip("minicpm.generation.json_mode")
+    engine = Engine(bf16_model, tokenizer, max_batch=3)
+    requests = [Request(prompt(5, seed=40 + i), params, json_object=True)
+                for i, params in enumerate((greedy(40), SamplingParams(max_new_tokens=40, temperature=1.0, seed=1),
+                                            SamplingParams(max_new_tokens=40, temperature=0.8, top_p=0.9, seed=2)))]
+    for stream in drive(engine, {0: requests}):
+        events = list(stream)
+        text = "".join(e.text for e in events)
+        assert json_mode.run(json_mode.START, text) is not None  # a valid beginning of one object
+        assert text.lstrip().startswith("{")
+        if events[-1].finish_reason == "stop":
+            assert isinstance(json.loads(text), dict)
+        else:
+            assert events[-1].finish_reason == "length" and len(tokens(events)) == 40
 
 
 # ---------------------------------------------------------------- the thread

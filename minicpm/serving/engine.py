@@ -424,7 +424,10 @@ class Engine:
             if row.constraint.allows(token):
                 return token
             logits[token] = float("-inf")
-        return row.sampler.sample(logits.masked_fill(~row.constraint.allowed_mask(), float("-inf")))
+        allowed = torch.zeros_like(logits, dtype=torch.bool)  # ids past the tokenizer's: never
+        known = row.constraint.allowed_mask()[:len(logits)]
+        allowed[:len(known)] = known
+        return row.sampler.sample(logits.masked_fill(~allowed, float("-inf")))
 
     def _accept(self, row: _Row, token: int, logits: torch.Tensor) -> None:
         """A sampled token: count it, turn it into text, finish the row or queue it for decoding."""
