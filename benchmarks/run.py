@@ -16,6 +16,11 @@ A second section (`minicpm.bench`, also `minicpm bench`) runs seeded random weig
 MiniCPM-1B shape (and MiniCPM-2B with --full, ~5.5 GB in bf16) at a 512-token prompt and 128 new
 tokens, with our int8/int4 rows when minicpm.quantization is there, and the machine's memory
 bandwidth.
+
+A third section (benchmarks/serving.py; skip it with --no-serving) serves SmolLM2 and the
+MiniCPM-1B shape with `minicpm serve` and with llama.cpp's `llama-server` (16 slots, continuous
+batching) and fires 1, 4 and 16 concurrent streams at each: aggregate tokens/s and time to first
+token.
 """
 
 from __future__ import annotations
@@ -165,6 +170,7 @@ def main() -> int:
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     parser.add_argument("--full", action="store_true", help="also the MiniCPM-2B shape (~5.5 GB in bf16)")
     parser.add_argument("--shapes-only", action="store_true", help="skip the SmolLM2 section")
+    parser.add_argument("--no-serving", action="store_true", help="skip the serving section (vs llama-server)")
     parser.add_argument("--preset", help=argparse.SUPPRESS)  # e.g. tiny: a quick check of the machinery
     args = parser.parse_args()
     if args.case:
@@ -182,6 +188,10 @@ def main() -> int:
 
     log = lambda message: print(message, file=sys.stderr, flush=True)
     sections.append(bench.bench(args.full, args.threads, args.preset, log=log))
+    if not args.no_serving and not args.preset:
+        from serving import run_serving  # benchmarks/serving.py
+
+        sections.append(run_serving(["smollm2", "1b"], [1, 4, 16], threads=args.threads, log=log))
     text = "\n".join(sections)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
