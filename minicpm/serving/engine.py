@@ -24,7 +24,6 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from typing import Self
 
 import torch
 
@@ -222,7 +221,7 @@ class Engine:
 
     # ---------------------------------------------------------------- public API
 
-    def start(self) -> Self:
+    def start(self) -> Engine:
         if self._thread is None:
             _release_openmp_workers()
             self._thread = threading.Thread(target=self._run, name="minicpm-engine", daemon=True)
@@ -262,7 +261,7 @@ class Engine:
         return {"running": len(self._rows), "waiting": waiting, "max_batch": self.max_batch,
                 "max_queue": self.max_queue, **self.counters}
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> Engine:
         return self.start()
 
     def __exit__(self, *exc) -> None:
