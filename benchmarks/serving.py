@@ -7,8 +7,10 @@ its own random prompt of --prompt-tokens token ids (distinct prompts: no prompt-
 fixed reply length (greedy, ignore_eos). One client implementation (httpx) serves both servers.
 
 Measured per burst: aggregate generated tokens/s (all completion tokens / wall time of the burst,
-prefill included), p50/p95 time to first token, and the median per-stream decode rate. Every
-request must return exactly --max-tokens tokens, or the run fails loudly.
+prefill included), decode tokens/s while every stream is decoding (from the last stream's first
+token to the first stream's last token: the batching gain without the prefill), p50/p95 time to
+first token, and the median per-stream decode rate. Every request must return exactly
+--max-tokens tokens, or the run fails loudly.
 
 Models:
   smollm2  the default model's GGUF (SmolLM2-135M-Instruct, Q4_1). llama-server runs the file; ours
@@ -61,6 +63,7 @@ class Burst:
     stream_rate: float  # median per-stream decode tok/s after the first token
     tokens: int
     wall: float
+    decode: float | None = None  # tok/s while every stream was decoding (None: no such moment)
 
 
 def free_port() -> int:
@@ -116,8 +119,7 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: list[int], ma
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True, "ignore_eos": True,
             "stream_options": {"include_usage": True}}
     sent = time.perf_counter()
-    first = last = None
-    chunks = 0
+    times: list[float] = []  # arrival of each token chunk
     usage = None
     async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
         if response.status_code != 200:
@@ -129,12 +131,19 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: list[int], ma
             if payload.get("usage"):
                 usage = payload["usage"]
             if payload.get("choices"):
-                now = time.perf_counter()
-                first = first or now
-                last = now
-                chunks += 1
-    tokens = usage["completion_tokens"] if usage else chunks
-    return {"ttft": first - sent, "decode_s": last - first, "tokens": tokens}
+                times.append(time.perf_counter())
+    tokens = usage["completion_tokens"] if usage else len(times)
+    return {"ttft": times[0] - sent, "decode_s": times[-1] - times[0], "tokens": tokens, "times": times}
+
+
+def decode_rate(results: list[dict]) -> float | None:
+    """Tokens/s of all streams together while every one of them was decoding: from the last
+    first token to the first last token (no prefill in that window, every slot busy)."""
+    start, end = max(r["times"][0] for r in results), min(r["times"][-1] for r in results)
+    if end - start <= 0:
+        return None
+    inside = sum(start < t <= end for r in results for t in r["times"])
+    return inside / (end - start)
 
 
 async def burst(url: str, concurrency: int, prompt_tokens: int, max_tokens: int, vocab: int, seed: int) -> Burst:
@@ -150,7 +159,7 @@ async def burst(url: str, concurrency: int, prompt_tokens: int, max_tokens: int,
     rates = [(r["tokens"] - 1) / r["decode_s"] for r in results if r["decode_s"] > 0]
     total = sum(r["tokens"] for r in results)
     return Burst(concurrency, total / wall, percentile(ttfts, 0.5), percentile(ttfts, 0.95),
-                 statistics.median(rates) if rates else 0.0, total, wall)
+                 statistics.median(rates) if rates else 0.0, total, wall, decode_rate(results))
 
 
 def measure(server: Server, concurrencies: list[int], prompt_tokens: int, max_tokens: int, vocab: int,
@@ -164,7 +173,8 @@ def measure(server: Server, concurrencies: list[int], prompt_tokens: int, max_to
         out = []
         for i, concurrency in enumerate(concurrencies):
             result = asyncio.run(burst(url, concurrency, prompt_tokens, max_tokens, vocab, seed=i + 1))
-            log(f"    {concurrency:>2} streams: {result.aggregate:6.1f} tok/s aggregate, TTFT p50 "
+            decode = "n/a" if result.decode is None else f"{result.decode:.1f}"
+            log(f"    {concurrency:>2} streams: {result.aggregate:6.1f} tok/s aggregate, {decode} while all decode, TTFT p50 "
                 f"{result.ttft_p50:.2f} s p95 {result.ttft_p95:.2f} s, per stream {result.stream_rate:.1f} tok/s")
             out.append(result)
         return out
@@ -233,18 +243,25 @@ MODELS = {"smollm2": ("SmolLM2-135M-Instruct", smollm2_servers), "1b": ("MiniCPM
 def table(title: str, rows: list[tuple[Server, list[Burst]]]) -> list[str]:
     peer = {b.concurrency: b for s, bursts in rows if s.name == "llama-server" for b in bursts}
     lines = [f"#### {title}", "",
-             "| server | precision | streams | aggregate tok/s | vs llama-server | TTFT p50 s | TTFT p95 s "
-             "| per-stream tok/s | x own 1-stream |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| server | precision | streams | aggregate tok/s | vs llama-server | x own 1-stream "
+             "| decode tok/s, all streams busy | vs llama-server | x own 1-stream | TTFT p50 s | TTFT p95 s "
+             "| per-stream tok/s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for server, bursts in rows:
-        single = next((b.aggregate for b in bursts if b.concurrency == 1), None)
+        own = next((b for b in bursts if b.concurrency == 1), None)
         for b in bursts:
-            p = peer.get(b.concurrency)
-            vs = f"{b.aggregate / p.aggregate:.2f}x" if p and server.name != "llama-server" else ""
-            scale = f"{b.aggregate / single:.2f}x" if single else ""
-            lines.append(f"| {server.name} | {server.precision} | {b.concurrency} | {b.aggregate:.1f} | {vs} "
-                         f"| {b.ttft_p50:.2f} | {b.ttft_p95:.2f} | {b.stream_rate:.1f} | {scale} |")
+            p = None if server.name == "llama-server" else peer.get(b.concurrency)
+            cells = [f"{b.aggregate:.1f}", ratio(b.aggregate, p and p.aggregate),
+                     ratio(b.aggregate, own and own.aggregate),
+                     "n/a" if b.decode is None else f"{b.decode:.1f}", ratio(b.decode, p and p.decode),
+                     ratio(b.decode, own and own.decode), f"{b.ttft_p50:.2f}", f"{b.ttft_p95:.2f}",
+                     f"{b.stream_rate:.1f}"]
+            lines.append(f"| {server.name} | {server.precision} | {b.concurrency} | " + " | ".join(cells) + " |")
     return lines + [""]
+
+
+def ratio(value: float | None, base: float | None) -> str:
+    return f"{value / base:.2f}x" if value and base else ""
 
 
 def header(threads: int, prompt_tokens: int, max_tokens: int) -> list[str]:
