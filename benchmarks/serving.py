@@ -242,7 +242,7 @@ MODELS = {"smollm2": ("SmolLM2-135M-Instruct", smollm2_servers), "1b": ("MiniCPM
 
 def table(title: str, rows: list[tuple[Server, list[Burst]]]) -> list[str]:
     peer = {b.concurrency: b for s, bursts in rows if s.name == "llama-server" for b in bursts}
-    lines = [f"#### {title}", "",
+    lines = [f"### {title}", "",
              "| server | precision | streams | aggregate tok/s | vs llama-server | x own 1-stream "
              "| decode tok/s, all streams busy | vs llama-server | x own 1-stream | TTFT p50 s | TTFT p95 s "
              "| per-stream tok/s |",
@@ -268,7 +268,7 @@ def header(threads: int, prompt_tokens: int, max_tokens: int) -> list[str]:
     from minicpm.bench import machine
 
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return [f"### Serving: {stamp}", "",
+    return [f"## Serving: {stamp}", "",
             f"Machine: {machine()}; {threads} threads for every server. Each burst: N streaming "
             f"/v1/completions requests at once, distinct random {prompt_tokens}-token prompts, {max_tokens} "
             f"greedy tokens each (ignore_eos). Aggregate = all generated tokens / wall time of the burst "

@@ -15,38 +15,31 @@ ABI = 1
 MAX_ROWS = 16  # past this many rows of x, oneDNN's blocked GEMM beats a weight stream
 
 
-def _setup(lib: ctypes.CDLL) -> None:
-    if lib.minicpm_linear_bf16_abi() != ABI:
-        raise KernelUnavailable("linear_bf16.c: stale build")
-    c_ptr, c_i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.minicpm_linear_bf16.argtypes = [c_ptr, c_i64, c_i64, c_ptr, c_i64, c_ptr, c_ptr, ctypes.c_int]
-    lib.minicpm_linear_bf16.restype = None
-    g = torch.Generator().manual_seed(0)
-    x, w, b = torch.randn(3, 70, generator=g), torch.randn(9, 70, generator=g), torch.randn(9, generator=g)
-    got = _call(lib.minicpm_linear_bf16, x.bfloat16(), w.bfloat16(), b.bfloat16())
-    ref = torch.nn.functional.linear(x.bfloat16().float(), w.bfloat16().float(), b.bfloat16().float())
-    if not torch.allclose(got.float(), ref, rtol=0.02, atol=0.05):
-        raise KernelUnavailable("linear_bf16.c: self-check against PyTorch failed")
+def _checked_setup(name: str, dtype: torch.dtype, rtol: float, atol: float):
+    """Setup of the weight-stream kernel `linear_<name>.c`: its ABI, its argument types, and one
+    product checked against PyTorch, so a miscompiled build is refused rather than trusted."""
+    def setup(lib: ctypes.CDLL) -> None:
+        if getattr(lib, f"minicpm_linear_{name}_abi")() != ABI:
+            raise KernelUnavailable(f"linear_{name}.c: stale build")
+        function = getattr(lib, f"minicpm_linear_{name}")
+        c_ptr, c_i64 = ctypes.c_void_p, ctypes.c_int64
+        function.argtypes = [c_ptr, c_i64, c_i64, c_ptr, c_i64, c_ptr, c_ptr, ctypes.c_int]
+        function.restype = None
+        g = torch.Generator().manual_seed(0)
+        x, w, b = (t.to(dtype) for t in (torch.randn(6, 70, generator=g), torch.randn(37, 70, generator=g),
+                                         torch.randn(37, generator=g)))
+        got = _call(function, x, w, b)
+        ref = torch.nn.functional.linear(x.float(), w.float(), b.float())
+        if not torch.allclose(got.float(), ref, rtol=rtol, atol=atol):
+            raise KernelUnavailable(f"linear_{name}.c: self-check against PyTorch failed")
+    return setup
 
 
-KERNEL = Kernel(Path(__file__).with_name("linear_bf16.c"), "bf16 linear kernel", _setup,
+KERNEL = Kernel(Path(__file__).with_name("linear_bf16.c"), "bf16 linear kernel",
+                _checked_setup("bf16", torch.bfloat16, rtol=0.02, atol=0.05),
                 required_flags=AVX512 + ("avx512_bf16",))
-
-
-def _setup_f32(lib: ctypes.CDLL) -> None:
-    if lib.minicpm_linear_f32_abi() != ABI:
-        raise KernelUnavailable("linear_f32.c: stale build")
-    c_ptr, c_i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.minicpm_linear_f32.argtypes = [c_ptr, c_i64, c_i64, c_ptr, c_i64, c_ptr, c_ptr, ctypes.c_int]
-    lib.minicpm_linear_f32.restype = None
-    g = torch.Generator().manual_seed(0)
-    x, w, b = torch.randn(6, 70, generator=g), torch.randn(37, 70, generator=g), torch.randn(37, generator=g)
-    got = _call(lib.minicpm_linear_f32, x, w, b)
-    if not torch.allclose(got, torch.nn.functional.linear(x, w, b), rtol=1e-4, atol=1e-4):
-        raise KernelUnavailable("linear_f32.c: self-check against PyTorch failed")
-
-
-KERNEL_F32 = Kernel(Path(__file__).with_name("linear_f32.c"), "fp32 linear kernel", _setup_f32)
+KERNEL_F32 = Kernel(Path(__file__).with_name("linear_f32.c"), "fp32 linear kernel",
+                    _checked_setup("f32", torch.float32, rtol=1e-4, atol=1e-4))
 
 
 def _call(function, x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
