@@ -23,7 +23,7 @@
 
 enum { K_F32 = 0, K_BF16 = 1, K_F16 = 2 };
 #ifndef MC_MAX
-#define MC_MAX 4   /* x rows per pass over a weight tile (their accumulators stay in registers; 6: no faster) */
+#define MC_MAX 6   /* x rows per pass over a weight tile (their accumulators stay in registers) */
 #endif
 #ifndef PF_DIST
 #define PF_DIST 0  /* bytes of weight to prefetch ahead; 0: hardware prefetch only (software prefetch at
@@ -130,17 +130,16 @@ static inline __attribute__((always_inline)) void tile_int4(
 #pragma GCC unroll 8
                     for (int m = 0; m < MC; m++) {
                         const int8_t *xk = xq + m * Kp + k0 + 4 * L;
+                        /* two chains per row (low and high nibbles): vpdpbusd's latency needs more
+                           independent chains than the few rows of one pass provide */
                         lo_acc[m] = _mm512_dpbusd_epi32(lo_acc[m], lo, _mm512_set1_epi32(*(const i32u *)xk));
-                        if (MC == 1)  /* a second chain; with more rows, rows are the parallel chains */
-                            hi_acc[m] = _mm512_dpbusd_epi32(hi_acc[m], hi, _mm512_set1_epi32(*(const i32u *)(xk + 16)));
-                        else
-                            lo_acc[m] = _mm512_dpbusd_epi32(lo_acc[m], hi, _mm512_set1_epi32(*(const i32u *)(xk + 16)));
+                        hi_acc[m] = _mm512_dpbusd_epi32(hi_acc[m], hi, _mm512_set1_epi32(*(const i32u *)(xk + 16)));
                     }
                 }
             }
 #pragma GCC unroll 8
             for (int m = 0; m < MC; m++)
-                ga[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(MC == 1 ? _mm512_add_epi32(lo_acc[m], hi_acc[m]) : lo_acc[m]),
+                ga[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(lo_acc[m], hi_acc[m])),
                                         _mm512_set1_ps(xd[m * nb + blk]), ga[m]);
         }
         __m512 s = load16(sc, meta0 + 16L * g, mk), z = load16(zc, meta0 + 16L * g, mk);
@@ -181,16 +180,13 @@ static inline __attribute__((always_inline)) void tile_int8(
                 for (int m = 0; m < MC; m++) {
                     const int8_t *xk = xq + m * Kp + k0 + 4 * L;
                     a0[m] = _mm512_dpbusd_epi32(a0[m], v0, _mm512_set1_epi32(*(const i32u *)xk));
-                    if (MC == 1)
-                        a1[m] = _mm512_dpbusd_epi32(a1[m], v1, _mm512_set1_epi32(*(const i32u *)(xk + 4)));
-                    else
-                        a0[m] = _mm512_dpbusd_epi32(a0[m], v1, _mm512_set1_epi32(*(const i32u *)(xk + 4)));
+                    a1[m] = _mm512_dpbusd_epi32(a1[m], v1, _mm512_set1_epi32(*(const i32u *)(xk + 4)));
                 }
             }
         }
 #pragma GCC unroll 8
         for (int m = 0; m < MC; m++)
-            ga[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(MC == 1 ? _mm512_add_epi32(a0[m], a1[m]) : a0[m]),
+            ga[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a0[m], a1[m])),
                                     _mm512_set1_ps(xd[m * nb + blk]), ga[m]);
     }
     __m512 s = load16(sc, meta0, mk);
