@@ -1,0 +1,2 @@
+"""Training the MiniCPM way: muP parameterisation (`mup`), learning-rate schedules (`schedules`:
+Warmup-Stable-Decay and cosine)."""
