@@ -21,7 +21,8 @@ KEY = "sk-page"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    proc, url = start_server(tiny_checkpoint(tmp_path_factory.mktemp("webchat")), "--api-key", KEY)
+    # a long context, so that a reply can run for many seconds (the Stop test must catch it running)
+    proc, url = start_server(tiny_checkpoint(tmp_path_factory.mktemp("webchat"), context=4096), "--api-key", KEY)
     yield url
     stop_server(proc)
 
@@ -121,7 +122,7 @@ def test_stop_ends_a_long_reply(browser, server):
     from selenium.webdriver.common.by import By
 
     open_page(browser, server, KEY)
-    set_field(browser, "max_tokens", "200")  # the tiny model holds 256 tokens
+    set_field(browser, "max_tokens", "4000")  # tens of seconds of tokens: still running when Stop comes
     browser.find_element(By.ID, "new-chat").click()
     ask(browser, "Tell me a very long story")
     wait_for(lambda: turns(browser, "assistant") and turns(browser, "assistant")[-1].text, what="streaming")
@@ -130,7 +131,7 @@ def test_stop_ends_a_long_reply(browser, server):
     wait_for(lambda: httpx.get(f"{server}/health").json()["running"] == 0, timeout=10,
              what="the server to free the slot")
     stats = turns(browser, "assistant")[-1].find_element(By.CLASS_NAME, "stats").text
-    assert "stopped" in stats
+    assert "stopped" in stats and int(stats.split(" tokens")[0]) < 4000
     assert browser.find_element(By.ID, "send").is_enabled()
 
 
