@@ -324,3 +324,9 @@ def test_json_object_response_format(client):
         assert isinstance(json.loads(text), dict)
     else:  # the random model ran out of tokens inside the object
         assert reason == "length" and reply.usage.completion_tokens == 40
+
+
+def test_out_of_range_port_is_a_clear_error(checkpoint):
+    r = subprocess.run([sys.executable, "-m", "minicpm.cli.main", "serve", str(checkpoint), "--port", "99999"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--port must be in [0, 65535]" in r.stderr and "Traceback" not in r.stderr

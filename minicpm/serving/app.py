@@ -552,6 +552,8 @@ async def completion_chunks(server: Server, body: CompletionRequest, streams: li
 
 def listening_socket(host: str, port: int) -> socket.socket:
     """Bind before loading anything else into the event loop, so a taken port is a clear error."""
+    if not 0 <= port <= 65535:
+        raise MiniCPMError(f"--port must be in [0, 65535] (0 picks a free port), got {port}")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
