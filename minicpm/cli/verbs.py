@@ -161,3 +161,35 @@ def quantize(args: argparse.Namespace) -> int:
                               head=args.head, overwrite=args.force, embedding=args.embedding)
     print(f"wrote {out} (int{args.bits}) in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     return 0
+
+
+def train(args: argparse.Namespace) -> int:
+    if args.recipe == "tokenizer":
+        from minicpm.tokenizer.train import train_tokenizer
+
+        out = train_tokenizer(args.files, args.out, vocab_size=args.vocab_size, text_field=args.text_field,
+                              overwrite=args.force)
+        print(f"wrote {out}", file=sys.stderr)
+        return 0
+    from minicpm.training.run import run_recipe
+
+    return run_recipe(args.recipe, args.overrides, recipe_file=args.recipe_file if hasattr(args, "recipe_file")
+                      else None, out=args.out, resume=args.resume, print_only=args.print_recipe)
+
+
+def pack(args: argparse.Namespace) -> int:
+    from minicpm.training.shards import pack_corpus
+
+    summary = pack_corpus(args.files, args.tokenizer, args.out, text_field=args.text_field,
+                          shard_tokens=args.shard_tokens, on_bad=args.on_bad)
+    print(summary, file=sys.stderr)
+    return 0
+
+
+def merge(args: argparse.Namespace) -> int:
+    from minicpm.training.lora import merge_adapter
+
+    started = time.perf_counter()
+    out = merge_adapter(args.base, args.adapter, args.out, dtype=args.dtype, overwrite=args.force)
+    print(f"wrote {out} in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    return 0
