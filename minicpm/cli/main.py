@@ -120,7 +120,7 @@ def add_training_parsers(sub) -> None:
         r = recipes.add_parser(name, help=what)
         r.add_argument("overrides", nargs="*", metavar="key=value",
                        help="recipe settings, dotted for nested ones (e.g. optim.lr=0.01 schedule.kind=cosine)")
-        r.add_argument("--recipe", default=None, help="YAML recipe; overrides apply on top (default: built-in)")
+        r.add_argument("--recipe", dest="recipe_file", default=None, help="YAML recipe; overrides apply on top (default: built-in)")
         r.add_argument("--out", default=None, help="run directory (default: the recipe's out)")
         r.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
         r.add_argument("--print-recipe", action="store_true", help="print the full recipe and exit")

@@ -173,8 +173,7 @@ def train(args: argparse.Namespace) -> int:
         return 0
     from minicpm.training.run import run_recipe
 
-    return run_recipe(args.recipe, args.overrides, recipe_file=args.recipe_file if hasattr(args, "recipe_file")
-                      else None, out=args.out, resume=args.resume, print_only=args.print_recipe)
+    return run_recipe(args.recipe, args.overrides, recipe_file=args.recipe_file, out=args.out, resume=args.resume, print_only=args.print_recipe)
 
 
 def pack(args: argparse.Namespace) -> int:
