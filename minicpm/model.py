@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from minicpm.config import MiniCPMConfig
 from minicpm.kernels.attention import decode_attention
@@ -447,6 +448,8 @@ class MiniCPMForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.kv_cache_dtype = "auto"  # what new_cache makes: the model's dtype, or "int8"
+        # training: recompute each layer's activations in the backward pass instead of keeping them
+        self.gradient_checkpointing = False
         self.model = MiniCPMModel(config)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -498,8 +501,12 @@ class MiniCPMForCausalLM(nn.Module):
             position_ids = _positions(attention_mask, past, s, x.device)
         cos, sin = self.model.rotary_emb(position_ids, past + s)
         mask = _attention_mask(attention_mask, past, s, self.config.sliding_window, x.device)
+        recompute = self.gradient_checkpointing and torch.is_grad_enabled() and cache is None
         for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, cache)
+            if recompute:
+                x = checkpoint(layer, x, cos, sin, mask, None, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache)
         if cache is not None:
             cache.length += s
         return self._logits(x[:, -1:] if last_only else x)

@@ -150,7 +150,13 @@ def add_training_parsers(sub) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # recipe overrides (key=value) may come before or after the options
+    if extra and getattr(args, "overrides", None) is not None and all("=" in a and not a.startswith("-")
+                                                                      for a in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.version:
         from minicpm import __version__
 

@@ -55,7 +55,7 @@ def _run(kernel: Kernel, name: str, dtype: torch.dtype, x: torch.Tensor, weight:
          bias: torch.Tensor | None) -> torch.Tensor | None:
     """F.linear(x, weight, bias) by `kernel` for `dtype` CPU tensors and at most MAX_ROWS rows; else None."""
     if (x.dtype is not dtype or weight.dtype is not dtype or not x.is_cpu or not weight.is_contiguous()
-            or weight.requires_grad and torch.is_grad_enabled()):
+            or torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)):  # no backward here
         return None
     k = weight.shape[1]
     if x.shape[-1] != k or x.numel() > MAX_ROWS * k or (bias is not None and bias.dtype is not dtype):

@@ -1,0 +1,166 @@
+"""What each recipe trains on and what it minimises: pretraining windows, SFT chats, DPO pairs.
+
+A task numbers its samples 0..N-1 and turns a list of sample numbers into a batch (`collate`)
+and a batch into (loss summed over the batch, metrics) (`loss`). The trainer decides which
+samples each step and each process sees (`sample_order`), so the data position of a run is one
+number (samples seen) and resuming needs no loader state.
+
+Losses are sums, normalised by the trainer with the count over the whole global batch
+(`count`): the gradient is then the same whatever the micro-batch size, the accumulation or the
+number of processes, and a 2-process run matches a 1-process one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from minicpm.training.data import IGNORE_INDEX, Example
+
+
+def sample_order(num_samples: int, seed: int, position: int, count: int) -> list[int]:
+    """Sample numbers at global positions [position, position + count): each epoch is a fresh
+    permutation drawn from (seed, epoch), so any position is found without replaying the run."""
+    out: list[int] = []
+    cache: dict[int, list[int]] = {}
+    for pos in range(position, position + count):
+        epoch, index = divmod(pos, num_samples)
+        if epoch not in cache:
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+            cache[epoch] = torch.randperm(num_samples, generator=generator).tolist()
+        out.append(cache[epoch][index])
+    return out
+
+
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token negative log-likelihood [B, S-1] of labels[:, 1:] given logits[:, :-1]; 0 where
+    the label is IGNORE_INDEX."""
+    targets = labels[:, 1:]
+    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="none",
+                          ignore_index=IGNORE_INDEX)
+    return nll.view_as(targets)
+
+
+class PretrainTask:
+    """Windows of seq_len + 1 tokens cut from packed shards at a stride of seq_len (the last
+    token of a window is the first of the next); every token is a target."""
+
+    def __init__(self, tokens, seq_len: int):
+        self.tokens, self.seq_len = tokens, seq_len
+        self.num_samples = (tokens.num_tokens - 1) // seq_len
+        if self.num_samples < 1:
+            from minicpm.errors import MiniCPMError
+
+            raise MiniCPMError(f"the data holds {tokens.num_tokens} tokens, fewer than one window of "
+                               f"data.seq_len + 1 = {seq_len + 1}")
+
+    def collate(self, samples: list[int]) -> dict[str, torch.Tensor]:
+        rows = [torch.from_numpy(self.tokens.read(i * self.seq_len, self.seq_len + 1)) for i in samples]
+        ids = torch.stack(rows)
+        return {"input_ids": ids, "labels": ids}
+
+    def count(self, samples: list[int]) -> int:
+        return len(samples) * self.seq_len
+
+    def loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        nll = token_nll(model(batch["input_ids"]), batch["labels"])
+        return nll.sum(), {}
+
+
+class SftTask:
+    """Chat examples, right-padded per micro-batch; only assistant tokens are targets."""
+
+    def __init__(self, examples: list[Example], pad_id: int):
+        self.examples, self.pad_id = examples, pad_id
+        self.num_samples = len(examples)
+
+    def collate(self, samples: list[int]) -> dict[str, torch.Tensor]:
+        return pad_examples([self.examples[i] for i in samples], self.pad_id)
+
+    def count(self, samples: list[int]) -> int:
+        return sum(_targets(self.examples[i]) for i in samples)
+
+    def loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])
+        return token_nll(logits, batch["labels"]).sum(), {}
+
+
+def _targets(example: Example) -> int:
+    return sum(label != IGNORE_INDEX for label in example.labels[1:])
+
+
+def pad_examples(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """input_ids / labels / attention_mask [B, longest], padded on the right."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[row, :n] = torch.tensor(e.input_ids)
+        labels[row, :n] = torch.tensor(e.labels)
+        mask[row, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+@dataclass
+class PairLogps:
+    chosen: torch.Tensor  # [B] summed log-probabilities of the chosen replies
+    rejected: torch.Tensor
+
+
+def sequence_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed log-probability of each row's target tokens, [B]."""
+    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])
+    return -token_nll(logits, batch["labels"]).sum(-1)
+
+
+def dpo_loss(policy: PairLogps, reference: PairLogps, beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """DPO (Rafailov et al. 2023): -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))), per pair,
+    with the implicit rewards beta * (pi - ref) of both replies."""
+    chosen_reward = beta * (policy.chosen - reference.chosen)
+    rejected_reward = beta * (policy.rejected - reference.rejected)
+    losses = -F.logsigmoid(chosen_reward - rejected_reward)
+    return losses, {"chosen_reward": chosen_reward.detach(), "rejected_reward": rejected_reward.detach()}
+
+
+class DpoTask:
+    """Preference pairs: chosen and rejected replies to the same prompt run as one batch.
+
+    The reference log-probabilities come from `reference(batch) -> [2B]` (a frozen model, or the
+    policy with its adapters off) or, precomputed once before training, from `precomputed`
+    ([N, 2] by pair number)."""
+
+    def __init__(self, pairs, pad_id: int, beta: float, reference=None, precomputed: torch.Tensor | None = None):
+        self.pairs, self.pad_id, self.beta = pairs, pad_id, beta
+        self.reference, self.precomputed = reference, precomputed
+        self.num_samples = len(pairs)
+
+    def collate(self, samples: list[int]) -> dict[str, torch.Tensor]:
+        examples = [self.pairs[i].chosen for i in samples] + [self.pairs[i].rejected for i in samples]
+        batch = pad_examples(examples, self.pad_id)
+        batch["pairs"] = torch.tensor(samples)
+        return batch
+
+    def count(self, samples: list[int]) -> int:
+        return len(samples)
+
+    def reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.precomputed is not None:
+            ref = self.precomputed[batch["pairs"]]
+            return torch.cat([ref[:, 0], ref[:, 1]])
+        with torch.no_grad():
+            return self.reference(batch)
+
+    def loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        n = len(batch["pairs"])
+        logps = sequence_logps(model, batch)
+        ref = self.reference_logps(batch).to(logps.dtype)
+        losses, rewards = dpo_loss(PairLogps(logps[:n], logps[n:]), PairLogps(ref[:n], ref[n:]), self.beta)
+        margin = rewards["chosen_reward"] - rewards["rejected_reward"]
+        # sums over the pairs: the trainer divides by the global pair count, as it does the loss
+        return losses.sum(), {"reward_margin": float(margin.sum()), "reward_accuracy": float((margin > 0).sum()),
+                              "chosen_reward": float(rewards["chosen_reward"].sum()),
+                              "rejected_reward": float(rewards["rejected_reward"].sum())}
