@@ -22,13 +22,14 @@ quantizing never holds the model, let alone an fp32 one.
 from minicpm.quantization.embedding import QuantizedEmbedding
 from minicpm.quantization.linear import QuantizedLinear
 from minicpm.quantization.quantize import (
+    dequantize_model,
     load_quantized,
     make_spec,
     quantize_model,
     quantize_tensors,
 )
 
-__all__ = ["QuantizedEmbedding", "QuantizedLinear", "load_quantized", "make_spec", "quantize_checkpoint",
+__all__ = ["QuantizedEmbedding", "QuantizedLinear", "dequantize_model", "load_quantized", "make_spec", "quantize_checkpoint",
            "quantize_model", "quantize_tensors"]
 
 

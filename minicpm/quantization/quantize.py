@@ -130,6 +130,32 @@ def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 128, head:
     return model
 
 
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """The float model of a quantized one, in place: every quantized layer becomes a Linear (or
+    Embedding) holding its dequantized weight, in the model's dtype. It computes what the
+    quantized layers compute, without the native kernel's int8 rounding of activations."""
+    from minicpm.model import Linear
+    from minicpm.quantization.embedding import QuantizedEmbedding
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QuantizedEmbedding):
+            table = module.head.dequantize()
+            _swap(model, name, nn.Embedding(table.shape[0], table.shape[1], _weight=table.clone()))
+        elif isinstance(module, QuantizedLinear):
+            weight = module.dequantize()
+            linear = Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                            dtype=weight.dtype, device=weight.device)
+            with torch.no_grad():
+                linear.weight.copy_(weight)
+                if module.bias is not None:
+                    linear.bias.copy_(module.bias)
+            _swap(model, name, linear)
+    if model.config.tie_word_embeddings and not isinstance(model.lm_head, QuantizedLinear):
+        model.lm_head.weight = model.model.embed_tokens.weight  # tied again, as the float model is
+    model.config = model.config.replace(quantization=None)
+    return model
+
+
 def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, attr = name.rpartition(".")
     setattr(model.get_submodule(parent), attr, new)

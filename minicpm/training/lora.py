@@ -74,6 +74,7 @@ class LoraLinear(nn.Module):
         self.lora_dropout = nn.Dropout(spec.dropout) if spec.dropout else nn.Identity()
         self.scaling = spec.scaling
         self.disabled = False
+        self.train(base_layer.training)  # the mode of the model it joins
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
 
@@ -315,6 +316,10 @@ def merge_adapter(base: str, adapter_dir: str, out: str, dtype: str | None = Non
     check_writable(out_path, overwrite)
     model, tokenizer = minicpm.load(base, dtype="float32")
     stored = getattr(model.config, "torch_dtype", None) or "float32"
+    if model.config.quantization:  # QLoRA's base: the adapter goes onto its dequantized weights
+        from minicpm.quantization import dequantize_model
+
+        dequantize_model(model)
     load_adapter(model, adapter_dir)
     model.eval()
     probe = _probe_ids(model.config.vocab_size)
