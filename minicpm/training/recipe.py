@@ -237,6 +237,11 @@ def _coerce(hint, value: Any, key: str) -> Any:
         origin = typing.get_origin(option) or option
         if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if origin is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as text
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if origin is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if origin is bool and isinstance(value, bool):

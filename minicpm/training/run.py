@@ -45,14 +45,14 @@ def run_recipe(kind: str, overrides: list[str], recipe_file: str | None = None, 
     return 0
 
 
-def _saved_recipe(kind: str, overrides: list[str], out: str | None) -> Path | None:
+def _saved_recipe(kind: str, overrides: list[str], out: str | None) -> Path:
     """RUN/recipe.yaml of the run being resumed, without its stop_at (that session ended there)."""
     import yaml
 
     run_dir = Path(out) if out is not None else Path(load_recipe(kind, None, overrides).out)
     saved = run_dir / "recipe.yaml"
     if not saved.is_file():
-        return None
+        raise MiniCPMError(f"--resume: {run_dir} has no checkpoint to continue from (no run there)")
     values = yaml.safe_load(saved.read_text(encoding="utf-8"))
     values.get("train", {}).pop("stop_at", None)
     unstopped = run_dir / ".recipe.resume.yaml"
@@ -155,6 +155,7 @@ def build_model(recipe: Recipe, device: torch.device):
     method = recipe.train.method
     if getattr(model.config, "quantization", None) and method == "full":
         raise MiniCPMError(f"{m.path} is quantized: fine-tune it with train.method=lora (QLoRA)")
+    model.requires_grad_(method == "full")  # loading makes an inference model: nothing trainable
     if method in ("lora", "qlora"):
         from minicpm.training.lora import LoraSpec, add_lora
 
