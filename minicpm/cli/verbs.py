@@ -94,7 +94,8 @@ def read_prompts(path: Path) -> list[str]:
 def serve(args: argparse.Namespace) -> int:
     import os
 
-    from minicpm.serving.app import listening_socket, serve as run_server
+    from minicpm.serving.app import listening_socket
+    from minicpm.serving.app import serve as run_server
     from minicpm.serving.engine import Engine
 
     listening_socket(args.host, args.port).close()  # a taken port fails before the model loads

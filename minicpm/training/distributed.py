@@ -100,8 +100,11 @@ def load_full_state(model, optimizer, model_state: dict, optimizer_state: dict, 
             raise MiniCPMError(f"the checkpoint does not fit this model: unexpected {result.unexpected_keys[:3]}")
         optimizer.load_state_dict(optimizer_state)
         return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, \
-        set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
     options = StateDictOptions(full_state_dict=True, strict=False)
     set_model_state_dict(model, model_state, options=options)

@@ -24,7 +24,13 @@ import torch
 from tqdm import tqdm
 
 from minicpm.training import checkpoint as ckpt
-from minicpm.training.distributed import Processes, all_reduce_sum, barrier, full_model_state, full_optimizer_state
+from minicpm.training.distributed import (
+    Processes,
+    all_reduce_sum,
+    barrier,
+    full_model_state,
+    full_optimizer_state,
+)
 from minicpm.training.logs import RunLog, perplexity, plot_losses
 from minicpm.training.mup import set_learning_rate
 from minicpm.training.tasks import sample_order
