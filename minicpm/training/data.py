@@ -145,3 +145,93 @@ def load_chat_dataset(path: str | Path, tokenizer, max_len: int | None = None, o
     if not dataset.examples:
         raise MiniCPMError(f"{path}: no usable record ({len(dataset.skipped)} skipped)")
     return dataset
+
+
+# --- preference pairs (DPO) -----------------------------------------------------------------------
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "system": "system"}
+
+
+@dataclass
+class PreferencePair:
+    chosen: Example  # prompt + the preferred reply; labels only on the reply (and eos)
+    rejected: Example  # the same prompt tokens + the other reply
+
+
+@dataclass
+class PreferenceDataset:
+    pairs: list[PreferencePair]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+
+def to_preference(record: Any) -> tuple[list[dict[str, str]], str, str]:
+    """(prompt messages ending with a user turn, chosen reply, rejected reply) of a record:
+    {"conversations": [{"from", "value"}...], "chosen": {...}|str, "rejected": ...} (sharegpt, as
+    LLaMA-Factory writes it), {"messages": [{"role", "content"}...], "chosen", "rejected"}, or
+    {"prompt": str, "chosen": str, "rejected": str}."""
+    if not isinstance(record, dict):
+        raise BadRecord(f"a record must be a JSON object, got {type(record).__name__}")
+    if "conversations" in record:
+        turns = record["conversations"]
+        if not isinstance(turns, list) or not turns:
+            raise BadRecord("'conversations' must be a non-empty list")
+        prompt = [_sharegpt_message(turn, f"conversations {i}") for i, turn in enumerate(turns)]
+    elif "messages" in record:
+        prompt = to_messages({"messages": record["messages"] + [{"role": "assistant", "content": "x"}]})[:-1]
+    elif isinstance(record.get("prompt"), str):
+        prompt = [{"role": "user", "content": record["prompt"]}]
+    else:
+        raise BadRecord("expected 'conversations', 'messages' or 'prompt', with 'chosen' and 'rejected'")
+    if prompt[-1]["role"] != "user":
+        raise BadRecord("the conversation must end with a user turn (the replies answer it)")
+    chosen, rejected = (_reply(record.get(key), key) for key in ("chosen", "rejected"))
+    return prompt, chosen, rejected
+
+
+def _sharegpt_message(turn: Any, where: str) -> dict[str, str]:
+    if not isinstance(turn, dict) or turn.get("from") not in SHAREGPT_ROLES or not isinstance(turn.get("value"), str):
+        raise BadRecord(f"{where} must be {{'from': human, gpt or system, 'value': text}}")
+    return {"role": SHAREGPT_ROLES[turn["from"]], "content": turn["value"]}
+
+
+def _reply(value: Any, key: str) -> str:
+    if isinstance(value, dict):
+        value = value.get("value", value.get("content"))
+    if not isinstance(value, str) or not value:
+        raise BadRecord(f"'{key}' must be a non-empty reply (text, or a message with 'value'/'content')")
+    return value
+
+
+def render_pair(tokenizer, prompt: list[dict[str, str]], chosen: str, rejected: str,
+                max_len: int | None = None) -> PreferencePair:
+    """Both replies rendered after the same prompt; labels only on each reply (and eos)."""
+    pair = PreferencePair(*(render_chat(tokenizer, prompt + [{"role": "assistant", "content": reply}], max_len)
+                            for reply in (chosen, rejected)))
+    if pair.chosen.input_ids == pair.rejected.input_ids:
+        raise BadRecord("chosen and rejected are the same text after tokenization")
+    return pair
+
+
+def load_preference_dataset(path: str | Path, tokenizer, max_len: int | None = None, on_bad: str = "skip",
+                            log=print) -> PreferenceDataset:
+    """Every usable preference record of `path`; bad ones reported and skipped (or fatal with
+    on_bad="error"), as load_chat_dataset does."""
+    if on_bad not in ("skip", "error"):
+        raise MiniCPMError(f"on_bad must be 'skip' or 'error', got {on_bad!r}")
+    dataset = PreferenceDataset([])
+    for where, record in read_records(path):
+        try:
+            if isinstance(record, BadRecord):
+                raise record
+            dataset.pairs.append(render_pair(tokenizer, *to_preference(record), max_len))
+        except BadRecord as exc:
+            if on_bad == "error":
+                raise BadRecord(f"{path}, {where}: {exc}") from None
+            dataset.skipped.append((where, str(exc)))
+            log(f"warning: {path}, {where}: skipped: {exc}")
+    if not dataset.pairs:
+        raise MiniCPMError(f"{path}: no usable preference pair ({len(dataset.skipped)} skipped)")
+    return dataset

@@ -176,6 +176,8 @@ def load_tokenizer(path: str):
     from minicpm.loading import locate
     from minicpm.tokenizer import Tokenizer
 
+    if Path(path).is_dir() and Tokenizer.exists(path):  # a tokenizer directory (no model in it)
+        return Tokenizer.from_pretrained(path)
     where = locate(path)
     if where.is_file():
         from minicpm.formats.gguf_file import GGUFFile
@@ -248,7 +250,8 @@ def build_tasks(recipe: Recipe, model, tokenizer, run_dir: Path, procs: Processe
         loaded = load_preference_dataset(path, tokenizer, d.seq_len, d.on_bad, log=log).pairs
         task = tasks.DpoTask(loaded, pad, recipe.dpo.beta, reference=reference)
         if recipe.dpo.reference == "precomputed":
-            task.precomputed = precomputed_reference(task, run_dir / f"reference_logps.{name}.pt", procs)
+            task.precomputed = precomputed_reference(task, run_dir / f"reference_logps.{name}.pt", procs,
+                                                     bf16=recipe.train.precision == "bf16")
             task.reference = None
         return task
 
@@ -273,16 +276,17 @@ def reference_model(recipe: Recipe, model):
     return lambda batch: sequence_logps(frozen, batch)
 
 
-def precomputed_reference(task, path: Path, procs: Processes) -> torch.Tensor:
-    """Reference log-probs of every pair, [N, 2] (chosen, rejected), computed once and kept in
-    the run directory (a resumed run reads them back)."""
+def precomputed_reference(task, path: Path, procs: Processes, bf16: bool) -> torch.Tensor:
+    """Reference log-probs of every pair, [N, 2] (chosen, rejected), computed once (in the
+    precision training uses) and kept in the run directory (a resumed run reads them back)."""
     if path.is_file():
         return torch.load(path)
     out = torch.zeros(task.num_samples, 2, dtype=torch.float64)
     for start in range(0, task.num_samples, 4):
         samples = list(range(start, min(start + 4, task.num_samples)))
         batch = {k: v.to(procs.device) for k, v in task.collate(samples).items()}
-        logps = task.reference(batch).double().cpu()
+        with torch.autocast(procs.device.type, dtype=torch.bfloat16, enabled=bf16):
+            logps = task.reference_logps(batch).double().cpu()
         out[samples, 0], out[samples, 1] = logps[:len(samples)], logps[len(samples):]
     if procs.is_main:
         path.parent.mkdir(parents=True, exist_ok=True)
