@@ -8,7 +8,6 @@ from pathlib import Path
 from minicpm.config import MiniCPMConfig
 from minicpm.loading import resolve
 
-
 _SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64",
                        "I8": "int8", "U8": "uint8", "I32": "int32", "I64": "int64"}
 

@@ -30,10 +30,15 @@ import time
 import numpy as np
 import pytest
 import torch
-
 from conftest import VARIANTS, variant_config
-from test_gguf import (CONFIGS, OFFICIAL_GGUF_VARIANTS, official_checkpoint, smollm2_path,
-                       tiny_spm_metadata, write_tiny)
+from test_gguf import (
+    CONFIGS,
+    OFFICIAL_GGUF_VARIANTS,
+    official_checkpoint,
+    smollm2_path,
+    tiny_spm_metadata,
+    write_tiny,
+)
 
 pytestmark = pytest.mark.peer
 llama_cpp = pytest.importorskip(
@@ -339,7 +344,8 @@ def test_k_quant_error_equals_llama_cpps_quantizer():
     import ctypes
     from pathlib import Path
 
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+    from gguf import GGML_QUANT_SIZES
+    from gguf import GGMLQuantizationType as T
     from gguf.quants import dequantize
 
     from minicpm.formats.gguf import read_gguf

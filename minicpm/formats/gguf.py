@@ -355,7 +355,8 @@ def _embedded_hf_config(meta: dict[str, Any], source: str) -> dict[str, Any]:
 @functools.cache
 def _can_dequantize(qtype: int) -> bool:
     """Does gguf-py decode this tensor type? (tried once on one zero block)"""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+    from gguf import GGML_QUANT_SIZES
+    from gguf import GGMLQuantizationType as T
     from gguf.quants import dequantize
 
     kind = T(qtype)
@@ -586,7 +587,8 @@ def _check_writable(config: MiniCPMConfig) -> None:
 
 def _weight_type(gguf_name: str, shape: tuple[int, ...], config: MiniCPMConfig, file_type: str):
     """The GGML type one tensor is stored as, given the requested file type."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+    from gguf import GGML_QUANT_SIZES
+    from gguf import GGMLQuantizationType as T
 
     if len(shape) == 1 or gguf_name.endswith("ffn_gate_inp.weight"):
         return T.F32  # llama.cpp keeps norms (and the router) in F32

@@ -27,7 +27,8 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request as HttpRequest
+from fastapi import Depends, FastAPI
+from fastapi import Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException

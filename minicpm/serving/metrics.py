@@ -6,7 +6,14 @@ queue and batch gauges read the engine when scraped, so they are never stale.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 # Seconds: decode steps are tens of ms; a queued request on a busy CPU waits tens of seconds.

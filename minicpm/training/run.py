@@ -92,7 +92,8 @@ def train(recipe: Recipe, procs: Processes = Processes(), resume: bool = False, 
         trainer.resume(start)
         if trainer.step >= settings.steps:
             raise MiniCPMError(f"{start} is at step {trainer.step}; train.steps ({settings.steps}) is not beyond it")
-        echo(f"resuming from {start} (step {trainer.step})")
+        what = "resuming from" if resume else "decay branch from"
+        echo(f"{what} {start} (step {trainer.step})")
     last = trainer.fit()
     if trainer.step < settings.steps:
         echo(f"stopped at step {trainer.step} of {settings.steps} (train.stop_at); continue with --resume")
