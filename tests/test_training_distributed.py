@@ -14,19 +14,33 @@ from safetensors.torch import load_file
 from tests.test_training_sft import COMMON, losses, tiny_checkpoint
 
 
-def test_two_processes_match_one(tmp_path):
+def test_sft_on_two_processes_matches_one(tmp_path):
     base = tiny_checkpoint(tmp_path)
-    args = [f"model.path={base}", *COMMON, "train.steps=4", "train.method=full", "optim.lr=3e-3",
-            "train.precision=fp32", "train.save_every=2"]
+    run_both("sft", [f"model.path={base}", *COMMON, "train.steps=4", "train.method=full", "optim.lr=3e-3",
+                     "train.precision=fp32", "train.save_every=2"], tmp_path)
+
+
+def test_pretraining_on_two_processes_matches_one(tmp_path):
+    from minicpm.tokenizer.train import train_tokenizer
+    from minicpm.training.shards import pack_corpus
+    from tests.test_training_pretrain import WIKI, args
+
+    train_tokenizer([WIKI / "wiki.test.raw"], tmp_path / "tokenizer", vocab_size=512)
+    pack_corpus([WIKI / "wiki.test.raw"], tmp_path / "tokenizer", tmp_path / "train", log=lambda m: None)
+    run_both("pretrain", args(tmp_path, "train.steps=4", "train.precision=fp32", "train.activation_checkpointing=true"),
+             tmp_path)
+
+
+def run_both(kind: str, args: list[str], tmp_path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "-m", "minicpm.training.run", "sft", *args, "--out", str(tmp_path / "one")],
+    one = subprocess.run([sys.executable, "-m", "minicpm.training.run", kind, *args, "--out", str(tmp_path / "one")],
                          capture_output=True, text=True, timeout=600, env=env)
     assert one.returncode == 0, one.stdout + one.stderr
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                          "--standalone", "-m", "minicpm.training.run", "sft", *args,
+                          "--standalone", "-m", "minicpm.training.run", kind, *args,
                           "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=600, env=env)
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
-    assert "2 process(es)" in two.stdout and "micro-batch 2 x 1 accumulation x 2" in two.stdout
+    assert "2 process(es)" in two.stdout and "x 2\n" in two.stdout
     single, double = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert list(single) == [1, 2, 3, 4] and single[4] < single[1]
     for step in single:

@@ -114,3 +114,21 @@ def test_recipe_file_and_overrides(data, tmp_path):
     recipe.write_text("kind: pretrain\noptim:\n  learning_rate: 0.005\n")
     bad = train("pretrain", "--recipe", str(recipe), "--print-recipe", check=False)
     assert bad.returncode == 2 and "unknown setting optim.learning_rate" in bad.stderr
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    from tests.conftest import random_model, variant_config
+
+    ids = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(0))
+    results = []
+    for recompute in (False, True):
+        model = random_model(variant_config("1b"), seed=0).train().requires_grad_(True)
+        model.gradient_checkpointing = recompute
+        logits = model(ids)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.equal(loss_a, loss_b)
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-6, atol=1e-7)
