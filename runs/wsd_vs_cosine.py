@@ -44,6 +44,9 @@ def prepare(work: Path, wiki: Path) -> None:
     """Tokenizer and packed shards (kept between runs of this script)."""
     if (work / "heldout" / "index.json").is_file():
         return
+    for name in ("wiki.test.raw", "wiki.valid.raw"):
+        if not (wiki / name).is_file():
+            sys.exit(f"error: {wiki / name} is missing; pass --wiki with the folder of WikiText-2 (raw)")
     work.mkdir(parents=True, exist_ok=True)
     valid = (wiki / "wiki.valid.raw").read_text(encoding="utf-8").splitlines(keepends=True)
     held = len(valid) // HELD_OUT_FRACTION
