@@ -129,22 +129,29 @@ def load_chat_dataset(path: str | Path, tokenizer, max_len: int | None = None, o
                       log=print) -> ChatDataset:
     """Every usable record of `path` as an Example; bad ones are reported (and skipped, or with
     on_bad="error" the first one raises, naming where it is)."""
+    examples, skipped = convert_records(path, lambda r: render_chat(tokenizer, to_messages(r), max_len), on_bad, log)
+    if not examples:
+        raise MiniCPMError(f"{path}: no usable record ({len(skipped)} skipped)")
+    return ChatDataset(examples, skipped)
+
+
+def convert_records(path: str | Path, convert, on_bad: str, log) -> tuple[list, list[tuple[str, str]]]:
+    """(convert(record) for every usable record, [(where, why)] of the bad ones): a bad record is
+    reported and skipped, or with on_bad="error" raises, naming where it is."""
     if on_bad not in ("skip", "error"):
         raise MiniCPMError(f"on_bad must be 'skip' or 'error', got {on_bad!r}")
-    dataset = ChatDataset([])
+    items, skipped = [], []
     for where, record in read_records(path):
         try:
             if isinstance(record, BadRecord):
                 raise record
-            dataset.examples.append(render_chat(tokenizer, to_messages(record), max_len))
+            items.append(convert(record))
         except BadRecord as exc:
             if on_bad == "error":
                 raise BadRecord(f"{path}, {where}: {exc}") from None
-            dataset.skipped.append((where, str(exc)))
+            skipped.append((where, str(exc)))
             log(f"warning: {path}, {where}: skipped: {exc}")
-    if not dataset.examples:
-        raise MiniCPMError(f"{path}: no usable record ({len(dataset.skipped)} skipped)")
-    return dataset
+    return items, skipped
 
 
 # --- preference pairs (DPO) -----------------------------------------------------------------------
@@ -219,19 +226,7 @@ def load_preference_dataset(path: str | Path, tokenizer, max_len: int | None = N
                             log=print) -> PreferenceDataset:
     """Every usable preference record of `path`; bad ones reported and skipped (or fatal with
     on_bad="error"), as load_chat_dataset does."""
-    if on_bad not in ("skip", "error"):
-        raise MiniCPMError(f"on_bad must be 'skip' or 'error', got {on_bad!r}")
-    dataset = PreferenceDataset([])
-    for where, record in read_records(path):
-        try:
-            if isinstance(record, BadRecord):
-                raise record
-            dataset.pairs.append(render_pair(tokenizer, *to_preference(record), max_len))
-        except BadRecord as exc:
-            if on_bad == "error":
-                raise BadRecord(f"{path}, {where}: {exc}") from None
-            dataset.skipped.append((where, str(exc)))
-            log(f"warning: {path}, {where}: skipped: {exc}")
-    if not dataset.pairs:
-        raise MiniCPMError(f"{path}: no usable preference pair ({len(dataset.skipped)} skipped)")
-    return dataset
+    pairs, skipped = convert_records(path, lambda r: render_pair(tokenizer, *to_preference(r), max_len), on_bad, log)
+    if not pairs:
+        raise MiniCPMError(f"{path}: no usable preference pair ({len(skipped)} skipped)")
+    return PreferenceDataset(pairs, skipped)

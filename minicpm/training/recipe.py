@@ -27,7 +27,8 @@ KINDS = ("pretrain", "sft", "dpo")
 
 @dataclass
 class ModelRecipe:
-    path: str | None = None  # checkpoint to start from (sft/dpo: the base; pretrain: continue from it)
+    # checkpoint to start from (sft/dpo: the base, default SmolLM2-135M-Instruct; pretrain: continue it)
+    path: str | None = None
     tokenizer: str | None = None  # pretrain from scratch: a tokenizer or checkpoint directory
     # pretrain from scratch: MiniCPMConfig fields (vocab_size defaults to the tokenizer's)
     config: dict[str, Any] = field(default_factory=dict)
@@ -138,8 +139,7 @@ class Recipe:
             (self.data.seq_len >= 2, f"data.seq_len must be >= 2, got {self.data.seq_len}"),
             (self.data.on_bad in ("skip", "error"), f"data.on_bad must be skip or error, got {self.data.on_bad!r}"),
             (self.data.train is not None, "data.train is not set (the training data)"),
-            (self.kind == "pretrain" or self.model.path is not None, f"{self.kind} needs model.path (the base model)"),
-            (self.model.path is not None or self.model.tokenizer is not None,
+            (self.kind != "pretrain" or self.model.path is not None or self.model.tokenizer is not None,
              "pretraining from scratch needs model.tokenizer (or model.path to continue a model)"),
             (self.dpo.reference in ("model", "precomputed"),
              f"dpo.reference must be model or precomputed, got {self.dpo.reference!r}"),

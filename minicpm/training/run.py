@@ -146,7 +146,7 @@ def build_model(recipe: Recipe, device: torch.device):
     import minicpm
 
     m = recipe.model
-    if m.path is not None:
+    if m.path is not None or recipe.kind != "pretrain":  # fine-tuning without a path: the default model
         model, tokenizer = minicpm.load(m.path, dtype=m.dtype, device=device)
         if tokenizer is None:
             raise MiniCPMError(f"{m.path} has no tokenizer files; training needs one")

@@ -12,6 +12,7 @@ number of processes, and a 2-process run matches a 1-process one.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -24,14 +25,16 @@ def sample_order(num_samples: int, seed: int, position: int, count: int) -> list
     """Sample numbers at global positions [position, position + count): each epoch is a fresh
     permutation drawn from (seed, epoch), so any position is found without replaying the run."""
     out: list[int] = []
-    cache: dict[int, list[int]] = {}
     for pos in range(position, position + count):
         epoch, index = divmod(pos, num_samples)
-        if epoch not in cache:
-            generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-            cache[epoch] = torch.randperm(num_samples, generator=generator).tolist()
-        out.append(cache[epoch][index])
+        out.append(int(_epoch_order(num_samples, seed, epoch)[index]))
     return out
+
+
+@functools.lru_cache(maxsize=2)  # a step reads at most two epochs; drawing one costs O(N)
+def _epoch_order(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(num_samples, generator=generator)
 
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -61,7 +61,8 @@ class Trainer:
         self.model, self.optimizer, self.schedule, self.task = model, optimizer, schedule, task
         self.settings, self.run_dir, self.procs = settings, Path(run_dir), procs
         self.save_weights, self.valid_task = save_weights, valid_task
-        self.log = RunLog(self.run_dir, enabled=procs.is_main, echo=echo)
+        # with a progress bar on the terminal, lines go above it rather than through it
+        self.log = RunLog(self.run_dir, enabled=procs.is_main, echo=tqdm.write if _interactive() else echo)
         self.step = 0
         self.trainable = [p for p in model.parameters() if p.requires_grad]
 
