@@ -5,8 +5,9 @@ The MiniCPM paper's claim, at small scale on a CPU, with the shipped CLI only:
   1. train a 4096-token BPE tokenizer, pack WikiText-2 (training text: the test split and the
      first 4/5 of the validation split's lines; held out for evaluation: the last fifth, 752 lines);
   2. cosine runs for budgets B1 and B2 (each its own run from scratch);
-  3. one WSD run at constant lr (stable phase), checkpointed at 0.9 x B1 and 0.9 x B2, and from
-     each checkpoint a decay branch (`schedule.decay_from`) over the last 10% of that budget;
+  3. one WSD run at constant lr (stable phase), stopped and resumed (`train.stop_at`, `--resume`)
+     so that it is checkpointed at 0.8 and 0.9 of each budget, and from each checkpoint a decay
+     branch (`schedule.decay_from`) over the last 20% or 10% of that budget;
   4. a table (docs/wsd_vs_cosine.md) and a plot (docs/wsd_vs_cosine.png) of held-out loss.
 
 Every run uses the same model (a MiniCPM with muP, ~3.8 M parameters), data order, peak lr,
@@ -30,6 +31,7 @@ HELD_OUT_FRACTION = 5  # the last fifth of the validation split's lines is held 
 
 FULL = {"budgets": (400, 800), "hidden_size": 256, "intermediate_size": 640, "eval_every": 40,
         "eval_batches": 24, "warmup": 40}
+FRACTIONS = (0.1, 0.2)  # decay lengths of the WSD branches, as fractions of each budget
 QUICK = {"budgets": (20, 40), "hidden_size": 64, "intermediate_size": 160, "eval_every": 10,
          "eval_batches": 2, "warmup": 4}
 
@@ -101,23 +103,45 @@ def main() -> int:
     started = time.time()
     prepare(work, Path(args.wiki))
     base = common(work, size)
-    b1, b2 = size["budgets"]
-    for budget in (b1, b2):
+    budgets = size["budgets"]
+    for budget in budgets:
         run(work / f"cosine-{budget}", base + ["schedule.kind=cosine", f"train.steps={budget}",
                                               f"train.save_every={budget}"])
-    branch_points = [round(0.9 * b1), round(0.9 * b2)]
-    # the stable phase: constant lr after warmup, checkpoints where the branches leave it
-    run(work / "wsd-stable", base + ["schedule.kind=wsd", "schedule.decay_fraction=0", f"train.steps={branch_points[1]}",
-                                     f"train.save_every={branch_points[0]}", "train.keep_checkpoints=0"])
-    stable = work / "wsd-stable" / "checkpoints"
-    for point, budget in zip(branch_points, (b1, b2)):
-        run(work / f"wsd-decay-{budget}", base + ["schedule.kind=wsd", f"schedule.decay_from={stable / f'step-{point:06d}'}",
-                                                  f"train.steps={budget}", f"train.save_every={budget}",
-                                                  "schedule.decay_shape=exp"])
-    rows = [(budget, final_eval(work / f"cosine-{budget}"), final_eval(work / f"wsd-decay-{budget}"))
-            for budget in (b1, b2)]
+    # branch points: each budget's last 10% (and 20%) decays; the stable run is checkpointed there
+    branches = {(budget, fraction): round((1 - fraction) * budget) for budget in budgets for fraction in FRACTIONS}
+    stable = stable_phase(work / "wsd-stable", base, sorted(set(branches.values())))
+    for (budget, fraction), point in branches.items():
+        run(work / branch_name(budget, fraction),
+            base + ["schedule.kind=wsd", f"schedule.decay_from={stable / f'step-{point:06d}'}",
+                    f"train.steps={budget}", f"train.save_every={budget}", "schedule.decay_shape=exp"])
+    rows = [(budget, final_eval(work / f"cosine-{budget}"),
+             [final_eval(work / branch_name(budget, f)) for f in FRACTIONS]) for budget in budgets]
     write_report(Path(args.docs), work, rows, size, time.time() - started, quick=args.quick)
     return 0
+
+
+def branch_name(budget: int, fraction: float) -> str:
+    return f"wsd-decay{round(fraction * 100)}-{budget}"
+
+
+def stable_phase(run_dir: Path, base: list[str], points: list[int]) -> Path:
+    """One constant-lr run to the last branch point, stopped at each branch point with
+    train.stop_at (a checkpoint exactly there) and continued with --resume."""
+    checkpoints = run_dir / "checkpoints"
+    for i, point in enumerate(points):
+        if (checkpoints / f"step-{point:06d}").is_dir():
+            continue
+        if i == 0 or not checkpoints.is_dir():
+            if run_dir.exists():
+                import shutil
+
+                shutil.rmtree(run_dir)
+            minicpm("train", "pretrain", *base, "schedule.kind=wsd", "schedule.decay_fraction=0",
+                    f"train.steps={points[-1]}", f"train.save_every={points[-1]}", "train.keep_checkpoints=0",
+                    f"train.stop_at={point}", "--out", str(run_dir))
+        else:
+            minicpm("train", "pretrain", "--resume", f"train.stop_at={point}", "--out", str(run_dir))
+    return checkpoints
 
 
 def write_report(docs: Path, work: Path, rows, size: dict, seconds: float, quick: bool) -> None:
@@ -128,18 +152,20 @@ def write_report(docs: Path, work: Path, rows, size: dict, seconds: float, quick
 
     suffix = "-quick" if quick else ""
     tokens_per_step = 16 * 128
+    budgets = [budget for budget, _, _ in rows]
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for name, style in [(f"cosine-{b}", "--") for b, _, _ in rows] + [("wsd-stable", "-")] + \
-            [(f"wsd-decay-{b}", "-") for b, _, _ in rows]:
+    curves = [(f"cosine-{b}", "--") for b in budgets] + [("wsd-stable", "-")]
+    curves += [(branch_name(b, f), "-" if f == FRACTIONS[0] else ":") for b in budgets for f in FRACTIONS]
+    for name, style in curves:
         curve = eval_curve(work / name)
-        if name.startswith("wsd-decay"):  # a branch starts where the stable run's checkpoint is
+        if name.startswith("wsd-decay"):  # a branch continues the stable run from its checkpoint
             curve = [p for p in eval_curve(work / "wsd-stable") if p[0] <= _branch_start(work / name)] + curve
         ax.plot([s * tokens_per_step / 1e6 for s, _ in curve], [v for _, v in curve], style, label=name, lw=1.2)
     ax.set_xlabel("training tokens (millions)")
     ax.set_ylabel("held-out loss (WikiText-2)")
     ax.set_title("WSD with decay branches vs cosine per budget")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     docs.mkdir(parents=True, exist_ok=True)
     fig.savefig(docs / f"wsd_vs_cosine{suffix}.png", dpi=110)
@@ -149,12 +175,14 @@ def write_report(docs: Path, work: Path, rows, size: dict, seconds: float, quick
              "4 layers, GQA 4/2 heads, scale_emb 12, scale_depth 1.4, dim_model_base 64), 4096-token BPE "
              "tokenizer, batch 16 x 128 tokens, AdamW, peak lr 0.01 (hidden matrices at lr / (d / 64)), "
              f"warmup {size['warmup']} steps, final lr 1% of peak for every schedule. WSD decays exponentially "
-             "over the last 10% of each budget, branching off one constant-lr run.", "",
-             "| budget (steps / tokens) | cosine: held-out loss | WSD + decay: held-out loss | WSD - cosine |",
-             "|---|---|---|---|"]
+             "over the last 10% (or 20%) of each budget, branching off one constant-lr run. Held-out loss: "
+             f"{size['eval_batches']} batches of the held-out text at the end of each run.", "",
+             "| budget (steps / tokens) | cosine | WSD, 10% decay | WSD, 20% decay | WSD 10% - cosine | WSD 20% - cosine |",
+             "|---|---|---|---|---|---|"]
     for budget, cosine, wsd in rows:
-        lines.append(f"| {budget} / {budget * tokens_per_step / 1e6:.2f} M | {cosine:.4f} | {wsd:.4f} | "
-                     f"{wsd - cosine:+.4f} |")
+        lines.append(f"| {budget} / {budget * tokens_per_step / 1e6:.2f} M | {cosine:.4f} | "
+                     + " | ".join(f"{w:.4f}" for w in wsd) + " | "
+                     + " | ".join(f"{w - cosine:+.4f}" for w in wsd) + " |")
     lines += ["", f"![held-out loss against tokens](wsd_vs_cosine{suffix}.png)", ""]
     (docs / f"wsd_vs_cosine{suffix}.md").write_text("\n".join(lines), encoding="utf-8")
     print("\n".join(lines))

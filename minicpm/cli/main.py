@@ -110,6 +110,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+TRAIN_EXAMPLES = {
+    "pretrain": "example:\n  minicpm train pretrain model.tokenizer=tok data.train=packed data.valid=packed-valid \\\n"
+                "    'model.config={hidden_size: 256, intermediate_size: 640, num_hidden_layers: 4, "
+                "num_attention_heads: 4, scale_emb: 12, dim_model_base: 64, scale_depth: 1.4}' train.steps=1000 "
+                "--out runs/tiny\n  minicpm train pretrain --print-recipe    # every setting and its default",
+    "sft": "example:\n  minicpm train sft model.path=MODEL data.train=chats.json train.method=lora --out runs/sft\n"
+           "  minicpm merge MODEL runs/sft/final merged",
+    "dpo": "example:\n  minicpm train dpo model.path=MODEL data.train=pairs.json dpo.beta=0.1 --out runs/dpo",
+}
+
+
 def add_training_parsers(sub) -> None:
     """`minicpm train <recipe>`, `minicpm pack` and `minicpm merge`."""
     p = sub.add_parser("train", help="pretrain, fine-tune (full, LoRA, QLoRA), DPO, or train a tokenizer")
@@ -117,7 +128,8 @@ def add_training_parsers(sub) -> None:
     for name, what in (("pretrain", "pretrain from packed shards: muP, WSD or cosine, exact resume"),
                        ("sft", "supervised fine-tuning on chat data: full, LoRA or QLoRA"),
                        ("dpo", "direct preference optimisation on chosen/rejected pairs")):
-        r = recipes.add_parser(name, help=what)
+        r = recipes.add_parser(name, help=what, description=f"{what}. See docs/training.md.",
+                               epilog=TRAIN_EXAMPLES[name], formatter_class=argparse.RawDescriptionHelpFormatter)
         r.add_argument("overrides", nargs="*", metavar="key=value",
                        help="recipe settings, dotted for nested ones (e.g. optim.lr=0.01 schedule.kind=cosine)")
         r.add_argument("--recipe", dest="recipe_file", default=None, help="YAML recipe; overrides apply on top (default: built-in)")
