@@ -171,7 +171,8 @@ def write_report(docs: Path, work: Path, rows, size: dict, seconds: float, quick
     fig.savefig(docs / f"wsd_vs_cosine{suffix}.png", dpi=110)
     lines = [f"# WSD vs cosine at small scale{' (quick check)' if quick else ''}", "",
              "Produced by `.venv/bin/python runs/wsd_vs_cosine.py" + (" --quick" if quick else "") + "` "
-             f"in {seconds / 60:.0f} min on this machine. Model: MiniCPM with muP (hidden {size['hidden_size']}, "
+             f"(this invocation: {seconds / 60:.0f} min on 2 cores; runs already finished are kept, all of them "
+             "from nothing take about 25 min). Model: MiniCPM with muP (hidden {size['hidden_size']}, "
              "4 layers, GQA 4/2 heads, scale_emb 12, scale_depth 1.4, dim_model_base 64), 4096-token BPE "
              "tokenizer, batch 16 x 128 tokens, AdamW, peak lr 0.01 (hidden matrices at lr / (d / 64)), "
              f"warmup {size['warmup']} steps, final lr 1% of peak for every schedule. WSD decays exponentially "
