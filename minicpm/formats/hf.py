@@ -12,10 +12,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +23,7 @@ from safetensors.torch import save_file
 
 from minicpm.config import MiniCPMConfig
 from minicpm.errors import CheckpointError, MiniCPMError
+from minicpm.files import atomic_dir
 from minicpm.formats.weights import build_model, resolve_dtype
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -217,19 +216,6 @@ def check_writable(out_dir: Path, overwrite: bool) -> None:
         raise MiniCPMError(f"{out_dir} already exists and is not empty (pass overwrite=True / --force)")
 
 
-@contextmanager
-def atomic_dir(out_dir: Path) -> Iterator[Path]:
-    """A temporary directory beside `out_dir`, renamed to it when the block succeeds."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        yield tmp
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def write_checkpoint_files(config: MiniCPMConfig, tokenizer, out: Path) -> None:
     """config.json, generation_config.json and the tokenizer files (a streaming writer's part)."""
     config.save(out / "config.json")
@@ -283,18 +269,6 @@ def write_index(out: Path, shards: list[tuple[str, list[str], int]]) -> None:
     weight_map = {name: file for file, names, _ in shards for name in names}
     index = {"metadata": {"total_size": sum(size for _, _, size in shards)}, "weight_map": weight_map}
     (out / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-
-
-def _replace_dir(new: Path, dest: Path) -> None:
-    """Move `new` to `dest`; an existing `dest` is kept until the new one is in place."""
-    if not dest.exists():
-        os.replace(new, dest)
-        return
-    old = dest.with_name(f".{dest.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(dest, old)
-    os.replace(new, dest)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 _SAFETENSORS_DTYPES = {

@@ -46,7 +46,8 @@ def quantize_checkpoint(src, out, bits: int = 4, group_size: int = 128, head: st
     from tqdm import tqdm
 
     from minicpm.errors import MiniCPMError
-    from minicpm.formats.hf import ShardWriter, atomic_dir, check_writable, write_checkpoint_files
+    from minicpm.files import atomic_dir
+    from minicpm.formats.hf import ShardWriter, check_writable, write_checkpoint_files
 
     out = Path(out)
     check_writable(out, overwrite)  # fail before the slow part

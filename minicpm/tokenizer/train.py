@@ -32,7 +32,8 @@ def train_tokenizer(files: list[str | Path], out_dir: str | Path, vocab_size: in
     """Train on `files` (plain text, or .jsonl with `text_field`) and write the tokenizer to `out_dir`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from minicpm.formats.hf import atomic_dir, check_writable
+    from minicpm.files import atomic_dir
+    from minicpm.formats.hf import check_writable
 
     reserved = len(SPECIAL) + len(BYTES) + len(CHAT_MARKERS)
     if vocab_size < reserved + MIN_MERGES:
