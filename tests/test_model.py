@@ -206,7 +206,7 @@ def test_tied_head_shares_the_embedding():
 def test_single_query_attention_equals_sdpa(kv_heads, padded):
     import torch.nn.functional as F
 
-    from minicpm.model import single_query_attention
+    from minicpm.kernels.attention import single_query_attention
 
     gen = torch.Generator().manual_seed(kv_heads)
     q = torch.randn(3, 8, 1, 16, generator=gen)

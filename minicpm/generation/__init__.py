@@ -1,6 +1,41 @@
-"""Generation: sampling, the shared token generator, text streaming with stop strings, chat."""
+"""Generation: sampling, the lockstep token generator, text streaming with stop strings, chat,
+and `generate()`/`chat()` as methods of the model.
 
+The decoder (`minicpm.model`) is core and knows nothing of sampling or chat templates; the two
+methods users know from the official API are given to it here, once, when this package is
+first imported. `minicpm.load` imports it, so every model it returns has them; code that builds
+a model by hand imports `minicpm.generation` (or calls the functions below directly).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from minicpm.generation.chat import chat
 from minicpm.generation.generate import TokenGenerator, generate
-from minicpm.generation.sampling import SamplingParams, sample_next
+from minicpm.generation.sampling import Sampler, SamplingParams, sample_next
+from minicpm.model import MiniCPMForCausalLM
 
-__all__ = ["TokenGenerator", "generate", "SamplingParams", "sample_next"]
+__all__ = ["TokenGenerator", "generate", "chat", "Sampler", "SamplingParams", "sample_next"]
+
+
+class GenerationMethods:
+    """`model.generate(...)` and `model.chat(...)`, as the official MiniCPM code has them."""
+
+    def generate(self, input_ids, max_new_tokens: int = 128, **sampling: Any):
+        """New token ids for each prompt; temperature 0 (the default) is greedy.
+
+        `input_ids`: a list of ids, a list of such lists (batched, left-padded internally) or a
+        [B, S] tensor. Returns a [B, new] tensor (rows that stopped early padded with the pad
+        id) for tensor input, otherwise lists. See `minicpm.generation.generate`.
+        """
+        return generate(self, input_ids, max_new_tokens=max_new_tokens, **sampling)
+
+    def chat(self, tokenizer, query: str, history: list[dict] | None = None, role: str = "user",
+             **sampling: Any) -> tuple[str, list[dict]]:
+        """The official `chat()`: returns (response, history) with the reply appended."""
+        return chat(self, tokenizer, query, history=history, role=role, **sampling)
+
+
+for _name in ("generate", "chat"):
+    setattr(MiniCPMForCausalLM, _name, getattr(GenerationMethods, _name))

@@ -1,9 +1,13 @@
-"""The one token generator that `generate`, `chat`, the CLI and the server all use.
+"""The lockstep token generator behind `generate()`, `chat()` and the CLI's chat/generate.
 
 `TokenGenerator` works on token ids only (no tokenizer): it left-pads a batch of prompts,
 prefills them in chunks into a fixed-size KV cache, then decodes one token per step for every
 row still running, yielding the new token of each row. A row stops at a stop token id, or when
 the caller calls `finish(row)` (for example when its text hit a stop string).
+
+The server does not use it: its continuous batching (`minicpm.serving.engine`) lets requests
+join and leave between steps, each in its own KV-cache slot. Both sample through the same
+`Sampler`.
 """
 
 from __future__ import annotations
@@ -15,9 +19,9 @@ from typing import Any
 
 import torch
 
+from minicpm.cache import KVCache
 from minicpm.errors import MiniCPMError
-from minicpm.generation.sampling import SamplingParams, make_generator, sample_next
-from minicpm.model import KVCache
+from minicpm.generation.sampling import Sampler, SamplingParams
 
 PREFILL_CHUNK = 512  # bounds the attention score matrix of long prompts
 
@@ -100,18 +104,11 @@ class TokenGenerator:
             cache, done = self.prompt_cache.reuse(model, self.prompts[0], length + self.max_new_tokens)
         self.reused_tokens = done
         logits = self._prefill(ids[:, done:], mask_arg, cache)
-        generator = make_generator(params.seed, logits.device)
-        seen = None
-        if params.repetition_penalty != 1.0:
-            seen = torch.zeros(batch, logits.shape[-1], dtype=torch.bool, device=logits.device)
-            seen.scatter_(1, ids.to(logits.device), mask.to(logits.device).bool())
-        counts = None  # generated tokens, for the presence/frequency penalties
-        if params.presence_penalty or params.frequency_penalty:
-            counts = torch.zeros(batch, logits.shape[-1], device=logits.device)
+        sampler = Sampler(params, logits.shape[-1], self.prompts, logits.device)
         for step in range(self.max_new_tokens):
-            tokens = sample_next(logits, params, generator, seen, counts).to(device)
-            if counts is not None:
-                counts.scatter_add_(1, tokens[:, None].to(counts.device), torch.ones_like(counts[:, :1]))
+            tokens = sampler.sample(logits)
+            sampler.observe(tokens)
+            tokens = tokens.to(device)
             out: list[int | None] = []
             for row, token in enumerate(tokens.tolist()):
                 if self.finished[row]:
@@ -123,8 +120,6 @@ class TokenGenerator:
             yield out
             if all(self.finished) or step == self.max_new_tokens - 1:
                 return
-            if seen is not None:
-                seen.scatter_(1, tokens[:, None].to(seen.device), True)
             if mask_arg is not None:
                 mask_arg = torch.cat([mask_arg, mask_arg.new_ones(batch, 1)], dim=1)
             logits = model(tokens[:, None], attention_mask=mask_arg, cache=cache)[:, -1]

@@ -2,9 +2,10 @@
 
 `SamplingParams` validates everything a user can pass (CLI, `generate`, `chat`, the server);
 `sample_next` turns one step's logits into token ids with an explicit random generator, so a
-seed reproduces a run exactly. Temperature 0 means greedy. `RowSampler` is one sequence's
-sampling state in the serving engine (its own generator and penalty history), and
-`token_logprob`/`prompt_logprobs` report log-probabilities of the model's raw logits.
+seed reproduces a run exactly. Temperature 0 means greedy. `Sampler` holds the state of
+sampling some sequences (generator, penalty history): `generate()` and the serving engine both
+sample through it, so there is one implementation of every rule. `token_logprob` and
+`prompt_logprobs` report log-probabilities of the model's raw logits.
 """
 
 from __future__ import annotations
@@ -160,36 +161,44 @@ def apply_presence_frequency(logits: torch.Tensor, counts: torch.Tensor, presenc
     return logits - presence * (counts > 0).float() - frequency * counts
 
 
-class RowSampler:
-    """One sequence's sampling in the serving engine: its parameters, its own random generator
-    (a seeded request draws the same numbers however many others run beside it) and the token
-    history its penalties read."""
+class Sampler:
+    """The sampling state of a batch of sequences: their parameters, a random generator, and
+    the token history the penalties read (the repetition penalty covers the prompt too, as
+    Hugging Face's does; presence/frequency count generated tokens only, as OpenAI's do).
 
-    def __init__(self, params: SamplingParams, vocab_size: int, prompt_ids: list[int]):
+    `generate()` samples a whole left-padded batch with one Sampler; the serving engine gives
+    every request its own one-row Sampler, so a seeded request draws the same numbers however
+    many others run beside it.
+    """
+
+    def __init__(self, params: SamplingParams, vocab_size: int, prompts: list[list[int]],
+                 device: Any = "cpu"):
         self.params = params
-        self.generator = None if params.greedy else make_generator(params.seed)
+        self.generator = None if params.greedy else make_generator(params.seed, device)
         self.seen = self.counts = None
-        if params.repetition_penalty != 1.0:  # the HF rule covers the prompt too
-            self.seen = torch.zeros(1, vocab_size, dtype=torch.bool)
-            self.seen[0, prompt_ids] = True
+        if params.repetition_penalty != 1.0:
+            self.seen = torch.zeros(len(prompts), vocab_size, dtype=torch.bool, device=device)
+            for row, prompt in enumerate(prompts):
+                self.seen[row, prompt] = True
         if params.presence_penalty or params.frequency_penalty:
-            self.counts = torch.zeros(1, vocab_size)
+            self.counts = torch.zeros(len(prompts), vocab_size, device=device)
 
     @property
     def plain_greedy(self) -> bool:
         """The argmax of the raw logits (so a whole batch of such rows takes one argmax)."""
         return self.params.greedy and not self.params.penalised
 
-    def sample(self, logits: torch.Tensor) -> int:
-        """The next token from this row's fp32 logits [V]."""
-        return int(sample_next(logits[None], self.params, self.generator, self.seen, self.counts)[0])
+    def sample(self, logits: torch.Tensor) -> torch.Tensor:
+        """The next token of every row [B] from fp32 logits [B, V]."""
+        return sample_next(logits, self.params, self.generator, self.seen, self.counts)
 
-    def observe(self, token: int) -> None:
-        """Record a generated token for the penalties."""
+    def observe(self, tokens: torch.Tensor) -> None:
+        """Record each row's new token [B] for the penalties."""
+        rows = torch.arange(tokens.shape[0], device=tokens.device)
         if self.seen is not None:
-            self.seen[0, token] = True
+            self.seen[rows, tokens] = True
         if self.counts is not None:
-            self.counts[0, token] += 1
+            self.counts[rows, tokens] += 1
 
 
 @dataclass

@@ -1,7 +1,9 @@
-"""Decode attention (one query per sequence) over a KV cache: native kernel or None.
+"""Attention kernels: the native decode kernel over a KV cache, and PyTorch's attention.
 
-`decode_attention` returns None where the kernel does not serve (not built here, a dtype or
-shape it does not take, a non-CPU tensor); the caller then runs PyTorch's attention.
+`decode_attention` (one query per sequence, straight from the cache stores) returns None where
+the native kernel does not serve (not built here, a dtype or shape it does not take, a non-CPU
+tensor); the caller then runs `attention`, PyTorch's SDPA or, for a single low-precision query,
+`single_query_attention`.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import ctypes
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from minicpm.kernels.build import Kernel, KernelUnavailable
 
@@ -89,3 +92,29 @@ def decode_attention(q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tens
     if mask is not None:
         mask = mask.reshape(mask.shape[0], -1)[:, :length].to(torch.uint8).contiguous()
     return _call(lib, q, k_store, v_store, length, k_scales, v_scales, mask, rows, starts, ends)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """PyTorch attention; mask None means causal (several queries) or everything (one query)."""
+    s = q.shape[2]
+    if s == 1 and q.dtype != torch.float32:
+        return single_query_attention(q, k, v, mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and s > 1,
+                                          enable_gqa=k.shape[1] != q.shape[1])
+
+
+def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention of one new token per row (decoding) as two batched matmuls, softmax in fp32.
+
+    PyTorch's CPU SDPA is slow for a single bf16 query: with 24 heads over 8 kv heads it took
+    1.0 ms at 512 keys and 4.3 ms at 2048, against 0.26 and 1.0 ms this way (fp32 SDPA is fine).
+    """
+    b, h, _, d = q.shape
+    kv = k.shape[1]
+    rows = q.reshape(b, kv, h // kv, d)  # the query heads that share a kv head, as matrix rows
+    scores = torch.matmul(rows, k.transpose(-1, -2)).float() * d ** -0.5  # [b, kv, h/kv, keys]
+    if mask is not None:  # [b, 1, 1, keys]
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.matmul(probs, v).reshape(b, h, 1, d)

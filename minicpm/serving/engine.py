@@ -29,7 +29,7 @@ import torch
 
 from minicpm.errors import MiniCPMError
 from minicpm.generation.sampling import (
-    RowSampler,
+    Sampler,
     SamplingParams,
     TokenLogprob,
     prompt_logprobs,
@@ -174,7 +174,7 @@ class _Row:
         room = engine.context - len(self.prompt)
         self.budget = room if params.max_new_tokens is None else min(params.max_new_tokens, room)
         self.stop_ids = engine._stop_ids(params)
-        self.sampler = RowSampler(params, engine.vocab_size, self.prompt)
+        self.sampler = Sampler(params, engine.vocab_size, [self.prompt])
         self.text = RowText(engine.tokenizer, params.stop) if engine.tokenizer is not None else None
         self.constraint = engine._json_constraint() if request.json_object else None
 
@@ -411,7 +411,7 @@ class Engine:
 
     def _sample(self, row: _Row, logits: torch.Tensor) -> int:
         if row.constraint is None:
-            return row.sampler.sample(logits)
+            return _sample_one(row.sampler, logits)
         return self._sample_json(row, logits)
 
     def _sample_json(self, row: _Row, logits: torch.Tensor) -> int:
@@ -419,14 +419,14 @@ class Engine:
         (cheap when the model mostly follows), then fall back to the full allowed mask."""
         logits = logits.clone()
         for _ in range(JSON_RETRIES):
-            token = row.sampler.sample(logits)
+            token = _sample_one(row.sampler, logits)
             if row.constraint.allows(token):
                 return token
             logits[token] = float("-inf")
         allowed = torch.zeros_like(logits, dtype=torch.bool)  # ids past the tokenizer's: never
         known = row.constraint.allowed_mask()[:len(logits)]
         allowed[:len(known)] = known
-        return row.sampler.sample(logits.masked_fill(~allowed, float("-inf")))
+        return _sample_one(row.sampler, logits.masked_fill(~allowed, float("-inf")))
 
     def _accept(self, row: _Row, token: int, logits: torch.Tensor) -> None:
         """A sampled token: count it, turn it into text, finish the row or queue it for decoding."""
@@ -437,7 +437,7 @@ class Engine:
         if row.generated == 1:
             stream.metrics["ttft_s"] = stream._seconds()
         logprob = None if row.request.logprobs is None else token_logprob(logits, token, row.request.logprobs)
-        row.sampler.observe(token)
+        row.sampler.observe(torch.tensor([token]))
         if token in row.stop_ids:
             self._finish(row, token, self._flush(row), logprob, "stop")
             return
@@ -485,3 +485,8 @@ def _end(stream: Stream, reason: str, error: str | None = None, event: TokenEven
     stream.error = error
     stream.metrics["total_s"] = stream._seconds()
     stream._push(event or TokenEvent(None, "", None, reason))
+
+
+def _sample_one(sampler: Sampler, logits: torch.Tensor) -> int:
+    """A one-row sampler's next token from fp32 logits [V]."""
+    return int(sampler.sample(logits[None])[0])
