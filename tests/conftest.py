@@ -42,7 +42,7 @@ def variant_config(name: str, **overrides) -> MiniCPMConfig:
 
 
 def random_model(config: MiniCPMConfig, seed: int = 0, dtype=torch.float32):
-    from minicpm.formats.weights import random_model as build
+    from minicpm.loading.assemble import random_model as build
 
     # std 0.3: large enough that logits differ by far more than float noise
     return build(config, seed=seed, dtype=dtype, std=0.3)

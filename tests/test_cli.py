@@ -52,7 +52,7 @@ def test_info_reports_the_architecture(tiny_checkpoint):
 
 
 def test_generate_matches_the_library(tiny_checkpoint, tmp_path):
-    from minicpm.loading import load
+    from minicpm import load
 
     model, tokenizer = load(str(tiny_checkpoint))
     prompts = ["The capital of France is", "天气"]

@@ -711,7 +711,7 @@ def test_smollm2_dequantizes_like_gguf_py():
 @pytest.mark.parametrize("variant", list(CONFIGS))
 def test_gguf_model_logits_match_the_state_dict(tmp_path, variant):
     """Names, q/k order and scales all survive: the rebuilt model computes the same logits."""
-    from minicpm.formats.weights import build_model
+    from minicpm.loading.assemble import build_model
 
     config = CONFIGS[variant]
     path, state = write_tiny(tmp_path, config, "f32")
@@ -757,7 +757,7 @@ def official_checkpoint(variant: str):
 
 @pytest.mark.parametrize("variant", OFFICIAL_GGUF_VARIANTS)
 def test_official_checkpoint_through_gguf(tmp_path, variant):
-    from minicpm.formats.weights import build_model
+    from minicpm.loading.assemble import build_model
 
     config, state, reference = official_checkpoint(variant)
     path = write_gguf(config, state.items(), tiny_spm_metadata(config.vocab_size),

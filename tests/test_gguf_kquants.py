@@ -510,7 +510,7 @@ def test_convert_q4_k_m_loads_back_close_to_the_float_model(tmp_path, spm_tokeni
     from minicpm.cli.main import main
     from minicpm.config import MiniCPMConfig
     from minicpm.formats.hf import save_pretrained
-    from minicpm.formats.weights import random_model
+    from minicpm.loading.assemble import random_model
     from minicpm.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_pretrained(spm_tokenizer_dir)

@@ -122,6 +122,7 @@ def test_peft_loads_our_adapter_on_the_transformers_llama_export(tmp_path, name)
     adapter is written for that export), gives our logits."""
     import peft
     import transformers
+
     from minicpm.formats.convert import convert
 
     tokenizer = Tokenizer.from_pretrained(FIXTURES / "tokenizers" / "minicpm-spm")

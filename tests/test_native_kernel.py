@@ -1,4 +1,4 @@
-"""The native int4/int8 kernel (minicpm/kernels/qgemm.py, qgemv.c): against the exact
+"""The native int4/int8 kernel (minicpm/kernels/qgemm.py, qgemm.c): against the exact
 dequantized fp32 product, its layouts against the checkpoint form, and its fallbacks."""
 
 from __future__ import annotations
@@ -207,4 +207,4 @@ def test_two_processes_building_at_once(tmp_path):
         assert p.returncode == 0, err
         assert out.split()[0] == "native", out + err
     built = list(tmp_path.rglob("*.so"))
-    assert len(built) == 1 and not list(tmp_path.rglob(".qgemv-*"))  # no temporaries left behind
+    assert len(built) == 1 and not list(tmp_path.rglob(".qgemm.so.*"))  # no temporaries left behind

@@ -307,7 +307,7 @@ def test_tiny_minicpm_q4_k_m_logits_match_llama_cpp(tmp_path, tied, no_weight_re
     1e-4 of the logit range once our activations are rounded as llama.cpp rounds them."""
     from minicpm.formats.gguf import load_gguf, read_gguf_info, write_gguf
     from minicpm.formats.gguf_file import GGUFFile
-    from minicpm.formats.weights import random_model as build
+    from minicpm.loading.assemble import random_model as build
 
     config = kquant_minicpm_config(tie_word_embeddings=tied)
     net = build(config, seed=11, dtype=torch.float32, std=0.0625)
@@ -399,7 +399,7 @@ def test_dense_variant_export_greedy_matches_llama_cpp(tmp_path, variant, file_t
     from minicpm.errors import ConfigError
     from minicpm.formats.gguf import load_gguf, write_gguf
     from minicpm.formats.hf import checkpoint_state_dict
-    from minicpm.formats.weights import random_model as build
+    from minicpm.loading.assemble import random_model as build
 
     config = variant_config(variant)
     # conftest's std 0.3 for f16; quantized, 0.15: at 0.3 these random models are chaotic

@@ -14,7 +14,7 @@ from torch import nn
 import minicpm
 from minicpm.errors import CheckpointError, MiniCPMError
 from minicpm.formats.hf import load_model, save_pretrained
-from minicpm.formats.weights import random_model
+from minicpm.loading.assemble import random_model
 from minicpm.model import Linear
 from minicpm.quantization import QuantizedLinear, quantize_model
 from minicpm.quantization.linear import pack_nibbles, unpack_nibbles

@@ -14,7 +14,7 @@ from conftest import variant_config
 
 from minicpm.errors import CheckpointError, MiniCPMError
 from minicpm.formats.hf import iter_tensors, load_model, save_pretrained, weight_files
-from minicpm.formats.weights import random_model
+from minicpm.loading.assemble import random_model
 from minicpm.quantization import (
     QuantizedEmbedding,
     QuantizedLinear,

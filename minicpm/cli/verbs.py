@@ -125,7 +125,7 @@ def served_name(model: str | None) -> str:
 
 
 def info(args: argparse.Namespace) -> int:
-    from minicpm.inspect import describe
+    from minicpm.formats.info import describe
 
     for key, value in describe(args.model).items():
         print(f"{key:>22}: {value}")

@@ -33,9 +33,9 @@ def convert(src: str, out: str | Path, to: str, dtype: Any = None, gguf_type: st
     out = Path(out)
     if out.exists() and not overwrite and (out.is_file() or any(out.iterdir())):
         raise MiniCPMError(f"{out} already exists (pass --force to replace it)")
-    from minicpm.loading import load
+    from minicpm.formats import load_checkpoint
 
-    model, tokenizer = load(src, dtype=dtype, device="cpu")
+    model, tokenizer = load_checkpoint(src, dtype=dtype, device="cpu")
     if to == "hf":
         return save_pretrained(model, tokenizer, out, config=to_minicpm(model.config), overwrite=overwrite)
     if to == "llama":

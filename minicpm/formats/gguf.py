@@ -209,7 +209,7 @@ def _open_gguf(path: Path) -> tuple[GGUFFile, MiniCPMConfig, dict[str, Any]]:
 
 def load_gguf(path: str | os.PathLike, dtype: Any = None, device: Any = None):
     """(model, tokenizer) from a GGUF file; dtype defaults to float32."""
-    from minicpm.formats.weights import build_model
+    from minicpm.loading.assemble import build_model
     from minicpm.tokenizer import Tokenizer
 
     config, tensors, metadata = read_gguf(path)

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from minicpm.config import MiniCPMConfig
 from minicpm.errors import CheckpointError, MiniCPMError
 from minicpm.files import atomic_dir
-from minicpm.formats.weights import build_model, resolve_dtype
+from minicpm.loading.assemble import build_model, resolve_dtype
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"

@@ -16,11 +16,12 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+
+from minicpm.files import atomic_file
 
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 AVX512 = ("avx512f", "avx512bw", "avx512vl")
@@ -78,23 +79,14 @@ def compile_source(source: Path, cpu: set[str]) -> Path:
     if target.exists():
         return target
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{source.stem}-", suffix=".so", dir=target.parent)
-        os.close(fd)
-    except OSError as exc:
-        raise KernelUnavailable(f"cannot write the kernel cache {target.parent}: {exc}") from None
-    try:
-        result = subprocess.run([compiler, *FLAGS, "-o", tmp, str(source)], capture_output=True, text=True,
-                                timeout=300)
-        if result.returncode != 0:
-            tail = (result.stderr.strip().splitlines() or ["no output"])[-1]
-            raise KernelUnavailable(f"compiling {source.name} failed: {tail}")
-        os.replace(tmp, target)
+        with atomic_file(target, suffix=".so") as tmp:  # processes building at once: one wins
+            result = subprocess.run([compiler, *FLAGS, "-o", str(tmp), str(source)], capture_output=True,
+                                    text=True, timeout=300)
+            if result.returncode != 0:
+                tail = (result.stderr.strip().splitlines() or ["no output"])[-1]
+                raise KernelUnavailable(f"compiling {source.name} failed: {tail}")
     except (OSError, subprocess.SubprocessError) as exc:
-        raise KernelUnavailable(f"compiling {source.name} failed: {exc}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        raise KernelUnavailable(f"compiling {source.name} into {target.parent} failed: {exc}") from None
     return target
 
 

@@ -1,4 +1,4 @@
-"""The native int4/int8 weight-only GEMM (qgemv.c) behind QuantizedLinear, and its layouts.
+"""The native int4/int8 weight-only GEMM (qgemm.c) behind QuantizedLinear, and its layouts.
 
 Built and loaded by `minicpm.kernels.build` (needs AVX-512 VNNI). `library()` returns None,
 after one warning that says why, where the kernel cannot serve: MINICPM_NATIVE=0, another CPU,
@@ -35,7 +35,7 @@ _lib: ctypes.CDLL | None = None  # what run() calls; set once the library passed
 def _setup(lib: ctypes.CDLL) -> None:
     global _lib
     if lib.qgemm_abi_version() != ABI_VERSION:
-        raise KernelUnavailable("qgemv.c: stale build")
+        raise KernelUnavailable("qgemm.c: stale build")
     c_long, c_int, c_void = ctypes.c_long, ctypes.c_int, ctypes.c_void_p
     lib.qgemm.argtypes = [c_int, c_void, c_int, c_long, c_long, c_long, c_long, c_int, c_int,
                           c_void, c_void, c_void, c_int, c_void, c_int, c_void, c_int]
@@ -50,7 +50,7 @@ def _setup(lib: ctypes.CDLL) -> None:
         raise
 
 
-KERNEL = Kernel(Path(__file__).with_name("qgemv.c"), "int4/int8 kernel", _setup,
+KERNEL = Kernel(Path(__file__).with_name("qgemm.c"), "int4/int8 kernel", _setup,
                 required_flags=AVX512 + ("avx512_vnni",))
 
 
@@ -266,4 +266,4 @@ def _self_check() -> None:
     for y, ref in ((y4, x @ w4.T), (y8, x[:, :k - 8] @ (q8.float() * s8[:, None]).T)):
         err = ((y - ref).norm() / ref.norm()).item()
         if not err < 0.02:
-            raise KernelUnavailable(f"qgemv.c: self-check failed (relative error {err:.3g})")
+            raise KernelUnavailable(f"qgemm.c: self-check failed (relative error {err:.3g})")

@@ -164,7 +164,7 @@ def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
 def load_quantized(config: MiniCPMConfig, named_tensors: Iterable[tuple[str, torch.Tensor]],
                    dtype: Any = None, device: Any = None, source: str = "checkpoint") -> nn.Module:
     """Rebuild a model saved by `quantize_model` + `save_pretrained`, one tensor at a time."""
-    from minicpm.formats.weights import config_dtype, resolve_device, resolve_dtype
+    from minicpm.loading.assemble import config_dtype, resolve_device, resolve_dtype
     from minicpm.model import MiniCPMForCausalLM
     from minicpm.quantization.embedding import QuantizedEmbedding
 
@@ -288,7 +288,7 @@ def quantize_tensors(config: MiniCPMConfig, named_tensors: Iterable[tuple[str, t
     no model is built. The same names, dtypes and values as that path. Names and shapes are
     checked as `build_model` checks them; missing tensors are reported at the end.
     """
-    from minicpm.formats.weights import _DERIVED_SUFFIXES, config_dtype, resolve_dtype
+    from minicpm.loading.assemble import DERIVED_SUFFIXES, config_dtype, resolve_dtype
     from minicpm.model import MiniCPMForCausalLM
 
     if config.quantization:
@@ -310,7 +310,7 @@ def quantize_tensors(config: MiniCPMConfig, named_tensors: Iterable[tuple[str, t
         pending: dict[str, dict[str, torch.Tensor]] = {}
         seen, unexpected = set(), []
         for name, tensor in named_tensors:
-            if name.endswith(_DERIVED_SUFFIXES) or (name == "lm_head.weight" and config.tie_word_embeddings):
+            if name.endswith(DERIVED_SUFFIXES) or (name == "lm_head.weight" and config.tie_word_embeddings):
                 continue  # recomputed / the tie wins, as build_model does
             if name not in shapes:
                 unexpected.append(name)

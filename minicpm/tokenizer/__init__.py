@@ -10,8 +10,8 @@ chat.py (Jinja chat templates and the built-in MiniCPM/ChatML formats), stream.p
 detokenization for streaming generation).
 """
 
-from minicpm.tokenizer.chat import CHAT_FORMATS
 from minicpm.tokenizer.stream import StreamDecoder
+from minicpm.tokenizer.templates import CHAT_FORMATS
 from minicpm.tokenizer.tokenizer import CHAT_END_TOKENS, Tokenizer
 
 __all__ = ["Tokenizer", "StreamDecoder", "CHAT_FORMATS", "CHAT_END_TOKENS"]

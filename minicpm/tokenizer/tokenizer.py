@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from minicpm.errors import MiniCPMError
-from minicpm.tokenizer import chat, gguf_vocab, hf_files
+from minicpm.tokenizer import gguf_vocab, hf_files, templates
 from minicpm.tokenizer.backends import AddedToken, HfBackend, SpmBackend
 from minicpm.tokenizer.stream import StreamDecoder
 
@@ -47,7 +47,7 @@ class Tokenizer:
         self.add_bos_token, self.add_eos_token = add_bos_token, add_eos_token
         self.chat_templates = dict(chat_templates or {})
         if chat_format is not None:
-            chat.builtin_template(chat_format)  # fail early on a bad name
+            templates.builtin_template(chat_format)  # fail early on a bad name
         self.chat_format = chat_format
         # tokenizer_config.json as loaded: keys we do not model are written back unchanged
         self.tokenizer_config = dict(tokenizer_config or {})
@@ -245,11 +245,11 @@ class Tokenizer:
         added as `encode` adds it unless the text already starts with it; EOS is never added
         (transformers adds neither: its chat templates carry their own BOS).
         """
-        messages = chat.check_messages(messages)
+        messages = templates.check_messages(messages)
         template = self._template_for(chat_format or self.chat_format)
         context = {key: getattr(self, key) for key in hf_files.NAMED_TOKENS}
         context["additional_special_tokens"] = self.additional_special_tokens
-        text = chat.render(template, messages, add_generation_prompt, {**context, **extra})
+        text = templates.render(template, messages, add_generation_prompt, {**context, **extra})
         if not tokenize:
             return text
         ids = self.encode(text, add_special_tokens=False)
@@ -265,8 +265,8 @@ class Tokenizer:
 
     def _template_for(self, chat_format: str | None) -> str:
         if chat_format is not None:
-            return chat.builtin_template(chat_format)
-        return self.chat_template or chat.builtin_template(self.default_chat_format())
+            return templates.builtin_template(chat_format)
+        return self.chat_template or templates.builtin_template(self.default_chat_format())
 
     def __repr__(self) -> str:
         return (f"Tokenizer({self.backend.kind}, vocab_size={self.vocab_size}, "

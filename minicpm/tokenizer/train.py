@@ -89,7 +89,7 @@ def _texts(paths: list[Path], text_field: str) -> Iterator[str]:
 
 
 def _write_configs(directory: Path, model_max_length: int) -> None:
-    from minicpm.tokenizer.chat import MINICPM_TEMPLATE
+    from minicpm.tokenizer.templates import MINICPM_TEMPLATE
 
     names = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
     config = {**names, "add_bos_token": True, "add_eos_token": False, "tokenizer_class": "LlamaTokenizerFast",

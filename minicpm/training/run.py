@@ -212,7 +212,7 @@ def fresh_model(recipe: Recipe, tokenizer, device: torch.device):
 
 
 def _dtype(name: str) -> torch.dtype:
-    from minicpm.formats.weights import resolve_dtype
+    from minicpm.loading.assemble import resolve_dtype
 
     return resolve_dtype(name)
 

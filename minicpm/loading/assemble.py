@@ -19,7 +19,7 @@ from minicpm.errors import CheckpointError, MiniCPMError
 from minicpm.model import MiniCPMForCausalLM
 
 # Rotary tables some checkpoints carry; they are recomputed from the config.
-_DERIVED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+DERIVED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -67,7 +67,7 @@ def build_model(config: MiniCPMConfig, named_tensors: Iterable[tuple[str, torch.
     loaded: set[str] = set()
     unexpected: list[str] = []
     for name, tensor in named_tensors:
-        if name.endswith(_DERIVED_SUFFIXES):
+        if name.endswith(DERIVED_SUFFIXES):
             continue
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue  # some tied checkpoints store a copy of the embedding; the tie wins

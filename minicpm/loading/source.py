@@ -1,4 +1,4 @@
-"""`minicpm.load`: one entry point for every place a model can come from.
+"""Where a model comes from: a checkpoint directory, a .gguf file, a hub id, or the default model.
 
 A path is a Hugging Face checkpoint directory or a .gguf file; anything else is taken as a hub
 id (e.g. "openbmb/MiniCPM-2B-sft-bf16") and fetched with huggingface_hub when a network is
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import Any
 
 from minicpm.errors import MiniCPMError
 
@@ -81,15 +80,3 @@ def locate(path_or_id: str | Path | None = None) -> Path:
         return ggufs[0]
     raise MiniCPMError(f"{path} has no config.json" + (
         f" and {len(ggufs)} .gguf files (pass one)" if ggufs else " and no .gguf file"))
-
-
-def load(path_or_id: str | Path | None = None, dtype: Any = None, device: Any = None):
-    """(model, tokenizer) for a checkpoint directory, a .gguf file or a hub id."""
-    path = locate(path_or_id)
-    if path.is_file():
-        from minicpm.formats.gguf import load_gguf
-
-        return load_gguf(path, dtype=dtype, device=device)
-    from minicpm.formats.hf import load_pretrained
-
-    return load_pretrained(path, dtype=dtype, device=device)
