@@ -206,8 +206,8 @@ def build_llama_server() -> Path:
 
 
 def smollm2_servers(workdir: Path, binary: Path, threads: int, context: int, log=print) -> tuple[list[Server], int]:
+    from minicpm.formats.quantized import quantize_checkpoint
     from minicpm.loading import default_model_path
-    from minicpm.quantization import quantize_checkpoint
 
     gguf = default_model_path()
     int4 = workdir / "smollm2-int4-g32"

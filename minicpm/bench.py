@@ -118,7 +118,7 @@ def prepare(shape: str, workdir: Path, gguf_types=("f16", "q8_0", "q4_0"), log=p
 
 def prepare_quantized(workdir: Path, precisions=tuple(QUANTIZED), log=print) -> None:
     """ours-<precision>/ from hf/ by the streaming quantize_checkpoint, as `minicpm quantize` does."""
-    from minicpm.quantization import quantize_checkpoint
+    from minicpm.formats.quantized import quantize_checkpoint
 
     for precision in precisions:
         start = time.perf_counter()
@@ -353,7 +353,7 @@ def skip_reason(engine: str, precision: str) -> str | None:
 
 def _has_quantization() -> bool:
     try:
-        from minicpm.quantization import quantize_checkpoint  # noqa: F401
+        from minicpm.formats.quantized import quantize_checkpoint  # noqa: F401
     except ImportError:
         return False
     return True

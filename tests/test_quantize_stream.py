@@ -14,13 +14,9 @@ from conftest import variant_config
 
 from minicpm.errors import CheckpointError, MiniCPMError
 from minicpm.formats.hf import iter_tensors, load_model, save_pretrained, weight_files
+from minicpm.formats.quantized import quantize_checkpoint
 from minicpm.loading.assemble import random_model
-from minicpm.quantization import (
-    QuantizedEmbedding,
-    QuantizedLinear,
-    quantize_checkpoint,
-    quantize_model,
-)
+from minicpm.quantization import QuantizedEmbedding, QuantizedLinear, quantize_model
 from minicpm.quantization import quantize as quantize_module
 
 IDS = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -187,7 +183,7 @@ def test_streaming_quantization_memory_is_far_below_the_checkpoint(tmp_path):
     src, warm = _medium_checkpoint(tmp_path), _warm(tmp_path)
     size_mb = (src / "model.safetensors").stat().st_size / 2**20
     script = ANON + textwrap.dedent(f"""
-        from minicpm.quantization import quantize_checkpoint
+        from minicpm.formats.quantized import quantize_checkpoint
         quantize_checkpoint({str(warm)!r}, {str(tmp_path / "wq")!r}, progress=False)  # lazy imports
         before, top = anon(), peak()
         quantize_checkpoint({str(src)!r}, {str(tmp_path / "q")!r}, bits=4, group_size=128, progress=False)

@@ -155,7 +155,7 @@ def convert(args: argparse.Namespace) -> int:
 
 
 def quantize(args: argparse.Namespace) -> int:
-    from minicpm.quantization import quantize_checkpoint
+    from minicpm.formats.quantized import quantize_checkpoint
 
     started = time.perf_counter()
     out = quantize_checkpoint(args.src, args.out, bits=args.bits, group_size=args.group_size,
