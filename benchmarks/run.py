@@ -12,10 +12,10 @@ Measured per engine: prefill tokens/s (a 128-token prompt), decode tokens/s (64 
 1, greedy), and peak RSS. Results go to docs/benchmarks.md with the date and machine, and each
 row carries its ratio to the peer at the same precision.
 
-A second section (`minicpm.bench`, also `minicpm bench`) runs seeded random weights of the real
-MiniCPM-1B shape (and MiniCPM-2B with --full, ~5.5 GB in bf16) at a 512-token prompt and 128 new
-tokens, with our int8/int4 rows when minicpm.quantization is there, and the machine's memory
-bandwidth.
+A second section (the `minicpm.bench` package, also `minicpm bench`) runs seeded random weights
+of the real MiniCPM-1B shape (and MiniCPM-2B with --full, ~5.5 GB in bf16) at a 512-token prompt
+and 128 new tokens, with our int8/int4 rows when minicpm.quantization is there, and the machine's
+memory bandwidth.
 
 A third section (benchmarks/serving.py; skip it with --no-serving) serves SmolLM2 and the
 MiniCPM-1B shape with `minicpm serve` and with llama.cpp's `llama-server` (16 slots, continuous
@@ -28,36 +28,29 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from datetime import date
 from pathlib import Path
 
-from minicpm.bench import machine, markdown_table, peak_rss_mb, ratios  # shared with the shapes section
+# shared with the shapes section: the same prompt, loaders, child processes and table
+from minicpm.bench.cases import prompt_ids
+from minicpm.bench.engines import load_ours, load_transformers, open_llama
+from minicpm.bench.machine import machine
+from minicpm.bench.process import measure_here, run_child
+from minicpm.bench.report import markdown_table, ratios
 
 PROMPT_TOKENS = 128
 NEW_TOKENS = 64
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def prompt_ids(vocab: int) -> list[int]:
-    import random
-
-    rng = random.Random(0)
-    return [rng.randrange(10, vocab) for _ in range(PROMPT_TOKENS)]
-
-
 def bench_ours(workdir: Path, dtype: str) -> dict:
     import torch
 
-    from minicpm.formats.hf import load_model
-
-    start = time.perf_counter()
-    model = load_model(workdir / "hf", dtype=dtype)
-    load = time.perf_counter() - start
-    ids = prompt_ids(model.config.vocab_size)
+    model, load = load_ours(workdir / "hf", dtype)
+    ids = prompt_ids(model.config.vocab_size, PROMPT_TOKENS)
     model(torch.tensor([ids[:8]]))  # warm-up
     with torch.inference_mode():
         start = time.perf_counter()
@@ -72,13 +65,10 @@ def bench_ours(workdir: Path, dtype: str) -> dict:
 
 def bench_transformers(workdir: Path, dtype: str) -> dict:
     import torch
-    import transformers
 
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    start = time.perf_counter()
-    model = transformers.LlamaForCausalLM.from_pretrained(workdir / "llama", dtype=torch_dtype).eval()
-    load = time.perf_counter() - start
-    ids = prompt_ids(model.config.vocab_size)
+    model, load = load_transformers(workdir / "llama", torch_dtype)
+    ids = prompt_ids(model.config.vocab_size, PROMPT_TOKENS)
     with torch.inference_mode():
         model(torch.tensor([ids[:8]]))
         start = time.perf_counter()
@@ -94,14 +84,8 @@ def bench_transformers(workdir: Path, dtype: str) -> dict:
 
 
 def bench_llamacpp(workdir: Path, dtype: str) -> dict:
-    import llama_cpp
-
-    path = workdir / f"model-{dtype}.gguf"
-    start = time.perf_counter()
-    llm = llama_cpp.Llama(str(path), n_ctx=512, n_threads=int(os.environ["BENCH_THREADS"]),
-                          n_batch=512, verbose=False)
-    load = time.perf_counter() - start
-    ids = prompt_ids(llm.n_vocab())
+    llm, load = open_llama(workdir / f"model-{dtype}.gguf", n_ctx=512, n_batch=512)
+    ids = prompt_ids(llm.n_vocab(), PROMPT_TOKENS)
     llm.eval(ids[:8])
     llm.reset()
     start = time.perf_counter()
@@ -135,13 +119,9 @@ def prepare(workdir: Path) -> None:
 
 
 def run_case(workdir: Path, engine: str, dtype: str, threads: int) -> dict | str:
-    env = {**os.environ, "BENCH_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
-    cmd = [sys.executable, __file__, "--case", engine, dtype, "--workdir", str(workdir), "--threads", str(threads)]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
-    if result.returncode != 0:
-        last = (result.stderr.strip().splitlines() or ["failed"])[-1]
-        return last[:120]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    cmd = [sys.executable, __file__, "--case", engine, dtype, "--workdir", str(workdir),
+           "--threads", str(threads)]
+    return run_child(cmd, threads, timeout=1200, width=120)
 
 
 def smollm2_table(rows: list[tuple[str, str, dict | str]], threads: int) -> str:
@@ -174,12 +154,8 @@ def main() -> int:
     parser.add_argument("--preset", help=argparse.SUPPRESS)  # e.g. tiny: a quick check of the machinery
     args = parser.parse_args()
     if args.case:
-        import torch
-
-        torch.set_num_threads(args.threads)
-        result = ENGINES[args.case[0]](Path(args.workdir), args.case[1])
-        result["rss"] = peak_rss_mb()
-        print(json.dumps(result))
+        engine, dtype = args.case
+        print(json.dumps(measure_here(ENGINES[engine], args.threads, Path(args.workdir), dtype)))
         return 0
     sections = ["# Benchmarks", ""]
     if not args.shapes_only:
