@@ -75,7 +75,8 @@ def bench_transformers(workdir: Path, dtype: str) -> dict:
         model(torch.tensor([ids]))
         prefill = time.perf_counter() - start
         start = time.perf_counter()
-        out = model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+        out = model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS,
+                             min_new_tokens=NEW_TOKENS,
                              do_sample=False, pad_token_id=0)
         total = time.perf_counter() - start
     new = out.shape[1] - PROMPT_TOKENS
@@ -112,7 +113,8 @@ def prepare(workdir: Path) -> None:
     model, tokenizer = minicpm.load()
     save_pretrained(model, tokenizer, workdir / "hf", overwrite=True)
     config, state = to_llama(model.config, checkpoint_state_dict(model))
-    save_pretrained(None, tokenizer, workdir / "llama", config=config, state_dict=state, overwrite=True)
+    save_pretrained(None, tokenizer, workdir / "llama", config=config, state_dict=state,
+                    overwrite=True)
     for dtype, gguf_type in (("float32", "f32"), ("bfloat16", "bf16")):
         write_gguf(model.config, checkpoint_state_dict(model).items(), tokenizer,
                    workdir / f"model-{dtype}.gguf", file_type=gguf_type)
@@ -127,15 +129,18 @@ def run_case(workdir: Path, engine: str, dtype: str, threads: int) -> dict | str
 def smollm2_table(rows: list[tuple[str, str, dict | str]], threads: int) -> str:
     lines = [
         f"## SmolLM2-135M-Instruct ({date.today().isoformat()})", "",
-        f"Machine: {machine()}; threads: {threads}. Model: SmolLM2-135M-Instruct (the default model), "
+        f"Machine: {machine()}; threads: {threads}. "
+        "Model: SmolLM2-135M-Instruct (the default model), "
         f"dequantized from its Q4_1 GGUF and run by every engine at the precision shown.",
-        f"Prefill: one {PROMPT_TOKENS}-token prompt. Decode: {NEW_TOKENS} new tokens, batch 1, greedy. "
+        f"Prefill: one {PROMPT_TOKENS}-token prompt. "
+        f"Decode: {NEW_TOKENS} new tokens, batch 1, greedy. "
         "Ratios are to llama.cpp at the same precision (higher is better for speed).", "",
     ]
     ratio = ratios(rows, {})
 
     def cells(dtype: str, r: dict) -> list[str]:
-        return [f"{r['load']:.2f}", f"{r['prefill']:.1f}", f"{r['decode']:.1f}", f"{r['rss']:.0f}", *ratio(dtype, r)]
+        return [f"{r['load']:.2f}", f"{r['prefill']:.1f}", f"{r['decode']:.1f}", f"{r['rss']:.0f}",
+                *ratio(dtype, r)]
 
     columns = ["engine", "precision", "load s", "prefill tok/s", "decode tok/s", "peak RSS MB",
                "prefill vs llama.cpp", "decode vs llama.cpp"]
@@ -148,10 +153,13 @@ def main() -> int:
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     parser.add_argument("--case", nargs=2, metavar=("ENGINE", "DTYPE"), help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
-    parser.add_argument("--full", action="store_true", help="also the MiniCPM-2B shape (~5.5 GB in bf16)")
+    parser.add_argument("--full", action="store_true",
+                        help="also the MiniCPM-2B shape (~5.5 GB in bf16)")
     parser.add_argument("--shapes-only", action="store_true", help="skip the SmolLM2 section")
-    parser.add_argument("--no-serving", action="store_true", help="skip the serving section (vs llama-server)")
-    parser.add_argument("--preset", help=argparse.SUPPRESS)  # e.g. tiny: a quick check of the machinery
+    parser.add_argument("--no-serving", action="store_true",
+                        help="skip the serving section (vs llama-server)")
+    # e.g. tiny: a quick check of the machinery
+    parser.add_argument("--preset", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
         engine, dtype = args.case
@@ -162,7 +170,9 @@ def main() -> int:
         sections.append(run_smollm2(args.threads))
     from minicpm import bench
 
-    log = lambda message: print(message, file=sys.stderr, flush=True)
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
     sections.append(bench.bench(args.full, args.threads, args.preset, log=log))
     if not args.no_serving and not args.preset:
         from serving import run_serving  # benchmarks/serving.py

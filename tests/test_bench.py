@@ -62,7 +62,8 @@ def test_table_ratios_and_skipped_rows():
 
 def test_ours_cases_load_the_prepared_quantized_checkpoint(tmp_path):
     """Both child-process entry points run on the tiny shape: speed, and the 2k-context memory case."""
-    checkpoints.prepare("tiny", tmp_path, gguf_types=(), quantized=("int4",), log=lambda message: None)
+    checkpoints.prepare("tiny", tmp_path, gguf_types=(), quantized=("int4",),
+                        log=lambda message: None)
     speed = process.run_case("ours", "int4", tmp_path, threads=1, timeout=300)
     assert isinstance(speed, dict), speed
     assert speed["new_tokens"] == cases.NEW_TOKENS and speed["rss"] > 0 and speed["weight_bytes"] > 0
