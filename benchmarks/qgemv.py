@@ -20,13 +20,19 @@ import time
 import torch
 from torch import nn
 
+from minicpm.config import preset
 from minicpm.kernels import qgemm as native
 from minicpm.quantization import QuantizedLinear
 
-MODELS = {  # hidden, intermediate, heads, kv heads, layers, vocab
-    "1b": (1536, 3840, 24, 8, 52, 73440),
-    "2b": (2304, 5760, 36, 36, 40, 122753),
-}
+
+def family_shape(name: str) -> tuple[int, int, int, int, int, int]:
+    """hidden, intermediate, heads, kv heads, layers, vocab of a family preset."""
+    c = preset(name)
+    return (c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads,
+            c.num_hidden_layers, c.vocab_size)
+
+
+MODELS = {"1b": family_shape("minicpm-1b"), "2b": family_shape("minicpm-2b")}
 VARIANTS = ("native int4", "native int8", "torch int4", "torch int8", "bf16")
 
 

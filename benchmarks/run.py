@@ -12,10 +12,10 @@ Measured per engine: prefill tokens/s (a 128-token prompt), decode tokens/s (64 
 1, greedy), and peak RSS. Results go to docs/benchmarks.md with the date and machine, and each
 row carries its ratio to the peer at the same precision.
 
-A second section (`minicpm.bench`, also `minicpm bench`) runs seeded random weights of the real
-MiniCPM-1B shape (and MiniCPM-2B with --full, ~5.5 GB in bf16) at a 512-token prompt and 128 new
-tokens, with our int8/int4 rows when minicpm.quantization is there, and the machine's memory
-bandwidth.
+A second section (the `minicpm.bench` package, also `minicpm bench`) runs seeded random weights
+of the real MiniCPM-1B shape (and MiniCPM-2B with --full, ~5.5 GB in bf16) at a 512-token prompt
+and 128 new tokens, with our int8/int4 rows when minicpm.quantization is there, and the machine's
+memory bandwidth.
 
 A third section (benchmarks/serving.py; skip it with --no-serving) serves SmolLM2 and the
 MiniCPM-1B shape with `minicpm serve` and with llama.cpp's `llama-server` (16 slots, continuous
@@ -28,36 +28,29 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from datetime import date
 from pathlib import Path
 
-from minicpm.bench import machine, markdown_table, peak_rss_mb, ratios  # shared with the shapes section
+# shared with the shapes section: the same prompt, loaders, child processes and table
+from minicpm.bench.cases import prompt_ids
+from minicpm.bench.engines import load_ours, load_transformers, open_llama
+from minicpm.bench.machine import machine
+from minicpm.bench.process import measure_here, run_child
+from minicpm.bench.report import markdown_table, ratios
 
 PROMPT_TOKENS = 128
 NEW_TOKENS = 64
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def prompt_ids(vocab: int) -> list[int]:
-    import random
-
-    rng = random.Random(0)
-    return [rng.randrange(10, vocab) for _ in range(PROMPT_TOKENS)]
-
-
 def bench_ours(workdir: Path, dtype: str) -> dict:
     import torch
 
-    from minicpm.formats.hf import load_model
-
-    start = time.perf_counter()
-    model = load_model(workdir / "hf", dtype=dtype)
-    load = time.perf_counter() - start
-    ids = prompt_ids(model.config.vocab_size)
+    model, load = load_ours(workdir / "hf", dtype)
+    ids = prompt_ids(model.config.vocab_size, PROMPT_TOKENS)
     model(torch.tensor([ids[:8]]))  # warm-up
     with torch.inference_mode():
         start = time.perf_counter()
@@ -72,20 +65,18 @@ def bench_ours(workdir: Path, dtype: str) -> dict:
 
 def bench_transformers(workdir: Path, dtype: str) -> dict:
     import torch
-    import transformers
 
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    start = time.perf_counter()
-    model = transformers.LlamaForCausalLM.from_pretrained(workdir / "llama", dtype=torch_dtype).eval()
-    load = time.perf_counter() - start
-    ids = prompt_ids(model.config.vocab_size)
+    model, load = load_transformers(workdir / "llama", torch_dtype)
+    ids = prompt_ids(model.config.vocab_size, PROMPT_TOKENS)
     with torch.inference_mode():
         model(torch.tensor([ids[:8]]))
         start = time.perf_counter()
         model(torch.tensor([ids]))
         prefill = time.perf_counter() - start
         start = time.perf_counter()
-        out = model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+        out = model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS,
+                             min_new_tokens=NEW_TOKENS,
                              do_sample=False, pad_token_id=0)
         total = time.perf_counter() - start
     new = out.shape[1] - PROMPT_TOKENS
@@ -94,14 +85,8 @@ def bench_transformers(workdir: Path, dtype: str) -> dict:
 
 
 def bench_llamacpp(workdir: Path, dtype: str) -> dict:
-    import llama_cpp
-
-    path = workdir / f"model-{dtype}.gguf"
-    start = time.perf_counter()
-    llm = llama_cpp.Llama(str(path), n_ctx=512, n_threads=int(os.environ["BENCH_THREADS"]),
-                          n_batch=512, verbose=False)
-    load = time.perf_counter() - start
-    ids = prompt_ids(llm.n_vocab())
+    llm, load = open_llama(workdir / f"model-{dtype}.gguf", n_ctx=512, n_batch=512)
+    ids = prompt_ids(llm.n_vocab(), PROMPT_TOKENS)
     llm.eval(ids[:8])
     llm.reset()
     start = time.perf_counter()
@@ -128,34 +113,34 @@ def prepare(workdir: Path) -> None:
     model, tokenizer = minicpm.load()
     save_pretrained(model, tokenizer, workdir / "hf", overwrite=True)
     config, state = to_llama(model.config, checkpoint_state_dict(model))
-    save_pretrained(None, tokenizer, workdir / "llama", config=config, state_dict=state, overwrite=True)
+    save_pretrained(None, tokenizer, workdir / "llama", config=config, state_dict=state,
+                    overwrite=True)
     for dtype, gguf_type in (("float32", "f32"), ("bfloat16", "bf16")):
         write_gguf(model.config, checkpoint_state_dict(model).items(), tokenizer,
                    workdir / f"model-{dtype}.gguf", file_type=gguf_type)
 
 
 def run_case(workdir: Path, engine: str, dtype: str, threads: int) -> dict | str:
-    env = {**os.environ, "BENCH_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
-    cmd = [sys.executable, __file__, "--case", engine, dtype, "--workdir", str(workdir), "--threads", str(threads)]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
-    if result.returncode != 0:
-        last = (result.stderr.strip().splitlines() or ["failed"])[-1]
-        return last[:120]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    cmd = [sys.executable, __file__, "--case", engine, dtype, "--workdir", str(workdir),
+           "--threads", str(threads)]
+    return run_child(cmd, threads, timeout=1200, width=120)
 
 
 def smollm2_table(rows: list[tuple[str, str, dict | str]], threads: int) -> str:
     lines = [
         f"## SmolLM2-135M-Instruct ({date.today().isoformat()})", "",
-        f"Machine: {machine()}; threads: {threads}. Model: SmolLM2-135M-Instruct (the default model), "
+        f"Machine: {machine()}; threads: {threads}. "
+        "Model: SmolLM2-135M-Instruct (the default model), "
         f"dequantized from its Q4_1 GGUF and run by every engine at the precision shown.",
-        f"Prefill: one {PROMPT_TOKENS}-token prompt. Decode: {NEW_TOKENS} new tokens, batch 1, greedy. "
+        f"Prefill: one {PROMPT_TOKENS}-token prompt. "
+        f"Decode: {NEW_TOKENS} new tokens, batch 1, greedy. "
         "Ratios are to llama.cpp at the same precision (higher is better for speed).", "",
     ]
     ratio = ratios(rows, {})
 
     def cells(dtype: str, r: dict) -> list[str]:
-        return [f"{r['load']:.2f}", f"{r['prefill']:.1f}", f"{r['decode']:.1f}", f"{r['rss']:.0f}", *ratio(dtype, r)]
+        return [f"{r['load']:.2f}", f"{r['prefill']:.1f}", f"{r['decode']:.1f}", f"{r['rss']:.0f}",
+                *ratio(dtype, r)]
 
     columns = ["engine", "precision", "load s", "prefill tok/s", "decode tok/s", "peak RSS MB",
                "prefill vs llama.cpp", "decode vs llama.cpp"]
@@ -168,25 +153,26 @@ def main() -> int:
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     parser.add_argument("--case", nargs=2, metavar=("ENGINE", "DTYPE"), help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
-    parser.add_argument("--full", action="store_true", help="also the MiniCPM-2B shape (~5.5 GB in bf16)")
+    parser.add_argument("--full", action="store_true",
+                        help="also the MiniCPM-2B shape (~5.5 GB in bf16)")
     parser.add_argument("--shapes-only", action="store_true", help="skip the SmolLM2 section")
-    parser.add_argument("--no-serving", action="store_true", help="skip the serving section (vs llama-server)")
-    parser.add_argument("--preset", help=argparse.SUPPRESS)  # e.g. tiny: a quick check of the machinery
+    parser.add_argument("--no-serving", action="store_true",
+                        help="skip the serving section (vs llama-server)")
+    # e.g. tiny: a quick check of the machinery
+    parser.add_argument("--preset", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
-        import torch
-
-        torch.set_num_threads(args.threads)
-        result = ENGINES[args.case[0]](Path(args.workdir), args.case[1])
-        result["rss"] = peak_rss_mb()
-        print(json.dumps(result))
+        engine, dtype = args.case
+        print(json.dumps(measure_here(ENGINES[engine], args.threads, Path(args.workdir), dtype)))
         return 0
     sections = ["# Benchmarks", ""]
     if not args.shapes_only:
         sections.append(run_smollm2(args.threads))
     from minicpm import bench
 
-    log = lambda message: print(message, file=sys.stderr, flush=True)
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
     sections.append(bench.bench(args.full, args.threads, args.preset, log=log))
     if not args.no_serving and not args.preset:
         from serving import run_serving  # benchmarks/serving.py

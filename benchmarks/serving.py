@@ -18,7 +18,7 @@ Models:
            quantized from it with group 32 (Q4_1 is 4-bit, group 32, scale + minimum: the same
            scheme).
   1b       seeded random weights of the MiniCPM-1B shape: ours int4 (group 128, int8 head, from
-           `minicpm.bench.prepare`) against llama-server on a q4_0 GGUF of the same weights.
+           `minicpm.bench.checkpoints.prepare`) against llama-server on a q4_0 GGUF of the same weights.
 
     python benchmarks/serving.py [--models smollm2,1b] [--concurrency 1,4,16] [--out FILE.md]
 """
@@ -220,7 +220,7 @@ def smollm2_servers(workdir: Path, binary: Path, threads: int, context: int, log
 
 
 def minicpm_1b_servers(workdir: Path, binary: Path, threads: int, context: int, log=print) -> tuple[list[Server], int]:
-    from minicpm.bench import bench_tokenizer, prepare
+    from minicpm.bench.checkpoints import bench_tokenizer, prepare
     from minicpm.config import preset
 
     shape_dir = workdir / "minicpm-1b"
@@ -265,7 +265,7 @@ def ratio(value: float | None, base: float | None) -> str:
 
 
 def header(threads: int, prompt_tokens: int, max_tokens: int) -> list[str]:
-    from minicpm.bench import machine
+    from minicpm.bench.machine import machine
 
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return [f"## Serving: {stamp}", "",

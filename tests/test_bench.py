@@ -5,20 +5,20 @@ from __future__ import annotations
 
 import torch
 
-from minicpm import bench
+from minicpm.bench import cases, checkpoints, process, report
 
 
 def test_prepare_writes_loadable_checkpoints(tmp_path):
     from minicpm.formats.gguf import load_gguf
     from minicpm.formats.hf import load_model
 
-    bench.prepare("tiny", tmp_path, log=lambda message: None)
+    checkpoints.prepare("tiny", tmp_path, log=lambda message: None)
     ours = load_model(tmp_path / "hf")
     assert ours.lm_head.weight.dtype == torch.bfloat16
     # the tiny shape is widened to the tokenizer's vocabulary and the benchmark's context
     assert ours.config.vocab_size >= 49152
-    assert ours.config.max_position_embeddings >= bench.PROMPT_TOKENS + bench.NEW_TOKENS
-    ids = torch.tensor([bench.prompt_ids(ours.config.vocab_size, 8)])
+    assert ours.config.max_position_embeddings >= cases.PROMPT_TOKENS + cases.NEW_TOKENS
+    ids = torch.tensor([cases.prompt_ids(ours.config.vocab_size, 8)])
     reference = ours(ids).float()
     for gguf_type in ("f16", "q8_0", "q4_0"):
         model, tokenizer = load_gguf(tmp_path / f"model-{gguf_type}.gguf", dtype="float32")
@@ -26,8 +26,8 @@ def test_prepare_writes_loadable_checkpoints(tmp_path):
         assert torch.isfinite(model(ids)).all()
     f16, _ = load_gguf(tmp_path / "model-f16.gguf", dtype="float32")
     torch.testing.assert_close(f16(ids), reference, atol=2e-2, rtol=2e-2)
-    for precision, bits in bench.QUANTIZED.items():  # written once, by the streaming quantizer
-        quantized = load_model(bench.ours_path(tmp_path, precision))
+    for precision, bits in cases.QUANTIZED.items():  # written once, by the streaming quantizer
+        quantized = load_model(checkpoints.ours_path(tmp_path, precision))
         assert quantized.config.quantization["bits"] == bits
         assert quantized.config.quantization["embedding"] == "head"  # tied: one int8 table
         assert torch.isfinite(quantized(ids)).all()
@@ -36,7 +36,7 @@ def test_prepare_writes_loadable_checkpoints(tmp_path):
 def test_prepare_llama_format_loads_in_transformers(tmp_path):
     import transformers
 
-    bench.prepare("tiny", tmp_path, gguf_types=(), quantized=(), log=lambda message: None)
+    checkpoints.prepare("tiny", tmp_path, gguf_types=(), quantized=(), log=lambda message: None)
     model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "llama", dtype=torch.bfloat16)
     assert model.config.num_hidden_layers == 3
 
@@ -44,8 +44,8 @@ def test_prepare_llama_format_loads_in_transformers(tmp_path):
 def test_random_tensors_are_bf16_and_seeded():
     from minicpm.config import preset
 
-    first = dict(bench.random_tensors(preset("tiny")))
-    again = dict(bench.random_tensors(preset("tiny")))
+    first = dict(checkpoints.random_tensors(preset("tiny")))
+    again = dict(checkpoints.random_tensors(preset("tiny")))
     assert all(t.dtype == torch.bfloat16 for t in first.values())
     assert all(torch.equal(first[name], again[name]) for name in first)
     assert "lm_head.weight" not in first  # tied: stored once
@@ -55,27 +55,28 @@ def test_table_ratios_and_skipped_rows():
     result = {"load": 1.0, "ttft": 2.0, "prefill": 256.0, "decode": 4.0, "weight_bytes": 2e9, "rss": 3000.0}
     peer = {**result, "prefill": 128.0, "decode": 2.0}
     rows = [("ours", "bf16", result), ("ours", "int4", "not installed"), ("llama.cpp", "f16", peer)]
-    text = bench.table("tiny", rows, bandwidth=20.0)
+    text = report.table("tiny", rows, bandwidth=20.0)
     assert "| ours | bf16 | 1.0 | 2.00 | 256.0 | 4.00 | 2.00 | 40% of 10.0 | 3000 | 2.00x | 2.00x |" in text
     assert "| ours | int4 | not run: not installed |" in text
 
 
 def test_ours_cases_load_the_prepared_quantized_checkpoint(tmp_path):
     """Both child-process entry points run on the tiny shape: speed, and the 2k-context memory case."""
-    bench.prepare("tiny", tmp_path, gguf_types=(), quantized=("int4",), log=lambda message: None)
-    speed = bench.run_case("ours", "int4", tmp_path, threads=1, timeout=300)
+    checkpoints.prepare("tiny", tmp_path, gguf_types=(), quantized=("int4",),
+                        log=lambda message: None)
+    speed = process.run_case("ours", "int4", tmp_path, threads=1, timeout=300)
     assert isinstance(speed, dict), speed
-    assert speed["new_tokens"] == bench.NEW_TOKENS and speed["rss"] > 0 and speed["weight_bytes"] > 0
-    ctx = bench.run_case("ours", "int4", tmp_path, threads=1, timeout=300, mode="ctx")
+    assert speed["new_tokens"] == cases.NEW_TOKENS and speed["rss"] > 0 and speed["weight_bytes"] > 0
+    ctx = process.run_case("ours", "int4", tmp_path, threads=1, timeout=300, mode="ctx")
     assert isinstance(ctx, dict), ctx
-    assert ctx["new_tokens"] == bench.CTX_NEW and ctx["context"] == bench.CTX and ctx["kv"] in ("int8", "bf16")
-    assert bench.CTX_PROMPT + bench.CTX_NEW == bench.CTX
+    assert ctx["new_tokens"] == cases.CTX_NEW and ctx["context"] == cases.CTX and ctx["kv"] in ("int8", "bf16")
+    assert cases.CTX_PROMPT + cases.CTX_NEW == cases.CTX
 
 
 def test_memory_table():
     ours = {"load": 1.5, "ttft": 10.0, "prefill": 201.6, "decode": 3.0, "new_tokens": 32, "kv": "int8",
             "context": 2048, "rss": 1900.0}
-    text = bench.memory_table("minicpm-2b", [("ours", "int4", ours), ("llama.cpp", "q4_0", "not installed")])
+    text = report.memory_table("minicpm-2b", [("ours", "int4", ours), ("llama.cpp", "q4_0", "not installed")])
     assert "| ours | int4 | int8 | 1.5 | 201.6 | 3.00 | 1900 |" in text
     assert "| llama.cpp | q4_0 | not run: not installed |" in text
     assert "2048-token context" in text

@@ -165,7 +165,7 @@ def peak():
 
 def _medium_checkpoint(tmp_path, layers: int = 12, **overrides):
     """~360 MB of bf16 (written by the benchmark's seeded generator), its largest layer ~6 MB."""
-    from minicpm.bench import random_tensors
+    from minicpm.bench.checkpoints import random_tensors
 
     config = variant_config("2b", hidden_size=1024, intermediate_size=2816, num_hidden_layers=layers,
                             num_attention_heads=16, num_key_value_heads=16, vocab_size=32000,

@@ -1,0 +1,14 @@
+"""The child process of one benchmark case; prints its results as one JSON line.
+
+    python -m minicpm.bench ENGINE PRECISION WORKDIR THREADS [MODE]
+"""
+
+import json
+import sys
+from pathlib import Path
+
+from minicpm.bench.engines import run_case_here
+
+engine, precision, workdir, threads = sys.argv[1:5]
+mode = sys.argv[5] if len(sys.argv) > 5 else "speed"
+print(json.dumps(run_case_here(engine, precision, Path(workdir), int(threads), mode)))

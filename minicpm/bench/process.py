@@ -1,0 +1,65 @@
+"""Every benchmark case in a fresh process of its own, so that its peak RSS is its own and one
+engine's allocator state cannot slow the next; also why a case cannot run here at all."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+from minicpm.bench.checkpoints import has_quantization
+
+
+def run_case(engine: str, precision: str, workdir: Path, threads: int, timeout: float = 1800,
+             mode: str = "speed") -> dict | str:
+    """One case in a fresh process; a dict of results, or why it did not run (one line)."""
+    cmd = [sys.executable, "-m", "minicpm.bench", engine, precision, str(workdir), str(threads),
+           mode]
+    return run_child(cmd, threads, timeout)
+
+
+def run_child(cmd: list[str], threads: int, timeout: float, width: int = 160) -> dict | str:
+    """Run `cmd`, a child that prints its results as JSON on its last line, on `threads` threads
+    (BENCH_THREADS, OMP_NUM_THREADS); the results, or the last `width` characters of why not."""
+    env = {**os.environ, "BENCH_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"timed out after {timeout:.0f} s"
+    if result.returncode != 0:
+        return ((result.stderr.strip().splitlines() or ["failed"])[-1])[:width]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def measure_here(runner, threads: int, *args) -> dict:
+    """The child's side: `runner(*args)`'s results on `threads` torch threads, with peak RSS."""
+    import torch
+
+    torch.set_num_threads(threads)
+    result = runner(*args)
+    result["rss"] = peak_rss_mb()
+    return result
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS. Not getrusage's ru_maxrss: Linux carries that across fork+exec,
+    so a child would report at least its parent's size at the fork. VmHWM starts afresh at exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def skip_reason(engine: str, precision: str) -> str | None:
+    """Why a case cannot run on this installation, checked before spending time on it."""
+    if engine == "ours" and precision != "bf16" and not has_quantization():
+        return "minicpm.quantization (quantize_checkpoint) is not available in this version"
+    if engine == "llama.cpp" and importlib.util.find_spec("llama_cpp") is None:
+        return "llama-cpp-python is not installed (`make test-peer` builds it)"
+    if engine == "transformers" and importlib.util.find_spec("transformers") is None:
+        return "transformers is not installed"
+    return None
