@@ -76,7 +76,7 @@ def random_tensors(config, seed: int = SEED):
 def bench_tokenizer():
     """The default model's tokenizer: any real vocabulary will do for random weights (llama.cpp
     needs one in the GGUF; spare embedding rows are named as padding by write_gguf)."""
-    from minicpm.formats.gguf import _open_gguf
+    from minicpm.formats.gguf import open_gguf as _open_gguf
     from minicpm.loading import default_model_path
     from minicpm.tokenizer import Tokenizer
 
@@ -254,7 +254,7 @@ def run_llamacpp(workdir: Path, precision: str) -> dict:
 
 def gguf_weight_bytes(path: Path) -> int:
     """Tensor data of a GGUF file minus a separate embedding table (see unique_weight_bytes)."""
-    from minicpm.formats.gguf_file import GGUFFile
+    from minicpm.formats.gguf.container import GGUFFile
 
     sizes = {t.name: t.n_bytes for t in GGUFFile(path).tensors}
     total = sum(sizes.values())
