@@ -18,6 +18,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGUFEndian, GGUFValueType
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize, quantize
+from gguf_helpers import write_raw
 
 from minicpm.config import MiniCPMConfig, preset
 from minicpm.errors import CheckpointError, ConfigError
@@ -28,7 +29,7 @@ from minicpm.formats.gguf import (
     read_gguf_info,
     write_gguf,
 )
-from minicpm.formats.gguf_file import GGUFFile
+from minicpm.formats.gguf.container import GGUFFile
 
 CONFIGS = {
     "tied": preset("tiny"),
@@ -340,14 +341,14 @@ def test_hf_config_only_fills_gaps(tmp_path):
 
 def test_scale_recovery_is_exact_for_real_shapes():
     """MiniCPM-2B/1B numbers survive the float32 round trip as the decimals in config.json."""
-    from minicpm.formats.gguf import _mup_from_metadata
+    from minicpm.formats.gguf.metadata import mup_from_metadata
 
     for name in ("minicpm-2b", "minicpm-1b"):
         c = preset(name)
         stored = {"embedding_scale": np.float32(c.embedding_scale), "residual_scale":
                   np.float32(c.residual_scale), "logit_scale": np.float32(c.logit_scale)}
-        out = _mup_from_metadata(lambda k, default=None: float(stored[k]), c.hidden_size,
-                                 c.num_hidden_layers, "test")
+        out = mup_from_metadata(lambda k, default=None: float(stored[k]), c.hidden_size,
+                                c.num_hidden_layers, "test")
         assert out == {"scale_emb": 12.0, "scale_depth": 1.4, "dim_model_base": 256.0}
 
 
@@ -456,41 +457,20 @@ def test_corrupt_header_counts(tmp_path):
         read_gguf(path)
 
 
-def _write_raw(path: Path, arch: str, tensors: dict[str, tuple[np.ndarray, T | None]],
-               endianess: GGUFEndian = GGUFEndian.LITTLE, extra=None) -> Path:
-    """A GGUF file with a minimal llama-style header; `extra(writer)` adds more keys."""
-    writer = gguf.GGUFWriter(path, arch, endianess=endianess)
-    if extra is not None:
-        extra(writer)
-    writer.add_context_length(128)
-    writer.add_embedding_length(64)
-    writer.add_block_count(1)
-    writer.add_feed_forward_length(160)
-    writer.add_head_count(4)
-    writer.add_vocab_size(320)
-    for name, (array, raw_dtype) in tensors.items():
-        writer.add_tensor(name, array, raw_dtype=raw_dtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
-
-
 def test_unsupported_architecture(tmp_path):
     embedding = np.zeros((320, 64), np.float32)
-    path = _write_raw(tmp_path / "gpt2.gguf", "gpt2", {"token_embd.weight": (embedding, None)})
+    path = write_raw(tmp_path / "gpt2.gguf", "gpt2", {"token_embd.weight": (embedding, None)})
     with pytest.raises(CheckpointError, match="'gpt2' is not supported; supported: minicpm, llama"):
         read_gguf(path)
 
 
 def test_unsupported_tensor_type_and_unknown_tensor(tmp_path):
     ints = np.zeros((320, 64), np.int32)
-    path = _write_raw(tmp_path / "i32.gguf", "llama", {"token_embd.weight": (ints, None)})
+    path = write_raw(tmp_path / "i32.gguf", "llama", {"token_embd.weight": (ints, None)})
     with pytest.raises(CheckpointError, match="token_embd.weight has type I32"):
         read_gguf(path)
     fused = np.zeros((192, 64), np.float32)
-    path = _write_raw(tmp_path / "odd.gguf", "llama", {"blk.0.attn_qkv.weight": (fused, None)})
+    path = write_raw(tmp_path / "odd.gguf", "llama", {"blk.0.attn_qkv.weight": (fused, None)})
     with pytest.raises(CheckpointError, match="unexpected tensor blk.0.attn_qkv.weight"):
         read_gguf(path)
 
@@ -532,14 +512,14 @@ def test_bad_alignment(tmp_path):
     for name, add, message in (
             ("odd", lambda w: w.add_uint32("general.alignment", 48), "48 is not a power of two"),
             ("signed", lambda w: w.add_int32("general.alignment", 64), "type INT32, not UINT32")):
-        path = _write_raw(tmp_path / f"{name}.gguf", "llama", {"token_embd.weight": embedding},
+        path = write_raw(tmp_path / f"{name}.gguf", "llama", {"token_embd.weight": embedding},
                           extra=add)
         with pytest.raises(CheckpointError, match=f"{name}.gguf.*{message}"):
             read_gguf(path)
 
 
 # ------------------------------------------------------------------------------------------------
-# Our container parser (gguf_file.py) gives exactly what gguf-py's GGUFReader gives
+# Our container parser (gguf/container.py) gives exactly what gguf-py's GGUFReader gives
 # ------------------------------------------------------------------------------------------------
 def assert_identical(ours, theirs, where: str) -> None:
     """Same value and same Python types throughout (repr tells 1, 1.0 and True apart, and shows
@@ -609,7 +589,7 @@ def write_every_value_type(path: Path, endianess: GGUFEndian) -> Path:
                "bf16": (quantize(rows, T.BF16), T.BF16)}
     for qtype in (T.Q8_0, T.Q4_0, T.Q4_1):
         tensors[qtype.name] = (quantize(rows, qtype), qtype)
-    return _write_raw(path, "llama", tensors, endianess=endianess, extra=add_keys)
+    return write_raw(path, "llama", tensors, endianess=endianess, extra=add_keys)
 
 
 @pytest.mark.parametrize("endianess", [GGUFEndian.LITTLE, GGUFEndian.BIG])
@@ -630,7 +610,7 @@ def test_parser_reads_every_value_type_like_gguf_reader(tmp_path, endianess):
 def test_nested_arrays_of_mixed_item_types(tmp_path):
     """The one deliberate difference: gguf-py decodes every inner array with the first one's item
     type ([[1, 2], ["a"]] -> [1, 2, 97]); we decode each as stored."""
-    path = _write_raw(tmp_path / "mixed.gguf", "llama", {},
+    path = write_raw(tmp_path / "mixed.gguf", "llama", {},
                       extra=lambda w: w.add_array("t.mixed", [[1, 2], ["a"]]))
     assert GGUFFile(path).metadata["t.mixed"] == [1, 2, "a"]
     assert gguf.GGUFReader(path).fields["t.mixed"].contents() == [1, 2, 97]
@@ -653,14 +633,14 @@ def test_big_endian_file(tmp_path):
     rows = np.random.default_rng(1).standard_normal((320, 64)).astype(np.float32)
     norm = rows[0].astype(np.float16)
     tensors = {"token_embd.weight": (rows, None), "output_norm.weight": (norm, None)}
-    path = _write_raw(tmp_path / "be.gguf", "llama", tensors, endianess=GGUFEndian.BIG)
+    path = write_raw(tmp_path / "be.gguf", "llama", tensors, endianess=GGUFEndian.BIG)
     config, read, _ = read_gguf(path)
     assert config.hidden_size == 64 and config.vocab_size == 320
     read = dict(read)
     assert torch.equal(read["model.embed_tokens.weight"], torch.from_numpy(rows))
     assert torch.equal(read["model.norm.weight"], torch.from_numpy(norm))
     tensors["token_embd.weight"] = (quantize(rows, T.Q8_0), T.Q8_0)
-    path = _write_raw(tmp_path / "be_q8.gguf", "llama", tensors, endianess=GGUFEndian.BIG)
+    path = write_raw(tmp_path / "be_q8.gguf", "llama", tensors, endianess=GGUFEndian.BIG)
     with pytest.raises(CheckpointError, match="Q8_0, which is not supported in a big-endian"):
         read_gguf(path)
 
@@ -674,7 +654,7 @@ def _bits(array: np.ndarray) -> bytes:
 
 @pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0, T.Q4_1], ids=lambda q: q.name)
 def test_fast_dequantizers_match_gguf_py_bit_for_bit(qtype):
-    from minicpm.formats.gguf import _FAST_DEQUANTIZERS, _to_torch
+    from minicpm.formats.gguf.dequantize import FAST_DEQUANTIZERS, to_torch
 
     block, type_size = GGML_QUANT_SIZES[qtype]
     rng = np.random.default_rng(int(qtype))
@@ -684,22 +664,22 @@ def test_fast_dequantizers_match_gguf_py_bit_for_bit(qtype):
     for raw in (quantize(weights, qtype), noise, noise[1]):
         with np.errstate(all="ignore"):
             expected = dequantize(raw, qtype)
-            ours = _FAST_DEQUANTIZERS[qtype.name](raw)
-            through_read_path = _to_torch(raw, qtype).numpy()
+            ours = FAST_DEQUANTIZERS[qtype.name](raw)
+            through_read_path = to_torch(raw, qtype).numpy()
         assert ours.dtype == np.float32 and ours.shape == expected.shape
         assert _bits(ours) == _bits(expected)
         assert _bits(through_read_path) == _bits(expected)
 
 
 def test_smollm2_dequantizes_like_gguf_py():
-    from minicpm.formats.gguf import _FAST_DEQUANTIZERS
+    from minicpm.formats.gguf.dequantize import FAST_DEQUANTIZERS
 
     parsed = GGUFFile(smollm2_path())
     checked = set()
     for info in parsed.tensors:
-        if info.tensor_type.name in _FAST_DEQUANTIZERS:
+        if info.tensor_type.name in FAST_DEQUANTIZERS:
             data = parsed.tensor_data(info)
-            ours = _FAST_DEQUANTIZERS[info.tensor_type.name](data)
+            ours = FAST_DEQUANTIZERS[info.tensor_type.name](data)
             assert _bits(ours) == _bits(dequantize(data, info.tensor_type)), info.name
             checked.add(info.tensor_type.name)
     assert checked == {"Q4_1", "Q8_0"}

@@ -31,8 +31,8 @@ import numpy as np
 import pytest
 import torch
 from gguf.quants import dequantize
+from gguf_helpers import write_raw
 from safetensors import safe_open
-from test_gguf import _write_raw
 
 from minicpm.formats.gguf import (
     gguf_to_hf_name,
@@ -43,7 +43,7 @@ from minicpm.formats.gguf import (
     read_gguf_info,
     write_gguf,
 )
-from minicpm.formats.gguf_file import GGUFFile
+from minicpm.formats.gguf.container import GGUFFile
 
 FIXTURES = Path(__file__).parent / "fixtures" / "kquants"
 QUANTS = ("Q2_K", "Q3_K_M", "Q4_K_M")
@@ -234,7 +234,7 @@ def test_rows_of_several_super_blocks_and_expert_stacks(tmp_path, kind):
     block_bytes = gguf.GGML_QUANT_SIZES[info.tensor_type][1]
     stack = raw.reshape(4, info.n_elements // (4 * 512), 2 * block_bytes)
     wide = raw.reshape(info.n_elements // 1024, 4 * block_bytes)
-    path = _write_raw(tmp_path / f"{kind}.gguf", "llama", {
+    path = write_raw(tmp_path / f"{kind}.gguf", "llama", {
         "blk.0.ffn_up_exps.weight": (stack, info.tensor_type),
         "blk.0.ffn_down.weight": (wide, info.tensor_type)})
 
@@ -322,7 +322,7 @@ def test_quantized_model_stays_close_to_the_float32_one(quant, float32_logits):
 
 
 # ------------------------------------------------------------------------------------------------
-# (d) writing k-quants ourselves (minicpm.formats.gguf_quants, write_gguf(..., "q4_k_m"))
+# (d) writing k-quants ourselves (minicpm.formats.gguf.quantize, write_gguf(..., "q4_k_m"))
 # ------------------------------------------------------------------------------------------------
 # Measured on the fixture model: 96-100 % of our Q4_K and Q6_K super-blocks are byte-identical to
 # llama.cpp's (84 % for Q5_K); the rest differ where two candidate scales tie to within float32
@@ -369,7 +369,7 @@ def test_our_q4_k_m_is_llama_cpps_q4_k_m(our_q4_k_m):
 
 def test_our_q5_k_is_llama_cpps():
     """Q5_K (Q4_K_M gives it to attn_output of 8-expert models) against the Q3_K_M fixture's."""
-    from minicpm.formats.gguf_quants import encode_k_quant
+    from minicpm.formats.gguf.quantize import encode_k_quant
 
     info = next(t for t in GGUFFile(make.fixture_path("Q3_K_M")).tensors
                 if t.tensor_type.name == "Q5_K")
@@ -403,7 +403,7 @@ def test_k_quant_encoder_round_trip(kind):
     """Our encoder -> gguf-py's decoder (the one read_gguf uses): bounded error on ordinary rows,
     exact zeros, no NaN/inf on degenerate ones, and the same bytes for every row whether
     encoded alone or with others (blocks are independent)."""
-    from minicpm.formats.gguf_quants import encode_k_quant
+    from minicpm.formats.gguf.quantize import encode_k_quant
 
     x = awkward_rows()
     packed = encode_k_quant(x, kind)
@@ -427,7 +427,7 @@ def test_k_quant_encoder_round_trip(kind):
 
 
 def test_k_quant_encoder_on_stacks_and_bad_rows():
-    from minicpm.formats.gguf_quants import encode_k_quant
+    from minicpm.formats.gguf.quantize import encode_k_quant
 
     stack = torch.randn(3, 4, 512, generator=torch.Generator().manual_seed(1))
     assert encode_k_quant(stack, "Q4_K").shape == (3, 4, 2 * 144)
@@ -450,10 +450,10 @@ def planned_types(config) -> dict[str, str]:
     """GGUF name -> type write_gguf would give, planned from shape-only (meta) tensors."""
     from test_gguf import hf_shapes
 
-    from minicpm.formats.gguf import _plan_tensors
+    from minicpm.formats.gguf.write import plan_tensors
 
     tensors = {name: torch.empty(shape, device="meta") for name, shape in hf_shapes(config).items()}
-    return {item.name: item.qtype.name for item in _plan_tensors(config, tensors, "q4_k_m")}
+    return {item.name: item.qtype.name for item in plan_tensors(config, tensors, "q4_k_m")}
 
 
 @pytest.mark.parametrize("shape", ["minicpm-2b", "minicpm-1b", "minicpm-2b-128k",

@@ -306,7 +306,7 @@ def test_tiny_minicpm_q4_k_m_logits_match_llama_cpp(tmp_path, tied, no_weight_re
     and by us from the same file: logits within the quantized tolerance above, and the same to
     1e-4 of the logit range once our activations are rounded as llama.cpp rounds them."""
     from minicpm.formats.gguf import load_gguf, read_gguf_info, write_gguf
-    from minicpm.formats.gguf_file import GGUFFile
+    from minicpm.formats.gguf.container import GGUFFile
     from minicpm.loading.assemble import random_model as build
 
     config = kquant_minicpm_config(tie_word_embeddings=tied)
@@ -349,7 +349,7 @@ def test_k_quant_error_equals_llama_cpps_quantizer():
     from gguf.quants import dequantize
 
     from minicpm.formats.gguf import read_gguf
-    from minicpm.formats.gguf_quants import encode_k_quant
+    from minicpm.formats.gguf.quantize import encode_k_quant
 
     ggml = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
     ggml.ggml_quantize_chunk.restype = ctypes.c_size_t

@@ -83,7 +83,7 @@ def unique_weight_bytes(model) -> int:
 
 def gguf_weight_bytes(path: Path) -> int:
     """Tensor data of a GGUF file minus a separate embedding table (see unique_weight_bytes)."""
-    from minicpm.formats.gguf_file import GGUFFile
+    from minicpm.formats.gguf.container import GGUFFile
 
     sizes = {t.name: t.n_bytes for t in GGUFFile(path).tensors}
     total = sum(sizes.values())

@@ -37,10 +37,12 @@ def convert(src: str, out: str | Path, to: str, dtype: Any = None, gguf_type: st
 
     model, tokenizer = load_checkpoint(src, dtype=dtype, device="cpu")
     if to == "hf":
-        return save_pretrained(model, tokenizer, out, config=to_minicpm(model.config), overwrite=overwrite)
+        return save_pretrained(model, tokenizer, out, config=to_minicpm(model.config),
+                               overwrite=overwrite)
     if to == "llama":
         config, state = to_llama(model.config, checkpoint_state_dict(model))
-        return save_pretrained(None, tokenizer, out, config=config, state_dict=state, overwrite=overwrite)
+        return save_pretrained(None, tokenizer, out, config=config, state_dict=state,
+                               overwrite=overwrite)
     from minicpm.formats.gguf import write_gguf
 
     if tokenizer is None:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from minicpm.errors import MiniCPMError
+from minicpm.files import write_text
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ def modelfile_path(gguf_path: str | Path) -> Path:
 def write_modelfile(gguf_path: str | Path, tokenizer: Any) -> Path:
     """Write `<stem>.Modelfile` next to `gguf_path`; returns its path."""
     path = modelfile_path(gguf_path)
-    path.write_text(modelfile_text(Path(gguf_path).name, tokenizer), encoding="utf-8")
+    write_text(path, modelfile_text(Path(gguf_path).name, tokenizer))
     return path
 
 

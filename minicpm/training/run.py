@@ -181,7 +181,7 @@ def load_tokenizer(path: str):
         return Tokenizer.from_pretrained(path)
     where = locate(path)
     if where.is_file():
-        from minicpm.formats.gguf_file import GGUFFile
+        from minicpm.formats.gguf.container import GGUFFile
 
         meta = GGUFFile(where).metadata
         return Tokenizer.from_gguf_metadata({k: v for k, v in meta.items() if k.startswith("tokenizer.")})

@@ -1,6 +1,8 @@
-"""Encoders for llama.cpp's k-quant block formats (Q4_K, Q5_K, Q6_K), which gguf-py cannot write.
+"""Tensors -> the bytes GGUF stores for a GGML type (`encode_tensor`), with our own encoders for
+llama.cpp's k-quant block formats (Q4_K, Q5_K, Q6_K), which gguf-py cannot write; the other
+block types come from gguf-py.
 
-They follow llama.cpp's reference quantizers without an importance matrix
+The k-quant encoders follow llama.cpp's reference quantizers without an importance matrix
 (`quantize_row_q{4,5,6}_K_ref` in ggml-quants.c, what `llama-quantize` runs when given none),
 vectorised over all blocks of a tensor with torch:
 
@@ -25,12 +27,13 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 import torch
 
 __all__ = ["QK_K", "BLOCK_BYTES", "quantize_q4_k", "quantize_q5_k", "quantize_q6_k",
-           "encode_k_quant", "K_QUANT_ENCODERS"]
+           "encode_k_quant", "K_QUANT_ENCODERS", "encode_tensor"]
 
 QK_K = 256
 BLOCK_BYTES = {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
@@ -272,3 +275,23 @@ def quantize_q6_k(tensor: torch.Tensor | np.ndarray) -> np.ndarray:
 
 
 K_QUANT_ENCODERS = {"Q4_K": quantize_q4_k, "Q5_K": quantize_q5_k, "Q6_K": quantize_q6_k}
+
+
+def encode_tensor(tensor: torch.Tensor, qtype, on_weights: Callable[[int], Any] | None = None
+                  ) -> np.ndarray:
+    """A tensor as the bytes/array GGUF stores for `qtype`. `on_weights(n)`: progress within a
+    k-quant tensor (the slow ones: MiniCPM-2B's embedding alone takes tens of seconds)."""
+    from gguf import GGMLQuantizationType as T
+    from gguf.quants import quantize
+
+    tensor = tensor.detach().cpu().contiguous()
+    if qtype.name in K_QUANT_ENCODERS:  # gguf-py cannot write k-quants
+        report = None if on_weights is None else (lambda blocks: on_weights(blocks * QK_K))
+        return encode_k_quant(tensor, qtype.name, on_blocks=report)
+    if qtype == T.F32:
+        return tensor.float().numpy()
+    if qtype == T.F16:
+        return tensor.to(torch.float16).numpy()
+    if qtype == T.BF16:
+        return tensor.to(torch.bfloat16).view(torch.int16).numpy()
+    return quantize(tensor.float().numpy(), qtype)
