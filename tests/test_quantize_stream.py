@@ -13,7 +13,13 @@ import torch
 from conftest import variant_config
 
 from minicpm.errors import CheckpointError, MiniCPMError
-from minicpm.formats.hf import iter_tensors, load_model, save_pretrained, weight_files
+from minicpm.formats.hf import (
+    checkpoint_state_dict,
+    iter_tensors,
+    load_model,
+    save_pretrained,
+    weight_files,
+)
 from minicpm.formats.quantized import quantize_checkpoint
 from minicpm.loading.assemble import random_model
 from minicpm.quantization import QuantizedEmbedding, QuantizedLinear, quantize_model
@@ -164,13 +170,11 @@ def peak():
 
 
 def _medium_checkpoint(tmp_path, layers: int = 12, **overrides):
-    """~360 MB of bf16 (written by the benchmark's seeded generator), its largest layer ~6 MB."""
-    from minicpm.bench.checkpoints import random_tensors
-
+    """~360 MB of bf16 (seeded random weights), its largest layer ~6 MB."""
     config = variant_config("2b", hidden_size=1024, intermediate_size=2816, num_hidden_layers=layers,
                             num_attention_heads=16, num_key_value_heads=16, vocab_size=32000,
                             torch_dtype="bfloat16", **overrides)
-    return save_pretrained(None, None, tmp_path / "c", config=config, state_dict=dict(random_tensors(config)))
+    return save_pretrained(None, None, tmp_path / "c", config=config, state_dict=checkpoint_state_dict(random_model(config, dtype=torch.bfloat16, std=0.02)))
 
 
 def _warm(tmp_path):
