@@ -257,46 +257,24 @@ def _normalize_rope_scaling(scaling: dict[str, Any] | None) -> dict[str, Any] | 
 # 73440, the 128k model's 122760 with max_position_embeddings 65536 and dynamic NTK). Presets build
 # seeded random checkpoints for tests and benchmarks; they are never a substitute for a real
 # config.json when loading weights.
+_2B = dict(vocab_size=122753, hidden_size=2304, intermediate_size=5760, num_hidden_layers=40,
+           num_attention_heads=36, num_key_value_heads=36, max_position_embeddings=4096,
+           scale_emb=12.0, dim_model_base=256.0, scale_depth=1.4, tie_word_embeddings=True)
+_1B = dict(_2B, vocab_size=73440, hidden_size=1536, intermediate_size=3840, num_hidden_layers=52,
+           num_attention_heads=24, num_key_value_heads=8)
+# Tiny shapes for tests: every scaling switched on, so a skipped scaling cannot hide.
+_TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+             scale_emb=12.0, dim_model_base=16.0, scale_depth=1.4, tie_word_embeddings=True)
 PRESETS: dict[str, dict[str, Any]] = {
-    "minicpm-2b": dict(
-        vocab_size=122753, hidden_size=2304, intermediate_size=5760, num_hidden_layers=40,
-        num_attention_heads=36, num_key_value_heads=36, max_position_embeddings=4096,
-        scale_emb=12.0, dim_model_base=256.0, scale_depth=1.4, tie_word_embeddings=True,
-    ),
-    "minicpm-1b": dict(
-        vocab_size=73440, hidden_size=1536, intermediate_size=3840, num_hidden_layers=52,
-        num_attention_heads=24, num_key_value_heads=8, max_position_embeddings=4096,
-        scale_emb=12.0, dim_model_base=256.0, scale_depth=1.4, tie_word_embeddings=True,
-    ),
-    "minicpm-2b-128k": dict(
-        vocab_size=122760, hidden_size=2304, intermediate_size=5760, num_hidden_layers=40,
-        num_attention_heads=36, num_key_value_heads=36, max_position_embeddings=65536,
-        rope_theta=1e6, rope_scaling={"type": "dynamic", "factor": 4.0},
-        scale_emb=12.0, dim_model_base=256.0, scale_depth=1.4, tie_word_embeddings=False,
-    ),
-    "minicpm-moe-8x2b": dict(
-        vocab_size=122753, hidden_size=2304, intermediate_size=5760, num_hidden_layers=40,
-        num_attention_heads=36, num_key_value_heads=36, max_position_embeddings=4096,
-        scale_emb=12.0, dim_model_base=256.0, scale_depth=1.4, tie_word_embeddings=True,
-        num_experts=8, num_experts_per_tok=2,
-    ),
-    "minicpm-s-1b": dict(
-        vocab_size=73440, hidden_size=1536, intermediate_size=3840, num_hidden_layers=52,
-        num_attention_heads=24, num_key_value_heads=8, max_position_embeddings=4096,
-        scale_emb=12.0, dim_model_base=256.0, scale_depth=1.4, tie_word_embeddings=True,
-        hidden_act="fatrelu", hidden_act_param=0.03,
-    ),
-    # Tiny shapes for tests: every scaling switched on, so a skipped scaling cannot hide.
-    "tiny": dict(
-        vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
-        scale_emb=12.0, dim_model_base=16.0, scale_depth=1.4, tie_word_embeddings=True,
-    ),
-    "tiny-gqa": dict(
-        vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        scale_emb=12.0, dim_model_base=16.0, scale_depth=1.4, tie_word_embeddings=True,
-    ),
+    "minicpm-2b": _2B,
+    "minicpm-1b": _1B,
+    "minicpm-2b-128k": dict(_2B, vocab_size=122760, max_position_embeddings=65536, rope_theta=1e6,
+                            rope_scaling={"type": "dynamic", "factor": 4.0}, tie_word_embeddings=False),
+    "minicpm-moe-8x2b": dict(_2B, num_experts=8, num_experts_per_tok=2),
+    "minicpm-s-1b": dict(_1B, hidden_act="fatrelu", hidden_act_param=0.03),
+    "tiny": _TINY,
+    "tiny-gqa": dict(_TINY, num_key_value_heads=2),
 }
 
 

@@ -256,23 +256,24 @@ def test_llama_class_directory_with_both_files_reads_tokenizer_model(tmp_path, s
 
 
 # --- errors -------------------------------------------------------------------------------------
-def test_missing_and_corrupt_files(tmp_path):
+def test_missing_files(tmp_path):
     with pytest.raises(MiniCPMError, match="not a directory"):
         Tokenizer.from_pretrained(tmp_path / "nowhere")
     with pytest.raises(MiniCPMError, match="no tokenizer.json or tokenizer.model"):
         Tokenizer.from_pretrained(tmp_path)
-    bad_config = copy_fixture(tmp_path, "minicpm-spm")
-    (bad_config / "tokenizer_config.json").write_text("{not json", encoding="utf-8")
-    with pytest.raises(MiniCPMError, match="tokenizer_config.json is not valid JSON"):
-        Tokenizer.from_pretrained(bad_config)
-    bad_model = copy_fixture(tmp_path, "minicpm-chatml")
-    (bad_model / "tokenizer.model").write_bytes(b"\x00garbage" * 10)
-    with pytest.raises(MiniCPMError, match="tokenizer.model: not a valid SentencePiece model"):
-        Tokenizer.from_pretrained(bad_model)
-    bad_json = copy_fixture(tmp_path, "bpe-json")
-    (bad_json / "tokenizer.json").write_text('{"model": 3}', encoding="utf-8")
-    with pytest.raises(MiniCPMError, match="tokenizer.json is not a valid tokenizer.json"):
-        Tokenizer.from_pretrained(bad_json)
+
+
+@pytest.mark.parametrize("fixture, file, content, message", [
+    ("minicpm-spm", "tokenizer_config.json", b"{not json", "tokenizer_config.json is not valid JSON"),
+    ("minicpm-chatml", "tokenizer.model", b"\x00garbage" * 10,
+     "tokenizer.model: not a valid SentencePiece model"),
+    ("bpe-json", "tokenizer.json", b'{"model": 3}', "tokenizer.json is not a valid tokenizer.json"),
+])
+def test_corrupt_files(tmp_path, fixture, file, content, message):
+    folder = copy_fixture(tmp_path, fixture)
+    (folder / file).write_bytes(content)
+    with pytest.raises(MiniCPMError, match=message):
+        Tokenizer.from_pretrained(folder)
 
 
 def test_bad_special_token_and_template_values(tmp_path):
