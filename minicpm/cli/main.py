@@ -1,7 +1,9 @@
 """`minicpm <verb>`: the command line.
 
-Only argparse is imported at the top so that `minicpm --help` answers at once; each verb
-imports what it needs. Errors caused by input print one line (`error: ...`) and exit 2.
+Only argparse (and the argparse-only option modules: cli/options.py, and
+training/command_line.py for train/pack/merge) is imported at the top so that `minicpm --help`
+answers at once; each verb (cli/verbs.py) imports what it needs. Errors caused by input print
+one line (`error: ...`) and exit 2.
 """
 
 from __future__ import annotations

@@ -50,7 +50,8 @@ def write_checkpoint(run_dir: Path, step: int, write_weights, trainer_state: dic
     only when complete."""
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
-    remove_leftovers(root, "step-*")  # what a run killed while saving left behind
+    for name in ("step-*", LATEST):  # what a run killed while saving left behind
+        remove_leftovers(root, name)
     final = root / step_name(step)
     with atomic_dir(final) as tmp:
         tmp.rmdir()  # the weights writer makes the directory itself

@@ -12,7 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
-def documents(path: Path, text_field: str, start_line: int = 0) -> Iterator[tuple[int, str | Exception, int]]:
+def documents(path: Path, text_field: str,
+              start_line: int = 0) -> Iterator[tuple[int, str | Exception, int]]:
     """(line number of the document, its text or the reason it is bad, bytes read) from line
     `start_line` (0-based) of a file: non-blank lines of plain text, or records of a .jsonl file."""
     jsonl = path.suffix == ".jsonl"
@@ -40,5 +41,6 @@ def _record_text(line: str, field: str) -> str | Exception:
         return ValueError(f"a record must be a JSON object, got {type(record).__name__}")
     text = record.get(field)
     if not isinstance(text, str):
-        return ValueError(f"no text field {field!r}" if text is None else f"{field!r} is not a string")
+        return ValueError(f"no text field {field!r}" if text is None
+                          else f"{field!r} is not a string")
     return text

@@ -14,13 +14,14 @@ def describe_run(model, recipe: Recipe, procs: Processes) -> str:
     trainable, total = trainable_parameters(model)
     est = memory_estimate(model, recipe, procs.world_size)
     gb = {k: v / 2**30 for k, v in est.items()}
-    return (f"{recipe.kind} ({recipe.train.method}): {total / 1e6:.2f} M parameters, {trainable / 1e6:.2f} M "
-            f"trainable; {procs.world_size} process(es); batch {recipe.train.batch_size} = micro-batch "
-            f"{recipe.train.micro_batch_size} x {recipe.accumulation_steps_per_process // procs.world_size} "
-            f"accumulation x {procs.world_size}\n"
-            f"memory estimate per process: weights {gb['weights']:.2f} GB + gradients {gb['gradients']:.2f} GB + "
-            f"AdamW {gb['optimizer']:.2f} GB + activations {gb['activations']:.2f} GB "
-            f"= {gb['total']:.2f} GB")
+    t, world = recipe.train, procs.world_size
+    return (f"{recipe.kind} ({t.method}): {total / 1e6:.2f} M parameters, "
+            f"{trainable / 1e6:.2f} M trainable; {world} process(es); batch {t.batch_size} = "
+            f"micro-batch {t.micro_batch_size} x {recipe.accumulation_steps_per_process // world} "
+            f"accumulation x {world}\n"
+            f"memory estimate per process: weights {gb['weights']:.2f} GB + "
+            f"gradients {gb['gradients']:.2f} GB + AdamW {gb['optimizer']:.2f} GB + "
+            f"activations {gb['activations']:.2f} GB = {gb['total']:.2f} GB")
 
 
 def memory_estimate(model, recipe: Recipe, world_size: int = 1) -> dict[str, float]:
@@ -29,11 +30,13 @@ def memory_estimate(model, recipe: Recipe, world_size: int = 1) -> dict[str, flo
     (per token and layer ~10 hidden-size and 4 FFN-size values, fewer with recomputation) plus
     the fp32 logits and their gradient."""
     c = model.config
-    weights = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    unique = {id(p): p for p in model.parameters()}.values()  # a tied weight counts once
+    weights = sum(p.numel() * p.element_size() for p in unique)
     weights += sum(b.numel() * b.element_size() for b in model.buffers())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     shard = world_size if world_size > 1 else 1
-    tokens = recipe.train.micro_batch_size * recipe.data.seq_len * (2 if recipe.kind == "dpo" else 1)
+    pair = 2 if recipe.kind == "dpo" else 1  # chosen and rejected
+    tokens = recipe.train.micro_batch_size * recipe.data.seq_len * pair
     value = 2 if recipe.train.precision == "bf16" else 4
     per_layer = (10 * c.hidden_size + 4 * c.intermediate_size) * value
     if recipe.train.activation_checkpointing:
@@ -41,7 +44,7 @@ def memory_estimate(model, recipe: Recipe, world_size: int = 1) -> dict[str, flo
     else:
         activations = tokens * c.num_hidden_layers * per_layer
     activations += tokens * c.vocab_size * 4 * 3
-    out = {"weights": weights / shard, "gradients": trainable * 4 / shard, "optimizer": trainable * 8 / shard,
-           "activations": float(activations)}
+    out = {"weights": weights / shard, "gradients": trainable * 4 / shard,
+           "optimizer": trainable * 8 / shard, "activations": float(activations)}
     out["total"] = sum(out.values())
     return out

@@ -17,7 +17,8 @@ def build_trainable_model(recipe: Recipe, device: torch.device):
     import minicpm
 
     m = recipe.model
-    if m.path is not None or recipe.kind != "pretrain":  # fine-tuning without a path: the default model
+    # fine-tuning without model.path starts from the default model
+    if m.path is not None or recipe.kind != "pretrain":
         model, tokenizer = minicpm.load(m.path, dtype=m.dtype, device=device)
         if tokenizer is None:
             raise MiniCPMError(f"{m.path} has no tokenizer files; training needs one")
@@ -42,7 +43,8 @@ def _add_adapters(model, recipe: Recipe) -> None:
     if recipe.train.method == "qlora" and not model.config.quantization:
         from minicpm.quantization import quantize_model
 
-        quantize_model(model, bits=recipe.lora.quant_bits, group_size=recipe.lora.quant_group_size, head="bf16")
+        quantize_model(model, bits=recipe.lora.quant_bits, group_size=recipe.lora.quant_group_size,
+                       head="bf16")
     spec = LoraSpec(r=recipe.lora.r, alpha=recipe.lora.alpha, dropout=recipe.lora.dropout,
                     targets=recipe.lora.targets)
     add_lora(model, spec, seed=recipe.seed)
@@ -60,7 +62,8 @@ def load_tokenizer(path: str):
         from minicpm.formats.gguf_file import GGUFFile
 
         meta = GGUFFile(where).metadata
-        return Tokenizer.from_gguf_metadata({k: v for k, v in meta.items() if k.startswith("tokenizer.")})
+        return Tokenizer.from_gguf_metadata({k: v for k, v in meta.items()
+                                             if k.startswith("tokenizer.")})
     if not Tokenizer.exists(where):
         raise MiniCPMError(f"{path} has no tokenizer files")
     return Tokenizer.from_pretrained(where)
@@ -78,10 +81,11 @@ def fresh_model(recipe: Recipe, tokenizer, device: torch.device):
     try:
         config = MiniCPMConfig(**fields)
     except TypeError as exc:
-        raise MiniCPMError(f"recipe: model.config: {exc}".replace("MiniCPMConfig.__init__() ", "")) from None
+        message = f"recipe: model.config: {exc}".replace("MiniCPMConfig.__init__() ", "")
+        raise MiniCPMError(message) from None
     if config.vocab_size < len(tokenizer):
-        raise MiniCPMError(f"model.config.vocab_size ({config.vocab_size}) is smaller than the tokenizer's "
-                           f"vocabulary ({len(tokenizer)})")
+        raise MiniCPMError(f"model.config.vocab_size ({config.vocab_size}) is smaller than the "
+                           f"tokenizer's vocabulary ({len(tokenizer)})")
     model = MiniCPMForCausalLM(config).to(dtype=resolve_dtype(recipe.model.dtype), device=device)
     if config.dim_model_base and recipe.optim.mup:
         mup_init(model, seed=recipe.seed)

@@ -19,7 +19,8 @@ def build_optimizer(model, recipe: Recipe) -> torch.optim.Optimizer:
         groups = param_groups(model, o.lr, o.weight_decay)
     else:
         trainable = [p for p in model.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": o.weight_decay},
+        groups = [{"params": [p for p in trainable if p.dim() >= 2],
+                   "weight_decay": o.weight_decay},
                   {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}]
         groups = [dict(g, lr=o.lr, lr_scale=1.0) for g in groups if g["params"]]
     if not groups:
@@ -32,7 +33,8 @@ def build_schedule(recipe: Recipe, decay_start: int | None = None):
     train.steps; otherwise WSD (decaying over the last decay_fraction), cosine or constant."""
     s, lr, steps = recipe.schedule, recipe.optim.lr, recipe.train.steps
     if decay_start is not None:
-        return WSD(lr, s.warmup_steps, decay_start, steps - decay_start, s.final_ratio, s.decay_shape)
+        return WSD(lr, s.warmup_steps, decay_start, steps - decay_start, s.final_ratio,
+                   s.decay_shape)
     if s.kind == "cosine":
         return Cosine(lr, s.warmup_steps, steps, s.final_ratio)
     if s.kind == "constant" or s.decay_fraction == 0:

@@ -38,4 +38,5 @@ def publish_final(latest: Path | None, final: Path) -> None:
         return
     remove_leftovers(final.parent, final.name)  # from a run killed while publishing
     with atomic_dir(final) as tmp:
-        shutil.copytree(latest, tmp, ignore=shutil.ignore_patterns(ckpt.STATE_FILE), dirs_exist_ok=True)
+        shutil.copytree(latest, tmp, ignore=shutil.ignore_patterns(ckpt.STATE_FILE),
+                        dirs_exist_ok=True)

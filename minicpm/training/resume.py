@@ -35,13 +35,14 @@ def starting_point(recipe: Recipe, run_dir: Path, resume: bool) -> Path | None:
             raise MiniCPMError(f"--resume: {run_dir} has no checkpoint to continue from")
         return existing
     if existing is not None:
-        raise MiniCPMError(f"{run_dir} already holds a run (checkpoints/); pass --resume to continue it "
-                           "or choose another --out")
+        raise MiniCPMError(f"{run_dir} already holds a run (checkpoints/); pass --resume to "
+                           "continue it or choose another --out")
     if recipe.schedule.decay_from:
         step = branch_step(recipe)
         if step >= recipe.train.steps:
-            raise MiniCPMError(f"schedule.decay_from is at step {step}; train.steps ({recipe.train.steps}) "
-                               "must be beyond it (the decay runs from there to train.steps)")
+            raise MiniCPMError(f"schedule.decay_from is at step {step}; train.steps "
+                               f"({recipe.train.steps}) must be beyond it (the decay runs from "
+                               "there to train.steps)")
         return Path(recipe.schedule.decay_from)
     return None
 

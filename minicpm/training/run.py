@@ -37,16 +37,17 @@ def train_command(args: argparse.Namespace) -> int:
     if args.recipe == "tokenizer":
         from minicpm.training.tokenizer import train_tokenizer
 
-        out = train_tokenizer(args.files, args.out, vocab_size=args.vocab_size, text_field=args.text_field,
-                              overwrite=args.force)
+        out = train_tokenizer(args.files, args.out, vocab_size=args.vocab_size,
+                              text_field=args.text_field, overwrite=args.force)
         print(f"wrote {out}", file=sys.stderr)
         return 0
-    return run_recipe(args.recipe, args.overrides, recipe_file=args.recipe_file, out=args.out, resume=args.resume,
-                      print_only=args.print_recipe)
+    return run_recipe(args.recipe, args.overrides, recipe_file=args.recipe_file, out=args.out,
+                      resume=args.resume, print_only=args.print_recipe)
 
 
-def run_recipe(kind: str, overrides: list[str], recipe_file: str | None = None, out: str | None = None,
-               resume: bool = False, print_only: bool = False, echo=print) -> int:
+def run_recipe(kind: str, overrides: list[str], recipe_file: str | None = None,
+               out: str | None = None, resume: bool = False, print_only: bool = False,
+               echo=print) -> int:
     if resume and recipe_file is None:
         # continue with the recipe the run was started with (overrides still apply on top)
         recipe_file = saved_recipe(kind, overrides, out)
@@ -82,12 +83,14 @@ def train(recipe: Recipe, procs: Processes = Processes(), resume: bool = False, 
     optimizer = build_optimizer(model, recipe)
     schedule = build_schedule(recipe, branch_step(recipe))
     save_weights = weights_writer(model, tokenizer, recipe)
-    trainer = Trainer(model, optimizer, schedule, task, recipe, run_dir, save_weights, procs, valid, echo=echo)
+    trainer = Trainer(model, optimizer, schedule, task, recipe, run_dir, save_weights, procs, valid,
+                      echo=echo)
     steps = recipe.train.steps
     if start is not None:
         trainer.resume(start)
         if trainer.step >= steps:
-            raise MiniCPMError(f"{start} is at step {trainer.step}; train.steps ({steps}) is not beyond it")
+            raise MiniCPMError(f"{start} is at step {trainer.step}; train.steps ({steps}) is not "
+                               "beyond it")
         echo(f"{'resuming from' if resume else 'decay branch from'} {start} (step {trainer.step})")
     last = trainer.fit()
     if trainer.step < steps:
@@ -105,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     from minicpm.training.command_line import add_train_parser, parse_args, run_reporting_errors
 
     parser = argparse.ArgumentParser(prog="minicpm")
+    # never set here (it would come after `train`); listed so that usage lines read as `minicpm`'s
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
     add_train_parser(parser.add_subparsers(dest="verb", metavar="<verb>"))
     args = parse_args(parser, ["train", *(sys.argv[1:] if argv is None else argv)])
     return run_reporting_errors(train_command, args)

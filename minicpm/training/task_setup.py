@@ -24,8 +24,8 @@ def build_tasks(recipe: Recipe, model, tokenizer, run_dir: Path, procs: Processe
         def windows(path):
             packed = PackedTokens(path)
             if packed.vocab_size > model.config.vocab_size:
-                raise MiniCPMError(f"{path} was packed with a {packed.vocab_size}-token vocabulary; the model "
-                                   f"has {model.config.vocab_size}")
+                raise MiniCPMError(f"{path} was packed with a {packed.vocab_size}-token "
+                                   f"vocabulary; the model has {model.config.vocab_size}")
             return tasks.PretrainTask(packed, d.seq_len)
 
         return windows(d.train), (windows(d.valid) if d.valid else None)
@@ -35,7 +35,8 @@ def build_tasks(recipe: Recipe, model, tokenizer, run_dir: Path, procs: Processe
         from minicpm.training.data import load_chat_dataset
 
         def chats(path):
-            return tasks.SftTask(load_chat_dataset(path, tokenizer, d.seq_len, d.on_bad, log=log).examples, pad)
+            loaded = load_chat_dataset(path, tokenizer, d.seq_len, d.on_bad, log=log)
+            return tasks.SftTask(loaded.examples, pad)
 
         return chats(d.train), (chats(d.valid) if d.valid else None)
     from minicpm.training.data import load_preference_dataset
@@ -46,7 +47,8 @@ def build_tasks(recipe: Recipe, model, tokenizer, run_dir: Path, procs: Processe
         loaded = load_preference_dataset(path, tokenizer, d.seq_len, d.on_bad, log=log).pairs
         task = tasks.DpoTask(loaded, pad, recipe.dpo.beta, reference=reference)
         if recipe.dpo.reference == "precomputed":
-            task.precomputed = precomputed_reference(task, run_dir / f"reference_logps.{name}.pt", procs,
+            kept = run_dir / f"reference_logps.{name}.pt"
+            task.precomputed = precomputed_reference(task, kept, procs,
                                                      bf16=recipe.train.precision == "bf16")
             task.reference = None
         return task
