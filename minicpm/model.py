@@ -239,6 +239,11 @@ class MiniCPMModel(nn.Module):
 
 
 class MiniCPMForCausalLM(nn.Module):
+    """The decoder with its head: `model(input_ids)` gives logits; `new_cache`, `prefill_slot`
+    and `decode_slots` serve the generation loops. `generate()` and `chat()` are not defined
+    here: `minicpm.generation` adds them (and `minicpm.load` imports it), so the decoder never
+    depends on sampling or chat templates."""
+
     def __init__(self, config: MiniCPMConfig):
         super().__init__()
         self.config = config

@@ -13,8 +13,8 @@ import pytest
 
 from minicpm.errors import MiniCPMError
 from minicpm.tokenizer import Tokenizer
-from minicpm.tokenizer.train import train_tokenizer
 from minicpm.training.shards import PackedTokens, pack_corpus
+from minicpm.training.tokenizer import train_tokenizer
 from tests.conftest import FIXTURES
 
 WIKI = FIXTURES / "training" / "wiki" / "wiki.test.raw"

@@ -21,8 +21,8 @@ def test_sft_on_two_processes_matches_one(tmp_path):
 
 
 def test_pretraining_on_two_processes_matches_one(tmp_path):
-    from minicpm.tokenizer.train import train_tokenizer
     from minicpm.training.shards import pack_corpus
+    from minicpm.training.tokenizer import train_tokenizer
     from tests.test_training_pretrain import WIKI, args
 
     train_tokenizer([WIKI / "wiki.test.raw"], tmp_path / "tokenizer", vocab_size=512)

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from minicpm.tokenizer.train import train_tokenizer
 from minicpm.training.recipe import load_recipe
 from minicpm.training.shards import pack_corpus
+from minicpm.training.tokenizer import train_tokenizer
 from tests.conftest import FIXTURES
 from tests.test_training_sft import train
 
@@ -67,10 +67,11 @@ def test_pretraining_from_scratch(data, tmp_path):
 
 
 def test_mup_learning_rates_and_initialisation(data):
-    from minicpm.training.run import build_model, build_optimizer
+    from minicpm.training.model_setup import build_trainable_model
+    from minicpm.training.optimizer_setup import build_optimizer
 
     recipe = load_recipe("pretrain", None, args(data))
-    model, _ = build_model(recipe, torch.device("cpu"))
+    model, _ = build_trainable_model(recipe, torch.device("cpu"))
     optimizer = build_optimizer(model, recipe)
     lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
     assert lrs == {"hidden": pytest.approx(0.02 / 4), "matrices": 0.02, "vectors": 0.02}  # d / d_base = 4

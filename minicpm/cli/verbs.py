@@ -28,15 +28,15 @@ def _load(args: argparse.Namespace):
 
 
 def chat(args: argparse.Namespace) -> int:
-    from minicpm.cli.chat import chat_loop
-    from minicpm.cli.main import sampling_kwargs
+    from minicpm.cli.options import sampling_kwargs
+    from minicpm.cli.repl import chat_loop
 
     model, tokenizer = _load(args)
     return chat_loop(model, tokenizer, sampling_kwargs(args), system=args.system)
 
 
 def generate(args: argparse.Namespace) -> int:
-    from minicpm.cli.main import sampling_kwargs
+    from minicpm.cli.options import sampling_kwargs
     from minicpm.generation.chat import chat_params
     from minicpm.generation.sampling import SamplingParams
     from minicpm.generation.text import generate_texts
@@ -165,16 +165,9 @@ def quantize(args: argparse.Namespace) -> int:
 
 
 def train(args: argparse.Namespace) -> int:
-    if args.recipe == "tokenizer":
-        from minicpm.tokenizer.train import train_tokenizer
+    from minicpm.training.run import train_command
 
-        out = train_tokenizer(args.files, args.out, vocab_size=args.vocab_size, text_field=args.text_field,
-                              overwrite=args.force)
-        print(f"wrote {out}", file=sys.stderr)
-        return 0
-    from minicpm.training.run import run_recipe
-
-    return run_recipe(args.recipe, args.overrides, recipe_file=args.recipe_file, out=args.out, resume=args.resume, print_only=args.print_recipe)
+    return train_command(args)
 
 
 def pack(args: argparse.Namespace) -> int:

@@ -6,7 +6,7 @@
   - trainer_state.pt: step, samples seen, optimizer state, random-number generator states.
 It is written under a hidden temporary name and renamed when complete; `RUN/checkpoints/latest`
 (rewritten atomically afterwards) names the newest. A run killed while saving leaves the previous
-checkpoint and `latest` untouched; the half-written directory is removed by the next save.
+checkpoint and `latest` untouched; a half-written directory is removed by the next save.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from minicpm.errors import MiniCPMError
+from minicpm.files import atomic_dir, remove_leftovers, write_text
 
 STATE_FILE = "trainer_state.pt"
 LATEST = "latest"
@@ -44,30 +45,23 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def write_checkpoint(run_dir: Path, step: int, write_weights, trainer_state: dict[str, Any],
                      keep: int = 0) -> Path:
-    """Write checkpoint `step`: `write_weights(directory)` puts the weights in, then the trainer
-    state goes beside them; the directory appears under its final name only when complete."""
+    """Write checkpoint `step`: `write_weights(directory)` creates the directory with the weights
+    in it, then the trainer state goes beside them; the directory appears under its final name
+    only when complete."""
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".*.partial"):
-        shutil.rmtree(stale, ignore_errors=True)
+    for name in ("step-*", LATEST):  # what a run killed while saving left behind
+        remove_leftovers(root, name)
     final = root / step_name(step)
-    partial = root / f".{step_name(step)}.partial"
-    write_weights(partial)
-    torch.save(trainer_state, partial / STATE_FILE)
-    if final.exists():
-        shutil.rmtree(final)
-    partial.rename(final)
-    _write_text_atomic(root / LATEST, final.name + "\n")
+    with atomic_dir(final) as tmp:
+        tmp.rmdir()  # the weights writer makes the directory itself
+        write_weights(tmp)
+        torch.save(trainer_state, tmp / STATE_FILE)
+    write_text(root / LATEST, final.name + "\n")
     if keep:
         for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

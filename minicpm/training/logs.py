@@ -8,6 +8,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from minicpm.files import atomic_file, write_text
+
 
 class RunLog:
     def __init__(self, run_dir: Path, enabled: bool = True, echo=print):
@@ -20,9 +22,7 @@ class RunLog:
             return
         kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= step]
-        tmp = self.path.with_name(".log.jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        tmp.replace(self.path)
+        write_text(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -82,10 +82,11 @@ def plot_losses(records: list[dict[str, Any]], out: Path, title: str) -> None:
         lr_ax.set_ylabel("learning rate")
     ax.legend(loc="upper right")
     fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(out)
+    try:
+        with atomic_file(out, suffix=".png") as tmp:  # savefig reads the format from the suffix
+            fig.savefig(tmp, dpi=100)
+    finally:
+        plt.close(fig)
 
 
 def perplexity(loss: float) -> float:

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from minicpm.errors import MiniCPMError
+from minicpm.files import atomic_file, write_text
 from minicpm.quantization.linear import QuantizedLinear
 
 CONFIG_FILE = "adapter_config.json"
@@ -203,17 +204,10 @@ def write_adapter(config: dict[str, Any], tensors: dict[str, torch.Tensor], out_
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out_dir / CONFIG_FILE, json.dumps(config, indent=2).encode())
-    tmp = out_dir / f".{WEIGHTS_FILE}.tmp"
-    save_file({k: v.float().contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
-    tmp.replace(out_dir / WEIGHTS_FILE)
+    write_text(out_dir / CONFIG_FILE, json.dumps(config, indent=2))
+    with atomic_file(out_dir / WEIGHTS_FILE) as tmp:
+        save_file({k: v.float().contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
     return out_dir
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
 
 
 def read_adapter(adapter_dir: str | Path) -> tuple[LoraSpec, dict[str, torch.Tensor]]:

@@ -24,13 +24,14 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from minicpm.errors import MiniCPMError
+from minicpm.files import atomic_file, remove_leftovers, write_text
+from minicpm.training.corpus import documents
 
 FORMAT = 1
 INDEX = "index.json"
@@ -50,42 +51,10 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return digest.hexdigest()
 
 
-def documents(path: Path, text_field: str, start_line: int = 0) -> Iterator[tuple[int, str | Exception, int]]:
-    """(line number of the document, its text or the reason it is bad, bytes read) from line
-    `start_line` (0-based) of a file: non-blank lines of plain text, or records of a .jsonl file."""
-    jsonl = path.suffix == ".jsonl"
-    with path.open("rb") as f:
-        for _ in range(start_line):
-            f.readline()
-        number, size = start_line, 0
-        for raw in f:
-            number += 1
-            size += len(raw)
-            line = raw.decode("utf-8", errors="replace")
-            if line.strip():
-                yield number, _record_text(line, text_field) if jsonl else line.strip(), size
-                size = 0
-        if size:
-            yield number, "", size
-
-
-def _record_text(line: str, field: str) -> str | Exception:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as exc:
-        return ValueError(f"not valid JSON ({exc.msg})")
-    if not isinstance(record, dict):
-        return ValueError(f"a record must be a JSON object, got {type(record).__name__}")
-    text = record.get(field)
-    if not isinstance(text, str):
-        return ValueError(f"no text field {field!r}" if text is None else f"{field!r} is not a string")
-    return text
-
-
 def _open_tokenizer(tokenizer):
     if not isinstance(tokenizer, (str, Path)):
         return tokenizer
-    from minicpm.training.run import load_tokenizer
+    from minicpm.training.model_setup import load_tokenizer
 
     return load_tokenizer(str(tokenizer))
 
@@ -161,6 +130,8 @@ def _start_or_resume(out: Path, plan: dict[str, Any], tok, log) -> dict[str, Any
                                "choose another --out")
         if not index["complete"]:
             log(f"resuming: {len(index['shards'])} shard(s) already packed in {out}")
+            for name in ("shard-*", PENDING, INDEX):  # what an interrupted run was writing
+                remove_leftovers(out, name)
         return index
     if out.exists() and any(out.iterdir()):
         raise MiniCPMError(f"{out} already exists and is not a shard directory")
@@ -175,9 +146,8 @@ def _start_or_resume(out: Path, plan: dict[str, Any], tok, log) -> dict[str, Any
 
 def _write_shard(out: Path, index: dict[str, Any], tokens: np.ndarray, carry: np.ndarray) -> None:
     name = shard_name(len(index["shards"]))
-    tmp = out / f".{name}.tmp"
-    tokens.tofile(tmp)
-    tmp.replace(out / name)
+    with atomic_file(out / name) as tmp:
+        tokens.tofile(tmp)
     index["shards"].append({"file": name, "tokens": int(tokens.size)})
     index["tokens"] += int(tokens.size)
     _write_index(out, index, carry)
@@ -186,12 +156,9 @@ def _write_shard(out: Path, index: dict[str, Any], tokens: np.ndarray, carry: np
 def _write_index(out: Path, index: dict[str, Any], carry: np.ndarray) -> None:
     """index.json and pending.bin (the tokens past the last shard), each replaced atomically;
     pending first, so that an index never points past what pending holds."""
-    pending = out / f".{PENDING}.tmp"
-    carry.tofile(pending)
-    pending.replace(out / PENDING)
-    tmp = out / f".{INDEX}.tmp"
-    tmp.write_text(json.dumps(index, indent=1), encoding="utf-8")
-    tmp.replace(out / INDEX)
+    with atomic_file(out / PENDING) as pending:
+        carry.tofile(pending)
+    write_text(out / INDEX, json.dumps(index, indent=1))
 
 
 def _progress(total: int, done: int):

@@ -16,7 +16,6 @@ import contextlib
 import math
 import resource
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,33 +32,21 @@ from minicpm.training.distributed import (
 )
 from minicpm.training.logs import RunLog, perplexity, plot_losses
 from minicpm.training.mup import set_learning_rate
+from minicpm.training.recipe import Recipe
 from minicpm.training.tasks import sample_order
 
 
-@dataclass
-class Settings:
-    steps: int
-    batch_size: int
-    stop_at: int | None
-    micro_batch_size: int
-    seed: int = 0
-    precision: str = "bf16"
-    clip_grad_norm: float | None = 1.0
-    log_every: int = 10
-    eval_every: int = 100
-    eval_batches: int = 8
-    save_every: int = 500
-    keep_checkpoints: int = 2
-    title: str = "training"
-
-
 class Trainer:
-    def __init__(self, model, optimizer, schedule, task, settings: Settings, run_dir: Path,
+    def __init__(self, model, optimizer, schedule, task, recipe: Recipe, run_dir: Path,
                  save_weights, procs: Processes = Processes(), valid_task=None, echo=print):
-        """`save_weights(directory, full_state)` writes the weights part of a checkpoint (a full
+        """Trains as `recipe.train` says (steps, batch sizes, precision, logging, evaluation and
+        checkpoint intervals), drawing the data order from `recipe.seed`.
+        `save_weights(directory, full_state)` writes the weights part of a checkpoint (a full
         checkpoint or an adapter); `full_state` is the unsharded state dict."""
         self.model, self.optimizer, self.schedule, self.task = model, optimizer, schedule, task
-        self.settings, self.run_dir, self.procs = settings, Path(run_dir), procs
+        self.settings, self.seed = recipe.train, recipe.seed
+        self.run_dir, self.procs = Path(run_dir), procs
+        self.title = f"{recipe.kind} {self.run_dir.name}"
         self.save_weights, self.valid_task = save_weights, valid_task
         # with a progress bar on the terminal, lines go above it rather than through it
         self.log = RunLog(self.run_dir, enabled=procs.is_main, echo=tqdm.write if _interactive() else echo)
@@ -106,14 +93,14 @@ class Trainer:
         last: dict[str, Any] = {}
         window = _new_window()
         self.model.train()
-        bar = tqdm(total=s.steps, initial=self.step, desc=s.title, unit="step", dynamic_ncols=True,
+        bar = tqdm(total=s.steps, initial=self.step, desc=self.title, unit="step", dynamic_ncols=True,
                    disable=not (self.procs.is_main and _interactive()))
         end = s.stop_at or s.steps
         while self.step < end:
             step_started = time.perf_counter()
             lr = self.schedule(self.step)
             set_learning_rate(self.optimizer, lr)
-            samples = sample_order(self.task.num_samples, s.seed, self.step * s.batch_size, s.batch_size)
+            samples = sample_order(self.task.num_samples, self.seed, self.step * s.batch_size, s.batch_size)
             count = self.task.count(samples)
             mine = samples[self.procs.rank * per_process:(self.procs.rank + 1) * per_process]
             loss, tokens, metrics = self._accumulate(mine, count)
@@ -213,7 +200,7 @@ class Trainer:
 
     def _plot(self) -> None:
         if self.procs.is_main:
-            plot_losses(self.log.records(), self.run_dir / "loss.png", self.settings.title)
+            plot_losses(self.log.records(), self.run_dir / "loss.png", self.title)
 
 
 def _new_window() -> dict[str, Any]:

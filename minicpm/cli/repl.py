@@ -62,11 +62,13 @@ def _fresh(system: str | None) -> list[dict]:
     return [{"role": "system", "content": system}] if system else []
 
 
-def _stream_reply(model, tokenizer, history, sampling, stdout, prompt_cache) -> tuple[str, GenerationStats]:
+def _stream_reply(model, tokenizer, history, sampling, stdout,
+                  prompt_cache) -> tuple[str, GenerationStats]:
     stats = GenerationStats()
     pieces = []
     try:
-        for piece in stream_chat(model, tokenizer, history, stats=stats, prompt_cache=prompt_cache, **sampling):
+        for piece in stream_chat(model, tokenizer, history, stats=stats, prompt_cache=prompt_cache,
+                                 **sampling):
             pieces.append(piece)
             stdout.write(piece)
             stdout.flush()

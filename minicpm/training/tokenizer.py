@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from minicpm.errors import MiniCPMError
+from minicpm.training.corpus import documents
 
 SPECIAL = ["<unk>", "<s>", "</s>"]
 CHAT_MARKERS = ["<用户>", "<AI>"]
@@ -80,8 +81,6 @@ def train_tokenizer(files: list[str | Path], out_dir: str | Path, vocab_size: in
 
 
 def _texts(paths: list[Path], text_field: str) -> Iterator[str]:
-    from minicpm.training.shards import documents
-
     for path in paths:
         for _, text, _ in documents(path, text_field):
             if isinstance(text, str) and text:

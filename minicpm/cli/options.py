@@ -1,0 +1,41 @@
+"""Command-line options shared by several verbs: which model to load, and how to sample."""
+
+from __future__ import annotations
+
+import argparse
+
+SAMPLING_FLAGS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed",
+                  "max_new_tokens")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None,
+                   help="checkpoint directory, .gguf file or hub id "
+                        "(default: SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default=None,
+                   help="float32, bfloat16 or float16 (default: as stored)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if present)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser, temperature: float, top_p: float) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--temperature", type=float, default=temperature,
+                   help=f"0 = greedy (default {temperature})")
+    g.add_argument("--top-p", type=float, default=top_p,
+                   help=f"nucleus sampling mass (default {top_p})")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    g.add_argument("--min-p", type=float, default=0.0,
+                   help="drop tokens below min_p x the top probability")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats")
+    g.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
+    g.add_argument("--max-new-tokens", type=int, default=None, help="reply length limit")
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--kv-cache", choices=("auto", "int8"), default="auto",
+                   help="KV cache precision: the model's dtype, or int8 (half the memory)")
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict:
+    out = {name: getattr(args, name) for name in SAMPLING_FLAGS}
+    out["stop"] = args.stop
+    return out
