@@ -85,7 +85,8 @@ def replace_dir(new: Path, dest: Path) -> None:
 
 
 def remove_leftovers(directory: Path, name: str) -> None:
-    """Delete temporaries that an interrupted atomic write of `directory/name` left behind."""
+    """Delete the temporaries that atomic writes of `directory/name` left behind when their
+    process was killed outright; `name` may be a glob pattern ("step-*": every step's)."""
     for stale in directory.glob(f".{name}.*.tmp*"):
         if stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)

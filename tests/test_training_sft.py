@@ -132,12 +132,10 @@ def test_a_run_is_never_overwritten_and_resume_needs_a_checkpoint(base, tmp_path
 def test_a_save_killed_midway_leaves_the_previous_checkpoint(tmp_path):
     from minicpm.training import checkpoint as ckpt
 
-    def good(directory: Path) -> None:
-        directory.mkdir(parents=True)
+    def good(directory: Path) -> None:  # a weights writer fills the directory it is given
         (directory / "weights.safetensors").write_bytes(b"old")
 
     def dies(directory: Path) -> None:
-        directory.mkdir(parents=True)
         (directory / "weights.safetensors").write_bytes(b"ne")
         raise KeyboardInterrupt  # the process is stopped while writing
 
@@ -146,7 +144,10 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint(tmp_path):
         ckpt.write_checkpoint(tmp_path, 4, dies, {"step": 4})
     latest = ckpt.latest_checkpoint(tmp_path)
     assert latest.name == "step-000002" and ckpt.read_trainer_state(latest)["step"] == 2
-    assert not (tmp_path / "checkpoints" / "step-000004").exists()
+    root = tmp_path / "checkpoints"
+    assert not (root / "step-000004").exists()
+    (root / ".step-000004.x1y2.tmp").mkdir()  # what a process killed outright (no cleanup) leaves
+    (root / ".latest.x1y2.tmp").write_text("step-000004\n")
     ckpt.write_checkpoint(tmp_path, 4, good, {"step": 4})  # the next save clears the debris
     assert ckpt.latest_checkpoint(tmp_path).name == "step-000004"
-    assert not list((tmp_path / "checkpoints").glob(".*.partial"))
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-000002", "step-000004"]

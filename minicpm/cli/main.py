@@ -12,7 +12,8 @@ import argparse
 import sys
 
 from minicpm.cli.options import add_model_args, add_sampling_args
-from minicpm.training.command_line import add_training_parsers, parse_args, run_reporting_errors
+from minicpm.errors import run_reporting_errors
+from minicpm.training.command_line import add_training_parsers, parse_args
 
 
 def build_parser() -> argparse.ArgumentParser:

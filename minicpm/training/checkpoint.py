@@ -45,8 +45,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def write_checkpoint(run_dir: Path, step: int, write_weights, trainer_state: dict[str, Any],
                      keep: int = 0) -> Path:
-    """Write checkpoint `step`: `write_weights(directory)` creates the directory with the weights
-    in it, then the trainer state goes beside them; the directory appears under its final name
+    """Write checkpoint `step`: `write_weights(directory)` fills an empty directory with the
+    weights, then the trainer state goes beside them; the directory appears under its final name
     only when complete."""
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
@@ -54,7 +54,6 @@ def write_checkpoint(run_dir: Path, step: int, write_weights, trainer_state: dic
         remove_leftovers(root, name)
     final = root / step_name(step)
     with atomic_dir(final) as tmp:
-        tmp.rmdir()  # the weights writer makes the directory itself
         write_weights(tmp)
         torch.save(trainer_state, tmp / STATE_FILE)
     write_text(root / LATEST, final.name + "\n")

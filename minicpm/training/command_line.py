@@ -1,5 +1,5 @@
 """The command-line surface of training: the arguments of `minicpm train <recipe>`, `minicpm pack`
-and `minicpm merge`, parsing with `key=value` recipe overrides, and how errors reach the user.
+and `minicpm merge`, and parsing with `key=value` recipe overrides.
 
 The `minicpm` CLI and `python -m minicpm.training.run` (the torchrun entry point) both build
 their parsers from here, so the two accept exactly the same arguments. Only argparse is imported
@@ -9,8 +9,6 @@ at the top: `minicpm --help` must answer at once.
 from __future__ import annotations
 
 import argparse
-import sys
-import warnings
 
 TRAIN_EXAMPLES = {
     "pretrain": "example:\n  minicpm train pretrain model.tokenizer=tok data.train=packed "
@@ -97,22 +95,3 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return args
-
-
-def run_reporting_errors(action, args: argparse.Namespace) -> int:
-    """`action(args)` as a command: an error caused by input (or a file that cannot be read or
-    written) prints one line `error: ...` and exits 2; Ctrl-C exits 130; warnings print as
-    `warning: ...`."""
-    from minicpm.errors import MiniCPMError
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("default")
-            warnings.formatwarning = lambda message, *a, **k: f"warning: {message}\n"
-            return action(args)
-    except (MiniCPMError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130

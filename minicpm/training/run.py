@@ -105,7 +105,8 @@ def train(recipe: Recipe, procs: Processes = Processes(), resume: bool = False, 
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m minicpm.training.run <kind> [key=value ...]`: `minicpm train <kind> ...`."""
-    from minicpm.training.command_line import add_train_parser, parse_args, run_reporting_errors
+    from minicpm.errors import run_reporting_errors
+    from minicpm.training.command_line import add_train_parser, parse_args
 
     parser = argparse.ArgumentParser(prog="minicpm")
     # never set here (it would come after `train`); listed so that usage lines read as `minicpm`'s
