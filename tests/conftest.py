@@ -58,13 +58,19 @@ def spm_tokenizer_dir() -> Path:
     return FIXTURES / "tokenizers" / "minicpm-spm"
 
 
-@pytest.fixture
-def tiny_checkpoint(tmp_path, spm_tokenizer_dir) -> Path:
-    """A saved tiny MiniCPM-2B-like checkpoint whose vocabulary matches the fixture tokenizer."""
+def save_tiny_checkpoint(directory: Path, dtype=torch.bfloat16, context: int = 256) -> Path:
+    """A tiny MiniCPM-2B-like checkpoint, saved as `directory`/tiny-minicpm, whose vocabulary
+    matches the fixture tokenizer; bf16 by default, so that the native kernels serve it."""
     from minicpm.formats.hf import save_pretrained
     from minicpm.tokenizer import Tokenizer
 
-    tokenizer = Tokenizer.from_pretrained(spm_tokenizer_dir)
-    config = variant_config("2b", vocab_size=tokenizer.vocab_size, max_position_embeddings=256)
-    model = random_model(config, seed=3)
-    return save_pretrained(model, tokenizer, tmp_path / "tiny-minicpm")
+    tokenizer = Tokenizer.from_pretrained(FIXTURES / "tokenizers" / "minicpm-spm")
+    config = variant_config("2b", vocab_size=tokenizer.vocab_size, max_position_embeddings=context)
+    model = random_model(config, seed=3, dtype=dtype)
+    return save_pretrained(model, tokenizer, directory / "tiny-minicpm")
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path) -> Path:
+    """A saved tiny float32 checkpoint (see `save_tiny_checkpoint`)."""
+    return save_tiny_checkpoint(tmp_path, dtype=torch.float32)

@@ -9,21 +9,6 @@ import threading
 import time
 from pathlib import Path
 
-import torch
-
-from tests.conftest import FIXTURES, random_model, variant_config
-
-
-def tiny_checkpoint(directory: Path, context: int = 256) -> Path:
-    """A tiny MiniCPM-2B-like checkpoint in bf16 (so the native kernels serve it) with a tokenizer."""
-    from minicpm.formats.hf import save_pretrained
-    from minicpm.tokenizer import Tokenizer
-
-    tokenizer = Tokenizer.from_pretrained(FIXTURES / "tokenizers" / "minicpm-spm")
-    config = variant_config("2b", vocab_size=tokenizer.vocab_size, max_position_embeddings=context)
-    model = random_model(config, seed=3, dtype=torch.bfloat16)
-    return save_pretrained(model, tokenizer, directory / "tiny-minicpm")
-
 
 def start_server(checkpoint: Path, *args: str) -> tuple[subprocess.Popen, str]:
     """Run `minicpm serve` on a free port; returns the process and its base URL once it answers."""

@@ -18,14 +18,15 @@ import pytest
 import torch
 
 import minicpm
-from tests.server_process import start_server, stop_server, tiny_checkpoint
+from tests.conftest import save_tiny_checkpoint
+from tests.server_process import start_server, stop_server
 
 KEY = "sk-test-key"
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    return tiny_checkpoint(tmp_path_factory.mktemp("serve"))
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("serve"))
 
 
 @pytest.fixture(scope="module")

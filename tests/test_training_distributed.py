@@ -11,11 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.test_training_sft import COMMON, losses, tiny_checkpoint
+from tests.conftest import save_tiny_checkpoint
+from tests.test_training_sft import COMMON, losses
 
 
 def test_sft_on_two_processes_matches_one(tmp_path):
-    base = tiny_checkpoint(tmp_path)
+    base = save_tiny_checkpoint(tmp_path)
     run_both("sft", [f"model.path={base}", *COMMON, "train.steps=4", "train.method=full", "optim.lr=3e-3",
                      "train.precision=fp32", "train.save_every=2"], tmp_path)
 

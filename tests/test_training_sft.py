@@ -14,8 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import FIXTURES
-from tests.server_process import tiny_checkpoint
+from tests.conftest import FIXTURES, save_tiny_checkpoint
 
 DATA = FIXTURES / "training" / "ocnli_chatml.json"
 VALID = FIXTURES / "training" / "ocnli_chatml.dev.json"
@@ -39,7 +38,7 @@ def losses(run: Path) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
-    return tiny_checkpoint(tmp_path_factory.mktemp("base"))
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("base"))
 
 
 def test_first_logged_loss_is_the_loss_of_a_plain_forward_pass(base, tmp_path):

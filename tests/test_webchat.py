@@ -11,7 +11,8 @@ import time
 import httpx
 import pytest
 
-from tests.server_process import start_server, stop_server, tiny_checkpoint
+from tests.conftest import save_tiny_checkpoint
+from tests.server_process import start_server, stop_server
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None,
@@ -21,7 +22,7 @@ KEY = "sk-page"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    proc, url = start_server(tiny_checkpoint(tmp_path_factory.mktemp("webchat")), "--api-key", KEY)
+    proc, url = start_server(save_tiny_checkpoint(tmp_path_factory.mktemp("webchat")), "--api-key", KEY)
     yield url
     stop_server(proc)
 

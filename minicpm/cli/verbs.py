@@ -94,9 +94,9 @@ def read_prompts(path: Path) -> list[str]:
 def serve(args: argparse.Namespace) -> int:
     import os
 
-    from minicpm.serving.app import listening_socket
-    from minicpm.serving.app import serve as run_server
     from minicpm.serving.engine import Engine
+    from minicpm.serving.server import listening_socket
+    from minicpm.serving.server import serve as run_server
 
     listening_socket(args.host, args.port).close()  # a taken port fails before the model loads
     for flag in ("max_batch", "prefill_chunk"):

@@ -1,2 +1,3 @@
 """Serving: the continuous-batching engine (`engine`), the OpenAI-compatible HTTP app (`app`,
-`protocol`, `metrics`) and the built-in web chat page (`static/chat.html`)."""
+with `state`, `responses`, `errors`, `protocol` and `metrics`), running it (`server`) and the
+built-in web chat page (`static/chat.html`)."""

@@ -1,15 +1,15 @@
-"""The OpenAI request bodies the server accepts, as pydantic models, and its error body.
+"""The OpenAI request bodies the server accepts, as pydantic models.
 
 Field names, defaults and ranges follow OpenAI's API (chat completions and the legacy
 completions), plus the extensions that vLLM and llama.cpp's server also take: top_k, min_p,
 repetition_penalty and ignore_eos. Unknown fields are ignored, as OpenAI's clients send some
 that only matter elsewhere (user, metadata, ...). A value out of range is a 400 that names the
-parameter (see `app.validation_error`).
+parameter (see `errors.bad_body_error`).
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -154,7 +154,3 @@ class DetokenizeRequest(BaseModel):
     model: str | None = None
     tokens: TokenIds
 
-
-def error_body(message: str, kind: str, param: str | None = None, code: Any = None) -> dict[str, Any]:
-    """OpenAI's error object."""
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
