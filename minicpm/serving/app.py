@@ -28,8 +28,8 @@ from fastapi.responses import HTMLResponse, Response
 from minicpm.errors import MiniCPMError
 from minicpm.generation.chat import ROLE_MARKERS
 from minicpm.serving import protocol
+from minicpm.serving.api_errors import ApiError, install_error_handlers
 from minicpm.serving.engine import Engine, Request
-from minicpm.serving.errors import ApiError, install_error_handlers
 from minicpm.serving.metrics import CONTENT_TYPE, Metrics
 from minicpm.serving.protocol import ChatCompletionRequest, CompletionRequest
 from minicpm.serving.responses import (

@@ -17,8 +17,8 @@ from typing import Any
 
 from fastapi.responses import StreamingResponse
 
+from minicpm.serving.api_errors import error_body
 from minicpm.serving.engine import Stream, TokenEvent
-from minicpm.serving.errors import error_body
 from minicpm.serving.protocol import ChatCompletionRequest, CompletionRequest
 from minicpm.serving.state import Choice, ServerState, cancel_all
 

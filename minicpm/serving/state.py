@@ -18,8 +18,8 @@ from functools import lru_cache
 from fastapi import Request as HttpRequest
 
 from minicpm.errors import MiniCPMError
+from minicpm.serving.api_errors import ApiError, ClientGone
 from minicpm.serving.engine import Engine, EngineClosed, QueueFull, Request, Stream
-from minicpm.serving.errors import ApiError, ClientGone
 from minicpm.serving.metrics import Metrics
 
 RETRY_AFTER_S = 1  # what a client is told to wait when the queue is full
