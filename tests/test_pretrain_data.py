@@ -87,7 +87,7 @@ def test_packing_writes_every_document_with_bos_and_eos(tokenizer_dir, tmp_path)
         packed.read(packed.num_tokens - 5, 10)
 
 
-def test_an_interrupted_pack_resumes_to_identical_bytes(tokenizer_dir, tmp_path):
+def test_an_interrupted_pack_resumes_to_identical_bytes(tokenizer_dir, tmp_path, monkeypatch):
     tok = Tokenizer.from_pretrained(tokenizer_dir)
     pack_corpus([WIKI], tok, tmp_path / "straight", shard_tokens=3000, log=lambda m: None)
 
@@ -97,7 +97,7 @@ def test_an_interrupted_pack_resumes_to_identical_bytes(tokenizer_dir, tmp_path)
     calls = {"n": 0}
     import minicpm.training.shards as shards
 
-    original = shards._write_shard
+    original = shards.write_shard
 
     def dies_after_two(*args, **kwargs):
         if calls["n"] == 2:
@@ -105,12 +105,10 @@ def test_an_interrupted_pack_resumes_to_identical_bytes(tokenizer_dir, tmp_path)
         calls["n"] += 1
         return original(*args, **kwargs)
 
-    shards._write_shard = dies_after_two
-    try:
+    with monkeypatch.context() as patch:
+        patch.setattr(shards, "write_shard", dies_after_two)
         with pytest.raises(Stop):
             pack_corpus([WIKI], tok, tmp_path / "resumed", shard_tokens=3000, log=lambda m: None)
-    finally:
-        shards._write_shard = original
     with pytest.raises(MiniCPMError, match="did not finish"):
         PackedTokens(tmp_path / "resumed")
     said = []

@@ -105,12 +105,12 @@ def pack_corpus(files: list[str | Path], tokenizer, out_dir: str | Path, text_fi
             if held >= shard_tokens:
                 stream = np.concatenate(pieces)
                 while stream.size >= shard_tokens:
-                    _write_shard(out, index, stream[:shard_tokens], stream[shard_tokens:])
+                    write_shard(out, index, stream[:shard_tokens], stream[shard_tokens:])
                     stream = stream[shard_tokens:]
                 pieces, held = [stream], stream.size
         index["file"], index["line"] = file_index + 1, 0
     if held:
-        _write_shard(out, index, np.concatenate(pieces), np.zeros(0, dtype=dtype))
+        write_shard(out, index, np.concatenate(pieces), np.zeros(0, dtype=dtype))
     bar.close()
     index["complete"] = True
     _write_index(out, index, np.zeros(0, dtype=dtype))
@@ -144,7 +144,8 @@ def _start_or_resume(out: Path, plan: dict[str, Any], tok, log) -> dict[str, Any
     return index
 
 
-def _write_shard(out: Path, index: dict[str, Any], tokens: np.ndarray, carry: np.ndarray) -> None:
+def write_shard(out: Path, index: dict[str, Any], tokens: np.ndarray, carry: np.ndarray) -> None:
+    """Add one shard of `tokens` to the index; `carry` (the tokens after it) goes to pending."""
     name = shard_name(len(index["shards"]))
     with atomic_file(out / name) as tmp:
         tokens.tofile(tmp)
