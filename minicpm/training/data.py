@@ -74,14 +74,23 @@ def read_records(path: str | Path) -> Iterator[tuple[str, Any]]:
             yield f"line {number}", BadRecord(f"not valid JSON ({exc.msg})")
 
 
-def to_messages(record: Any) -> list[dict[str, str]]:
-    """The record as a list of {"role", "content"} messages ending with the assistant's turn."""
+def _check_object(record: Any) -> None:
     if not isinstance(record, dict):
         raise BadRecord(f"a record must be a JSON object, got {type(record).__name__}")
+
+
+def _non_empty_list(record: dict, key: str) -> list:
+    value = record[key]
+    if not isinstance(value, list) or not value:
+        raise BadRecord(f"'{key}' must be a non-empty list")
+    return value
+
+
+def to_messages(record: Any) -> list[dict[str, str]]:
+    """The record as a list of {"role", "content"} messages ending with the assistant's turn."""
+    _check_object(record)
     if "messages" in record:
-        messages = record["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise BadRecord("'messages' must be a non-empty list")
+        messages = _non_empty_list(record, "messages")
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
                 raise BadRecord(f"message {i} must be {{'role': one of {', '.join(ROLES)}, 'content': text}}")
@@ -179,12 +188,9 @@ def to_preference(record: Any) -> tuple[list[dict[str, str]], str, str]:
     {"conversations": [{"from", "value"}...], "chosen": {...}|str, "rejected": ...} (sharegpt, as
     LLaMA-Factory writes it), {"messages": [{"role", "content"}...], "chosen", "rejected"}, or
     {"prompt": str, "chosen": str, "rejected": str}."""
-    if not isinstance(record, dict):
-        raise BadRecord(f"a record must be a JSON object, got {type(record).__name__}")
+    _check_object(record)
     if "conversations" in record:
-        turns = record["conversations"]
-        if not isinstance(turns, list) or not turns:
-            raise BadRecord("'conversations' must be a non-empty list")
+        turns = _non_empty_list(record, "conversations")
         prompt = [_sharegpt_message(turn, f"conversations {i}") for i, turn in enumerate(turns)]
     elif "messages" in record:
         prompt = to_messages({"messages": record["messages"] + [{"role": "assistant", "content": "x"}]})[:-1]

@@ -1,4 +1,4 @@
-"""Several processes through torch.distributed: `torchrun --nproc-per-node N minicpm-train ...`.
+"""Several processes through torch.distributed: `torchrun --nproc-per-node N -m minicpm.training.run ...`.
 
 Each process holds a shard of every weight, gradient and optimizer state (FSDP2,
 `torch.distributed.fsdp.fully_shard`, one unit per decoder layer plus the root); gloo on CPU,
