@@ -303,12 +303,12 @@ def merge_adapter(base: str, adapter_dir: str, out: str, dtype: str | None = Non
     """Load `base` in fp32, apply the adapter, merge in fp32, check the merged logits against the
     unmerged ones on a probe sequence, and save a plain checkpoint to `out` (in `dtype`, default
     the base's stored dtype). A quantized base is dequantized: the output is a float model."""
-    import minicpm
+    from minicpm.formats import load_checkpoint
     from minicpm.formats.hf import check_writable, save_pretrained
 
     out_path = Path(out)
     check_writable(out_path, overwrite)
-    model, tokenizer = minicpm.load(base, dtype="float32")
+    model, tokenizer = load_checkpoint(base, dtype="float32")
     stored = getattr(model.config, "torch_dtype", None) or "float32"
     if model.config.quantization:  # QLoRA's base: the adapter goes onto its dequantized weights
         from minicpm.quantization import dequantize_model

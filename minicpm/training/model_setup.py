@@ -14,12 +14,12 @@ from minicpm.training.recipe import Recipe
 
 def build_trainable_model(recipe: Recipe, device: torch.device):
     """(model, tokenizer) in training mode, with only what `train.method` trains requiring grad."""
-    import minicpm
+    from minicpm.formats import load_checkpoint
 
     m = recipe.model
     # fine-tuning without model.path starts from the default model
     if m.path is not None or recipe.kind != "pretrain":
-        model, tokenizer = minicpm.load(m.path, dtype=m.dtype, device=device)
+        model, tokenizer = load_checkpoint(m.path, dtype=m.dtype, device=device)
         if tokenizer is None:
             raise MiniCPMError(f"{m.path} has no tokenizer files; training needs one")
     else:
