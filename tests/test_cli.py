@@ -40,6 +40,19 @@ def test_help_is_instant_and_imports_no_torch():
     assert probe.stdout.strip() == "False"
 
 
+def test_the_default_model_has_names(tiny_checkpoint, monkeypatch):
+    from minicpm.loading import DEFAULT_MODEL_FILE, DEFAULT_MODEL_NAME
+
+    for name in ("default", DEFAULT_MODEL_NAME):  # as `minicpm serve` names it to clients
+        result = run("info", name)
+        assert result.returncode == 0 and DEFAULT_MODEL_FILE in result.stdout, result.stderr
+    # a checkpoint folder of that name, where the command runs, is what it means there
+    monkeypatch.chdir(tiny_checkpoint.parent)
+    tiny_checkpoint.rename(tiny_checkpoint.parent / "default")
+    result = run("info", "default")
+    assert result.returncode == 0 and "MiniCPMForCausalLM" in result.stdout, result.stderr
+
+
 def test_info_reports_the_architecture(tiny_checkpoint):
     result = run("info", tiny_checkpoint)
     assert result.returncode == 0, result.stderr

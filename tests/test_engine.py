@@ -158,11 +158,19 @@ def test_cancel_frees_the_slot_for_a_waiting_request(bf16_model):
 
 
 def test_queue_full_and_bad_requests(bf16_model):
-    engine = Engine(bf16_model, max_batch=1, max_queue=2)
-    for i in range(2):
+    engine = Engine(bf16_model, max_batch=2, max_queue=1)
+    for i in range(2):  # the two free slots take them at the next step
         engine.submit(Request(prompt(4, seed=i), greedy(3)))
+    with pytest.raises(QueueFull):  # two more would leave two waiting, past max_queue 1
+        engine.submit_all([Request(prompt(4, seed=i), greedy(3)) for i in range(2, 4)])
+    assert engine.stats()["waiting"] == 2  # all or nothing: the refused pair left nothing behind
+    engine.submit(Request(prompt(4, seed=4), greedy(3)))  # one more fits the queue
     with pytest.raises(QueueFull):
-        engine.submit(Request(prompt(4, seed=3), greedy(3)))
+        engine.submit(Request(prompt(4, seed=5), greedy(3)))
+    with pytest.raises(MiniCPMError, match="can never be served"):  # more than slots + queue
+        engine.submit_all([Request(prompt(4, seed=i), greedy(3)) for i in range(4)])
+    engine.step()
+    assert engine.stats()["running"] == 2 and engine.stats()["waiting"] == 1
     with pytest.raises(MiniCPMError, match=f"prompt has {CONTEXT} tokens.*context holds {CONTEXT}"):
         engine.submit(Request(prompt(CONTEXT, seed=0), greedy(3)))
     with pytest.raises(MiniCPMError, match="prompt_logprobs"):

@@ -10,8 +10,8 @@ SAMPLING_FLAGS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None,
-                   help="checkpoint directory, .gguf file or hub id "
-                        "(default: SmolLM2-135M-Instruct)")
+                   help="checkpoint directory, .gguf file or hub id (default: SmolLM2-135M-Instruct, "
+                        "which 'default' or that name also names)")
     p.add_argument("--dtype", default=None,
                    help="float32, bfloat16 or float16 (default: as stored)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if present)")

@@ -116,10 +116,10 @@ def serve(args: argparse.Namespace) -> int:
 
 def served_name(model: str | None) -> str:
     """The id clients pass as "model": the checkpoint's folder or file name."""
-    if model is None:
-        from minicpm.loading import DEFAULT_MODEL_FILE
+    from minicpm.loading import DEFAULT_MODEL_ALIASES, DEFAULT_MODEL_NAME
 
-        return DEFAULT_MODEL_FILE.split(".")[0]  # SmolLM2-135M-Instruct
+    if model is None or (model in DEFAULT_MODEL_ALIASES and not Path(model).exists()):
+        return DEFAULT_MODEL_NAME
     path = Path(model.rstrip("/"))
     return path.stem if path.suffix == ".gguf" else path.name
 

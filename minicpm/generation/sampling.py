@@ -31,6 +31,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     seed: int | None = None
+    logit_bias: dict[int, float] | None = None  # token id: added to its logit (OpenAI's, [-100, 100])
     stop_token_ids: list[int] | None = None  # None: the model's end-of-sequence ids
     stop: list[str] = field(default_factory=list)  # stop strings (text level)
 
@@ -46,14 +47,19 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             _check(-2 <= value <= 2, f"{name} must be in [-2, 2], got {value}")
+        for token, bias in (self.logit_bias or {}).items():
+            _check(isinstance(token, int) and token >= 0, f"logit_bias keys must be token ids >= 0, got {token!r}")
+            _check(-100 <= bias <= 100, f"logit_bias values must be in [-100, 100], got {bias}")
         if self.max_new_tokens is not None:
             # 0 only scores a prompt (the server's echo with prompt logprobs)
             _check(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 0,
                    f"max_new_tokens must be an integer >= 0, got {self.max_new_tokens}")
 
     @property
-    def penalised(self) -> bool:
-        return self.repetition_penalty != 1.0 or bool(self.presence_penalty or self.frequency_penalty)
+    def adjusts_logits(self) -> bool:
+        """Whether the logits are changed before sampling (penalties, logit bias)."""
+        return (self.repetition_penalty != 1.0 or bool(self.presence_penalty or self.frequency_penalty)
+                or bool(self.logit_bias))
 
     @property
     def greedy(self) -> bool:
@@ -87,6 +93,13 @@ def _check(ok: bool, message: str) -> None:
         raise MiniCPMError(message)
 
 
+def check_vocabulary(params: SamplingParams, vocab_size: int) -> None:
+    """The token ids the settings name (logit_bias) exist in a vocabulary of `vocab_size`."""
+    outside = sorted(t for t in params.logit_bias or {} if t >= vocab_size)
+    _check(not outside, f"logit_bias names token id {outside[0] if outside else 0}, outside the "
+                        f"vocabulary (size {vocab_size})")
+
+
 def make_generator(seed: int | None, device: Any = "cpu") -> torch.Generator:
     gen = torch.Generator(device=device)
     if seed is None:
@@ -100,6 +113,8 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
                 seen: torch.Tensor | None = None, counts: torch.Tensor | None = None) -> torch.Tensor:
     """Next token ids [B] from fp32 logits [B, V]; `seen` [B, V] marks tokens for the repetition
     penalty, `counts` [B, V] (fp32) counts generated tokens for the presence/frequency ones."""
+    if params.logit_bias:
+        logits = apply_logit_bias(logits, params.logit_bias)
     if params.repetition_penalty != 1.0 and seen is not None:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if counts is not None and (params.presence_penalty or params.frequency_penalty):
@@ -149,6 +164,13 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor
     return ids.squeeze(-1)
 
 
+def apply_logit_bias(logits: torch.Tensor, bias: dict[int, float]) -> torch.Tensor:
+    """OpenAI's logit_bias: each listed token's logit plus its bias (-100 bans it in practice)."""
+    ids = torch.tensor(list(bias), device=logits.device)
+    return logits.index_add(-1, ids, torch.tensor(list(bias.values()), dtype=logits.dtype,
+                                                   device=logits.device).expand(logits.shape[0], -1))
+
+
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """The CTRL/Hugging Face rule: seen tokens' positive logits divided, negative multiplied."""
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
@@ -173,6 +195,7 @@ class Sampler:
 
     def __init__(self, params: SamplingParams, vocab_size: int, prompts: list[list[int]],
                  device: Any = "cpu"):
+        check_vocabulary(params, vocab_size)
         self.params = params
         self.generator = None if params.greedy else make_generator(params.seed, device)
         self.seen = self.counts = None
@@ -186,7 +209,7 @@ class Sampler:
     @property
     def plain_greedy(self) -> bool:
         """The argmax of the raw logits (so a whole batch of such rows takes one argmax)."""
-        return self.params.greedy and not self.params.penalised
+        return self.params.greedy and not self.params.adjusts_logits
 
     def sample(self, logits: torch.Tensor) -> torch.Tensor:
         """The next token of every row [B] from fp32 logits [B, V]."""

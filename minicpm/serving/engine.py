@@ -32,6 +32,7 @@ from minicpm.generation.sampling import (
     Sampler,
     SamplingParams,
     TokenLogprob,
+    check_vocabulary,
     prompt_logprobs,
     token_logprob,
 )
@@ -44,7 +45,7 @@ JSON_RETRIES = 8  # resamples of a token the JSON constraint refuses, before mas
 
 
 class QueueFull(RuntimeError):
-    """More requests are waiting than the engine's max_queue (the server answers 503)."""
+    """More requests would wait than the engine's max_queue (the server answers 429)."""
 
 
 class EngineClosed(RuntimeError):
@@ -230,16 +231,30 @@ class Engine:
 
     def submit(self, request: Request) -> Stream:
         """Queue a request; raises QueueFull, EngineClosed, or MiniCPMError for a bad request."""
-        self._validate(request)
-        stream = Stream(request, self)
+        return self.submit_all([request])[0]
+
+    def submit_all(self, requests: list[Request]) -> list[Stream]:
+        """Queue several requests (the choices of one HTTP request) all together, or none of them.
+
+        They are accepted when, once the free slots have taken what waits, at most `max_queue`
+        would still wait; more than `max_batch + max_queue` at once can never be accepted, which
+        is an error of the request (MiniCPMError), not a busy server (QueueFull).
+        """
+        if len(requests) > self.max_batch + self.max_queue:
+            raise MiniCPMError(f"{len(requests)} sequences in one request can never be served: this server "
+                               f"runs {self.max_batch} at once and queues {self.max_queue}")
+        for request in requests:
+            self._validate(request)
+        streams = [Stream(request, self) for request in requests]
         with self._lock:
             if self._closed:
                 raise EngineClosed("the engine is closed")
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self._waiting)} requests are already waiting (max_queue {self.max_queue})")
-            self._waiting.append(stream)
+            if len(self._waiting) + len(streams) > self.max_queue + len(self._free):
+                raise QueueFull(f"{len(self._waiting)} requests are already waiting for {len(self._free)} free "
+                                f"slots (max_queue {self.max_queue})")
+            self._waiting.extend(streams)
             self._lock.notify()
-        return stream
+        return streams
 
     def close(self) -> None:
         """Stop the scheduler; every unfinished stream ends with finish_reason "error"."""
@@ -282,6 +297,7 @@ class Engine:
             k = getattr(request, name)
             if k is not None and not (isinstance(k, int) and 0 <= k <= self.vocab_size):
                 raise MiniCPMError(f"{name} must be an integer in [0, {self.vocab_size}], got {k!r}")
+        check_vocabulary(params, self.vocab_size)
         if params.max_new_tokens == 0 and request.prompt_logprobs is None:
             raise MiniCPMError("max_new_tokens 0 only scores the prompt: ask for prompt_logprobs")
         if params.stop and self.tokenizer is None:
@@ -349,17 +365,21 @@ class Engine:
             _end(stream, "cancelled")
 
     def _admit(self) -> None:
-        with self._lock:
-            admitted = [self._waiting.popleft() for _ in range(min(len(self._free), len(self._waiting)))]
-        for stream in admitted:
+        with self._lock:  # slots are taken under the lock: submit_all counts the free ones
+            admitted = [(self._waiting.popleft(), self._free.pop(0))
+                        for _ in range(min(len(self._free), len(self._waiting)))]
+        for stream, slot in admitted:
             stream.metrics["queued_s"] = stream._seconds()
-            slot = self._free.pop(0)
             try:
                 self._rows.append(_Row(stream, slot, self))
             except Exception as exc:  # e.g. the JSON constraint could not be built
                 log.exception("admitting a request failed")
-                self._free.append(slot)
+                self._release(slot)
                 _end(stream, "error", f"{type(exc).__name__}: {exc}")
+
+    def _release(self, slot: int) -> None:
+        with self._lock:
+            self._free.append(slot)
 
     # ---------------------------------------------------------------- prefill
 
@@ -438,13 +458,15 @@ class Engine:
             stream.metrics["ttft_s"] = stream._seconds()
         logprob = None if row.request.logprobs is None else token_logprob(logits, token, row.request.logprobs)
         row.sampler.observe(torch.tensor([token]))
-        if token in row.stop_ids:
-            self._finish(row, token, self._flush(row), logprob, "stop")
+        if token in row.stop_ids:  # not part of the reply: no logprob for it either
+            self._finish(row, token, self._flush(row), None, "stop")
             return
         text = row.text.push(token) if row.text is not None else ""
         if row.constraint is not None:
             row.constraint.advance(token)
-        if (row.text is not None and row.text.stopped) or (row.constraint is not None and row.constraint.complete):
+        if row.text is not None and row.text.stopped:  # the token that completed a stop string
+            self._finish(row, token, text + self._flush(row), None, "stop")
+        elif row.constraint is not None and row.constraint.complete:
             self._finish(row, token, text + self._flush(row), logprob, "stop")
         elif row.generated >= row.budget:
             self._finish(row, token, text + self._flush(row), logprob, "length")
@@ -460,7 +482,7 @@ class Engine:
                 reason: str, error: str | None = None) -> None:
         """End a row now and give its slot back."""
         self._rows.remove(row)
-        self._free.append(row.slot)
+        self._release(row.slot)
         row.next_token = None
         row.stream.error = error
         _end(row.stream, reason, error, TokenEvent(token, text, logprob, reason))

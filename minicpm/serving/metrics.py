@@ -1,7 +1,9 @@
 """Prometheus metrics of one server: requests, tokens, queue, latency, time to first token.
 
 Each app gets its own registry (several servers in one process, as in tests, stay apart); the
-queue and batch gauges read the engine when scraped, so they are never stale.
+queue and batch gauges read the engine when scraped, so they are never stale. Requests are
+counted by route template (`/v1/models/{model_id}`), never by the raw path: unknown paths share
+one label, so a scan of random URLs cannot grow the number of series.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+UNMATCHED = "unmatched"  # the endpoint label of a path no route serves
 disable_created_metrics()  # "_created" timestamps per series only add noise to the text
 
 
@@ -61,3 +64,34 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class RequestCounter:
+    """ASGI middleware counting HTTP requests by route template and status.
+
+    A plain ASGI wrapper on purpose: Starlette's BaseHTTPMiddleware (`@app.middleware("http")`)
+    runs the route with a receive channel that never reports the client's disconnect, so a
+    non-streaming request whose client hung up kept generating to the end.
+    """
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500  # what the client gets if the app fails before answering
+
+        async def send_and_note_status(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note_status)
+        finally:
+            route = scope.get("route")  # set by the router once a route matched
+            endpoint = getattr(route, "path", None) or UNMATCHED
+            self.metrics.requests.labels(endpoint, str(status)).inc()

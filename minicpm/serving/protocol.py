@@ -9,9 +9,9 @@ parameter (see `errors.bad_body_error`).
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from minicpm.generation.sampling import SamplingParams
 
@@ -64,6 +64,34 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    # Accepted by OpenAI and refused here with a 400: a silent ignore would be a wrong answer.
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_id_keys(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        for key in bias or {}:
+            if not key.isdigit():
+                raise ValueError(f"keys must be token ids (non-negative integers), got {key!r}")
+        return bias
+
+    @field_validator("tools", "functions", "function_call")
+    @classmethod
+    def _no_tool_calls(cls, value: Any) -> Any:
+        if value:
+            raise ValueError("tool and function calling are not supported by this server")
+        return value
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _no_tool_choice(cls, value: Any) -> Any:
+        if value not in (None, "none"):
+            raise ValueError("tool calling is not supported by this server (only 'none')")
+        return value
 
     @field_validator("stop")
     @classmethod
@@ -85,6 +113,7 @@ class SamplingFields(BaseModel):
             top_k=max(self.top_k, 0), min_p=self.min_p, repetition_penalty=self.repetition_penalty,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             seed=None if self.seed is None else self.seed + choice,
+            logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
             stop_token_ids=[] if self.ignore_eos else None, stop=self.stops() + list(extra_stops))
 
     @property
@@ -99,6 +128,13 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     response_format: ResponseFormat | None = None
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, top: int | None, info: ValidationInfo) -> int | None:
+        if top is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return top
 
     @property
     def token_limit(self) -> int | None:
@@ -127,6 +163,14 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     suffix: None = None  # insertion is not supported: any value is a 400
+    best_of: int | None = None  # only 1 (a silent ignore of more would be a wrong answer)
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_one(cls, best_of: int | None) -> int | None:
+        if best_of not in (None, 1):
+            raise ValueError("only best_of 1 is supported; ask for n choices instead")
+        return best_of
 
     def prompts(self) -> list[str | list[int]]:
         """One entry per prompt: a string, or token ids."""

@@ -116,10 +116,18 @@ def legacy_logprobs(server: ServerState, entries: list, start_offset: int) -> di
     for lp in entries:
         out["tokens"].append(server.token_text(lp.token_id))
         out["token_logprobs"].append(lp.logprob if lp.has_logprob else None)
-        out["top_logprobs"].append({server.token_text(t): v for t, v in lp.top} if lp.has_logprob else None)
+        out["top_logprobs"].append(legacy_top(server, lp) if lp.has_logprob else None)
         out["text_offset"].append(offset)
         offset += len(decoder.push(lp.token_id))
     return out
+
+
+def legacy_top(server: ServerState, lp: _Scored) -> dict[str, float]:
+    """The k most likely tokens and, as OpenAI does, the chosen one too (k + 1 entries at most)."""
+    top = {server.token_text(t): v for t, v in lp.top}
+    if all(t != lp.token_id for t, _ in lp.top):
+        top[server.token_text(lp.token_id)] = lp.logprob
+    return top
 
 
 def completion_logprobs(server: ServerState, stream: Stream, choice: Choice, prompt: PromptInput,

@@ -78,21 +78,15 @@ class ServerState:
 
     def submit(self, requests: list[Request]) -> list[Stream]:
         """Submit all choices of one HTTP request, or none of them."""
-        streams: list[Stream] = []
         try:
-            for request in requests:
-                streams.append(self.engine.submit(request))
+            return self.engine.submit_all(requests)
         except QueueFull as exc:
-            cancel_all(streams)
             raise ApiError(429, f"The server is busy: {exc}. Retry later.", kind="rate_limit_error",
                            code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
         except EngineClosed:
-            cancel_all(streams)
             raise ApiError(503, "The server is shutting down.", kind="server_error") from None
         except MiniCPMError as exc:
-            cancel_all(streams)
             raise ApiError(400, str(exc)) from None
-        return streams
 
     async def gather(self, request: HttpRequest, streams: list[Stream], endpoint: str) -> list[Choice]:
         """Every choice in full, unless the client disconnects first (then all are cancelled)."""
