@@ -3,7 +3,8 @@
 A real server process serves the model (default: SmolLM2-135M-Instruct in bf16, 16 slots). First,
 each of a pool of prompts is run alone (greedy, a fixed reply length each): those replies are the
 reference. Then --clients clients loop for --minutes: each picks a prompt, streams it or not, and
-about a quarter of the time hangs up part-way (closing the connection); now and then a client sends
+about a quarter of the time hangs up part-way (closing the connection: mid-stream, or while waiting
+for a non-streamed answer); now and then a client sends
 a malformed body instead. At the end:
   - every reply that ran to the end equals its reference exactly (greedy output must not depend
     on what else is in the batch), and has the reference's length;
@@ -45,10 +46,15 @@ def body(prompt: str, max_tokens: int, stream: bool) -> dict:
 
 
 async def reply(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int, stream: bool,
-                hang_up_after: int | None = None) -> tuple[str, str | None]:
-    """(text, finish_reason); finish_reason None when we hung up first."""
+                hang_up_after: int | None = None, give_up_after_s: float | None = None) -> tuple[str, str | None]:
+    """(text, finish_reason); finish_reason None when we hung up first (after `hang_up_after`
+    stream chunks, or `give_up_after_s` seconds of waiting for a non-streamed answer)."""
     if not stream:
-        r = await client.post(f"{url}/v1/chat/completions", json=body(prompt, max_tokens, False))
+        try:  # cancelling the request closes its connection: the server sees a hang-up
+            r = await asyncio.wait_for(client.post(f"{url}/v1/chat/completions",
+                                                   json=body(prompt, max_tokens, False)), give_up_after_s)
+        except asyncio.TimeoutError:
+            return "", None
         r.raise_for_status()
         choice = r.json()["choices"][0]
         return choice["message"]["content"], choice["finish_reason"]
@@ -84,9 +90,11 @@ async def soak(url: str, minutes: float, clients: int, lengths: dict[str, int], 
                 counts["malformed: 400" if ok else f"malformed: unexpected {r.status_code}"] += 1
                 continue
             stream = roll < 0.7
-            hang_up = rng.randint(1, lengths[prompt]) if stream and rng.random() < 0.25 else None
+            leave = rng.random() < 0.25
+            hang_up = rng.randint(1, lengths[prompt]) if stream and leave else None
+            give_up_s = rng.uniform(0.05, 2.0) if not stream and leave else None
             try:
-                text, reason = await reply(client, url, prompt, lengths[prompt], stream, hang_up)
+                text, reason = await reply(client, url, prompt, lengths[prompt], stream, hang_up, give_up_s)
             except httpx.HTTPStatusError as exc:
                 counts[f"HTTP {exc.response.status_code}"] += 1
                 continue
