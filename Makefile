@@ -46,8 +46,11 @@ test: install
 	$(PY) -m pytest -q
 
 # Checks against llama.cpp: builds llama-cpp-python from source once (about 15 minutes on 2 cores).
+# lm-eval (lm-evaluation-harness) is installed here, not in the `test` extra: its dependencies
+# (datasets, pyarrow, pandas, scipy, scikit-learn, ...) add about 530 MB.
 test-peer: install
 	bash scripts/build_llama_cpp.sh $(VENV)
+	$(PIP) install -q "lm-eval[api]==0.4.13"
 	$(PY) -m pytest -q -m peer
 
 bench: install

@@ -10,9 +10,11 @@ import time
 from pathlib import Path
 
 
-def start_server(checkpoint: Path, *args: str) -> tuple[subprocess.Popen, str]:
-    """Run `minicpm serve` on a free port; returns the process and its base URL once it answers."""
-    cmd = [sys.executable, "-m", "minicpm.cli.main", "serve", str(checkpoint), "--port", "0", "--threads", "2",
+def start_server(checkpoint: Path | None, *args: str) -> tuple[subprocess.Popen, str]:
+    """Run `minicpm serve` on a free port (checkpoint None: the default model); returns the
+    process and its base URL once it answers."""
+    model = [] if checkpoint is None else [str(checkpoint)]
+    cmd = [sys.executable, "-m", "minicpm.cli.main", "serve", *model, "--port", "0", "--threads", "2",
            *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120

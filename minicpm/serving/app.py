@@ -8,6 +8,8 @@ together, one step at a time), not by the one-request loop behind `model.generat
 (minicpm/generation). Beside this module: `state` (what the routes share; submitting to the
 engine), `responses` (answer bodies, SSE chunks, the two logprob formats), `errors` (OpenAI
 error bodies and exception handlers) and `server` (binding the port, running uvicorn).
+GET /tokenizer_info (its body: `tokenizer_routes`) lets clients such as lm-evaluation-harness use
+the server's tokenizer with /tokenize and /detokenize instead of downloading one.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from minicpm.serving.responses import (
     event_stream,
 )
 from minicpm.serving.state import ServerState
+from minicpm.serving.tokenizer_routes import tokenizer_info_body
 
 
 def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None = None,
@@ -115,6 +118,10 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
             raise ApiError(400, f"token id {bad[0]} is outside the vocabulary (size {tokenizer.vocab_size})",
                            param="tokens")
         return {"prompt": tokenizer.decode(body.tokens)}
+
+    @app.get("/tokenizer_info", dependencies=authorised)
+    async def tokenizer_info() -> dict[str, Any]:
+        return tokenizer_info_body(tokenizer, server.context)
 
     return app
 

@@ -204,6 +204,11 @@ class Tokenizer:
     def chat_template(self) -> str | None:
         return self.chat_templates.get("default")
 
+    @property
+    def active_chat_template(self) -> str:
+        """The template `apply_chat_template` uses when not given a `chat_format`."""
+        return self._template_for(self.chat_format)
+
     # --- text -----------------------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; special-token text in it (e.g. "</s>") maps to its id.
