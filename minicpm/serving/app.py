@@ -8,7 +8,7 @@ together, one step at a time), not by the one-request loop behind `model.generat
 (minicpm/generation). Beside this module: `state` (what the routes share; submitting to the
 engine), `responses` (answer bodies, SSE chunks, the two logprob formats), `errors` (OpenAI
 error bodies and exception handlers) and `server` (binding the port, running uvicorn).
-GET /tokenizer_info (its body: `tokenizer_routes`) lets clients such as lm-evaluation-harness use
+GET /tokenizer_info (its body: `tokenizer_info`) lets clients such as lm-evaluation-harness use
 the server's tokenizer with /tokenize and /detokenize instead of downloading one.
 """
 
@@ -43,7 +43,7 @@ from minicpm.serving.responses import (
     event_stream,
 )
 from minicpm.serving.state import ServerState
-from minicpm.serving.tokenizer_routes import tokenizer_info_body
+from minicpm.serving.tokenizer_info import tokenizer_info_body
 
 
 def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None = None,
