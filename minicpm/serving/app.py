@@ -6,10 +6,11 @@ web chat page at /. Every request becomes one engine `Request` per choice, gener
 continuous-batching `Engine` of engine.py (a scheduler thread that decodes all running requests
 together, one step at a time), not by the one-request loop behind `model.generate`
 (minicpm/generation). Beside this module: `state` (what the routes share; submitting to the
-engine), `responses` (answer bodies, SSE chunks, the two logprob formats), `errors` (OpenAI
-error bodies and exception handlers) and `server` (binding the port, running uvicorn).
-GET /tokenizer_info (its body: `tokenizer_info`) lets clients such as lm-evaluation-harness use
-the server's tokenizer with /tokenize and /detokenize instead of downloading one.
+engine), `responses` (answer bodies, SSE chunks, the two logprob formats), `api_errors` (OpenAI
+error bodies and exception handlers), `openapi` (the schema at /openapi.json) and `server`
+(binding the port, running uvicorn). GET /tokenizer_info (its body: `tokenizer_info`) lets
+clients such as lm-evaluation-harness use the server's tokenizer with /tokenize and /detokenize
+instead of downloading one.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from minicpm.serving import protocol
 from minicpm.serving.api_errors import ApiError, install_error_handlers
 from minicpm.serving.engine import Engine, Request
 from minicpm.serving.metrics import CONTENT_TYPE, RequestCounter
+from minicpm.serving.openapi import install_openapi
 from minicpm.serving.protocol import ChatCompletionRequest, CompletionRequest
 from minicpm.serving.responses import (
     PromptInput,
@@ -101,8 +103,6 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
     @app.post("/tokenize", dependencies=authorised)
     async def tokenize(body: protocol.TokenizeRequest) -> dict[str, Any]:
         server.check_model(body.model)
-        if (body.prompt is None) == (body.messages is None):
-            raise ApiError(400, "give exactly one of 'prompt' or 'messages'", param="prompt")
         if body.messages is not None:
             ids = tokenizer.apply_chat_template([{"role": m.role, "content": m.text()} for m in body.messages],
                                                 add_generation_prompt=body.add_generation_prompt, tokenize=True)
@@ -123,6 +123,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
     async def tokenizer_info() -> dict[str, Any]:
         return tokenizer_info_body(tokenizer, server.context)
 
+    install_openapi(app, server.check_key if api_key is not None else None)
     return app
 
 

@@ -4,30 +4,60 @@ Field names, defaults and ranges follow OpenAI's API (chat completions and the l
 completions), plus the extensions that vLLM and llama.cpp's server also take: top_k, min_p,
 repetition_penalty and ignore_eos. Unknown fields are ignored, as OpenAI's clients send some
 that only matter elsewhere (user, metadata, ...). A value out of range is a 400 that names the
-parameter (see `errors.bad_body_error`).
+parameter (see `api_errors.bad_body_error`). Text fields are `Text`: a string that can be encoded
+as UTF-8 (a lone UTF-16 surrogate, sent as a JSON escape or as CESU-8 bytes, is a 400, not a
+failure deep in the tokenizer). Constraints the server enforces are declared here, so that
+they are in the OpenAPI schema too: prompts are non-empty, token ids are strict non-negative
+integers (`false` is not token 0), /tokenize takes exactly one of prompt or messages.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from minicpm.generation.sampling import SamplingParams
 
 MAX_N = 16  # choices per request: each one takes a KV-cache slot
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+SEED_RANGE = (-(2**63), 2**64)  # what OpenAI takes: any signed or unsigned 64-bit value
+
+
+def _encodable(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"the text holds a lone UTF-16 surrogate ({text[exc.start]!r} at character "
+                         f"{exc.start}), which is not valid Unicode") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
+Prompt = Annotated[Text, Field(min_length=1)]  # a prompt string: non-empty
+TokenId = Annotated[StrictInt, Field(ge=0)]
+TokenIds = list[TokenId]
+PromptIds = Annotated[TokenIds, Field(min_length=1)]  # a prompt as token ids: non-empty
 
 
 class TextPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    content: Text | list[TextPart] | None = None
+    name: Text | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -50,7 +80,7 @@ class SamplingFields(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: str | None = None
+    model: Text | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
     top_k: Annotated[int, Field(ge=-1)] = 0  # 0 or -1: off (vLLM uses -1)
@@ -58,9 +88,9 @@ class SamplingFields(BaseModel):
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
     repetition_penalty: Annotated[float, Field(gt=0)] = 1.0
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=SEED_RANGE[0], lt=SEED_RANGE[1])] | None = None
     n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
@@ -112,7 +142,7 @@ class SamplingFields(BaseModel):
             max_new_tokens=max_new_tokens, temperature=self.temperature, top_p=self.top_p,
             top_k=max(self.top_k, 0), min_p=self.min_p, repetition_penalty=self.repetition_penalty,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-            seed=None if self.seed is None else self.seed + choice,
+            seed=None if self.seed is None else (self.seed + choice) % 2**64,  # the generator takes 64 bits
             logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
             stop_token_ids=[] if self.ignore_eos else None, stop=self.stops() + list(extra_stops))
 
@@ -153,12 +183,8 @@ class ChatCompletionRequest(SamplingFields):
         return [{"role": m.role, "content": m.text()} for m in self.messages]
 
 
-TokenIds = list[Annotated[int, Field(ge=0)]]
-
-
 class CompletionRequest(SamplingFields):
-    prompt: str | Annotated[list[str], Field(min_length=1)] | Annotated[TokenIds, Field(min_length=1)] \
-        | Annotated[list[TokenIds], Field(min_length=1)]
+    prompt: Prompt | Annotated[list[Prompt], Field(min_length=1)] | PromptIds | Annotated[list[PromptIds], Field(min_length=1)]
     max_tokens: Annotated[int, Field(ge=0)] | None = 16  # 0: score the prompt only (with echo)
     echo: bool = False
     logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
@@ -183,18 +209,29 @@ class CompletionRequest(SamplingFields):
 
 
 class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    """Exactly one of `prompt` (a string) or `messages` (rendered with the chat template)."""
 
-    model: str | None = None
-    prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    # the schema says "exactly one" too: one of the two is present and not null
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"oneOf": [
+        {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
+        {"required": ["messages"], "properties": {"messages": {"type": "array"}}}]})
+
+    model: Text | None = None
+    prompt: Text | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
+
+    @model_validator(mode="after")
+    def _prompt_or_messages(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'prompt' or 'messages'")
+        return self
 
 
 class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    model: str | None = None
+    model: Text | None = None
     tokens: TokenIds
 

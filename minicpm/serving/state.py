@@ -69,8 +69,9 @@ class ServerState:
         wanted = prompt_tokens + max(max_tokens or 0, 1)
         if wanted > self.context:
             asked = f" and max_tokens asks for {max_tokens}" if max_tokens else " and at least 1 token must be generated"
+            takes = "take" if where == "messages" else "takes"  # "the messages take", "the prompt takes"
             raise ApiError(400, f"This model's maximum context length is {self.context} tokens, but the {where} "
-                                f"take {prompt_tokens} tokens{asked} ({wanted} in all). Shorten the {where} "
+                                f"{takes} {prompt_tokens} tokens{asked} ({wanted} in all). Shorten the {where} "
                                 f"or lower max_tokens.", param="messages" if where == "messages" else "prompt",
                            code="context_length_exceeded")
 
