@@ -34,7 +34,7 @@ from tests.conftest import save_tiny_checkpoint
 from tests.server_process import start_server, stop_server
 
 KEY = "sk-fuzz-key"
-EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "15"))  # per operation and mode (valid, invalid)
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "30"))  # per operation and mode (valid, invalid)
 RANDOM = os.environ.get("FUZZ_SEED") == "random"
 SEED = random.randrange(2**32) if RANDOM else int(os.environ.get("FUZZ_SEED", "12"))
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_headers_conformance,
@@ -80,6 +80,10 @@ def test_every_operation_answers_as_documented(server):
             except Exception as exc:  # noqa: BLE001 - gathered, so that one run shows every failing operation
                 failures.append(f"{operation.label} ({mode.value}): {exc}")
     assert not failures, "\n\n".join(failures)
+    metrics = httpx.get(f"{server}/metrics").text
+    sent = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+               if line.startswith("minicpm_requests_total{"))
+    assert sent >= 8 * EXAMPLES  # the cases did reach the server (8 modes of operations with a body)
 
 
 # ---------------------------------------------------------------------- what fuzzing and hostile clients found
@@ -175,6 +179,8 @@ def test_the_schema_documents_the_answers(server):
     assert len(schemas["TokenizeRequest"]["oneOf"]) == 2
     token = schemas["DetokenizeRequest"]["properties"]["tokens"]["items"]
     assert token["type"] == "integer" and token["minimum"] == 0
+    seed = schemas["CompletionRequest"]["properties"]["seed"]["anyOf"][0]  # exact, not 1.8446744073709552e+19
+    assert (seed["minimum"], seed["exclusiveMaximum"]) == (-(2**63), 2**64)
 
 
 def test_405_says_which_methods_are_allowed(server):

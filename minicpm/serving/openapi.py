@@ -85,6 +85,7 @@ def build_schema(app: FastAPI, key_check: Callable | None) -> dict[str, Any]:
     schemas["ErrorResponse"] = ERROR_BODY
     for name in ("HTTPValidationError", "ValidationError"):  # FastAPI's 422 bodies: never sent
         schemas.pop(name, None)
+    integral_bounds(spec)
     for route in app.routes:
         if not isinstance(route, APIRoute) or not route.include_in_schema:
             continue
@@ -92,6 +93,24 @@ def build_schema(app: FastAPI, key_check: Callable | None) -> dict[str, Any]:
             operation = spec["paths"][route.path_format][method.lower()]
             describe(operation, route, key_check)
     return spec
+
+
+BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+
+
+def integral_bounds(node: Any) -> None:
+    """FastAPI's schema models hold bounds as floats: 2**64 became 1.8446744073709552e+19, and a
+    validator compares 2**64 + 382 with that float as equal. Our integral bounds (powers of two
+    among them) are exact as floats, so turn them back into integers."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in BOUNDS and isinstance(value, float) and value.is_integer():
+                node[key] = int(value)
+            else:
+                integral_bounds(value)
+    elif isinstance(node, list):
+        for item in node:
+            integral_bounds(item)
 
 
 def describe(operation: dict[str, Any], route: APIRoute, key_check: Callable | None) -> None:

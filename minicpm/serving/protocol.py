@@ -184,7 +184,8 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: Prompt | Annotated[list[Prompt], Field(min_length=1)] | PromptIds | Annotated[list[PromptIds], Field(min_length=1)]
+    prompt: Prompt | Annotated[list[Prompt], Field(min_length=1)] | PromptIds \
+        | Annotated[list[PromptIds], Field(min_length=1)]
     max_tokens: Annotated[int, Field(ge=0)] | None = 16  # 0: score the prompt only (with echo)
     echo: bool = False
     logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
