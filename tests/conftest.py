@@ -15,6 +15,7 @@ import torch
 import minicpm.generation  # noqa: F401  models built here get generate()/chat(), as minicpm.load's do
 from minicpm.config import MiniCPMConfig, preset
 
+pytest_plugins = ["tests.server_process"]  # the server tests' fixtures
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -1,4 +1,6 @@
-"""A real `minicpm serve` process on loopback for the server and web-page tests."""
+"""A real `minicpm serve` process on loopback for the server and web-page tests, and the pytest
+fixtures of the server tests (a tiny checkpoint served with an API key, the same model loaded
+in the test process as the reference, an `openai` client); tests/conftest.py registers them."""
 
 from __future__ import annotations
 
@@ -8,6 +10,12 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import save_tiny_checkpoint
 
 
 def start_server(checkpoint: Path | None, *args: str) -> tuple[subprocess.Popen, str]:
@@ -38,3 +46,41 @@ def stop_server(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         raise
+
+
+KEY = "sk-test-key"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("serve"))
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    proc, url = start_server(checkpoint, "--api-key", KEY)
+    yield url
+    stop_server(proc)
+
+
+@pytest.fixture(scope="module")
+def local(checkpoint):
+    """The same model in this process: the reference for the server's answers."""
+    import minicpm
+
+    return minicpm.load(checkpoint)
+
+
+@pytest.fixture
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def auth() -> dict[str, str]:
+    return {"Authorization": f"Bearer {KEY}"}
+
+
+def error_of(response: httpx.Response) -> dict:
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    return body["error"]

@@ -10,45 +10,13 @@ import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 import torch
 
-import minicpm
-from tests.conftest import save_tiny_checkpoint
-from tests.server_process import start_server, stop_server
-
-KEY = "sk-test-key"
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("serve"))
-
-
-@pytest.fixture(scope="module")
-def server(checkpoint):
-    proc, url = start_server(checkpoint, "--api-key", KEY)
-    yield url
-    stop_server(proc)
-
-
-@pytest.fixture(scope="module")
-def local(checkpoint):
-    """The same model in this process: the reference for the server's answers."""
-    return minicpm.load(checkpoint)
-
-
-@pytest.fixture
-def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=60)
-
-
-def auth() -> dict[str, str]:
-    return {"Authorization": f"Bearer {KEY}"}
+from tests.server_process import KEY, auth, error_of, start_server, stop_server
 
 
 def greedy_text(local, prompt_ids: list[int], n: int) -> str:
@@ -199,12 +167,6 @@ def test_tokenize_detokenize_round_trip(server, local):
     chat = httpx.post(f"{server}/tokenize", json={"messages": [{"role": "user", "content": "hi"}]},
                       headers=auth()).json()
     assert chat["tokens"] == tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=True)
-
-
-def error_of(response: httpx.Response) -> dict:
-    body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
-    return body["error"]
 
 
 @pytest.mark.parametrize("body,status,param", [

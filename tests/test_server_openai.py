@@ -17,8 +17,7 @@ import openai
 import pytest
 
 from tests.conftest import save_tiny_checkpoint
-from tests.server_process import start_server, stop_server
-from tests.test_server import KEY, auth, checkpoint, client, error_of, local, server  # noqa: F401
+from tests.server_process import KEY, auth, error_of, start_server, stop_server
 
 MODEL = "tiny-minicpm"
 
@@ -53,10 +52,14 @@ def hang_up_after(url: str, path: str, body: dict, seconds: float) -> None:
 
 
 @pytest.fixture(scope="module")
-def long_server(tmp_path_factory):
-    """A server whose replies can run to 4000 tokens (seconds), with an API key."""
-    proc, url = start_server(save_tiny_checkpoint(tmp_path_factory.mktemp("long"), context=4096),
-                             "--api-key", KEY)
+def long_checkpoint(tmp_path_factory):
+    """A tiny model whose replies can run to 4000 tokens (seconds)."""
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("long"), context=4096)
+
+
+@pytest.fixture(scope="module")
+def long_server(long_checkpoint):
+    proc, url = start_server(long_checkpoint, "--api-key", KEY)
     yield url
     stop_server(proc)
 
@@ -82,7 +85,7 @@ def test_sixteen_abandoned_requests_leave_room_for_the_next(long_server):
             assert all(isinstance(r, httpx.TimeoutException) for r in results)  # each one hung up
 
     asyncio.run(abandon_all())
-    wait_until_idle(long_server, seconds=2.0)
+    wait_until_idle(long_server, seconds=5.0)
     start = time.time()
     r = httpx.post(f"{long_server}/v1/completions", headers=auth(), timeout=30,
                    json={"prompt": "Once", "max_tokens": 5, "ignore_eos": True})
@@ -164,15 +167,16 @@ def test_supported_values_of_those_fields_are_accepted(client):
     assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2, best_of=1).choices
 
 
-def test_a_request_is_admitted_whole_or_not_at_all(checkpoint):  # noqa: F811
-    proc, url = start_server(checkpoint, "--max-batch", "2", "--max-queue", "2")
+def test_a_request_is_admitted_whole_or_not_at_all(long_checkpoint):
+    proc, url = start_server(long_checkpoint, "--max-batch", "2", "--max-queue", "2")
     try:
         never = httpx.post(f"{url}/v1/completions", json={"prompt": ["a"] * 5, "max_tokens": 2})
         assert never.status_code == 400 and "can never be served" in error_of(never)["message"]
         # one long request runs; four more prompts exceed the one free slot plus the queue of 2
         with httpx.stream("POST", f"{url}/v1/completions", timeout=60,
-                          json={"prompt": "Once", "max_tokens": 250, "ignore_eos": True, "stream": True}) as r:
-            next(line for line in r.iter_lines() if line.startswith("data: "))
+                          json={"prompt": "Once", "max_tokens": 4000, "ignore_eos": True, "stream": True}) as r:
+            lines = r.iter_lines()  # kept: closing it would hang up
+            next(line for line in lines if line.startswith("data: "))
             busy = httpx.post(f"{url}/v1/completions", json={"prompt": ["a"] * 4, "max_tokens": 2})
             assert busy.status_code == 429
             assert httpx.get(f"{url}/health").json()["waiting"] == 0  # nothing of it was queued

@@ -23,7 +23,6 @@ from pydantic import (
     StrictInt,
     ValidationInfo,
     field_validator,
-    model_validator,
 )
 
 from minicpm.generation.sampling import SamplingParams
@@ -218,16 +217,18 @@ class TokenizeRequest(BaseModel):
         {"required": ["messages"], "properties": {"messages": {"type": "array"}}}]})
 
     model: Text | None = None
-    prompt: Text | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+    # validated after `messages` (and also when absent), so that the error names `prompt`
+    prompt: Annotated[Text | None, Field(validate_default=True)] = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 
-    @model_validator(mode="after")
-    def _prompt_or_messages(self) -> TokenizeRequest:
-        if (self.prompt is None) == (self.messages is None):
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_or_messages(cls, prompt: str | None, info: ValidationInfo) -> str | None:
+        if (prompt is None) == (info.data.get("messages") is None):
             raise ValueError("give exactly one of 'prompt' or 'messages'")
-        return self
+        return prompt
 
 
 class DetokenizeRequest(BaseModel):
