@@ -80,7 +80,11 @@ def auth() -> dict[str, str]:
     return {"Authorization": f"Bearer {KEY}"}
 
 
-def error_of(response: httpx.Response) -> dict:
+def error_of(response: httpx.Response, status: int | None = None) -> dict:
+    """The OpenAI error object of an answer (with exactly OpenAI's fields), after checking its
+    status where one is given."""
+    if status is not None:
+        assert response.status_code == status, response.text
     body = response.json()
     assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
     return body["error"]

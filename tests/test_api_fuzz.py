@@ -31,7 +31,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from tests.conftest import save_tiny_checkpoint
-from tests.server_process import start_server, stop_server
+from tests.server_process import error_of, start_server, stop_server
 
 KEY = "sk-fuzz-key"
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "30"))  # per operation and mode (valid, invalid)
@@ -84,6 +84,7 @@ def test_every_operation_answers_as_documented(server):
     sent = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
                if line.startswith("minicpm_requests_total{"))
     assert sent >= 8 * EXAMPLES  # the cases did reach the server (8 modes of operations with a body)
+    print(f"{sent:.0f} requests answered, none with a 5xx")
 
 
 # ---------------------------------------------------------------------- what fuzzing and hostile clients found
@@ -95,11 +96,9 @@ def post(server: str, path: str, body, key: bool = True) -> httpx.Response:
     return httpx.post(f"{server}{path}", content=content, headers=headers, timeout=60)
 
 
-def error_of(response: httpx.Response, status: int = 400) -> dict:
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
-    return body["error"]
+def refused(response: httpx.Response) -> dict:
+    """The error object of a 400 answer."""
+    return error_of(response, 400)
 
 
 CHAT = "/v1/chat/completions"
@@ -117,13 +116,13 @@ HI = [{"role": "user", "content": "hi"}]
     ("/tokenize", {"prompt": "\ud800"}, "prompt"),
 ])
 def test_a_lone_surrogate_is_a_400_that_names_the_field(server, path, body, param):
-    err = error_of(post(server, path, body))  # json.dumps writes the surrogate as a \ud800 escape
+    err = refused(post(server, path, body))  # json.dumps writes the surrogate as a \ud800 escape
     assert err["param"] == param and "surrogate" in err["message"]
 
 
 def test_cesu8_bytes_are_a_400(server):
     raw = b'{"prompt": "\xed\xa0\x80 x", "max_tokens": 1}'  # a surrogate encoded as if it were a character
-    assert "surrogate" in error_of(post(server, "/v1/completions", raw))["message"]
+    assert "surrogate" in refused(post(server, "/v1/completions", raw))["message"]
 
 
 def test_seeds_take_any_64_bit_value(server):
@@ -136,27 +135,27 @@ def test_seeds_take_any_64_bit_value(server):
         first = texts(seed)
         assert texts(seed) == first  # still reproducible, with each choice its own seed
     for seed in (2**64, -(2**63) - 1):
-        assert error_of(post(server, "/v1/completions", {"prompt": "hi", "seed": seed}))["param"] == "seed"
+        assert refused(post(server, "/v1/completions", {"prompt": "hi", "seed": seed}))["param"] == "seed"
 
 
 def test_messages_name_what_is_wrong(server):
-    err = error_of(post(server, CHAT, b""))
+    err = refused(post(server, CHAT, b""))
     assert err["message"] == "The request body is missing: send the parameters as a JSON object."
-    err = error_of(post(server, CHAT, {"model": "tiny-minicpm"}))
+    err = refused(post(server, CHAT, {"model": "tiny-minicpm"}))
     assert err["param"] == "messages" and err["message"] == "Missing required parameter: 'messages'."
-    err = error_of(post(server, "/v1/completions", {"prompt": [5, -1]}))
+    err = refused(post(server, "/v1/completions", {"prompt": [5, -1]}))
     assert err["param"] == "prompt.1" and "greater than or equal to 0" in err["message"]
-    err = error_of(post(server, "/v1/completions", {"prompt": [[5], [6, -1]]}))
+    err = refused(post(server, "/v1/completions", {"prompt": [[5], [6, -1]]}))
     assert err["param"] == "prompt.1.1" and "greater than or equal to 0" in err["message"]
-    err = error_of(post(server, "/detokenize", {"tokens": [1, False]}))  # not token 0
+    err = refused(post(server, "/detokenize", {"tokens": [1, False]}))  # not token 0
     assert err["param"] == "tokens.1" and "valid integer" in err["message"]
-    err = error_of(post(server, "/v1/completions", {"prompt": "word " * 40}))
+    err = refused(post(server, "/v1/completions", {"prompt": "word " * 40}))
     assert "the prompt takes " in err["message"] and err["code"] == "context_length_exceeded"
-    err = error_of(post(server, CHAT, {"messages": [{"role": "user", "content": "word " * 40}]}))
+    err = refused(post(server, CHAT, {"messages": [{"role": "user", "content": "word " * 40}]}))
     assert "the messages take " in err["message"] and err["param"] == "messages"
     for body in ({}, {"prompt": "a", "messages": HI}, {"prompt": None}):
-        assert "exactly one of 'prompt' or 'messages'" in error_of(post(server, "/tokenize", body))["message"]
-    assert error_of(post(server, "/v1/completions", {"prompt": ""}))["param"] == "prompt"
+        assert "exactly one of 'prompt' or 'messages'" in refused(post(server, "/tokenize", body))["message"]
+    assert refused(post(server, "/v1/completions", {"prompt": ""}))["param"] == "prompt"
 
 
 def test_the_schema_documents_the_answers(server):
