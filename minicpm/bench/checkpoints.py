@@ -56,7 +56,7 @@ def prepare(shape: str, workdir: Path, gguf_types=("f16", "q8_0", "q4_0"), log=p
     state = dict(random_tensors(config))  # bf16 only: ~2.7 GB for 1B, ~5.5 GB for 2B
     save_pretrained(None, None, workdir / "hf", config=config, state_dict=state, overwrite=True)
     log(f"  {shape}: random bf16 checkpoint in {time.perf_counter() - start:.0f} s")
-    if quantized and has_quantization():
+    if quantized:
         prepare_quantized(workdir, quantized, log=lambda m: log(f"  {shape}: {m}"))
     for gguf_type in gguf_types:
         start = time.perf_counter()
@@ -86,12 +86,3 @@ def prepare_quantized(workdir: Path, precisions=tuple(QUANTIZED), log=print) -> 
 def ours_path(workdir: Path, precision: str) -> Path:
     """Where `prepare` wrote our checkpoint of `precision`."""
     return workdir / ("hf" if precision == "bf16" else f"ours-{precision}")
-
-
-def has_quantization() -> bool:
-    """Whether this installation can write our int8/int4 checkpoints."""
-    try:
-        from minicpm.formats.quantized import quantize_checkpoint  # noqa: F401
-    except ImportError:
-        return False
-    return True

@@ -11,8 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from minicpm.bench.checkpoints import has_quantization
-
 
 def run_case(engine: str, precision: str, workdir: Path, threads: int, timeout: float = 1800,
              mode: str = "speed") -> dict | str:
@@ -56,8 +54,6 @@ def peak_rss_mb() -> float:
 
 def skip_reason(engine: str, precision: str) -> str | None:
     """Why a case cannot run on this installation, checked before spending time on it."""
-    if engine == "ours" and precision != "bf16" and not has_quantization():
-        return "minicpm.quantization (quantize_checkpoint) is not available in this version"
     if engine == "llama.cpp" and importlib.util.find_spec("llama_cpp") is None:
         return "llama-cpp-python is not installed (`make test-peer` builds it)"
     if engine == "transformers" and importlib.util.find_spec("transformers") is None:

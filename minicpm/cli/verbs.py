@@ -116,9 +116,9 @@ def serve(args: argparse.Namespace) -> int:
 
 def served_name(model: str | None) -> str:
     """The id clients pass as "model": the checkpoint's folder or file name."""
-    from minicpm.loading import DEFAULT_MODEL_ALIASES, DEFAULT_MODEL_NAME
+    from minicpm.loading import DEFAULT_MODEL_NAME, names_default_model
 
-    if model is None or (model in DEFAULT_MODEL_ALIASES and not Path(model).exists()):
+    if names_default_model(model):
         return DEFAULT_MODEL_NAME
     path = Path(model.rstrip("/"))
     return path.stem if path.suffix == ".gguf" else path.name

@@ -215,8 +215,12 @@ class Sampler:
         """The next token of every row [B] from fp32 logits [B, V]."""
         return sample_next(logits, self.params, self.generator, self.seen, self.counts)
 
-    def observe(self, tokens: torch.Tensor) -> None:
-        """Record each row's new token [B] for the penalties."""
+    def observe(self, tokens: torch.Tensor | list[int]) -> None:
+        """Record each row's new token [B] for the penalties (nothing to do without them: this
+        runs for every token of every sequence)."""
+        if self.seen is None and self.counts is None:
+            return
+        tokens = torch.as_tensor(tokens)
         rows = torch.arange(tokens.shape[0], device=tokens.device)
         if self.seen is not None:
             self.seen[rows, tokens] = True

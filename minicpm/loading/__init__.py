@@ -10,8 +10,9 @@ from minicpm.loading.source import (
     DEFAULT_MODEL_NAME,
     default_model_path,
     locate,
+    names_default_model,
     resolve,
 )
 
 __all__ = ["DEFAULT_MODEL_ALIASES", "DEFAULT_MODEL_FILE", "DEFAULT_MODEL_NAME", "default_model_path",
-           "locate", "resolve"]
+           "locate", "names_default_model", "resolve"]

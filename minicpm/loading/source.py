@@ -34,16 +34,22 @@ def default_model_path() -> Path:
     return path
 
 
+def names_default_model(path_or_id: str | Path | None) -> bool:
+    """No model argument, or "default" / the default model's served name where no file or
+    folder of that name exists."""
+    if path_or_id is None or str(path_or_id) == "":
+        return True
+    return str(path_or_id) in DEFAULT_MODEL_ALIASES and not Path(path_or_id).expanduser().exists()
+
+
 def resolve(path_or_id: str | Path | None) -> Path:
     """A local path for a model argument: the default model (no argument, "default" or its served
     name), a path, or a hub download."""
-    if path_or_id is None or str(path_or_id) == "":
+    if names_default_model(path_or_id):
         return default_model_path()
     path = Path(path_or_id).expanduser()
     if path.exists():
         return path
-    if str(path_or_id) in DEFAULT_MODEL_ALIASES:
-        return default_model_path()
     text = str(path_or_id)
     looks_local = text.startswith((".", "/", "~")) or text.endswith(".gguf") or text.count("/") != 1
     if looks_local:

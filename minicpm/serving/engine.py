@@ -457,7 +457,7 @@ class Engine:
         if row.generated == 1:
             stream.metrics["ttft_s"] = stream._seconds()
         logprob = None if row.request.logprobs is None else token_logprob(logits, token, row.request.logprobs)
-        row.sampler.observe(torch.tensor([token]))
+        row.sampler.observe([token])
         if token in row.stop_ids:  # not part of the reply: no logprob for it either
             self._finish(row, token, self._flush(row), None, "stop")
             return

@@ -62,7 +62,8 @@ class ServerState:
 
     def check_model(self, name: str | None) -> None:
         if name and name != self.model_name:
-            raise ApiError(404, f"The model '{name}' does not exist; this server serves '{self.model_name}'.",
+            shown = name if len(name) <= 80 else name[:77] + "..."  # echo a bounded part of it
+            raise ApiError(404, f"The model '{shown}' does not exist; this server serves '{self.model_name}'.",
                            param="model", code="model_not_found")
 
     def check_fits(self, prompt_tokens: int, max_tokens: int | None, where: str) -> None:
