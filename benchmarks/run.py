@@ -1,15 +1,16 @@
 """`make bench`: speed side by side with the peers, on the same weights and the same threads.
 
-Every engine runs the same model (the default SmolLM2-135M-Instruct, dequantized once to the
-precision under test) in its own process, so that peak memory is its own:
+Every engine runs the same model (the default SmolLM2-135M-Instruct) in its own process, so that
+peak memory is its own: first the shipped Q4_1 GGUF file itself (ours runs its quantized blocks
+as stored; llama.cpp the same file), then dequantized once to fp32 and bf16:
 
   ours         minicpm, this package
-  transformers LlamaForCausalLM on our llama-format export of the same weights
-  llama.cpp    llama-cpp-python (if installed; `make test-peer` builds it) on a GGUF we write
-               from the same weights at the same precision
+  transformers LlamaForCausalLM on our llama-format export of the same weights (float rows only)
+  llama.cpp    llama-cpp-python (if installed; `make test-peer` builds it) on the shipped GGUF,
+               or on a GGUF we write from the same weights at the same precision
 
-Measured per engine: prefill tokens/s (a 128-token prompt), decode tokens/s (64 new tokens, batch
-1, greedy), and peak RSS. Results go to docs/benchmarks.md with the date and machine, and each
+Measured per engine: prefill tokens/s (a 512-token prompt), decode tokens/s (64 new tokens after
+it, batch 1, greedy), and peak RSS. Results go to docs/benchmarks.md with the date and machine, and each
 row carries its ratio to the peer at the same precision.
 
 A second section (the `minicpm.bench` package, also `minicpm bench`) runs seeded random weights
@@ -41,7 +42,8 @@ from minicpm.bench.machine import machine
 from minicpm.bench.process import measure_here, run_child
 from minicpm.bench.report import markdown_table, ratios
 
-PROMPT_TOKENS = 128
+PROMPT_TOKENS = 512
+SHIPPED = "Q4_1 GGUF"  # the default model's own file, run as stored
 NEW_TOKENS = 64
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,7 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def bench_ours(workdir: Path, dtype: str) -> dict:
     import torch
 
-    model, load = load_ours(workdir / "hf", dtype)
+    model, load = load_ours(_gguf(workdir, dtype) if dtype == SHIPPED else workdir / "hf", dtype)
     ids = prompt_ids(model.config.vocab_size, PROMPT_TOKENS)
     model(torch.tensor([ids[:8]]))  # warm-up
     with torch.inference_mode():
@@ -85,7 +87,8 @@ def bench_transformers(workdir: Path, dtype: str) -> dict:
 
 
 def bench_llamacpp(workdir: Path, dtype: str) -> dict:
-    llm, load = open_llama(workdir / f"model-{dtype}.gguf", n_ctx=512, n_batch=512)
+    llm, load = open_llama(_gguf(workdir, dtype), n_ctx=PROMPT_TOKENS + NEW_TOKENS + 16,
+                           n_batch=PROMPT_TOKENS)
     ids = prompt_ids(llm.n_vocab(), PROMPT_TOKENS)
     llm.eval(ids[:8])
     llm.reset()
@@ -98,6 +101,14 @@ def bench_llamacpp(workdir: Path, dtype: str) -> dict:
         llm.eval([token])
     decode = time.perf_counter() - start
     return {"load": load, "prefill": PROMPT_TOKENS / prefill, "decode": (NEW_TOKENS - 1) / decode}
+
+
+def _gguf(workdir: Path, dtype: str) -> Path:
+    if dtype == SHIPPED:
+        from minicpm.loading import default_model_path
+
+        return default_model_path()
+    return workdir / f"model-{dtype}.gguf"
 
 
 ENGINES = {"ours": bench_ours, "transformers": bench_transformers, "llama.cpp": bench_llamacpp}
@@ -130,8 +141,9 @@ def smollm2_table(rows: list[tuple[str, str, dict | str]], threads: int) -> str:
     lines = [
         f"## SmolLM2-135M-Instruct ({date.today().isoformat()})", "",
         f"Machine: {machine()}; threads: {threads}. "
-        "Model: SmolLM2-135M-Instruct (the default model), "
-        f"dequantized from its Q4_1 GGUF and run by every engine at the precision shown.",
+        "Model: SmolLM2-135M-Instruct (the default model): its shipped Q4_1 GGUF as stored "
+        "(ours and llama.cpp on the same file), then dequantized and run by every engine at the "
+        "precision shown.",
         f"Prefill: one {PROMPT_TOKENS}-token prompt. "
         f"Decode: {NEW_TOKENS} new tokens, batch 1, greedy. "
         "Ratios are to llama.cpp at the same precision (higher is better for speed).", "",
@@ -192,8 +204,10 @@ def run_smollm2(threads: int) -> str:
         print("preparing weights ...", file=sys.stderr)
         prepare(workdir)
         rows = []
-        for dtype in ("float32", "bfloat16"):
+        for dtype in (SHIPPED, "float32", "bfloat16"):
             for engine in ENGINES:
+                if engine == "transformers" and dtype == SHIPPED:
+                    continue  # it would dequantize the file: that is the float rows
                 print(f"running {engine} {dtype} ...", file=sys.stderr)
                 rows.append((engine, dtype, run_case(workdir, engine, dtype, threads)))
         return smollm2_table(rows, threads)

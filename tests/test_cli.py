@@ -87,9 +87,9 @@ def test_chat_session_through_stdin(tiny_checkpoint):
     result = run("chat", tiny_checkpoint, "--temperature", 0, "--max-new-tokens", 5,
                  stdin="hello there\nand a follow-up\n/reset\nsecond question\n/exit\n")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.count("tok/s") == 3
+    assert result.stdout.count("tok/s") == 3 and result.stdout.count("first token in") == 3
     assert "(conversation cleared)" in result.stdout
-    cached = [int(n) for n in re.findall(r"\((\d+) cached\)", result.stdout)]
+    cached = [int(n) for n in re.findall(r", (\d+) cached\)", result.stdout)]
     assert cached[0] == 0 and cached[1] > 5 and cached[2] == 0  # the follow-up reused turn one
 
 

@@ -8,13 +8,15 @@ CTX = 2048                # the memory case: a full 2k context ...
 CTX_NEW = 32              # ... of which this many tokens are generated
 CTX_PROMPT = CTX - CTX_NEW
 SEED = 0
+GGUF_Q4_0 = "q4_0 GGUF"    # ours running llama.cpp's q4_0 file itself, its blocks as stored
 # (engine, precision) in table order; the llama.cpp row of the same "class" is each row's peer.
 CASES = [
-    ("ours", "bf16"), ("ours", "int8"), ("ours", "int4"),
+    ("ours", "bf16"), ("ours", "int8"), ("ours", "int4"), ("ours", GGUF_Q4_0),
     ("llama.cpp", "f16"), ("llama.cpp", "q8_0"), ("llama.cpp", "q4_0"),
     ("transformers", "bf16"),
 ]
-PEER = {"bf16": "f16", "int8": "q8_0", "int4": "q4_0", "f16": "f16", "q8_0": "q8_0", "q4_0": "q4_0"}
+PEER = {"bf16": "f16", "int8": "q8_0", "int4": "q4_0", GGUF_Q4_0: "q4_0", "f16": "f16", "q8_0": "q8_0",
+        "q4_0": "q4_0"}
 # our quantized checkpoints: precision -> bits (group 128, int8 head)
 QUANTIZED = {"int8": 8, "int4": 4}
 MEMORY_CASES = [("ours", "int4"), ("llama.cpp", "q4_0")]

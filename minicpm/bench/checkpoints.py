@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from minicpm.bench.cases import CTX, NEW_TOKENS, PROMPT_TOKENS, QUANTIZED, SEED
+from minicpm.bench.cases import CTX, GGUF_Q4_0, NEW_TOKENS, PROMPT_TOKENS, QUANTIZED, SEED
 
 STD = 0.02  # small, so that activations stay finite through 52 layers of random matrices
 
@@ -84,5 +84,7 @@ def prepare_quantized(workdir: Path, precisions=tuple(QUANTIZED), log=print) -> 
 
 
 def ours_path(workdir: Path, precision: str) -> Path:
-    """Where `prepare` wrote our checkpoint of `precision`."""
+    """Where `prepare` wrote what we load for `precision` (the q4_0 GGUF is llama.cpp's file)."""
+    if precision == GGUF_Q4_0:
+        return workdir / "model-q4_0.gguf"
     return workdir / ("hf" if precision == "bf16" else f"ours-{precision}")

@@ -24,8 +24,12 @@ def timed(load, *args, **kwargs):
     return value, time.perf_counter() - start
 
 
-def load_ours(path: Path, dtype: str):
-    """(our model, load seconds)."""
+def load_ours(path: Path, dtype: str | None):
+    """(our model, load seconds); a GGUF file runs as stored (its quantized blocks kept)."""
+    if path.suffix == ".gguf":
+        from minicpm.formats import load_checkpoint
+
+        return timed(lambda: load_checkpoint(path)[0])
     from minicpm.formats.hf import load_model
 
     return timed(load_model, path, dtype=dtype)

@@ -52,9 +52,9 @@ def chat_loop(model, tokenizer, sampling: dict, system: str | None = None,
         history.append({"role": "user", "content": query})
         reply, stats = _stream_reply(model, tokenizer, history, sampling, stdout, prompt_cache)
         history.append({"role": "assistant", "content": reply})
-        print(f"\n{dim[0]}[{stats.new_tokens} tokens, {stats.decode_tokens_per_second:.1f} tok/s, "
-              f"prompt {stats.prompt_tokens} tokens ({stats.cached_prompt_tokens} cached) "
-              f"in {stats.prefill_seconds:.2f} s]{dim[1]}",
+        print(f"\n{dim[0]}[first token in {stats.prefill_seconds:.2f} s "
+              f"(prompt {stats.prompt_tokens} tokens, {stats.cached_prompt_tokens} cached), "
+              f"then {stats.decode_tokens_per_second:.1f} tok/s; {stats.new_tokens} tokens]{dim[1]}",
               file=stdout, flush=True)
 
 
