@@ -9,6 +9,8 @@ PyTorch's to the last ulp, and a renormalised weight can round to the neighbouri
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -139,6 +141,8 @@ def test_rebuilt_after_swap_and_move():
     fast = _greedy_logits(model, prompt, True, steps=3)
     assert model._native is not first and model._native.ready
     assert torch.allclose(fast, _greedy_logits(model, prompt, False, steps=3), rtol=0, atol=1e-4)
+    copied = copy.deepcopy(model)  # the raw pointers are not copied: the copy builds its own
+    assert copied._native is None
     model.to(torch.float32)
     assert model._native is None
 

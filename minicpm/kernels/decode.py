@@ -99,7 +99,10 @@ class NativeDecoder:
         self.config, self.dtype = config, model.dtype
         self.modules: list[tuple[dict, str, object]] = []  # (parent._modules, name, module) described
         self.keep: list = []  # tensors and plans the structs point into
-        self.stores_of = None  # the cache whose stores the layer structs point at
+        self.stores_at: tuple[int, ...] = ()  # addresses of the cache stores the layer structs point at
+        self.act = 0 if config.hidden_act == "silu" else 1
+        threshold = config.hidden_act_param if config.hidden_act == "fatrelu" else 0.0
+        self.threshold = torch.tensor(threshold, dtype=self.dtype).item()  # PyTorch compares in the dtype
         self.lib = KERNEL.library()
         self.attention = _address(attention.KERNEL.library(), "minicpm_decode_attention")
         self.layers = self._layers(model) if self._servable(model) else None
@@ -158,11 +161,13 @@ class NativeDecoder:
         return all(modules[name] is module for modules, name, module in self.modules)
 
     def _point_at(self, cache) -> bool:
-        """Point the layer structs at `cache`'s stores; False where decode.c cannot read them."""
-        if self.stores_of is cache.keys:
-            return True
+        """Point the layer structs at `cache`'s stores; False where decode.c cannot read them.
+        (Addresses, not the tensors, are remembered: a finished cache is not kept alive.)"""
         int8 = hasattr(cache, "key_scales")
         kscales, vscales = (cache.key_scales, cache.value_scales) if int8 else ([None] * len(cache.keys),) * 2
+        at = tuple(t.data_ptr() for t in (*cache.keys, *cache.values, *kscales, *vscales) if t is not None)
+        if at == self.stores_at:
+            return True
         want = torch.int8 if int8 else self.dtype
         stores = list(zip(cache.keys, cache.values, kscales, vscales))
         if not all(k.dtype is want and v.dtype is want and k.is_contiguous() and v.is_contiguous()
@@ -171,8 +176,7 @@ class NativeDecoder:
             return False
         for struct, (k, v, ks, vs) in zip(self.layers, stores):
             struct.kstore, struct.vstore, struct.kscale, struct.vscale = map(_pointer, (k, v, ks, vs))
-        self.stores_of = cache.keys  # the list object: a new cache (or slot view) has its own
-        self.stores_int8 = int8
+        self.stores_at, self.stores_int8 = at, int8
         return True
 
     def run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, rows: torch.Tensor,
@@ -191,14 +195,11 @@ class NativeDecoder:
         cos, sin = (t.reshape(b, -1).float().contiguous() for t in (cos, sin))
         if mask is not None:
             mask = mask.reshape(mask.shape[0], -1)[:, :length].expand(b, length).to(torch.uint8).contiguous()
-        act = 0 if c.hidden_act == "silu" else 1
-        threshold = c.hidden_act_param if c.hidden_act == "fatrelu" else 0.0
         step = Step(b, d, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size, shape[0],
-                    shape[2], length, DTYPES[self.dtype], int(self.stores_int8), act, torch.get_num_threads(),
-                    c.rms_norm_eps, c.residual_scale,
-                    torch.tensor(threshold, dtype=self.dtype).item(),  # PyTorch compares in the dtype
-                    c.head_dim ** -0.5, cos.data_ptr(), sin.data_ptr(), rows.data_ptr(), positions.data_ptr(),
-                    _pointer(starts), _pointer(ends), _pointer(mask), self.attention)
+                    shape[2], length, DTYPES[self.dtype], int(self.stores_int8), self.act, torch.get_num_threads(),
+                    c.rms_norm_eps, c.residual_scale, self.threshold, c.head_dim ** -0.5, cos.data_ptr(),
+                    sin.data_ptr(), rows.data_ptr(), positions.data_ptr(), _pointer(starts), _pointer(ends),
+                    _pointer(mask), self.attention)
         rc = self.lib.minicpm_decode_layers(ctypes.byref(step), self.layers, len(self.layers), out.data_ptr())
         if rc:
             raise (MemoryError if rc == -2 else RuntimeError)(f"native decode step failed ({rc})")
