@@ -66,32 +66,40 @@ struct step {
     void *attention;                                // minicpm_decode_attention
 };
 
-static inline uint16_t to_bf16(float f) {  // round to nearest even, as PyTorch's cast does
+// f rounded to bf16 (nearest even, as PyTorch's cast), still as an fp32: the low 16 bits are 0
+static inline float round_bf16(float f) {
     uint32_t u;
     memcpy(&u, &f, 4);
-    if ((u & 0x7fffffff) > 0x7f800000) return (uint16_t)((u >> 16) | 0x40);  // NaN stays NaN
-    u += 0x7fff + ((u >> 16) & 1);
-    return (uint16_t)(u >> 16);
+    u = f != f ? u | 0x00400000u : u + 0x7fffu + ((u >> 16) & 1u);  // a NaN stays a (quiet) NaN
+    u &= 0xffff0000u;
+    memcpy(&f, &u, 4);
+    return f;
 }
 
-static inline float from_bf16(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
+static inline float widen_bf16(uint16_t h) {
+    const uint32_t u = (uint32_t)h << 16;
     float f;
     memcpy(&f, &u, 4);
     return f;
 }
 
+static inline uint16_t bf16_bits(float f) {  // of an already rounded f
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return (uint16_t)(u >> 16);
+}
+
 // element i of a model-dtype array, as fp32
 static inline float get(const void *p, int64_t i, int dt) {
-    return dt == DT_BF16 ? from_bf16(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+    return dt == DT_BF16 ? widen_bf16(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
 
 // f rounded to the model dtype (a cast in the Python path)
-static inline float rnd(float f, int dt) { return dt == DT_BF16 ? from_bf16(to_bf16(f)) : f; }
+static inline float rnd(float f, int dt) { return dt == DT_BF16 ? round_bf16(f) : f; }
 
 static inline void put(void *p, int64_t i, float f, int dt) {
     if (dt == DT_BF16)
-        ((uint16_t *)p)[i] = to_bf16(f);
+        ((uint16_t *)p)[i] = bf16_bits(round_bf16(f));
     else
         ((float *)p)[i] = f;
 }
