@@ -25,9 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from minicpm.cache import KVCache, SlotStep, make_cache
+from minicpm.cache import Int8KVCache, KVCache, SlotStep, make_cache
 from minicpm.config import MiniCPMConfig
 from minicpm.kernels.attention import attention
+from minicpm.kernels.decode import NativeDecoder
 from minicpm.kernels.linear import decode_linear
 
 
@@ -39,6 +40,10 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = decode_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias) if y is None else y
+
+    def decode_spec(self) -> dict:
+        """What the native decode step needs (minicpm.kernels.decode): the weight it streams."""
+        return {"kind": "stream", "weight": self.weight, "bias": self.bias}
 
 
 class RMSNorm(nn.Module):
@@ -250,6 +255,9 @@ class MiniCPMForCausalLM(nn.Module):
         self.kv_cache_dtype = "auto"  # what new_cache makes: the model's dtype, or "int8"
         # training: recompute each layer's activations in the backward pass instead of keeping them
         self.gradient_checkpointing = False
+        # decoding: all layers of a step in one native call (False: the Python layers, the reference)
+        self.native_decode = True
+        self._native: NativeDecoder | None = None  # built at the first decode step
         self.model = MiniCPMModel(config)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -265,6 +273,28 @@ class MiniCPMForCausalLM(nn.Module):
                 module.weight.normal_(0.0, self.config.initializer_range)
                 if getattr(module, "bias", None) is not None:
                     module.bias.zero_()
+
+    def _apply(self, fn, *args, **kwargs):
+        self._native = None  # .to() and friends move the tensors the native step points at
+        return super()._apply(fn, *args, **kwargs)
+
+    def __getstate__(self):
+        return {**super().__getstate__(), "_native": None}  # raw pointers: a copy builds its own
+
+    def _native_layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
+                       rows: torch.Tensor, positions: torch.Tensor, starts: torch.Tensor | None = None,
+                       ends: torch.Tensor | None = None, length: int = 0,
+                       mask: torch.Tensor | None = None) -> torch.Tensor | None:
+        """x after every layer by the native decode step, or None where it does not serve (see
+        NativeDecoder.run); then nothing was written and the Python layers run."""
+        if not self.native_decode or torch.is_grad_enabled() or type(cache) not in (KVCache, Int8KVCache):
+            return None
+        native = self._native
+        if native is None or not native.describes(self):  # first step, or a projection was swapped
+            native = self._native = NativeDecoder(self)
+        if not native.ready:
+            return None
+        return native.run(x, cos, sin, cache, rows, positions, starts, ends, length, mask)
 
     # Read from the final norm: the embedding may be swapped for a quantized table.
     @property
@@ -302,11 +332,18 @@ class MiniCPMForCausalLM(nn.Module):
         cos, sin = self.model.rotary_emb(position_ids, past + s)
         mask = _attention_mask(attention_mask, past, s, self.config.sliding_window, x.device)
         recompute = self.gradient_checkpointing and torch.is_grad_enabled() and cache is None
-        for layer in self.model.layers:
-            if recompute:
-                x = checkpoint(layer, x, cos, sin, mask, None, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, mask, cache)
+        native = None
+        if cache is not None and s == 1:  # decoding one token: all layers in one native call
+            native = self._native_layers(x, cos, sin, cache, torch.arange(b), torch.full((b,), past),
+                                         length=past + 1, mask=mask)
+        if native is not None:
+            x = native
+        else:
+            for layer in self.model.layers:
+                if recompute:
+                    x = checkpoint(layer, x, cos, sin, mask, None, use_reentrant=False)
+                else:
+                    x = layer(x, cos, sin, mask, cache)
         if cache is not None:
             cache.length += s
         return self._logits(x[:, -1:] if last_only else x)
@@ -336,8 +373,14 @@ class MiniCPMForCausalLM(nn.Module):
         x = self._embed(input_ids[:, None])
         step = SlotStep(cache, rows, positions, self.config.sliding_window)
         cos, sin = self.model.rotary_emb(positions[:, None], step.bound)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, None, step)
+        native = None
+        if step.bound <= cache.max_len and 0 <= int(rows.min()) and int(rows.max()) < cache.batch_size:
+            native = self._native_layers(x, cos, sin, cache, rows, positions, step.starts, step.ends, step.bound)
+        if native is not None:
+            x = native
+        else:
+            for layer in self.model.layers:
+                x = layer(x, cos, sin, None, step)
         return self._logits(x)[:, 0]
 
     def new_cache(self, batch_size: int, max_len: int, kv_dtype: str | None = None) -> KVCache:

@@ -63,8 +63,10 @@ def check_machine(required_flags: tuple[str, ...]) -> set[str]:
     return flags
 
 
-def compile_source(source: Path, cpu: set[str]) -> Path:
-    """The cached shared object built from `source` (compiled now if missing)."""
+def compile_source(source: Path, cpu: set[str], extra_flags: tuple[str, ...] = ()) -> Path:
+    """The cached shared object built from `source` (compiled now if missing), with FLAGS and
+    the kernel's own `extra_flags` (both part of the cache key)."""
+    flags = FLAGS + tuple(extra_flags)
     cc = os.environ.get("CC") or "gcc"
     compiler = shutil.which(cc)
     if compiler is None:
@@ -73,14 +75,14 @@ def compile_source(source: Path, cpu: set[str]) -> Path:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as exc:
         raise KernelUnavailable(f"{cc} --version failed: {exc}") from None
-    key = hashlib.sha256(b"\0".join([source.read_bytes(), " ".join(FLAGS).encode(), compiler.encode(),
+    key = hashlib.sha256(b"\0".join([source.read_bytes(), " ".join(flags).encode(), compiler.encode(),
                                      version.encode(), " ".join(sorted(cpu)).encode()])).hexdigest()[:16]
     target = cache_root() / key / (source.stem + ".so")
     if target.exists():
         return target
     try:
         with atomic_file(target, suffix=".so") as tmp:  # processes building at once: one wins
-            result = subprocess.run([compiler, *FLAGS, "-o", str(tmp), str(source)], capture_output=True,
+            result = subprocess.run([compiler, *flags, "-o", str(tmp), str(source)], capture_output=True,
                                     text=True, timeout=300)
             if result.returncode != 0:
                 tail = (result.stderr.strip().splitlines() or ["no output"])[-1]
@@ -90,9 +92,9 @@ def compile_source(source: Path, cpu: set[str]) -> Path:
     return target
 
 
-def load(source: Path, required_flags: tuple[str, ...] = AVX512) -> ctypes.CDLL:
+def load(source: Path, required_flags: tuple[str, ...] = AVX512, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
     """Build (once) and load `source`; raises KernelUnavailable with the reason."""
-    path = compile_source(source, check_machine(required_flags))
+    path = compile_source(source, check_machine(required_flags), extra_flags)
     try:
         return ctypes.CDLL(str(path))
     except OSError as exc:
@@ -107,11 +109,13 @@ class Kernel:
 
     `setup(lib)` declares the ctypes signatures and runs a self-check against PyTorch; it raises
     KernelUnavailable to refuse a build (a stale or miscompiled one). The reason is warned once.
+    `extra_flags` are compiler flags of this kernel only (e.g. -ffp-contract=off).
     """
 
     def __init__(self, source: Path, what: str, setup: Callable[[ctypes.CDLL], None],
-                 required_flags: tuple[str, ...] = AVX512):
+                 required_flags: tuple[str, ...] = AVX512, extra_flags: tuple[str, ...] = ()):
         self.source, self.what, self.setup, self.required_flags = source, what, setup, required_flags
+        self.extra_flags = extra_flags
         self.reason: str | None = None
         self._lib: ctypes.CDLL | None = None
         self._tried = False
@@ -127,7 +131,7 @@ class Kernel:
 
     def _load(self) -> ctypes.CDLL | None:
         try:
-            lib = load(self.source, self.required_flags)
+            lib = load(self.source, self.required_flags, self.extra_flags)
             self.setup(lib)
             return lib
         except KernelUnavailable as exc:

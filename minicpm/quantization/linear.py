@@ -295,3 +295,12 @@ class QuantizedLinear(nn.Module):
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.bits == 4 else ""
         return f"{self.in_features}, {self.out_features}, bits={self.bits}{group}, kernel={self.kernel}"
+
+    def decode_spec(self) -> dict | None:
+        """What the native decode step needs (minicpm.kernels.decode): the qgemm plan, made by a
+        first product where none was made yet; None where the native kernel does not serve."""
+        if self.kernel != "native" or not self.qweight.is_cpu:
+            return None
+        if self._plan is None:
+            self._forward(torch.zeros(1, self.in_features))
+        return {"kind": "qgemm", "plan": self._plan}

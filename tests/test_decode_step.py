@@ -1,0 +1,155 @@
+"""The native decode step (minicpm/kernels/decode.c) against the model's Python layers.
+
+Tolerances: bf16 dense models are bitwise equal (every cast is emulated; the kernels are the
+same). fp32 differs in the RMSNorm mean's summation order and libm's exp (SiLU): relative
+logit error < 1e-5 after 12 steps (measured ~1e-6). bf16 MoE: the router's fp32 softmax is not
+PyTorch's to the last ulp, and a renormalised weight can round to the neighbouring bf16, so
+< 3e-2 over 4 steps (fp32 MoE: < 1e-5).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from minicpm.kernels import decode
+from minicpm.quantization import quantize_model
+from tests.conftest import random_model, variant_config
+
+STEPS = 12
+
+
+def _greedy_logits(model, prompt: torch.Tensor, native: bool, steps: int = STEPS, kv: str = "auto",
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits of the prompt's last position and of `steps` decode steps, fed a fixed token
+    sequence (the same for both paths, so that a difference cannot change the inputs)."""
+    model.native_decode = native
+    b = prompt.shape[0]
+    with torch.no_grad():
+        cache = model.new_cache(b, prompt.shape[1] + steps + 1, kv)
+        out = [model(prompt, attention_mask=mask, cache=cache, last_only=True)[:, -1]]
+        for i in range(steps):
+            if mask is not None:
+                mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype)], dim=1)
+            token = torch.full((b, 1), (7 * i + 3) % 300)
+            out.append(model(token, attention_mask=mask, cache=cache)[:, -1])
+    return torch.stack(out)
+
+
+def _compare(model, rel: float, **kwargs) -> None:
+    prompt = torch.randint(0, 300, (kwargs.pop("batch", 1), 6), generator=torch.Generator().manual_seed(1))
+    fast = _greedy_logits(model, prompt, True, **kwargs)
+    assert model._native is not None and model._native.ready  # the fast path did run
+    ref = _greedy_logits(model, prompt, False, **kwargs)
+    err = ((fast - ref).abs().max() / ref.abs().max()).item()
+    if rel == 0:
+        assert torch.equal(fast, ref)
+    else:
+        assert err < rel, err
+
+
+@pytest.mark.parametrize("name", ["2b", "1b", "128k", "moe", "s", "llama"])
+def test_fp32_variants_match_python(name):
+    # 128k: dynamic NTK past max_position_embeddings (32): 6 + 12 steps cross it
+    config = variant_config(name, max_position_embeddings=12) if name == "128k" else variant_config(name)
+    _compare(random_model(config), 1e-5)
+
+
+@pytest.mark.parametrize("name", ["2b", "1b", "128k", "s", "llama"])
+def test_bf16_variants_are_bitwise(name):
+    _compare(random_model(variant_config(name), dtype=torch.bfloat16), 0)
+
+
+def test_bf16_moe_within_tolerance():
+    _compare(random_model(variant_config("moe"), dtype=torch.bfloat16), 3e-2, steps=4)
+
+
+def test_bias_and_int8_cache():
+    config = variant_config("1b", attention_bias=True, mlp_bias=True)
+    model = random_model(config)
+    with torch.no_grad():
+        for module in model.modules():
+            if getattr(module, "bias", None) is not None:
+                module.bias.normal_(0, 0.3)
+    _compare(model, 1e-5)
+    _compare(model, 1e-5, kv="int8")
+    _compare(random_model(config, dtype=torch.bfloat16), 0, kv="int8")
+
+
+@pytest.mark.parametrize("bits,dtype", [(4, torch.float32), (8, torch.float32), (4, torch.bfloat16)])
+def test_quantized_models(bits, dtype):
+    model = quantize_model(random_model(variant_config("1b"), dtype=dtype), bits=bits, group_size=32)
+    _compare(model, 1e-5 if dtype is torch.float32 else 0)
+
+
+def test_batch_with_left_padding_and_window():
+    model = random_model(variant_config("1b", sliding_window=5))
+    mask = torch.ones(3, 6, dtype=torch.long)
+    mask[1, :2] = 0
+    mask[2, :4] = 0
+    _compare(model, 1e-5, batch=3, mask=mask)
+    _compare(random_model(variant_config("2b"), dtype=torch.bfloat16), 0, batch=3, mask=mask)
+
+
+def _slot_logits(model, rows: list[int], native: bool) -> torch.Tensor:
+    """Three slots prefilled to different lengths, then 5 decode_slots steps of `rows`."""
+    model.native_decode = native
+    g = torch.Generator().manual_seed(2)
+    lengths = [3, 9, 5]
+    with torch.no_grad():
+        cache = model.new_cache(3, 32)
+        for slot, n in enumerate(lengths):
+            model.prefill_slot(torch.randint(0, 300, (n,), generator=g), cache, slot, 0)
+        out = []
+        positions = torch.tensor([lengths[r] for r in rows])
+        for i in range(5):
+            ids = torch.tensor([(5 * i + r) % 300 for r in rows])
+            out.append(model.decode_slots(ids, cache, torch.tensor(rows), positions))
+            positions = positions + 1
+    return torch.stack(out, dim=1)  # [rows, steps, vocab]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_slots_rows_alone_and_against_python(dtype):
+    model = random_model(variant_config("s", sliding_window=6), dtype=dtype)
+    together = _slot_logits(model, [2, 0, 1], True)
+    assert model._native.ready
+    for i, row in enumerate([2, 0, 1]):  # a row's result does not depend on the others
+        assert torch.equal(together[i], _slot_logits(model, [row], True)[0])
+    ref = _slot_logits(model, [2, 0, 1], False)
+    err = ((together - ref).abs().max() / ref.abs().max()).item()
+    assert err == 0 if dtype is torch.bfloat16 else err < 1e-5
+
+
+def test_falls_back_without_kernel(monkeypatch):
+    monkeypatch.setattr(decode.KERNEL, "library", lambda: None)
+    model = random_model(variant_config("1b"))
+    prompt = torch.randint(0, 300, (1, 4))
+    fast = _greedy_logits(model, prompt, True, steps=3)
+    assert model._native is not None and not model._native.ready
+    assert torch.equal(fast, _greedy_logits(model, prompt, False, steps=3))
+
+
+def test_rebuilt_after_swap_and_move():
+    model = random_model(variant_config("1b"))
+    prompt = torch.randint(0, 300, (1, 4))
+    _greedy_logits(model, prompt, True, steps=2)
+    first = model._native
+    quantize_model(model, bits=8)  # swaps every projection: the old structs must not be used
+    fast = _greedy_logits(model, prompt, True, steps=3)
+    assert model._native is not first and model._native.ready
+    assert torch.allclose(fast, _greedy_logits(model, prompt, False, steps=3), rtol=0, atol=1e-4)
+    copied = copy.deepcopy(model)  # the raw pointers are not copied: the copy builds its own
+    assert copied._native is None
+    model.to(torch.float32)
+    assert model._native is None
+
+
+def test_grad_enabled_uses_python_layers():
+    model = random_model(variant_config("1b"))
+    cache = model.new_cache(1, 8)
+    model(torch.tensor([[1, 2]]), cache=cache)
+    model(torch.tensor([[3]]), cache=cache)  # grad enabled: never the native step
+    assert model._native is None
