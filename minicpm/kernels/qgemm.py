@@ -196,6 +196,18 @@ def int8_rows(packed: torch.Tensor, n: int, k: int, k_padded: int, index: torch.
     return rows.reshape(len(index), k_padded)[:, :k].to(torch.int16) - 128
 
 
+def int4_rows(packed: torch.Tensor, n: int, k: int, index: torch.Tensor) -> torch.Tensor:
+    """Codes (uint8 0..15) of rows `index` (1-D), gathered straight from the tiles."""
+    v = _aligned(packed).view(torch.int32).view(-(-n // ROWS), k // 32, 4, ROWS)
+    rows = v[index // ROWS, :, :, index % ROWS].contiguous().view(torch.uint8)  # [len, block, L*4 + b]
+    return torch.cat((rows & 15, rows >> 4), dim=-1).reshape(len(index), k)     # low: k 0..15, high: 16..31
+
+
+def meta_rows(meta: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows `index` of packed metadata [T, G, 16] -> [len, G]."""
+    return meta[index // ROWS, :, index % ROWS]
+
+
 def pack_meta(m: torch.Tensor) -> torch.Tensor:
     """[N, G] per-row-and-group floats -> [T, G, 16] (rows past N: 0)."""
     n, g = m.shape
