@@ -158,6 +158,21 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     return _placed(packed.permute(0, 2, 3, 1).contiguous().view(torch.uint8).reshape(-1))
 
 
+def pack_int4_blocks(nibbles: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K/2] whose 16 bytes per 32-k block hold k = j (low) and 16 + j (high), GGUF's
+    Q4_0/Q4_1 order, which is the tile's own byte order: only 4-byte groups move."""
+    n, half = nibbles.shape
+    v = _aligned(_pad_rows(nibbles)).view(torch.int32).view(-1, ROWS, half // 16, 4)  # [tile, row, block, L]
+    return _placed(v.permute(0, 2, 3, 1).contiguous().view(torch.uint8).reshape(-1))
+
+
+def block_nibbles_to_codes(nibbles: torch.Tensor) -> torch.Tensor:
+    """pack_int4_blocks' input -> uint8 codes [N, K]."""
+    n, half = nibbles.shape
+    b = nibbles.reshape(n, half // 16, 16)
+    return torch.cat((b & 15, b >> 4), dim=-1).reshape(n, 2 * half)
+
+
 def unpack_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     t = -(-n // ROWS)
     v = _aligned(packed).view(torch.int32).view(t, k // 32, 4, ROWS)  # [tile, block, L, row]

@@ -87,9 +87,11 @@ class QuantizedLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int | None,
                  qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None = None,
                  bias: torch.Tensor | None = None, *, offsets: torch.Tensor | None = None,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, block_nibbles: bool = False):
         """int4 takes `zeros` or `offsets`; int8 with a group_size takes scales [N, K/G].
-        `dtype`: the model's (what dequantize() and saving give), default the scales' dtype."""
+        `dtype`: the model's (what dequantize() and saving give), default the scales' dtype.
+        `block_nibbles`: int4 qweight is uint8 [N, K/2] in GGUF's Q4_0/Q4_1 byte order
+        (native.pack_int4_blocks), which the native layout takes without unpacking."""
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size = bits, group_size
@@ -101,6 +103,8 @@ class QuantizedLinear(nn.Module):
         self._plan = None  # the native kernel's arguments, made at first use
         self.dtype = dtype or scales.dtype  # of the float tensors it saves; the model's dtype
         second = "offsets" if self.has_offsets else "zeros"  # int4's per-group term, by its name
+        if block_nibbles and self.kernel != "native":
+            qweight, block_nibbles = native.block_nibbles_to_codes(qweight), False
         if self.kernel == "native":
             # scales/zeros in their own dtype when the kernel reads it, so that saving is exact
             meta = scales.dtype if scales.dtype in native.KINDS else torch.float32
@@ -112,7 +116,8 @@ class QuantizedLinear(nn.Module):
                 self.register_buffer("scales", packed.reshape(-1) if group_size is None else packed,
                                      persistent=False)                              # per row: [T*16]
             else:
-                self.register_buffer("qweight", native.pack_int4(qweight), persistent=False)
+                pack = native.pack_int4_blocks if block_nibbles else native.pack_int4
+                self.register_buffer("qweight", pack(qweight), persistent=False)
                 self.register_buffer("scales", native.pack_meta(scales.to(meta)), persistent=False)  # [T, K/G, 16]
                 term = offsets if self.has_offsets else zeros
                 self.register_buffer(second, native.pack_meta(term.to(meta)), persistent=False)
