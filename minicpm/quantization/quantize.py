@@ -181,7 +181,7 @@ def load_quantized(config: MiniCPMConfig, named_tensors: Iterable[tuple[str, tor
         model = MiniCPMForCausalLM(config)
     chosen = plan(model, spec, skip=spec.get("skip", ()))
     shared = shares_table(config, spec)
-    has_bias = {name: model.get_submodule(name).bias is not None for name in chosen}
+    has_bias = {name: getattr(model.get_submodule(name), "bias", None) is not None for name in chosen}
     params = {n: p for n, p in model.named_parameters()
               if n.rpartition(".")[0] not in chosen}  # a tied head's weight appears as the embedding
     if shared:  # not stored: the lookups read the head's table
