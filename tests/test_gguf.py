@@ -164,7 +164,7 @@ def expected_type(gguf_name: str, shape, config: MiniCPMConfig, file_type: str) 
         finer = gguf_name == head or gguf_name.startswith(("blk.2.attn_v", "blk.2.ffn_down"))
         return T.Q8_0 if file_type == "q6_k" or finer else T.Q5_0
     if file_type == "q4_0" and gguf_name == head:
-        return T.Q8_0
+        return T.Q6_K if shape[-1] % 256 == 0 else T.Q8_0  # llama.cpp's output rule
     return T[file_type.upper()]
 
 

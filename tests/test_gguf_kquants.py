@@ -279,7 +279,7 @@ def test_logits_match_llama_cpp(quant, float32_logits):
     tensors, _metadata = reference()
     ids = tensors["input_ids"].long()[None]
     theirs = tensors[f"logits.{quant}"].float()
-    model, tokenizer = load_gguf(make.fixture_path(quant))
+    model, tokenizer = load_gguf(make.fixture_path(quant), dtype=torch.float32)  # the float reader
     assert tokenizer.encode(make.PROMPT) == ids[0].tolist()
     with torch.no_grad():
         ours = model(ids)[0]
@@ -311,7 +311,7 @@ def test_quantized_model_stays_close_to_the_float32_one(quant, float32_logits):
     logits measured: Q2_K 0.46, Q3_K_M 0.21, Q4_K_M 0.12 (under twice the weight error of the
     mix; unrelated logits would give ~1.4, all-zero ones 1)."""
     ids = reference()[0]["input_ids"].long()[None]
-    model, _tokenizer = load_gguf(make.fixture_path(quant))
+    model, _tokenizer = load_gguf(make.fixture_path(quant), dtype=torch.float32)
     with torch.no_grad():
         ours = model(ids)[0]
     drift = float((ours - float32_logits).norm() / float32_logits.norm())

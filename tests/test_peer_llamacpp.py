@@ -163,7 +163,7 @@ def test_tiny_minicpm_logits_match_llama_cpp(tmp_path, variant, file_type):
     if file_type != "f32" and variant not in ("tied", "moe"):
         pytest.skip("quantized types are checked on two variants")
     path, _ = write_tiny(tmp_path, CONFIGS[variant], file_type)
-    model, _tokenizer = load_gguf(path)
+    model, _tokenizer = load_gguf(path, dtype=torch.float32)
     ids = [1, 5, 77, 300, 12, 260, 9, 44, 100, 3, 290, 17]
     ours = model(torch.tensor([ids]))[0].numpy()
 
@@ -220,7 +220,7 @@ def test_smollm2_q4_k_m_export_greedy_matches_llama_cpp(smollm2, tmp_path):
                           "q4_k_m")
     write_s = time.perf_counter() - start
     assert {"Q4_K", "Q6_K", "Q5_0", "Q8_0"} <= set(read_gguf_info(exported)[1])
-    model, _ = load_gguf(exported)
+    model, _ = load_gguf(exported, dtype=torch.float32)
     llm = open_llama(exported)
     for prompt in Q4_K_M_PROMPTS:
         ids = llm.tokenize(prompt.encode(), add_bos=False, special=True)
@@ -315,7 +315,7 @@ def test_tiny_minicpm_q4_k_m_logits_match_llama_cpp(tmp_path, tied, no_weight_re
                       tmp_path / "q4_k_m.gguf", file_type="q4_k_m")
     assert {"Q4_K", "Q6_K", "Q5_0", "Q8_0"} <= set(read_gguf_info(path)[1])
     types = {t.name: t.tensor_type.name for t in GGUFFile(path).tensors}
-    model, _tokenizer = load_gguf(path)
+    model, _tokenizer = load_gguf(path, dtype=torch.float32)
     ids = [1, 5, 77, 300, 12, 260, 9, 44, 100, 3, 290, 17]
     with torch.no_grad():
         ours = model(torch.tensor([ids]))[0].numpy()
@@ -414,7 +414,7 @@ def test_dense_variant_export_greedy_matches_llama_cpp(tmp_path, variant, file_t
         assert not out.exists()
         return
     write_gguf(config, checkpoint_state_dict(net).items(), tokenizer, out, file_type)
-    model, _tokenizer = load_gguf(out)
+    model, _tokenizer = load_gguf(out, dtype=torch.float32)
     assert model.config.model_type == config.model_type
     llm = open_llama(out, n_ctx=64)
     theirs, margins = llama_greedy(llm, SWEEP_IDS, NEW_TOKENS, set(config.eos_token_ids))

@@ -222,10 +222,10 @@ def test_cli_quantize_embedding_flag(tiny_checkpoint, tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_int8_close_and_int4_still_answers():
-    model, tokenizer = minicpm.load()
+    model, tokenizer = minicpm.load(dtype=torch.float32)  # the float model (as stored it is Q4_1 already)
     ids = torch.tensor([tokenizer.encode("The capital of France is Paris. The capital of Italy is")])
     expected = model(ids)
-    int8 = quantize_model(minicpm.load()[0], bits=8)
+    int8 = quantize_model(minicpm.load(dtype=torch.float32)[0], bits=8)
     # measured 5.8% (the kernels' bf16 activations included); the bf16 model itself: 2.6%
     assert rel_error(int8(ids), expected) < 0.08
     assert (int8(ids).argmax(-1) == expected.argmax(-1)).all()

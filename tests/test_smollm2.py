@@ -58,7 +58,7 @@ def test_batched_prompts_equal_single_runs(smol):
 def test_gguf_q4_1_weights_are_dequantized_faithfully(smol):
     """Block dequantization reproduces every weight to the format's step (scale/15 per block)."""
     model, _ = smol
-    w = model.model.layers[0].self_attn.q_proj.weight
+    w = model.model.layers[0].self_attn.q_proj.dequantize()  # held as stored: Q4_1 codes, exact values
     assert w.dtype == torch.float32 and torch.isfinite(w).all()
     blocks = w.reshape(-1, 32)
     # Q4_1: each 32-weight block holds at most 16 distinct values on an even grid

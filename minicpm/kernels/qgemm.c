@@ -1,19 +1,26 @@
 /* Weight-only int4/int8 GEMM for small and large batches on AVX-512 VNNI CPUs.
  *
  * y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]), w held as integer codes:
- *   int4: w = (q - z[n, g]) * s[n, g], q in 0..15, groups of G along k
- *   int8: w = (u - 128) * s[n],        u = q + 128 in 1..255
+ *   int4: w = (q - z[n, g]) * s[n, g], q in 0..15, groups of G along k    (form 0: zero points)
+ *         w = q * s[n, g] + m[n, g]                                   (form 1: offsets; GGUF's
+ *         Q4_0/Q4_1/Q4_K blocks are exactly this, m = -8d or the block's min)
+ *   int8: w = (u - 128) * s[n],        u = q + 128 in 1..255          (G = 0: a scale per row)
+ *         w = (u - 128) * s[n, g]                                     (G = 16 or 32j: per group,
+ *         as GGUF's Q8_0 (32) and Q6_K (16) blocks)
  *
  * x is quantized to int8 per block of QB values (one float scale d per block), so the inner
  * products are u8 x s8 -> s32 (vpdpbusd). The zero points come out through per-group sums of
- * the quantized x:  sum_k (q - z) x = sum_b d_b dot(q, xq)_b - z * sum_b d_b sum(xq_b).
+ * the quantized x:  sum_k (q - z) x = sum_b d_b dot(q, xq)_b - z * sum_b d_b sum(xq_b);
+ * offsets the same way: sum_k (q s + m) x = s sum_b d_b dot(q, xq)_b + m * sum_b d_b sum(xq_b).
+ * Groups of 16 (smaller than the x block) split a block's 8 int8 loads into two halves.
  *
  * Weight layout: tiles of 16 output rows, one 32-bit lane per row, so that a vpdpbusd against a
  * broadcast of 4 x bytes does 16 rows x 4 k at once and no horizontal sums are needed.
  *   int4: [tile][k/32][4 loads][16 rows][4 bytes]; a byte holds k = 4L+b (low nibble) and
  *         16+4L+b (high nibble) of its 32-k block, so and/shift give two vpdpbusd operands.
  *   int8: [tile][k/32][8 loads][16 rows][4 bytes], k = 4L+b.
- * Scales and zeros: [tile][group][16] in fp32, bf16 or fp16 (kind 0, 1, 2).
+ * Scales and zeros/offsets: [tile][group][16] in fp32, bf16 or fp16 (kind 0, 1, 2); per-row int8
+ * scales: [tile][16].
  */
 #include <immintrin.h>
 #include <omp.h>
@@ -68,39 +75,51 @@ static inline void store16_mask(void *p, long i, int kind, __m512 v, __mmask16 k
 
 static inline __mmask16 tail_mask(long left) { return left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1); }
 
+/* Values b0..b0+16*nv of one row of x -> int8 codes q[b0..], the block's scale (returned) and
+ * the integer sum of each 16 codes (sums[nv]). */
+static inline float quantize_block(const void *x, int xkind, long K, long b0, int nv, int8_t *q, int *sums) {
+    __m512 v[8];
+    __m512 amax = _mm512_setzero_ps();
+    for (int i = 0; i < nv; i++) {
+        long k = b0 + 16 * i;
+        v[i] = load16_mask(x, k, xkind, tail_mask(K - k > 0 ? K - k : 0));
+        amax = _mm512_max_ps(amax, _mm512_abs_ps(v[i]));
+    }
+    float m = _mm512_reduce_max_ps(amax);
+    float id = m > 0.f ? 127.f / m : 0.f;
+    for (int i = 0; i < nv; i++) {
+        __m512i qi = _mm512_cvtps_epi32(_mm512_mul_ps(v[i], _mm512_set1_ps(id)));
+        sums[i] = _mm512_reduce_add_epi32(qi);
+        _mm_storeu_si128((__m128i *)(q + b0 + 16 * i), _mm512_cvtepi32_epi8(qi));
+    }
+    return m / 127.f;
+}
+
 /* One row of x -> int8 codes q[Kp] (zero past K), block scales d[Kp/QB], and per group of G the
- * sums xg[g] = sum_b d_b * sum(q_b) that carry the zero points. */
+ * sums xg[g] = sum_b d_b * sum(q_b) that carry the zero points (G = 16: one per 16 values). */
 static void quantize_row(const void *x, int xkind, long K, long Kp, int QB, int G,
                          int8_t *q, float *d, float *xg) {
-    int nv = QB / 16;
-    for (long g0 = 0; g0 < Kp; g0 += G) {
+    int nv = QB / 16, sums[8];
+    for (long g0 = 0; g0 < Kp; g0 += G > QB ? G : QB) {
         float gs = 0.f;
-        for (long b0 = g0; b0 < g0 + G; b0 += QB) {
-            __m512 v[8];
-            __m512 amax = _mm512_setzero_ps();
-            for (int i = 0; i < nv; i++) {
-                long k = b0 + 16 * i;
-                v[i] = load16_mask(x, k, xkind, tail_mask(K - k > 0 ? K - k : 0));
-                amax = _mm512_max_ps(amax, _mm512_abs_ps(v[i]));
-            }
-            float m = _mm512_reduce_max_ps(amax);
-            float dd = m / 127.f, id = m > 0.f ? 127.f / m : 0.f;
-            __m512i sum = _mm512_setzero_si512();
-            for (int i = 0; i < nv; i++) {
-                __m512i qi = _mm512_cvtps_epi32(_mm512_mul_ps(v[i], _mm512_set1_ps(id)));
-                sum = _mm512_add_epi32(sum, qi);
-                _mm_storeu_si128((__m128i *)(q + b0 + 16 * i), _mm512_cvtepi32_epi8(qi));
-            }
+        for (long b0 = g0; b0 < g0 + G || b0 == g0; b0 += QB) {
+            float dd = quantize_block(x, xkind, K, b0, nv, q, sums);
             d[b0 / QB] = dd;
-            gs += dd * (float)_mm512_reduce_add_epi32(sum);
+            if (G < QB) {  /* groups of 16 */
+                for (int i = 0; i < nv; i++) xg[b0 / 16 + i] = dd * (float)sums[i];
+                continue;
+            }
+            int total = 0;
+            for (int i = 0; i < nv; i++) total += sums[i];
+            gs += dd * (float)total;
         }
-        xg[g0 / G] = gs;
+        if (G >= QB) xg[g0 / G] = gs;
     }
 }
 
 /* 16 rows of an int4 tile against MC rows of quantized x. */
 static inline __attribute__((always_inline)) void tile_int4(
-    const uint8_t *w, const void *sc, const void *zc, long meta0, int mk,
+    const uint8_t *w, const void *sc, const void *zc, long meta0, int mk, int offsets,
     const int8_t *xq, const float *xd, const float *xg, long Kp, int G, int QB, const int MC, __m512 *out) {
     const __m512i m4 = _mm512_set1_epi8(0x0F);
     const int KG = (int)(Kp / G), bpg = G / QB, cpb = QB / 32;
@@ -145,8 +164,13 @@ static inline __attribute__((always_inline)) void tile_int4(
         __m512 s = load16(sc, meta0 + 16L * g, mk), z = load16(zc, meta0 + 16L * g, mk);
 #pragma GCC unroll 8
         for (int m = 0; m < MC; m++) {
-            ga[m] = _mm512_fnmadd_ps(z, _mm512_set1_ps(xg[m * KG + g]), ga[m]);
-            acc[m] = _mm512_fmadd_ps(s, ga[m], acc[m]);
+            if (offsets) {  /* z holds m: acc += s ga + m xg */
+                acc[m] = _mm512_fmadd_ps(s, ga[m], acc[m]);
+                acc[m] = _mm512_fmadd_ps(z, _mm512_set1_ps(xg[m * KG + g]), acc[m]);
+            } else {
+                ga[m] = _mm512_fnmadd_ps(z, _mm512_set1_ps(xg[m * KG + g]), ga[m]);
+                acc[m] = _mm512_fmadd_ps(s, ga[m], acc[m]);
+            }
         }
     }
 #pragma GCC unroll 8
@@ -195,23 +219,85 @@ static inline __attribute__((always_inline)) void tile_int8(
         out[m] = _mm512_mul_ps(s, _mm512_fnmadd_ps(_mm512_set1_ps(128.f), _mm512_set1_ps(xg[m]), ga[m]));
 }
 
-static inline __attribute__((always_inline)) void run_tile(
-    int bits, const uint8_t *w, const void *sc, const void *zc, long t, int mk,
-    const int8_t *xq, const float *xd, const float *xg, long Kp, int G, int QB, const int MC, __m512 *out) {
-    if (bits == 4)
-        tile_int4(w + t * 8 * Kp, sc, zc, t * 16 * (Kp / G), mk, xq, xd, xg, Kp, G, QB, MC, out);
-    else
-        tile_int8(w + t * 16 * Kp, sc, t * 16, mk, xq, xd, xg, Kp, QB, MC, out);
+/* 16 rows of an int8 tile with a scale per group of G (16, or a multiple of 32) along k. */
+static inline __attribute__((always_inline)) void tile_int8g(
+    const uint8_t *w, const void *sc, long meta0, int mk,
+    const int8_t *xq, const float *xd, const float *xg, long Kp, int G, const int MC, __m512 *out) {
+    const long nb = Kp / 32, KG = Kp / G;
+    const int bpg = G < 32 ? 1 : G / 32, halves = G < 32;
+    const __m512 c128 = _mm512_set1_ps(128.f);
+    __m512 acc[MC_MAX];
+#pragma GCC unroll 8
+    for (int m = 0; m < MC; m++) acc[m] = _mm512_setzero_ps();
+    for (long g = 0; g < nb / bpg; g++) {
+        __m512 ga[2][MC_MAX];  /* [half][row]: per 16 k when halves, else the whole group in [0] */
+#pragma GCC unroll 8
+        for (int m = 0; m < MC; m++) ga[0][m] = ga[1][m] = _mm512_setzero_ps();
+        for (int b = 0; b < bpg; b++) {
+            const long blk = g * bpg + b, k0 = blk * 32;
+            const uint8_t *wp = w + k0 * 16;
+            __m512i a[2][2][MC_MAX];  /* [half][chain][row] */
+#pragma GCC unroll 8
+            for (int m = 0; m < MC; m++) a[0][0][m] = a[0][1][m] = a[1][0][m] = a[1][1][m] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+            for (int L = 0; L < 8; L += 2) {
+                const int h = L >> 2;  /* loads 0-3: k 0..15, loads 4-7: k 16..31 */
+                __m512i v0 = _mm512_loadu_si512(wp + 64 * L), v1 = _mm512_loadu_si512(wp + 64 * L + 64);
+#pragma GCC unroll 8
+                for (int m = 0; m < MC; m++) {
+                    const int8_t *xk = xq + m * Kp + k0 + 4 * L;
+                    a[h][0][m] = _mm512_dpbusd_epi32(a[h][0][m], v0, _mm512_set1_epi32(*(const i32u *)xk));
+                    a[h][1][m] = _mm512_dpbusd_epi32(a[h][1][m], v1, _mm512_set1_epi32(*(const i32u *)(xk + 4)));
+                }
+            }
+#pragma GCC unroll 8
+            for (int m = 0; m < MC; m++) {
+                const __m512 d = _mm512_set1_ps(xd[m * nb + blk]);
+                const __m512i s0 = _mm512_add_epi32(a[0][0][m], a[0][1][m]), s1 = _mm512_add_epi32(a[1][0][m], a[1][1][m]);
+                if (halves) {
+                    ga[0][m] = _mm512_mul_ps(_mm512_cvtepi32_ps(s0), d);
+                    ga[1][m] = _mm512_mul_ps(_mm512_cvtepi32_ps(s1), d);
+                } else {
+                    ga[0][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), d, ga[0][m]);
+                }
+            }
+        }
+        for (int h = 0; h <= halves; h++) {
+            const long gi = g * (halves + 1) + h;  /* the scale group */
+            const __m512 s = load16(sc, meta0 + 16 * gi, mk);
+#pragma GCC unroll 8
+            for (int m = 0; m < MC; m++)
+                acc[m] = _mm512_fmadd_ps(s, _mm512_fnmadd_ps(c128, _mm512_set1_ps(xg[m * KG + gi]), ga[h][m]), acc[m]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < MC; m++) out[m] = acc[m];
 }
 
-int qgemm_abi_version(void) { return 2; }
+/* One tile: int4 (zero points or offsets), int8 per row (G == Kp, as qgemm sets it) or per group. */
+static inline __attribute__((always_inline)) void run_tile(
+    int bits, int form, const uint8_t *w, const void *sc, const void *zc, long t, int mk,
+    const int8_t *xq, const float *xd, const float *xg, long Kp, int G, int QB, const int MC, __m512 *out) {
+    if (bits == 4)
+        tile_int4(w + t * 8 * Kp, sc, zc, t * 16 * (Kp / G), mk, form, xq, xd, xg, Kp, G, QB, MC, out);
+    else if (G == Kp)
+        tile_int8(w + t * 16 * Kp, sc, t * 16, mk, xq, xd, xg, Kp, QB, MC, out);
+    else if (G == 16)  /* a constant: the halves' loops unroll */
+        tile_int8g(w + t * 16 * Kp, sc, t * 16 * (Kp / 16), mk, xq, xd, xg, Kp, 16, MC, out);
+    else
+        tile_int8g(w + t * 16 * Kp, sc, t * 16 * (Kp / G), mk, xq, xd, xg, Kp, G, MC, out);
+}
+
+int qgemm_abi_version(void) { return 3; }
 
 /* y[M, N] = x[M, K] @ W.T + bias. Kp: K padded to the weight layout (a multiple of QB and G);
- * for int8 G is ignored (one group of Kp). Returns 0, or -1 when scratch memory is short. */
+ * int8: G = 0 for a scale per row, else per group (16 or a multiple of QB = 32). form (int4):
+ * 0 zc holds zero points, 1 offsets. Returns 0, or -1 when scratch memory is short. */
 int qgemm(int bits, const void *x, int xkind, long M, long K, long Kp, long N, int G, int QB,
           const uint8_t *w, const void *sc, const void *zc, int mk,
-          const void *bias, int bkind, void *y, int nthreads) {
-    if (bits == 8) G = (int)Kp;
+          const void *bias, int bkind, void *y, int nthreads, int form) {
+    if (bits == 8 && G <= 0) G = (int)Kp;
+    if (bits == 8 && G != Kp && (QB != 32 || (G != 16 && G % 32))) return -2;
     const long nb = Kp / QB, KG = Kp / G, T = (N + 15) / 16;
     int8_t *xq = aligned_alloc(64, ((size_t)M * Kp + 63) / 64 * 64);
     float *xd = malloc(sizeof(float) * (size_t)M * nb), *xg = malloc(sizeof(float) * (size_t)M * KG);
@@ -249,13 +335,13 @@ int qgemm(int bits, const void *x, int xkind, long M, long K, long Kp, long N, i
                     const long mc = me - m0 < MC_MAX ? me - m0 : MC_MAX;
                     switch (mc) {  /* constant MC: the row loops unroll and stay in registers */
 #if MC_MAX >= 6
-                    case 6: run_tile(bits, w, sc, zc, t, mk, xq0, xd0, xg0, Kp, G, QB, 6, out); break;
-                    case 5: run_tile(bits, w, sc, zc, t, mk, xq0, xd0, xg0, Kp, G, QB, 5, out); break;
+                    case 6: run_tile(bits, form, w, sc, zc, t, mk, xq0, xd0, xg0, Kp, G, QB, 6, out); break;
+                    case 5: run_tile(bits, form, w, sc, zc, t, mk, xq0, xd0, xg0, Kp, G, QB, 5, out); break;
 #endif
-                    case 4: run_tile(bits, w, sc, zc, t, mk, xq0, xd0, xg0, Kp, G, QB, 4, out); break;
-                    case 3: run_tile(bits, w, sc, zc, t, mk, xq0, xd0, xg0, Kp, G, QB, 3, out); break;
-                    case 2: run_tile(bits, w, sc, zc, t, mk, xq0, xd0, xg0, Kp, G, QB, 2, out); break;
-                    default: run_tile(bits, w, sc, zc, t, mk, xq0, xd0, xg0, Kp, G, QB, 1, out); break;
+                    case 4: run_tile(bits, form, w, sc, zc, t, mk, xq0, xd0, xg0, Kp, G, QB, 4, out); break;
+                    case 3: run_tile(bits, form, w, sc, zc, t, mk, xq0, xd0, xg0, Kp, G, QB, 3, out); break;
+                    case 2: run_tile(bits, form, w, sc, zc, t, mk, xq0, xd0, xg0, Kp, G, QB, 2, out); break;
+                    default: run_tile(bits, form, w, sc, zc, t, mk, xq0, xd0, xg0, Kp, G, QB, 1, out); break;
                     }
                     for (long m = 0; m < mc; m++)
                         store16_mask(y, (m0 + m) * N + 16 * t, xkind, _mm512_add_ps(out[m], bv), km);
@@ -274,9 +360,10 @@ struct qplan {
     long K, Kp, N;
     const uint8_t *w;
     const void *sc, *zc, *bias;
+    int form, pad2;  /* appended (ABI 3): int4 zero points (0) or offsets (1) in zc */
 };
 
 int qgemm_plan(const struct qplan *p, const void *x, int xkind, long M, void *y, int nthreads) {
     return qgemm(p->bits, x, xkind, M, p->K, p->Kp, p->N, p->G, p->QB, p->w, p->sc, p->zc, p->mk,
-                 p->bias, p->bkind, y, nthreads);
+                 p->bias, p->bkind, y, nthreads, p->form);
 }

@@ -8,7 +8,9 @@ uses PyTorch's kernels.
 Layouts (see the C file): tiles of 16 output rows,
     int4: bytes [tile][k/32][4][16 rows][4], low nibble k = 4L+b, high nibble k = 16+4L+b
     int8: bytes [tile][k/32][8][16 rows][4], code + 128
-    scales, zeros: [tile][group][16] (int8: scales [tile*16])
+    scales, zeros or offsets: [tile][group][16] (int8 per row: scales [tile*16])
+int4 is w = (q - z) * s (zero points) or w = q * s + m (offsets: GGUF's Q4_0/Q4_1/Q4_K blocks);
+int8 has a scale per row (group_size None) or per group of 16 or 32j along k (Q6_K, Q8_0).
 Rows past N are zero codes with zero scales. Big packed weights live in 2 MB-aligned arenas
 advised for transparent huge pages (`weight_buffer`).
 """
@@ -26,7 +28,7 @@ from minicpm.kernels.build import AVX512, Kernel, KernelUnavailable
 
 ROWS = 16  # output rows per tile: one per 32-bit lane of a zmm register
 KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # dtype codes the C side reads
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 _lock = threading.Lock()  # guards the huge-page arena
 _lib: ctypes.CDLL | None = None  # what run() calls; set once the library passed its self-check
@@ -38,7 +40,7 @@ def _setup(lib: ctypes.CDLL) -> None:
         raise KernelUnavailable("qgemm.c: stale build")
     c_long, c_int, c_void = ctypes.c_long, ctypes.c_int, ctypes.c_void_p
     lib.qgemm.argtypes = [c_int, c_void, c_int, c_long, c_long, c_long, c_long, c_int, c_int,
-                          c_void, c_void, c_void, c_int, c_void, c_int, c_void, c_int]
+                          c_void, c_void, c_void, c_int, c_void, c_int, c_void, c_int, c_int]
     lib.qgemm.restype = c_int
     lib.qgemm_plan.argtypes = [ctypes.POINTER(Plan), c_void, c_int, c_long, c_void, c_int]
     lib.qgemm_plan.restype = c_int
@@ -156,6 +158,21 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     return _placed(packed.permute(0, 2, 3, 1).contiguous().view(torch.uint8).reshape(-1))
 
 
+def pack_int4_blocks(nibbles: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K/2] whose 16 bytes per 32-k block hold k = j (low) and 16 + j (high), GGUF's
+    Q4_0/Q4_1 order, which is the tile's own byte order: only 4-byte groups move."""
+    n, half = nibbles.shape
+    v = _aligned(_pad_rows(nibbles)).view(torch.int32).view(-1, ROWS, half // 16, 4)  # [tile, row, block, L]
+    return _placed(v.permute(0, 2, 3, 1).contiguous().view(torch.uint8).reshape(-1))
+
+
+def block_nibbles_to_codes(nibbles: torch.Tensor) -> torch.Tensor:
+    """pack_int4_blocks' input -> uint8 codes [N, K]."""
+    n, half = nibbles.shape
+    b = nibbles.reshape(n, half // 16, 16)
+    return torch.cat((b & 15, b >> 4), dim=-1).reshape(n, 2 * half)
+
+
 def unpack_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     t = -(-n // ROWS)
     v = _aligned(packed).view(torch.int32).view(t, k // 32, 4, ROWS)  # [tile, block, L, row]
@@ -194,6 +211,18 @@ def int8_rows(packed: torch.Tensor, n: int, k: int, k_padded: int, index: torch.
     return rows.reshape(len(index), k_padded)[:, :k].to(torch.int16) - 128
 
 
+def int4_rows(packed: torch.Tensor, n: int, k: int, index: torch.Tensor) -> torch.Tensor:
+    """Codes (uint8 0..15) of rows `index` (1-D), gathered straight from the tiles."""
+    v = _aligned(packed).view(torch.int32).view(-(-n // ROWS), k // 32, 4, ROWS)
+    rows = v[index // ROWS, :, :, index % ROWS].contiguous().view(torch.uint8)  # [len, block, L*4 + b]
+    return torch.cat((rows & 15, rows >> 4), dim=-1).reshape(len(index), k)     # low: k 0..15, high: 16..31
+
+
+def meta_rows(meta: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows `index` of packed metadata [T, G, 16] -> [len, G]."""
+    return meta[index // ROWS, :, index % ROWS]
+
+
 def pack_meta(m: torch.Tensor) -> torch.Tensor:
     """[N, G] per-row-and-group floats -> [T, G, 16] (rows past N: 0)."""
     n, g = m.shape
@@ -214,18 +243,21 @@ class Plan(ctypes.Structure):
     _fields_ = [("bits", ctypes.c_int), ("G", ctypes.c_int), ("QB", ctypes.c_int), ("mk", ctypes.c_int),
                 ("bkind", ctypes.c_int), ("pad", ctypes.c_int), ("K", ctypes.c_long), ("Kp", ctypes.c_long),
                 ("N", ctypes.c_long), ("w", ctypes.c_void_p), ("sc", ctypes.c_void_p), ("zc", ctypes.c_void_p),
-                ("bias", ctypes.c_void_p)]
+                ("bias", ctypes.c_void_p), ("form", ctypes.c_int), ("pad2", ctypes.c_int)]
 
 
 def plan(bits: int, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, n: int, k: int,
-         k_padded: int, group_size: int | None, bias: torch.Tensor | None) -> Plan:
-    """Arguments for `run`. Tensors must stay where they are (a layer rebuilds its plan on .to())."""
+         k_padded: int, group_size: int | None, bias: torch.Tensor | None, offsets: bool = False) -> Plan:
+    """Arguments for `run`. Tensors must stay where they are (a layer rebuilds its plan on .to()).
+
+    int4: `zeros` holds zero points, or offsets m (w = q*s + m) with offsets=True. int8:
+    group_size None for a scale per row, else scales [T, K/G, 16] per group (16 or 32j)."""
     for t in (weight, scales, zeros, bias):
         if t is not None and (t.device.type != "cpu" or not t.is_contiguous()):
             raise ValueError("native kernel tensors must be contiguous and on the CPU")
     p = Plan(bits, group_size or 0, act_block(bits, group_size, k_padded), KINDS[scales.dtype],
              0 if bias is None else KINDS[bias.dtype], 0, k, k_padded, n, weight.data_ptr(), scales.data_ptr(),
-             None if zeros is None else zeros.data_ptr(), None if bias is None else bias.data_ptr())
+             None if zeros is None else zeros.data_ptr(), None if bias is None else bias.data_ptr(), int(offsets), 0)
     p.tensors = (weight, scales, zeros, bias)
     p.ref = ctypes.byref(p)
     return p
@@ -235,21 +267,24 @@ def run(p: Plan, x: torch.Tensor, threads: int | None = None) -> torch.Tensor:
     """y = x @ W.T + bias for x [..., K] contiguous fp32/bf16 on the CPU; y [..., N] in x's dtype."""
     y = torch.empty(x.shape[:-1] + (p.N,), dtype=x.dtype)
     m = x.numel() // p.K
-    if m and _lib.qgemm_plan(p.ref, x.data_ptr(), KINDS[x.dtype], m, y.data_ptr(),
-                             threads or torch.get_num_threads()):
+    rc = m and _lib.qgemm_plan(p.ref, x.data_ptr(), KINDS[x.dtype], m, y.data_ptr(), threads or torch.get_num_threads())
+    if rc == -1:
         raise MemoryError("native qgemm: out of memory for its activation scratch")
+    if rc:
+        raise ValueError(f"native qgemm: int8 group size {p.G} is not 16 or a multiple of 32")
     return y
 
 
 def gemm(x2: torch.Tensor, bits: int, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
          n: int, k: int, k_padded: int, group_size: int | None, bias: torch.Tensor | None,
-         threads: int | None = None) -> torch.Tensor:
+         threads: int | None = None, offsets: bool = False) -> torch.Tensor:
     """One-off form of plan() + run()."""
-    return run(plan(bits, weight, scales, zeros, n, k, k_padded, group_size, bias), x2, threads)
+    return run(plan(bits, weight, scales, zeros, n, k, k_padded, group_size, bias, offsets), x2, threads)
 
 
 def _self_check() -> None:
-    """Both layouts against plain float arithmetic on a small odd shape; a miscompile disables."""
+    """Every layout and form against plain float arithmetic on small odd shapes; a miscompile
+    disables the kernel."""
     g = torch.Generator().manual_seed(0)
     n, k, group = 37, 128, 32
     x = torch.randn(3, k, generator=g)
@@ -258,12 +293,20 @@ def _self_check() -> None:
     z4 = torch.rand(n, k // group, generator=g) * 15
     w4 = ((q4.float().reshape(n, -1, group) - z4[..., None]) * s4[..., None]).reshape(n, k)
     y4 = gemm(x, 4, pack_int4(q4), pack_meta(s4), pack_meta(z4), n, k, k, group, None, 1)
+    m4 = -z4 * s4  # offsets: the same weight as q * s + m
+    y4o = gemm(x, 4, pack_int4(q4), pack_meta(s4), pack_meta(m4), n, k, k, group, None, 1, offsets=True)
     q8 = torch.randint(-127, 128, (n, k - 8), generator=g, dtype=torch.int8)
     s8 = torch.rand(n, generator=g) + 0.5
     kp = padded_k(8, k - 8, None)
     y8 = gemm(x[:, :k - 8].contiguous(), 8, pack_int8(q8, kp), pack_meta(s8[:, None]).reshape(-1), None,
               n, k - 8, kp, None, None, 1)
-    for y, ref in ((y4, x @ w4.T), (y8, x[:, :k - 8] @ (q8.float() * s8[:, None]).T)):
+    checks = [(y4, x @ w4.T), (y4o, x @ w4.T), (y8, x[:, :k - 8] @ (q8.float() * s8[:, None]).T)]
+    for g8 in (16, 32, 64):  # int8 per group: Q6_K's 16, Q8_0's 32, and two blocks per group
+        q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+        s = torch.rand(n, k // g8, generator=g) + 0.5
+        w = (q.float().reshape(n, -1, g8) * s[..., None]).reshape(n, k)
+        checks.append((gemm(x, 8, pack_int8(q, k), pack_meta(s), None, n, k, k, g8, None, 1), x @ w.T))
+    for y, ref in checks:
         err = ((y - ref).norm() / ref.norm()).item()
         if not err < 0.02:
             raise KernelUnavailable(f"qgemm.c: self-check failed (relative error {err:.3g})")

@@ -59,15 +59,25 @@ def resolve_device(device: Any) -> torch.device:
 
 def build_model(config: MiniCPMConfig, named_tensors: Iterable[tuple[str, torch.Tensor]],
                 dtype: Any = None, device: Any = None, source: str = "checkpoint") -> MiniCPMForCausalLM:
-    """Assemble a model from checkpoint tensors (Hugging Face names), in eval mode."""
+    """Assemble a model from checkpoint tensors (Hugging Face names), in eval mode.
+
+    A value may also be a ready module (a GGUF tensor's blocks held as stored): it replaces the
+    module that owns `name` (for a tied head: "lm_head.weight" and "model.embed_tokens.weight")."""
     dtype, device = resolve_dtype(dtype), resolve_device(device)
     with torch.device("meta"):
         model = MiniCPMForCausalLM(config)
     params = dict(model.named_parameters())  # a tied head appears once, as the embedding
     loaded: set[str] = set()
     unexpected: list[str] = []
+    replaced: set[str] = set()
     for name, tensor in named_tensors:
         if name.endswith(DERIVED_SUFFIXES):
+            continue
+        if isinstance(tensor, nn.Module):
+            _check_module_shape(name, tensor, params, source)
+            _swap_module(model, name.rpartition(".")[0], tensor.to(device))
+            replaced.add(name.rpartition(".")[0])
+            loaded.add(name)
             continue
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue  # some tied checkpoints store a copy of the embedding; the tie wins
@@ -91,7 +101,7 @@ def build_model(config: MiniCPMConfig, named_tensors: Iterable[tuple[str, torch.
     if missing:
         shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
         raise CheckpointError(f"{source}: {len(missing)} missing tensor(s): {shown}")
-    if config.tie_word_embeddings:
+    if config.tie_word_embeddings and not replaced & {"lm_head", "model.embed_tokens"}:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.model.rotary_emb.to(device)  # its tables are computed from the config, not loaded
     return model.eval().requires_grad_(False)
@@ -101,6 +111,21 @@ def config_dtype(config: MiniCPMConfig) -> torch.dtype | None:
     """The dtype config.json declares (torch_dtype), if any."""
     name = config.torch_dtype
     return DTYPES.get(str(name).removeprefix("torch.")) if name else None
+
+
+def _swap_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent), attr, module)
+
+
+def _check_module_shape(name: str, module: nn.Module, params: dict, source: str) -> None:
+    """A ready Linear/Embedding-like module against the weight it stands for."""
+    shape = (getattr(module, "out_features", None) or getattr(module, "num_embeddings", None),
+             getattr(module, "in_features", None) or getattr(module, "embedding_dim", None))
+    expected = params.get(name, params.get("model.embed_tokens.weight") if name == "lm_head.weight" else None)
+    if expected is None or tuple(expected.shape) != shape:
+        raise CheckpointError(f"{source}: tensor {name} has shape {list(shape)}, config.json implies "
+                              f"{None if expected is None else list(expected.shape)}")
 
 
 def _assign(model: nn.Module, name: str, value: torch.Tensor) -> None:

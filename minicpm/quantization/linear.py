@@ -1,10 +1,14 @@
-"""Weight-only quantized Linear: int8 per output channel, int4 group-wise with zero points.
+"""Weight-only quantized Linear: int8 per output channel or group, int4 group-wise.
 
-A layer is made from integer codes plus scales (and zeros), whatever produced them: round-to-
-nearest here (`from_float`), GPTQ/AWQ later through `from_quantized`. Dequantization is
+A layer is made from integer codes plus scales (and zeros or offsets), whatever produced them:
+round-to-nearest here (`from_float`), GGUF blocks repacked as stored (formats/gguf/native.py),
+GPTQ/AWQ later through `from_quantized`. Dequantization is
 
-    int8:  w[n, k] = qweight[n, k] * scales[n]
+    int8:  w[n, k] = qweight[n, k] * scales[n]                             (group_size None)
+           w[n, k] = qweight[n, k] * scales[n, k // G]                     (GGUF Q8_0, Q6_K)
     int4:  w[n, k] = (q[n, k] - zeros[n, k // G]) * scales[n, k // G]      q in 0..15
+           w[n, k] = q[n, k] * scales[n, k // G] + offsets[n, k // G]      (GGUF Q4_0/Q4_1/Q4_K)
+in float32, each product and sum rounded once: for GGUF blocks exactly gguf-py's values.
 
 On CPU the forward pass runs, in order of preference:
   native      our AVX-512 VNNI kernel (minicpm/kernels/qgemm.py): x quantized to int8 per block of
@@ -18,7 +22,8 @@ On CPU the forward pass runs, in order of preference:
               They run with bf16 activations (x is cast around the call): their fp32 paths are
               reference loops, 5-20x slower than bf16 at batch 1 (e.g. int8 2304x2304: 8.1 ms fp32,
               0.39 ms bf16; fp32 F.linear: 1.9 ms). Scales are then held in bf16 too, as the kernels
-              require. Int4 packing needs out_features % 16 == 0.
+              require. Int4 packing needs out_features % 16 == 0. Not used for the GGUF forms
+              (offsets, int8 groups), which these kernels cannot represent exactly.
   dequantize  everywhere else (other devices, shapes the packed kernels refuse): plain codes,
               dequantized on the fly; slower, same numbers.
 A layer holds one runtime copy of its weight, in the layout of its kernel.
@@ -81,28 +86,46 @@ class QuantizedLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int | None,
                  qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None = None,
-                 bias: torch.Tensor | None = None):
+                 bias: torch.Tensor | None = None, *, offsets: torch.Tensor | None = None,
+                 dtype: torch.dtype | None = None, block_nibbles: bool = False):
+        """int4 takes `zeros` or `offsets`; int8 with a group_size takes scales [N, K/G].
+        `dtype`: the model's (what dequantize() and saving give), default the scales' dtype.
+        `block_nibbles`: int4 qweight is uint8 [N, K/2] in GGUF's Q4_0/Q4_1 byte order
+        (native.pack_int4_blocks), which the native layout takes without unpacking."""
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size = bits, group_size
+        self.has_offsets = offsets is not None
         # Runtime tensors are non-persistent buffers: they move with .to(), and the checkpoint
         # form is written by _save_to_state_dict instead.
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.kernel = self._pick_kernel(qweight.device)
         self._plan = None  # the native kernel's arguments, made at first use
-        self.dtype = scales.dtype  # of the float tensors it saves; the model's dtype
+        self.dtype = dtype or scales.dtype  # of the float tensors it saves; the model's dtype
+        second = "offsets" if self.has_offsets else "zeros"  # int4's per-group term, by its name
+        if block_nibbles and self.kernel != "native":
+            qweight, block_nibbles = native.block_nibbles_to_codes(qweight), False
         if self.kernel == "native":
-            # scales/zeros in the model's dtype when the kernel reads it, so that saving is exact
+            # scales/zeros in their own dtype when the kernel reads it, so that saving is exact
             meta = scales.dtype if scales.dtype in native.KINDS else torch.float32
             self.k_padded = native.padded_k(bits, in_features, group_size)
             if bits == 8:
                 self.register_buffer("qweight", native.pack_int8(qweight, self.k_padded), persistent=False)
-                self.register_buffer("scales", native.pack_meta(scales.to(meta)[:, None]).reshape(-1),
-                                     persistent=False)                              # [T*16]
+                per_row = scales.to(meta)[:, None] if group_size is None else scales.to(meta)
+                packed = native.pack_meta(per_row)                                  # [T, K/G, 16]
+                self.register_buffer("scales", packed.reshape(-1) if group_size is None else packed,
+                                     persistent=False)                              # per row: [T*16]
             else:
-                self.register_buffer("qweight", native.pack_int4(qweight), persistent=False)
+                pack = native.pack_int4_blocks if block_nibbles else native.pack_int4
+                self.register_buffer("qweight", pack(qweight), persistent=False)
                 self.register_buffer("scales", native.pack_meta(scales.to(meta)), persistent=False)  # [T, K/G, 16]
-                self.register_buffer("zeros", native.pack_meta(zeros.to(meta)), persistent=False)
+                term = offsets if self.has_offsets else zeros
+                self.register_buffer(second, native.pack_meta(term.to(meta)), persistent=False)
+        elif self.exact_only:  # dequantized on the fly; codes and metadata as given
+            self.register_buffer("qweight", qweight, persistent=False)        # int8 or uint8 [N, K]
+            self.register_buffer("scales", scales, persistent=False)          # [N, K/G]
+            if bits == 4:
+                self.register_buffer(second, offsets if self.has_offsets else zeros, persistent=False)
         elif bits == 8:
             if self.packed and qweight.data_ptr() % 64:
                 # The int8 kernel crashes (SIGSEGV) on weights that are not 64-byte aligned, as
@@ -137,6 +160,16 @@ class QuantizedLinear(nn.Module):
         return state
 
     @property
+    def exact_only(self) -> bool:
+        """A GGUF form (offsets, int8 groups): PyTorch's packed kernels cannot hold it exactly."""
+        return self.has_offsets or (self.bits == 8 and self.group_size is not None)
+
+    @property
+    def _term(self) -> torch.Tensor | None:
+        """int4's per-group zero points or offsets, in the runtime layout."""
+        return None if self.bits == 8 else (self.offsets if self.has_offsets else self.zeros)
+
+    @property
     def packed(self) -> bool:
         """Whether the weight is in PyTorch's packed layout (the native kernel has its own)."""
         return self.kernel == "packed"
@@ -145,6 +178,9 @@ class QuantizedLinear(nn.Module):
         """native > packed (PyTorch's CPU kernels) > dequantize (+ F.linear)."""
         if device.type != "cpu":
             return "dequantize"  # the CUDA int4 kernel wants another layout; not wired up yet
+        if self.exact_only:
+            native_ok = self.in_features % 32 == 0 and (self.bits == 4 or self.group_size % 16 == 0)
+            return "native" if native_ok and native.available() else "dequantize"
         if (self.bits == 8 or self.in_features % 32 == 0) and native.available():
             return "native"
         if self.bits == 8:
@@ -156,14 +192,15 @@ class QuantizedLinear(nn.Module):
     @classmethod
     def from_quantized(cls, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                        bits: int, group_size: int | None, bias: torch.Tensor | None = None,
-                       dtype: torch.dtype = torch.float32) -> QuantizedLinear:
+                       dtype: torch.dtype = torch.float32, offsets: torch.Tensor | None = None) -> QuantizedLinear:
         """A layer from codes in the checkpoint layout (int4: nibble-packed uint8 [N, K/2])."""
         if bits == 4:
             qweight = unpack_nibbles(qweight)
         out_features, in_features = qweight.shape
         zeros = None if zeros is None else zeros.to(dtype)
+        offsets = None if offsets is None else offsets.to(dtype)
         return cls(in_features, out_features, bits, group_size, qweight, scales.to(dtype), zeros,
-                   None if bias is None else bias.to(dtype))
+                   None if bias is None else bias.to(dtype), offsets=offsets)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, bits: int, group_size: int | None = None,
@@ -207,9 +244,9 @@ class QuantizedLinear(nn.Module):
                 bias = None if self.bias is None else self.bias.detach()
                 if bias is not None and bias.dtype not in native.KINDS:
                     bias = bias.float()  # a copy the plan keeps: the kernel reads fp32/bf16/fp16
-                self._plan = native.plan(self.bits, self.qweight, self.scales, self.zeros if self.bits == 4 else None,
+                self._plan = native.plan(self.bits, self.qweight, self.scales, self._term,
                                          self.out_features, self.in_features, self.k_padded, self.group_size,
-                                         None if bias is None else bias.contiguous())
+                                         None if bias is None else bias.contiguous(), self.has_offsets)
             x2 = x if x.dtype in (torch.float32, torch.bfloat16) else x.float()
             return native.run(self._plan, x2.contiguous()).to(x.dtype)
         x2 = x.reshape(-1, shape[-1]).to(self.compute_dtype)  # the kernels want 2-D x in the scales' dtype
@@ -242,48 +279,65 @@ class QuantizedLinear(nn.Module):
         return q.t().round().to(torch.uint8)
 
     def scales_zeros(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(scales, zeros) in the checkpoint layout."""
+        """(scales, zeros or offsets) in the checkpoint layout (int8 per row: scales [N])."""
         if self.kernel == "native":
-            if self.bits == 8:
+            if self.bits == 8 and self.group_size is None:
                 return self.scales[:self.out_features].to(self.dtype), None
-            return (native.unpack_meta(self.scales, self.out_features).to(self.dtype),
-                    native.unpack_meta(self.zeros, self.out_features).to(self.dtype))
+            scales = native.unpack_meta(self.scales, self.out_features).to(self.dtype)
+            term = self._term
+            return scales, None if term is None else native.unpack_meta(term, self.out_features).to(self.dtype)
         if self.bits == 8:
             return self.scales.to(self.dtype), None
         if not self.packed:
-            return self.scales, self.zeros
+            return self.scales.to(self.dtype), self._term.to(self.dtype)
         return self.scales_and_zeros[..., 0].t().to(self.dtype).contiguous(), self.zeros
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
-        """Rows `index` of the dequantized weight, [*index.shape, K] (a shared embedding lookup)."""
-        if self.bits == 8:
-            flat = index.reshape(-1)
-            if self.kernel == "native":
-                q = native.int8_rows(self.qweight, self.out_features, self.in_features, self.k_padded, flat)
-            else:
-                q = self.qweight[flat]
-            w = q.float() * self.scales[flat].float()[:, None]
-            return w.to(self.dtype).reshape(*index.shape, self.in_features)
-        return F.embedding(index, self.dequantize())  # int4 heads are not made; correct, not fast
+        """Rows `index` of the dequantized weight, [*index.shape, K] (embedding lookups), read from
+        the codes without dequantizing the rest: the same values as dequantize()[index]."""
+        if self.packed and self.bits == 4:
+            return F.embedding(index, self.dequantize())  # PyTorch's private layout: correct, not fast
+        flat = index.reshape(-1)
+        if self.kernel != "native":
+            q, scales, term = self.qweight[flat], self.scales[flat], self._term
+            term = None if term is None else term[flat]
+        elif self.bits == 8:
+            q = native.int8_rows(self.qweight, self.out_features, self.in_features, self.k_padded, flat)
+            scales = self.scales[flat] if self.group_size is None else native.meta_rows(self.scales, flat)
+            term = None
+        else:
+            q = native.int4_rows(self.qweight, self.out_features, self.in_features, flat)
+            scales, term = native.meta_rows(self.scales, flat), native.meta_rows(self._term, flat)
+        return self._dequantize(q, scales, term, self.dtype).reshape(*index.shape, self.in_features)
 
     def dequantize(self) -> torch.Tensor:
         """The weight as floats, [N, K] in the layer's dtype (fallback path and tests)."""
-        scales, zeros = self.scales_zeros()
-        q = self.codes().float()
-        if self.bits == 8:
-            return (q * scales.float()[:, None]).to(scales.dtype)
+        scales, term = self.scales_zeros()
+        return self._dequantize(self.codes(), scales, term, scales.dtype)
+
+    def _dequantize(self, q: torch.Tensor, scales: torch.Tensor, term: torch.Tensor | None,
+                    dtype: torch.dtype) -> torch.Tensor:
+        """Codes [R, K] with their rows' scales ([R] or [R, K/G]) and zeros/offsets -> floats in
+        `dtype`, computed in fp32 (each product and sum rounded once, as gguf-py does)."""
         n, k = q.shape
-        g = q.reshape(n, k // self.group_size, self.group_size)
-        w = (g - zeros.float()[..., None]) * scales.float()[..., None]
-        return w.reshape(n, k).to(scales.dtype)
+        s = scales.float().reshape(n, -1)[..., None]           # one group of K per row if per row
+        g = q.float().reshape(n, s.shape[1], -1)
+        if term is None:
+            w = g * s
+        elif self.has_offsets:
+            w = g * s + term.float()[..., None]
+        else:
+            w = (g - term.float()[..., None]) * s
+        return w.reshape(n, k).to(dtype)
 
     def portable_state(self) -> dict[str, torch.Tensor]:
-        """Checkpoint tensors: qweight (int8 [N, K] | uint8 [N, K/2] nibbles), scales, zeros, bias."""
-        scales, zeros = self.scales_zeros()
+        """Checkpoint tensors: qweight (int8 [N, K] | uint8 [N, K/2] nibbles), scales ([N] or
+        [N, K/G]), zeros or offsets (int4), bias."""
+        scales, term = self.scales_zeros()
         q = self.codes()
         state = {"qweight": q if self.bits == 8 else pack_nibbles(q), "scales": scales}
-        if zeros is not None:
-            state["zeros"] = zeros
+        if term is not None:
+            state["offsets" if self.has_offsets else "zeros"] = term
         if self.bias is not None:
             state["bias"] = self.bias
         return state
@@ -293,8 +347,9 @@ class QuantizedLinear(nn.Module):
             destination[prefix + name] = tensor if keep_vars else tensor.detach()
 
     def extra_repr(self) -> str:
-        group = f", group_size={self.group_size}" if self.bits == 4 else ""
-        return f"{self.in_features}, {self.out_features}, bits={self.bits}{group}, kernel={self.kernel}"
+        group = f", group_size={self.group_size}" if self.group_size else ""
+        form = ", offsets" if self.has_offsets else ""
+        return f"{self.in_features}, {self.out_features}, bits={self.bits}{group}{form}, kernel={self.kernel}"
 
     def decode_spec(self) -> dict | None:
         """What the native decode step needs (minicpm.kernels.decode): the qgemm plan, made by a

@@ -14,6 +14,11 @@ leaves it memory-mapped, so only the rows touched are paged in.
 int4 group size: a layer whose in_features the asked group does not divide uses the largest of
 32/64/128 below it that does (SmolLM2's 576 -> 64 for an asked 128); the rule depends only on
 (asked group, in_features), so the loader re-derives it and config.json need not list layers.
+
+A model loaded from a GGUF file as stored (formats/gguf) mixes types, so its record lists its
+layers ({"method": "gguf", "layers": {module: [bits, group]}}); int4 layers then carry offsets
+(w = q*s + m) instead of zeros, and an untied quantized embedding its own table
+("embedding": "table"). `load_quantized` rebuilds those too.
 """
 
 from __future__ import annotations
@@ -75,6 +80,8 @@ def layer_group_size(asked: int, in_features: int, name: str) -> int:
 def plan(model: nn.Module, spec: dict[str, Any], predicate: Predicate | None = None,
          skip: Iterable[str] = ()) -> dict[str, tuple[int, int | None]]:
     """{module name: (bits, group_size)} for every Linear to swap, the head included."""
+    if "layers" in spec:  # listed one by one (a GGUF file's mix)
+        return {name: (bits, group) for name, (bits, group) in spec["layers"].items()}
     predicate = predicate or default_predicate
     skip = set(skip)
     chosen: dict[str, tuple[int, int | None]] = {}
@@ -174,7 +181,7 @@ def load_quantized(config: MiniCPMConfig, named_tensors: Iterable[tuple[str, tor
         model = MiniCPMForCausalLM(config)
     chosen = plan(model, spec, skip=spec.get("skip", ()))
     shared = shares_table(config, spec)
-    has_bias = {name: model.get_submodule(name).bias is not None for name in chosen}
+    has_bias = {name: getattr(model.get_submodule(name), "bias", None) is not None for name in chosen}
     params = {n: p for n, p in model.named_parameters()
               if n.rpartition(".")[0] not in chosen}  # a tied head's weight appears as the embedding
     if shared:  # not stored: the lookups read the head's table
@@ -184,7 +191,7 @@ def load_quantized(config: MiniCPMConfig, named_tensors: Iterable[tuple[str, tor
     for name, tensor in named_tensors:
         prefix, _, leaf = name.rpartition(".")
         target = dtype or config_dtype(config) or (tensor.dtype if tensor.is_floating_point() else None)
-        if prefix in pending and leaf in ("qweight", "scales", "zeros", "bias"):
+        if prefix in pending and leaf in ("qweight", "scales", "zeros", "offsets", "bias"):
             pending[prefix][leaf] = tensor.to(device)
             if _complete(pending[prefix], chosen[prefix][0], has_bias[prefix]):
                 _place(model, prefix, pending.pop(prefix), chosen[prefix], target, source)
@@ -198,6 +205,8 @@ def load_quantized(config: MiniCPMConfig, named_tensors: Iterable[tuple[str, tor
     _check_complete(unexpected, sorted(set(params) - loaded) + sorted(pending), source)
     if shared:
         model.model.embed_tokens = QuantizedEmbedding(model.lm_head)
+    elif "model.embed_tokens" in chosen:  # a quantized table of its own
+        model.model.embed_tokens = QuantizedEmbedding(model.model.embed_tokens, owned=True)
     elif config.tie_word_embeddings and "lm_head" not in chosen:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.model.rotary_emb.to(device)
@@ -221,11 +230,13 @@ def _release_freed_memory() -> None:
 
 def is_quantized_part(name: str) -> bool:
     """A quantized layer's codes, scales or zeros (checkpoint name)."""
-    return name.rpartition(".")[2] in ("qweight", "scales", "zeros")
+    return name.rpartition(".")[2] in ("qweight", "scales", "zeros", "offsets")
 
 
 def _read_spec(config: MiniCPMConfig, source: str) -> dict[str, Any]:
     q = config.quantization
+    if q.get("method") == "gguf" and isinstance(q.get("layers"), dict):
+        return {**q, "group_size": None}
     if q.get("method") != "rtn":
         raise CheckpointError(f"{source}: unknown quantization method {q.get('method')!r} in config.json")
     try:
@@ -238,8 +249,8 @@ def _read_spec(config: MiniCPMConfig, source: str) -> dict[str, Any]:
 
 
 def _complete(parts: dict, bits: int, bias: bool) -> bool:
-    need = {"qweight", "scales"} | ({"zeros"} if bits == 4 else set()) | ({"bias"} if bias else set())
-    return need <= parts.keys()
+    need = {"qweight", "scales"} | ({"bias"} if bias else set())
+    return need <= parts.keys() and (bits == 8 or bool({"zeros", "offsets"} & parts.keys()))
 
 
 def _place(model: nn.Module, name: str, parts: dict, bits_group: tuple, dtype, source: str) -> None:
@@ -249,7 +260,7 @@ def _place(model: nn.Module, name: str, parts: dict, bits_group: tuple, dtype, s
     _check_shape(f"{name}.qweight", parts["qweight"], (expected[0], width), source)
     dtype = dtype or parts["scales"].dtype
     layer = QuantizedLinear.from_quantized(parts["qweight"], parts["scales"], parts.get("zeros"), bits, group,
-                                           parts.get("bias"), dtype=dtype)
+                                           parts.get("bias"), dtype=dtype, offsets=parts.get("offsets"))
     _swap(model, name, layer)
 
 

@@ -1,8 +1,11 @@
 """Which GGML type each tensor is stored as, for a requested file type (`write_gguf(file_type=)`).
 
 1-D tensors (norms) and the MoE router stay F32. In q4_0 files the output matrix
-(`output.weight`, or `token_embd.weight` when tied) is Q8_0, keeping the head finer as
-llama.cpp's quantizer does; q4_k_m chooses per tensor as llama.cpp's Q4_K_M does
+(`output.weight`, or `token_embd.weight` when tied) is Q6_K, or Q8_0 where its rows are not whole
+Q6_K super-blocks (SmolLM2's 576), as llama.cpp's quantizer does (llama-quant.cpp: the output
+tensor of any quantized ftype other than the IQ*/MXFP4 ones becomes Q6_K unless the row is not a
+multiple of the ftype's own block, then tensor_type_fallback turns Q6_K into Q8_0 for rows that
+are not multiples of 256); q4_k_m chooses per tensor as llama.cpp's Q4_K_M does
 (`q4_k_m_type`): on the same weights both give the same types. Rows whose length is not a
 multiple of the block size fall back as in llama.cpp: Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0,
 and a 32-value type -> F16.
@@ -43,7 +46,7 @@ def weight_type(gguf_name: str, shape: tuple[int, ...], config: MiniCPMConfig, f
     if file_type == "q4_k_m":
         wanted = q4_k_m_type(gguf_name, shape, config)
     elif wanted == "Q4_0" and gguf_name == head:
-        wanted = "Q8_0"
+        wanted = "Q6_K"  # -> Q8_0 below when the row is not whole super-blocks
     row = shape[-1]
     if row % GGML_QUANT_SIZES[T[wanted]][0] and wanted in _FALLBACK:
         wanted = _FALLBACK[wanted]

@@ -1,12 +1,21 @@
 """Reading a GGUF file into our model: config from its metadata, tensors in Hugging Face layout.
 
-The file is memory-mapped (container.py) and converted one tensor at a time (quantized blocks
-dequantized to float32, F16/BF16 kept as they are), so a large file is never duplicated in memory.
-Every tensor is checked to be one we can produce before anything is built.
+The file is memory-mapped (container.py) and converted one tensor at a time, so a large file is
+never duplicated in memory. Every tensor is checked to be one we can produce before anything is
+built. Two ways to load:
+  as stored (`load_gguf` without a dtype): 2-D Q4_0/Q4_1/Q8_0/Q4_K/Q6_K weights become
+      QuantizedLinear layers holding the file's blocks exactly (repack.py), run by the int4/int8
+      kernel; a quantized token_embd becomes the head plus a QuantizedEmbedding (tied) or an
+      embedding of its own quantized rows. Other block types are dequantized to float32 with a
+      warning that names them and their cost. Float tensors become float32.
+  float (`read_gguf`, `load_gguf(dtype=...)`): every tensor dequantized to float32 (F16/BF16 as
+      stored), then cast to the dtype.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +40,9 @@ from minicpm.formats.gguf.metadata import (
 )
 
 __all__ = ["read_gguf", "read_gguf_info", "load_gguf", "open_gguf"]
+
+log = logging.getLogger(__name__)
+_FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
 
 
 def read_gguf(path: str | os.PathLike, dtype: torch.dtype | None = None
@@ -67,18 +79,51 @@ def open_gguf(path: str | os.PathLike) -> tuple[GGUFFile, MiniCPMConfig, dict[st
 
 
 def load_gguf(path: str | os.PathLike, dtype: Any = None, device: Any = None):
-    """(model, tokenizer) from a GGUF file; dtype defaults to float32."""
+    """(model, tokenizer) from a GGUF file: quantized weights as stored when no dtype is given
+    (float parts in float32), else every tensor dequantized and cast to `dtype`."""
     from minicpm.loading.assemble import build_model
     from minicpm.tokenizer import Tokenizer
 
-    config, tensors, metadata = read_gguf(path)
+    file, config, metadata = open_gguf(path)
     tokenizer_meta = {k: v for k, v in metadata.items() if k.startswith("tokenizer.")}
     if "tokenizer.ggml.model" not in tokenizer_meta:
         raise CheckpointError(f"{path}: the GGUF file holds no tokenizer (tokenizer.ggml.* keys)")
     tokenizer = Tokenizer.from_gguf_metadata(tokenizer_meta)
-    model = build_model(config, tensors, dtype=torch.float32 if dtype is None else dtype,
-                        device=device, source=str(path))
+    if dtype is not None:
+        return build_model(config, _iter_tensors(file, config, None), dtype=dtype, device=device,
+                           source=str(path)), tokenizer
+    layers: dict[str, list] = {}
+    with _one_thread():
+        model = build_model(config, _iter_stored(file, config, layers), dtype=torch.float32, device=device,
+                            source=str(path))
+    if layers:  # what save_pretrained records, so that a saved copy loads back to the same layers
+        model.config = model.config.replace(quantization=stored_record(config, layers))
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """Repacking is hundreds of small copies, each a parallel region of the OpenMP pool; on a busy
+    machine every region waits for a time slice (SmolLM2 with another process running: 0.8 s on
+    one thread, 3-6 s on two)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def stored_record(config: MiniCPMConfig, layers: dict[str, list]) -> dict[str, Any]:
+    """The `config.quantization` record of a model loaded as stored: its layers listed one by one
+    ({module: [bits, group]}), since a GGUF file mixes types."""
+    head = "int8" if "lm_head" in layers or (config.tie_word_embeddings and "model.embed_tokens" in layers) else "bf16"
+    if config.tie_word_embeddings and "model.embed_tokens" in layers:
+        layers = {("lm_head" if k == "model.embed_tokens" else k): v for k, v in layers.items()}
+        embedding = "head"
+    else:
+        embedding = "table" if "model.embed_tokens" in layers else "float"
+    return {"method": "gguf", "layers": layers, "head": head, "embedding": embedding}
 
 
 def _open_file(path: Path) -> GGUFFile:
@@ -115,19 +160,75 @@ def _iter_tensors(file: GGUFFile, config: MiniCPMConfig,
     for t in file.tensors:
         if t.name == "rope_freqs.weight":
             continue  # recomputed from the rope scaling in hf.config
-        data = file.tensor_data(t)
-        stacked = expert_template(t.name)
-        if stacked is not None:
-            hf_template, layer = stacked
-            for expert in range(data.shape[0]):  # dequantize one expert at a time
-                tensor = to_torch(data[expert], t.tensor_type)
-                yield hf_template.format(layer, expert), _cast(tensor, dtype)
+        for name, tensor in _converted(file, t, config, expert_template(t.name)):
+            yield name, _cast(tensor, dtype)
+
+
+def _iter_stored(file: GGUFFile, config: MiniCPMConfig, layers: dict[str, list]
+                 ) -> Iterator[tuple[str, Any]]:
+    """(HF name, tensor or ready module): repackable 2-D weights as QuantizedLinear (recorded in
+    `layers` as {module: [bits, group]}), other block types dequantized (one warning), floats fp32."""
+    from minicpm.formats.gguf.repack import REPACKED_TYPES, repacked_linear
+    from minicpm.quantization.embedding import QuantizedEmbedding
+
+    dequantized: dict[str, list[int]] = {}  # type -> [tensors, float bytes]
+    for t in file.tensors:
+        if t.name == "rope_freqs.weight":
             continue
-        tensor = to_torch(data, t.tensor_type)
+        kind = t.tensor_type.name
+        stacked = expert_template(t.name)
+        if kind in _FLOAT_TYPES or (kind not in REPACKED_TYPES) or len(t.shape) == 1:
+            if kind not in _FLOAT_TYPES:
+                counts = dequantized.setdefault(kind, [0, 0])
+                counts[0] += 1
+                counts[1] += 4 * int(t.n_elements)
+            for name, tensor in _converted(file, t, config, stacked):
+                yield name, tensor.float()
+            continue
+        data = file.tensor_data(t)
+        if stacked is not None:  # one layer per expert, each from its own rows of blocks
+            hf_template, index = stacked
+            for expert in range(data.shape[0]):
+                name, layer = hf_template.format(index, expert), repacked_linear(data[expert], kind)
+                layers[name.removesuffix(".weight")] = _record(layer)
+                yield name, layer
+            continue
         heads = rope_heads(t.name, config)
-        if heads is not None:
-            tensor = deinterleave_rope_rows(tensor, heads)
-        yield gguf_to_hf_name(t.name), _cast(tensor, dtype)
+        rows = None if heads is None else (lambda x, h=heads: deinterleave_rope_rows(x, h))
+        layer = repacked_linear(data, kind, rows)
+        name = gguf_to_hf_name(t.name)
+        layers[name.removesuffix(".weight")] = _record(layer)
+        if name == "model.embed_tokens.weight":
+            tied = config.tie_word_embeddings
+            if tied:
+                yield "lm_head.weight", layer
+            yield name, QuantizedEmbedding(layer, owned=not tied)
+        else:
+            yield name, layer
+    if dequantized:
+        parts = ", ".join(f"{k} ({n} tensors)" for k, (n, _) in sorted(dequantized.items()))
+        total = sum(b for _, b in dequantized.values())
+        log.warning("%s: no kernel runs %s as stored: dequantized to float32 (%.1f MB)", file.path, parts,
+                    total / 1e6)
+
+
+def _record(layer) -> list:
+    return [layer.bits, layer.group_size]
+
+
+def _converted(file: GGUFFile, t, config: MiniCPMConfig, stacked) -> Iterator[tuple[str, torch.Tensor]]:
+    """One GGUF tensor as float HF tensors (dequantized if a block type; experts one by one)."""
+    data = file.tensor_data(t)
+    if stacked is not None:
+        hf_template, layer = stacked
+        for expert in range(data.shape[0]):  # dequantize one expert at a time
+            yield hf_template.format(layer, expert), to_torch(data[expert], t.tensor_type)
+        return
+    tensor = to_torch(data, t.tensor_type)
+    heads = rope_heads(t.name, config)
+    if heads is not None:
+        tensor = deinterleave_rope_rows(tensor, heads)
+    yield gguf_to_hf_name(t.name), tensor
 
 
 def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:

@@ -57,8 +57,8 @@ def write_gguf(config: MiniCPMConfig, named_tensors: Iterable[tuple[str, torch.T
     `to_gguf_metadata()` or a dict of `tokenizer.*` keys (None writes no tokenizer; llama.cpp
     then refuses the file). `file_type`: f32, f16, bf16, q8_0, q4_0, q4_k_m, q6_k for the 2-D
     weights; 1-D tensors (norms) and the MoE router stay F32. In q4_0 files the output matrix
-    (`output.weight`, or `token_embd.weight` when tied) is Q8_0, keeping the head finer as
-    llama.cpp's quantizer does; q4_k_m chooses per tensor as llama.cpp's Q4_K_M does (see
+    (`output.weight`, or `token_embd.weight` when tied) is Q6_K (Q8_0 for rows that are not whole
+    super-blocks), keeping the head finer as llama.cpp's quantizer does; q4_k_m chooses per tensor as llama.cpp's Q4_K_M does (see
     `file_types.q4_k_m_type`). Rows whose length is not a multiple of the block size fall back
     as in llama.cpp: Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, and a 32-value type -> F16.
     `progress`: a progress bar (weights written) on stderr.

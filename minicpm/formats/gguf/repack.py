@@ -1,0 +1,107 @@
+"""GGUF quantized blocks -> QuantizedLinear layers, exactly: the same dequantized values, no re-rounding.
+
+Each block type is a form our int4/int8 kernel runs (minicpm/kernels/qgemm.c):
+    Q4_0  f16 d, 32 nibbles          w = q*d - 8d      int4 + offsets, groups of 32 (fp16 if -8d fits)
+    Q4_1  f16 d, f16 m, 32 nibbles   w = q*d + m       int4 + offsets, groups of 32, fp16
+    Q4_K  256 values: f16 d, dmin, 8 x 6-bit (sc, mn), 4-bit q
+                                     w = q*(d*sc) - dmin*mn   int4 + offsets, groups of 32, fp32
+    Q8_0  f16 d, 32 x int8           w = q*d           int8, groups of 32, fp16
+    Q6_K  256 values: 6-bit q, 16 x int8 sc, f16 d
+                                     w = (q-32)*(d*sc) int8, groups of 16, fp32
+The products d*sc and dmin*mn have at most 19 significant bits, so fp32 holds them exactly, and
+QuantizedLinear.dequantize() computes q*s (+ m) in fp32 with one rounding each, as gguf-py does.
+Whole tensors are decoded with numpy bit operations (no per-block Python). Q4_0/Q4_1 nibbles are
+already in the kernel's byte order (a byte holds k = j and 16 + j of its block): they are passed
+as they are (`block_nibbles`), only 4-byte groups move.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from minicpm.quantization.linear import QuantizedLinear
+
+__all__ = ["REPACKED_TYPES", "repacked_linear", "repacked_parts"]
+
+REPACKED_TYPES = ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K")
+
+
+def _f16(raw: np.ndarray) -> np.ndarray:
+    """[..., 2] bytes -> float32 [...] (exact)."""
+    return np.ascontiguousarray(raw).view(np.float16)[..., 0].astype(np.float32)
+
+
+def _smallest_exact(values: np.ndarray) -> torch.Tensor:
+    """fp16 when every value survives the round trip (half the metadata memory), else fp32."""
+    half = values.astype(np.float16)
+    return torch.from_numpy(half if np.array_equal(half.astype(np.float32), values) else values)
+
+
+def _q4_0(blocks: np.ndarray):
+    d = _f16(blocks[..., 0:2])
+    return 4, 32, blocks[..., 2:18], torch.from_numpy(d.astype(np.float16)), _smallest_exact(-8 * d)
+
+
+def _q4_1(blocks: np.ndarray):
+    d, m = blocks[..., 0:2], blocks[..., 2:4]
+    as_half = lambda raw: torch.from_numpy(np.ascontiguousarray(raw).view(np.float16)[..., 0])  # noqa: E731
+    return 4, 32, blocks[..., 4:20], as_half(d), as_half(m)
+
+
+def _q8_0(blocks: np.ndarray):
+    d = torch.from_numpy(np.ascontiguousarray(blocks[..., 0:2]).view(np.float16)[..., 0])
+    return 8, 32, np.ascontiguousarray(blocks[..., 2:34]).view(np.int8), d, None
+
+
+def _q4_k(blocks: np.ndarray):
+    from gguf.quants import Q4_K
+
+    lead = blocks.shape[:-1]
+    flat = blocks.reshape(-1, 144)
+    d, dmin = _f16(flat[:, 0:2])[:, None], _f16(flat[:, 2:4])[:, None]
+    sc, mn = Q4_K.get_scale_min(np.ascontiguousarray(flat[:, 4:16]))        # [blocks, 8] each
+    scales, offsets = d * sc.astype(np.float32), -(dmin * mn.astype(np.float32))
+    qs = flat[:, 16:].reshape(-1, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
+    codes = (qs & 0x0F).reshape(*lead, 256)                                   # sub-block 2c+h: chunk c, half h
+    return 4, 32, codes, torch.from_numpy(scales.reshape(*lead, 8)), torch.from_numpy(offsets.reshape(*lead, 8))
+
+
+def _q6_k(blocks: np.ndarray):
+    lead = blocks.shape[:-1]
+    flat = blocks.reshape(-1, 210)
+    ql = flat[:, :128].reshape(-1, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
+    qh = flat[:, 128:192].reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)
+    q = ((ql & 0x0F).reshape(-1, 8, 32) | ((qh & 0x03).reshape(-1, 8, 32) << 4)).view(np.int8) - np.int8(32)
+    scales = _f16(flat[:, 208:210])[:, None] * np.ascontiguousarray(flat[:, 192:208]).view(np.int8).astype(np.float32)
+    return 8, 16, q.reshape(*lead, 256), torch.from_numpy(scales.reshape(*lead, 16)), None
+
+
+_DECODERS = {"Q4_0": (_q4_0, 18), "Q4_1": (_q4_1, 20), "Q8_0": (_q8_0, 34), "Q4_K": (_q4_k, 144),
+             "Q6_K": (_q6_k, 210)}
+
+
+def repacked_parts(data: np.ndarray, type_name: str):
+    """A 2-D tensor's raw rows [N, row_bytes] -> (bits, group, codes, scales [N, K/G], offsets
+    [N, K/G] or None) as torch tensors; codes int8 [N, K] (int8), uint8 [N, K] 0..15 (Q4_K) or
+    uint8 [N, K/2] block nibbles (Q4_0/Q4_1, see QuantizedLinear's block_nibbles)."""
+    decode, type_size = _DECODERS[type_name]
+    n = data.shape[0]
+    blocks = np.asarray(data).reshape(n, -1, type_size)
+    bits, group, codes, scales, offsets = decode(blocks)
+    codes = torch.from_numpy(np.ascontiguousarray(codes).reshape(n, -1))
+    return bits, group, codes, scales.reshape(n, -1), None if offsets is None else offsets.reshape(n, -1)
+
+
+def repacked_linear(data: np.ndarray, type_name: str, rows=None) -> QuantizedLinear:
+    """A QuantizedLinear holding a GGUF tensor's blocks as stored (dtype float32: activations
+    and dequantize() in fp32). `rows`: a row permutation applied to codes and metadata alike
+    (the rotary de-interleave of q/k)."""
+    bits, group, codes, scales, offsets = repacked_parts(data, type_name)
+    if rows is not None:
+        codes, scales = rows(codes), rows(scales)
+        offsets = None if offsets is None else rows(offsets)
+    nibbles = type_name in ("Q4_0", "Q4_1")
+    n, k = codes.shape[0], scales.shape[1] * group
+    return QuantizedLinear(k, n, bits, group, codes, scales, bias=None, offsets=offsets, dtype=torch.float32,
+                           block_nibbles=nibbles)
