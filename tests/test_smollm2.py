@@ -29,11 +29,17 @@ def test_default_model_is_smollm2(smol):
     assert tokenizer.decode(tokenizer.encode("Hello, world!")) == "Hello, world!"
 
 
+# The bare "What is the capital of France?" is a near-tie for this 135M model: in float its first
+# token is "The" at 15.2% against "L" at 14.0%, and its own Q4_1 weights with int8-rounded
+# activations (as we and llama.cpp run the file) tip it to "L'Étoile, ..." in both engines.
+QUESTION = "What is the capital of France? Answer in one word."
+
+
 def test_answers_a_simple_question(smol):
     model, tokenizer = smol
-    response, history = model.chat(tokenizer, "What is the capital of France?", temperature=0)
+    response, history = model.chat(tokenizer, QUESTION, temperature=0)
     assert "Paris" in response
-    assert history == [{"role": "user", "content": "What is the capital of France?"},
+    assert history == [{"role": "user", "content": QUESTION},
                        {"role": "assistant", "content": response}]
     follow_up, history = model.chat(tokenizer, "What language do people speak there?", history,
                                     temperature=0, max_new_tokens=40)
@@ -68,7 +74,7 @@ def test_gguf_q4_1_weights_are_dequantized_faithfully(smol):
 
 def test_cli_chat_with_the_default_model():
     result = subprocess.run([sys.executable, "-m", "minicpm.cli.main", "chat", "--temperature", "0"],
-                            input="What is the capital of France?\n/exit\n", capture_output=True,
+                            input=f"{QUESTION}\n/exit\n", capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout and "tok/s" in result.stdout
