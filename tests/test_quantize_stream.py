@@ -52,6 +52,7 @@ def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("variant,dtype,bits,head,embedding", [
     ("2b", torch.bfloat16, 4, "int8", "head"), ("2b", torch.float32, 8, "int8", "float"),
     ("1b", torch.float32, 4, "bf16", "head"), ("128k", torch.bfloat16, 4, "int8", "head"),
+    ("2b", torch.bfloat16, 4, "int4", "head"),
     ("moe", torch.float32, 4, "int8", "head"), ("llama", torch.bfloat16, 8, "int8", "head"),
 ])
 def test_stream_equals_quantize_model_then_save(tmp_path, monkeypatch, variant, dtype, bits, head, embedding):
@@ -88,8 +89,10 @@ def test_stream_from_bin_and_gguf(tmp_path, tiny_checkpoint):
         assert loaded_tokenizer.encode("hello world") == t.encode("hello world")
 
 
-def test_tied_embedding_reads_the_int8_head(tmp_path):
-    model = quantize_model(model_of("2b"), bits=4, group_size=32)
+@pytest.mark.parametrize("head", ["int8", "int4"])
+def test_tied_embedding_reads_the_quantized_head(tmp_path, head):
+    model = quantize_model(model_of("2b"), bits=4, group_size=32, head=head)
+    assert model.lm_head.bits == int(head[-1])
     assert isinstance(model.model.embed_tokens, QuantizedEmbedding)
     assert model.model.embed_tokens.head is model.lm_head
     assert not [n for n, _ in model.named_parameters() if "embed" in n]  # the float table is gone

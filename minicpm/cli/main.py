@@ -77,9 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output checkpoint directory")
     p.add_argument("--bits", type=int, default=4, help="4 or 8 (default 4)")
     p.add_argument("--group-size", type=int, default=128, help="int4 group: 32, 64 or 128 (default 128)")
-    p.add_argument("--head", default="int8", help="int8 (default) or bf16: keep the head as stored")
+    p.add_argument("--head", default="int8",
+                   help="int8 (default), int4 (groups of 32: least memory) or bf16 (kept as stored)")
     p.add_argument("--embedding", default="head",
-                   help="head (default): a tied embedding reads the int8 head's table; float: keep its own")
+                   help="head (default): a tied embedding reads the quantized head's table; float: keep its own")
     p.add_argument("--force", action="store_true", help="replace an existing output")
     add_training_parsers(sub)
     return parser

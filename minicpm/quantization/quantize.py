@@ -2,9 +2,10 @@
 
 Which layers are quantized is a predicate over (name, module); by default every Linear of the
 decoder except the MoE router (a few outputs that decide everything downstream). The head is its
-own choice: int8 by default, or kept as it is (`head="bf16"`, i.e. in the model's own dtype).
+own choice: int8 by default; int4 in groups of HEAD_INT4_GROUP (MiniCPM-2B's head: 283 -> 177 MB,
+for the tightest memory); or kept as it is (`head="bf16"`, i.e. in the model's own dtype).
 
-A tied embedding with an int8 head reads its lookups from the head's int8 table
+A tied embedding with a quantized head reads its lookups from the head's table
 (`embedding="head"`, the default; QuantizedEmbedding): the float table is then neither kept in
 memory nor stored, 566 MB of bf16 for MiniCPM-2B. `embedding="float"` keeps the float table for
 the lookups beside the head's int8 copy (what checkpoints without the "embedding" key hold).
@@ -35,7 +36,8 @@ from minicpm.errors import CheckpointError, MiniCPMError
 from minicpm.quantization.linear import GROUP_SIZES, QuantizedLinear
 
 Predicate = Callable[[str, nn.Module], bool]
-HEADS = ("int8", "bf16")
+HEADS = ("int8", "int4", "bf16")
+HEAD_INT4_GROUP = 32  # the head decides every token: its int4 form takes the finest group
 EMBEDDINGS = ("head", "float")
 
 
@@ -59,8 +61,10 @@ def make_spec(bits: int = 4, group_size: int = 128, head: str = "int8",
 
 
 def shares_table(config: MiniCPMConfig, spec: dict[str, Any]) -> bool:
-    """Whether the embedding lookups read the int8 head's table (tied, int8 head, not "float")."""
-    return bool(config.tie_word_embeddings) and spec["head"] == "int8" and spec.get("embedding") == "head"
+    """Whether the embedding lookups read the quantized head's table (tied, int8/int4 head, not
+    "float")."""
+    return (bool(config.tie_word_embeddings) and spec["head"] in ("int8", "int4")
+            and spec.get("embedding") == "head")
 
 
 def effective_spec(config: MiniCPMConfig, spec: dict[str, Any]) -> dict[str, Any]:
@@ -91,6 +95,9 @@ def plan(model: nn.Module, spec: dict[str, Any], predicate: Predicate | None = N
             chosen[name] = (spec["bits"], group)
     if spec["head"] == "int8":
         chosen["lm_head"] = (8, None)
+    elif spec["head"] == "int4":
+        hidden = model.config.hidden_size
+        chosen["lm_head"] = (4, layer_group_size(HEAD_INT4_GROUP, hidden, "lm_head"))
     return chosen
 
 
@@ -100,9 +107,10 @@ def _skipped(model: nn.Module, chosen: dict) -> list[str]:
 
 
 def _note_group_fallbacks(spec: dict[str, Any], chosen: dict) -> None:
-    smaller = sorted({g for bits, g in chosen.values() if bits == 4 and g != spec["group_size"]})
+    layers = [(bits, g) for name, (bits, g) in chosen.items() if name != "lm_head"]  # the head's is its own
+    smaller = sorted({g for bits, g in layers if bits == 4 and g != spec["group_size"]})
     if smaller:
-        count = sum(1 for bits, g in chosen.values() if bits == 4 and g != spec["group_size"])
+        count = sum(1 for bits, g in layers if bits == 4 and g != spec["group_size"])
         warnings.warn(f"{count} layer(s) use int4 group size {'/'.join(map(str, smaller))} instead of "
                       f"{spec['group_size']}, which does not divide their in_features", stacklevel=4)
 
@@ -128,7 +136,7 @@ def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 128, head:
                 b, g = chosen[name]
                 _swap(model, name, QuantizedLinear.from_float(module, b, g, name=name))
     if "lm_head" in chosen:  # a tied head gets its own copy of the table
-        model.lm_head = QuantizedLinear.from_float(model.lm_head, 8, name="lm_head")
+        model.lm_head = QuantizedLinear.from_float(model.lm_head, *chosen["lm_head"], name="lm_head")
     if shares_table(model.config, spec):  # and the lookups read it: the float table is dropped
         model.model.embed_tokens = QuantizedEmbedding(model.lm_head)
     if skipped:
