@@ -26,10 +26,10 @@ def test_prepare_writes_loadable_checkpoints(tmp_path):
         assert torch.isfinite(model(ids)).all()
     f16, _ = load_gguf(tmp_path / "model-f16.gguf", dtype="float32")
     torch.testing.assert_close(f16(ids), reference, atol=2e-2, rtol=2e-2)
-    for precision, bits in cases.QUANTIZED.items():  # written once, by the streaming quantizer
+    for precision, (bits, head) in cases.QUANTIZED.items():  # written once, by the streaming quantizer
         quantized = load_model(checkpoints.ours_path(tmp_path, precision))
-        assert quantized.config.quantization["bits"] == bits
-        assert quantized.config.quantization["embedding"] == "head"  # tied: one int8 table
+        assert (quantized.config.quantization["bits"], quantized.config.quantization["head"]) == (bits, head)
+        assert quantized.config.quantization["embedding"] == "head"  # tied: one quantized table
         assert torch.isfinite(quantized(ids)).all()
 
 

@@ -76,8 +76,8 @@ def prepare_quantized(workdir: Path, precisions=tuple(QUANTIZED), log=print) -> 
 
     for precision in precisions:
         start = time.perf_counter()
-        quantize_checkpoint(workdir / "hf", workdir / f"ours-{precision}",
-                            bits=QUANTIZED[precision], group_size=128, head="int8",
+        bits, head = QUANTIZED[precision]
+        quantize_checkpoint(workdir / "hf", ours_path(workdir, precision), bits=bits, group_size=128, head=head,
                             overwrite=True, progress=False)
         log(f"{precision} checkpoint (streaming quantize_checkpoint) in "
             f"{time.perf_counter() - start:.0f} s")
@@ -87,4 +87,4 @@ def ours_path(workdir: Path, precision: str) -> Path:
     """Where `prepare` wrote what we load for `precision` (the q4_0 GGUF is llama.cpp's file)."""
     if precision == GGUF_Q4_0:
         return workdir / "model-q4_0.gguf"
-    return workdir / ("hf" if precision == "bf16" else f"ours-{precision}")
+    return workdir / ("hf" if precision == "bf16" else "ours-" + precision.replace(", ", "-").replace(" ", "-"))

@@ -70,11 +70,12 @@ def header(threads: int, bandwidth: float) -> str:
         f"Machine: {machine()}; threads: {threads}; memory read bandwidth {bandwidth:.1f} GB/s "
         "(best sum over a 1 GiB fp32 tensor).",
         "Seeded random weights of the real shapes (config presets), bf16 checkpoint; GGUFs "
-        "written from the same weights by `write_gguf` (q4_0 keeps the tied head in q8_0, as "
-        f"llama.cpp does). Prefill: one {PROMPT_TOKENS}-token prompt, TTFT = prompt in to first "
-        f"token out. Decode: {NEW_TOKENS} new tokens, batch 1, greedy. Each engine in its own "
+        "written from the same weights by `write_gguf` (q4_0 puts the tied head in q6_k, q8_0 "
+        "where its rows are not whole 256-value blocks, as llama.cpp's quantizer does); ours "
+        "\"q4_0 GGUF\" runs that very file as stored. "
+        f"Prefill: one {PROMPT_TOKENS}-token prompt, TTFT = prompt in to first token out. Decode: {NEW_TOKENS} new tokens, batch 1, greedy. Each engine in its own "
         "process; ours int8/int4 load checkpoints written beforehand by `quantize_checkpoint` "
-        "(head int8, int4 group 128; a tied embedding reads the int8 head's rows). The bandwidth "
-        "limit is bandwidth / weight bytes read per token (KV cache left out). Ratios are to "
+        "(head int8 unless named, int4 group 128; a tied embedding reads the head's rows). "
+        "The bandwidth limit is bandwidth / weight bytes read per token (KV cache left out). Ratios are to "
         "llama.cpp at the matching precision (bf16 vs f16, int8 vs q8_0, int4 vs q4_0).", "",
     ])
