@@ -183,7 +183,8 @@ def _iter_stored(file: GGUFFile, config: MiniCPMConfig, layers: dict[str, list]
                 counts[0] += 1
                 counts[1] += 4 * int(t.n_elements)
             for name, tensor in _converted(file, t, config, stacked):
-                yield name, tensor.float()
+                yield name, tensor.to(torch.float32, copy=True)  # a copy: the file's pages are released
+            file.release(t)
             continue
         data = file.tensor_data(t)
         if stacked is not None:  # one layer per expert, each from its own rows of blocks
@@ -192,6 +193,7 @@ def _iter_stored(file: GGUFFile, config: MiniCPMConfig, layers: dict[str, list]
                 name, layer = hf_template.format(index, expert), repacked_linear(data[expert], kind)
                 layers[name.removesuffix(".weight")] = _record(layer)
                 yield name, layer
+            file.release(t)
             continue
         heads = rope_heads(t.name, config)
         rows = None if heads is None else (lambda x, h=heads: deinterleave_rope_rows(x, h))
@@ -205,6 +207,7 @@ def _iter_stored(file: GGUFFile, config: MiniCPMConfig, layers: dict[str, list]
             yield name, QuantizedEmbedding(layer, owned=not tied)
         else:
             yield name, layer
+        file.release(t)
     if dequantized:
         parts = ", ".join(f"{k} ({n} tensors)" for k, (n, _) in sorted(dequantized.items()))
         total = sum(b for _, b in dequantized.values())
