@@ -13,10 +13,8 @@ first token, and the median per-stream decode rate. Every request must return ex
 --max-tokens tokens, or the run fails loudly.
 
 Models:
-  smollm2  the default model's GGUF (SmolLM2-135M-Instruct, Q4_1). llama-server runs the file; ours
-           loads the same file (dequantized; bf16) and, as the same-bits row, our int4 checkpoint
-           quantized from it with group 32 (Q4_1 is 4-bit, group 32, scale + minimum: the same
-           scheme).
+  smollm2  the default model's GGUF (SmolLM2-135M-Instruct, Q4_1). Both servers run the file as
+           stored; ours also dequantized to bf16.
   1b       seeded random weights of the MiniCPM-1B shape: ours int4 (group 128, int8 head, from
            `minicpm.bench.checkpoints.prepare`) against llama-server on a q4_0 GGUF of the same weights.
 
@@ -206,15 +204,10 @@ def build_llama_server() -> Path:
 
 
 def smollm2_servers(workdir: Path, binary: Path, threads: int, context: int, log=print) -> tuple[list[Server], int]:
-    from minicpm.formats.quantized import quantize_checkpoint
     from minicpm.loading import default_model_path
 
     gguf = default_model_path()
-    int4 = workdir / "smollm2-int4-g32"
-    if not int4.exists():
-        log("  quantizing SmolLM2 to int4 (group 32) ...")
-        quantize_checkpoint(gguf, int4, bits=4, group_size=32, head="int8", overwrite=True, progress=False)
-    servers = [ours(int4, "int4 g32", threads, context), ours(gguf, "bf16", threads, context, dtype="bfloat16"),
+    servers = [ours(gguf, "Q4_1", threads, context), ours(gguf, "bf16", threads, context, dtype="bfloat16"),
                llama_server(binary, gguf, "Q4_1", threads, context)]
     return servers, 49152
 
