@@ -150,3 +150,18 @@ def random_model(config: MiniCPMConfig, seed: int = 0, dtype: Any = torch.float3
                 yield name, std * torch.randn(shape, generator=gen)
 
     return build_model(config, tensors(), dtype=dtype, device="cpu", source="random")
+
+
+def release_freed_memory() -> None:
+    """Hand the heap's free pages back to the OS (glibc). Repacking a layer's codes frees
+    temporaries of a few times its size, which glibc keeps in its heap (below its mmap threshold,
+    up to 32 MB): loading MiniCPM-2B int4 peaked 900 MB above its final size without this, and
+    MiniCPM-1B's q4_0 GGUF as stored kept 158 MB too many."""
+    import ctypes
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl): nothing to trim
+            pass

@@ -33,6 +33,7 @@ from torch import nn
 
 from minicpm.config import MiniCPMConfig
 from minicpm.errors import CheckpointError, MiniCPMError
+from minicpm.loading.assemble import release_freed_memory
 from minicpm.quantization.linear import GROUP_SIZES, QuantizedLinear
 
 Predicate = Callable[[str, nn.Module], bool]
@@ -203,7 +204,7 @@ def load_quantized(config: MiniCPMConfig, named_tensors: Iterable[tuple[str, tor
             pending[prefix][leaf] = tensor.to(device)
             if _complete(pending[prefix], chosen[prefix][0], has_bias[prefix]):
                 _place(model, prefix, pending.pop(prefix), chosen[prefix], target, source)
-                _release_freed_memory()  # else the repacking temporaries pile up: +900 MB for 2B
+                release_freed_memory()  # else the repacking temporaries pile up: +900 MB for 2B
         elif name in params:
             _check_shape(name, tensor, params[name].shape, source)
             _swap_param(model, name, tensor.to(device=device, dtype=target))
@@ -218,22 +219,8 @@ def load_quantized(config: MiniCPMConfig, named_tensors: Iterable[tuple[str, tor
     elif config.tie_word_embeddings and "lm_head" not in chosen:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.model.rotary_emb.to(device)
-    _release_freed_memory()
+    release_freed_memory()
     return model.eval().requires_grad_(False)
-
-
-def _release_freed_memory() -> None:
-    """Hand the heap's free pages back to the OS (glibc). Repacking a layer's codes frees
-    temporaries of a few times its size, which glibc keeps in its heap (below its mmap threshold,
-    up to 32 MB): loading MiniCPM-2B int4 peaked 900 MB above its final size without this."""
-    import ctypes
-    import sys
-
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc (musl): nothing to trim
-            pass
 
 
 def is_quantized_part(name: str) -> bool:
@@ -375,7 +362,7 @@ def _quantized_state(name: str, parts: dict[str, torch.Tensor], bits_group: tupl
             state[leaf][i:i + step] = tensor
     for leaf, tensor in state.items():
         yield f"{name}.{leaf}", tensor
-    _release_freed_memory()  # the layer's temporaries, as when loading
+    release_freed_memory()  # the layer's temporaries, as when loading
 
 
 def _quantize_rows(weight: torch.Tensor, bias: torch.Tensor | None, bits: int, group: int | None,

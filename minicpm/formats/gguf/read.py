@@ -169,6 +169,7 @@ def _iter_stored(file: GGUFFile, config: MiniCPMConfig, layers: dict[str, list]
     """(HF name, tensor or ready module): repackable 2-D weights as QuantizedLinear (recorded in
     `layers` as {module: [bits, group]}), other block types dequantized (one warning), floats fp32."""
     from minicpm.formats.gguf.repack import REPACKED_TYPES, repacked_linear
+    from minicpm.loading.assemble import release_freed_memory
     from minicpm.quantization.embedding import QuantizedEmbedding
 
     dequantized: dict[str, list[int]] = {}  # type -> [tensors, float bytes]
@@ -194,6 +195,7 @@ def _iter_stored(file: GGUFFile, config: MiniCPMConfig, layers: dict[str, list]
                 layers[name.removesuffix(".weight")] = _record(layer)
                 yield name, layer
             file.release(t)
+            release_freed_memory()
             continue
         heads = rope_heads(t.name, config)
         rows = None if heads is None else (lambda x, h=heads: deinterleave_rope_rows(x, h))
@@ -208,6 +210,7 @@ def _iter_stored(file: GGUFFile, config: MiniCPMConfig, layers: dict[str, list]
         else:
             yield name, layer
         file.release(t)
+        release_freed_memory()  # the repacking temporaries
     if dequantized:
         parts = ", ".join(f"{k} ({n} tensors)" for k, (n, _) in sorted(dequantized.items()))
         total = sum(b for _, b in dequantized.values())
