@@ -168,6 +168,8 @@ def main() -> int:
     parser.add_argument("--full", action="store_true",
                         help="also the MiniCPM-2B shape (~5.5 GB in bf16)")
     parser.add_argument("--shapes-only", action="store_true", help="skip the SmolLM2 section")
+    parser.add_argument("--keep", metavar="DIR",
+                        help="write the shapes' checkpoints into DIR and keep them; reuse them next time")
     parser.add_argument("--no-serving", action="store_true",
                         help="skip the serving section (vs llama-server)")
     # e.g. tiny: a quick check of the machinery
@@ -185,7 +187,7 @@ def main() -> int:
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    sections.append(bench.bench(args.full, args.threads, args.preset, log=log))
+    sections.append(bench.bench(args.full, args.threads, args.preset, workdir=args.keep, log=log))
     if not args.no_serving and not args.preset:
         from serving import run_serving  # benchmarks/serving.py
 

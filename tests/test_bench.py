@@ -12,7 +12,9 @@ def test_prepare_writes_loadable_checkpoints(tmp_path):
     from minicpm.formats.gguf import load_gguf
     from minicpm.formats.hf import load_model
 
+    assert not checkpoints.prepared(tmp_path)
     checkpoints.prepare("tiny", tmp_path, log=lambda message: None)
+    assert checkpoints.prepared(tmp_path)  # a kept bench directory is reused as it is
     ours = load_model(tmp_path / "hf")
     assert ours.lm_head.weight.dtype == torch.bfloat16
     # the tiny shape is widened to the tokenizer's vocabulary and the benchmark's context

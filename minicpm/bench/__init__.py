@@ -33,7 +33,7 @@ import os
 from pathlib import Path
 
 from minicpm.bench.cases import CASES, CTX, MEMORY_CASES
-from minicpm.bench.checkpoints import prepare
+from minicpm.bench.checkpoints import prepare, prepared
 from minicpm.bench.machine import memory_bandwidth_gbs
 from minicpm.bench.process import run_case, skip_reason
 from minicpm.bench.report import header, memory_table, table
@@ -56,14 +56,15 @@ def bench(full: bool = False, threads: int | None = None, preset_name: str | Non
 
         raise MiniCPMError(f"threads must be >= 1, got {threads}")
     threads = default_threads() if threads is None else threads
-    if workdir is not None:
-        return run(shapes_for(full, preset_name), Path(workdir), threads, log=log)
+    if workdir is not None:  # kept: checkpoints found there are reused, new ones stay
+        return run(shapes_for(full, preset_name), Path(workdir), threads, log=log, keep=True)
     with tempfile.TemporaryDirectory(prefix="minicpm-bench-") as tmp:
         return run(shapes_for(full, preset_name), Path(tmp), threads, log=log)
 
 
-def run(shapes: list[str], workdir: Path, threads: int, log=print) -> str:
-    """Prepare and measure every shape in `shapes`; returns the Markdown section."""
+def run(shapes: list[str], workdir: Path, threads: int, log=print, keep: bool = False) -> str:
+    """Prepare and measure every shape in `shapes`; returns the Markdown section. With `keep`,
+    a shape whose checkpoints are all in `workdir` already is not written again, nor removed."""
     import shutil
 
     bandwidth = memory_bandwidth_gbs(threads)
@@ -71,11 +72,15 @@ def run(shapes: list[str], workdir: Path, threads: int, log=print) -> str:
     parts = [header(threads, bandwidth)]
     for shape in shapes:
         shape_dir = workdir / shape
-        log(f"preparing {shape} ...")
-        prepare(shape, shape_dir, log=log)
+        if keep and prepared(shape_dir):
+            log(f"reusing the {shape} checkpoints in {shape_dir}")
+        else:
+            log(f"preparing {shape} ...")
+            prepare(shape, shape_dir, log=log)
         parts.append(table(shape, measure(CASES, shape_dir, threads, "speed", log), bandwidth))
         parts.append(memory_table(shape, measure(MEMORY_CASES, shape_dir, threads, "ctx", log)))
-        shutil.rmtree(shape_dir, ignore_errors=True)  # the next shape needs the disk
+        if not keep:
+            shutil.rmtree(shape_dir, ignore_errors=True)  # the next shape needs the disk
     return "\n".join(parts)
 
 

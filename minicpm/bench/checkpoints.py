@@ -88,3 +88,12 @@ def ours_path(workdir: Path, precision: str) -> Path:
     if precision == GGUF_Q4_0:
         return workdir / "model-q4_0.gguf"
     return workdir / ("hf" if precision == "bf16" else "ours-" + precision.replace(", ", "-").replace(" ", "-"))
+
+
+def prepared(workdir: Path) -> bool:
+    """Whether `prepare` wrote everything into `workdir` (a bench run can reuse it)."""
+    from minicpm.bench.cases import CASES, MEMORY_CASES
+
+    ours = {ours_path(workdir, p) for e, p in CASES + MEMORY_CASES if e == "ours"}
+    ggufs = {workdir / f"model-{p}.gguf" for e, p in CASES if e == "llama.cpp"}
+    return all(path.exists() for path in ours | ggufs | {workdir / "llama" / "config.json"})
