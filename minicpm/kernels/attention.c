@@ -22,13 +22,14 @@
 
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 enum { KIND_F32 = 0, KIND_BF16 = 1, KIND_F16 = 2, KIND_I8 = 3 };
 
-int minicpm_attention_abi(void) { return 2; }
+int minicpm_attention_abi(void) { return 3; }
 
 static inline __m512 load16(const void *base, int kind, size_t i) {
     switch (kind) {
@@ -132,44 +133,70 @@ static int valid_rows(const int64_t *rows, const int64_t *starts, const int64_t 
     return 1;
 }
 
+// One (sequence, kv head) task of minicpm_decode_attention; scores: group * len floats.
+static void task(const float *q, const void *k, const void *v, const float *kscale, const float *vscale,
+                 const uint8_t *mask, const int64_t *rows, const int64_t *starts, const int64_t *ends, float *out,
+                 int64_t task, int64_t kv_heads, int64_t max_len, int64_t len, int64_t d, int64_t group, int kind,
+                 float softmax_scale, float *scores) {
+    const size_t elem = kind == KIND_F32 ? 4 : kind == KIND_I8 ? 1 : 2;
+    const int64_t b = task / kv_heads, head = task % kv_heads;
+    const int64_t row = rows ? rows[b] : b, hi = ends ? ends[b] : len;
+    int64_t lo = starts ? starts[b] : 0;
+    // left padding: begin at the first attended position, so that the row's sums run as
+    // they would without the padding (a masked position adds nothing, but shifts them)
+    while (mask && lo < hi && !mask[b * len + lo]) lo++;
+    float *o = out + task * group * d;
+    if (hi == lo) {  // nothing to attend: zeros, as a fully masked row
+        memset(o, 0, (size_t)group * d * sizeof(float));
+        return;
+    }
+    // the row's first position: its stores, scales and mask all start there
+    const size_t first = (size_t)(row * kv_heads + head) * max_len + lo;
+    attend(q + task * group * d, (const char *)k + first * d * elem, (const char *)v + first * d * elem,
+           kscale ? kscale + first : NULL, vscale ? vscale + first : NULL, mask ? mask + b * len + lo : NULL, o,
+           scores, (int)group, hi - lo, (int)d, kind, softmax_scale);
+}
+
+static int refused(const int64_t *rows, const int64_t *starts, const int64_t *ends, int64_t batch, int64_t slots,
+                   int64_t heads, int64_t kv_heads, int64_t max_len, int64_t len, int64_t d) {
+    return d % 16 || d > 256 || heads % kv_heads || len > max_len || len < 1
+           || !valid_rows(rows, starts, ends, batch, slots, len);
+}
+
+// Thread tid's share (of nt) of the (sequence, kv head) tasks, inside a caller's parallel region;
+// scores: (heads / kv_heads) * len floats of its own. Returns 0, or -1 (on every thread) for a
+// shape this kernel does not take.
+int minicpm_decode_attention_team(const float *q, const void *k, const void *v, const float *kscale,
+                                  const float *vscale, const uint8_t *mask, const int64_t *rows,
+                                  const int64_t *starts, const int64_t *ends, float *out, int64_t batch,
+                                  int64_t slots, int64_t heads, int64_t kv_heads, int64_t max_len, int64_t len,
+                                  int64_t d, int kind, float softmax_scale, int tid, int nt, float *scores) {
+    if (refused(rows, starts, ends, batch, slots, heads, kv_heads, max_len, len, d)) return -1;
+    const int64_t tasks = batch * kv_heads;
+    for (int64_t t = tasks * tid / nt; t < tasks * (tid + 1) / nt; t++)
+        task(q, k, v, kscale, vscale, mask, rows, starts, ends, out, t, kv_heads, max_len, len, d, heads / kv_heads,
+             kind, softmax_scale, scores);
+    return 0;
+}
+
 // Returns 0, or -1 for a shape this kernel does not take (the caller falls back).
 int minicpm_decode_attention(const float *q, const void *k, const void *v, const float *kscale,
                              const float *vscale, const uint8_t *mask, const int64_t *rows,
                              const int64_t *starts, const int64_t *ends, float *out, int64_t batch,
                              int64_t slots, int64_t heads, int64_t kv_heads, int64_t max_len, int64_t len,
                              int64_t d, int kind, float softmax_scale, int threads) {
-    if (d % 16 || d > 256 || heads % kv_heads || len > max_len || len < 1) return -1;
-    if (!valid_rows(rows, starts, ends, batch, slots, len)) return -1;
-    const int64_t group = heads / kv_heads, tasks = batch * kv_heads;
-    const size_t elem = kind == KIND_F32 ? 4 : kind == KIND_I8 ? 1 : 2;
+    if (refused(rows, starts, ends, batch, slots, heads, kv_heads, max_len, len, d)) return -1;
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
-        float *scores = malloc((size_t)group * len * sizeof(float));
+        float *scores = malloc((size_t)(heads / kv_heads) * len * sizeof(float));
         if (!scores) {
 #pragma omp atomic write
             failed = 1;
-        }
-#pragma omp for schedule(static)
-        for (int64_t task = 0; task < tasks; task++) {
-            if (!scores) continue;
-            const int64_t b = task / kv_heads, head = task % kv_heads;
-            const int64_t row = rows ? rows[b] : b, hi = ends ? ends[b] : len;
-            int64_t lo = starts ? starts[b] : 0;
-            // left padding: begin at the first attended position, so that the row's sums run as
-            // they would without the padding (a masked position adds nothing, but shifts them)
-            while (mask && lo < hi && !mask[b * len + lo]) lo++;
-            float *o = out + task * group * d;
-            if (hi == lo) {  // nothing to attend: zeros, as a fully masked row
-                memset(o, 0, (size_t)group * d * sizeof(float));
-                continue;
-            }
-            // the row's first position: its stores, scales and mask all start there
-            const size_t first = (size_t)(row * kv_heads + head) * max_len + lo;
-            attend(q + task * group * d, (const char *)k + first * d * elem, (const char *)v + first * d * elem,
-                   kscale ? kscale + first : NULL, vscale ? vscale + first : NULL,
-                   mask ? mask + b * len + lo : NULL, o, scores, (int)group, hi - lo, (int)d, kind,
-                   softmax_scale);
+        } else {
+            minicpm_decode_attention_team(q, k, v, kscale, vscale, mask, rows, starts, ends, out, batch, slots,
+                                          heads, kv_heads, max_len, len, d, kind, softmax_scale,
+                                          omp_get_thread_num(), omp_get_num_threads(), scores);
         }
         free(scores);
     }
