@@ -133,28 +133,30 @@ static int valid_rows(const int64_t *rows, const int64_t *starts, const int64_t 
     return 1;
 }
 
-// One (sequence, kv head) task of minicpm_decode_attention; scores: group * len floats.
-static void task(const float *q, const void *k, const void *v, const float *kscale, const float *vscale,
-                 const uint8_t *mask, const int64_t *rows, const int64_t *starts, const int64_t *ends, float *out,
-                 int64_t task, int64_t kv_heads, int64_t max_len, int64_t len, int64_t d, int64_t group, int kind,
-                 float softmax_scale, float *scores) {
+// Query heads [h0, h0 + n) of sequence b, all of one kv head; scores: n * len floats. A head's
+// scores, softmax and sums do not depend on which other heads share the call, so any split of a
+// group gives the same bits.
+static void heads_of(const float *q, const void *k, const void *v, const float *kscale, const float *vscale,
+                     const uint8_t *mask, const int64_t *rows, const int64_t *starts, const int64_t *ends, float *out,
+                     int64_t b, int64_t h0, int64_t n, int64_t heads, int64_t kv_heads, int64_t max_len, int64_t len,
+                     int64_t d, int kind, float softmax_scale, float *scores) {
     const size_t elem = kind == KIND_F32 ? 4 : kind == KIND_I8 ? 1 : 2;
-    const int64_t b = task / kv_heads, head = task % kv_heads;
+    const int64_t head = h0 / (heads / kv_heads);
     const int64_t row = rows ? rows[b] : b, hi = ends ? ends[b] : len;
     int64_t lo = starts ? starts[b] : 0;
     // left padding: begin at the first attended position, so that the row's sums run as
     // they would without the padding (a masked position adds nothing, but shifts them)
     while (mask && lo < hi && !mask[b * len + lo]) lo++;
-    float *o = out + task * group * d;
+    float *o = out + (b * heads + h0) * d;
     if (hi == lo) {  // nothing to attend: zeros, as a fully masked row
-        memset(o, 0, (size_t)group * d * sizeof(float));
+        memset(o, 0, (size_t)n * d * sizeof(float));
         return;
     }
     // the row's first position: its stores, scales and mask all start there
     const size_t first = (size_t)(row * kv_heads + head) * max_len + lo;
-    attend(q + task * group * d, (const char *)k + first * d * elem, (const char *)v + first * d * elem,
+    attend(q + (b * heads + h0) * d, (const char *)k + first * d * elem, (const char *)v + first * d * elem,
            kscale ? kscale + first : NULL, vscale ? vscale + first : NULL, mask ? mask + b * len + lo : NULL, o,
-           scores, (int)group, hi - lo, (int)d, kind, softmax_scale);
+           scores, (int)n, hi - lo, (int)d, kind, softmax_scale);
 }
 
 static int refused(const int64_t *rows, const int64_t *starts, const int64_t *ends, int64_t batch, int64_t slots,
@@ -163,19 +165,24 @@ static int refused(const int64_t *rows, const int64_t *starts, const int64_t *en
            || !valid_rows(rows, starts, ends, batch, slots, len);
 }
 
-// Thread tid's share (of nt) of the (sequence, kv head) tasks, inside a caller's parallel region;
-// scores: (heads / kv_heads) * len floats of its own. Returns 0, or -1 (on every thread) for a
-// shape this kernel does not take.
+// Thread tid's share (of nt) of the (sequence, query head) pairs, inside a caller's parallel
+// region, in runs that share a kv head (its keys and values are read once per run); scores:
+// (heads / kv_heads) * len floats of its own. Split by query head, not kv head: a model with
+// 3 kv heads would leave one of 2 threads twice the other's work. Returns 0, or -1 (on every
+// thread) for a shape this kernel does not take.
 int minicpm_decode_attention_team(const float *q, const void *k, const void *v, const float *kscale,
                                   const float *vscale, const uint8_t *mask, const int64_t *rows,
                                   const int64_t *starts, const int64_t *ends, float *out, int64_t batch,
                                   int64_t slots, int64_t heads, int64_t kv_heads, int64_t max_len, int64_t len,
                                   int64_t d, int kind, float softmax_scale, int tid, int nt, float *scores) {
     if (refused(rows, starts, ends, batch, slots, heads, kv_heads, max_len, len, d)) return -1;
-    const int64_t tasks = batch * kv_heads;
-    for (int64_t t = tasks * tid / nt; t < tasks * (tid + 1) / nt; t++)
-        task(q, k, v, kscale, vscale, mask, rows, starts, ends, out, t, kv_heads, max_len, len, d, heads / kv_heads,
-             kind, softmax_scale, scores);
+    const int64_t group = heads / kv_heads, pairs = batch * heads, end = pairs * (tid + 1) / nt;
+    for (int64_t u = pairs * tid / nt, next; u < end; u = next) {
+        const int64_t b = u / heads, h = u % heads, group_end = b * heads + (h / group + 1) * group;
+        next = group_end < end ? group_end : end;
+        heads_of(q, k, v, kscale, vscale, mask, rows, starts, ends, out, b, h, next - u, heads, kv_heads, max_len,
+                 len, d, kind, softmax_scale, scores);
+    }
     return 0;
 }
 
