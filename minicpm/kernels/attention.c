@@ -89,6 +89,33 @@ static void softmax(float *s, int64_t len) {
     for (; i < len; i++) s[i] /= sum;
 }
 
+// out[g] = sum over attended t of probs[g, t] * v[t] (in order of t), for `group` heads of nv * 16
+// values; heads in chunks whose sums fit in 16 registers, each value row read once per chunk.
+static inline __attribute__((always_inline)) void weigh_values(const void *v, const float *vscale,
+                                                               const uint8_t *mask, const float *scores, float *out,
+                                                               int group, int64_t len, int kind, const int NV) {
+    enum { ACC = 16 };
+    const int GC = NV < ACC ? ACC / NV : 1, d = 16 * NV;
+    for (int g0 = 0; g0 < group; g0 += GC) {
+        const int gn = group - g0 < GC ? group - g0 : GC;
+        __m512 acc[ACC];  // GC * NV <= 16 (NV <= 16)
+        for (int i = 0; i < GC * NV; i++) acc[i] = _mm512_setzero_ps();
+        for (int64_t t = 0; t < len; t++) {
+            if (mask && !mask[t]) continue;
+            __m512 row[16];
+            for (int j = 0; j < NV; j++) row[j] = load16(v, kind, (size_t)t * d + j * 16);
+            const float rs = vscale ? vscale[t] : 1.0f;
+            for (int g = 0; g < GC; g++) {
+                if (g >= gn) break;
+                const __m512 p = _mm512_set1_ps(scores[(g0 + g) * len + t] * rs);
+                for (int j = 0; j < NV; j++) acc[g * NV + j] = _mm512_fmadd_ps(p, row[j], acc[g * NV + j]);
+            }
+        }
+        for (int g = 0; g < gn; g++)
+            for (int j = 0; j < NV; j++) _mm512_storeu_ps(out + (g0 + g) * d + j * 16, acc[g * NV + j]);
+    }
+}
+
 // One (sequence, kv head): `group` query heads against `len` cached positions.
 static void attend(const float *q, const void *k, const void *v, const float *kscale, const float *vscale,
                    const uint8_t *mask, float *out, float *scores, int group, int64_t len, int d, int kind,
@@ -110,17 +137,10 @@ static void attend(const float *q, const void *k, const void *v, const float *ks
         }
     }
     for (int g = 0; g < group; g++) softmax(scores + g * len, len);
-    memset(out, 0, (size_t)group * d * sizeof(float));
-    for (int64_t t = 0; t < len; t++) {
-        if (mask && !mask[t]) continue;
-        __m512 row[MAXV];
-        for (int j = 0; j < nv; j++) row[j] = load16(v, kind, (size_t)t * d + j * 16);
-        float rs = vscale ? vscale[t] : 1.0f;
-        for (int g = 0; g < group; g++) {
-            __m512 p = _mm512_set1_ps(scores[g * len + t] * rs);
-            float *o = out + g * d;
-            for (int j = 0; j < nv; j++) _mm512_storeu_ps(o + j * 16, _mm512_fmadd_ps(p, row[j], _mm512_loadu_ps(o + j * 16)));
-        }
+    switch (nv) {  // a constant NV: the sums stay in registers
+    case 4: weigh_values(v, vscale, mask, scores, out, group, len, kind, 4); break;
+    case 8: weigh_values(v, vscale, mask, scores, out, group, len, kind, 8); break;
+    default: weigh_values(v, vscale, mask, scores, out, group, len, kind, nv);
     }
 }
 
