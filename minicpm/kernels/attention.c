@@ -22,13 +22,14 @@
 
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 enum { KIND_F32 = 0, KIND_BF16 = 1, KIND_F16 = 2, KIND_I8 = 3 };
 
-int minicpm_attention_abi(void) { return 2; }
+int minicpm_attention_abi(void) { return 3; }
 
 static inline __m512 load16(const void *base, int kind, size_t i) {
     switch (kind) {
@@ -88,6 +89,33 @@ static void softmax(float *s, int64_t len) {
     for (; i < len; i++) s[i] /= sum;
 }
 
+// out[g] = sum over attended t of probs[g, t] * v[t] (in order of t), for `group` heads of nv * 16
+// values; heads in chunks whose sums fit in 16 registers, each value row read once per chunk.
+static inline __attribute__((always_inline)) void weigh_values(const void *v, const float *vscale,
+                                                               const uint8_t *mask, const float *scores, float *out,
+                                                               int group, int64_t len, int kind, const int NV) {
+    enum { ACC = 16 };
+    const int GC = NV < ACC ? ACC / NV : 1, d = 16 * NV;
+    for (int g0 = 0; g0 < group; g0 += GC) {
+        const int gn = group - g0 < GC ? group - g0 : GC;
+        __m512 acc[ACC];  // GC * NV <= 16 (NV <= 16)
+        for (int i = 0; i < GC * NV; i++) acc[i] = _mm512_setzero_ps();
+        for (int64_t t = 0; t < len; t++) {
+            if (mask && !mask[t]) continue;
+            __m512 row[16];
+            for (int j = 0; j < NV; j++) row[j] = load16(v, kind, (size_t)t * d + j * 16);
+            const float rs = vscale ? vscale[t] : 1.0f;
+            for (int g = 0; g < GC; g++) {
+                if (g >= gn) break;
+                const __m512 p = _mm512_set1_ps(scores[(g0 + g) * len + t] * rs);
+                for (int j = 0; j < NV; j++) acc[g * NV + j] = _mm512_fmadd_ps(p, row[j], acc[g * NV + j]);
+            }
+        }
+        for (int g = 0; g < gn; g++)
+            for (int j = 0; j < NV; j++) _mm512_storeu_ps(out + (g0 + g) * d + j * 16, acc[g * NV + j]);
+    }
+}
+
 // One (sequence, kv head): `group` query heads against `len` cached positions.
 static void attend(const float *q, const void *k, const void *v, const float *kscale, const float *vscale,
                    const uint8_t *mask, float *out, float *scores, int group, int64_t len, int d, int kind,
@@ -109,17 +137,10 @@ static void attend(const float *q, const void *k, const void *v, const float *ks
         }
     }
     for (int g = 0; g < group; g++) softmax(scores + g * len, len);
-    memset(out, 0, (size_t)group * d * sizeof(float));
-    for (int64_t t = 0; t < len; t++) {
-        if (mask && !mask[t]) continue;
-        __m512 row[MAXV];
-        for (int j = 0; j < nv; j++) row[j] = load16(v, kind, (size_t)t * d + j * 16);
-        float rs = vscale ? vscale[t] : 1.0f;
-        for (int g = 0; g < group; g++) {
-            __m512 p = _mm512_set1_ps(scores[g * len + t] * rs);
-            float *o = out + g * d;
-            for (int j = 0; j < nv; j++) _mm512_storeu_ps(o + j * 16, _mm512_fmadd_ps(p, row[j], _mm512_loadu_ps(o + j * 16)));
-        }
+    switch (nv) {  // a constant NV: the sums stay in registers
+    case 4: weigh_values(v, vscale, mask, scores, out, group, len, kind, 4); break;
+    case 8: weigh_values(v, vscale, mask, scores, out, group, len, kind, 8); break;
+    default: weigh_values(v, vscale, mask, scores, out, group, len, kind, nv);
     }
 }
 
@@ -132,44 +153,77 @@ static int valid_rows(const int64_t *rows, const int64_t *starts, const int64_t 
     return 1;
 }
 
+// Query heads [h0, h0 + n) of sequence b, all of one kv head; scores: n * len floats. A head's
+// scores, softmax and sums do not depend on which other heads share the call, so any split of a
+// group gives the same bits.
+static void heads_of(const float *q, const void *k, const void *v, const float *kscale, const float *vscale,
+                     const uint8_t *mask, const int64_t *rows, const int64_t *starts, const int64_t *ends, float *out,
+                     int64_t b, int64_t h0, int64_t n, int64_t heads, int64_t kv_heads, int64_t max_len, int64_t len,
+                     int64_t d, int kind, float softmax_scale, float *scores) {
+    const size_t elem = kind == KIND_F32 ? 4 : kind == KIND_I8 ? 1 : 2;
+    const int64_t head = h0 / (heads / kv_heads);
+    const int64_t row = rows ? rows[b] : b, hi = ends ? ends[b] : len;
+    int64_t lo = starts ? starts[b] : 0;
+    // left padding: begin at the first attended position, so that the row's sums run as
+    // they would without the padding (a masked position adds nothing, but shifts them)
+    while (mask && lo < hi && !mask[b * len + lo]) lo++;
+    float *o = out + (b * heads + h0) * d;
+    if (hi == lo) {  // nothing to attend: zeros, as a fully masked row
+        memset(o, 0, (size_t)n * d * sizeof(float));
+        return;
+    }
+    // the row's first position: its stores, scales and mask all start there
+    const size_t first = (size_t)(row * kv_heads + head) * max_len + lo;
+    attend(q + (b * heads + h0) * d, (const char *)k + first * d * elem, (const char *)v + first * d * elem,
+           kscale ? kscale + first : NULL, vscale ? vscale + first : NULL, mask ? mask + b * len + lo : NULL, o,
+           scores, (int)n, hi - lo, (int)d, kind, softmax_scale);
+}
+
+static int refused(const int64_t *rows, const int64_t *starts, const int64_t *ends, int64_t batch, int64_t slots,
+                   int64_t heads, int64_t kv_heads, int64_t max_len, int64_t len, int64_t d) {
+    return d % 16 || d > 256 || heads % kv_heads || len > max_len || len < 1
+           || !valid_rows(rows, starts, ends, batch, slots, len);
+}
+
+// Thread tid's share (of nt) of the (sequence, query head) pairs, inside a caller's parallel
+// region, in runs that share a kv head (its keys and values are read once per run); scores:
+// (heads / kv_heads) * len floats of its own. Split by query head, not kv head: a model with
+// 3 kv heads would leave one of 2 threads twice the other's work. Returns 0, or -1 (on every
+// thread) for a shape this kernel does not take.
+int minicpm_decode_attention_team(const float *q, const void *k, const void *v, const float *kscale,
+                                  const float *vscale, const uint8_t *mask, const int64_t *rows,
+                                  const int64_t *starts, const int64_t *ends, float *out, int64_t batch,
+                                  int64_t slots, int64_t heads, int64_t kv_heads, int64_t max_len, int64_t len,
+                                  int64_t d, int kind, float softmax_scale, int tid, int nt, float *scores) {
+    if (refused(rows, starts, ends, batch, slots, heads, kv_heads, max_len, len, d)) return -1;
+    const int64_t group = heads / kv_heads, pairs = batch * heads, end = pairs * (tid + 1) / nt;
+    for (int64_t u = pairs * tid / nt, next; u < end; u = next) {
+        const int64_t b = u / heads, h = u % heads, group_end = b * heads + (h / group + 1) * group;
+        next = group_end < end ? group_end : end;
+        heads_of(q, k, v, kscale, vscale, mask, rows, starts, ends, out, b, h, next - u, heads, kv_heads, max_len,
+                 len, d, kind, softmax_scale, scores);
+    }
+    return 0;
+}
+
 // Returns 0, or -1 for a shape this kernel does not take (the caller falls back).
 int minicpm_decode_attention(const float *q, const void *k, const void *v, const float *kscale,
                              const float *vscale, const uint8_t *mask, const int64_t *rows,
                              const int64_t *starts, const int64_t *ends, float *out, int64_t batch,
                              int64_t slots, int64_t heads, int64_t kv_heads, int64_t max_len, int64_t len,
                              int64_t d, int kind, float softmax_scale, int threads) {
-    if (d % 16 || d > 256 || heads % kv_heads || len > max_len || len < 1) return -1;
-    if (!valid_rows(rows, starts, ends, batch, slots, len)) return -1;
-    const int64_t group = heads / kv_heads, tasks = batch * kv_heads;
-    const size_t elem = kind == KIND_F32 ? 4 : kind == KIND_I8 ? 1 : 2;
+    if (refused(rows, starts, ends, batch, slots, heads, kv_heads, max_len, len, d)) return -1;
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
-        float *scores = malloc((size_t)group * len * sizeof(float));
+        float *scores = malloc((size_t)(heads / kv_heads) * len * sizeof(float));
         if (!scores) {
 #pragma omp atomic write
             failed = 1;
-        }
-#pragma omp for schedule(static)
-        for (int64_t task = 0; task < tasks; task++) {
-            if (!scores) continue;
-            const int64_t b = task / kv_heads, head = task % kv_heads;
-            const int64_t row = rows ? rows[b] : b, hi = ends ? ends[b] : len;
-            int64_t lo = starts ? starts[b] : 0;
-            // left padding: begin at the first attended position, so that the row's sums run as
-            // they would without the padding (a masked position adds nothing, but shifts them)
-            while (mask && lo < hi && !mask[b * len + lo]) lo++;
-            float *o = out + task * group * d;
-            if (hi == lo) {  // nothing to attend: zeros, as a fully masked row
-                memset(o, 0, (size_t)group * d * sizeof(float));
-                continue;
-            }
-            // the row's first position: its stores, scales and mask all start there
-            const size_t first = (size_t)(row * kv_heads + head) * max_len + lo;
-            attend(q + task * group * d, (const char *)k + first * d * elem, (const char *)v + first * d * elem,
-                   kscale ? kscale + first : NULL, vscale ? vscale + first : NULL,
-                   mask ? mask + b * len + lo : NULL, o, scores, (int)group, hi - lo, (int)d, kind,
-                   softmax_scale);
+        } else {
+            minicpm_decode_attention_team(q, k, v, kscale, vscale, mask, rows, starts, ends, out, batch, slots,
+                                          heads, kv_heads, max_len, len, d, kind, softmax_scale,
+                                          omp_get_thread_num(), omp_get_num_threads(), scores);
         }
         free(scores);
     }

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from minicpm.kernels.build import Kernel, KernelUnavailable
 
-ABI = 2
+ABI = 3
 KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3}
 
 

@@ -1,11 +1,14 @@
 // The decode step of every decoder layer in one call: B rows of hidden state, one new token each.
 //
 // In Python a layer is dozens of small tensor ops (norms, rotary, cache writes, casts, views),
-// ~0.3 ms per layer per token, most of a small model's step. Here the glue between the matrix
-// products runs on the calling thread in plain loops, and the products themselves are the
-// existing kernels, called through function pointers that Python took from their libraries
-// (qgemm_plan, minicpm_linear_bf16/f32, minicpm_decode_attention): each opens its own OpenMP
-// region, as it does when PyTorch calls it.
+// ~0.3 ms per layer per token, most of a small model's step. Here the whole step is ONE OpenMP
+// parallel region: the matrix products and attention are the existing kernels' "team" entry
+// points (qgemm_plan_team, minicpm_linear_{bf16,f32}_team, minicpm_decode_attention_team, called
+// through function pointers that Python took from their libraries), each doing its thread's
+// share with no region or allocation of its own; barriers separate the stages. A region per
+// product (8 a layer) cost ~240 fork/joins a token, more than the glue itself. The glue runs on
+// thread 0 where it is a reduction over a row (norms, residuals: a few hundred values), split
+// across threads where it is elementwise per head or value (rotary and cache writes, SwiGLU).
 //
 // Rounding follows minicpm/model.py step by step: wherever the Python path casts to the model
 // dtype (fp32 or bf16), the value is rounded here (bf16: to nearest even); statistics, rotary
@@ -17,28 +20,30 @@
 // in the model dtype, or int8 with fp32 scales [slots, KV, max_len] (one per (token, head)).
 
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-int minicpm_decode_abi(void) { return 1; }
+int minicpm_decode_abi(void) { return 2; }
 
 enum { DT_F32 = 0, DT_BF16 = 1 };                  // model dtype: qgemm's and attention's codes
 enum { P_QGEMM = 0, P_STREAM = 1 };                // projection kernels
 enum { ACT_SILU = 0, ACT_THRESHOLD = 1 };          // SwiGLU, or FATReLU/ReLU (z > threshold)
 enum { ATT_I8 = 3 };                               // attention.c's kind for an int8 cache
 
-typedef int (*qgemm_fn)(const void *plan, const void *x, int xkind, long m, void *y, int threads);
+typedef int (*qgemm_fn)(const void *plan, const void *x, int xkind, long m, void *y, int tid, int nt, void *scratch);
+typedef long (*qscratch_fn)(const void *plan, long m);
 typedef void (*stream_fn)(const void *x, int64_t m, int64_t k, const void *w, int64_t n, const void *bias,
-                          void *y, int threads);
+                          void *y, int tid, int nt);
 typedef int (*attention_fn)(const float *q, const void *k, const void *v, const float *kscale,
                             const float *vscale, const uint8_t *mask, const int64_t *rows,
                             const int64_t *starts, const int64_t *ends, float *out, int64_t batch,
                             int64_t slots, int64_t heads, int64_t kv_heads, int64_t max_len, int64_t len,
-                            int64_t d, int kind, float softmax_scale, int threads);
+                            int64_t d, int kind, float softmax_scale, int tid, int nt, float *scores);
 
 struct proj {            // one projection y [M, n] = x [M, k] W^T (+ bias)
-    void *fn;            // qgemm_plan or minicpm_linear_{bf16,f32}
+    void *fn;            // qgemm_plan_team or minicpm_linear_{bf16,f32}_team
     const void *plan;    // qgemm: its struct qplan
     const void *w, *bias;  // stream: the weight [n, k] and bias [n] in the model dtype
     int64_t n, k, kind;
@@ -63,7 +68,8 @@ struct step {
     const int64_t *rows, *positions;                // where row b writes its k/v
     const int64_t *starts, *ends;                   // what it attends (NULL: 0, len)
     const uint8_t *mask;                            // [B, len] or NULL (0 = padding)
-    void *attention;                                // minicpm_decode_attention
+    void *attention;                                // minicpm_decode_attention_team
+    void *qscratch;                                 // qgemm_plan_scratch
 };
 
 // f rounded to bf16 (nearest even, as PyTorch's cast), still as an fp32: the low 16 bits are 0
@@ -106,10 +112,23 @@ static inline void put(void *p, int64_t i, float f, int dt) {
 
 static inline void *at(void *p, int64_t i, int dt) { return (char *)p + i * (dt == DT_BF16 ? 2 : 4); }
 
-static int project(const struct proj *p, const void *x, int64_t m, void *y, const struct step *s) {
-    if (p->kind == P_QGEMM) return ((qgemm_fn)p->fn)(p->plan, x, (int)s->dtype, (long)m, y, (int)s->threads);
-    ((stream_fn)p->fn)(x, m, p->k, p->w, p->n, p->bias, y, (int)s->threads);
+struct team {             // one thread of the region: its id, the team's size, its own scratch
+    int tid, nt;
+    void *qx;             // qgemm_plan_team's quantized x
+    float *scores, *probs;  // attention scores; MoE router probabilities
+};
+
+static int project(const struct proj *p, const void *x, int64_t m, void *y, const struct step *s,
+                   const struct team *tm) {
+    if (p->kind == P_QGEMM) return ((qgemm_fn)p->fn)(p->plan, x, (int)s->dtype, (long)m, y, tm->tid, tm->nt, tm->qx);
+    ((stream_fn)p->fn)(x, m, p->k, p->w, p->n, p->bias, y, tm->tid, tm->nt);
     return 0;
+}
+
+// this thread's share [lo, hi) of n items
+static void share(int64_t n, const struct team *tm, int64_t *lo, int64_t *hi) {
+    *lo = n * tm->tid / tm->nt;
+    *hi = n * (tm->tid + 1) / tm->nt;
 }
 
 // RMSNorm.forward: fp32 x * rsqrt(mean(x^2) + eps), cast to the dtype, times the weight
@@ -144,20 +163,19 @@ static void quantize_head(const void *src, int64_t d, int dt, int8_t *codes, flo
     *scale = s;
 }
 
-// k/v of row b ([KV, head_dim]) into cache row rows[b] at positions[b]
-static void write_cache(const struct layer *L, const struct step *s, const void *k, const void *v, int64_t b) {
+// k/v head h of row b ([KV, head_dim]) into cache row rows[b] at positions[b]
+static void write_cache(const struct layer *L, const struct step *s, const void *k, const void *v, int64_t b,
+                        int64_t h) {
     const int dt = (int)s->dtype;
     const int64_t d = s->head_dim;
-    for (int64_t h = 0; h < s->kv_heads; h++) {
-        const int64_t slot = (s->rows[b] * s->kv_heads + h) * s->max_len + s->positions[b];
-        const void *kh = at((void *)k, (b * s->kv_heads + h) * d, dt), *vh = at((void *)v, (b * s->kv_heads + h) * d, dt);
-        if (s->kv_int8) {
-            quantize_head(kh, d, dt, (int8_t *)L->kstore + slot * d, L->kscale + slot);
-            quantize_head(vh, d, dt, (int8_t *)L->vstore + slot * d, L->vscale + slot);
-        } else {
-            memcpy(at(L->kstore, slot * d, dt), kh, (size_t)d * (dt == DT_BF16 ? 2 : 4));
-            memcpy(at(L->vstore, slot * d, dt), vh, (size_t)d * (dt == DT_BF16 ? 2 : 4));
-        }
+    const int64_t slot = (s->rows[b] * s->kv_heads + h) * s->max_len + s->positions[b];
+    const void *kh = at((void *)k, (b * s->kv_heads + h) * d, dt), *vh = at((void *)v, (b * s->kv_heads + h) * d, dt);
+    if (s->kv_int8) {
+        quantize_head(kh, d, dt, (int8_t *)L->kstore + slot * d, L->kscale + slot);
+        quantize_head(vh, d, dt, (int8_t *)L->vstore + slot * d, L->vscale + slot);
+    } else {
+        memcpy(at(L->kstore, slot * d, dt), kh, (size_t)d * (dt == DT_BF16 ? 2 : 4));
+        memcpy(at(L->vstore, slot * d, dt), vh, (size_t)d * (dt == DT_BF16 ? 2 : 4));
     }
 }
 
@@ -166,54 +184,100 @@ static void residual(void *x, const void *branch, int64_t n, float scale, int dt
     for (int64_t i = 0; i < n; i++) put(x, i, get(x, i, dt) + rnd(get(branch, i, dt) * scale, dt), dt);
 }
 
-// g = act(g) * u in the dtype (SiLU, or FATReLU: z where z > threshold, else 0)
-static void gated(void *g, const void *u, int64_t n, const struct step *s) {
+// g = act(g) * u in the dtype (SiLU, or FATReLU: z where z > threshold, else 0), this thread's share
+static void gated(void *g, const void *u, int64_t n, const struct step *s, const struct team *tm) {
     const int dt = (int)s->dtype;
-    for (int64_t i = 0; i < n; i++) {
+    int64_t lo, hi;
+    share(n, tm, &lo, &hi);
+    for (int64_t i = lo; i < hi; i++) {
         const float z = get(g, i, dt);
         const float a = s->act == ACT_SILU ? rnd(z / (1.0f + expf(-z)), dt) : (z > s->threshold ? z : 0.0f);
         put(g, i, a * get(u, i, dt), dt);
     }
 }
 
-struct scratch {  // model-dtype buffers (fp32-sized) for one call
+struct scratch {  // the team's shared buffers for one call, model dtype (fp32-sized)
     void *h, *q, *k, *v, *ao, *o, *g, *u, *e;
-    float *qf, *att, *probs;
+    float *qf, *att;
 };
 
-static int attention_block(const struct layer *L, const struct step *s, void *x, struct scratch *t) {
+// Rotary on this thread's share of the row-heads: a query head is also widened to fp32 for
+// attention; a key head is written to the cache with its value head.
+static void rotate_and_store(const struct layer *L, const struct step *s, struct scratch *t, const struct team *tm) {
     const int dt = (int)s->dtype;
-    const int64_t B = s->batch, D = s->hidden, d = s->head_dim, H = s->heads, KV = s->kv_heads;
-    for (int64_t b = 0; b < B; b++) rmsnorm(at(x, b * D, dt), L->norm1, at(t->h, b * D, dt), D, s->eps, dt);
-    if (project(&L->q, t->h, B, t->q, s) || project(&L->k, t->h, B, t->k, s) || project(&L->v, t->h, B, t->v, s))
-        return -2;
-    for (int64_t b = 0; b < B; b++) {
-        rotate(at(t->q, b * H * d, dt), H, d, s->cos + b * d, s->sin + b * d, dt);
-        rotate(at(t->k, b * KV * d, dt), KV, d, s->cos + b * d, s->sin + b * d, dt);
-        write_cache(L, s, t->k, t->v, b);
+    const int64_t d = s->head_dim, H = s->heads, KV = s->kv_heads;
+    int64_t lo, hi;
+    share(s->batch * (H + KV), tm, &lo, &hi);
+    for (int64_t u = lo; u < hi; u++) {
+        const int64_t b = u / (H + KV), h = u % (H + KV);
+        const float *cos = s->cos + b * d, *sin = s->sin + b * d;
+        if (h < H) {
+            const int64_t i = (b * H + h) * d;
+            rotate(at(t->q, i, dt), 1, d, cos, sin, dt);
+            for (int64_t j = i; j < i + d; j++) t->qf[j] = get(t->q, j, dt);
+        } else {
+            rotate(at(t->k, (b * KV + h - H) * d, dt), 1, d, cos, sin, dt);
+            write_cache(L, s, t->k, t->v, b, h - H);
+        }
     }
-    for (int64_t i = 0; i < B * H * d; i++) t->qf[i] = get(t->q, i, dt);
+}
+
+// Thread 0: x += residual-scaled branch (if any), then h = RMSNorm(x) with `norm`; everyone waits.
+static void residual_norm(const struct step *s, void *x, const void *branch, const void *norm, struct scratch *t,
+                          const struct team *tm) {
+    const int dt = (int)s->dtype;
+    const int64_t B = s->batch, D = s->hidden;
+    if (tm->tid == 0) {
+        if (branch) residual(x, branch, B * D, s->residual_scale, dt);
+        if (norm)
+            for (int64_t b = 0; b < B; b++) rmsnorm(at(x, b * D, dt), norm, at(t->h, b * D, dt), D, s->eps, dt);
+    }
+#pragma omp barrier
+}
+
+// The attention half of a layer, from h = RMSNorm1(x) to o (its residual is added by the caller).
+static int attention_block(const struct layer *L, const struct step *s, struct scratch *t, const struct team *tm) {
+    const int dt = (int)s->dtype;
+    const int64_t B = s->batch, d = s->head_dim, H = s->heads, KV = s->kv_heads;
+    if (project(&L->q, t->h, B, t->q, s, tm) || project(&L->k, t->h, B, t->k, s, tm)
+        || project(&L->v, t->h, B, t->v, s, tm))
+        return -2;
+#pragma omp barrier
+    rotate_and_store(L, s, t, tm);
+#pragma omp barrier
     const int kind = s->kv_int8 ? ATT_I8 : dt;
     if (((attention_fn)s->attention)(t->qf, L->kstore, L->vstore, L->kscale, L->vscale, s->mask, s->rows, s->starts,
                                      s->ends, t->att, B, s->slots, H, KV, s->max_len, s->len, d, kind,
-                                     s->softmax_scale, (int)s->threads))
+                                     s->softmax_scale, tm->tid, tm->nt, tm->scores))
         return -1;
-    for (int64_t i = 0; i < B * H * d; i++) put(t->ao, i, t->att[i], dt);
-    if (project(&L->o, t->ao, B, t->o, s)) return -2;
-    residual(x, t->o, B * D, s->residual_scale, dt);
+    const void *ao = t->att;  // fp32: the output as it is; bf16: rounded first, as the Python cast
+#pragma omp barrier
+    if (dt == DT_BF16) {
+        int64_t lo, hi;
+        share(B * H * d, tm, &lo, &hi);
+        for (int64_t i = lo; i < hi; i++) put(t->ao, i, t->att[i], dt);
+        ao = t->ao;
+#pragma omp barrier
+    }
+    if (project(&L->o, ao, B, t->o, s, tm)) return -2;
+#pragma omp barrier
     return 0;
 }
 
 // MoE.forward for one row h [D] into out [D]: softmax over the experts in fp32, top-k,
-// renormalised weights cast to the dtype, experts added in ascending order (index_add_)
-static int moe_row(const struct layer *L, const struct step *s, const void *h, void *out, struct scratch *t) {
+// renormalised weights cast to the dtype, experts added in ascending order (index_add_).
+// Every thread routes (the same way) and adds its share of out's values.
+static int moe_row(const struct layer *L, const struct step *s, const void *h, void *out, struct scratch *t,
+                   const struct team *tm) {
     const int dt = (int)s->dtype;
     const int64_t E = L->router.n, D = s->hidden, F = s->inter;
-    if (project(&L->router, h, 1, t->e, s)) return -2;
+    float *probs = tm->probs;
+    if (project(&L->router, h, 1, t->e, s, tm)) return -2;
+#pragma omp barrier
     float mx = -INFINITY, sum = 0;
     for (int64_t e = 0; e < E; e++) mx = fmaxf(mx, get(t->e, e, dt));
-    for (int64_t e = 0; e < E; e++) sum += (t->probs[e] = expf(get(t->e, e, dt) - mx));
-    for (int64_t e = 0; e < E; e++) t->probs[e] /= sum;
+    for (int64_t e = 0; e < E; e++) sum += (probs[e] = expf(get(t->e, e, dt) - mx));
+    for (int64_t e = 0; e < E; e++) probs[e] /= sum;
     int64_t chosen[64];
     float weight[64], total = 0;
     for (int64_t j = 0; j < L->top_k; j++) {  // top-k, largest first, the lower index on ties
@@ -221,66 +285,113 @@ static int moe_row(const struct layer *L, const struct step *s, const void *h, v
         for (int64_t e = 0; e < E; e++) {
             int taken = 0;
             for (int64_t i = 0; i < j; i++) taken |= chosen[i] == e;
-            if (!taken && (best < 0 || t->probs[e] > t->probs[best])) best = e;
+            if (!taken && (best < 0 || probs[e] > probs[best])) best = e;
         }
         chosen[j] = best;
-        weight[j] = t->probs[best];
+        weight[j] = probs[best];
         total += weight[j];
     }
-    for (int64_t i = 0; i < D; i++) put(out, i, 0.0f, dt);
+    int64_t lo, hi;
+    share(D, tm, &lo, &hi);
+    for (int64_t i = lo; i < hi; i++) put(out, i, 0.0f, dt);
     for (int64_t e = 0; e < E; e++)
         for (int64_t j = 0; j < L->top_k; j++) {
             if (chosen[j] != e) continue;
             const struct proj *w = L->experts + 3 * e;
-            if (project(&w[0], h, 1, t->g, s) || project(&w[1], h, 1, t->u, s)) return -2;
-            gated(t->g, t->u, F, s);
-            if (project(&w[2], t->g, 1, t->o, s)) return -2;
+            if (project(&w[0], h, 1, t->g, s, tm) || project(&w[1], h, 1, t->u, s, tm)) return -2;
+#pragma omp barrier
+            gated(t->g, t->u, F, s, tm);
+#pragma omp barrier
+            if (project(&w[2], t->g, 1, t->o, s, tm)) return -2;
+#pragma omp barrier
             const float scale = rnd(weight[j] / total, dt);
-            for (int64_t i = 0; i < D; i++) put(out, i, get(out, i, dt) + rnd(get(t->o, i, dt) * scale, dt), dt);
+            for (int64_t i = lo; i < hi; i++) put(out, i, get(out, i, dt) + rnd(get(t->o, i, dt) * scale, dt), dt);
         }
     return 0;
 }
 
-static int mlp_block(const struct layer *L, const struct step *s, void *x, struct scratch *t) {
+// The MLP half of a layer, from h = RMSNorm2(x) to its branch (returned; the caller adds it).
+static const void *mlp_block(const struct layer *L, const struct step *s, struct scratch *t, const struct team *tm,
+                             int *rc) {
     const int dt = (int)s->dtype;
     const int64_t B = s->batch, D = s->hidden;
-    for (int64_t b = 0; b < B; b++) rmsnorm(at(x, b * D, dt), L->norm2, at(t->h, b * D, dt), D, s->eps, dt);
     if (L->experts) {
-        for (int64_t b = 0; b < B; b++)
-            if (moe_row(L, s, at(t->h, b * D, dt), at(t->ao, b * D, dt), t)) return -2;
-        residual(x, t->ao, B * D, s->residual_scale, dt);
-        return 0;
+        for (int64_t b = 0; b < B && !*rc; b++) *rc = moe_row(L, s, at(t->h, b * D, dt), at(t->ao, b * D, dt), t, tm);
+#pragma omp barrier
+        return t->ao;
     }
-    if (project(&L->gate, t->h, B, t->g, s) || project(&L->up, t->h, B, t->u, s)) return -2;
-    gated(t->g, t->u, B * s->inter, s);
-    if (project(&L->down, t->g, B, t->o, s)) return -2;
-    residual(x, t->o, B * D, s->residual_scale, dt);
-    return 0;
+    if (project(&L->gate, t->h, B, t->g, s, tm) || project(&L->up, t->h, B, t->u, s, tm)) *rc = -2;
+#pragma omp barrier
+    gated(t->g, t->u, B * s->inter, s, tm);
+#pragma omp barrier
+    if (project(&L->down, t->g, B, t->o, s, tm)) *rc = -2;
+#pragma omp barrier
+    return t->o;
+}
+
+// Every layer, run by each thread of the region (all take the same path: a failure is the same
+// on every thread). Returns 0, -1 or -2 as minicpm_decode_layers.
+static int team_layers(const struct step *s, const struct layer *layers, int64_t nlayers, void *x, struct scratch *t,
+                       const struct team *tm) {
+    const void *branch = NULL;  // the last block's output, added to x before the next norm
+    int rc = 0;
+    for (int64_t l = 0; l < nlayers && !rc; l++) {
+        residual_norm(s, x, branch, layers[l].norm1, t, tm);
+        if ((rc = attention_block(&layers[l], s, t, tm))) break;
+        residual_norm(s, x, t->o, layers[l].norm2, t, tm);
+        branch = mlp_block(&layers[l], s, t, tm, &rc);
+    }
+    if (!rc) residual_norm(s, x, branch, NULL, t, tm);
+    return rc;
+}
+
+// Bytes of each thread's own scratch: the largest quantized x any qgemm projection takes (0 if
+// one has a layout it refuses), then attention scores and router probabilities.
+static int64_t team_bytes(const struct step *s, const struct layer *layers, int64_t nlayers, int64_t *qbytes) {
+    int64_t most = 64;
+    for (int64_t l = 0; l < nlayers; l++) {
+        const struct layer *L = &layers[l];
+        const struct proj *named[] = {&L->q, &L->k, &L->v, &L->o, &L->gate, &L->up, &L->down, &L->router};
+        const int64_t nexp = L->experts ? 3 * L->router.n : 0;
+        for (int64_t i = 0; i < 8 + nexp; i++) {
+            const struct proj *p = i < 8 ? named[i] : L->experts + (i - 8);
+            if (p->kind != P_QGEMM || !p->fn) continue;
+            const int64_t need = ((qscratch_fn)s->qscratch)(p->plan, (long)s->batch);
+            if (!need) return 0;
+            most = need > most ? need : most;
+        }
+    }
+    *qbytes = (most + 63) / 64 * 64;
+    const int64_t experts = layers[0].experts ? layers[0].router.n : 0;
+    return (*qbytes + 4 * ((s->heads / s->kv_heads) * s->len + experts) + 63) / 64 * 64;  // own cache lines
 }
 
 // Runs every layer on x [B, D] in place. 0; -1: attention refused a shape; -2: out of memory.
 int minicpm_decode_layers(const struct step *s, const struct layer *layers, int64_t nlayers, void *x) {
-    if (s->head_dim > 512) return -1;
+    if (s->head_dim > 512 || s->heads % s->kv_heads) return -1;
     const int64_t B = s->batch, HD = s->heads * s->head_dim;
     const int64_t wide = HD > s->hidden ? HD : s->hidden;
+    const int threads = s->threads < 1 ? 1 : (int)s->threads;
+    int64_t qbytes = 0;
+    const int64_t own = team_bytes(s, layers, nlayers, &qbytes);
     struct scratch t;
-    void **bufs[] = {&t.h, &t.q, &t.k, &t.v, &t.ao, &t.o, &t.g, &t.u, &t.e};
-    const int64_t sizes[] = {B * s->hidden, B * HD, B * HD, B * HD, B * wide, B * s->hidden,
-                             B * s->inter, B * s->inter, 64 + (layers[0].experts ? layers[0].router.n : 0)};
-    int failed = 0;
-    for (int i = 0; i < 9; i++) failed |= !(*bufs[i] = malloc((size_t)sizes[i] * 4));
-    t.qf = malloc((size_t)B * HD * 4);
-    t.att = malloc((size_t)B * HD * 4);
-    t.probs = malloc((size_t)sizes[8] * 4);
-    failed |= !t.qf || !t.att || !t.probs;
-    int rc = failed ? -2 : 0;
-    for (int64_t l = 0; l < nlayers && !rc; l++) {
-        rc = attention_block(&layers[l], s, x, &t);
-        if (!rc) rc = mlp_block(&layers[l], s, x, &t);
+    void **bufs[] = {&t.h, &t.q, &t.k, &t.v, &t.ao, &t.o, &t.g, &t.u, &t.e, (void **)&t.qf, (void **)&t.att};
+    const int64_t sizes[] = {B * s->hidden, B * HD, B * HD, B * HD, B * wide, B * s->hidden, B * s->inter,
+                             B * s->inter, 64 + (layers[0].experts ? layers[0].router.n : 0), B * HD, B * HD};
+    int failed = !own;
+    for (int i = 0; i < 11; i++) failed |= !(*bufs[i] = malloc((size_t)sizes[i] * 4));
+    char *mine = failed ? NULL : aligned_alloc(64, (size_t)(own * threads + 63) / 64 * 64);
+    int rc = failed || !mine ? -2 : 0;
+    if (!rc) {
+#pragma omp parallel num_threads(threads) reduction(min : rc)
+        {
+            char *base = mine + own * omp_get_thread_num();
+            const struct team tm = {omp_get_thread_num(), omp_get_num_threads(), base, (float *)(base + qbytes),
+                                    (float *)(base + qbytes) + (s->heads / s->kv_heads) * s->len};
+            rc = team_layers(s, layers, nlayers, x, &t, &tm);
+        }
     }
-    for (int i = 0; i < 9; i++) free(*bufs[i]);
-    free(t.qf);
-    free(t.att);
-    free(t.probs);
+    for (int i = 0; i < 11; i++) free(*bufs[i]);
+    free(mine);
     return rc;
 }

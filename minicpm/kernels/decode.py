@@ -2,7 +2,8 @@
 
 `NativeDecoder(model)` describes a model's layers once as C structs: norm weights, and for each
 projection the kernel that serves it, taken from the module's `decode_spec()` (Linear: its
-weight streamed by linear_bf16.c/linear_f32.c; QuantizedLinear: its qgemm plan). Where any
+weight streamed by linear_bf16.c/linear_f32.c; QuantizedLinear: its qgemm plan). decode.c runs
+the step as one OpenMP region and calls each kernel's `_team` entry point (its thread's share). Where any
 projection has no spec, the dtype is not fp32/bf16, or a kernel is not built here, the decoder
 is not `ready` and the model runs its Python layers. `run` then decodes one token for B rows
 of hidden state against a KV cache (in place of the layer loop); embedding, final norm and head
@@ -19,7 +20,7 @@ import torch
 from minicpm.kernels import attention, linear, qgemm
 from minicpm.kernels.build import Kernel, KernelUnavailable
 
-ABI = 1
+ABI = 2
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # decode.c's DT_*: also qgemm's and attention's codes
 P_QGEMM, P_STREAM = 0, 1
 MAX_TOP_K = 64
@@ -43,7 +44,7 @@ class Step(ctypes.Structure):
                                             "max_len", "len", "dtype", "kv_int8", "act", "threads")]
                 + [(name, _f32) for name in ("eps", "residual_scale", "threshold", "softmax_scale")]
                 + [(name, _ptr) for name in ("cos", "sin", "rows", "positions", "starts", "ends", "mask",
-                                             "attention")])
+                                             "attention", "qscratch")])
 
 
 def _setup(lib: ctypes.CDLL) -> None:
@@ -77,14 +78,14 @@ def _projection(module, dtype: torch.dtype, keep: list) -> Proj | None:
     if spec is None:
         return None
     if spec["kind"] == "qgemm":
-        fn, plan = _address(qgemm.library(), "qgemm_plan"), spec["plan"]
+        fn, plan = _address(qgemm.library(), "qgemm_plan_team"), spec["plan"]
         keep.append(plan)
         return None if fn is None else Proj(fn, ctypes.addressof(plan), None, None, plan.N, plan.K, P_QGEMM)
     weight, bias = spec["weight"], spec["bias"]
     if not (_stream_ok(weight, dtype) and _stream_ok(bias, dtype)):
         return None
-    kernel, name = ((linear.KERNEL, "minicpm_linear_bf16") if dtype is torch.bfloat16
-                    else (linear.KERNEL_F32, "minicpm_linear_f32"))
+    kernel, name = ((linear.KERNEL, "minicpm_linear_bf16_team") if dtype is torch.bfloat16
+                    else (linear.KERNEL_F32, "minicpm_linear_f32_team"))
     fn = _address(kernel.library(), name)
     keep.append((weight, bias))
     return None if fn is None else Proj(fn, None, weight.data_ptr(), _pointer(bias), weight.shape[0],
@@ -104,7 +105,8 @@ class NativeDecoder:
         threshold = config.hidden_act_param if config.hidden_act == "fatrelu" else 0.0
         self.threshold = torch.tensor(threshold, dtype=self.dtype).item()  # PyTorch compares in the dtype
         self.lib = KERNEL.library()
-        self.attention = _address(attention.KERNEL.library(), "minicpm_decode_attention")
+        self.attention = _address(attention.KERNEL.library(), "minicpm_decode_attention_team")
+        self.qscratch = _address(qgemm.library(), "qgemm_plan_scratch")
         self.layers = self._layers(model) if self._servable(model) else None
         self.ready = self.layers is not None
 
@@ -199,7 +201,7 @@ class NativeDecoder:
                     shape[2], length, DTYPES[self.dtype], int(self.stores_int8), self.act, torch.get_num_threads(),
                     c.rms_norm_eps, c.residual_scale, self.threshold, c.head_dim ** -0.5, cos.data_ptr(),
                     sin.data_ptr(), rows.data_ptr(), positions.data_ptr(), _pointer(starts), _pointer(ends),
-                    _pointer(mask), self.attention)
+                    _pointer(mask), self.attention, self.qscratch)
         rc = self.lib.minicpm_decode_layers(ctypes.byref(step), self.layers, len(self.layers), out.data_ptr())
         if rc:
             raise (MemoryError if rc == -2 else RuntimeError)(f"native decode step failed ({rc})")

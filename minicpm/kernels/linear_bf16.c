@@ -7,10 +7,11 @@
 // weight is used as stored (no repacking), so memory-mapped checkpoints stay shared.
 
 #include <immintrin.h>
+#include <omp.h>
 #include <stdint.h>
 #include <string.h>
 
-int minicpm_linear_bf16_abi(void) { return 1; }
+int minicpm_linear_bf16_abi(void) { return 2; }
 
 static inline uint16_t to_bf16(float f) {  // round to nearest even, as PyTorch's cast does
     uint32_t u;
@@ -62,14 +63,20 @@ static void block(const uint16_t *x, const uint16_t *w, const uint16_t *bias, ui
         }
 }
 
-void minicpm_linear_bf16(const uint16_t *x, int64_t m, int64_t k, const uint16_t *w, int64_t n,
-                         const uint16_t *bias, uint16_t *y, int threads) {
+// Thread tid's share of the blocks of 16 W rows (of nt), inside a caller's parallel region.
+void minicpm_linear_bf16_team(const uint16_t *x, int64_t m, int64_t k, const uint16_t *w, int64_t n,
+                              const uint16_t *bias, uint16_t *y, int tid, int nt) {
     const int64_t blocks = (n + ROWS - 1) / ROWS;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t b = 0; b < blocks; b++) {
+    for (int64_t b = blocks * tid / nt; b < blocks * (tid + 1) / nt; b++) {
         const int64_t n0 = b * ROWS;
         const int rows = n - n0 < ROWS ? (int)(n - n0) : ROWS;
         for (int64_t m0 = 0; m0 < m; m0 += MAXM)
             block(x, w, bias, y, k, n, n0, rows, m0, m - m0 < MAXM ? (int)(m - m0) : MAXM);
     }
+}
+
+void minicpm_linear_bf16(const uint16_t *x, int64_t m, int64_t k, const uint16_t *w, int64_t n,
+                         const uint16_t *bias, uint16_t *y, int threads) {
+#pragma omp parallel num_threads(threads)
+    minicpm_linear_bf16_team(x, m, k, w, n, bias, y, omp_get_thread_num(), omp_get_num_threads());
 }

@@ -9,9 +9,10 @@
 // as linear_bf16.c does), so at M = 1 the product runs at memory speed.
 
 #include <immintrin.h>
+#include <omp.h>
 #include <stdint.h>
 
-int minicpm_linear_f32_abi(void) { return 1; }
+int minicpm_linear_f32_abi(void) { return 2; }
 
 enum { ROWS = 16 };  // W rows per parallel task
 
@@ -69,12 +70,18 @@ static void task(const float *x, const float *w, const float *bias, float *y, in
     }
 }
 
-void minicpm_linear_f32(const float *x, int64_t m, int64_t k, const float *w, int64_t n, const float *bias,
-                        float *y, int threads) {
+// Thread tid's share of the blocks of 16 W rows (of nt), inside a caller's parallel region.
+void minicpm_linear_f32_team(const float *x, int64_t m, int64_t k, const float *w, int64_t n, const float *bias,
+                             float *y, int tid, int nt) {
     const int64_t blocks = (n + ROWS - 1) / ROWS;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t b = 0; b < blocks; b++) {
+    for (int64_t b = blocks * tid / nt; b < blocks * (tid + 1) / nt; b++) {
         const int64_t n0 = b * ROWS;
         task(x, w, bias, y, m, k, n, n0, n - n0 < ROWS ? (int)(n - n0) : ROWS);
     }
+}
+
+void minicpm_linear_f32(const float *x, int64_t m, int64_t k, const float *w, int64_t n, const float *bias,
+                        float *y, int threads) {
+#pragma omp parallel num_threads(threads)
+    minicpm_linear_f32_team(x, m, k, w, n, bias, y, omp_get_thread_num(), omp_get_num_threads());
 }

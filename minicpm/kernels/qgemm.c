@@ -288,7 +288,73 @@ static inline __attribute__((always_inline)) void run_tile(
         tile_int8g(w + t * 16 * Kp, sc, t * 16 * (Kp / G), mk, xq, xd, xg, Kp, G, MC, out);
 }
 
-int qgemm_abi_version(void) { return 3; }
+int qgemm_abi_version(void) { return 4; }
+
+/* x quantized for the tiles: int8 codes [M][Kp], block scales [M][Kp/QB], group sums [M][Kp/G] */
+struct qx {
+    int8_t *q;
+    float *d, *g;
+};
+
+/* Bytes of scratch for M rows of quantized x, laid out by qx_in (64 of slack to align the codes). */
+static size_t qx_bytes(long M, long Kp, int QB, int G) {
+    return ((size_t)M * Kp + 63) / 64 * 64 + sizeof(float) * (size_t)M * (Kp / QB + Kp / G) + 64;
+}
+
+static struct qx qx_in(void *scratch, long M, long Kp, int QB) {
+    struct qx t;
+    t.q = (int8_t *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
+    t.d = (float *)(t.q + ((size_t)M * Kp + 63) / 64 * 64);
+    t.g = t.d + (size_t)M * (Kp / QB);
+    return t;
+}
+
+static void quantize_rows(const struct qx *t, const void *x, int xkind, long m0, long m1, long K, long Kp,
+                          int QB, int G) {
+    const size_t xrow = (size_t)K * (xkind == K_F32 ? 4 : 2);
+    const long nb = Kp / QB, KG = Kp / G;
+    for (long m = m0; m < m1; m++)
+        quantize_row((const char *)x + m * xrow, xkind, K, Kp, QB, G, t->q + m * Kp, t->d + m * nb, t->g + m * KG);
+}
+
+/* Output tiles [t0, t1) of y for every row of the quantized x. */
+static void tiles(int bits, const struct qx *in, long M, long Kp, long N, int G, int QB, const uint8_t *w,
+                  const void *sc, const void *zc, int mk, const void *bias, int bkind, void *y, int ykind,
+                  int form, long t0, long t1) {
+    const long nb = Kp / QB, KG = Kp / G;
+    for (long mb = 0; mb < M; mb += MB) {
+        const long me = mb + MB < M ? mb + MB : M;
+        for (long t = t0; t < t1; t++) {
+            const __mmask16 km = tail_mask(N - 16 * t);
+            __m512 bv = bias ? load16_mask(bias, 16 * t, bkind, km) : _mm512_setzero_ps();
+            for (long m0 = mb; m0 < me; m0 += MC_MAX) {
+                __m512 out[MC_MAX];
+                const int8_t *xq0 = in->q + m0 * Kp;
+                const float *xd0 = in->d + m0 * nb, *xg0 = in->g + m0 * KG;
+                const long mc = me - m0 < MC_MAX ? me - m0 : MC_MAX;
+                switch (mc) {  /* constant MC: the row loops unroll and stay in registers */
+#if MC_MAX >= 6
+                case 6: run_tile(bits, form, w, sc, zc, t, mk, xq0, xd0, xg0, Kp, G, QB, 6, out); break;
+                case 5: run_tile(bits, form, w, sc, zc, t, mk, xq0, xd0, xg0, Kp, G, QB, 5, out); break;
+#endif
+                case 4: run_tile(bits, form, w, sc, zc, t, mk, xq0, xd0, xg0, Kp, G, QB, 4, out); break;
+                case 3: run_tile(bits, form, w, sc, zc, t, mk, xq0, xd0, xg0, Kp, G, QB, 3, out); break;
+                case 2: run_tile(bits, form, w, sc, zc, t, mk, xq0, xd0, xg0, Kp, G, QB, 2, out); break;
+                default: run_tile(bits, form, w, sc, zc, t, mk, xq0, xd0, xg0, Kp, G, QB, 1, out); break;
+                }
+                for (long m = 0; m < mc; m++)
+                    store16_mask(y, (m0 + m) * N + 16 * t, ykind, _mm512_add_ps(out[m], bv), km);
+            }
+        }
+    }
+}
+
+/* int8 with a scale per row is G = Kp; 0 where (bits, G, QB) is a layout the tiles do not take. */
+static int group_of(int bits, int G, int QB, long Kp) {
+    if (bits == 8 && G <= 0) return (int)Kp;
+    if (bits == 8 && G != Kp && (QB != 32 || (G != 16 && G % 32))) return 0;
+    return G;
+}
 
 /* y[M, N] = x[M, K] @ W.T + bias. Kp: K padded to the weight layout (a multiple of QB and G);
  * int8: G = 0 for a scale per row, else per group (16 or a multiple of QB = 32). form (int4):
@@ -296,60 +362,26 @@ int qgemm_abi_version(void) { return 3; }
 int qgemm(int bits, const void *x, int xkind, long M, long K, long Kp, long N, int G, int QB,
           const uint8_t *w, const void *sc, const void *zc, int mk,
           const void *bias, int bkind, void *y, int nthreads, int form) {
-    if (bits == 8 && G <= 0) G = (int)Kp;
-    if (bits == 8 && G != Kp && (QB != 32 || (G != 16 && G % 32))) return -2;
-    const long nb = Kp / QB, KG = Kp / G, T = (N + 15) / 16;
-    int8_t *xq = aligned_alloc(64, ((size_t)M * Kp + 63) / 64 * 64);
-    float *xd = malloc(sizeof(float) * (size_t)M * nb), *xg = malloc(sizeof(float) * (size_t)M * KG);
-    if (!xq || !xd || !xg) {
-        free(xq); free(xd); free(xg);
-        return -1;
-    }
+    if (!(G = group_of(bits, G, QB, Kp))) return -2;
+    const long T = (N + 15) / 16;
+    void *scratch = malloc(qx_bytes(M, Kp, QB, G));
+    if (!scratch) return -1;
+    const struct qx t = qx_in(scratch, M, Kp, QB);
     if (nthreads < 1) nthreads = 1;
     if (T < nthreads) nthreads = (int)T;
-    const size_t xrow = (size_t)K * (xkind == K_F32 ? 4 : 2);
     /* a few rows are quantized before forking: one barrier less per decode call */
     const int serial_quant = M * Kp <= 16384;
-    if (serial_quant)
-        for (long m = 0; m < M; m++)
-            quantize_row((const char *)x + m * xrow, xkind, K, Kp, QB, G, xq + m * Kp, xd + m * nb, xg + m * KG);
+    if (serial_quant) quantize_rows(&t, x, xkind, 0, M, K, Kp, QB, G);
 #pragma omp parallel num_threads(nthreads)
     {
-        if (!serial_quant) {
-#pragma omp for schedule(static)
-            for (long m = 0; m < M; m++)
-                quantize_row((const char *)x + m * xrow, xkind, K, Kp, QB, G, xq + m * Kp, xd + m * nb,
-                             xg + m * KG);
-        }
         const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
-        const long t0 = T * tid / nt, t1 = T * (tid + 1) / nt;
-        for (long mb = 0; mb < M; mb += MB) {
-            const long me = mb + MB < M ? mb + MB : M;
-            for (long t = t0; t < t1; t++) {
-                const __mmask16 km = tail_mask(N - 16 * t);
-                __m512 bv = bias ? load16_mask(bias, 16 * t, bkind, km) : _mm512_setzero_ps();
-                for (long m0 = mb; m0 < me; m0 += MC_MAX) {
-                    __m512 out[MC_MAX];
-                    const int8_t *xq0 = xq + m0 * Kp;
-                    const float *xd0 = xd + m0 * nb, *xg0 = xg + m0 * KG;
-                    const long mc = me - m0 < MC_MAX ? me - m0 : MC_MAX;
-                    switch (mc) {  /* constant MC: the row loops unroll and stay in registers */
-#if MC_MAX >= 6
-                    case 6: run_tile(bits, form, w, sc, zc, t, mk, xq0, xd0, xg0, Kp, G, QB, 6, out); break;
-                    case 5: run_tile(bits, form, w, sc, zc, t, mk, xq0, xd0, xg0, Kp, G, QB, 5, out); break;
-#endif
-                    case 4: run_tile(bits, form, w, sc, zc, t, mk, xq0, xd0, xg0, Kp, G, QB, 4, out); break;
-                    case 3: run_tile(bits, form, w, sc, zc, t, mk, xq0, xd0, xg0, Kp, G, QB, 3, out); break;
-                    case 2: run_tile(bits, form, w, sc, zc, t, mk, xq0, xd0, xg0, Kp, G, QB, 2, out); break;
-                    default: run_tile(bits, form, w, sc, zc, t, mk, xq0, xd0, xg0, Kp, G, QB, 1, out); break;
-                    }
-                    for (long m = 0; m < mc; m++)
-                        store16_mask(y, (m0 + m) * N + 16 * t, xkind, _mm512_add_ps(out[m], bv), km);
-                }
-            }
+        if (!serial_quant) {
+            quantize_rows(&t, x, xkind, M * tid / nt, M * (tid + 1) / nt, K, Kp, QB, G);
+#pragma omp barrier
         }
+        tiles(bits, &t, M, Kp, N, G, QB, w, sc, zc, mk, bias, bkind, y, xkind, form, T * tid / nt, T * (tid + 1) / nt);
     }
-    free(xq); free(xd); free(xg);
+    free(scratch);
     return 0;
 }
 
@@ -366,4 +398,25 @@ struct qplan {
 int qgemm_plan(const struct qplan *p, const void *x, int xkind, long M, void *y, int nthreads) {
     return qgemm(p->bits, x, xkind, M, p->K, p->Kp, p->N, p->G, p->QB, p->w, p->sc, p->zc, p->mk,
                  p->bias, p->bkind, y, nthreads, p->form);
+}
+
+/* Bytes of scratch qgemm_plan_team needs for M rows (per thread). */
+long qgemm_plan_scratch(const struct qplan *p, long M) {
+    const int G = group_of(p->bits, p->G, p->QB, p->Kp);
+    return G ? (long)qx_bytes(M, p->Kp, p->QB, G) : 0;
+}
+
+/* Thread tid's share of qgemm_plan, inside a parallel region the caller opened: no region, no
+ * allocation, no barrier. Each thread quantizes all of x into its own scratch (of
+ * qgemm_plan_scratch bytes): redundant, but cheaper than a barrier at decode sizes. */
+int qgemm_plan_team(const struct qplan *p, const void *x, int xkind, long M, void *y, int tid, int nt,
+                    void *scratch) {
+    const int G = group_of(p->bits, p->G, p->QB, p->Kp);
+    if (!G) return -2;
+    const long T = (p->N + 15) / 16;
+    const struct qx t = qx_in(scratch, M, p->Kp, p->QB);
+    quantize_rows(&t, x, xkind, 0, M, p->K, p->Kp, p->QB, G);
+    tiles(p->bits, &t, M, p->Kp, p->N, G, p->QB, p->w, p->sc, p->zc, p->mk, p->bias, p->bkind, y, xkind, p->form,
+          T * tid / nt, T * (tid + 1) / nt);
+    return 0;
 }

@@ -28,7 +28,7 @@ from minicpm.kernels.build import AVX512, Kernel, KernelUnavailable
 
 ROWS = 16  # output rows per tile: one per 32-bit lane of a zmm register
 KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # dtype codes the C side reads
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 _lock = threading.Lock()  # guards the huge-page arena
 _lib: ctypes.CDLL | None = None  # what run() calls; set once the library passed its self-check
