@@ -2,9 +2,10 @@
 
 Tolerances: bf16 dense models are bitwise equal (every cast is emulated; the kernels are the
 same). fp32 differs in the RMSNorm mean's summation order and libm's exp (SiLU): relative
-logit error < 1e-5 after 12 steps (measured ~1e-6). bf16 MoE: the router's fp32 softmax is not
-PyTorch's to the last ulp, and a renormalised weight can round to the neighbouring bf16, so
-< 3e-2 over 4 steps (fp32 MoE: < 1e-5).
+logit error < FP32 = 5e-5 after 12 steps (measured ~1e-6; one run in ~20 went just past 1e-5,
+on the old step too: the prefill both paths share is not bitwise repeatable run to run). bf16
+MoE: the router's fp32 softmax is not PyTorch's to the last ulp, and a renormalised weight can
+round to the neighbouring bf16, so < 3e-2 over 4 steps (fp32 MoE: < FP32).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import torch
 from minicpm.kernels import decode
 from minicpm.quantization import quantize_model
 from tests.conftest import random_model, variant_config
+
+FP32 = 5e-5  # relative logit error allowed in fp32 (see the module docstring)
 
 STEPS = 12
 
@@ -54,7 +57,7 @@ def _compare(model, rel: float, **kwargs) -> None:
 def test_fp32_variants_match_python(name):
     # 128k: dynamic NTK past max_position_embeddings (32): 6 + 12 steps cross it
     config = variant_config(name, max_position_embeddings=12) if name == "128k" else variant_config(name)
-    _compare(random_model(config), 1e-5)
+    _compare(random_model(config), FP32)
 
 
 @pytest.mark.parametrize("name", ["2b", "1b", "128k", "s", "llama"])
@@ -73,15 +76,15 @@ def test_bias_and_int8_cache():
         for module in model.modules():
             if getattr(module, "bias", None) is not None:
                 module.bias.normal_(0, 0.3)
-    _compare(model, 1e-5)
-    _compare(model, 1e-5, kv="int8")
+    _compare(model, FP32)
+    _compare(model, FP32, kv="int8")
     _compare(random_model(config, dtype=torch.bfloat16), 0, kv="int8")
 
 
 @pytest.mark.parametrize("bits,dtype", [(4, torch.float32), (8, torch.float32), (4, torch.bfloat16)])
 def test_quantized_models(bits, dtype):
     model = quantize_model(random_model(variant_config("1b"), dtype=dtype), bits=bits, group_size=32)
-    _compare(model, 1e-5 if dtype is torch.float32 else 0)
+    _compare(model, FP32 if dtype is torch.float32 else 0)
 
 
 def test_batch_with_left_padding_and_window():
@@ -89,7 +92,7 @@ def test_batch_with_left_padding_and_window():
     mask = torch.ones(3, 6, dtype=torch.long)
     mask[1, :2] = 0
     mask[2, :4] = 0
-    _compare(model, 1e-5, batch=3, mask=mask)
+    _compare(model, FP32, batch=3, mask=mask)
     _compare(random_model(variant_config("2b"), dtype=torch.bfloat16), 0, batch=3, mask=mask)
 
 
@@ -120,7 +123,7 @@ def test_decode_slots_rows_alone_and_against_python(dtype):
         assert torch.equal(together[i], _slot_logits(model, [row], True)[0])
     ref = _slot_logits(model, [2, 0, 1], False)
     err = ((together - ref).abs().max() / ref.abs().max()).item()
-    assert err == 0 if dtype is torch.bfloat16 else err < 1e-5
+    assert err == 0 if dtype is torch.bfloat16 else err < FP32
 
 
 def test_falls_back_without_kernel(monkeypatch):
