@@ -49,20 +49,26 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def bench_ours(workdir: Path, dtype: str) -> dict:
+    """Prefill and decode from the token timestamps of one generation (as the shapes section
+    measures), after a short warm-up."""
     import torch
+
+    from minicpm.bench.engines import timed_tokens
+    from minicpm.generation.generate import TokenGenerator
+    from minicpm.generation.sampling import SamplingParams
 
     model, load = load_ours(_gguf(workdir, dtype) if dtype == SHIPPED else workdir / "hf", dtype)
     ids = prompt_ids(model.config.vocab_size, PROMPT_TOKENS)
-    model(torch.tensor([ids[:8]]))  # warm-up
+
+    def tokens(prompt: list[int], new: int):
+        params = SamplingParams.from_kwargs(temperature=0.0, max_new_tokens=new, stop_token_ids=[])
+        return TokenGenerator(model, [prompt], params)
+
+    for _ in tokens(ids[:8], 4):  # warm-up, as the other engines get
+        pass
     with torch.inference_mode():
-        start = time.perf_counter()
-        model(torch.tensor([ids]), last_only=True)
-        prefill = time.perf_counter() - start
-    start = time.perf_counter()
-    out = model.generate(ids, max_new_tokens=NEW_TOKENS, stop_token_ids=[])
-    total = time.perf_counter() - start
-    return {"load": load, "prefill": PROMPT_TOKENS / prefill,
-            "decode": (len(out) - 1) / max(total - prefill, 1e-9)}
+        result = timed_tokens(tokens(ids, NEW_TOKENS))
+    return {"load": load, "prefill": result["prefill"], "decode": result["decode"]}
 
 
 def bench_transformers(workdir: Path, dtype: str) -> dict:
@@ -121,7 +127,7 @@ def prepare(workdir: Path) -> None:
     from minicpm.formats.hf import checkpoint_state_dict, save_pretrained
     from minicpm.formats.llama import to_llama
 
-    model, tokenizer = minicpm.load()
+    model, tokenizer = minicpm.load(dtype="float32")  # the float rows: dequantized once
     save_pretrained(model, tokenizer, workdir / "hf", overwrite=True)
     config, state = to_llama(model.config, checkpoint_state_dict(model))
     save_pretrained(None, tokenizer, workdir / "llama", config=config, state_dict=state,

@@ -152,3 +152,16 @@ def test_saved_checkpoint_runs_in_the_cli(tmp_path, spm_tokenizer_dir):
     assert run("info", path).returncode == 0
     result = run("generate", path, "--prompt", "hi", "--max-new-tokens", 3)
     assert result.returncode == 0, result.stderr
+
+
+def test_convert_quantized_gguf_and_quantized_checkpoint(tmp_path, tiny_checkpoint):
+    """A GGUF file's quantized blocks are dequantized for the float writers; our own quantized
+    checkpoint is refused by them with a clear error."""
+    gguf = tmp_path / "m.gguf"
+    assert run("convert", tiny_checkpoint, gguf, "--to", "gguf", "--type", "q4_0").returncode == 0
+    result = run("convert", gguf, tmp_path / "llama", "--to", "llama")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "llama" / "config.json").exists()
+    assert run("quantize", tiny_checkpoint, tmp_path / "q4").returncode == 0
+    result = run("convert", tmp_path / "q4", tmp_path / "again.gguf", "--to", "gguf")
+    assert_clean_error(result, "is quantized")

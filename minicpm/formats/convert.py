@@ -34,8 +34,14 @@ def convert(src: str, out: str | Path, to: str, dtype: Any = None, gguf_type: st
     if out.exists() and not overwrite and (out.is_file() or any(out.iterdir())):
         raise MiniCPMError(f"{out} already exists (pass --force to replace it)")
     from minicpm.formats import load_checkpoint
+    from minicpm.loading import locate
 
+    if to != "hf" and dtype is None and locate(src).is_file():
+        dtype = "float32"  # a GGUF file loads as stored; these writers take float weights
     model, tokenizer = load_checkpoint(src, dtype=dtype, device="cpu")
+    if to != "hf" and model.config.quantization:
+        raise MiniCPMError(f"{src} is quantized ({model.config.quantization.get('method')}); the {to} "
+                           "writer takes float weights: convert the float checkpoint it was made from")
     if to == "hf":
         return save_pretrained(model, tokenizer, out, config=to_minicpm(model.config),
                                overwrite=overwrite)
