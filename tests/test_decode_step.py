@@ -87,6 +87,12 @@ def test_quantized_models(bits, dtype):
     _compare(model, FP32 if dtype is torch.float32 else 0)
 
 
+@pytest.mark.parametrize("dtype,rel", [(torch.float32, FP32), (torch.bfloat16, 0)])
+def test_batch_in_lockstep_without_a_mask(dtype, rel):
+    # every row at one position: the rotary tables come as one row, which each batch row needs
+    _compare(random_model(variant_config("1b"), dtype=dtype), rel, batch=3)
+
+
 def test_batch_with_left_padding_and_window():
     model = random_model(variant_config("1b", sliding_window=5))
     mask = torch.ones(3, 6, dtype=torch.long)

@@ -156,7 +156,7 @@ def test_group_falls_back_to_one_that_divides(recwarn):
 @pytest.mark.parametrize("kwargs,message", [
     ({"bits": 3}, "bits must be 4 or 8"),
     ({"bits": 4, "group_size": 48}, "group size must be one of 32, 64, 128"),
-    ({"head": "int4"}, "head must be one of"),
+    ({"head": "fp8"}, "head must be one of"),
 ])
 def test_bad_settings_are_clear_errors(kwargs, message):
     with pytest.raises(MiniCPMError, match=message):

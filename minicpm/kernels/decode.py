@@ -193,8 +193,11 @@ class NativeDecoder:
                                                                                                starts, ends))):
             return None
         c, shape = self.config, cache.keys[0].shape
+        # one table row per batch row: a batch in lockstep without a mask shares one position
+        cos, sin = (t.reshape(-1, t.shape[-1]).expand(b, -1).float().contiguous() for t in (cos, sin))
+        if cos.shape[-1] != c.head_dim:
+            return None
         out = x.reshape(b, d).clone()
-        cos, sin = (t.reshape(b, -1).float().contiguous() for t in (cos, sin))
         if mask is not None:
             mask = mask.reshape(mask.shape[0], -1)[:, :length].expand(b, length).to(torch.uint8).contiguous()
         step = Step(b, d, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size, shape[0],
