@@ -1,7 +1,7 @@
 """Weight-only quantized Linear: int8 per output channel or group, int4 group-wise.
 
 A layer is made from integer codes plus scales (and zeros or offsets), whatever produced them:
-round-to-nearest here (`from_float`), GGUF blocks repacked as stored (formats/gguf/native.py),
+round-to-nearest here (`from_float`), GGUF blocks repacked as stored (formats/gguf/repack.py),
 GPTQ/AWQ later through `from_quantized`. Dequantization is
 
     int8:  w[n, k] = qweight[n, k] * scales[n]                             (group_size None)
@@ -234,21 +234,25 @@ class QuantizedLinear(nn.Module):
             return native.run(plan, x)  # the decode path: as little Python as possible
         return self._forward(x)
 
+    def _native_plan(self) -> native.Plan:
+        """The native kernel's arguments for this layer, made once (until .to() moves the tensors)."""
+        if self._plan is None:
+            bias = None if self.bias is None else self.bias.detach()
+            if bias is not None and bias.dtype not in native.KINDS:
+                bias = bias.float()  # a copy the plan keeps: the kernel reads fp32/bf16/fp16
+            self._plan = native.plan(self.bits, self.qweight, self.scales, self._term,
+                                     self.out_features, self.in_features, self.k_padded, self.group_size,
+                                     None if bias is None else bias.contiguous(), self.has_offsets)
+        return self._plan
+
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         # autograd through x (the kernel has no backward) goes the dequantize way, as elsewhere
         if self.kernel == "native" and self.qweight.is_cpu and not (x.requires_grad and torch.is_grad_enabled()):
             if shape[-1] != self.in_features or not x.is_cpu:  # the C side would read out of bounds
                 raise ValueError(f"{self}: got input of shape {tuple(shape)} on {x.device}")
-            if self._plan is None:
-                bias = None if self.bias is None else self.bias.detach()
-                if bias is not None and bias.dtype not in native.KINDS:
-                    bias = bias.float()  # a copy the plan keeps: the kernel reads fp32/bf16/fp16
-                self._plan = native.plan(self.bits, self.qweight, self.scales, self._term,
-                                         self.out_features, self.in_features, self.k_padded, self.group_size,
-                                         None if bias is None else bias.contiguous(), self.has_offsets)
             x2 = x if x.dtype in (torch.float32, torch.bfloat16) else x.float()
-            return native.run(self._plan, x2.contiguous()).to(x.dtype)
+            return native.run(self._native_plan(), x2.contiguous()).to(x.dtype)
         x2 = x.reshape(-1, shape[-1]).to(self.compute_dtype)  # the kernels want 2-D x in the scales' dtype
         if self.kernel != "packed":
             y = F.linear(x2, self.dequantize().to(x2.dtype))
@@ -352,10 +356,8 @@ class QuantizedLinear(nn.Module):
         return f"{self.in_features}, {self.out_features}, bits={self.bits}{group}{form}, kernel={self.kernel}"
 
     def decode_spec(self) -> dict | None:
-        """What the native decode step needs (minicpm.kernels.decode): the qgemm plan, made by a
-        first product where none was made yet; None where the native kernel does not serve."""
+        """What the native decode step needs (minicpm.kernels.decode): the qgemm plan; None where
+        the native kernel does not serve."""
         if self.kernel != "native" or not self.qweight.is_cpu:
             return None
-        if self._plan is None:
-            self._forward(torch.zeros(1, self.in_features))
-        return {"kind": "qgemm", "plan": self._plan}
+        return {"kind": "qgemm", "plan": self._native_plan()}
