@@ -1,6 +1,6 @@
 """`minicpm <verb>`: the command line.
 
-Only argparse (and the argparse-only option modules: cli/options.py, and
+Only argparse (and the argparse-only option modules: cli/options.py, cli/eval_options.py and
 training/command_line.py for train/pack/merge) is imported at the top so that `minicpm --help`
 answers at once; each verb (cli/verbs.py) imports what it needs. Errors caused by input print
 one line (`error: ...`) and exit 2.
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from minicpm.cli.eval_options import add_eval_parser
 from minicpm.cli.options import add_model_args, add_sampling_args
 from minicpm.errors import run_reporting_errors
 from minicpm.training.command_line import add_training_parsers, parse_args
@@ -82,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embedding", default="head",
                    help="head (default): a tied embedding reads the quantized head's table; float: keep its own")
     p.add_argument("--force", action="store_true", help="replace an existing output")
+    add_eval_parser(sub)
     add_training_parsers(sub)
     return parser
 
@@ -101,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_verb(args: argparse.Namespace) -> int:
+    if args.verb == "eval":
+        from minicpm.cli.evaluate import evaluate
+
+        return evaluate(args)
     from minicpm.cli import verbs
 
     return getattr(verbs, args.verb)(args)

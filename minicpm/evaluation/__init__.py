@@ -1,0 +1,5 @@
+"""Measuring a model: perplexity (evaluation/perplexity.py), benchmark tasks scored by
+log-likelihood or by generation (evaluation/tasks.py), and long-context retrieval
+(evaluation/longctx.py). Every run reports through evaluation/results.py: a printed table, a
+`results.json`, and per-sample records on request.
+"""
