@@ -43,10 +43,14 @@ class RunReport:
     created: str = ""
 
     def to_json(self) -> dict[str, Any]:
-        from minicpm import __version__
+        from importlib.metadata import PackageNotFoundError, version
 
         out = asdict(self)
-        out["version"] = self.version or __version__
+        try:
+            installed = version("minicpm")
+        except PackageNotFoundError:
+            installed = "unknown"
+        out["version"] = self.version or installed
         out["created"] = self.created or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         out["machine"] = {"python": platform.python_version(), "platform": platform.platform(),
                           "cpus": os.cpu_count()}
