@@ -245,3 +245,69 @@ def test_bad_data_files_give_one_error_line(tiny, tmp_path, capsys):
     run = subprocess.run(CLI + ["eval", "ppl", str(path), "--protocol", "bogus"],
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and "invalid choice: 'bogus'" in run.stderr
+
+
+# --- the real default model ----------------------------------------------------------------------
+SMOL_WINDOWS = 3  # of 2048 tokens
+
+
+@pytest.mark.slow
+def test_smollm2_matches_transformers_on_the_llama_export(tmp_path):
+    """The issue's correctness target on a slice: SmolLM2 dequantized to float32, minicpm protocol
+    on WikiText-2 test, against transformers' LlamaForCausalLM on our llama-format export of the
+    same weights (quantize_eval.py's loop), within 0.1%."""
+    transformers = pytest.importorskip("transformers")
+    from minicpm.formats.hf import checkpoint_state_dict, save_pretrained
+    from minicpm.formats.llama import to_llama
+
+    model, tokenizer = minicpm.load(dtype="float32")
+    config, state = to_llama(model.config, checkpoint_state_dict(model))
+    save_pretrained(None, tokenizer, tmp_path / "llama", config=config, state_dict=state)
+    ref = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "llama", dtype=torch.float32).eval()
+    ids = encode_text(tokenizer, read_data("wikitext2").text)
+    ours = perplexity(model, tokenizer, ids, limit=SMOL_WINDOWS, progress=False)
+    del model
+    nlls = []
+    with torch.no_grad():
+        for i in range(SMOL_WINDOWS):
+            window = torch.tensor(ids[i * 2048:(i + 1) * 2048])[None]
+            nlls.append(F.cross_entropy(ref(window).logits[0, :-1].float(), window[0, 1:]).item() * 2048)
+    expected = math.exp(sum(nlls) / (SMOL_WINDOWS * 2048))
+    assert ours.n_windows == SMOL_WINDOWS and 5 < expected < 100
+    assert ours.ppl == pytest.approx(expected, rel=1e-3)
+
+
+@pytest.mark.peer
+def test_smollm2_gguf_llamacpp_protocol_matches_llama_cpp(tmp_path):
+    """llama-perplexity's protocol on the shipped Q4_1 GGUF, computed by llama.cpp itself
+    (llama-cpp-python, its own tokens, BOS over each chunk's first token when the vocabulary adds
+    one, the second half of each 512-token chunk scored): our number within 1%."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import numpy as np
+
+    from minicpm.loading import default_model_path
+
+    chunks, n_ctx = 8, 512
+    text = read_data("wikitext2", "llama.cpp").text
+    model, tokenizer = minicpm.load()
+    ours = perplexity(model, tokenizer, text, protocol="llama.cpp", limit=chunks, progress=False)
+    llm = llama_cpp.Llama(str(default_model_path()), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True,
+                          n_threads=2, verbose=False)
+    tokens = llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+    assert tokens[:chunks * n_ctx] == encode_text(tokenizer, text)[:chunks * n_ctx]
+    bos = llm.token_bos() if llm._model.add_bos_token() else None
+    nll = []
+    for i in range(chunks):
+        chunk = tokens[i * n_ctx:(i + 1) * n_ctx]
+        if bos is not None:
+            chunk = [bos] + chunk[1:]
+        llm.reset()
+        llm.eval(chunk)
+        logits = np.asarray(llm.scores[:n_ctx], dtype=np.float64)
+        for pos in range(n_ctx // 2, n_ctx - 1):
+            row = logits[pos]
+            top = row.max()
+            nll.append(top + math.log(np.exp(row - top).sum()) - row[chunk[pos + 1]])
+    expected = math.exp(sum(nll) / len(nll))
+    assert ours.n_tokens_scored == len(nll) == chunks * 255
+    assert ours.ppl == pytest.approx(expected, rel=0.01)

@@ -47,7 +47,7 @@ def ppl(args: argparse.Namespace) -> int:
     print(format_table(
         ["data", "protocol", "seqlen", "windows", "tokens scored", "ppl", "±", "tokens/s"],
         [[data.name, result.protocol, result.seqlen, result.n_windows, result.n_tokens_scored,
-          result.ppl, f"±{result.uncertainty:.4f}", round(result.tokens_per_second, 1)]]))
+          result.ppl, f"±{result.uncertainty:.4f}", f"{result.tokens_per_second:.1f}"]]))
     report = RunReport(
         command="ppl", model=describe_model(model, args.model),
         data={"name": data.name, "path": str(data.path), "form": data.form,
