@@ -23,10 +23,10 @@ N_CTX = 512
 
 
 def ours(path: str, chunks: int) -> dict:
-    import minicpm
     from minicpm.evaluation.perplexity import encode_text, perplexity, read_data
+    from minicpm.formats import load_checkpoint
 
-    model, tokenizer = minicpm.load(path)
+    model, tokenizer = load_checkpoint(path)
     ids = encode_text(tokenizer, read_data("wikitext2", "llama.cpp").text)
     perplexity(model, tokenizer, ids[:2 * N_CTX], protocol="llama.cpp", limit=1, progress=False)  # warm-up
     r = perplexity(model, tokenizer, ids, protocol="llama.cpp", limit=chunks, progress=False)
