@@ -18,6 +18,9 @@ of the real MiniCPM-1B shape (and MiniCPM-2B with --full, ~5.5 GB in bf16) at a 
 and 128 new tokens, with our int8/int4 rows when minicpm.quantization is there, and the machine's
 memory bandwidth.
 
+After it, perplexity throughput (minicpm.bench.perplexity): the llama.cpp protocol on the shipped
+GGUF, ours against llama-cpp-python, both perplexities and tokens/s.
+
 A third section (benchmarks/serving.py; skip it with --no-serving) serves SmolLM2 and the
 MiniCPM-1B shape with `minicpm serve` and with llama.cpp's `llama-server` (16 slots, continuous
 batching) and fires 1, 4 and 16 concurrent streams at each: aggregate tokens/s and time to first
@@ -189,6 +192,10 @@ def main() -> int:
     sections = ["# Benchmarks", ""]
     if not args.shapes_only:
         sections.append(run_smollm2(args.threads))
+        from minicpm.bench.perplexity import perplexity_bench, perplexity_section
+
+        print("running perplexity (llama.cpp protocol) ...", file=sys.stderr)
+        sections.append(perplexity_section(perplexity_bench(threads=args.threads)))
     from minicpm import bench
 
     def log(message: str) -> None:

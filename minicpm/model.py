@@ -310,8 +310,11 @@ class MiniCPMForCausalLM(nn.Module):
                 position_ids: torch.Tensor | None = None,
                 cache: KVCache | None = None,
                 inputs_embeds: torch.Tensor | None = None,
-                last_only: bool = False) -> torch.Tensor:
-        """Logits [B, S, vocab] in fp32 (only the last position with `last_only`).
+                last_only: bool = False, hidden: bool = False) -> torch.Tensor:
+        """Logits [B, S, vocab] in fp32 (only the last position with `last_only`). With `hidden`:
+        the final-norm hidden states [B, S, hidden_size] instead, which `project` turns into
+        those logits a slice at a time (a caller scoring every position of a long window over a
+        large vocabulary keeps only a slice's logits in memory).
 
         attention_mask [B, past + S] (1 = real token, 0 = padding) covers everything in the
         cache plus the new tokens. `inputs_embeds` are used as given (no embedding scale), as
@@ -346,14 +349,18 @@ class MiniCPMForCausalLM(nn.Module):
                     x = layer(x, cos, sin, mask, cache)
         if cache is not None:
             cache.length += s
-        return self._logits(x[:, -1:] if last_only else x)
+        x = x[:, -1:] if last_only else x
+        return self.model.norm(x) if hidden else self._logits(x)
 
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids) * self.config.embedding_scale
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.model.norm(x)
-        return self.lm_head(x / self.config.logit_scale).float()
+        return self.project(self.model.norm(x))
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of final-norm hidden states (what `forward(..., hidden=True)` returns)."""
+        return self.lm_head(hidden / self.config.logit_scale).float()
 
     def prefill_slot(self, input_ids: torch.Tensor, cache: KVCache, slot: int, start: int,
                      last_only: bool = True) -> torch.Tensor:

@@ -3,3 +3,9 @@ log-likelihood or by generation (evaluation/tasks.py), and long-context retrieva
 (evaluation/longctx.py). Every run reports through evaluation/results.py: a printed table, a
 `results.json`, and per-sample records on request.
 """
+
+# `minicpm.evaluation.perplexity` is the function (its module stays importable by
+# `from minicpm.evaluation.perplexity import ...`).
+from minicpm.evaluation.perplexity import PerplexityResult, perplexity  # noqa: E402
+
+__all__ = ["PerplexityResult", "perplexity"]
