@@ -15,6 +15,7 @@ import torch
 from conftest import FIXTURES, random_model, save_tiny_checkpoint, variant_config
 
 from minicpm.errors import MiniCPMError
+from minicpm.evaluation import haystacks as hs
 from minicpm.evaluation import longctx as lc
 from minicpm.tokenizer import Tokenizer
 
@@ -34,13 +35,13 @@ def model(tokenizer):
 
 # ---- prompts ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("task", lc.TASKS)
+@pytest.mark.parametrize("task", hs.TASKS)
 def test_prompts_are_deterministic_for_a_seed_and_differ_for_another(tokenizer, task):
-    a = lc.build_prompt(tokenizer, task, 512, 0.5, sample=0, seed=7)
-    b = lc.build_prompt(tokenizer, task, 512, 0.5, sample=0, seed=7)
+    a = hs.build_prompt(tokenizer, task, 512, 0.5, sample=0, seed=7)
+    b = hs.build_prompt(tokenizer, task, 512, 0.5, sample=0, seed=7)
     assert (a.text, a.ids, a.answer) == (b.text, b.ids, b.answer)
-    other_seed = lc.build_prompt(tokenizer, task, 512, 0.5, sample=0, seed=8)
-    other_sample = lc.build_prompt(tokenizer, task, 512, 0.5, sample=1, seed=7)
+    other_seed = hs.build_prompt(tokenizer, task, 512, 0.5, sample=0, seed=8)
+    other_sample = hs.build_prompt(tokenizer, task, 512, 0.5, sample=1, seed=7)
     assert other_seed.text != a.text and other_sample.text != a.text
     if task != "niah":  # niah's answer is the fixed needle; its haystack moved instead
         assert other_seed.answer != a.answer
@@ -48,13 +49,13 @@ def test_prompts_are_deterministic_for_a_seed_and_differ_for_another(tokenizer, 
 
 def test_keys_are_drawn_as_infinitebench_draws_them(tokenizer):
     for sample in range(20):
-        passkey = lc.build_prompt(tokenizer, "passkey", 256, 0.5, sample=sample).answer
+        passkey = hs.build_prompt(tokenizer, "passkey", 256, 0.5, sample=sample).answer
         assert len(passkey) == 5 and passkey.isdigit()
-        digits = lc.build_prompt(tokenizer, "number_string", 256, 0.5, sample=sample).answer
+        digits = hs.build_prompt(tokenizer, "number_string", 256, 0.5, sample=sample).answer
         # 5 digits, then 5 times a copy inserted next to its original: >= 5 equal neighbours
         assert len(digits) == 10 and digits.isdigit()
         assert sum(x == y for x, y in zip(digits, digits[1:])) >= 5
-    kv = lc.build_prompt(tokenizer, "kv_retrieval", 512, 0.5)
+    kv = hs.build_prompt(tokenizer, "kv_retrieval", 512, 0.5)
     assert kv.context.startswith('JSON data:\n{"') and kv.context.endswith('"}')
     pairs = json.loads(kv.context.removeprefix("JSON data:\n"))
     key = kv.question.split('"')[1]
@@ -63,74 +64,74 @@ def test_keys_are_drawn_as_infinitebench_draws_them(tokenizer):
 
 
 def test_templates_are_infinitebenchs(tokenizer):
-    p = lc.build_prompt(tokenizer, "passkey", 512, 0.5)
+    p = hs.build_prompt(tokenizer, "passkey", 512, 0.5)
     assert p.text.startswith("There is an important info hidden inside a lot of irrelevant text. Find it and "
                              "memorize it. I will quiz you about the important information.\n\n")
     assert p.text.endswith("\n\nWhat is the pass key?\n\nThe pass key is")
-    assert lc.NEEDLES["passkey"].format(key=p.answer) in p.text
-    assert p.context.count(lc.NOISE) == p.units
-    n = lc.build_prompt(tokenizer, "number_string", 512, 0.5)
+    assert hs.NEEDLES["passkey"].format(key=p.answer) in p.text
+    assert p.context.count(hs.NOISE) == p.units
+    n = hs.build_prompt(tokenizer, "number_string", 512, 0.5)
     assert n.text.endswith("\n\nWhat is the sequence of digits?\n\nThe sequence of digits is")
 
 
 def test_chat_template_wraps_the_chat_prompt(spm_tokenizer_dir):
     chat_tokenizer = Tokenizer.from_pretrained(spm_tokenizer_dir.parent / "minicpm-chatml")
-    p = lc.build_prompt(chat_tokenizer, "passkey", 512, 0.25, template="chat")
+    p = hs.build_prompt(chat_tokenizer, "passkey", 512, 0.25, template="chat")
     assert "Find it and memorize them." in p.text and p.text.endswith("\n\nWhat is the pass key?")
     rendered = chat_tokenizer.apply_chat_template([{"role": "user", "content": p.text}], add_generation_prompt=True)
     assert p.ids == chat_tokenizer.apply_chat_template([{"role": "user", "content": p.text}],
                                                        add_generation_prompt=True, tokenize=True)
-    assert "<|im_start|>user" in rendered and len(p.ids) <= 512 - lc.MAX_NEW_TOKENS["passkey"]
+    assert "<|im_start|>user" in rendered and len(p.ids) <= 512 - hs.MAX_NEW_TOKENS["passkey"]
 
 
-def _rendered_ids(tokenizer, prompt: lc.Prompt, units: int, template: str) -> list[int]:
+def _rendered_ids(tokenizer, prompt: hs.Prompt, units: int, template: str) -> list[int]:
     """The prompt's ids with `units` filler units, rebuilt from its seed."""
-    rng = lc.sample_rng(0, prompt.task, prompt.length, prompt.depth, prompt.sample)
-    filled = lc.make_haystack(prompt.task, rng).render(units, prompt.depth)
-    text = lc.PROMPTS[prompt.task, template].format(context=filled.context, input=filled.question)
-    return lc.encode_prompt(tokenizer, text, template)
+    rng = hs.sample_rng(0, prompt.task, prompt.length, prompt.depth, prompt.sample)
+    filled = hs.make_haystack(prompt.task, rng).render(units, prompt.depth)
+    text = hs.PROMPTS[prompt.task, template].format(context=filled.context, input=filled.question)
+    return hs.encode_prompt(tokenizer, text, template)
 
 
-@pytest.mark.parametrize("task", lc.TASKS)
+@pytest.mark.parametrize("task", hs.TASKS)
 @pytest.mark.parametrize("length", [300, 1024])
 def test_prompt_fills_the_length_to_within_one_unit(tokenizer, task, length):
-    prompt = lc.build_prompt(tokenizer, task, length, 0.5)
-    budget = length - lc.MAX_NEW_TOKENS[task]
+    prompt = hs.build_prompt(tokenizer, task, length, 0.5)
+    budget = length - hs.MAX_NEW_TOKENS[task]
     assert len(prompt.ids) <= budget
     assert prompt.ids == _rendered_ids(tokenizer, prompt, prompt.units, "completion")
     assert len(_rendered_ids(tokenizer, prompt, prompt.units + 1, "completion")) > budget  # one more does not fit
     if task in ("passkey", "number_string"):  # and the gap is under one noise line
-        line = len(tokenizer.encode(lc.NOISE * 2, add_special_tokens=False)) - len(
-            tokenizer.encode(lc.NOISE, add_special_tokens=False))
+        line = len(tokenizer.encode(hs.NOISE * 2, add_special_tokens=False)) - len(
+            tokenizer.encode(hs.NOISE, add_special_tokens=False))
         assert budget - len(prompt.ids) < line
 
 
 @pytest.mark.parametrize("task", ["passkey", "niah"])
-@pytest.mark.parametrize("depth", lc.DEFAULT_DEPTHS)
+@pytest.mark.parametrize("depth", hs.DEFAULT_DEPTHS)
 def test_needle_sits_at_the_requested_depth(tokenizer, task, depth):
-    prompt = lc.build_prompt(tokenizer, task, 1024, depth)
+    prompt = hs.build_prompt(tokenizer, task, 1024, depth)
     start = prompt.context.index(prompt.needle.strip())
     before = len(tokenizer.encode(prompt.context[:start], add_special_tokens=False))
     total = len(tokenizer.encode(prompt.context.replace(prompt.needle, ""), add_special_tokens=False))
-    units = [lc.NOISE] if task == "passkey" else lc.niah_sentences()
+    units = [hs.NOISE] if task == "passkey" else hs.niah_sentences()
     longest = max(len(tokenizer.encode(u, add_special_tokens=False)) for u in units)
     assert abs(before - depth * total) <= longest + 2  # the needle goes between whole units
     if task == "passkey":
-        assert prompt.context[:start].count(lc.NOISE) == round(depth * prompt.units)
+        assert prompt.context[:start].count(hs.NOISE) == round(depth * prompt.units)
 
 
-@pytest.mark.parametrize("depth", lc.DEFAULT_DEPTHS)
+@pytest.mark.parametrize("depth", hs.DEFAULT_DEPTHS)
 def test_kv_key_sits_at_the_requested_depth(tokenizer, depth):
-    prompt = lc.build_prompt(tokenizer, "kv_retrieval", 1024, depth)
+    prompt = hs.build_prompt(tokenizer, "kv_retrieval", 1024, depth)
     keys = list(json.loads(prompt.context.removeprefix("JSON data:\n")))
     assert keys.index(prompt.question.split('"')[1]) == round(depth * prompt.units)
 
 
 def test_truncate_middle_keeps_both_ends():
     ids = list(range(10))
-    assert lc.truncate_middle(ids, 4) == [0, 1, 8, 9]
-    assert lc.truncate_middle(ids, 5) == [0, 1, 7, 8, 9]
-    assert lc.truncate_middle(ids, 10) == ids
+    assert hs.truncate_middle(ids, 4) == [0, 1, 8, 9]
+    assert hs.truncate_middle(ids, 5) == [0, 1, 7, 8, 9]
+    assert hs.truncate_middle(ids, 10) == ids
 
 
 # ---- scoring ------------------------------------------------------------------------------------
@@ -140,8 +141,8 @@ def test_truncate_middle_keeps_both_ends():
     ("1234 5", False), ("123456", False), ("key 54321, not 12345", False), ("", False), ("1 2345", False),
 ])
 def test_passkey_scores_the_first_run_of_digits(prediction, correct):
-    assert lc.is_correct("passkey", prediction, "12345") is correct
-    assert lc.is_correct("number_string", prediction, "12345") is correct
+    assert hs.is_correct("passkey", prediction, "12345") is correct
+    assert hs.is_correct("number_string", prediction, "12345") is correct
 
 
 ANSWER = "3f1c9e2a-1b2c-4d5e-8f90-a1b2c3d4e5f6"
@@ -152,7 +153,7 @@ ANSWER = "3f1c9e2a-1b2c-4d5e-8f90-a1b2c3d4e5f6"
     (f"{ANSWER}0", False), (f"x{ANSWER}", False), (ANSWER[:-1], False), (f"({ANSWER})", False),
 ])
 def test_kv_retrieval_matches_a_whole_word_after_infinitebenchs_separators(prediction, correct):
-    assert lc.is_correct("kv_retrieval", prediction, ANSWER) is correct
+    assert hs.is_correct("kv_retrieval", prediction, ANSWER) is correct
 
 
 @pytest.mark.parametrize("prediction, correct", [
@@ -160,7 +161,7 @@ def test_kv_retrieval_matches_a_whole_word_after_infinitebenchs_separators(predi
     ("sit in Dolores Park", False), ("sandwiches in Dolores Park", False), ("", False),
 ])
 def test_niah_needs_every_key_word(prediction, correct):
-    assert lc.is_correct("niah", prediction, "") is correct
+    assert hs.is_correct("niah", prediction, "") is correct
 
 
 # ---- options ------------------------------------------------------------------------------------
@@ -207,7 +208,7 @@ def _greedy_without_cache(model, ids: list[int], steps: int) -> list[int]:
 
 
 def test_chunked_prefill_answer_equals_plain_greedy_decoding(model, tokenizer):
-    prompt = lc.build_prompt(tokenizer, "passkey", 480, 0.5)
+    prompt = hs.build_prompt(tokenizer, "passkey", 480, 0.5)
     answer = lc.answer_text(model, tokenizer, prompt.ids, 6, prefill_chunk=100)  # 5 chunks
     expected = _greedy_without_cache(model, prompt.ids, 6)
     stops = set(model.config.eos_token_ids) | set(tokenizer.stop_token_ids)
@@ -216,23 +217,23 @@ def test_chunked_prefill_answer_equals_plain_greedy_decoding(model, tokenizer):
 
 
 def test_sweep_records_every_cell_and_the_peak_memory(model, tokenizer):
-    result = lc.run_longctx(model, tokenizer, "number_string", lengths=[512, 256], depths=[1, 0], samples=2,
+    result = lc.run_longctx(model, tokenizer, "number_string", lengths=[320, 192], depths=[1, 0], samples=2,
                             seed=3, prefill_chunk=128, progress=False)
-    assert result.lengths == [256, 512] and result.depths == [0.0, 1.0]
+    assert result.lengths == [192, 320] and result.depths == [0.0, 1.0]
     assert [(c.length, c.depth, c.total) for c in result.cells] == [
-        (256, 0.0, 2), (256, 1.0, 2), (512, 0.0, 2), (512, 1.0, 2)]
+        (192, 0.0, 2), (192, 1.0, 2), (320, 0.0, 2), (320, 1.0, 2)]
     assert len(result.records) == 8
     for record in result.records:
-        assert record.correct == lc.is_correct("number_string", record.prediction, record.key)
+        assert record.correct == hs.is_correct("number_string", record.prediction, record.key)
         assert record.prompt_tokens <= record.length - 12
-    assert [s.length for s in result.per_length] == [256, 512]
+    assert [s.length for s in result.per_length] == [192, 320]
     rss = [s.peak_rss_mib for s in result.per_length]
     assert rss[0] > 50 and rss[1] >= rss[0]  # VmHWM: the process's peak so far never falls
-    again = lc.run_longctx(model, tokenizer, "number_string", lengths=[512, 256], depths=[1, 0], samples=2,
+    again = lc.run_longctx(model, tokenizer, "number_string", lengths=[320, 192], depths=[1, 0], samples=2,
                            seed=3, prefill_chunk=512, progress=False, limit=3)
     assert again.prompts_sha256 != result.prompts_sha256 and len(again.records) == 3
     assert [r.prediction for r in again.records] == [r.prediction for r in result.records[:3]]
-    assert math.isnan(again.accuracy_grid()[1][1])  # (depth 1, 512) never ran
+    assert math.isnan(again.accuracy_grid()[1][1])  # (depth 1, length 320) never ran
 
 
 def test_heatmap_png_has_the_expected_shape(tmp_path):
@@ -266,7 +267,7 @@ def test_cli_writes_results_heatmap_and_records(tmp_path):
 
     checkpoint = save_tiny_checkpoint(tmp_path, dtype=torch.float32, context=512)
     out = tmp_path / "out"
-    result = run_cli("eval", "longctx", checkpoint, "--task", "kv_retrieval", "--lengths", "256,512",
+    result = run_cli("eval", "longctx", checkpoint, "--task", "kv_retrieval", "--lengths", "224,320",
                      "--depths", "0,1", "--kv-cache", "int8", "--max-new-tokens", "8", "--output", out)
     assert result.returncode == 0, result.stderr
     assert "depth \\ length" in result.stdout and "peak RSS MiB" in result.stdout
@@ -276,7 +277,7 @@ def test_cli_writes_results_heatmap_and_records(tmp_path):
     assert len(report["numbers"]["cells"]) == 4 and len(report["numbers"]["per_length"]) == 2
     assert len(report["data"]["prompts_sha256"]) == 64
     records = [json.loads(line) for line in (out / "samples_longctx_kv_retrieval.jsonl").read_text().splitlines()]
-    assert [(r["length"], r["depth"]) for r in records] == [(256, 0.0), (256, 1.0), (512, 0.0), (512, 1.0)]
+    assert [(r["length"], r["depth"]) for r in records] == [(224, 0.0), (224, 1.0), (320, 0.0), (320, 1.0)]
     assert {"key", "prediction", "correct", "seconds"} <= set(records[0])
     with Image.open(out / "heatmap.png") as image:
         width, height = lc.heatmap_figsize(2, 2)

@@ -30,8 +30,8 @@ def longctx(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from minicpm.cli.verbs import _load
+    from minicpm.evaluation import haystacks, results
     from minicpm.evaluation import longctx as lc
-    from minicpm.evaluation import results
 
     lc.check_task(args.task)  # input errors before the model loads
     lengths = lc.parse_lengths(args.lengths) if args.lengths else None
@@ -49,7 +49,8 @@ def longctx(args: argparse.Namespace) -> int:
     data = {"task": args.task, "generator": "InfiniteBench-style, seeded", "seed": args.seed,
             "prompts_sha256": result.prompts_sha256}
     if args.task == "niah":
-        data.update(haystack=lc.NIAH_HAYSTACK.name, haystack_sha256=results.sha256_file(lc.NIAH_HAYSTACK))
+        data.update(haystack=haystacks.NIAH_HAYSTACK.name,
+                    haystack_sha256=results.sha256_file(haystacks.NIAH_HAYSTACK))
     settings = {"template": result.template, "lengths": result.lengths, "depths": result.depths,
                 "samples": result.samples, "max_new_tokens": result.max_new_tokens, "kv_cache": result.kv_cache,
                 "prefill_chunk": result.prefill_chunk, "decoding": "greedy", "limit": args.limit,
