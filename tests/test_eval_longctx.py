@@ -40,6 +40,7 @@ def test_prompts_are_deterministic_for_a_seed_and_differ_for_another(tokenizer, 
     a = hs.build_prompt(tokenizer, task, 512, 0.5, sample=0, seed=7)
     b = hs.build_prompt(tokenizer, task, 512, 0.5, sample=0, seed=7)
     assert (a.text, a.ids, a.answer) == (b.text, b.ids, b.answer)
+    assert hs.build_prompt(tokenizer, task, 512, 1, seed=7).text == hs.build_prompt(tokenizer, task, 512, 1.0, seed=7).text
     other_seed = hs.build_prompt(tokenizer, task, 512, 0.5, sample=0, seed=8)
     other_sample = hs.build_prompt(tokenizer, task, 512, 0.5, sample=1, seed=7)
     assert other_seed.text != a.text and other_sample.text != a.text

@@ -227,7 +227,7 @@ def encode_prompt(tokenizer, text: str, template: str) -> list[int]:
 
 def sample_rng(seed: int, task: str, length: int, depth: float, sample: int) -> random.Random:
     # a string seed is hashed with SHA-512: the same on every run and machine
-    return random.Random(f"{seed}/{task}/{length}/{depth!r}/{sample}")
+    return random.Random(f"{seed}/{task}/{length}/{float(depth)!r}/{sample}")  # depth 1 and 1.0 alike
 
 
 def fit_units(count: Callable[[int], int], budget: int) -> int:

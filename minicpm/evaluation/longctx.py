@@ -239,11 +239,12 @@ def run_longctx(model, tokenizer, task: str = "passkey", lengths: Sequence[int] 
     context = model.config.max_position_embeddings
     lengths = sorted(set(lengths)) if lengths else default_lengths(context)
     check_lengths(lengths, context)
-    depths = list(DEFAULT_DEPTHS) if depths is None else sorted(set(depths))
+    depths = list(DEFAULT_DEPTHS) if depths is None else list(depths)
     if not depths:
         raise MiniCPMError("no needle depths to evaluate")
     for depth in depths:
         check_depth(depth)
+    depths = sorted({float(d) for d in depths})
     if not isinstance(samples, int) or samples < 1:
         raise MiniCPMError(f"samples per cell must be >= 1, got {samples}")
     if prefill_chunk < 1:
