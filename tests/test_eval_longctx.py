@@ -294,11 +294,24 @@ def test_cli_bad_input_is_one_error_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_finds_the_passkey_at_1k():
+def test_smollm2_finds_the_passkey_at_1k_as_transformers_does():
+    """The real model, and the same prompts answered by transformers' own Llama on the same GGUF
+    (dequantized to float): an independent implementation scores the same cells."""
+    from transformers import AutoModelForCausalLM
+
     import minicpm
+    from minicpm.loading.source import default_model_path
 
     model, tokenizer = minicpm.load()
     result = lc.run_longctx(model, tokenizer, "passkey", lengths=[1024], depths=[0, 0.5, 1], seed=0,
                             prefill_chunk=1024, progress=False)
     # measured: 3 of 3 (and 5 of 5 over depths 0..1 in quarters); at least 2 of 3 leaves a margin
     assert result.accuracy >= 2 / 3, [(r.key, r.prediction) for r in result.records]
+    path = default_model_path()
+    reference = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    for record in result.records:
+        ids = hs.build_prompt(tokenizer, "passkey", 1024, record.depth, seed=0).ids
+        with torch.no_grad():
+            out = reference.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False)
+        answer = tokenizer.decode(out[0, len(ids):].tolist(), skip_special_tokens=True)
+        assert hs.is_correct("passkey", answer, record.key) == record.correct, (answer, record.prediction)
