@@ -50,9 +50,18 @@ def add_tasks_args(p: argparse.ArgumentParser) -> None:
 
 def add_longctx_args(p: argparse.ArgumentParser) -> None:
     add_common_args(p)
-    p.add_argument("--task", default="passkey", help="passkey, number_string, kv_retrieval or niah")
-    p.add_argument("--lengths", default=None, help="context lengths, e.g. 1k,2k,4k (default: up to the model's)")
-    p.add_argument("--depths", default=None, help="needle depths in [0, 1], e.g. 0,0.25,0.5,0.75,1")
-    p.add_argument("--samples", type=int, default=None, help="prompts per (length, depth) cell")
+    p.add_argument("--task", default="passkey", help="passkey, number_string, kv_retrieval or niah (default passkey)")
+    p.add_argument("--lengths", default=None,
+                   help="context lengths in tokens of the model's tokenizer, k = 1024, e.g. 1k,2k,4k "
+                        "(default: powers of two from 1k up to the model's context)")
+    p.add_argument("--depths", default=None,
+                   help="needle depths in [0, 1], 0 = start of the context (default 0,0.25,0.5,0.75,1)")
+    p.add_argument("--samples", type=int, default=1, help="seeded prompts per (length, depth) cell (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed for the generated haystacks (default 0)")
+    p.add_argument("--template", choices=("completion", "chat"), default="completion",
+                   help="completion: InfiniteBench's completion prompts, ending 'The pass key is' (default); "
+                        "chat: its chat prompts through the tokenizer's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="answer budget (default InfiniteBench's: passkey 6, number_string 12, "
+                        "kv_retrieval 50; niah 48)")
     p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per forward pass (default 512)")
