@@ -79,6 +79,12 @@ def test_shared_context_scores_equal_a_full_forward_per_choice(tokenizer, name):
         for q, item_scores in zip(questions, scores):
             for cont, score in zip(q.continuations, item_scores):
                 assert score.logprob == pytest.approx(full_forward_logprob(model, q.context, cont), abs=1e-4)
+    # an int8 KV cache forks the same way (its scales with its codes): close, not equal
+    model.kv_cache_dtype = "int8"
+    for q, item_scores in zip(questions, score_questions(model, questions, batch_size=3)):
+        for cont, score in zip(q.continuations, item_scores):
+            assert score.logprob == pytest.approx(full_forward_logprob(model, q.context, cont), rel=0.02)
+    model.kv_cache_dtype = "auto"
     # one-token continuations only: scored from the context's logits, no second pass
     one = [encode_question(tokenizer, "Pick one:", [" a", " b"], 256)]
     assert all(len(c) == 1 for c in one[0].continuations)
