@@ -55,7 +55,7 @@ def test_lm_eval_local_completions_gives_our_loglikelihoods(float_model, tmp_pat
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "HF_HOME": str(tmp_path / "hf")}
         cmd = [sys.executable, "-m", "lm_eval", "--model", "local-completions",
-               "--model_args", f"model=smollm2,base_url={url}/v1/completions,batch_size=8",
+               "--model_args", f"model={float_model.name},base_url={url}/v1/completions", "--batch_size", "8",
                "--tasks", "ocnli_part", "--include_path", str(tmp_path / "lmeval"),
                "--output_path", str(tmp_path / "lm-out"), "--log_samples"]
         run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200, cwd=tmp_path)
