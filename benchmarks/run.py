@@ -25,6 +25,9 @@ A third section (benchmarks/serving.py; skip it with --no-serving) serves SmolLM
 MiniCPM-1B shape with `minicpm serve` and with llama.cpp's `llama-server` (16 slots, continuous
 batching) and fires 1, 4 and 16 concurrent streams at each: aggregate tokens/s and time to first
 token.
+
+A fourth section (benchmarks/eval_tasks.py; skip it with --no-eval-tasks) scores 200 OCNLI items
+by log-likelihood with `minicpm.evaluation` and with lm-eval's `hf` backend: items/s and accuracy.
 """
 
 from __future__ import annotations
@@ -182,6 +185,8 @@ def main() -> int:
                         help="write the shapes' checkpoints into DIR and keep them; reuse them next time")
     parser.add_argument("--no-serving", action="store_true",
                         help="skip the serving section (vs llama-server)")
+    parser.add_argument("--no-eval-tasks", action="store_true",
+                        help="skip the multiple-choice scoring section (OCNLI vs lm-eval's hf backend)")
     # e.g. tiny: a quick check of the machinery
     parser.add_argument("--preset", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -206,6 +211,10 @@ def main() -> int:
         from serving import run_serving  # benchmarks/serving.py
 
         sections.append(run_serving(["smollm2", "1b"], [1, 4, 16], threads=args.threads, log=log))
+    if not args.no_eval_tasks and not args.preset and not args.shapes_only:
+        from eval_tasks import run_eval_tasks  # benchmarks/eval_tasks.py
+
+        sections.append(run_eval_tasks(threads=args.threads, log=log))
     text = "\n".join(sections)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

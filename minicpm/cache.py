@@ -112,6 +112,21 @@ class KVCache:
         for mine, theirs in zip(self._stores(), other._stores()):
             mine[:, :, :keep] = theirs[:, :, :keep]
 
+    def select_rows(self, rows: torch.Tensor) -> KVCache:
+        """A new cache (same kind and capacity) whose row i holds a copy of this cache's row
+        rows[i] over its first `length` positions: one prefilled prompt forked into several
+        continuations (log-likelihood scoring of the choices of a question)."""
+        forked = copy.copy(self)
+        for name in self.STORES:
+            setattr(forked, name, [self._copy_rows(t, rows) for t in getattr(self, name)])
+        forked.shape = (len(rows),) + self.shape[1:]
+        return forked
+
+    def _copy_rows(self, store: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        out = store.new_empty((len(rows),) + tuple(store.shape[1:]))
+        out[:, :, :self.length] = store[rows.to(store.device), :, :self.length]
+        return out
+
     def _stores(self) -> list[torch.Tensor]:
         return [t for name in self.STORES for t in getattr(self, name)]
 
