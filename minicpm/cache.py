@@ -112,6 +112,15 @@ class KVCache:
         for mine, theirs in zip(self._stores(), other._stores()):
             mine[:, :, :keep] = theirs[:, :, :keep]
 
+    def select_rows(self, rows: torch.Tensor, start: int = 0) -> None:
+        """Row i takes old row rows[i]'s positions [start, length) (beam search: each beam
+        continues a chosen one; positions before `start` are the same in every row)."""
+        if torch.equal(rows, torch.arange(len(rows), device=rows.device)):
+            return
+        for store in self._stores():
+            part = store[:, :, start:self.length]
+            part.copy_(part.index_select(0, rows.to(store.device)))
+
     def _stores(self) -> list[torch.Tensor]:
         return [t for name in self.STORES for t in getattr(self, name)]
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from minicpm.errors import MiniCPMError
 from minicpm.model import MiniCPMForCausalLM
+from minicpm.vision.chat import chat
 from minicpm.vision.config import MiniCPMVConfig
 from minicpm.vision.resampler import Resampler
 from minicpm.vision.siglip import VisionTransformer
@@ -105,3 +106,16 @@ class MiniCPMV(nn.Module):
         embeds, _ = self.get_vllm_embedding(input_ids, pixel_values, image_bound, vision_hidden_states)
         return self.llm(inputs_embeds=embeds, position_ids=position_ids, attention_mask=attention_mask,
                         cache=cache, last_only=last_only)
+
+    def chat(self, image, msgs, context=None, tokenizer=None, sampling: bool = True, **generation):
+        """(answer, context, generation_config) as the official chat(); see minicpm.vision.chat.
+
+        `image`: a PIL image, a path or bytes, or None; `msgs`: [{"role", "content"}, ...]
+        starting with the user's; generation options: max_new_tokens (1024), max_inp_length
+        (2048), vision_hidden_states, and the sampling options (or num_beams, repetition_penalty,
+        length_penalty with sampling=False)."""
+        return chat(self, image, msgs, context, tokenizer, sampling=sampling, **generation)
+
+    def reset_conversation(self) -> None:
+        """Forget the kept image features and KV cache (they go with the next other image anyway)."""
+        self.conversation = None
