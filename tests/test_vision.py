@@ -88,7 +88,7 @@ def test_released_layout_loads_as_stored_in_bf16():
     with torch.no_grad():
         logits = model(torch.tensor([c["ids"]]), [pixels], [torch.tensor(c["bound"])])[0, -4:]
     expected = load_file(REFERENCE / "expected.safetensors")["tiles3.logits_bf16"]
-    assert (logits - expected).abs().max() < 0.1  # bf16 rounding on both sides; logits reach 1.5
+    assert (logits - expected).abs().max() < 0.05  # bf16 rounding on both sides (0.023 seen); logits reach 1.5
 
 
 def test_batch_rows_are_independent(reference):
