@@ -112,7 +112,7 @@ class KVCache:
         for mine, theirs in zip(self._stores(), other._stores()):
             mine[:, :, :keep] = theirs[:, :, :keep]
 
-    def select_rows(self, rows: torch.Tensor) -> KVCache:
+    def fork_rows(self, rows: torch.Tensor) -> KVCache:
         """A new cache (same kind and capacity) whose row i holds a copy of this cache's row
         rows[i] over its first `length` positions: one prefilled prompt forked into several
         continuations (log-likelihood scoring of the choices of a question)."""
@@ -126,6 +126,15 @@ class KVCache:
         out = store.new_empty((len(rows),) + tuple(store.shape[1:]))
         out[:, :, :self.length] = store[rows.to(store.device), :, :self.length]
         return out
+
+    def reorder_rows(self, rows: torch.Tensor, start: int = 0) -> None:
+        """Row i takes old row rows[i]'s positions [start, length) in place (beam search: each beam
+        continues a chosen one; positions before `start` are the same in every row)."""
+        if torch.equal(rows, torch.arange(len(rows), device=rows.device)):
+            return
+        for store in self._stores():
+            part = store[:, :, start:self.length]
+            part.copy_(part.index_select(0, rows.to(store.device)))
 
     def _stores(self) -> list[torch.Tensor]:
         return [t for name in self.STORES for t in getattr(self, name)]

@@ -200,16 +200,7 @@ class MiniCPMConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> MiniCPMConfig:
-        path = Path(path)
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"{path} not found") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path} is not valid JSON: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path} must hold a JSON object")
-        return cls.from_hf(raw)
+        return cls.from_hf(read_config_json(path))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_hf(), indent=2, ensure_ascii=False) + "\n")
@@ -229,6 +220,20 @@ class MiniCPMConfig:
         emb = self.vocab_size * d
         head = 0 if self.tie_word_embeddings else emb
         return self.num_hidden_layers * per_layer + emb + head + d
+
+
+def read_config_json(path: str | Path) -> dict[str, Any]:
+    """A config.json file as a dict, with errors that name the file."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path} not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a JSON object")
+    return raw
 
 
 def _normalize_rope_scaling(scaling: dict[str, Any] | None) -> dict[str, Any] | None:

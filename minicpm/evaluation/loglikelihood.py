@@ -6,7 +6,7 @@ enc(context + continuation)[len(enc(context)):]; no special tokens. An empty con
 token (BOS, else EOS) and the continuation is encoded alone.
 
 Scoring: the choices of one question share their context, so the context is prefilled once into
-a KV cache, the cache rows are forked (`KVCache.select_rows`) one per choice, and only the
+a KV cache, the cache rows are forked (`KVCache.fork_rows`) one per choice, and only the
 continuations run, all choices of a batch of questions in one padded forward pass. Questions are
 batched longest first (contexts left-padded). The first continuation token is scored from the
 context's last logits; a one-token continuation needs no second pass at all.
@@ -115,7 +115,7 @@ def _score_batch(model, questions: list[Question], pad_id: int) -> list[list[Sco
             targets[n, :len(cont) - 1] = torch.tensor(cont[1:])
         # right padding needs no mask (no real token attends to a later one); left padding does
         full_mask = torch.cat([mask[row_index], mask.new_ones(len(conts), width)], 1) if padded else None
-        logits = model(inputs, attention_mask=full_mask, cache=cache.select_rows(row_index))
+        logits = model(inputs, attention_mask=full_mask, cache=cache.fork_rows(row_index))
         logprobs.append(_token_logprobs(logits, targets[..., None]))
     token_lp = torch.cat([lp for lp, _ in logprobs], 1)
     token_greedy = torch.cat([g for _, g in logprobs], 1)

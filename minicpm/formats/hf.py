@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from minicpm.config import MiniCPMConfig
+from minicpm.config import MiniCPMConfig, read_config_json
 from minicpm.errors import CheckpointError, MiniCPMError
 from minicpm.files import atomic_dir
 from minicpm.loading.assemble import build_model, resolve_dtype
@@ -153,6 +153,13 @@ def is_checkpoint_dir(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").exists()
 
 
+def is_vision_checkpoint(directory: Path) -> bool:
+    """Whether config.json describes MiniCPM-V (model_type minicpmv)."""
+    from minicpm.vision.config import is_minicpmv_config
+
+    return is_minicpmv_config(read_config_json(directory / "config.json"))
+
+
 def read_config(directory: Path) -> MiniCPMConfig:
     """config.json of a checkpoint directory; other tools' quantized formats are refused by name."""
     config = MiniCPMConfig.from_file(directory / "config.json")
@@ -165,8 +172,15 @@ def read_config(directory: Path) -> MiniCPMConfig:
 
 
 def load_model(directory: str | Path, dtype: Any = None, device: Any = None):
-    """The model of a Hugging Face checkpoint directory (quantization re-applied if recorded)."""
+    """The model of a Hugging Face checkpoint directory (quantization re-applied if recorded);
+    a MiniCPM-V directory gives a minicpm.vision.MiniCPMV."""
     directory = Path(directory)
+    if is_vision_checkpoint(directory):
+        from minicpm.vision import MiniCPMVConfig, build_minicpmv
+
+        config = MiniCPMVConfig.from_file(directory / "config.json")
+        return build_minicpmv(config, iter_tensors(weight_files(directory)), dtype=dtype, device=device,
+                              source=str(directory))
     config = read_config(directory)
     files = weight_files(directory)
     if config.quantization:  # our own: rebuild the quantized layers, then fill them

@@ -19,7 +19,10 @@ def describe(model_arg: str | None) -> dict[str, str]:
         size = path.stat().st_size
     else:
         config, fmt, stored, size = _hf_facts(path)
-    n = config.num_parameters()
+    vision = None
+    if config.model_type == "minicpmv":  # MiniCPM-V: describe the decoder, then the vision parts
+        vision, config = config, config.llm
+    n = config.num_parameters() + (vision.vision_parameters() if vision else 0)
     emb = config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2)
     out = {
         "path": str(path),
@@ -41,18 +44,42 @@ def describe(model_arg: str | None) -> dict[str, str]:
     }
     if config.num_experts:
         out["experts"] = f"{config.num_experts}, {config.num_experts_per_tok} per token"
+    if vision:
+        out.update(_vision_facts(vision))
     out["stored dtype"] = stored
     out["size on disk"] = _bytes(size)
     out["memory (bf16 / fp32)"] = f"{_bytes(2 * n)} / {_bytes(4 * n)} for the weights"
     return out
 
 
-def _hf_facts(path: Path) -> tuple[MiniCPMConfig, str, str, int]:
+def _vision_facts(config) -> dict[str, str]:
+    """The MiniCPM-V lines: vision tower, resampler, slicing (a MiniCPMVConfig)."""
+    v = config.vision
+    return {
+        "architecture": "MiniCPMV (model_type minicpmv): SigLIP vision tower + resampler + MiniCPM decoder",
+        "vision tower": (f"{config.vision_encoder}: {config.vision_layers} blocks"
+                         f"{' (last of ' + str(v.num_hidden_layers) + ' dropped)' if config.drop_vision_last_layer else ''}, "
+                         f"width {v.hidden_size}, {v.num_attention_heads} heads, MLP {v.intermediate_size}, "
+                         f"patch {v.patch_size}, {v.grid}x{v.grid} position grid resized per image"),
+        "vision parameters": _count(config.vision_parameters()),
+        "resampler": f"{config.query_num} queries per image or slice, width {config.llm.hidden_size}",
+        "image slicing": (f"overview + up to {config.max_slice_nums} slices of about "
+                          f"{config.scale_resolution}x{config.scale_resolution}" if config.slice_mode
+                          else "off (one image, resized)"),
+    }
+
+
+def _hf_facts(path: Path):
     from safetensors import safe_open
 
-    from minicpm.formats.hf import weight_files
+    from minicpm.formats.hf import is_vision_checkpoint, weight_files
 
-    config = MiniCPMConfig.from_file(path / "config.json")
+    if is_vision_checkpoint(path):
+        from minicpm.vision.config import MiniCPMVConfig
+
+        config = MiniCPMVConfig.from_file(path / "config.json")
+    else:
+        config = MiniCPMConfig.from_file(path / "config.json")
     files = weight_files(path)
     dtypes: Counter[str] = Counter()
     for f in files:

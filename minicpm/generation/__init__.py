@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from minicpm.errors import MiniCPMError
 from minicpm.generation.chat import chat
 from minicpm.generation.generate import TokenGenerator, generate
 from minicpm.generation.sampling import Sampler, SamplingParams, sample_next
@@ -31,9 +32,15 @@ class GenerationMethods:
         """
         return generate(self, input_ids, max_new_tokens=max_new_tokens, **sampling)
 
-    def chat(self, tokenizer, query: str, history: list[dict] | None = None, role: str = "user",
-             **sampling: Any) -> tuple[str, list[dict]]:
+    def chat(self, tokenizer=None, query: str | None = None, history: list[dict] | None = None,
+             role: str = "user", **sampling: Any) -> tuple[str, list[dict]]:
         """The official `chat()`: returns (response, history) with the reply appended."""
+        if sampling.get("image") is not None or "msgs" in sampling:
+            # MiniCPM-V's chat(image=..., msgs=...) called on a text model
+            raise MiniCPMError("this is a text-only model: it cannot read images "
+                               "(load a MiniCPM-V checkpoint for chat(image=..., msgs=...))")
+        if query is None:
+            raise MiniCPMError("chat needs a query: model.chat(tokenizer, query, history)")
         return chat(self, tokenizer, query, history=history, role=role, **sampling)
 
 

@@ -60,7 +60,9 @@ def grown(old: KVCache | None, new: KVCache, keep: int) -> KVCache:
 class TokenGenerator:
     def __init__(self, model, prompts: list[list[int]], params: SamplingParams,
                  pad_token_id: int | None = None, prefill_chunk: int = PREFILL_CHUNK,
-                 prompt_cache: PromptCache | None = None):
+                 prompt_cache: PromptCache | None = None, penalize_prompt: bool = True):
+        """`penalize_prompt=False`: the repetition penalty sees generated tokens only (as
+        Hugging Face's does when generating from embeddings, which MiniCPM-V's chat does)."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise MiniCPMError("every prompt needs at least one token")
         if prompt_cache is not None and len(prompts) != 1:
@@ -84,6 +86,7 @@ class TokenGenerator:
         self.prefill_chunk = prefill_chunk
         self.prompt_cache = prompt_cache
         self.reused_tokens = 0  # prompt tokens found in the prompt cache (not run again)
+        self.penalize_prompt = penalize_prompt
 
     def finish(self, row: int) -> None:
         self.finished[row] = True
@@ -104,7 +107,8 @@ class TokenGenerator:
             cache, done = self.prompt_cache.reuse(model, self.prompts[0], length + self.max_new_tokens)
         self.reused_tokens = done
         logits = self._prefill(ids[:, done:], mask_arg, cache)
-        sampler = Sampler(params, logits.shape[-1], self.prompts, logits.device)
+        penalized = self.prompts if self.penalize_prompt else [[] for _ in self.prompts]
+        sampler = Sampler(params, logits.shape[-1], penalized, logits.device)
         for step in range(self.max_new_tokens):
             tokens = sampler.sample(logits)
             sampler.observe(tokens)
