@@ -82,8 +82,6 @@ def window_records(result, first: int, ids: list[int], tokenizer) -> list[dict]:
 
 def tasks(args: argparse.Namespace) -> int:
     """`minicpm eval tasks`: the task files are read (and checked) before the model loads."""
-    from pathlib import Path
-
     from minicpm.cli.verbs import _load
     from minicpm.evaluation.results import (
         RunReport,
@@ -131,9 +129,8 @@ def longctx(args: argparse.Namespace) -> int:
     """Sweep length x depth, print the accuracy and timing tables, write results.json and the
     heatmap PNG (plus per-sample records with --output)."""
     import sys
-    from pathlib import Path
 
-    from minicpm.cli.verbs import _load
+    from minicpm.cli.verbs import _load, served_name
     from minicpm.evaluation import haystacks, results
     from minicpm.evaluation import longctx as lc
 
@@ -153,7 +150,7 @@ def longctx(args: argparse.Namespace) -> int:
     data = {"task": args.task, "generator": "InfiniteBench-style, seeded", "seed": args.seed,
             "prompts_sha256": result.prompts_sha256}
     if args.task == "niah":
-        data.update(haystack=haystacks.NIAH_HAYSTACK.name,
+        data.update(haystack=haystacks.NIAH_HAYSTACK.name, haystack_lines=haystacks.NIAH_LINES,
                     haystack_sha256=results.sha256_file(haystacks.NIAH_HAYSTACK))
     settings = {"template": result.template, "lengths": result.lengths, "depths": result.depths,
                 "samples": result.samples, "max_new_tokens": result.max_new_tokens, "kv_cache": result.kv_cache,
@@ -161,7 +158,7 @@ def longctx(args: argparse.Namespace) -> int:
                 "model_context": result.context}
     report = results.RunReport("longctx", results.describe_model(model, args.model), data, settings,
                                result.numbers(), timings={"seconds": result.seconds})
-    name = Path(args.model).name if args.model else "SmolLM2-135M-Instruct"
+    name = served_name(args.model)
     paths = [results.write_report(report, out_dir),
              lc.plot_heatmap(result, out_dir / "heatmap.png", f"{name}: {args.task}")]
     if args.output:  # per-sample records only on request, as for every eval command

@@ -10,7 +10,8 @@ Every prompt is a haystack of whole filler units with one needle in it:
   number_string 5 digits, then 5 times a copy of a random digit inserted next to it).
 - kv_retrieval: a JSON object of random UUID keys and values (`JSON data:\\n{"k": "v", ...}`),
   the asked-for pair at index round(depth * (pairs - 1)).
-- niah: sentences of WikiText-2 (data/niah_haystack.txt, CC BY-SA) from a seeded start, the
+- niah: sentences of WikiText-2 (the first NIAH_LINES non-blank lines of the validation split that
+  `minicpm eval ppl` ships, data/wiki.valid.raw, CC BY-SA) from a seeded start, the
   San Francisco needle sentence after the first round(depth * units) sentences.
 
 Sizing: a cell of length L holds the prompt and the answer, so the prompt (template and special
@@ -55,7 +56,8 @@ QUESTIONS = {"passkey": "What is the pass key?", "number_string": "What is the s
              "niah": "What is the best thing to do in San Francisco?"}
 NIAH_NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
 NIAH_KEY_WORDS = ("sandwich", "dolores", "park")
-NIAH_HAYSTACK = Path(__file__).with_name("data") / "niah_haystack.txt"
+NIAH_HAYSTACK = Path(__file__).with_name("data") / "wiki.valid.raw"
+NIAH_LINES = 236  # non-blank lines of it: its first five articles (~24k tokens; longer haystacks wrap around)
 
 _FIND = "There is an important info hidden inside a lot of irrelevant text. "
 _KV = "Extract the value corresponding to the specified key in the JSON object below.\n\n{context}\n\n{input}"
@@ -172,9 +174,9 @@ def niah_sentences() -> list[str]:
     global _SENTENCES
     if _SENTENCES is None:
         out = []
-        for line in NIAH_HAYSTACK.read_text(encoding="utf-8").splitlines():
-            line = line.strip()
-            if not line or line.startswith("="):
+        lines = [line.strip() for line in NIAH_HAYSTACK.read_text(encoding="utf-8").splitlines()]
+        for line in [line for line in lines if line][:NIAH_LINES]:
+            if line.startswith("="):
                 continue
             parts = re.split(r"(?<= \.) ", line)
             out += [p + " " for p in parts[:-1]] + [parts[-1] + "\n"]
