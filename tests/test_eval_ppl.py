@@ -18,8 +18,8 @@ from conftest import save_tiny_checkpoint
 
 import minicpm
 from minicpm.errors import MiniCPMError
-from minicpm.evaluation import PerplexityResult, perplexity
-from minicpm.evaluation.perplexity import encode_text, read_data
+from minicpm.evaluation import PerplexityResult, perplexity, ppl
+from minicpm.evaluation.ppl import encode_text, read_data
 
 CLI = [sys.executable, "-m", "minicpm.cli.main"]
 SEQLEN = 64
@@ -118,7 +118,7 @@ def test_batched_windows_equal_one_at_a_time(tiny, text, protocol, monkeypatch):
     _, model, tokenizer = tiny
     one = perplexity(model, tokenizer, text, protocol=protocol, seqlen=SEQLEN, progress=False)
     # a small logit budget too, so that the slices of positions cut across windows
-    monkeypatch.setattr(sys.modules["minicpm.evaluation.perplexity"], "LOGIT_BUDGET", 50 * model.config.vocab_size)
+    monkeypatch.setattr(ppl, "LOGIT_BUDGET", 50 * model.config.vocab_size)
     four = perplexity(model, tokenizer, text, protocol=protocol, seqlen=SEQLEN, batch_size=4, progress=False)
     assert four.n_windows == one.n_windows > 4 and four.n_windows % 4 != 0  # a short last batch
     torch.testing.assert_close(torch.tensor(four.window_nlls), torch.tensor(one.window_nlls),

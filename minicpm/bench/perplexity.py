@@ -23,7 +23,7 @@ N_CTX = 512
 
 
 def ours(path: str, chunks: int) -> dict:
-    from minicpm.evaluation.perplexity import encode_text, perplexity, read_data
+    from minicpm.evaluation.ppl import encode_text, perplexity, read_data
     from minicpm.formats import load_checkpoint
 
     model, tokenizer = load_checkpoint(path)
@@ -40,7 +40,7 @@ def llamacpp(path: str, chunks: int) -> dict:
     import llama_cpp
     import numpy as np
 
-    from minicpm.evaluation.perplexity import read_data
+    from minicpm.evaluation.ppl import read_data
 
     llm = llama_cpp.Llama(path, n_ctx=N_CTX, n_batch=N_CTX, logits_all=True,
                           n_threads=int(os.environ["BENCH_THREADS"]), verbose=False)

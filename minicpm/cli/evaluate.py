@@ -20,7 +20,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
 def ppl(args: argparse.Namespace) -> int:
     from minicpm.cli.verbs import _load
-    from minicpm.evaluation.perplexity import (
+    from minicpm.evaluation.ppl import (
         bos_per_window,
         encode_text,
         first_scored,
