@@ -19,12 +19,16 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
-    p.add_argument("--kv-cache", choices=("auto", "int8"), default="auto",
-                   help="KV cache precision: the model's dtype, or int8 (half the memory)")
     p.add_argument("--output", default=None,
                    help="folder for results.json and per-sample records (default: results.json only "
                         "in ./eval-results/<command>)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N items / windows")
+
+
+def add_kv_cache_arg(p: argparse.ArgumentParser) -> None:
+    # Not on `eval ppl`: its windows are whole forward passes with no cache.
+    p.add_argument("--kv-cache", choices=("auto", "int8"), default="auto",
+                   help="KV cache precision: the model's dtype, or int8 (half the memory)")
 
 
 def add_ppl_args(p: argparse.ArgumentParser) -> None:
@@ -41,6 +45,7 @@ def add_ppl_args(p: argparse.ArgumentParser) -> None:
 
 def add_tasks_args(p: argparse.ArgumentParser) -> None:
     add_common_args(p)
+    add_kv_cache_arg(p)
     p.add_argument("--tasks", required=True,
                    help="comma-separated built-in task names or paths to task files (.yaml)")
     p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: the task's)")
@@ -50,6 +55,7 @@ def add_tasks_args(p: argparse.ArgumentParser) -> None:
 
 def add_longctx_args(p: argparse.ArgumentParser) -> None:
     add_common_args(p)
+    add_kv_cache_arg(p)
     p.add_argument("--task", default="passkey", help="passkey, number_string, kv_retrieval or niah (default passkey)")
     p.add_argument("--lengths", default=None,
                    help="context lengths in tokens of the model's tokenizer, k = 1024, e.g. 1k,2k,4k "
