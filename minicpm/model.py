@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from minicpm.cache import Int8KVCache, KVCache, SlotStep, make_cache
+from minicpm.cache import Int4KVCache, Int8KVCache, KVCache, SlotStep, make_cache
 from minicpm.config import MiniCPMConfig
 from minicpm.kernels.attention import attention
 from minicpm.kernels.decode import NativeDecoder
@@ -287,7 +287,7 @@ class MiniCPMForCausalLM(nn.Module):
                        mask: torch.Tensor | None = None) -> torch.Tensor | None:
         """x after every layer by the native decode step, or None where it does not serve (see
         NativeDecoder.run); then nothing was written and the Python layers run."""
-        if not self.native_decode or torch.is_grad_enabled() or type(cache) not in (KVCache, Int8KVCache):
+        if not self.native_decode or torch.is_grad_enabled() or type(cache) not in (KVCache, Int8KVCache, Int4KVCache):
             return None
         native = self._native
         if native is None or not native.describes(self):  # first step, or a projection was swapped

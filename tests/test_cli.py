@@ -40,6 +40,26 @@ def test_help_is_instant_and_imports_no_torch():
     assert probe.stdout.strip() == "False"
 
 
+def test_kv_cache_choices_are_the_cache_kinds():
+    from minicpm.cache import KV_CACHE_DTYPES
+    from minicpm.cli.options import KV_CACHE_CHOICES
+
+    assert KV_CACHE_CHOICES == KV_CACHE_DTYPES
+
+
+def test_generate_with_an_int4_kv_cache(tiny_checkpoint):
+    from minicpm import load
+
+    model, tokenizer = load(str(tiny_checkpoint))
+    model.kv_cache_dtype = "int4"
+    ids = tokenizer.encode("The capital of France is")
+    expected = tokenizer.decode(model.generate(ids, max_new_tokens=6), skip_special_tokens=True)
+    result = run("generate", tiny_checkpoint, "--prompt", "The capital of France is", "--raw",
+                 "--max-new-tokens", 6, "--kv-cache", "int4", "--temperature", 0)
+    assert result.returncode == 0, result.stderr
+    assert expected.strip() and expected.strip() in result.stdout
+
+
 def test_the_default_model_has_names(tiny_checkpoint, monkeypatch):
     from minicpm.loading import DEFAULT_MODEL_FILE, DEFAULT_MODEL_NAME
 

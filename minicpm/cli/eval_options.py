@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from minicpm.cli.options import add_model_args
+from minicpm.cli.options import KV_CACHE_CHOICES, add_kv_cache_arg, add_model_args
 
 
 def add_eval_parser(sub: argparse._SubParsersAction) -> None:
@@ -25,12 +25,6 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N items / windows")
 
 
-def add_kv_cache_arg(p: argparse.ArgumentParser) -> None:
-    # Not on `eval ppl`: its windows are whole forward passes with no cache.
-    p.add_argument("--kv-cache", choices=("auto", "int8"), default="auto",
-                   help="KV cache precision: the model's dtype, or int8 (half the memory)")
-
-
 def add_ppl_args(p: argparse.ArgumentParser) -> None:
     add_common_args(p)
     p.add_argument("--data", default="wikitext2",
@@ -41,6 +35,12 @@ def add_ppl_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seqlen", type=int, default=None,
                    help="window length in tokens (default 2048 for minicpm, 512 for llama.cpp)")
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default 1)")
+    p.add_argument("--kv-cache", choices=KV_CACHE_CHOICES, default=None,
+                   help="run each window as a prefill through a KV cache of this kind (auto, int8, int4), "
+                        "--prefill-chunk tokens at a time, to measure what a quantized cache costs "
+                        "(default: one pass per window, no cache)")
+    p.add_argument("--prefill-chunk", type=int, default=512,
+                   help="with --kv-cache: tokens per forward pass (default 512)")
 
 
 def add_tasks_args(p: argparse.ArgumentParser) -> None:

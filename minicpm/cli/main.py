@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from minicpm.cli.eval_options import add_eval_parser
-from minicpm.cli.options import add_model_args, add_sampling_args
+from minicpm.cli.options import add_kv_cache_arg, add_model_args, add_sampling_args
 from minicpm.errors import run_reporting_errors
 from minicpm.training.command_line import add_training_parsers, parse_args
 
@@ -50,8 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, default=None,
                    help="tokens per request, prompt + reply (default: the model's context length)")
     p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per forward pass (default 256)")
-    p.add_argument("--kv-cache", choices=("auto", "int8"), default="auto",
-                   help="KV cache precision: the model's dtype, or int8 (half the memory)")
+    add_kv_cache_arg(p)
     p.add_argument("--log-level", default="warning", help="uvicorn's log level (default warning)")
 
     p = sub.add_parser("info", help="architecture, parameter count, dtype and memory of a model")

@@ -31,11 +31,21 @@ def add_sampling_args(p: argparse.ArgumentParser, temperature: float, top_p: flo
     g.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
     g.add_argument("--max-new-tokens", type=int, default=None, help="reply length limit")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--kv-cache", choices=("auto", "int8"), default="auto",
-                   help="KV cache precision: the model's dtype, or int8 (half the memory)")
+    add_kv_cache_arg(p)
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:
     out = {name: getattr(args, name) for name in SAMPLING_FLAGS}
     out["stop"] = args.stop
     return out
+
+
+# minicpm.cache.KV_CACHE_DTYPES, spelled out so that --help needs no torch import (a test keeps
+# the two equal)
+KV_CACHE_CHOICES = ("auto", "int8", "int4")
+
+
+def add_kv_cache_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kv-cache", choices=KV_CACHE_CHOICES, default="auto",
+                   help="KV cache precision: the model's dtype, int8 (about half of bf16's memory) "
+                        "or int4 (about a quarter)")

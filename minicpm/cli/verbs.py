@@ -23,7 +23,7 @@ def _load(args: argparse.Namespace):
     model, tokenizer = minicpm.load(args.model, dtype=args.dtype, device=args.device)
     if tokenizer is None:
         raise MiniCPMError(f"{args.model} has no tokenizer files; this verb needs one")
-    model.kv_cache_dtype = getattr(args, "kv_cache", "auto")
+    model.kv_cache_dtype = getattr(args, "kv_cache", None) or "auto"
     return model, tokenizer
 
 
