@@ -33,6 +33,7 @@ from minicpm.generation.chat import ROLE_MARKERS
 from minicpm.serving import protocol
 from minicpm.serving.api_errors import ApiError, install_error_handlers
 from minicpm.serving.engine import Engine, Request
+from minicpm.serving.images import ImageLimits, read_images
 from minicpm.serving.metrics import CONTENT_TYPE, RequestCounter
 from minicpm.serving.openapi import install_openapi
 from minicpm.serving.protocol import ChatCompletionRequest, CompletionRequest
@@ -46,12 +47,14 @@ from minicpm.serving.responses import (
 )
 from minicpm.serving.state import ServerState
 from minicpm.serving.tokenizer_info import tokenizer_info_body
+from minicpm.vision.request import ImagePrompt, image_prompt
 
 
 def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None = None,
-               on_ready: Callable[[], None] | None = None) -> FastAPI:
-    """The FastAPI app; it starts the engine on startup and closes it on shutdown."""
-    server = ServerState(engine, tokenizer, model_name, api_key)
+               on_ready: Callable[[], None] | None = None, image_limits: ImageLimits | None = None) -> FastAPI:
+    """The FastAPI app; it starts the engine on startup and closes it on shutdown. `image_limits`:
+    what image parts may hold (a MiniCPM-V model's server)."""
+    server = ServerState(engine, tokenizer, model_name, api_key, image_limits or ImageLimits())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -140,23 +143,50 @@ def chat_page() -> str:
 
 async def chat_completion(server: ServerState, body: ChatCompletionRequest, http: HttpRequest):
     server.check_model(body.model)
-    try:
-        prompt = server.tokenizer.apply_chat_template(body.message_dicts(), add_generation_prompt=True,
-                                                      tokenize=True)
-    except MiniCPMError as exc:
-        raise ApiError(400, f"The messages cannot be rendered with this model's chat template: {exc}",
-                       param="messages") from None
+    prompt, images = await chat_prompt(server, body)
     limit = body.token_limit
     server.check_fits(len(prompt), limit, "messages")
     # MiniCPM's own template marks turns with <AI>/<用户>; a reply never continues past one.
     requests = [Request(prompt, body.sampling_params(limit, i, ROLE_MARKERS), logprobs=body.logprobs_k,
-                        json_object=body.json_object) for i in range(body.n)]
+                        json_object=body.json_object, images=images) for i in range(body.n)]
     streams = server.submit(requests)
     reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         return event_stream(server, chat_chunks(server, body, streams, reply_id, created), streams)
     choices = await server.gather(http, streams, "chat")
     return chat_completion_body(server, body, choices, streams, len(prompt), reply_id, created)
+
+
+async def chat_prompt(server: ServerState, body: ChatCompletionRequest) -> tuple[list[int], ImagePrompt | None]:
+    """The prompt's token ids, and for a MiniCPM-V model its images (one ImagePrompt the
+    choices share; None without images)."""
+    urls = body.image_urls()
+    vision = server.engine.vision
+    if vision is None:
+        if urls:
+            raise ApiError(400, f"The model '{server.model_name}' reads text only: it cannot take image "
+                                "parts (serve a MiniCPM-V checkpoint for images).", param="messages",
+                           code="images_not_supported")
+        try:
+            return server.tokenizer.apply_chat_template(body.message_dicts(), add_generation_prompt=True,
+                                                        tokenize=True), None
+        except MiniCPMError as exc:
+            raise ApiError(400, f"The messages cannot be rendered with this model's chat template: {exc}",
+                           param="messages") from None
+    for i in urls:
+        if body.messages[i].role != "user":
+            raise ApiError(400, f"Message {i} is the {body.messages[i].role}'s: images go in user messages.",
+                           param=f"messages.{i}.content")
+
+    def prepare() -> ImagePrompt:  # decoding and slicing images: CPU work, off the event loop
+        images = read_images(urls, server.image_limits)
+        return image_prompt(body.message_dicts(), images, server.tokenizer, vision.config)
+
+    try:
+        prompt = await asyncio.to_thread(prepare)
+    except MiniCPMError as exc:
+        raise ApiError(400, f"The messages cannot be laid out for MiniCPM-V: {exc}", param="messages") from None
+    return prompt.ids, (prompt if prompt.slice_count else None)
 
 
 # ---------------------------------------------------------------------- completions

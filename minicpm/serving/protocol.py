@@ -53,17 +53,36 @@ class TextPart(BaseModel):
     text: Text
 
 
+class ImageUrl(BaseModel):
+    url: Annotated[str, Field(min_length=1)]  # a data:image/...;base64 URL, or http(s) if allowed
+    detail: Literal["auto", "low", "high"] | None = None  # accepted; MiniCPM-V reads every image alike
+
+
+class ImagePart(BaseModel):
+    type: Literal["image_url"]
+    image_url: ImageUrl
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: Text | list[TextPart] | None = None
+    content: Text | list[ContentPart] | None = None
     name: Text | None = None
 
     def text(self) -> str:
+        """The text parts, joined (image parts are `image_urls`)."""
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "".join(part.text for part in self.content if isinstance(part, TextPart))
+
+    def image_urls(self) -> list[str]:
+        if not isinstance(self.content, list):
+            return []
+        return [part.image_url.url for part in self.content if isinstance(part, ImagePart)]
 
 
 class ResponseFormat(BaseModel):
@@ -180,6 +199,10 @@ class ChatCompletionRequest(SamplingFields):
 
     def message_dicts(self) -> list[dict[str, str]]:
         return [{"role": m.role, "content": m.text()} for m in self.messages]
+
+    def image_urls(self) -> dict[int, list[str]]:
+        """The image parts' URLs by message index (messages without images left out)."""
+        return {i: urls for i, m in enumerate(self.messages) if (urls := m.image_urls())}
 
 
 class CompletionRequest(SamplingFields):
