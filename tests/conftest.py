@@ -71,6 +71,18 @@ def save_tiny_checkpoint(directory: Path, dtype=torch.bfloat16, context: int = 2
     return save_pretrained(model, tokenizer, directory / "tiny-minicpm")
 
 
+def pattern(w: int, h: int):
+    """The MiniCPM-V fixtures' test image: deterministic integer arithmetic (see fixtures/minicpmv/README)."""
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:h, 0:w].astype(np.int64)
+    r = (x * x * 7 + y * 13 + x * y * 5) % 256
+    g = (x * 11 + y * y * 3 + (x ^ y) * 17) % 256
+    b = ((x + 2 * y) * 29 + (x * y) // 7) % 256
+    return Image.fromarray(np.stack([r, g, b], -1).astype(np.uint8), "RGB")
+
+
 # MiniCPM-V's added tokens, at the released ids
 V_TOKENS = {101: "<image>", 102: "</image>", 103: "<ref>", 104: "</ref>", 105: "<box>", 106: "</box>",
             107: "<quad>", 108: "</quad>", 109: "<point>", 110: "</point>", 111: "<slice>", 112: "</slice>"}

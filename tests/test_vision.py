@@ -28,20 +28,11 @@ from minicpm.vision import (
 from minicpm.vision.beam import beam_search
 from minicpm.vision.image import sliced_images
 from minicpm.vision.prompt import chat_prompt
-from tests.conftest import save_tiny_v_checkpoint
+from tests.conftest import pattern, save_tiny_v_checkpoint
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REFERENCE = FIXTURES / "minicpmv"
 EXPECTED = json.loads((REFERENCE / "expected.json").read_text())
-
-
-def pattern(w: int, h: int) -> Image.Image:
-    """The fixtures' test image: deterministic integer arithmetic (see fixtures/minicpmv/README)."""
-    y, x = np.mgrid[0:h, 0:w].astype(np.int64)
-    r = (x * x * 7 + y * 13 + x * y * 5) % 256
-    g = (x * 11 + y * y * 3 + (x ^ y) * 17) % 256
-    b = ((x + 2 * y) * 29 + (x * y) // 7) % 256
-    return Image.fromarray(np.stack([r, g, b], -1).astype(np.uint8), "RGB")
 
 
 def digest(image: Image.Image) -> str:
