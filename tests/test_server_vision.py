@@ -177,8 +177,8 @@ def test_remote_images_are_fetched_only_when_allowed(v_dir, v_local, image_site)
     proc, url = start_server(v_dir, "--allow-remote-images", *LIMITS)
     try:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
-        reply = client.chat.completions.create(model="tiny-minicpmv", max_tokens=8, temperature=0,
-                                               messages=asking("What is in the picture?", f"{image_site}/photo.png"))
+        messages = asking("What is in the picture?", f"{image_site}/photo.png")
+        reply = client.chat.completions.create(model="tiny-minicpmv", max_tokens=8, temperature=0, messages=messages)
         assert reply.choices[0].message.content == local_reply(v_local, "What is in the picture?", 8)
         for path, status, fragment in [("/missing.png", 400, "Cannot fetch"), ("/big.png", 413, "300,000 bytes")]:
             response = httpx.post(f"{url}/v1/chat/completions", timeout=60,
@@ -199,7 +199,8 @@ def test_images_are_encoded_between_decode_steps(v_local):
         return Request(prompt.ids, SamplingParams(max_new_tokens=6, stop_token_ids=[]), images=prompt)
 
     engine = Engine(model, tokenizer, max_batch=2, prefill_chunk=32)
-    text = engine.submit(Request(tokenizer.encode("<用户>hello<AI>"), SamplingParams(max_new_tokens=60, stop_token_ids=[])))
+    hello = tokenizer.encode("<用户>hello<AI>")
+    text = engine.submit(Request(hello, SamplingParams(max_new_tokens=60, stop_token_ids=[])))
     engine.step()
     image = engine.submit(vision_request())
     seen = []

@@ -75,8 +75,9 @@ class ImageChat:
                 f"slice{'s' if slices > 1 else ''}; new conversation")
 
     def reply(self, query: str, sampling: dict, stats: GenerationStats) -> Iterator[str]:
-        return stream_image_chat(self.model, self.tokenizer, self.image, self.msgs + [{"role": "user", "content": query}],
-                                 stats=stats, progress=self.progress, **sampling)
+        msgs = self.msgs + [{"role": "user", "content": query}]
+        return stream_image_chat(self.model, self.tokenizer, self.image, msgs, stats=stats, progress=self.progress,
+                                 **sampling)
 
     def record(self, query: str, reply: str) -> None:
         self.msgs += [{"role": "user", "content": query}, {"role": "assistant", "content": reply}]

@@ -116,11 +116,12 @@ def text_replies(model, tokenizer, prompts: list[str], kwargs: dict, raw: bool, 
 def image_replies(model, tokenizer, image, prompts: list[str], kwargs: dict):
     """Replies of a MiniCPM-V model to prompts about one image, one prompt at a time (the image
     is encoded once; each prompt reuses the cached prompt up to its own text)."""
+    from minicpm.cli.repl import TEXT_ONLY
     from minicpm.vision import MiniCPMV
     from minicpm.vision.chat import stream_chat
 
     if not isinstance(model, MiniCPMV):
-        raise MiniCPMError("this is a text-only model: it cannot read images (--image needs a MiniCPM-V checkpoint)")
+        raise MiniCPMError(TEXT_ONLY)
     progress = encoding_progress()
 
     def replies():

@@ -216,7 +216,8 @@ class Engine:
         self.context = context or self.model.config.max_position_embeddings
         if not 2 <= self.context <= self.model.config.max_position_embeddings:
             # past it, dynamic NTK rope would rescale by the longest row: rows would depend on each other
-            raise MiniCPMError(f"context must be in [2, {self.model.config.max_position_embeddings}], got {self.context}")
+            raise MiniCPMError(f"context must be in [2, {self.model.config.max_position_embeddings}], "
+                               f"got {self.context}")
         self.vocab_size = self.model.config.vocab_size
         self.cache = self.model.new_cache(max_batch, self.context, kv_dtype)
         self._threads = torch.get_num_threads()  # a new thread would start from the default
@@ -409,7 +410,8 @@ class Engine:
         images = row.request.images
         if images is not None and not images.encoded:
             self.counters["image_slices"] += images.encode_step(self.vision)
-            self.counters["images"] += images.images if images.encoded else 0
+            if images.encoded:
+                self.counters["images"] += images.images
             return self.prefill_chunk
         start = row.prefilled
         end = min(start + self.prefill_chunk, len(row.prompt))

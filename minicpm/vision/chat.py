@@ -13,6 +13,7 @@ error instead of being cut (a cut prompt loses its image bounds or the final `<A
 
 A conversation's image features and KV cache are kept on the model (`model.conversation`):
 a follow-up turn about the same image neither re-encodes it nor runs the shared prefix again.
+`stream_chat()` is the same turn with the reply streamed as text (what `minicpm chat` shows).
 """
 
 from __future__ import annotations
