@@ -136,8 +136,10 @@ def test_hostile_image_parts_are_clear_errors(v_server, url, status, fragment):
      "role 'system'"),
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": [
         {"type": "image_url", "image_url": {"url": data_url(png_bytes(PHOTO))}}]}]}, "images go in user messages"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "image_url"),
-    ({"messages": [{"role": "user", "content": [{"type": "picture", "url": "x"}]}]}, "type"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+     "Missing required parameter: 'messages.0.content.0.image_url'"),
+    ({"messages": [{"role": "user", "content": [{"type": "picture", "url": "x"}]}]},
+     "'messages.0.content.0': a content part's type must be 'text' or 'image_url'"),
     ({"messages": asking("<image>sneaky</image>", data_url(png_bytes(PHOTO)))}, "image spans"),
 ])
 def test_bad_image_requests_are_400s(v_server, body, fragment):

@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import save_tiny_checkpoint
+from tests.conftest import pattern, save_tiny_checkpoint, save_tiny_v_checkpoint
 from tests.server_process import start_server, stop_server
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -20,11 +20,16 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None,
 KEY = "sk-page"
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    proc, url = start_server(save_tiny_checkpoint(tmp_path_factory.mktemp("webchat")), "--api-key", KEY)
+def serving(checkpoint):
+    """A fixture's body: the URL of a server on `checkpoint` while the module's tests run."""
+    proc, url = start_server(checkpoint, "--api-key", KEY)
     yield url
     stop_server(proc)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    yield from serving(save_tiny_checkpoint(tmp_path_factory.mktemp("webchat")))
 
 
 @pytest.fixture(scope="module")
@@ -173,17 +178,11 @@ arguments[1].dispatchEvent(event);"""
 
 @pytest.fixture(scope="module")
 def v_server(tmp_path_factory):
-    from tests.conftest import save_tiny_v_checkpoint
-
-    proc, url = start_server(save_tiny_v_checkpoint(tmp_path_factory.mktemp("webchat-v")), "--api-key", KEY)
-    yield url
-    stop_server(proc)
+    yield from serving(save_tiny_v_checkpoint(tmp_path_factory.mktemp("webchat-v")))
 
 
 @pytest.fixture(scope="module")
 def photo(tmp_path_factory):
-    from tests.conftest import pattern
-
     path = tmp_path_factory.mktemp("photos") / "photo.png"
     pattern(300, 200).save(path)
     return path

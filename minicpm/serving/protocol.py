@@ -19,8 +19,10 @@ from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     StrictInt,
+    Tag,
     ValidationInfo,
     field_validator,
 )
@@ -63,7 +65,17 @@ class ImagePart(BaseModel):
     image_url: ImageUrl
 
 
-ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+def _part_kind(part: Any) -> str | None:
+    kind = part.get("type") if isinstance(part, dict) else getattr(part, "type", None)
+    return {"text": "TextPart", "image_url": "ImagePart"}.get(kind)
+
+
+# Chosen by "type", so a bad part gets only its own kind's complaints; the tags are the class
+# names, which api_errors leaves out of the parameter path it reports.
+ContentPart = Annotated[
+    Annotated[TextPart, Tag("TextPart")] | Annotated[ImagePart, Tag("ImagePart")],
+    Discriminator(_part_kind, custom_error_type="invalid_content_part",
+                  custom_error_message="a content part's type must be 'text' or 'image_url'")]
 
 
 class ChatMessage(BaseModel):
