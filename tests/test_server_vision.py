@@ -147,6 +147,14 @@ def test_bad_image_requests_are_400s(v_server, body, fragment):
     assert fragment in error_of(response, 400)["message"]
 
 
+def test_a_body_over_the_limit_is_refused_before_it_is_read(v_server):
+    limit = 2 * 400_000 + 2**20  # two images of 300,000 bytes in base64, and a megabyte of text
+    body = b'{"messages": [{"role": "user", "content": "' + b"x" * limit + b'"}]}'
+    response = httpx.post(f"{v_server}/v1/chat/completions", content=body, timeout=60,
+                          headers={**auth(), "content-type": "application/json"})
+    assert f"at most {limit:,}" in error_of(response, 413)["message"]
+
+
 def test_the_server_survives_hostile_bodies(v_client, v_server):
     assert httpx.get(f"{v_server}/health").json()["running"] == 0
     reply = v_client.chat.completions.create(model="tiny-minicpmv", max_tokens=2,

@@ -33,7 +33,7 @@ from fastapi.responses import HTMLResponse, Response
 from minicpm.errors import MiniCPMError
 from minicpm.generation.chat import ROLE_MARKERS
 from minicpm.serving import protocol
-from minicpm.serving.api_errors import ApiError, install_error_handlers
+from minicpm.serving.api_errors import ApiError, BodyLimit, install_error_handlers
 from minicpm.serving.engine import Engine, Request
 from minicpm.serving.images import ImageLimits, read_images
 from minicpm.serving.metrics import CONTENT_TYPE, RequestCounter
@@ -69,6 +69,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
     app = FastAPI(title="minicpm", summary="OpenAI-compatible API for MiniCPM-family models", lifespan=lifespan)
     app.state.server = server
     install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=server.image_limits.max_body_bytes)
     app.add_middleware(RequestCounter, metrics=server.metrics)
     authorised = [Depends(server.check_key)]
 

@@ -35,6 +35,12 @@ class ImageLimits:
     max_pixels: int = 50_000_000  # per image, width x height
     allow_remote: bool = False  # fetch http(s) URLs
 
+    @property
+    def max_body_bytes(self) -> int:
+        """The largest request body worth reading: every image at the byte limit, in base64,
+        and a megabyte of text."""
+        return self.max_images * -(-self.max_bytes * 4 // 3) + 2**20
+
 
 def read_images(urls: dict[int, list[str]], limits: ImageLimits) -> dict[int, list]:
     """PIL RGB images by message index, for the image URLs of a request (blocking: run it in a
