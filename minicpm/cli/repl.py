@@ -17,7 +17,7 @@ from minicpm.generation.generate import PromptCache
 from minicpm.generation.text import GenerationStats
 from minicpm.vision import MiniCPMV, load_image
 from minicpm.vision.chat import stream_chat as stream_image_chat
-from minicpm.vision.image import sliced_images
+from minicpm.vision.image import slice_count
 
 HELP = ("commands: /reset (new conversation), /image PATH (talk about an image; /image alone drops it), "
         "/exit (quit); Ctrl-C stops a reply")
@@ -68,7 +68,7 @@ class ImageChat:
             self.reset()
             return "no image; new conversation"
         image = load_image(path)  # before anything changes: a bad file leaves the conversation as it was
-        slices = len(sliced_images(image, self.model.config)[0])
+        slices = slice_count(image.size, self.model.config)
         self.image = image
         self.reset()
         return (f"image {Path(path).name}, {image.width}x{image.height}, read as {slices} "

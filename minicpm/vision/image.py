@@ -184,6 +184,12 @@ def sliced_images(image, config) -> tuple[list[Any], list[int] | None]:
     return [overview] + [tile for row in tiles for tile in row], grid
 
 
+def slice_count(size: tuple[int, int], config) -> int:
+    """How many images `sliced_images` gives for an image of (width, height), without slicing."""
+    grid = best_grid(size, config.max_slice_nums, config.scale_resolution) if config.slice_mode else None
+    return 1 if grid is None else 1 + grid[0] * grid[1]
+
+
 def to_pixel_values(image) -> torch.Tensor:
     """A PIL RGB image -> float32 [3, H, W] normalised with mean = std = 0.5 (timm's inception
     constants): (u8 / 255 - 0.5) / 0.5, as torchvision's ToTensor + Normalize compute it."""
