@@ -41,6 +41,13 @@ def data_url(data: bytes, media_type: str = "image/png") -> str:
     return f"data:{media_type};base64,{base64.b64encode(data).decode()}"
 
 
+def animated_gif() -> bytes:
+    out = io.BytesIO()
+    first, second = pattern(16, 16).convert("P"), pattern(16, 16).rotate(90).convert("P")
+    first.save(out, format="GIF", save_all=True, append_images=[second])
+    return out.getvalue()
+
+
 def png_header(width: int, height: int) -> bytes:
     """A PNG that declares width x height pixels and holds none of them."""
     def chunk(kind: bytes, body: bytes) -> bytes:
@@ -113,6 +120,8 @@ HOSTILE = [
     (data_url(b"hello there, not a picture"), 400, "not an image Pillow can read"),
     (data_url(png_bytes(PHOTO)[:300]), 400, "Invalid image"),  # truncated
     (data_url(png_bytes(pattern(2, 2))), 400, "too small"),
+    (data_url(png_bytes(pattern(5000, 50))), 400, "aspect ratio"),
+    (data_url(animated_gif(), "image/gif"), 400, "animated images are not supported"),
     (data_url(bytes(400_000)), 413, "at most 300,000 bytes"),
     (data_url(png_header(2000, 1000)), 413, "2000x1000, 2,000,000 pixels"),
     (data_url(png_header(60000, 60000)), 413, "too large"),
