@@ -23,6 +23,7 @@ import minicpm
 from minicpm.generation.sampling import SamplingParams
 from minicpm.serving.engine import Engine, Request
 from minicpm.vision.chat import stream_chat
+from minicpm.vision.prompt import chat_prompt, image_placeholder
 from minicpm.vision.request import image_prompt
 from tests.conftest import pattern, save_tiny_v_checkpoint
 from tests.server_process import KEY, auth, error_of, start_server, stop_server
@@ -244,4 +245,19 @@ def test_an_image_request_to_a_text_engine_is_refused(v_local, tiny_checkpoint):
     text_model, _ = minicpm.load(str(tiny_checkpoint))
     with pytest.raises(minicpm.MiniCPMError, match="text-only model"):
         Engine(text_model, tokenizer).submit(Request(prompt.ids, images=prompt))
-    assert torch.equal(prompt.bounds[:, 1] - prompt.bounds[:, 0], torch.full((7,), 16))
+
+
+def test_the_image_prompt_is_the_official_chat_layout(v_local):
+    """One image in the first message: exactly the official chat() prompt; images in later user
+    messages open those messages, each with its own bounds."""
+    model, tokenizer = v_local
+    msgs = [{"role": "user", "content": "What is it?"}, {"role": "assistant", "content": "A pattern."},
+            {"role": "user", "content": "And these?"}]
+    one = image_prompt(msgs[:1], {0: [PHOTO]}, tokenizer, model.config)
+    assert one.ids == tokenizer.encode(chat_prompt(msgs[:1], image_placeholder(PHOTO.size, model.config)))
+    small = pattern(60, 40)  # read whole: one slice
+    three = image_prompt(msgs, {0: [PHOTO], 2: [small, small]}, tokenizer, model.config)
+    assert three.slice_count == 9 and three.images == 3 and len(three.bounds) == 9
+    assert torch.equal(three.bounds[:, 1] - three.bounds[:, 0], torch.full((9,), 16))
+    text = tokenizer.decode(three.ids)
+    assert text.index("And these?") > text.rindex("</image>") > text.index("A pattern.")
