@@ -109,6 +109,20 @@ def test_an_image_question_gets_the_librarys_answer(v_client, v_local, v_server)
     assert after["images"] - before["images"] == 3 and after["image_slices"] - before["image_slices"] == 21
 
 
+def test_tokenize_lays_out_messages_with_images_as_chat_does(v_server, v_local, server):
+    model, tokenizer = v_local
+    messages = asking("What is in the picture?", data_url(png_bytes(PHOTO)))
+    counted = httpx.post(f"{v_server}/tokenize", headers=auth(), json={"messages": messages}).json()
+    expected = image_prompt([{"role": "user", "content": "What is in the picture?"}], {0: [PHOTO]}, tokenizer,
+                            model.config).ids
+    assert counted["tokens"] == expected
+    bare = httpx.post(f"{v_server}/tokenize", headers=auth(),
+                      json={"messages": messages, "add_generation_prompt": False}).json()
+    assert bare["tokens"] == expected[:len(bare["tokens"])] and len(bare["tokens"]) < len(expected)
+    refused = httpx.post(f"{server}/tokenize", headers=auth(), json={"messages": messages})
+    assert "reads text only" in error_of(refused, 400)["message"]
+
+
 def test_a_text_question_to_the_vision_model(v_client):
     reply = v_client.chat.completions.create(model="tiny-minicpmv", max_tokens=4,
                                              messages=[{"role": "user", "content": "hello"}])

@@ -109,9 +109,8 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
     @app.post("/tokenize", dependencies=authorised)
     async def tokenize(body: protocol.TokenizeRequest) -> dict[str, Any]:
         server.check_model(body.model)
-        if body.messages is not None:
-            ids = tokenizer.apply_chat_template([{"role": m.role, "content": m.text()} for m in body.messages],
-                                                add_generation_prompt=body.add_generation_prompt, tokenize=True)
+        if body.messages is not None:  # as /v1/chat/completions lays them out (images read too)
+            ids, _ = await chat_prompt(server, body.messages, body.add_generation_prompt)
         else:
             ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": server.context}
@@ -146,7 +145,7 @@ def chat_page() -> str:
 
 async def chat_completion(server: ServerState, body: ChatCompletionRequest, http: HttpRequest):
     server.check_model(body.model)
-    prompt, images = await chat_prompt(server, body)
+    prompt, images = await chat_prompt(server, body.messages)
     limit = body.token_limit
     server.check_fits(len(prompt), limit, "messages")
     # MiniCPM's own template marks turns with <AI>/<用户>; a reply never continues past one.
@@ -160,10 +159,12 @@ async def chat_completion(server: ServerState, body: ChatCompletionRequest, http
     return chat_completion_body(server, body, choices, streams, len(prompt), reply_id, created)
 
 
-async def chat_prompt(server: ServerState, body: ChatCompletionRequest) -> tuple[list[int], ImagePrompt | None]:
+async def chat_prompt(server: ServerState, messages: list[protocol.ChatMessage],
+                      add_generation_prompt: bool = True) -> tuple[list[int], ImagePrompt | None]:
     """The prompt's token ids, and for a MiniCPM-V model its images (one ImagePrompt the
     choices share; None without images)."""
-    urls = body.image_urls()
+    texts = [{"role": m.role, "content": m.text()} for m in messages]
+    urls = {i: found for i, m in enumerate(messages) if (found := m.image_urls())}
     vision = server.engine.vision
     if vision is None:
         if urls:
@@ -171,19 +172,19 @@ async def chat_prompt(server: ServerState, body: ChatCompletionRequest) -> tuple
                                 "parts (serve a MiniCPM-V checkpoint for images).", param="messages",
                            code="images_not_supported")
         try:
-            return server.tokenizer.apply_chat_template(body.message_dicts(), add_generation_prompt=True,
+            return server.tokenizer.apply_chat_template(texts, add_generation_prompt=add_generation_prompt,
                                                         tokenize=True), None
         except MiniCPMError as exc:
             raise ApiError(400, f"The messages cannot be rendered with this model's chat template: {exc}",
                            param="messages") from None
     for i in urls:
-        if body.messages[i].role != "user":
-            raise ApiError(400, f"Message {i} is the {body.messages[i].role}'s: images go in user messages.",
+        if messages[i].role != "user":
+            raise ApiError(400, f"Message {i} is the {messages[i].role}'s: images go in user messages.",
                            param=f"messages.{i}.content")
 
     def prepare() -> ImagePrompt:  # decoding and slicing images: CPU work, off the event loop
         images = read_images(urls, server.image_limits)
-        return image_prompt(body.message_dicts(), images, server.tokenizer, vision.config)
+        return image_prompt(texts, images, server.tokenizer, vision.config, add_generation_prompt)
 
     try:
         prompt = await asyncio.to_thread(prepare)

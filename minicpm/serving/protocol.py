@@ -209,13 +209,6 @@ class ChatCompletionRequest(SamplingFields):
     def json_object(self) -> bool:
         return self.response_format is not None and self.response_format.type == "json_object"
 
-    def message_dicts(self) -> list[dict[str, str]]:
-        return [{"role": m.role, "content": m.text()} for m in self.messages]
-
-    def image_urls(self) -> dict[int, list[str]]:
-        """The image parts' URLs by message index (messages without images left out)."""
-        return {i: urls for i, m in enumerate(self.messages) if (urls := m.image_urls())}
-
 
 class CompletionRequest(SamplingFields):
     prompt: Prompt | Annotated[list[Prompt], Field(min_length=1)] | PromptIds \

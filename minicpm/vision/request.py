@@ -64,12 +64,14 @@ class ImagePrompt:
         return self._embeds
 
 
-def image_prompt(msgs: list[dict[str, str]], images: dict[int, list[Any]], tokenizer, config) -> ImagePrompt:
+def image_prompt(msgs: list[dict[str, str]], images: dict[int, list[Any]], tokenizer, config,
+                 generation_prompt: bool = True) -> ImagePrompt:
     """The prompt of chat messages (string contents) whose message i shows `images[i]`
-    (PIL images, paths or bytes), for a MiniCPMVConfig."""
+    (PIL images, paths or bytes), for a MiniCPMVConfig; it ends with `<AI>` unless
+    `generation_prompt` is False."""
     opened = {i: [load_image(image) for image in found] for i, found in images.items() if found}
     placeholders = {i: [image_placeholder(image.size, config) for image in found] for i, found in opened.items()}
-    ids = tokenizer.encode(images_chat_prompt(msgs, placeholders))
+    ids = tokenizer.encode(images_chat_prompt(msgs, placeholders, generation_prompt))
     slices = [s for i in sorted(opened) for image in opened[i] for s in sliced_images(image, config)[0]]
     start, end = tokenizer.token_to_id(IM_START), tokenizer.token_to_id(IM_END)
     if start is None or end is None:
