@@ -362,10 +362,13 @@ class MiniCPMForCausalLM(nn.Module):
         """fp32 logits of final-norm hidden states (what `forward(..., hidden=True)` returns)."""
         return self.lm_head(hidden / self.config.logit_scale).float()
 
-    def prefill_slot(self, input_ids: torch.Tensor, cache: KVCache, slot: int, start: int,
-                     last_only: bool = True) -> torch.Tensor:
-        """Run ids [S] as positions [start, start + S) of one cache row ("slot") that already
-        holds `start` positions; logits [S, vocab] (or [1, vocab] with `last_only`)."""
+    def prefill_slot(self, input_ids: torch.Tensor | None, cache: KVCache, slot: int, start: int,
+                     last_only: bool = True, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Run ids [S] (or input embeddings [S, hidden], used as given: a prompt with images)
+        as positions [start, start + S) of one cache row ("slot") that already holds `start`
+        positions; logits [S, vocab] (or [1, vocab] with `last_only`)."""
+        if inputs_embeds is not None:
+            return self(inputs_embeds=inputs_embeds[None], cache=cache.view(slot, start), last_only=last_only)[0]
         return self(input_ids[None], cache=cache.view(slot, start), last_only=last_only)[0]
 
     def decode_slots(self, input_ids: torch.Tensor, cache: KVCache, rows: torch.Tensor,

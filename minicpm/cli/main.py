@@ -23,10 +23,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="verb", metavar="<verb>")
 
-    p = sub.add_parser("chat", help="interactive streaming chat (/reset, /exit)")
+    p = sub.add_parser("chat", help="interactive streaming chat (/reset, /image PATH, /exit)")
     add_model_args(p)
-    add_sampling_args(p, temperature=0.3, top_p=0.8)
+    add_sampling_args(p, temperature=0.3, top_p=0.8,
+                      vision_note="; MiniCPM-V: its chat's temperature 0.7, top-p 0.8, top-k 100, "
+                                  "repetition penalty 1.05")
     p.add_argument("--system", default=None, help="system message for the conversation")
+    p.add_argument("--image", default=None, help="an image to talk about (MiniCPM-V; /image PATH changes it)")
 
     p = sub.add_parser("generate", help="complete prompts (one per line of a file, or --prompt)")
     add_model_args(p)
@@ -37,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="feed prompts as plain text, without the chat template")
     p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default 8)")
     p.add_argument("--output", help="write JSONL {prompt, response} here instead of printing")
+    p.add_argument("--image", default=None,
+                   help="an image every prompt asks about (MiniCPM-V; prompts then run one at a time)")
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching and a web chat")
     add_model_args(p)
@@ -52,6 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per forward pass (default 256)")
     add_kv_cache_arg(p)
     p.add_argument("--log-level", default="warning", help="uvicorn's log level (default warning)")
+    g = p.add_argument_group("images (MiniCPM-V)")
+    g.add_argument("--allow-remote-images", action="store_true",
+                   help="fetch http(s) image URLs (default: only inline data: URLs; fetching lets clients "
+                        "make the server open connections)")
+    g.add_argument("--max-images", type=int, default=4, help="images per request (default 4)")
+    g.add_argument("--max-image-bytes", type=int, default=20 * 1024 * 1024,
+                   help="encoded bytes per image (default 20 MiB)")
+    g.add_argument("--max-image-pixels", type=int, default=50_000_000,
+                   help="width x height per image (default 50,000,000)")
 
     p = sub.add_parser("info", help="architecture, parameter count, dtype and memory of a model")
     add_model_args(p)
