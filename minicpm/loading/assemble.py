@@ -75,9 +75,11 @@ def build_model(config: MiniCPMConfig, named_tensors: Iterable[tuple[str, torch.
             continue
         if isinstance(tensor, nn.Module):
             _check_module_shape(name, tensor, params, source)
-            _swap_module(model, name.rpartition(".")[0], tensor.to(device))
-            replaced.add(name.rpartition(".")[0])
+            owner = name.rpartition(".")[0]
+            _swap_module(model, owner, tensor.to(device))
+            replaced.add(owner)
             loaded.add(name)
+            loaded.update(n for n in params if n.rpartition(".")[0] == owner)  # its bias comes with it
             continue
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue  # some tied checkpoints store a copy of the embedding; the tie wins
