@@ -116,6 +116,19 @@ def test_gptq_act_order_v2_sym_with_stray_bias(tmp_path, monkeypatch):
     assert sorted(loaded.config.quantization["input_perm"]) == sorted(weights)
 
 
+def test_gptq_shorter_last_group_runs_on_the_kernel(tmp_path, monkeypatch):
+    """in 160, group 128: groups of 128 and 32 -> groups of 32 that share scales, exactly."""
+    model = tiny()
+    layers, weights = gptq_layers(model, group=128, act_order=True)
+    assert layers["model.layers.0.mlp.down_proj"]["scales"].shape == (2, 64)
+    path = ref.write_checkpoint(tmp_path / "gptq", model, layers, {**GPTQ_V1, "group_size": 128})
+    float_forward(monkeypatch)
+    loaded, _ = load_checkpoint(path, dtype="float32")
+    assert_exact_layers(loaded, weights)
+    assert loaded.model.layers[0].mlp.down_proj.group_size == 32
+    torch.testing.assert_close(loaded(IDS), reference_model(model, weights)(IDS), atol=1e-5, rtol=1e-5)
+
+
 def test_gptq_stored_g_idx_wins_over_desc_act(tmp_path, monkeypatch):
     """MiniCPM-2B-sft-int4 says desc_act false in quantize_config.json and true in config.json."""
     model = tiny()
@@ -310,7 +323,8 @@ def test_export_of_loaded_gptq_is_byte_identical(tmp_path):
     assert written["model.embed_tokens.weight"].dtype == torch.float16
 
 
-@pytest.mark.parametrize("bits,group,sym", [(4, 32, False), (4, 32, True), (4, -1, False), (8, -1, True)])
+@pytest.mark.parametrize("bits,group,sym", [(4, 32, False), (4, 32, True), (4, 128, False), (4, -1, False),
+                                            (8, -1, True)])
 def test_export_of_float_model_loads_back_to_its_weights(tmp_path, tiny_checkpoint, bits, group, sym):
     out = convert(str(tiny_checkpoint), tmp_path / "export", to="gptq", bits=bits, group_size=group, sym=sym)
     written = load_file(str(out / "model.safetensors"))
@@ -321,8 +335,9 @@ def test_export_of_float_model_loads_back_to_its_weights(tmp_path, tiny_checkpoi
         w = ref.gptq_dequantize(written[f"{name}.qweight"], written[f"{name}.qzeros"], written[f"{name}.scales"],
                                 written[f"{name}.g_idx"], bits)
         assert torch.equal(loaded.get_submodule(name).dequantize(), w), name
+        assert isinstance(loaded.get_submodule(name), QuantizedLinear), name
         # and it is the weight, quantized: within a step (half, but for the clamped ends of the grid)
-        step = written[f"{name}.scales"].float().t().repeat_interleave(w.shape[1] // written[f"{name}.scales"].shape[0], 1)
+        step = written[f"{name}.scales"].float()[written[f"{name}.g_idx"].long()].t()
         assert ((w - source.get_submodule(name).weight).abs() <= step).all(), name
     settings = json.loads((out / "quantize_config.json").read_text())
     assert (settings["bits"], settings["group_size"], settings["sym"]) == (bits, group, sym)

@@ -78,6 +78,7 @@ def _layer_tensors(module: nn.Module, name: str, bits: int, group: int, sym: boo
     """One layer's GPTQ tensors (+ "bias"), with its (bits, group, sym, act-order) under "_meta"."""
     if isinstance(module, QuantizedLinear):
         bits, codes, zeros, scales, g_idx = layer_codes(module, name)
+        layer_group = module.in_features // scales.shape[1]
         fp16 = scales.to(torch.float16).float()
         if not torch.equal(fp16, scales.float()):
             change = ((fp16 - scales.float()).abs() / scales.float().abs().clamp(min=1e-30)).max()
@@ -87,15 +88,15 @@ def _layer_tensors(module: nn.Module, name: str, bits: int, group: int, sym: boo
         weight = module.weight.detach()
         k = weight.shape[1]
         layer_group = k if group == -1 else group
-        if k % layer_group:
-            raise MiniCPMError(f"{name}: in_features {k} is not divisible by group size {group}")
+        if layer_group <= 0:
+            raise MiniCPMError(f"group size must be positive or -1, got {group}")
         codes, zeros, scales = rtn_codes(weight, bits, layer_group, sym)
         g_idx = torch.arange(k, dtype=torch.int32) // layer_group
     parts = gptq_tensors(codes, zeros, scales, g_idx, bits)
     if module.bias is not None:
         parts["bias"] = module.bias.detach()
     groups = scales.shape[1]
-    parts["_meta"] = {"bits": bits, "group": codes.shape[1] // groups, "groups": groups,
+    parts["_meta"] = {"bits": bits, "group": layer_group, "groups": groups,
                       "sym": bool((zeros == 1 << (bits - 1)).all()),
                       "act_order": not torch.equal(g_idx, torch.sort(g_idx).values),
                       "zero_0": bool((zeros == 0).any())}

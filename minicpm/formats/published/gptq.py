@@ -78,10 +78,12 @@ def rtn_codes(weight: torch.Tensor, bits: int, group: int, sym: bool
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ's quantizer without calibration: per group of `group` columns, a grid that includes 0
     (asym: zero = round(-min/scale); sym: zero = 2^(bits-1)), scales rounded to fp16 before the
-    codes are taken. -> codes [N, K], zeros [N, groups] (int32), scales [N, groups] fp16."""
+    codes are taken. -> codes [N, K], zeros [N, ceil(K/group)] (int32), scales [N, ceil(K/group)] fp16."""
     n, k = weight.shape
     maxq = (1 << bits) - 1
-    w = weight.float().reshape(n, k // group, group)
+    groups = -(-k // group)  # a shorter last group when group does not divide k, as GPTQ does;
+    # zero columns pad it without changing it: the grid includes 0 anyway
+    w = torch.nn.functional.pad(weight.float(), (0, groups * group - k)).reshape(n, groups, group)
     lo = w.amin(dim=-1).clamp(max=0)
     hi = w.amax(dim=-1).clamp(min=0)
     if sym:
@@ -95,7 +97,7 @@ def rtn_codes(weight: torch.Tensor, bits: int, group: int, sym: bool
     else:
         zeros = torch.round(-lo / scales.float()).clamp(0, maxq)
     q = torch.round(w / scales.float()[..., None]) + zeros[..., None]
-    return q.clamp(0, maxq).to(torch.int32).reshape(n, k), zeros.to(torch.int32), scales
+    return q.clamp(0, maxq).to(torch.int32).reshape(n, -1)[:, :k], zeros.to(torch.int32), scales
 
 
 def layer_codes(layer: QuantizedLinear, name: str):
