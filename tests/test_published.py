@@ -275,13 +275,19 @@ def test_broken_gptq_tensors_are_named(tmp_path, edit, message):
         load_checkpoint(path)
 
 
-def test_cli_reports_one_line_and_runs_gptq(tmp_path):
-    good = ref.write_checkpoint(tmp_path / "good", tiny(), gptq_layers(tiny())[0], GPTQ_V1)
-    bad = _write_gptq(tmp_path, {**GPTQ_V1, "bits": 3})
+def test_cli_converts_to_gptq_runs_it_and_reports_one_line(tmp_path, tiny_checkpoint):
     run = [sys.executable, "-m", "minicpm.cli.main"]
-    info = subprocess.run(run + ["info", str(good)], capture_output=True, text=True)
-    assert info.returncode == 0 and "gptq (gptq) 4-bit, group 32, asym" in info.stdout
-    failed = subprocess.run(run + ["info", str(bad)], capture_output=True, text=True)
+    out = tmp_path / "gptq"
+    converted = subprocess.run(run + ["convert", str(tiny_checkpoint), str(out), "--to", "gptq", "--group-size", "32"],
+                               capture_output=True, text=True)
+    assert converted.returncode == 0, converted.stderr
+    info = subprocess.run(run + ["info", str(out)], capture_output=True, text=True)
+    assert info.returncode == 0 and "gptq (gptq) 4-bit, group 32, asym; repacked at load" in info.stdout
+    generated = subprocess.run(run + ["generate", str(out), "--prompt", "ab", "--max-new-tokens", "3"],
+                               capture_output=True, text=True)
+    assert generated.returncode == 0, generated.stderr
+    bad = _write_gptq(tmp_path, {**GPTQ_V1, "bits": 3})
+    failed = subprocess.run(run + ["generate", str(bad), "--prompt", "ab"], capture_output=True, text=True)
     assert failed.returncode == 2
     assert failed.stderr.strip().splitlines() == [
         f"error: {bad}/config.json: GPTQ 3-bit weights are not supported; our kernels run 4 and 8 bits"]

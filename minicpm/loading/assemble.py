@@ -8,6 +8,7 @@ missing, unexpected and mis-shaped tensors are errors that name the tensor.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from typing import Any
 
@@ -152,6 +153,19 @@ def random_model(config: MiniCPMConfig, seed: int = 0, dtype: Any = torch.float3
                 yield name, std * torch.randn(shape, generator=gen)
 
     return build_model(config, tensors(), dtype=dtype, device="cpu", source="random")
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Repacking quantized weights at load is hundreds of small copies, each a parallel region of
+    the OpenMP pool; on a busy machine every region waits for a time slice (SmolLM2 from GGUF with
+    another process running: 0.8 s on one thread, 3-6 s on two)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def release_freed_memory() -> None:

@@ -23,7 +23,7 @@ from minicpm.formats.published import bnb
 from minicpm.formats.published.awq import awq_layer
 from minicpm.formats.published.gptq import gptq_layer
 from minicpm.formats.published.settings import Published
-from minicpm.loading.assemble import build_model, config_dtype, release_freed_memory, resolve_dtype
+from minicpm.loading.assemble import build_model, config_dtype, one_thread, release_freed_memory, resolve_dtype
 from minicpm.model import MiniCPMForCausalLM
 from minicpm.quantization.linear import QuantizedLinear
 
@@ -52,7 +52,8 @@ def load_published(directory: Path, config: MiniCPMConfig, published: Published,
     layer_dtype = resolve_dtype(dtype) or config_dtype(config) or torch.float32
     reader = _Reader(published, linears, layer_dtype, source)
     stream = iter_tensors(files, copy=lambda name: _split(name, layers, published.method) is not None)
-    model = build_model(config, reader.convert(stream, layers), dtype=dtype, device=device, source=source)
+    with one_thread():
+        model = build_model(config, reader.convert(stream, layers), dtype=dtype, device=device, source=source)
     reader.report()
     if reader.repacked:
         record: dict[str, Any] = {"method": published.method, "layers": reader.repacked,
