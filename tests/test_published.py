@@ -369,3 +369,27 @@ def test_dequantize_model_of_a_gptq_model_matches_reference(tmp_path, monkeypatc
     for name, w in weights.items():
         assert torch.equal(loaded.get_submodule(name).weight, w)
     torch.testing.assert_close(loaded(IDS), reference_model(model, weights)(IDS), atol=1e-5, rtol=1e-5)
+
+
+def test_default_dtype_is_float32_for_gptq(tmp_path):
+    """The files say float16; on a CPU the float parts load as float32, as GGUF's do."""
+    model = tiny()
+    path = ref.write_checkpoint(tmp_path / "gptq", model, gptq_layers(model)[0], GPTQ_V1)
+    loaded, _ = load_checkpoint(path)
+    assert loaded.dtype == torch.float32 and loaded.model.embed_tokens.weight.dtype == torch.float32
+    assert loaded.model.layers[0].self_attn.q_proj.scales.dtype == torch.float16  # as stored
+
+
+def test_broken_awq_and_nf4_layers_are_named(tmp_path):
+    model = tiny()
+    layers, _ = awq_layers(model)
+    layers["model.layers.0.mlp.gate_proj"].pop("qzeros")
+    path = ref.write_checkpoint(tmp_path / "awq", model, layers, AWQ)
+    with pytest.raises(CheckpointError, match="model.layers.0.mlp.gate_proj.qzeros is missing"):
+        load_checkpoint(path)
+    layers = {name: ref.nf4_quantize(model.get_submodule(name).weight.detach()) for name in ref.decoder_linears(model)}
+    layers["model.layers.1.self_attn.v_proj"]["weight.absmax"] = torch.zeros(3, dtype=torch.uint8)
+    settings = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
+    path = ref.write_checkpoint(tmp_path / "bnb", model, layers, settings)
+    with pytest.raises(CheckpointError, match="v_proj.weight.absmax has 3 values, expected 64"):
+        load_checkpoint(path)

@@ -30,7 +30,14 @@ def published_of(directory: Path) -> Published | None:
 
 
 def load_published_checkpoint(directory: Path, published: Published, dtype: Any = None, device: Any = None):
-    """(model, tokenizer or None) of a published quantized checkpoint directory."""
+    """(model, tokenizer or None) of a published quantized checkpoint directory.
+
+    Without a dtype, the float parts (embedding, norms, head, activations) are float32 for GPTQ and
+    AWQ, as a GGUF file loads as stored: these files say float16, which has no native decode step
+    and slow matrix products on a CPU. A bitsandbytes model is all dequantized weights: bfloat16,
+    half the memory."""
+    if dtype is None:
+        dtype = "bfloat16" if published.method == "bitsandbytes" else "float32"
     from minicpm.config import MiniCPMConfig
     from minicpm.errors import CheckpointError
     from minicpm.formats.published.load import load_published

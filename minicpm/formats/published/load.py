@@ -23,7 +23,13 @@ from minicpm.formats.published import bnb
 from minicpm.formats.published.awq import awq_layer
 from minicpm.formats.published.gptq import gptq_layer
 from minicpm.formats.published.settings import Published
-from minicpm.loading.assemble import build_model, config_dtype, one_thread, release_freed_memory, resolve_dtype
+from minicpm.loading.assemble import (
+    build_model,
+    config_dtype,
+    one_thread,
+    release_freed_memory,
+    resolve_dtype,
+)
 from minicpm.model import MiniCPMForCausalLM
 from minicpm.quantization.linear import QuantizedLinear
 
