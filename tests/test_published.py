@@ -393,3 +393,25 @@ def test_broken_awq_and_nf4_layers_are_named(tmp_path):
     path = ref.write_checkpoint(tmp_path / "bnb", model, layers, settings)
     with pytest.raises(CheckpointError, match="v_proj.weight.absmax has 3 values, expected 64"):
         load_checkpoint(path)
+
+
+def test_per_row_groups_run_without_the_native_kernel(tmp_path, monkeypatch):
+    """GPTQ group_size -1 (G = in_features, e.g. 160) where PyTorch's int4 kernel, which takes
+    groups of 32..256 only, would otherwise serve (MINICPM_NATIVE=0, other CPUs)."""
+    from minicpm.kernels import qgemm
+
+    monkeypatch.setattr(qgemm, "available", lambda: False)
+    model = tiny()
+    layers, weights = gptq_layers(model, group=-1)
+    path = ref.write_checkpoint(tmp_path / "gptq", model, layers, {**GPTQ_V1, "group_size": -1})
+    loaded, _ = load_checkpoint(path, dtype="float32")
+    kernels = {name: loaded.get_submodule(name).kernel for name in weights}
+    assert kernels["model.layers.0.mlp.down_proj"] == "dequantize"  # 160 columns in one group
+    assert kernels["model.layers.0.self_attn.q_proj"] == "packed"   # 64: PyTorch's kernel takes it
+    for name, w in weights.items():
+        layer = loaded.get_submodule(name).dequantize()
+        if kernels[name] == "dequantize":
+            assert torch.equal(layer, w), name
+        else:  # PyTorch's int4 kernel holds the scales in bf16 (as for every int4 layer of ours)
+            assert rel_error(layer, w) < 4e-3, name
+    assert rel_error(loaded(IDS), reference_model(model, weights)(IDS)) < 2e-2

@@ -46,6 +46,7 @@ from minicpm.kernels import qgemm as native
 
 GROUP_SIZES = (32, 64, 128)
 _INT4_PACK_ROWS = 16  # _convert_weight_to_int4pack_for_cpu wants out_features divisible by this
+_INT4_PACK_GROUPS = (32, 64, 128, 256)  # and _weight_int4pack_mm_for_cpu these groups (GPTQ -1: one per row)
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,7 +193,7 @@ class QuantizedLinear(nn.Module):
         if self.bits == 8:
             return "packed" if _has_op("_weight_int8pack_mm") else "dequantize"
         ok = (_has_op("_weight_int4pack_mm_for_cpu") and _has_op("_convert_weight_to_int4pack_for_cpu")
-              and self.out_features % _INT4_PACK_ROWS == 0)
+              and self.out_features % _INT4_PACK_ROWS == 0 and self.group_size in _INT4_PACK_GROUPS)
         return "packed" if ok else "dequantize"
 
     @classmethod

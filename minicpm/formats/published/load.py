@@ -62,8 +62,9 @@ def load_published(directory: Path, config: MiniCPMConfig, published: Published,
         model = build_model(config, reader.convert(stream, layers), dtype=dtype, device=device, source=source)
     reader.report()
     if reader.repacked:
+        head = reader.repacked.get("lm_head")  # GPTQModel's lm_head: true
         record: dict[str, Any] = {"method": published.method, "layers": reader.repacked,
-                                  "head": "int8" if "lm_head" in reader.repacked else "bf16", "embedding": "float"}
+                                  "head": f"int{head[0]}" if head else "bf16", "embedding": "float"}
         if reader.permuted:
             record["input_perm"] = sorted(reader.permuted)
         model.config = model.config.replace(quantization=record)
