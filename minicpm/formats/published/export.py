@@ -25,7 +25,12 @@ from torch import nn
 
 from minicpm.errors import MiniCPMError
 from minicpm.files import atomic_dir
-from minicpm.formats.hf import ShardWriter, checkpoint_state_dict, write_checkpoint_files
+from minicpm.formats.hf import (
+    ShardWriter,
+    check_writable,
+    checkpoint_state_dict,
+    write_checkpoint_files,
+)
 from minicpm.formats.published.gptq import gptq_tensors, layer_codes, rtn_codes
 from minicpm.quantization import QuantizedLinear, dequantize_model
 
@@ -42,12 +47,14 @@ def write_gptq(model: nn.Module, tokenizer, out: Path, bits: int | None = None, 
                sym: bool | None = None, dtype: torch.dtype = torch.float16, overwrite: bool = False,
                max_shard_bytes: int = 2 * 1024**3) -> Path:
     """Write `model` as a GPTQ v1 checkpoint directory (the model's quantized layers are used up)."""
+    check_writable(Path(out), overwrite)
     targets = gptq_targets(model)
     quantized = any(isinstance(model.get_submodule(n), QuantizedLinear) for n in targets)
     if quantized and (bits, group_size, sym) != (None, None, None):
         raise MiniCPMError("the model is already quantized: --bits/--group-size/--sym choose how float "
                            "weights are quantized; convert the float checkpoint to choose them")
-    bits, group_size, sym = bits or 4, group_size or DEFAULT_GROUP, bool(sym)
+    bits = 4 if bits is None else bits
+    group_size, sym = DEFAULT_GROUP if group_size is None else group_size, bool(sym)
     if bits not in (4, 8):
         raise MiniCPMError(f"GPTQ export writes 4 or 8 bits, got {bits}")
     layers = {name: _layer_tensors(model.get_submodule(name), name, bits, group_size, sym) for name in targets}
