@@ -79,11 +79,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="write a model in another format")
     p.add_argument("src", help="checkpoint directory, .gguf file or hub id")
     p.add_argument("out", help="output directory (or .gguf file)")
-    p.add_argument("--to", required=True, choices=["hf", "llama", "gguf"],
-                   help="hf: MiniCPM format; llama: scalings folded in (LlamaForCausalLM); gguf: llama.cpp")
+    p.add_argument("--to", required=True, choices=["hf", "llama", "gguf", "gptq"],
+                   help="hf: MiniCPM format; llama: scalings folded in (LlamaForCausalLM); gguf: llama.cpp; "
+                   "gptq: GPTQ v1 (transformers/optimum, vLLM)")
     p.add_argument("--dtype", default=None, help="dtype of the written weights (default: as loaded)")
     p.add_argument("--type", default="f16", help="GGUF tensor type: f32, f16, bf16, q8_0, q4_0, q4_k_m "
                    "(llama.cpp's Q4_K_M mix), q6_k (default f16)")
+    p.add_argument("--bits", type=int, default=None, help="gptq, float source: 4 or 8 (default 4)")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="gptq, float source: columns per group, -1 for one per row (default 128)")
+    p.add_argument("--sym", action="store_true", default=None,
+                   help="gptq, float source: symmetric grid (zero point 2^(bits-1)); default asymmetric")
     p.add_argument("--force", action="store_true", help="replace an existing output")
 
     p = sub.add_parser("quantize", help="write a weight-only int8/int4 checkpoint (round-to-nearest)")

@@ -215,7 +215,8 @@ def convert(args: argparse.Namespace) -> int:
     # --type: f32, f16, bf16, q8_0, q4_0, q4_k_m (llama.cpp's Q4_K_M mix), q6_k; checked by
     # run_convert before the model is loaded
     out = run_convert(args.src, args.out, to=args.to, dtype=args.dtype, gguf_type=args.type,
-                      overwrite=args.force, progress=sys.stderr.isatty())
+                      overwrite=args.force, progress=sys.stderr.isatty(), bits=args.bits,
+                      group_size=args.group_size, sym=args.sym)
     print(f"wrote {out} ({args.to}) in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     return 0
 

@@ -46,6 +46,9 @@ def describe(model_arg: str | None) -> dict[str, str]:
         out["experts"] = f"{config.num_experts}, {config.num_experts_per_tok} per token"
     if vision:
         out.update(_vision_facts(vision))
+    quantization = _quantization(path, config) if path.is_dir() else None
+    if quantization:
+        out["quantization"] = quantization
     out["stored dtype"] = stored
     out["size on disk"] = _bytes(size)
     out["memory (bf16 / fp32)"] = f"{_bytes(2 * n)} / {_bytes(4 * n)} for the weights"
@@ -91,6 +94,24 @@ def _hf_facts(path: Path):
     stored = ", ".join(dtypes) if dtypes else (config.torch_dtype or "unknown")
     fmt = f"Hugging Face directory ({kind}, {len(files)} file{'s' * (len(files) > 1)})"
     return config, fmt, stored, sum(f.stat().st_size for f in files)
+
+
+def _quantization(path: Path, config: MiniCPMConfig) -> str | None:
+    """A published format (GPTQ, AWQ, bitsandbytes) and how it loads, or our own record."""
+    from minicpm.formats.published import read_published
+
+    published = read_published(path, config.extra)
+    if published is not None:
+        how = ("dequantized at load (no integer kernel holds its levels)" if published.method == "bitsandbytes"
+               else "repacked at load for the int4/int8 kernels")
+        return f"{published.describe()}; {how}"
+    q = config.quantization
+    if not q:
+        return None
+    if "layers" in q:
+        return f"{q.get('method')}, {len(q['layers'])} quantized layers"
+    group = f", group {q['group_size']}" if q.get("group_size") else ""
+    return f"{q.get('method')} {q.get('bits')}-bit{group}, head {q.get('head')}"
 
 
 def _gguf_facts(path: Path) -> tuple[MiniCPMConfig, str, str]:
