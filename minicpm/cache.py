@@ -179,7 +179,8 @@ class Int8KVCache(KVCache):
         return torch.round(new.float() / scale).to(torch.int8), scale
 
     def _decode(self, codes: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
-        return codes.float() * meta
+        # in place: a prefill chunk dequantizes a whole layer, which should cost one fp32 copy
+        return codes.float().mul_(meta)
 
     def _coded(self) -> tuple[tuple[list[torch.Tensor], list[torch.Tensor]], ...]:
         return (self.keys, self.key_scales), (self.values, self.value_scales)
@@ -238,7 +239,7 @@ class Int4KVCache(Int8KVCache):
     def _decode(self, codes: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
         chunks = codes.unflatten(-1, (-1, 8))
         values = torch.stack([chunks & 15, chunks >> 4], -2).flatten(-3).float()
-        return values * meta[..., :1] + meta[..., 1:]
+        return values.mul_(meta[..., :1]).add_(meta[..., 1:])
 
 
 class SlotStep:
