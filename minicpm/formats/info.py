@@ -46,6 +46,8 @@ def describe(model_arg: str | None) -> dict[str, str]:
         out["experts"] = f"{config.num_experts}, {config.num_experts_per_tok} per token"
     if vision:
         out.update(_vision_facts(vision))
+    if config.quantization:
+        out["quantization"] = _quantization(config.quantization)
     out["stored dtype"] = stored
     out["size on disk"] = _bytes(size)
     out["memory (bf16 / fp32)"] = f"{_bytes(2 * n)} / {_bytes(4 * n)} for the weights"
@@ -67,6 +69,19 @@ def _vision_facts(config) -> dict[str, str]:
                           f"{config.scale_resolution}x{config.scale_resolution}" if config.slice_mode
                           else "off (one image, resized)"),
     }
+
+
+def _quantization(record: dict) -> str:
+    """One line for config.json's `quantization` record (ours, or a GGUF model's per-layer mix)."""
+    if record.get("method") != "rtn":
+        return f"{record.get('method')} ({len(record.get('layers', {}))} layers listed)"
+    group = f", group {record['group_size']}" if record.get("bits") == 4 else ""
+    parts = [f"decoder int{record.get('bits')} (round-to-nearest{group})", f"head {record.get('head', 'int8')}"]
+    if record.get("embedding") == "head":
+        parts.append("embedding reads the head's table")
+    if "vision" in record:
+        parts.append("vision blocks int8" if record["vision"] == "int8" else "vision tower as stored")
+    return "; ".join(parts)
 
 
 def _hf_facts(path: Path):
