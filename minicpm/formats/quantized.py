@@ -37,7 +37,6 @@ from minicpm.tokenizer import Tokenizer
 from minicpm.vision import MiniCPMV, MiniCPMVConfig
 from minicpm.vision.loading import VISION_PREFIXES, vision_linears
 
-
 VISION_FORMS = ("bf16", "int8")
 
 
