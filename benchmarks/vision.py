@@ -176,8 +176,9 @@ def bench_official(code: Path, cache: Path, precision: str, repeats: int, prompt
     official = importlib.import_module(f"{code.name}.modeling_minicpmv")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
     start = time.perf_counter()
+    # then .to(dtype), as the model card does: the resampler's pos_embed is made in fp32
     model = official.MiniCPMV.from_pretrained(str(cache / FLOAT_DIR), torch_dtype=dtype,
-                                              low_cpu_mem_usage=True).eval()
+                                              low_cpu_mem_usage=True).to(dtype=dtype).eval()
     result = {"load": time.perf_counter() - start}
     config = model.config
 
