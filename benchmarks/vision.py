@@ -156,14 +156,7 @@ def bench_ours(cache: Path, precision: str, repeats: int, prompt: dict) -> dict:
                        image_bound=[torch.tensor(p["bounds"])], cache=cache, last_only=True)
         return int(logits[0, -1].argmax())
 
-    with torch.inference_mode():
-        model.get_vision_embedding(pixels(bench_image(448, 448)))  # warm-up
-        for name, p in prompt.items():
-            image = bench_image(*p["size"])
-            ready = pixels(image)
-            result[f"encode {name}"] = best_of(repeats, lambda: model.get_vision_embedding(ready))
-            result[f"first token {name}"] = best_of(repeats, lambda: first_token(image, p))
-    return result
+    return {**result, **timings(model, pixels, first_token, repeats, prompt)}
 
 
 def bench_official(code: Path, cache: Path, precision: str, repeats: int, prompt: dict) -> dict:
@@ -195,6 +188,15 @@ def bench_official(code: Path, cache: Path, precision: str, repeats: int, prompt
         out = model.llm.generate(inputs_embeds=embeds, max_new_tokens=1, do_sample=False, pad_token_id=0)
         return int(out[0, -1])
 
+    return {**result, **timings(model, pixels, first_token, repeats, prompt)}
+
+
+def timings(model, pixels, first_token, repeats: int, prompt: dict) -> dict:
+    """Encode and first-token times per image, either engine: `pixels(image)` gives its slices'
+    pixel values, `first_token(image, prompt)` runs a chat turn's first token."""
+    import torch
+
+    result = {}
     with torch.inference_mode():
         model.get_vision_embedding(pixels(bench_image(448, 448)))  # warm-up
         for name, p in prompt.items():
