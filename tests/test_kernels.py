@@ -11,7 +11,14 @@ import torch
 import torch.nn.functional as F
 
 from minicpm.kernels.attention import decode_attention
-from minicpm.kernels.linear import KERNEL, KERNEL_F32, MAX_ROWS, linear_bf16, linear_f32, linear_onednn
+from minicpm.kernels.linear import (
+    KERNEL,
+    KERNEL_F32,
+    MAX_ROWS,
+    linear_bf16,
+    linear_f32,
+    linear_onednn,
+)
 
 
 @pytest.mark.parametrize("n,k", [(7, 33), (64, 64), (100, 1000), (1536, 3840)])
