@@ -1,4 +1,4 @@
-"""KV caches: preallocated keys and values for every layer, in the model's dtype or as int8.
+"""KV caches: preallocated keys and values for every layer, in the model's dtype, int8 or int4.
 
 One cache serves two ways of decoding: a batch advancing in lockstep (`generate`, chat) and
 independent slots at their own lengths (the serving engine's continuous batching, through
@@ -33,12 +33,15 @@ class KVCache:
                  dtype: torch.dtype = torch.float32, device: Any = None):
         self.shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
         self.dtype = dtype  # of the keys/values handed to attention
-        # empty, not zeros: slots past `length` are never read, and untouched pages of a long
-        # context cost no memory until they are written
-        self.keys = self._allocate(config.num_hidden_layers, self.shape, dtype, device)
-        self.values = self._allocate(config.num_hidden_layers, self.shape, dtype, device)
         self.max_len = max_len
         self.length = 0
+        self._allocate_stores(config.num_hidden_layers, device)
+
+    def _allocate_stores(self, layers: int, device: Any) -> None:
+        # empty, not zeros: slots past `length` are never read, and untouched pages of a long
+        # context cost no memory until they are written
+        self.keys = self._allocate(layers, self.shape, self.dtype, device)
+        self.values = self._allocate(layers, self.shape, self.dtype, device)
 
     @staticmethod
     def _allocate(layers: int, shape: tuple, dtype: torch.dtype, device: Any) -> list[torch.Tensor]:
@@ -152,24 +155,31 @@ class Int8KVCache(KVCache):
     MiniCPM-2B has no GQA, so its bf16 cache takes 0.37 MB per token (750 MB at 2k tokens);
     the int8 one 0.2 MB. Symmetric absmax rounding per head vector, as llama.cpp's q8_0 cache
     does per 32 values. The native decode kernel reads the codes directly; PyTorch's attention
-    (prefill, or no native kernel) gets dequantized copies of the layer it works on.
+    (prefill, or no native kernel) gets dequantized copies of the layer it works on, so a
+    prefill chunk attends to its own keys as they were stored, as later tokens will.
     """
 
     STORES = ("keys", "values", "key_scales", "value_scales")
+    CODES = torch.int8  # what attention.c's kind and decode.c's cache writes key on
+    META = 1  # fp32 numbers per (token, head): the scale
 
-    def __init__(self, config: MiniCPMConfig, batch_size: int, max_len: int,
-                 dtype: torch.dtype = torch.float32, device: Any = None):
-        super().__init__(config, batch_size, max_len, torch.int8, device)
-        self.dtype = dtype
-        scale_shape = self.shape[:3] + (1,)  # fp32: what the native kernel reads, 6% of the codes
-        self.key_scales = self._allocate(config.num_hidden_layers, scale_shape, torch.float32, device)
-        self.value_scales = self._allocate(config.num_hidden_layers, scale_shape, torch.float32, device)
+    def _allocate_stores(self, layers: int, device: Any) -> None:
+        self.keys = self._allocate(layers, self.code_shape(), self.CODES, device)
+        self.values = self._allocate(layers, self.code_shape(), self.CODES, device)
+        meta = self.shape[:3] + (self.META,)  # fp32: what the native kernel reads, 6% of the codes
+        self.key_scales = self._allocate(layers, meta, torch.float32, device)
+        self.value_scales = self._allocate(layers, meta, torch.float32, device)
 
-    @staticmethod
-    def _quantize(new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def code_shape(self) -> tuple[int, ...]:
+        return self.shape
+
+    def _quantize(self, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """int8 codes and fp32 scales [..., 1] of head vectors [..., D]."""
         scale = (new.abs().amax(-1, keepdim=True).float() / 127).clamp(min=1e-8)
         return torch.round(new.float() / scale).to(torch.int8), scale
+
+    def _decode(self, codes: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+        return codes.float() * meta
 
     def _coded(self) -> tuple[tuple[list[torch.Tensor], list[torch.Tensor]], ...]:
         return (self.keys, self.key_scales), (self.values, self.value_scales)
@@ -192,11 +202,43 @@ class Int8KVCache(KVCache):
         return self._dequantized(layer, (slice(slot, slot + 1), slice(None), slice(start, end)))
 
     def _dequantized(self, layer: int, part: tuple[slice, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        return tuple((store[layer][part].float() * scales[layer][part]).to(self.dtype)
+        return tuple(self._decode(store[layer][part], scales[layer][part]).to(self.dtype)
                      for store, scales in self._coded())
 
     def _scales(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.key_scales[layer], self.value_scales[layer]
+
+
+class Int4KVCache(Int8KVCache):
+    """Keys and values as 4-bit codes with a scale and a minimum per (token, head): a quarter
+    of a bf16 cache plus 8 bytes per head vector (MiniCPM-2B: 0.12 MB per token).
+
+    Asymmetric rounding, value = code * scale + min with codes 0..15: a head vector's range
+    rarely sits around zero, and the minimum buys back the bit a sign would cost. Each 16
+    values of a head vector take 8 bytes, byte j holding value j (low nibble) and value j + 8
+    (high nibble), so the native kernel widens 16 codes with two masks and one unpack.
+    """
+
+    CODES = torch.uint8
+    META = 2  # scale, min
+
+    def code_shape(self) -> tuple[int, ...]:
+        return self.shape[:3] + (self.shape[3] // 2,)
+
+    def _quantize(self, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Packed codes [..., D/2] and fp32 (scale, min) [..., 2] of head vectors [..., D]."""
+        x = new.float()
+        low, high = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+        scale = ((high - low) / 15).clamp(min=1e-8)
+        codes = torch.round((x - low) / scale).clamp(0, 15).to(torch.uint8)
+        pairs = codes.unflatten(-1, (-1, 2, 8))  # [..., D/16, (low, high), 8]
+        packed = (pairs[..., 0, :] | (pairs[..., 1, :] << 4)).flatten(-2)
+        return packed, torch.cat([scale, low], -1)
+
+    def _decode(self, codes: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+        chunks = codes.unflatten(-1, (-1, 8))
+        values = torch.stack([chunks & 15, chunks >> 4], -2).flatten(-3).float()
+        return values * meta[..., :1] + meta[..., 1:]
 
 
 class SlotStep:
@@ -217,13 +259,17 @@ class SlotStep:
         return self.cache.attend_rows(layer, q, self.rows, self.starts, self.ends, self.bound)
 
 
-KV_CACHE_DTYPES = ("auto", "int8")
+KV_CACHE_DTYPES = ("auto", "int8", "int4")
+_QUANTIZED_CACHES = {"int8": Int8KVCache, "int4": Int4KVCache}
 
 
 def make_cache(config: MiniCPMConfig, batch_size: int, max_len: int, kind: str = "auto",
                dtype: torch.dtype = torch.float32, device: Any = None) -> KVCache:
-    """An empty cache; `kind` "auto" stores keys/values in `dtype`, "int8" halves the memory."""
+    """An empty cache; `kind` "auto" stores keys/values in `dtype`, "int8" in about half the
+    memory of bf16, "int4" in about a quarter."""
     if kind not in KV_CACHE_DTYPES:
         raise ValueError(f"KV cache dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {kind!r}")
-    cls = Int8KVCache if kind == "int8" else KVCache
+    if kind == "int4" and config.head_dim % 16:
+        raise ValueError(f"an int4 KV cache needs a head_dim that is a multiple of 16, not {config.head_dim}")
+    cls = _QUANTIZED_CACHES.get(kind, KVCache)
     return cls(config, batch_size, max_len, dtype=dtype, device=device)

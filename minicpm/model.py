@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from minicpm.cache import Int8KVCache, KVCache, SlotStep, make_cache
+from minicpm.cache import Int4KVCache, Int8KVCache, KVCache, SlotStep, make_cache
 from minicpm.config import MiniCPMConfig
 from minicpm.kernels.attention import attention
 from minicpm.kernels.decode import NativeDecoder
@@ -287,7 +287,7 @@ class MiniCPMForCausalLM(nn.Module):
                        mask: torch.Tensor | None = None) -> torch.Tensor | None:
         """x after every layer by the native decode step, or None where it does not serve (see
         NativeDecoder.run); then nothing was written and the Python layers run."""
-        if not self.native_decode or torch.is_grad_enabled() or type(cache) not in (KVCache, Int8KVCache):
+        if not self.native_decode or torch.is_grad_enabled() or type(cache) not in (KVCache, Int8KVCache, Int4KVCache):
             return None
         native = self._native
         if native is None or not native.describes(self):  # first step, or a projection was swapped
@@ -362,10 +362,13 @@ class MiniCPMForCausalLM(nn.Module):
         """fp32 logits of final-norm hidden states (what `forward(..., hidden=True)` returns)."""
         return self.lm_head(hidden / self.config.logit_scale).float()
 
-    def prefill_slot(self, input_ids: torch.Tensor, cache: KVCache, slot: int, start: int,
-                     last_only: bool = True) -> torch.Tensor:
-        """Run ids [S] as positions [start, start + S) of one cache row ("slot") that already
-        holds `start` positions; logits [S, vocab] (or [1, vocab] with `last_only`)."""
+    def prefill_slot(self, input_ids: torch.Tensor | None, cache: KVCache, slot: int, start: int,
+                     last_only: bool = True, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Run ids [S] (or input embeddings [S, hidden], used as given: a prompt with images)
+        as positions [start, start + S) of one cache row ("slot") that already holds `start`
+        positions; logits [S, vocab] (or [1, vocab] with `last_only`)."""
+        if inputs_embeds is not None:
+            return self(inputs_embeds=inputs_embeds[None], cache=cache.view(slot, start), last_only=last_only)[0]
         return self(input_ids[None], cache=cache.view(slot, start), last_only=last_only)[0]
 
     def decode_slots(self, input_ids: torch.Tensor, cache: KVCache, rows: torch.Tensor,

@@ -71,6 +71,58 @@ def save_tiny_checkpoint(directory: Path, dtype=torch.bfloat16, context: int = 2
     return save_pretrained(model, tokenizer, directory / "tiny-minicpm")
 
 
+def pattern(w: int, h: int):
+    """The MiniCPM-V fixtures' test image: deterministic integer arithmetic (see fixtures/minicpmv/README)."""
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:h, 0:w].astype(np.int64)
+    r = (x * x * 7 + y * 13 + x * y * 5) % 256
+    g = (x * 11 + y * y * 3 + (x ^ y) * 17) % 256
+    b = ((x + 2 * y) * 29 + (x * y) // 7) % 256
+    return Image.fromarray(np.stack([r, g, b], -1).astype(np.uint8), "RGB")
+
+
+# MiniCPM-V's added tokens, at the released ids
+V_TOKENS = {101: "<image>", 102: "</image>", 103: "<ref>", 104: "</ref>", 105: "<box>", 106: "</box>",
+            107: "<quad>", 108: "</quad>", 109: "<point>", 110: "</point>", 111: "<slice>", 112: "</slice>"}
+
+
+def v_tokenizer(directory: Path):
+    """The fixture SentencePiece tokenizer with MiniCPM-V's added tokens at their ids."""
+    import json
+
+    from minicpm.tokenizer import Tokenizer
+
+    source = FIXTURES / "tokenizers" / "minicpm-spm"
+    directory.mkdir(parents=True, exist_ok=True)
+    for f in source.iterdir():
+        (directory / f.name).write_bytes(f.read_bytes())
+    config = json.loads((source / "tokenizer_config.json").read_text())
+    for token_id, text in V_TOKENS.items():
+        config["added_tokens_decoder"][str(token_id)] = {
+            "content": text, "lstrip": False, "normalized": False, "rstrip": False,
+            "single_word": False, "special": True}
+    config["additional_special_tokens"] = list(V_TOKENS.values())
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False))
+    return Tokenizer.from_pretrained(directory)
+
+
+def save_tiny_v_checkpoint(directory: Path, dtype=torch.float32, seed: int = 5, **save) -> Path:
+    """A seeded random tiny MiniCPM-V (the sizes of fixtures/minicpmv) with the fixture
+    tokenizer's vocabulary and MiniCPM-V's added tokens, saved as `directory`/tiny-minicpmv."""
+    import json
+
+    from minicpm.formats.hf import save_pretrained
+    from minicpm.vision import MiniCPMVConfig, random_minicpmv
+
+    tokenizer = v_tokenizer(directory / "tokenizer")
+    raw = json.loads((FIXTURES / "minicpmv" / "config.json").read_text())
+    config = MiniCPMVConfig.from_hf({**raw, "vocab_size": tokenizer.vocab_size})
+    return save_pretrained(random_minicpmv(config, seed=seed, dtype=dtype), tokenizer, directory / "tiny-minicpmv",
+                           **save)
+
+
 @pytest.fixture
 def tiny_checkpoint(tmp_path) -> Path:
     """A saved tiny float32 checkpoint (see `save_tiny_checkpoint`)."""

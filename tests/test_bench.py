@@ -71,8 +71,11 @@ def test_ours_cases_load_the_prepared_quantized_checkpoint(tmp_path):
     assert speed["new_tokens"] == cases.NEW_TOKENS and speed["rss"] > 0 and speed["weight_bytes"] > 0
     ctx = process.run_case("ours", "int4", tmp_path, threads=1, timeout=300, mode="ctx")
     assert isinstance(ctx, dict), ctx
-    assert ctx["new_tokens"] == cases.CTX_NEW and ctx["context"] == cases.CTX and ctx["kv"] in ("int8", "bf16")
+    assert ctx["new_tokens"] == cases.CTX_NEW and ctx["context"] == cases.CTX and ctx["kv"] == "int8"
     assert cases.CTX_PROMPT + cases.CTX_NEW == cases.CTX
+    ctx4 = process.run_case("ours", "int4" + cases.INT4_KV4, tmp_path, threads=1, timeout=300, mode="ctx")
+    assert isinstance(ctx4, dict), ctx4
+    assert ctx4["kv"] == "int4" and ctx4["new_tokens"] == cases.CTX_NEW
 
 
 def test_memory_table():

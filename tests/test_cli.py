@@ -40,6 +40,26 @@ def test_help_is_instant_and_imports_no_torch():
     assert probe.stdout.strip() == "False"
 
 
+def test_kv_cache_choices_are_the_cache_kinds():
+    from minicpm.cache import KV_CACHE_DTYPES
+    from minicpm.cli.options import KV_CACHE_CHOICES
+
+    assert KV_CACHE_CHOICES == KV_CACHE_DTYPES
+
+
+def test_generate_with_an_int4_kv_cache(tiny_checkpoint):
+    from minicpm import load
+
+    model, tokenizer = load(str(tiny_checkpoint))
+    model.kv_cache_dtype = "int4"
+    ids = tokenizer.encode("The capital of France is")
+    expected = tokenizer.decode(model.generate(ids, max_new_tokens=6), skip_special_tokens=True)
+    result = run("generate", tiny_checkpoint, "--prompt", "The capital of France is", "--raw",
+                 "--max-new-tokens", 6, "--kv-cache", "int4", "--temperature", 0)
+    assert result.returncode == 0, result.stderr
+    assert expected.strip() and expected.strip() in result.stdout
+
+
 def test_the_default_model_has_names(tiny_checkpoint, monkeypatch):
     from minicpm.loading import DEFAULT_MODEL_FILE, DEFAULT_MODEL_NAME
 
@@ -165,3 +185,65 @@ def test_convert_quantized_gguf_and_quantized_checkpoint(tmp_path, tiny_checkpoi
     assert run("quantize", tiny_checkpoint, tmp_path / "q4").returncode == 0
     result = run("convert", tmp_path / "q4", tmp_path / "again.gguf", "--to", "gguf")
     assert_clean_error(result, "is quantized")
+
+
+# --- images (MiniCPM-V) ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def v_checkpoint(tmp_path_factory):
+    """A tiny MiniCPM-V with a tokenizer, and a 300x200 photo that reads as 7 slices."""
+    from tests.conftest import pattern, save_tiny_v_checkpoint
+
+    root = tmp_path_factory.mktemp("vcli")
+    pattern(300, 200).save(root / "photo.png")
+    (root / "notes.jpg").write_text("not a picture")
+    return save_tiny_v_checkpoint(root), root / "photo.png"
+
+
+def test_generate_with_an_image_matches_the_library(v_checkpoint):
+    from PIL import Image
+
+    from minicpm import load
+    from minicpm.vision.chat import stream_chat
+
+    path, photo = v_checkpoint
+    result = run("generate", path, "--image", photo, "--prompt", "What is this?", "--prompt", "And this?",
+                 "--max-new-tokens", 8)
+    assert result.returncode == 0, result.stderr
+    assert "encoding image" in result.stderr and "7/7" in result.stderr  # the progress over the slices
+    model, tokenizer = load(str(path))
+    for prompt in ("What is this?", "And this?"):
+        reply = "".join(stream_chat(model, tokenizer, Image.open(photo), [{"role": "user", "content": prompt}],
+                                    temperature=0, max_new_tokens=8)).strip()
+        assert f"### {prompt}\n{reply}\n" in result.stdout
+
+
+def test_chat_with_an_image_and_the_image_command(v_checkpoint):
+    path, photo = v_checkpoint
+    script = (f"describe it\nand the colours?\n/image {photo.parent / 'notes.jpg'}\nstill here\n"
+              f"/image\nno picture now\n/image {photo}\nagain\n/exit\n")
+    result = run("chat", path, "--image", photo, "--max-new-tokens", 4, "--seed", 0, stdin=script)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert result.stdout.count("tok/s") == 5
+    # the follow-up reused the image's prompt; the bad file changed nothing; no image: a short prompt
+    prompts = [(int(a), int(b)) for a, b in re.findall(r"prompt (\d+) tokens, (\d+) cached", result.stdout)]
+    assert prompts[1][1] > 7 * 16 and prompts[2][1] > 7 * 16
+    assert prompts[3][0] < 7 * 16 < prompts[4][0]
+    assert "error: " in result.stdout and "notes.jpg is not an image" in result.stdout
+    assert "(image photo.png, 300x200, read as 7 slices; new conversation)" in result.stdout
+    assert result.stderr.count("encoding image:   0%") == 2  # once per image, not per turn
+
+
+def test_image_bad_input_is_one_clear_line(v_checkpoint, tiny_checkpoint, tmp_path):
+    path, photo = v_checkpoint
+    notes = photo.parent / "notes.jpg"
+    assert_clean_error(run("chat", tiny_checkpoint, "--image", photo, stdin="hi\n"), "text-only model")
+    assert_clean_error(run("generate", tiny_checkpoint, "--image", photo, "--prompt", "hi"), "text-only model")
+    assert_clean_error(run("generate", path, "--image", notes, "--prompt", "hi"), "notes.jpg is not an image")
+    assert_clean_error(run("chat", path, "--image", tmp_path / "gone.png"), "not found")
+    assert_clean_error(run("generate", path, "--image", photo, "--prompt", "hi", "--raw"), "--raw")
+    assert_clean_error(run("chat", path, "--system", "be brief"), "no system message")
+    # a text model's chat says so for /image and goes on
+    result = run("chat", tiny_checkpoint, "--max-new-tokens", 2, stdin=f"/image {photo}\nhello\n")
+    assert result.returncode == 0 and "error: this is a text-only model" in result.stdout
+    assert result.stdout.count("tok/s") == 1

@@ -69,7 +69,7 @@ def test_bf16_moe_within_tolerance():
     _compare(random_model(variant_config("moe"), dtype=torch.bfloat16), 3e-2, steps=4)
 
 
-def test_bias_and_int8_cache():
+def test_bias_and_coded_caches():
     config = variant_config("1b", attention_bias=True, mlp_bias=True)
     model = random_model(config)
     with torch.no_grad():
@@ -77,8 +77,9 @@ def test_bias_and_int8_cache():
             if getattr(module, "bias", None) is not None:
                 module.bias.normal_(0, 0.3)
     _compare(model, FP32)
-    _compare(model, FP32, kv="int8")
-    _compare(random_model(config, dtype=torch.bfloat16), 0, kv="int8")
+    for kv in ("int8", "int4"):  # the step writes codes as the Python cache does, bit for bit
+        _compare(model, FP32, kv=kv)
+        _compare(random_model(config, dtype=torch.bfloat16), 0, kv=kv)
 
 
 @pytest.mark.parametrize("bits,dtype", [(4, torch.float32), (8, torch.float32), (4, torch.bfloat16)])

@@ -128,16 +128,20 @@ def test_seeded_sampling_alone_equals_batched(bf16_model):
     assert tokens(run_alone(engine, unseeded)) != alone[0]  # the seed matters
 
 
-def test_int8_kv_cache_slots(bf16_model):
-    engine = Engine(bf16_model, max_batch=4, kv_dtype="int8")
+# int8 keeps the greedy tokens of this random model; int4 may flip a near tie (top logprobs
+# here are about -5.7 over a 2k vocabulary), so it is held to the top logprob only
+@pytest.mark.parametrize("kind,close", [("int8", 0.05), ("int4", 0.5)])
+def test_coded_kv_cache_slots(bf16_model, kind, close):
+    engine = Engine(bf16_model, max_batch=4, kv_dtype=kind)
     requests = [Request(prompt(4 + 5 * i, seed=20 + i), greedy(8), logprobs=1) for i in range(4)]
     alone = [run_alone(engine, r) for r in requests]
     together = [list(s) for s in drive(engine, {0: requests[:2], 3: requests[2:]})]
     assert [[e.logprob for e in s] for s in together] == [[e.logprob for e in s] for s in alone]
     plain = [run_alone(Engine(bf16_model, max_batch=1), r) for r in requests]
-    for int8, exact in zip(alone, plain):  # int8 rounding: close to the exact cache's step
-        assert int8[0].token_id == exact[0].token_id
-        assert int8[1].logprob.top[0][1] == pytest.approx(exact[1].logprob.top[0][1], abs=0.05)
+    for coded, exact in zip(alone, plain):  # rounded keys/values: close to the exact cache's step
+        assert kind == "int4" or coded[0].token_id == exact[0].token_id
+        for step in (0, 1):
+            assert coded[step].logprob.top[0][1] == pytest.approx(exact[step].logprob.top[0][1], abs=close)
 
 
 # ---------------------------------------------------------------- scheduling

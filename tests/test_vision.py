@@ -17,34 +17,22 @@ from safetensors.torch import load_file
 
 import minicpm
 from minicpm.errors import MiniCPMError
-from minicpm.tokenizer import Tokenizer
 from minicpm.vision import (
     MiniCPMV,
     MiniCPMVConfig,
     image_placeholder,
     load_image,
-    random_minicpmv,
     slice_image,
     to_pixel_values,
 )
 from minicpm.vision.beam import beam_search
 from minicpm.vision.image import sliced_images
 from minicpm.vision.prompt import chat_prompt
+from tests.conftest import pattern, save_tiny_v_checkpoint
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REFERENCE = FIXTURES / "minicpmv"
 EXPECTED = json.loads((REFERENCE / "expected.json").read_text())
-V_TOKENS = {101: "<image>", 102: "</image>", 103: "<ref>", 104: "</ref>", 105: "<box>", 106: "</box>",
-            107: "<quad>", 108: "</quad>", 109: "<point>", 110: "</point>", 111: "<slice>", 112: "</slice>"}
-
-
-def pattern(w: int, h: int) -> Image.Image:
-    """The fixtures' test image: deterministic integer arithmetic (see fixtures/minicpmv/README)."""
-    y, x = np.mgrid[0:h, 0:w].astype(np.int64)
-    r = (x * x * 7 + y * 13 + x * y * 5) % 256
-    g = (x * 11 + y * y * 3 + (x ^ y) * 17) % 256
-    b = ((x + 2 * y) * 29 + (x * y) // 7) % 256
-    return Image.fromarray(np.stack([r, g, b], -1).astype(np.uint8), "RGB")
 
 
 def digest(image: Image.Image) -> str:
@@ -209,33 +197,13 @@ def test_an_animated_gif_is_refused_a_still_one_read():
 
 
 # --- chat ----------------------------------------------------------------------------------------
-def v_tokenizer(directory: Path) -> Tokenizer:
-    """The fixture SentencePiece tokenizer with MiniCPM-V's added tokens at their ids."""
-    source = FIXTURES / "tokenizers" / "minicpm-spm"
-    directory.mkdir(parents=True, exist_ok=True)
-    for f in source.iterdir():
-        (directory / f.name).write_bytes(f.read_bytes())
-    config = json.loads((source / "tokenizer_config.json").read_text())
-    for token_id, text in V_TOKENS.items():
-        config["added_tokens_decoder"][str(token_id)] = {
-            "content": text, "lstrip": False, "normalized": False, "rstrip": False,
-            "single_word": False, "special": True}
-    config["additional_special_tokens"] = list(V_TOKENS.values())
-    (directory / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False))
-    return Tokenizer.from_pretrained(directory)
-
-
 @pytest.fixture(scope="module")
 def chat_model(tmp_path_factory):
     """A random tiny MiniCPM-V with the fixture tokenizer's vocabulary, saved in shards and
     loaded back through minicpm.load."""
-    root = tmp_path_factory.mktemp("v")
-    tokenizer = v_tokenizer(root / "tok")
-    raw = json.loads((REFERENCE / "config.json").read_text())
-    config = MiniCPMVConfig.from_hf({**raw, "vocab_size": tokenizer.vocab_size})
-    minicpm.save(random_minicpmv(config, seed=5), tokenizer, root / "ckpt", max_shard_bytes=1_500_000)
-    assert (root / "ckpt" / "model.safetensors.index.json").exists()
-    return minicpm.load(str(root / "ckpt"), dtype="float32")
+    path = save_tiny_v_checkpoint(tmp_path_factory.mktemp("v"), max_shard_bytes=1_500_000)
+    assert (path / "model.safetensors.index.json").exists()
+    return minicpm.load(str(path), dtype="float32")
 
 
 @pytest.fixture

@@ -157,7 +157,7 @@ def test_sharded_release_layout_round_trips(tmp_path):
         assert torch.equal(again(ids, pixels, bounds), model(ids, pixels, bounds))
 
 
-@pytest.mark.parametrize("target", ["gguf", "llama"])
+@pytest.mark.parametrize("target", ["gguf", "llama", "gptq"])
 def test_convert_v_to_other_formats_is_refused(tmp_path, target):
     out = tmp_path / ("out.gguf" if target == "gguf" else "out")
     assert_clean_error(run("convert", REFERENCE, out, "--to", target), "MiniCPM-V", "use --to hf")

@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import save_tiny_checkpoint
+from tests.conftest import pattern, save_tiny_checkpoint, save_tiny_v_checkpoint
 from tests.server_process import start_server, stop_server
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -20,11 +20,16 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None,
 KEY = "sk-page"
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    proc, url = start_server(save_tiny_checkpoint(tmp_path_factory.mktemp("webchat")), "--api-key", KEY)
+def serving(checkpoint):
+    """A fixture's body: the URL of a server on `checkpoint` while the module's tests run."""
+    proc, url = start_server(checkpoint, "--api-key", KEY)
     yield url
     stop_server(proc)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    yield from serving(save_tiny_checkpoint(tmp_path_factory.mktemp("webchat")))
 
 
 @pytest.fixture(scope="module")
@@ -149,3 +154,106 @@ def test_wrong_key_shows_the_servers_error(browser, server):
     # the failed turn is taken back and its text returned to the input box
     assert not turns(browser, "assistant") and not turns(browser, "user")
     assert browser.find_element(By.ID, "prompt").get_attribute("value") == "hi"
+
+
+# --- images: attach button, paste, drag-and-drop ---------------------------------------------------
+RECORD_REQUESTS = """
+window.sentBodies = [];
+const originalFetch = window.fetch;
+window.fetch = (url, options) => {
+  if (String(url).endsWith('/v1/chat/completions')) window.sentBodies.push(JSON.parse(options.body));
+  return originalFetch(url, options);
+};"""
+
+# a synthetic paste or drop of one PNG (base64 in arguments[0]) on an element (arguments[1])
+SYNTHETIC_EVENT = """
+const bytes = Uint8Array.from(atob(arguments[0]), (c) => c.charCodeAt(0));
+const transfer = new DataTransfer();
+transfer.items.add(new File([bytes], arguments[2], {type: arguments[3]}));
+const event = arguments[4] === 'paste'
+  ? new ClipboardEvent('paste', {clipboardData: transfer, bubbles: true, cancelable: true})
+  : new DragEvent('drop', {dataTransfer: transfer, bubbles: true, cancelable: true});
+arguments[1].dispatchEvent(event);"""
+
+
+@pytest.fixture(scope="module")
+def v_server(tmp_path_factory):
+    yield from serving(save_tiny_v_checkpoint(tmp_path_factory.mktemp("webchat-v")))
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory):
+    path = tmp_path_factory.mktemp("photos") / "photo.png"
+    pattern(300, 200).save(path)
+    return path
+
+
+def attached(browser) -> int:
+    from selenium.webdriver.common.by import By
+
+    return len(browser.find_elements(By.CSS_SELECTOR, "#attachments img"))
+
+
+def images_seen(server: str) -> int:
+    return httpx.get(f"{server}/health").json()["images"]
+
+
+def test_attach_paste_and_drop_send_images(browser, v_server, photo):
+    import base64
+
+    from selenium.webdriver.common.by import By
+
+    open_page(browser, v_server, KEY)
+    wait_for(lambda: browser.find_element(By.ID, "model").text == "tiny-minicpmv", what="the model name")
+    browser.execute_script(RECORD_REQUESTS)
+    set_field(browser, "temperature", "0")
+    set_field(browser, "max_tokens", "6")
+    seen = images_seen(v_server)
+
+    browser.find_element(By.ID, "image_file").send_keys(str(photo))  # what the attach button opens
+    wait_for(lambda: attached(browser) == 1, what="the attached image's preview")
+    ask(browser, "What is in the picture?")
+    wait_for(lambda: turns(browser, "assistant") and turns(browser, "assistant")[-1]
+             .find_element(By.CLASS_NAME, "stats").text, what="the reply")
+    assert turns(browser, "assistant")[-1].find_element(By.CLASS_NAME, "text").text
+    assert attached(browser) == 0 and len(turns(browser, "user")[-1].find_elements(By.TAG_NAME, "img")) == 1
+    sent = browser.execute_script("return window.sentBodies")[-1]["messages"][-1]["content"]
+    assert sent[0] == {"type": "text", "text": "What is in the picture?"}
+    assert sent[1]["type"] == "image_url" and sent[1]["image_url"]["url"].startswith("data:image/png;base64,")
+    assert base64.b64decode(sent[1]["image_url"]["url"].split(",", 1)[1]) == photo.read_bytes()
+    assert images_seen(v_server) == seen + 1  # the server read it
+
+    browser.find_element(By.ID, "new-chat").click()
+    png = base64.b64encode(photo.read_bytes()).decode()
+    browser.execute_script(SYNTHETIC_EVENT, png, browser.find_element(By.ID, "prompt"), "pasted.png", "image/png",
+                           "paste")
+    wait_for(lambda: attached(browser) == 1, what="the pasted image")
+    browser.execute_script(SYNTHETIC_EVENT, png, browser.find_element(By.ID, "composer"), "dropped.png", "image/png",
+                           "drop")
+    wait_for(lambda: attached(browser) == 2, what="the dropped image")
+    browser.execute_script(SYNTHETIC_EVENT, base64.b64encode(b"notes").decode(),
+                           browser.find_element(By.ID, "composer"), "notes.txt", "text/plain", "drop")
+    wait_for(lambda: "notes.txt is not an image" in browser.find_element(By.ID, "error").text,
+             what="the refusal of a dropped text file")
+    assert attached(browser) == 2
+    ask(browser, "Compare them")
+    wait_for(lambda: len(turns(browser, "assistant")) == 1 and turns(browser, "assistant")[-1]
+             .find_element(By.CLASS_NAME, "stats").text, what="the second reply")
+    sent = browser.execute_script("return window.sentBodies")[-1]["messages"]
+    assert len(sent) == 1 and [p["type"] for p in sent[0]["content"]] == ["text", "image_url", "image_url"]
+    assert images_seen(v_server) == seen + 3
+
+
+def test_an_image_to_a_text_model_shows_the_servers_error(browser, server, photo):
+    from selenium.webdriver.common.by import By
+
+    open_page(browser, server, KEY)
+    wait_for(lambda: browser.find_element(By.ID, "model").text == "tiny-minicpm", what="the model name")
+    browser.find_element(By.ID, "image_file").send_keys(str(photo))
+    wait_for(lambda: attached(browser) == 1, what="the attached image's preview")
+    ask(browser, "What is this?")
+    error = wait_for(lambda: browser.find_element(By.ID, "error").text, what="the server's error")
+    assert "reads text only" in error
+    # the turn is taken back: its text and image wait to be sent again
+    assert not turns(browser, "user") and attached(browser) == 1
+    assert browser.find_element(By.ID, "prompt").get_attribute("value") == "What is this?"

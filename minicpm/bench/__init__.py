@@ -18,8 +18,9 @@ bandwidth is measured too; decode is also given as a fraction of the bandwidth-b
 Random networks: speeds are real, the text is noise.
 
 A second table is the memory target "chat with a 2k context": peak RSS of ours int4 (int8 KV
-cache where the model offers one) and llama.cpp q4_0 (n_ctx 2048, its default f16 KV cache)
-prefilling the same CTX_PROMPT-token prompt and decoding CTX_NEW tokens, filling the context.
+cache where the model offers one, and int4 layers, head and KV cache as the least memory) and
+llama.cpp q4_0 (n_ctx 2048, its default f16 KV cache) prefilling the same CTX_PROMPT-token prompt
+and decoding CTX_NEW tokens, filling the context.
 
 Here: `bench`, the entry `minicpm bench` calls. The parts: cases (what is measured), checkpoints
 (the random weights in every engine's format), process (each case in its own process), engines

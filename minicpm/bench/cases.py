@@ -20,7 +20,15 @@ PEER = {"bf16": "f16", "int8": "q8_0", "int4": "q4_0", GGUF_Q4_0: "q4_0", "f16":
 INT4_HEAD4 = "int4, int4 head"  # the least memory: the head in int4 groups of 32 too
 # our quantized checkpoints: precision -> (bits, head); int4 layers in groups of 128
 QUANTIZED = {"int8": (8, "int8"), "int4": (4, "int8"), INT4_HEAD4: (4, "int4")}
-MEMORY_CASES = [("ours", "int4"), ("ours", INT4_HEAD4), ("llama.cpp", "q4_0")]
+INT4_KV4 = ", int4 KV"  # a memory case's precision ending so runs with an int4 KV cache (else int8)
+MEMORY_CASES = [("ours", "int4"), ("ours", INT4_HEAD4), ("ours", INT4_HEAD4 + INT4_KV4), ("llama.cpp", "q4_0")]
+
+
+def checkpoint_and_kv(precision: str) -> tuple[str, str]:
+    """A memory case's precision as (the checkpoint's precision, our KV cache kind)."""
+    if precision.endswith(INT4_KV4):
+        return precision[:-len(INT4_KV4)], "int4"
+    return precision, "int8"
 
 
 def prompt_ids(vocab: int, n: int = PROMPT_TOKENS) -> list[int]:

@@ -11,7 +11,15 @@ import os
 import time
 from pathlib import Path
 
-from minicpm.bench.cases import CTX, CTX_NEW, CTX_PROMPT, NEW_TOKENS, PROMPT_TOKENS, prompt_ids
+from minicpm.bench.cases import (
+    CTX,
+    CTX_NEW,
+    CTX_PROMPT,
+    NEW_TOKENS,
+    PROMPT_TOKENS,
+    checkpoint_and_kv,
+    prompt_ids,
+)
 from minicpm.bench.checkpoints import ours_path
 from minicpm.bench.process import measure_here
 
@@ -176,17 +184,18 @@ def ctx_result(tokens, load: float, kv: str) -> dict:
 
 
 def run_ours_ctx(workdir: Path, precision: str) -> dict:
-    """A CTX_PROMPT-token prompt and CTX_NEW greedy tokens in a CTX-token cache, int8 KV if
-    offered."""
+    """A CTX_PROMPT-token prompt and CTX_NEW greedy tokens in a CTX-token cache, an int8 KV cache
+    (int4 where the precision says so) if offered."""
     import inspect
 
     from minicpm.generation.generate import TokenGenerator
     from minicpm.generation.sampling import SamplingParams
 
-    model, load = load_ours(ours_path(workdir, precision), "bfloat16")
+    checkpoint, kv_kind = checkpoint_and_kv(precision)
+    model, load = load_ours(ours_path(workdir, checkpoint), "bfloat16")
     kv = "bf16"
     if "kv_dtype" in inspect.signature(model.new_cache).parameters:
-        model.kv_cache_dtype, kv = "int8", "int8"  # what TokenGenerator's new_cache then makes
+        model.kv_cache_dtype = kv = kv_kind  # what TokenGenerator's new_cache then makes
     params = SamplingParams.from_kwargs(temperature=0.0, max_new_tokens=CTX_NEW, stop_token_ids=[])
     return ctx_result(TokenGenerator(model, [ctx_ids(model.config.vocab_size)], params), load, kv)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from minicpm.cli.options import add_model_args
+from minicpm.cli.options import KV_CACHE_CHOICES, add_kv_cache_arg, add_model_args
 
 
 def add_eval_parser(sub: argparse._SubParsersAction) -> None:
@@ -19,8 +19,6 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
-    p.add_argument("--kv-cache", choices=("auto", "int8"), default="auto",
-                   help="KV cache precision: the model's dtype, or int8 (half the memory)")
     p.add_argument("--output", default=None,
                    help="folder for results.json and per-sample records (default: results.json only "
                         "in ./eval-results/<command>)")
@@ -37,10 +35,17 @@ def add_ppl_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seqlen", type=int, default=None,
                    help="window length in tokens (default 2048 for minicpm, 512 for llama.cpp)")
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default 1)")
+    p.add_argument("--kv-cache", choices=KV_CACHE_CHOICES, default=None,
+                   help="run each window as a prefill through a KV cache of this kind (auto, int8, int4), "
+                        "--prefill-chunk tokens at a time, to measure what a quantized cache costs "
+                        "(default: one pass per window, no cache)")
+    p.add_argument("--prefill-chunk", type=int, default=512,
+                   help="with --kv-cache: tokens per forward pass (default 512)")
 
 
 def add_tasks_args(p: argparse.ArgumentParser) -> None:
     add_common_args(p)
+    add_kv_cache_arg(p)
     p.add_argument("--tasks", required=True,
                    help="comma-separated built-in task names or paths to task files (.yaml)")
     p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: the task's)")
@@ -50,6 +55,7 @@ def add_tasks_args(p: argparse.ArgumentParser) -> None:
 
 def add_longctx_args(p: argparse.ArgumentParser) -> None:
     add_common_args(p)
+    add_kv_cache_arg(p)
     p.add_argument("--task", default="passkey", help="passkey, number_string, kv_retrieval or niah (default passkey)")
     p.add_argument("--lengths", default=None,
                    help="context lengths in tokens of the model's tokenizer, k = 1024, e.g. 1k,2k,4k "

@@ -43,7 +43,8 @@ def ppl(args: argparse.Namespace) -> int:
     ids = encode_text(tokenizer, data.text)
     tokenized = time.perf_counter()
     result = perplexity(model, tokenizer, ids, protocol=args.protocol, seqlen=args.seqlen,
-                        batch_size=args.batch_size, limit=args.limit)
+                        batch_size=args.batch_size, limit=args.limit, kv_cache=args.kv_cache,
+                        prefill_chunk=args.prefill_chunk)
     print(format_table(
         ["data", "protocol", "seqlen", "windows", "tokens scored", "ppl", "±", "tokens/s"],
         [[data.name, result.protocol, result.seqlen, result.n_windows, result.n_tokens_scored,
@@ -55,7 +56,8 @@ def ppl(args: argparse.Namespace) -> int:
         settings={"protocol": result.protocol, "seqlen": result.seqlen, "batch_size": args.batch_size,
                   "limit": args.limit, "dtype": args.dtype, "device": str(model.device),
                   "threads": args.threads, "bos_per_window": bos_per_window(args.protocol, tokenizer),
-                  "first_scored_position": first_scored(args.protocol, result.seqlen)},
+                  "first_scored_position": first_scored(args.protocol, result.seqlen),
+                  "kv_cache": args.kv_cache, "prefill_chunk": args.prefill_chunk if args.kv_cache else None},
         numbers=result.summary(),
         timings={"load_seconds": loaded - start, "tokenize_seconds": tokenized - loaded,
                  "score_seconds": result.seconds, "tokens_per_second": result.tokens_per_second})

@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from minicpm.cli.eval_options import add_eval_parser
-from minicpm.cli.options import add_model_args, add_sampling_args
+from minicpm.cli.options import add_kv_cache_arg, add_model_args, add_sampling_args
 from minicpm.errors import run_reporting_errors
 from minicpm.training.command_line import add_training_parsers, parse_args
 
@@ -23,10 +23,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="verb", metavar="<verb>")
 
-    p = sub.add_parser("chat", help="interactive streaming chat (/reset, /exit)")
+    p = sub.add_parser("chat", help="interactive streaming chat (/reset, /image PATH, /exit)")
     add_model_args(p)
-    add_sampling_args(p, temperature=0.3, top_p=0.8)
+    add_sampling_args(p, temperature=0.3, top_p=0.8,
+                      vision_note="; MiniCPM-V: its chat's temperature 0.7, top-p 0.8, top-k 100, "
+                                  "repetition penalty 1.05")
     p.add_argument("--system", default=None, help="system message for the conversation")
+    p.add_argument("--image", default=None, help="an image to talk about (MiniCPM-V; /image PATH changes it)")
 
     p = sub.add_parser("generate", help="complete prompts (one per line of a file, or --prompt)")
     add_model_args(p)
@@ -37,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="feed prompts as plain text, without the chat template")
     p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default 8)")
     p.add_argument("--output", help="write JSONL {prompt, response} here instead of printing")
+    p.add_argument("--image", default=None,
+                   help="an image every prompt asks about (MiniCPM-V; prompts then run one at a time)")
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching and a web chat")
     add_model_args(p)
@@ -50,9 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, default=None,
                    help="tokens per request, prompt + reply (default: the model's context length)")
     p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per forward pass (default 256)")
-    p.add_argument("--kv-cache", choices=("auto", "int8"), default="auto",
-                   help="KV cache precision: the model's dtype, or int8 (half the memory)")
+    add_kv_cache_arg(p)
     p.add_argument("--log-level", default="warning", help="uvicorn's log level (default warning)")
+    g = p.add_argument_group("images (MiniCPM-V)")
+    g.add_argument("--allow-remote-images", action="store_true",
+                   help="fetch http(s) image URLs (default: only inline data: URLs; fetching lets clients "
+                        "make the server open connections)")
+    g.add_argument("--max-images", type=int, default=4, help="images per request (default 4)")
+    g.add_argument("--max-image-bytes", type=int, default=20 * 1024 * 1024,
+                   help="encoded bytes per image (default 20 MiB)")
+    g.add_argument("--max-image-pixels", type=int, default=50_000_000,
+                   help="width x height per image (default 50,000,000)")
 
     p = sub.add_parser("info", help="architecture, parameter count, dtype and memory of a model")
     add_model_args(p)
@@ -66,11 +79,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="write a model in another format")
     p.add_argument("src", help="checkpoint directory, .gguf file or hub id")
     p.add_argument("out", help="output directory (or .gguf file)")
-    p.add_argument("--to", required=True, choices=["hf", "llama", "gguf"],
-                   help="hf: MiniCPM format; llama: scalings folded in (LlamaForCausalLM); gguf: llama.cpp")
+    p.add_argument("--to", required=True, choices=["hf", "llama", "gguf", "gptq"],
+                   help="hf: MiniCPM format; llama: scalings folded in (LlamaForCausalLM); gguf: llama.cpp; "
+                   "gptq: GPTQ v1 (transformers/optimum, vLLM)")
     p.add_argument("--dtype", default=None, help="dtype of the written weights (default: as loaded)")
     p.add_argument("--type", default="f16", help="GGUF tensor type: f32, f16, bf16, q8_0, q4_0, q4_k_m "
                    "(llama.cpp's Q4_K_M mix), q6_k (default f16)")
+    p.add_argument("--bits", type=int, default=None, help="gptq, float source: 4 or 8 (default 4)")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="gptq, float source: columns per group, -1 for one per row (default 128)")
+    p.add_argument("--sym", action="store_true", default=None,
+                   help="gptq, float source: symmetric grid (zero point 2^(bits-1)); default asymmetric")
     p.add_argument("--force", action="store_true", help="replace an existing output")
 
     p = sub.add_parser("quantize", help="write a weight-only int8/int4 checkpoint (round-to-nearest)")

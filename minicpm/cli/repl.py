@@ -1,77 +1,176 @@
-"""The interactive chat loop of `minicpm chat`: streaming replies, /reset, /exit, tokens/s."""
+"""The interactive chat loop of `minicpm chat`: streaming replies, /reset, /image, /exit, tokens/s.
+
+A text model's conversation is its chat template's history (`TextChat`); a MiniCPM-V model's is
+its own layout with at most one image, placed in the first message as its chat() does
+(`ImageChat`). Both keep the conversation in the KV cache between turns.
+"""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
+from minicpm.errors import MiniCPMError
 from minicpm.generation.chat import stream_chat
 from minicpm.generation.generate import PromptCache
 from minicpm.generation.text import GenerationStats
+from minicpm.vision import MiniCPMV, load_image
+from minicpm.vision.chat import stream_chat as stream_image_chat
+from minicpm.vision.image import slice_count
 
-HELP = "commands: /reset (new conversation), /exit (quit); Ctrl-C stops a reply"
+HELP = ("commands: /reset (new conversation), /image PATH (talk about an image; /image alone drops it), "
+        "/exit (quit); Ctrl-C stops a reply")
+TEXT_ONLY = "this is a text-only model: it cannot read images (--image and /image need a MiniCPM-V checkpoint)"
 
 
-def chat_loop(model, tokenizer, sampling: dict, system: str | None = None,
-              stdin=None, stdout=None) -> int:
+class TextChat:
+    """A text model's conversation: the chat template's history."""
+
+    image = None  # a text model reads none
+
+    def __init__(self, model, tokenizer, system: str | None):
+        self.model, self.tokenizer, self.system = model, tokenizer, system
+        self.reset()
+
+    def reset(self) -> None:
+        self.history = [{"role": "system", "content": self.system}] if self.system else []
+        self.prompt_cache = PromptCache()
+
+    def set_image(self, path: str | None) -> str:
+        raise MiniCPMError(TEXT_ONLY)
+
+    def reply(self, query: str, sampling: dict, stats: GenerationStats) -> Iterator[str]:
+        messages = self.history + [{"role": "user", "content": query}]
+        return stream_chat(self.model, self.tokenizer, messages, stats=stats, prompt_cache=self.prompt_cache,
+                           **sampling)
+
+    def record(self, query: str, reply: str) -> None:
+        self.history += [{"role": "user", "content": query}, {"role": "assistant", "content": reply}]
+
+
+class ImageChat:
+    """A MiniCPM-V conversation: the messages and the image (its features and the KV cache are
+    kept on the model between turns)."""
+
+    def __init__(self, model, tokenizer, progress: Callable[[int, int], None] | None = None):
+        self.model, self.tokenizer, self.progress = model, tokenizer, progress
+        self.image = None
+        self.reset()
+
+    def reset(self) -> None:
+        self.msgs: list[dict[str, str]] = []
+
+    def set_image(self, path: str | None) -> str:
+        """Talk about the image at `path` (None: no image) in a new conversation; says what it is."""
+        if path is None:
+            self.image = None
+            self.reset()
+            return "no image; new conversation"
+        image = load_image(path)  # before anything changes: a bad file leaves the conversation as it was
+        slices = slice_count(image.size, self.model.config)
+        self.image = image
+        self.reset()
+        return (f"image {Path(path).name}, {image.width}x{image.height}, read as {slices} "
+                f"slice{'s' if slices > 1 else ''}; new conversation")
+
+    def reply(self, query: str, sampling: dict, stats: GenerationStats) -> Iterator[str]:
+        msgs = self.msgs + [{"role": "user", "content": query}]
+        return stream_image_chat(self.model, self.tokenizer, self.image, msgs, stats=stats, progress=self.progress,
+                                 **sampling)
+
+    def record(self, query: str, reply: str) -> None:
+        self.msgs += [{"role": "user", "content": query}, {"role": "assistant", "content": reply}]
+
+
+def conversation(model, tokenizer, system: str | None = None, image: str | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> TextChat | ImageChat:
+    """The conversation object for this model; checks --system and --image against it."""
+    if not isinstance(model, MiniCPMV):
+        if image is not None:
+            raise MiniCPMError(TEXT_ONLY)
+        return TextChat(model, tokenizer, system)
+    if system:
+        raise MiniCPMError("MiniCPM-V 2.0 has no system message: say it in your first message instead")
+    chat = ImageChat(model, tokenizer, progress)
+    if image is not None:
+        chat.set_image(image)
+    return chat
+
+
+def chat_loop(chat: TextChat | ImageChat, sampling: dict, stdin=None, stdout=None) -> int:
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     interactive = stdin.isatty()
     dim = ("\033[2m", "\033[0m") if stdout.isatty() else ("", "")
-    history = _fresh(system)
-    prompt_cache = PromptCache()  # the conversation so far stays in the KV cache between turns
-    print(f"{dim[0]}{HELP}{dim[1]}", file=stdout, flush=True)
+
+    def note(text: str) -> None:
+        print(f"{dim[0]}{text}{dim[1]}", file=stdout, flush=True)
+
+    note(HELP)
+    if chat.image is not None:
+        note(f"(image {chat.image.width}x{chat.image.height} attached)")
     while True:
-        if interactive:
-            try:
-                query = input(">>> ")
-            except EOFError:
-                print(file=stdout)
-                return 0
-            except KeyboardInterrupt:  # like a shell: drop the line, keep the session
-                print(f"\n{dim[0]}(use /exit or Ctrl-D to quit){dim[1]}", file=stdout, flush=True)
-                continue
-        else:
-            stdout.write(">>> ")
-            line = stdin.readline()
-            if not line:
-                print(file=stdout)
-                return 0
-            query = line.rstrip("\n")
-            print(query, file=stdout)
+        query = _read(interactive, stdin, stdout, note)
+        if query is None:
+            return 0
         command = query.strip()
         if not command:
             continue
         if command in ("/exit", "/quit"):
             return 0
         if command == "/reset":
-            history, prompt_cache = _fresh(system), PromptCache()
-            print(f"{dim[0]}(conversation cleared){dim[1]}", file=stdout, flush=True)
+            chat.reset()
+            note("(conversation cleared)")
+            continue
+        if command == "/image" or command.startswith("/image "):
+            path = command.removeprefix("/image").strip() or None
+            try:
+                note(f"({chat.set_image(path)})")
+            except MiniCPMError as e:  # the session goes on
+                print(f"error: {e}", file=stdout, flush=True)
             continue
         if command.startswith("/"):
-            print(f"{dim[0]}unknown command {command}; {HELP}{dim[1]}", file=stdout, flush=True)
+            note(f"unknown command {command}; {HELP}")
             continue
-        history.append({"role": "user", "content": query})
-        reply, stats = _stream_reply(model, tokenizer, history, sampling, stdout, prompt_cache)
-        history.append({"role": "assistant", "content": reply})
-        print(f"\n{dim[0]}[first token in {stats.prefill_seconds:.2f} s "
-              f"(prompt {stats.prompt_tokens} tokens, {stats.cached_prompt_tokens} cached), "
-              f"then {stats.decode_tokens_per_second:.1f} tok/s; {stats.new_tokens} tokens]{dim[1]}",
-              file=stdout, flush=True)
+        stats = GenerationStats()
+        try:
+            reply = _stream_reply(chat.reply(query, sampling, stats), stdout)
+        except MiniCPMError as e:  # e.g. the conversation outgrew the context: say so, keep the session
+            print(f"error: {e}", file=stdout, flush=True)
+            continue
+        chat.record(query, reply)
+        note(f"\n[first token in {stats.prefill_seconds:.2f} s "
+             f"(prompt {stats.prompt_tokens} tokens, {stats.cached_prompt_tokens} cached), "
+             f"then {stats.decode_tokens_per_second:.1f} tok/s; {stats.new_tokens} tokens]")
 
 
-def _fresh(system: str | None) -> list[dict]:
-    return [{"role": "system", "content": system}] if system else []
+def _read(interactive: bool, stdin, stdout, note) -> str | None:
+    """The next line typed (None at the end of input)."""
+    while interactive:
+        try:
+            return input(">>> ")
+        except EOFError:
+            print(file=stdout)
+            return None
+        except KeyboardInterrupt:  # like a shell: drop the line, keep the session
+            note("\n(use /exit or Ctrl-D to quit)")
+    stdout.write(">>> ")
+    line = stdin.readline()
+    if not line:
+        print(file=stdout)
+        return None
+    query = line.rstrip("\n")
+    print(query, file=stdout)
+    return query
 
 
-def _stream_reply(model, tokenizer, history, sampling, stdout,
-                  prompt_cache) -> tuple[str, GenerationStats]:
-    stats = GenerationStats()
-    pieces = []
+def _stream_reply(pieces: Iterator[str], stdout) -> str:
+    out = []
     try:
-        for piece in stream_chat(model, tokenizer, history, stats=stats, prompt_cache=prompt_cache,
-                                 **sampling):
-            pieces.append(piece)
+        for piece in pieces:
+            out.append(piece)
             stdout.write(piece)
             stdout.flush()
     except KeyboardInterrupt:
         stdout.write(" [stopped]")
-    return "".join(pieces), stats
+    return "".join(out)

@@ -23,50 +23,113 @@ def _load(args: argparse.Namespace):
     model, tokenizer = minicpm.load(args.model, dtype=args.dtype, device=args.device)
     if tokenizer is None:
         raise MiniCPMError(f"{args.model} has no tokenizer files; this verb needs one")
-    model.kv_cache_dtype = getattr(args, "kv_cache", "auto")
+    decoder(model).kv_cache_dtype = getattr(args, "kv_cache", None) or "auto"
     return model, tokenizer
+
+
+def decoder(model):
+    """The language model that generates: a MiniCPM-V model's `llm`, else the model itself."""
+    from minicpm.vision import MiniCPMV
+
+    return model.llm if isinstance(model, MiniCPMV) else model
 
 
 def chat(args: argparse.Namespace) -> int:
     from minicpm.cli.options import sampling_kwargs
-    from minicpm.cli.repl import chat_loop
+    from minicpm.cli.repl import chat_loop, conversation
+    from minicpm.vision import MiniCPMV
+    from minicpm.vision.chat import SAMPLING_DEFAULTS
 
     model, tokenizer = _load(args)
-    return chat_loop(model, tokenizer, sampling_kwargs(args), system=args.system)
+    session = conversation(model, tokenizer, args.system, args.image, progress=encoding_progress())
+    defaults = SAMPLING_DEFAULTS if isinstance(model, MiniCPMV) else None  # MiniCPM-V's chat settings
+    return chat_loop(session, sampling_kwargs(args, defaults))
+
+
+def encoding_progress():
+    """A progress(done, total) callback that shows a bar on stderr while an image of more than
+    one slice goes through the vision tower."""
+    from tqdm import tqdm
+
+    bar = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal bar
+        if total <= 1:
+            return
+        if bar is None or done == 0:
+            bar = tqdm(total=total, desc="encoding image", unit="slice", file=sys.stderr, dynamic_ncols=True)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    return update
 
 
 def generate(args: argparse.Namespace) -> int:
     from minicpm.cli.options import sampling_kwargs
-    from minicpm.generation.chat import chat_params
-    from minicpm.generation.sampling import SamplingParams
-    from minicpm.generation.text import generate_texts
+    from minicpm.vision import load_image
 
     prompts = args.prompt or read_prompts(Path(args.prompt_file))
     if args.batch_size < 1:
         raise MiniCPMError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.image is not None and args.raw:
+        raise MiniCPMError("--raw cannot be combined with --image: the image goes into the chat layout")
+    image = None if args.image is None else load_image(args.image)  # a bad file fails before loading
     model, tokenizer = _load(args)
     kwargs = sampling_kwargs(args)
-    encoded = [tokenizer.encode(p) if args.raw else
-               tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                             tokenize=True) for p in prompts]
+    if image is not None:
+        replies = image_replies(model, tokenizer, image, prompts, kwargs)
+    else:
+        replies = text_replies(model, tokenizer, prompts, kwargs, args.raw, args.batch_size)
     out = open(args.output, "w", encoding="utf-8") if args.output else None
     try:
-        for start in range(0, len(prompts), args.batch_size):
-            batch = encoded[start:start + args.batch_size]
-            if args.raw:
-                params = SamplingParams.from_kwargs(**kwargs)
-            else:  # the official chat settings: reply cut at role markers, max_length 4096
-                params = chat_params(max(map(len, batch)), model.config.max_position_embeddings, **kwargs)
-            for prompt, text in zip(prompts[start:start + args.batch_size],
-                                    generate_texts(model, tokenizer, batch, params)):
-                if out:
-                    out.write(json.dumps({"prompt": prompt, "response": text}, ensure_ascii=False) + "\n")
-                else:
-                    print(text if len(prompts) == 1 else f"### {prompt}\n{text}\n", flush=True)
+        for prompt, text in zip(prompts, replies):
+            if out:
+                out.write(json.dumps({"prompt": prompt, "response": text}, ensure_ascii=False) + "\n")
+            else:
+                print(text if len(prompts) == 1 else f"### {prompt}\n{text}\n", flush=True)
     finally:
         if out:
             out.close()
     return 0
+
+
+def text_replies(model, tokenizer, prompts: list[str], kwargs: dict, raw: bool, batch_size: int):
+    """Replies to prompts, `batch_size` decoded together, in order."""
+    from minicpm.generation.chat import chat_params
+    from minicpm.generation.sampling import SamplingParams
+    from minicpm.generation.text import generate_texts
+
+    encoded = [tokenizer.encode(p) if raw else
+               tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                             tokenize=True) for p in prompts]
+    for start in range(0, len(prompts), batch_size):
+        batch = encoded[start:start + batch_size]
+        if raw:
+            params = SamplingParams.from_kwargs(**kwargs)
+        else:  # the official chat settings: reply cut at role markers, max_length 4096
+            params = chat_params(max(map(len, batch)), model.config.max_position_embeddings, **kwargs)
+        yield from generate_texts(model, tokenizer, batch, params)
+
+
+def image_replies(model, tokenizer, image, prompts: list[str], kwargs: dict):
+    """Replies of a MiniCPM-V model to prompts about one image, one prompt at a time (the image
+    is encoded once; each prompt reuses the cached prompt up to its own text)."""
+    from minicpm.cli.repl import TEXT_ONLY
+    from minicpm.vision import MiniCPMV
+    from minicpm.vision.chat import stream_chat
+
+    if not isinstance(model, MiniCPMV):
+        raise MiniCPMError(TEXT_ONLY)
+    progress = encoding_progress()
+
+    def replies():
+        for prompt in prompts:
+            msgs = [{"role": "user", "content": prompt}]
+            yield "".join(stream_chat(model, tokenizer, image, msgs, progress=progress, **kwargs)).strip()
+
+    return replies()
 
 
 def read_prompts(path: Path) -> list[str]:
@@ -95,22 +158,25 @@ def serve(args: argparse.Namespace) -> int:
     import os
 
     from minicpm.serving.engine import Engine
+    from minicpm.serving.images import ImageLimits
     from minicpm.serving.server import listening_socket
     from minicpm.serving.server import serve as run_server
 
     listening_socket(args.host, args.port).close()  # a taken port fails before the model loads
-    for flag in ("max_batch", "prefill_chunk"):
+    for flag in ("max_batch", "prefill_chunk", "max_images", "max_image_bytes", "max_image_pixels"):
         if getattr(args, flag) < 1:
             raise MiniCPMError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     model, tokenizer = _load(args)
-    context = model.config.max_position_embeddings
+    context = decoder(model).config.max_position_embeddings
     if args.context is not None and not 2 <= args.context <= context:
         raise MiniCPMError(f"--context must be in [2, {context}] (the model's context), got {args.context}")
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
                     prefill_chunk=args.prefill_chunk, context=args.context)
     name = args.served_model_name or served_name(args.model)
     run_server(engine, tokenizer, name, host=args.host, port=args.port,
-               api_key=args.api_key or os.environ.get("MINICPM_API_KEY") or None, log_level=args.log_level)
+               api_key=args.api_key or os.environ.get("MINICPM_API_KEY") or None, log_level=args.log_level,
+               image_limits=ImageLimits(args.max_images, args.max_image_bytes, args.max_image_pixels,
+                                        args.allow_remote_images))
     return 0
 
 
@@ -149,7 +215,8 @@ def convert(args: argparse.Namespace) -> int:
     # --type: f32, f16, bf16, q8_0, q4_0, q4_k_m (llama.cpp's Q4_K_M mix), q6_k; checked by
     # run_convert before the model is loaded
     out = run_convert(args.src, args.out, to=args.to, dtype=args.dtype, gguf_type=args.type,
-                      overwrite=args.force, progress=sys.stderr.isatty())
+                      overwrite=args.force, progress=sys.stderr.isatty(), bits=args.bits,
+                      group_size=args.group_size, sym=args.sym)
     print(f"wrote {out} ({args.to}) in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     return 0
 

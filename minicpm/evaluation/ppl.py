@@ -164,12 +164,20 @@ def encode_text(tokenizer, text: str) -> list[int]:
 
 def perplexity(model, tokenizer, text: str | Sequence[int], protocol: str = "minicpm",
                seqlen: int | None = None, batch_size: int = 1, limit: int | None = None,
-               progress: bool = True) -> PerplexityResult:
+               progress: bool = True, kv_cache: str | None = None,
+               prefill_chunk: int = 512) -> PerplexityResult:
     """Perplexity of `text` (a string, or its ids from `encode_text`) under `protocol`; `limit`
-    keeps the first N windows."""
+    keeps the first N windows.
+
+    With `kv_cache` ("auto", "int8", "int4") each window runs as a generation prefill does:
+    `prefill_chunk` tokens at a time through a KV cache of that kind, every chunk attending to
+    the keys and values as the cache stored them. This measures what a quantized cache costs;
+    without it a window is one pass with nothing stored."""
     seqlen = window_length(model, protocol, seqlen)
     if batch_size < 1:
         raise MiniCPMError(f"--batch-size must be >= 1, got {batch_size}")
+    if prefill_chunk < 1:
+        raise MiniCPMError(f"--prefill-chunk must be >= 1, got {prefill_chunk}")
     if limit is not None and limit < 1:
         raise MiniCPMError(f"--limit must be >= 1, got {limit}")
     ids = encode_text(tokenizer, text) if isinstance(text, str) else list(text)
@@ -182,7 +190,7 @@ def perplexity(model, tokenizer, text: str | Sequence[int], protocol: str = "min
         windows[:, 0] = tokenizer.bos_token_id
     start = time.perf_counter()
     sums = score_windows(model, windows, first_scored(protocol, seqlen), batch_size, progress,
-                         f"ppl ({protocol})")
+                         f"ppl ({protocol})", kv_cache, prefill_chunk)
     seconds = time.perf_counter() - start
     return summarize(sums, protocol, seqlen, len(ids), seconds)
 
@@ -208,7 +216,7 @@ class NllSums:
 
 
 def score_windows(model, windows: torch.Tensor, first: int, batch_size: int, progress: bool,
-                  label: str) -> NllSums:
+                  label: str, kv_cache: str | None = None, prefill_chunk: int = 512) -> NllSums:
     """The NLL of each window's tokens first+1 .. end given what precedes them in the window."""
     from tqdm import tqdm
 
@@ -218,7 +226,7 @@ def score_windows(model, windows: torch.Tensor, first: int, batch_size: int, pro
     with torch.inference_mode(), bar:
         for start in range(0, len(windows), batch_size):
             batch = windows[start:start + batch_size].to(model.device)
-            nll = window_nlls(model, batch, first).double()
+            nll = window_nlls(model, batch, first, kv_cache, prefill_chunk).double()
             out.sums += nll.sum(-1).tolist()
             out.squares += (nll * nll).sum(-1).tolist()
             out.counts += [nll.shape[-1]] * len(batch)
@@ -227,10 +235,20 @@ def score_windows(model, windows: torch.Tensor, first: int, batch_size: int, pro
     return out
 
 
-def window_nlls(model, batch: torch.Tensor, first: int) -> torch.Tensor:
-    """[B, S - 1 - first] fp32 NLLs of batch[:, first+1:] from one forward pass, the logits made
-    LOGIT_BUDGET floats at a time."""
-    hidden = model(batch, hidden=True)[:, first:-1]
+def window_hidden(model, batch: torch.Tensor, kv_cache: str | None, prefill_chunk: int) -> torch.Tensor:
+    """Final hidden states of every position: one pass, or chunks through a KV cache."""
+    if kv_cache is None:
+        return model(batch, hidden=True)
+    cache = model.new_cache(len(batch), batch.shape[1], kv_dtype=kv_cache)
+    return torch.cat([model(batch[:, i:i + prefill_chunk], cache=cache, hidden=True)
+                      for i in range(0, batch.shape[1], prefill_chunk)], dim=1)
+
+
+def window_nlls(model, batch: torch.Tensor, first: int, kv_cache: str | None = None,
+                prefill_chunk: int = 512) -> torch.Tensor:
+    """[B, S - 1 - first] fp32 NLLs of batch[:, first+1:], the logits made LOGIT_BUDGET floats
+    at a time."""
+    hidden = window_hidden(model, batch, kv_cache, prefill_chunk)[:, first:-1]
     targets = batch[:, first + 1:].reshape(-1)
     flat = hidden.reshape(-1, hidden.shape[-1])
     step = max(1, LOGIT_BUDGET // model.config.vocab_size)

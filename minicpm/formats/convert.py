@@ -5,6 +5,7 @@
   llama  the "llama format": scalings folded into the weights, loadable by LlamaForCausalLM
   gguf   a llama.cpp file (see minicpm.formats.gguf), and next to it `<stem>.Modelfile` for
          ollama (chat template, stop strings, default sampling; see minicpm.formats.ollama)
+  gptq   a GPTQ v1 checkpoint for transformers/optimum and vLLM (minicpm.formats.published.export)
 """
 
 from __future__ import annotations
@@ -12,19 +13,29 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from minicpm.errors import MiniCPMError
 from minicpm.formats.hf import checkpoint_state_dict, save_pretrained
 from minicpm.formats.llama import to_llama, to_minicpm
 
-TARGETS = ("hf", "llama", "gguf")
+TARGETS = ("hf", "llama", "gguf", "gptq")
 
 
 def convert(src: str, out: str | Path, to: str, dtype: Any = None, gguf_type: str = "f16",
-            overwrite: bool = False, progress: bool = False) -> Path:
+            overwrite: bool = False, progress: bool = False, bits: int | None = None,
+            group_size: int | None = None, sym: bool | None = None) -> Path:
     """Write `src` as `to`; `gguf_type` is one of minicpm.formats.gguf.FILE_TYPES (f32, f16,
-    bf16, q8_0, q4_0, q4_k_m, q6_k); `progress` shows a bar while the GGUF tensors are written."""
+    bf16, q8_0, q4_0, q4_k_m, q6_k); `progress` shows a bar while the GGUF tensors are written.
+    gptq: `bits`/`group_size`/`sym` say how float weights are quantized (default 4, 128, asym);
+    a quantized source keeps its own, and `dtype` is that of the float tensors (default fp16)."""
     if to not in TARGETS:
         raise MiniCPMError(f"unknown target format {to!r}; choose one of {', '.join(TARGETS)}")
+    if to != "gptq" and (bits, group_size, sym) != (None, None, None):
+        raise MiniCPMError("--bits, --group-size and --sym apply to --to gptq")
+    if bits not in (None, 4, 8) or (group_size is not None and group_size != -1 and group_size <= 0):
+        raise MiniCPMError(f"GPTQ export takes --bits 4 or 8 and a positive --group-size or -1, got "
+                           f"{bits} and {group_size}")  # before loading what may be gigabytes
     if to == "gguf":
         from minicpm.formats.gguf import FILE_TYPES
 
@@ -41,11 +52,17 @@ def convert(src: str, out: str | Path, to: str, dtype: Any = None, gguf_type: st
     path = locate(src)
     vision = path.is_dir() and is_vision_checkpoint(path)
     if vision and to != "hf":  # before loading, so nothing is written
-        raise MiniCPMError(f"{src} is a MiniCPM-V model: the {to} format has no place for its vision tower "
-                           "and resampler (llama.cpp does not run MiniCPM-V 2.0); use --to hf")
-    if to != "hf" and dtype is None and path.is_file():
+        raise MiniCPMError(f"{src} is a MiniCPM-V model: the {to} format holds a language model only, no "
+                           "vision tower or resampler; use --to hf")
+    if to not in ("hf", "gptq") and dtype is None and path.is_file():
         dtype = "float32"  # a GGUF file loads as stored; these writers take float weights
     model, tokenizer = load_checkpoint(src, dtype=dtype, device="cpu")
+    if to == "gptq":
+        from minicpm.formats.published.export import write_gptq
+        from minicpm.loading.assemble import resolve_dtype
+
+        return write_gptq(model, tokenizer, out, bits, group_size, sym, dtype=resolve_dtype(dtype) or torch.float16,
+                          overwrite=overwrite)
     if to != "hf" and model.config.quantization:
         raise MiniCPMError(f"{src} is quantized ({model.config.quantization.get('method')}); the {to} "
                            "writer takes float weights: convert the float checkpoint it was made from")

@@ -47,6 +47,9 @@ def weight_files(directory: Path) -> list[Path]:
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (directory / name).exists():
             return [directory / name]
+    named = sorted(directory.glob("*.safetensors"))  # AutoGPTQ: <model_file_base_name>.safetensors
+    if named:
+        return named
     raise CheckpointError(
         f"{directory} has no weights (model.safetensors, pytorch_model.bin or their index)")
 
@@ -134,6 +137,17 @@ def _iter_safetensors_reading(path: Path, copy: Callable[[str], bool]) -> Iterat
                 yield name, mapped.get_tensor(name)
 
 
+def tensor_names(files: list[Path]) -> list[str]:
+    """The names of the tensors in the given files, read from the headers (.bin: mapped)."""
+    names: list[str] = []
+    for path in files:
+        if path.suffix == ".safetensors":
+            names += list(_safetensors_header(path)[0])
+        else:
+            names += [name for name, _ in _iter_bin(path)]
+    return names
+
+
 def _iter_bin(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     try:
         try:
@@ -161,13 +175,15 @@ def is_vision_checkpoint(directory: Path) -> bool:
 
 
 def read_config(directory: Path) -> MiniCPMConfig:
-    """config.json of a checkpoint directory; other tools' quantized formats are refused by name."""
+    """config.json of a float (or our own quantized) checkpoint directory; other tools' quantized
+    formats, which minicpm.formats.published reads, are refused by name."""
     config = MiniCPMConfig.from_file(directory / "config.json")
     foreign = config.extra.get("quantization_config")
     if foreign:
         method = foreign.get("quant_method", "unknown") if isinstance(foreign, dict) else "unknown"
-        raise CheckpointError(f"{directory} holds {method}-quantized weights, which this version cannot "
-                              "load yet; use the bf16/fp16/fp32 release of the model")
+        raise CheckpointError(f"{directory} holds {method}-quantized weights, and this step needs float "
+                              "weights: use the float release of the model (minicpm.load and "
+                              "`minicpm convert` read the quantized one)")
     return config
 
 

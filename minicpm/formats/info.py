@@ -46,8 +46,9 @@ def describe(model_arg: str | None) -> dict[str, str]:
         out["experts"] = f"{config.num_experts}, {config.num_experts_per_tok} per token"
     if vision:
         out.update(_vision_facts(vision))
-    if config.quantization:
-        out["quantization"] = _quantization(config.quantization)
+    quantization = _quantization(path, config) if path.is_dir() else None
+    if quantization:
+        out["quantization"] = quantization
     out["stored dtype"] = stored
     out["size on disk"] = _bytes(size)
     out["memory (bf16 / fp32)"] = f"{_bytes(2 * n)} / {_bytes(4 * n)} for the weights"
@@ -71,10 +72,10 @@ def _vision_facts(config) -> dict[str, str]:
     }
 
 
-def _quantization(record: dict) -> str:
-    """One line for config.json's `quantization` record (ours, or a GGUF model's per-layer mix)."""
-    if record.get("method") != "rtn":
-        return f"{record.get('method')} ({len(record.get('layers', {}))} layers listed)"
+def _our_record(record: dict) -> str:
+    """One line for our own `quantization` record (`minicpm quantize`, or a GGUF model's mix)."""
+    if "layers" in record:
+        return f"{record.get('method')}, {len(record['layers'])} quantized layers"
     group = f", group {record['group_size']}" if record.get("bits") == 4 else ""
     parts = [f"decoder int{record.get('bits')} (round-to-nearest{group})", f"head {record.get('head', 'int8')}"]
     if record.get("embedding") == "head":
@@ -106,6 +107,18 @@ def _hf_facts(path: Path):
     stored = ", ".join(dtypes) if dtypes else (config.torch_dtype or "unknown")
     fmt = f"Hugging Face directory ({kind}, {len(files)} file{'s' * (len(files) > 1)})"
     return config, fmt, stored, sum(f.stat().st_size for f in files)
+
+
+def _quantization(path: Path, config: MiniCPMConfig) -> str | None:
+    """A published format (GPTQ, AWQ, bitsandbytes) and how it loads, or our own record."""
+    from minicpm.formats.published import read_published
+
+    published = read_published(path, config.extra)
+    if published is not None:
+        how = ("dequantized at load (no integer kernel holds its levels)" if published.method == "bitsandbytes"
+               else "repacked at load for the int4/int8 kernels")
+        return f"{published.describe()}; {how}"
+    return _our_record(config.quantization) if config.quantization else None
 
 
 def _gguf_facts(path: Path) -> tuple[MiniCPMConfig, str, str]:

@@ -102,12 +102,14 @@ class GenerationStats:
 
 
 def stream_text(model, tokenizer, prompt_ids: list[int], params: SamplingParams,
-                stats: GenerationStats | None = None, prompt_cache: PromptCache | None = None) -> Iterator[str]:
-    """Yield the reply's text piece by piece; fills `stats` as it goes."""
+                stats: GenerationStats | None = None, prompt_cache: PromptCache | None = None,
+                penalize_prompt: bool = True) -> Iterator[str]:
+    """Yield the reply's text piece by piece; fills `stats` as it goes. `penalize_prompt`:
+    see TokenGenerator."""
     stats = stats if stats is not None else GenerationStats()
     params = with_chat_stop_ids(model, tokenizer, params)
     gen = TokenGenerator(model, [prompt_ids], params, pad_token_id=tokenizer.pad_token_id,
-                         prompt_cache=prompt_cache)
+                         prompt_cache=prompt_cache, penalize_prompt=penalize_prompt)
     row = RowText(tokenizer, params.stop)
     stats.prompt_tokens = len(gen.prompts[0])
     start = last = time.perf_counter()

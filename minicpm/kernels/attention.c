@@ -7,8 +7,11 @@
 //
 // Layouts (all contiguous):
 //   q      float32 [B, H, D]                       (already rotated)
-//   k, v   [B, KV, max_len, D] of float32 | bf16 | fp16 | int8, positions 0..len-1 valid
-//   kscale, vscale  float32 [B, KV, max_len]       (int8 only: row value = code * scale)
+//   k, v   [B, KV, max_len, D] of float32 | bf16 | fp16 | int8, positions 0..len-1 valid,
+//          or int4: [B, KV, max_len, D/2] bytes, each 16 values in 8 bytes (byte j: value j in
+//          the low nibble, value j + 8 in the high one)
+//   kscale, vscale  float32 [B, KV, max_len]       (int8: row value = code * scale)
+//                   float32 [B, KV, max_len, 2]    (int4: row value = code * scale + min)
 //   mask   uint8 [B, len] or NULL                  (0 = padding, not attended)
 //   out    float32 [B, H, D]
 // Query head h uses kv head h / (H / KV), as in Llama/MiniCPM. D must be a multiple of 16.
@@ -27,9 +30,12 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { KIND_F32 = 0, KIND_BF16 = 1, KIND_F16 = 2, KIND_I8 = 3 };
+enum { KIND_F32 = 0, KIND_BF16 = 1, KIND_F16 = 2, KIND_I8 = 3, KIND_I4 = 4 };
 
-int minicpm_attention_abi(void) { return 3; }
+int minicpm_attention_abi(void) { return 4; }
+
+// fp32 numbers per (position, head) beside the codes: int8's scale; int4's scale and min
+static inline int meta_of(int kind) { return kind == KIND_I4 ? 2 : 1; }
 
 static inline __m512 load16(const void *base, int kind, size_t i) {
     switch (kind) {
@@ -41,6 +47,13 @@ static inline __m512 load16(const void *base, int kind, size_t i) {
         return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)base + i)));
     case KIND_I8:
         return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)base + i))));
+    case KIND_I4: {  // the codes 0..15 of values i..i+15 (i a multiple of 16), from 8 bytes
+        const __m128i bytes = _mm_loadl_epi64((const __m128i *)((const uint8_t *)base + i / 2));
+        const __m128i nibble = _mm_set1_epi8(0x0f);
+        const __m128i codes = _mm_unpacklo_epi64(_mm_and_si128(bytes, nibble),
+                                                 _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble));
+        return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(codes));
+    }
     default:
         return _mm512_loadu_ps((const float *)base + i);
     }
@@ -91,28 +104,35 @@ static void softmax(float *s, int64_t len) {
 
 // out[g] = sum over attended t of probs[g, t] * v[t] (in order of t), for `group` heads of nv * 16
 // values; heads in chunks whose sums fit in 16 registers, each value row read once per chunk.
+// An int4 row is code * scale + min: the sum takes p * scale times the codes, and p * min once
+// per position into a scalar that is added to every value at the end.
 static inline __attribute__((always_inline)) void weigh_values(const void *v, const float *vscale,
                                                                const uint8_t *mask, const float *scores, float *out,
                                                                int group, int64_t len, int kind, const int NV) {
     enum { ACC = 16 };
-    const int GC = NV < ACC ? ACC / NV : 1, d = 16 * NV;
+    const int GC = NV < ACC ? ACC / NV : 1, d = 16 * NV, meta = meta_of(kind);
     for (int g0 = 0; g0 < group; g0 += GC) {
         const int gn = group - g0 < GC ? group - g0 : GC;
         __m512 acc[ACC];  // GC * NV <= 16 (NV <= 16)
+        float mins[ACC] = {0};
         for (int i = 0; i < GC * NV; i++) acc[i] = _mm512_setzero_ps();
         for (int64_t t = 0; t < len; t++) {
             if (mask && !mask[t]) continue;
             __m512 row[16];
             for (int j = 0; j < NV; j++) row[j] = load16(v, kind, (size_t)t * d + j * 16);
-            const float rs = vscale ? vscale[t] : 1.0f;
+            const float rs = vscale ? vscale[t * meta] : 1.0f;
             for (int g = 0; g < GC; g++) {
                 if (g >= gn) break;
-                const __m512 p = _mm512_set1_ps(scores[(g0 + g) * len + t] * rs);
+                const float prob = scores[(g0 + g) * len + t];
+                const __m512 p = _mm512_set1_ps(prob * rs);
                 for (int j = 0; j < NV; j++) acc[g * NV + j] = _mm512_fmadd_ps(p, row[j], acc[g * NV + j]);
+                if (kind == KIND_I4) mins[g] += prob * vscale[t * 2 + 1];
             }
         }
         for (int g = 0; g < gn; g++)
-            for (int j = 0; j < NV; j++) _mm512_storeu_ps(out + (g0 + g) * d + j * 16, acc[g * NV + j]);
+            for (int j = 0; j < NV; j++)
+                _mm512_storeu_ps(out + (g0 + g) * d + j * 16,
+                                 _mm512_add_ps(acc[g * NV + j], _mm512_set1_ps(mins[g])));
     }
 }
 
@@ -121,7 +141,14 @@ static void attend(const float *q, const void *k, const void *v, const float *ks
                    const uint8_t *mask, float *out, float *scores, int group, int64_t len, int d, int kind,
                    float softmax_scale) {
     enum { MAXV = 16 };  // head_dim up to 256
-    const int nv = d / 16;
+    const int nv = d / 16, meta = meta_of(kind);
+    // int4 keys are code * scale + min: q.k = scale (q.codes) + min (sum of q)
+    float qsum[group];
+    for (int g = 0; g < group; g++) {
+        qsum[g] = 0;
+        if (kind == KIND_I4)
+            for (int i = 0; i < d; i++) qsum[g] += q[g * d + i];
+    }
     for (int64_t t = 0; t < len; t++) {
         if (mask && !mask[t]) {
             for (int g = 0; g < group; g++) scores[g * len + t] = -INFINITY;
@@ -129,11 +156,12 @@ static void attend(const float *q, const void *k, const void *v, const float *ks
         }
         __m512 row[MAXV];
         for (int j = 0; j < nv; j++) row[j] = load16(k, kind, (size_t)t * d + j * 16);
-        float rs = softmax_scale * (kscale ? kscale[t] : 1.0f);
+        float rs = softmax_scale * (kscale ? kscale[t * meta] : 1.0f);
+        const float shift = kind == KIND_I4 ? softmax_scale * kscale[t * 2 + 1] : 0.0f;
         for (int g = 0; g < group; g++) {
             __m512 acc = _mm512_setzero_ps();
             for (int j = 0; j < nv; j++) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * d + j * 16), row[j], acc);
-            scores[g * len + t] = _mm512_reduce_add_ps(acc) * rs;
+            scores[g * len + t] = _mm512_reduce_add_ps(acc) * rs + shift * qsum[g];
         }
     }
     for (int g = 0; g < group; g++) softmax(scores + g * len, len);
@@ -160,7 +188,9 @@ static void heads_of(const float *q, const void *k, const void *v, const float *
                      const uint8_t *mask, const int64_t *rows, const int64_t *starts, const int64_t *ends, float *out,
                      int64_t b, int64_t h0, int64_t n, int64_t heads, int64_t kv_heads, int64_t max_len, int64_t len,
                      int64_t d, int kind, float softmax_scale, float *scores) {
-    const size_t elem = kind == KIND_F32 ? 4 : kind == KIND_I8 ? 1 : 2;
+    // bytes of one position's head vector, and fp32 numbers of its scale/min
+    const size_t row_bytes = kind == KIND_F32 ? 4 * d : kind == KIND_I8 ? d : kind == KIND_I4 ? d / 2 : 2 * d;
+    const int meta = meta_of(kind);
     const int64_t head = h0 / (heads / kv_heads);
     const int64_t row = rows ? rows[b] : b, hi = ends ? ends[b] : len;
     int64_t lo = starts ? starts[b] : 0;
@@ -174,8 +204,8 @@ static void heads_of(const float *q, const void *k, const void *v, const float *
     }
     // the row's first position: its stores, scales and mask all start there
     const size_t first = (size_t)(row * kv_heads + head) * max_len + lo;
-    attend(q + (b * heads + h0) * d, (const char *)k + first * d * elem, (const char *)v + first * d * elem,
-           kscale ? kscale + first : NULL, vscale ? vscale + first : NULL, mask ? mask + b * len + lo : NULL, o,
+    attend(q + (b * heads + h0) * d, (const char *)k + first * row_bytes, (const char *)v + first * row_bytes,
+           kscale ? kscale + first * meta : NULL, vscale ? vscale + first * meta : NULL, mask ? mask + b * len + lo : NULL, o,
            scores, (int)n, hi - lo, (int)d, kind, softmax_scale);
 }
 

@@ -16,8 +16,10 @@ import torch.nn.functional as F
 
 from minicpm.kernels.build import Kernel, KernelUnavailable
 
-ABI = 3
-KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3}
+ABI = 4
+# store dtype -> attention.c's kind; uint8 stores are int4 codes, two per byte
+KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3, torch.uint8: 4}
+META = {torch.int8: 1, torch.uint8: 2}  # fp32 numbers per (position, head) of a coded store
 
 
 def _setup(lib: ctypes.CDLL) -> None:
@@ -72,8 +74,9 @@ def decode_attention(q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tens
     """softmax(q k^T / sqrt(d)) v for q [B, H, 1, D] over the first `length` cache positions.
 
     k_store/v_store: a whole cache layer [B, KV, max_len, D] (contiguous); int8 stores come with
-    scales [B, KV, max_len, 1] (fp32). mask: bool [B, 1, 1, length] or None. Returns fp32
-    [B, H, 1, D], or None where the kernel does not serve.
+    scales [B, KV, max_len, 1] (fp32); int4 stores are uint8 [B, KV, max_len, D/2] (see
+    Int4KVCache) with (scale, min) [B, KV, max_len, 2]. mask: bool [B, 1, 1, length] or None.
+    Returns fp32 [B, H, 1, D], or None where the kernel does not serve.
 
     Slots: query row b reads cache row rows[b] over positions [starts[b], ends[b]) (int64 [B]
     each, contiguous; None: b, 0, length; every end <= length), so the store may hold more rows
@@ -81,8 +84,10 @@ def decode_attention(q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tens
     """
     stores = (k_store, v_store) + (() if k_scales is None else (k_scales, v_scales))
     if (q.device.type != "cpu" or k_store.dtype not in KINDS or not all(t.is_contiguous() for t in stores)
-            or (k_store.dtype == torch.int8) != (k_scales is not None)
-            or (k_scales is not None and k_scales.dtype != torch.float32)
+            or (k_store.dtype in META) != (k_scales is not None)
+            or (k_scales is not None and (k_scales.dtype != torch.float32
+                                          or k_scales.shape[-1] != META[k_store.dtype]))
+            or k_store.shape[-1] * (2 if k_store.dtype == torch.uint8 else 1) != q.shape[-1]
             or not all(t is None or (t.dtype == torch.int64 and t.is_contiguous() and t.is_cpu)
                        for t in (rows, starts, ends))):
         return None

@@ -17,7 +17,8 @@
 // summation order of the RMSNorm mean and the libm exp of SiLU/softmax (a few ulp in fp32).
 //
 // Layouts: x [B, D]; cos/sin fp32 [B, head_dim]; the KV stores [slots, KV, max_len, head_dim]
-// in the model dtype, or int8 with fp32 scales [slots, KV, max_len] (one per (token, head)).
+// in the model dtype, or int8 with fp32 scales [slots, KV, max_len] (one per (token, head)), or
+// int4 codes [slots, KV, max_len, head_dim / 2] with fp32 (scale, min) [slots, KV, max_len, 2].
 
 #include <math.h>
 #include <omp.h>
@@ -25,12 +26,12 @@
 #include <stdlib.h>
 #include <string.h>
 
-int minicpm_decode_abi(void) { return 2; }
+int minicpm_decode_abi(void) { return 3; }
 
 enum { DT_F32 = 0, DT_BF16 = 1 };                  // model dtype: qgemm's and attention's codes
 enum { P_QGEMM = 0, P_STREAM = 1 };                // projection kernels
 enum { ACT_SILU = 0, ACT_THRESHOLD = 1 };          // SwiGLU, or FATReLU/ReLU (z > threshold)
-enum { ATT_I8 = 3 };                               // attention.c's kind for an int8 cache
+enum { ATT_I8 = 3, ATT_I4 = 4 };                   // attention.c's kinds for int8 / int4 caches
 
 typedef int (*qgemm_fn)(const void *plan, const void *x, int xkind, long m, void *y, int tid, int nt, void *scratch);
 typedef long (*qscratch_fn)(const void *plan, long m);
@@ -57,12 +58,12 @@ struct layer {
     const struct proj *experts;     // [experts][3]: w1 (gate), w3 (up), w2 (down); NULL: MLP
     int64_t top_k;
     void *kstore, *vstore;
-    float *kscale, *vscale;         // int8 cache only
+    float *kscale, *vscale;         // int8 / int4 caches only
 };
 
 struct step {
     int64_t batch, hidden, heads, kv_heads, head_dim, inter, slots, max_len, len;
-    int64_t dtype, kv_int8, act, threads;
+    int64_t dtype, kv_bits, act, threads;           // kv_bits: 0 (the model dtype), 8 or 4
     float eps, residual_scale, threshold, softmax_scale;
     const float *cos, *sin;                         // [B, head_dim]
     const int64_t *rows, *positions;                // where row b writes its k/v
@@ -163,6 +164,27 @@ static void quantize_head(const void *src, int64_t d, int dt, int8_t *codes, flo
     *scale = s;
 }
 
+// Int4KVCache._quantize of one head vector: codes round((x - min) / scale) in 0..15 with
+// scale = (max - min) / 15 clamped at 1e-8; 16 values in 8 bytes (value j low, j + 8 high)
+static void quantize_head4(const void *src, int64_t d, int dt, uint8_t *codes, float *meta) {
+    float lo = INFINITY, hi = -INFINITY;
+    for (int64_t i = 0; i < d; i++) {
+        const float x = get(src, i, dt);
+        lo = fminf(lo, x);
+        hi = fmaxf(hi, x);
+    }
+    float s = (hi - lo) / 15.0f;
+    s = s < 1e-8f ? 1e-8f : s;
+    for (int64_t c = 0; c < d; c += 16)
+        for (int64_t j = 0; j < 8; j++) {
+            const float a = rintf((get(src, c + j, dt) - lo) / s), b = rintf((get(src, c + j + 8, dt) - lo) / s);
+            const int qa = a < 0 ? 0 : a > 15 ? 15 : (int)a, qb = b < 0 ? 0 : b > 15 ? 15 : (int)b;
+            codes[c / 2 + j] = (uint8_t)(qa | qb << 4);
+        }
+    meta[0] = s;
+    meta[1] = lo;
+}
+
 // k/v head h of row b ([KV, head_dim]) into cache row rows[b] at positions[b]
 static void write_cache(const struct layer *L, const struct step *s, const void *k, const void *v, int64_t b,
                         int64_t h) {
@@ -170,9 +192,12 @@ static void write_cache(const struct layer *L, const struct step *s, const void 
     const int64_t d = s->head_dim;
     const int64_t slot = (s->rows[b] * s->kv_heads + h) * s->max_len + s->positions[b];
     const void *kh = at((void *)k, (b * s->kv_heads + h) * d, dt), *vh = at((void *)v, (b * s->kv_heads + h) * d, dt);
-    if (s->kv_int8) {
+    if (s->kv_bits == 8) {
         quantize_head(kh, d, dt, (int8_t *)L->kstore + slot * d, L->kscale + slot);
         quantize_head(vh, d, dt, (int8_t *)L->vstore + slot * d, L->vscale + slot);
+    } else if (s->kv_bits == 4) {
+        quantize_head4(kh, d, dt, (uint8_t *)L->kstore + slot * d / 2, L->kscale + 2 * slot);
+        quantize_head4(vh, d, dt, (uint8_t *)L->vstore + slot * d / 2, L->vscale + 2 * slot);
     } else {
         memcpy(at(L->kstore, slot * d, dt), kh, (size_t)d * (dt == DT_BF16 ? 2 : 4));
         memcpy(at(L->vstore, slot * d, dt), vh, (size_t)d * (dt == DT_BF16 ? 2 : 4));
@@ -245,7 +270,7 @@ static int attention_block(const struct layer *L, const struct step *s, struct s
 #pragma omp barrier
     rotate_and_store(L, s, t, tm);
 #pragma omp barrier
-    const int kind = s->kv_int8 ? ATT_I8 : dt;
+    const int kind = s->kv_bits == 8 ? ATT_I8 : s->kv_bits == 4 ? ATT_I4 : dt;
     if (((attention_fn)s->attention)(t->qf, L->kstore, L->vstore, L->kscale, L->vscale, s->mask, s->rows, s->starts,
                                      s->ends, t->att, B, s->slots, H, KV, s->max_len, s->len, d, kind,
                                      s->softmax_scale, tm->tid, tm->nt, tm->scores))

@@ -20,9 +20,10 @@ import torch
 from minicpm.kernels import attention, linear, qgemm
 from minicpm.kernels.build import Kernel, KernelUnavailable
 
-ABI = 2
+ABI = 3
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # decode.c's DT_*: also qgemm's and attention's codes
 P_QGEMM, P_STREAM = 0, 1
+KV_BITS = {torch.int8: 8, torch.uint8: 4}  # decode.c's kv_bits of a coded cache (else 0)
 MAX_TOP_K = 64
 _ptr, _i64, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 
@@ -41,7 +42,7 @@ class Layer(ctypes.Structure):
 
 class Step(ctypes.Structure):
     _fields_ = ([(name, _i64) for name in ("batch", "hidden", "heads", "kv_heads", "head_dim", "inter", "slots",
-                                            "max_len", "len", "dtype", "kv_int8", "act", "threads")]
+                                            "max_len", "len", "dtype", "kv_bits", "act", "threads")]
                 + [(name, _f32) for name in ("eps", "residual_scale", "threshold", "softmax_scale")]
                 + [(name, _ptr) for name in ("cos", "sin", "rows", "positions", "starts", "ends", "mask",
                                              "attention", "qscratch")])
@@ -101,6 +102,7 @@ class NativeDecoder:
         self.modules: list[tuple[dict, str, object]] = []  # (parent._modules, name, module) described
         self.keep: list = []  # tensors and plans the structs point into
         self.stores_at: tuple[int, ...] = ()  # addresses of the cache stores the layer structs point at
+        self.kv_bits = 0  # of those stores: 0 (the model dtype), 8 or 4
         self.act = 0 if config.hidden_act == "silu" else 1
         threshold = config.hidden_act_param if config.hidden_act == "fatrelu" else 0.0
         self.threshold = torch.tensor(threshold, dtype=self.dtype).item()  # PyTorch compares in the dtype
@@ -165,12 +167,12 @@ class NativeDecoder:
     def _point_at(self, cache) -> bool:
         """Point the layer structs at `cache`'s stores; False where decode.c cannot read them.
         (Addresses, not the tensors, are remembered: a finished cache is not kept alive.)"""
-        int8 = hasattr(cache, "key_scales")
-        kscales, vscales = (cache.key_scales, cache.value_scales) if int8 else ([None] * len(cache.keys),) * 2
+        coded = hasattr(cache, "key_scales")
+        kscales, vscales = (cache.key_scales, cache.value_scales) if coded else ([None] * len(cache.keys),) * 2
         at = tuple(t.data_ptr() for t in (*cache.keys, *cache.values, *kscales, *vscales) if t is not None)
         if at == self.stores_at:
             return True
-        want = torch.int8 if int8 else self.dtype
+        want = cache.CODES if coded else self.dtype
         stores = list(zip(cache.keys, cache.values, kscales, vscales))
         if not all(k.dtype is want and v.dtype is want and k.is_contiguous() and v.is_contiguous()
                    and (ks is None or (ks.dtype is torch.float32 and ks.is_contiguous() and vs.is_contiguous()))
@@ -178,7 +180,7 @@ class NativeDecoder:
             return False
         for struct, (k, v, ks, vs) in zip(self.layers, stores):
             struct.kstore, struct.vstore, struct.kscale, struct.vscale = map(_pointer, (k, v, ks, vs))
-        self.stores_at, self.stores_int8 = at, int8
+        self.stores_at, self.kv_bits = at, KV_BITS.get(want, 0)
         return True
 
     def run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, rows: torch.Tensor,
@@ -201,7 +203,7 @@ class NativeDecoder:
         if mask is not None:
             mask = mask.reshape(mask.shape[0], -1)[:, :length].expand(b, length).to(torch.uint8).contiguous()
         step = Step(b, d, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size, shape[0],
-                    shape[2], length, DTYPES[self.dtype], int(self.stores_int8), self.act, torch.get_num_threads(),
+                    shape[2], length, DTYPES[self.dtype], self.kv_bits, self.act, torch.get_num_threads(),
                     c.rms_norm_eps, c.residual_scale, self.threshold, c.head_dim ** -0.5, cos.data_ptr(),
                     sin.data_ptr(), rows.data_ptr(), positions.data_ptr(), _pointer(starts), _pointer(ends),
                     _pointer(mask), self.attention, self.qscratch)

@@ -8,6 +8,7 @@ missing, unexpected and mis-shaped tensors are errors that name the tensor.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from typing import Any
 
@@ -75,9 +76,11 @@ def build_model(config: MiniCPMConfig, named_tensors: Iterable[tuple[str, torch.
             continue
         if isinstance(tensor, nn.Module):
             _check_module_shape(name, tensor, params, source)
-            _swap_module(model, name.rpartition(".")[0], tensor.to(device))
-            replaced.add(name.rpartition(".")[0])
+            owner = name.rpartition(".")[0]
+            _swap_module(model, owner, tensor.to(device))
+            replaced.add(owner)
             loaded.add(name)
+            loaded.update(n for n in params if n.rpartition(".")[0] == owner)  # its bias comes with it
             continue
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue  # some tied checkpoints store a copy of the embedding; the tie wins
@@ -150,6 +153,19 @@ def random_model(config: MiniCPMConfig, seed: int = 0, dtype: Any = torch.float3
                 yield name, std * torch.randn(shape, generator=gen)
 
     return build_model(config, tensors(), dtype=dtype, device="cpu", source="random")
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Repacking quantized weights at load is hundreds of small copies, each a parallel region of
+    the OpenMP pool; on a busy machine every region waits for a time slice (SmolLM2 from GGUF with
+    another process running: 0.8 s on one thread, 3-6 s on two)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def release_freed_memory() -> None:

@@ -9,6 +9,7 @@ Checkpoint layout of a quantized Linear `X` (portable; packed for the CPU kernel
                uint8 [N, K/2], even k low nibble (4 bits)   w = (q - zeros) * scales, per group
     X.scales   [N] (8 bits) or [N, K/G] (4 bits), model dtype
     X.zeros    [N, K/G] zero points in code units, floats (4 bits only; integer for GPTQ/AWQ)
+    X.input_perm  int32 [K], GPTQ act-order only: the columns are stored in this order of x's
     X.bias     if the layer has one
 
 The tied embedding of a model with an int8 head is not stored (`"embedding": "head"` in the

@@ -2,13 +2,16 @@
 
 A layer is made from integer codes plus scales (and zeros or offsets), whatever produced them:
 round-to-nearest here (`from_float`), GGUF blocks repacked as stored (formats/gguf/repack.py),
-GPTQ/AWQ later through `from_quantized`. Dequantization is
+GPTQ/AWQ checkpoints repacked at load (formats/published). Dequantization is
 
     int8:  w[n, k] = qweight[n, k] * scales[n]                             (group_size None)
            w[n, k] = qweight[n, k] * scales[n, k // G]                     (GGUF Q8_0, Q6_K)
     int4:  w[n, k] = (q[n, k] - zeros[n, k // G]) * scales[n, k // G]      q in 0..15
            w[n, k] = q[n, k] * scales[n, k // G] + offsets[n, k // G]      (GGUF Q4_0/Q4_1/Q4_K)
 in float32, each product and sum rounded once: for GGUF blocks exactly gguf-py's values.
+A GPTQ act-order layer, whose groups are scattered over k (g_idx), holds its columns sorted by
+group so that groups are contiguous, and `input_perm` gathers x's columns into that order:
+y = x[..., input_perm] @ W[:, input_perm].T, the same product.
 
 On CPU the forward pass runs, in order of preference:
   native      our AVX-512 VNNI kernel (minicpm/kernels/qgemm.py): x quantized to int8 per block of
@@ -43,6 +46,7 @@ from minicpm.kernels import qgemm as native
 
 GROUP_SIZES = (32, 64, 128)
 _INT4_PACK_ROWS = 16  # _convert_weight_to_int4pack_for_cpu wants out_features divisible by this
+_INT4_PACK_GROUPS = (32, 64, 128, 256)  # and _weight_int4pack_mm_for_cpu these groups (GPTQ -1: one per row)
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,12 +91,15 @@ class QuantizedLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int | None,
                  qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None = None,
                  bias: torch.Tensor | None = None, *, offsets: torch.Tensor | None = None,
-                 dtype: torch.dtype | None = None, block_nibbles: bool = False):
+                 dtype: torch.dtype | None = None, block_nibbles: bool = False,
+                 input_perm: torch.Tensor | None = None):
         """int4 takes `zeros` or `offsets`; int8 with a group_size takes scales [N, K/G].
         `dtype`: the model's (what dequantize() and saving give), default the scales' dtype.
         `block_nibbles`: int4 qweight is uint8 [N, K/2] in GGUF's Q4_0/Q4_1 byte order
-        (native.pack_int4_blocks), which the native layout takes without unpacking."""
+        (native.pack_int4_blocks), which the native layout takes without unpacking.
+        `input_perm`: the columns are stored in this order of x's (act-order GPTQ)."""
         super().__init__()
+        self.register_buffer("input_perm", None if input_perm is None else input_perm.long(), persistent=False)
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size = bits, group_size
         self.has_offsets = offsets is not None
@@ -186,13 +193,14 @@ class QuantizedLinear(nn.Module):
         if self.bits == 8:
             return "packed" if _has_op("_weight_int8pack_mm") else "dequantize"
         ok = (_has_op("_weight_int4pack_mm_for_cpu") and _has_op("_convert_weight_to_int4pack_for_cpu")
-              and self.out_features % _INT4_PACK_ROWS == 0)
+              and self.out_features % _INT4_PACK_ROWS == 0 and self.group_size in _INT4_PACK_GROUPS)
         return "packed" if ok else "dequantize"
 
     @classmethod
     def from_quantized(cls, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                        bits: int, group_size: int | None, bias: torch.Tensor | None = None,
-                       dtype: torch.dtype = torch.float32, offsets: torch.Tensor | None = None) -> QuantizedLinear:
+                       dtype: torch.dtype = torch.float32, offsets: torch.Tensor | None = None,
+                       input_perm: torch.Tensor | None = None) -> QuantizedLinear:
         """A layer from codes in the checkpoint layout (int4: nibble-packed uint8 [N, K/2])."""
         if bits == 4:
             qweight = unpack_nibbles(qweight)
@@ -200,7 +208,7 @@ class QuantizedLinear(nn.Module):
         zeros = None if zeros is None else zeros.to(dtype)
         offsets = None if offsets is None else offsets.to(dtype)
         return cls(in_features, out_features, bits, group_size, qweight, scales.to(dtype), zeros,
-                   None if bias is None else bias.to(dtype), offsets=offsets)
+                   None if bias is None else bias.to(dtype), offsets=offsets, input_perm=input_perm)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, bits: int, group_size: int | None = None,
@@ -228,6 +236,8 @@ class QuantizedLinear(nn.Module):
         return self._kernel_dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_perm is not None:
+            x = x.index_select(-1, self.input_perm)  # contiguous, in the stored column order
         plan = self._plan
         if (plan is not None and x.is_cpu and (x.dtype is torch.bfloat16 or x.dtype is torch.float32)
                 and x.shape[-1] == self.in_features and x.is_contiguous() and not x.requires_grad):
@@ -255,7 +265,7 @@ class QuantizedLinear(nn.Module):
             return native.run(self._native_plan(), x2.contiguous()).to(x.dtype)
         x2 = x.reshape(-1, shape[-1]).to(self.compute_dtype)  # the kernels want 2-D x in the scales' dtype
         if self.kernel != "packed":
-            y = F.linear(x2, self.dequantize().to(x2.dtype))
+            y = F.linear(x2, self.stored_weight().to(x2.dtype))
         elif self.bits == 8:
             y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales)
         else:
@@ -301,6 +311,8 @@ class QuantizedLinear(nn.Module):
         the codes without dequantizing the rest: the same values as dequantize()[index]."""
         if self.packed and self.bits == 4:
             return F.embedding(index, self.dequantize())  # PyTorch's private layout: correct, not fast
+        if self.input_perm is not None:  # a permuted head: correct, not fast (no such GPTQ head seen)
+            return F.embedding(index, self.dequantize())
         flat = index.reshape(-1)
         if self.kernel != "native":
             q, scales, term = self.qweight[flat], self.scales[flat], self._term
@@ -315,7 +327,17 @@ class QuantizedLinear(nn.Module):
         return self._dequantize(q, scales, term, self.dtype).reshape(*index.shape, self.in_features)
 
     def dequantize(self) -> torch.Tensor:
-        """The weight as floats, [N, K] in the layer's dtype (fallback path and tests)."""
+        """The weight as floats, [N, K] in the layer's dtype and x's column order (tests,
+        dequantize_model)."""
+        w = self.stored_weight()
+        if self.input_perm is None:
+            return w
+        unpermuted = torch.empty_like(w)
+        unpermuted[:, self.input_perm] = w
+        return unpermuted
+
+    def stored_weight(self) -> torch.Tensor:
+        """The weight as floats in the stored column order (what the kernels multiply)."""
         scales, term = self.scales_zeros()
         return self._dequantize(self.codes(), scales, term, scales.dtype)
 
@@ -336,12 +358,14 @@ class QuantizedLinear(nn.Module):
 
     def portable_state(self) -> dict[str, torch.Tensor]:
         """Checkpoint tensors: qweight (int8 [N, K] | uint8 [N, K/2] nibbles), scales ([N] or
-        [N, K/G]), zeros or offsets (int4), bias."""
+        [N, K/G]), zeros or offsets (int4), input_perm (int32 [K], act-order), bias."""
         scales, term = self.scales_zeros()
         q = self.codes()
         state = {"qweight": q if self.bits == 8 else pack_nibbles(q), "scales": scales}
         if term is not None:
             state["offsets" if self.has_offsets else "zeros"] = term
+        if self.input_perm is not None:
+            state["input_perm"] = self.input_perm.to(torch.int32)
         if self.bias is not None:
             state["bias"] = self.bias
         return state
@@ -352,12 +376,12 @@ class QuantizedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.group_size else ""
-        form = ", offsets" if self.has_offsets else ""
+        form = (", offsets" if self.has_offsets else "") + (", input permuted" if self.input_perm is not None else "")
         return f"{self.in_features}, {self.out_features}, bits={self.bits}{group}{form}, kernel={self.kernel}"
 
     def decode_spec(self) -> dict | None:
         """What the native decode step needs (minicpm.kernels.decode): the qgemm plan; None where
         the native kernel does not serve."""
-        if self.kernel != "native" or not self.qweight.is_cpu:
-            return None
+        if self.kernel != "native" or not self.qweight.is_cpu or self.input_perm is not None:
+            return None  # the fused step has no column gather: such a model decodes layer by layer
         return {"kind": "qgemm", "plan": self._native_plan()}

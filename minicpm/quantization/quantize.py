@@ -19,7 +19,9 @@ int4 group size: a layer whose in_features the asked group does not divide uses 
 A model loaded from a GGUF file as stored (formats/gguf) mixes types, so its record lists its
 layers ({"method": "gguf", "layers": {module: [bits, group]}}); int4 layers then carry offsets
 (w = q*s + m) instead of zeros, and an untied quantized embedding its own table
-("embedding": "table"). `load_quantized` rebuilds those too.
+("embedding": "table"). A model loaded from a GPTQ/AWQ checkpoint (formats/published) lists its
+layers too ("method": "gptq"/"awq"), and its act-order layers ("input_perm": [module, ...]) store
+their input permutation. `load_quantized` rebuilds those too.
 """
 
 from __future__ import annotations
@@ -190,6 +192,7 @@ def load_quantized(config: MiniCPMConfig, named_tensors: Iterable[tuple[str, tor
         model = MiniCPMForCausalLM(config)
     chosen = plan(model, spec, skip=spec.get("skip", ()))
     shared = shares_table(config, spec)
+    permuted = set(spec.get("input_perm", ()))
     has_bias = {name: getattr(model.get_submodule(name), "bias", None) is not None for name in chosen}
     params = {n: p for n, p in model.named_parameters()
               if n.rpartition(".")[0] not in chosen}  # a tied head's weight appears as the embedding
@@ -200,9 +203,9 @@ def load_quantized(config: MiniCPMConfig, named_tensors: Iterable[tuple[str, tor
     for name, tensor in named_tensors:
         prefix, _, leaf = name.rpartition(".")
         target = dtype or config_dtype(config) or (tensor.dtype if tensor.is_floating_point() else None)
-        if prefix in pending and leaf in ("qweight", "scales", "zeros", "offsets", "bias"):
+        if prefix in pending and leaf in ("qweight", "scales", "zeros", "offsets", "input_perm", "bias"):
             pending[prefix][leaf] = tensor.to(device)
-            if _complete(pending[prefix], chosen[prefix][0], has_bias[prefix]):
+            if _complete(pending[prefix], chosen[prefix][0], has_bias[prefix], prefix in permuted):
                 _place(model, prefix, pending.pop(prefix), chosen[prefix], target, source)
                 release_freed_memory()  # else the repacking temporaries pile up: +900 MB for 2B
         elif name in params:
@@ -225,12 +228,12 @@ def load_quantized(config: MiniCPMConfig, named_tensors: Iterable[tuple[str, tor
 
 def is_quantized_part(name: str) -> bool:
     """A quantized layer's codes, scales or zeros (checkpoint name)."""
-    return name.rpartition(".")[2] in ("qweight", "scales", "zeros", "offsets")
+    return name.rpartition(".")[2] in ("qweight", "scales", "zeros", "offsets", "input_perm")
 
 
 def _read_spec(config: MiniCPMConfig, source: str) -> dict[str, Any]:
     q = config.quantization
-    if q.get("method") == "gguf" and isinstance(q.get("layers"), dict):
+    if isinstance(q.get("layers"), dict):  # listed one by one: a GGUF file's or a GPTQ/AWQ checkpoint's
         return {**q, "group_size": None}
     if q.get("method") != "rtn":
         raise CheckpointError(f"{source}: unknown quantization method {q.get('method')!r} in config.json")
@@ -243,8 +246,8 @@ def _read_spec(config: MiniCPMConfig, source: str) -> dict[str, Any]:
         raise CheckpointError(f"{source}: bad quantization record in config.json: {e}") from None
 
 
-def _complete(parts: dict, bits: int, bias: bool) -> bool:
-    need = {"qweight", "scales"} | ({"bias"} if bias else set())
+def _complete(parts: dict, bits: int, bias: bool, permuted: bool = False) -> bool:
+    need = {"qweight", "scales"} | ({"bias"} if bias else set()) | ({"input_perm"} if permuted else set())
     return need <= parts.keys() and (bits == 8 or bool({"zeros", "offsets"} & parts.keys()))
 
 
@@ -255,7 +258,8 @@ def _place(model: nn.Module, name: str, parts: dict, bits_group: tuple, dtype, s
     _check_shape(f"{name}.qweight", parts["qweight"], (expected[0], width), source)
     dtype = dtype or parts["scales"].dtype
     layer = QuantizedLinear.from_quantized(parts["qweight"], parts["scales"], parts.get("zeros"), bits, group,
-                                           parts.get("bias"), dtype=dtype, offsets=parts.get("offsets"))
+                                           parts.get("bias"), dtype=dtype, offsets=parts.get("offsets"),
+                                           input_perm=parts.get("input_perm"))
     _swap(model, name, layer)
 
 

@@ -117,3 +117,22 @@ def install_error_handlers(app: FastAPI) -> None:
     async def internal_error(_: HttpRequest, exc: Exception) -> JSONResponse:
         log.exception("request failed")
         return ApiError(500, f"Internal error ({type(exc).__name__}).", kind="server_error").response()
+
+
+class BodyLimit:
+    """ASGI middleware: a request whose Content-Length is over `max_bytes` is a 413 before its
+    body is read (Starlette reads a whole body into memory). A plain ASGI wrapper, as
+    metrics.RequestCounter is, so that a client's disconnect still reaches the route."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            length = dict(scope.get("headers") or []).get(b"content-length", b"")
+            if length.isdigit() and int(length) > self.max_bytes:
+                error = ApiError(413, f"The request body is {int(length):,} bytes; this server takes at most "
+                                      f"{self.max_bytes:,}.", code="request_too_large")
+                await error.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

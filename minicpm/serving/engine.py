@@ -5,7 +5,10 @@ runs the scheduler; each iteration it
   1. ends cancelled requests and admits waiting ones into free KV-cache slots (FIFO);
   2. prefills admitted prompts a chunk (`prefill_chunk` tokens) at a time, until this
      iteration's prompt budget (also `prefill_chunk` tokens) is spent: a long prompt takes
-     several iterations, and the streams already running get a token in each of them;
+     several iterations, and the streams already running get a token in each of them. A prompt
+     with images (a MiniCPM-V model) first runs the vision tower, one batch of same-size slices
+     per iteration, each taking the iteration's whole budget; its chunks then run from input
+     embeddings with the image features merged in. Decoding is the language model's alone;
   3. runs one decode step for every row with a token to feed (`model.decode_slots`), samples
      each row with its own parameters and random generator, and hands out the events.
 A prompt is always cut into the same chunks, and a decode row's result does not depend on the
@@ -37,6 +40,8 @@ from minicpm.generation.sampling import (
     token_logprob,
 )
 from minicpm.generation.text import RowText, with_chat_stop_ids
+from minicpm.vision.model import MiniCPMV
+from minicpm.vision.request import ImagePrompt
 
 __all__ = ["Engine", "EngineClosed", "QueueFull", "Request", "Stream", "TokenEvent", "TokenLogprob"]
 
@@ -59,6 +64,7 @@ class Request:
     logprobs: int | None = None  # k: the chosen token's logprob and the top-k per new token
     prompt_logprobs: int | None = None  # k: the same for every prompt token (the first: None)
     json_object: bool = False  # constrain the reply to one JSON object
+    images: ImagePrompt | None = None  # a MiniCPM-V prompt's images; prompt_ids are its ids
 
 
 @dataclass
@@ -197,20 +203,23 @@ class Engine:
     max_queue: waiting requests before QueueFull. prefill_chunk: prompt tokens per forward call,
     and per scheduler iteration. kv_dtype: "int8" halves the cache. context: positions per slot
     (default: max_position_embeddings; the cache is allocated lazily, pages as they are written).
+    A MiniCPMV model serves requests with images; the engine decodes with its language model.
     """
 
     def __init__(self, model, tokenizer=None, max_batch: int = 16, max_queue: int = 64,
                  prefill_chunk: int = 256, kv_dtype: str | None = None, context: int | None = None):
         if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
             raise MiniCPMError("max_batch and prefill_chunk must be >= 1 and max_queue >= 0")
-        self.model, self.tokenizer = model, tokenizer
+        self.vision = model if isinstance(model, MiniCPMV) else None
+        self.model, self.tokenizer = (model.llm if self.vision is not None else model), tokenizer
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
-        self.context = context or model.config.max_position_embeddings
-        if not 2 <= self.context <= model.config.max_position_embeddings:
+        self.context = context or self.model.config.max_position_embeddings
+        if not 2 <= self.context <= self.model.config.max_position_embeddings:
             # past it, dynamic NTK rope would rescale by the longest row: rows would depend on each other
-            raise MiniCPMError(f"context must be in [2, {model.config.max_position_embeddings}], got {self.context}")
-        self.vocab_size = model.config.vocab_size
-        self.cache = model.new_cache(max_batch, self.context, kv_dtype)
+            raise MiniCPMError(f"context must be in [2, {self.model.config.max_position_embeddings}], "
+                               f"got {self.context}")
+        self.vocab_size = self.model.config.vocab_size
+        self.cache = self.model.new_cache(max_batch, self.context, kv_dtype)
         self._threads = torch.get_num_threads()  # a new thread would start from the default
         self._lock = threading.Condition()
         self._waiting: collections.deque[Stream] = collections.deque()
@@ -218,7 +227,7 @@ class Engine:
         self._free = list(range(max_batch))
         self._closed = False
         self._thread: threading.Thread | None = None
-        self.counters = {"steps": 0, "generated_tokens": 0, "prompt_tokens": 0}
+        self.counters = {"steps": 0, "generated_tokens": 0, "prompt_tokens": 0, "images": 0, "image_slices": 0}
 
     # ---------------------------------------------------------------- public API
 
@@ -288,6 +297,11 @@ class Engine:
         prompt, params = request.prompt_ids, request.params
         if not prompt:
             raise MiniCPMError("the prompt has no tokens")
+        if request.images is not None:
+            if self.vision is None:
+                raise MiniCPMError("this is a text-only model: it cannot read images")
+            if request.images.ids != prompt:
+                raise MiniCPMError("a request with images must have its image prompt's ids as prompt_ids")
         if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in prompt):
             raise MiniCPMError(f"prompt token ids must be integers in [0, {self.vocab_size})")
         if len(prompt) + 1 > self.context:
@@ -391,12 +405,21 @@ class Engine:
             budget -= self._prefill_chunk(row)
 
     def _prefill_chunk(self, row: _Row) -> int:
-        """Run the row's next prompt chunk; at the prompt's end, emit its first token."""
+        """Run the row's next prompt chunk (or batch of image slices: the whole budget); at the
+        prompt's end, emit its first token."""
+        images = row.request.images
+        if images is not None and not images.encoded:
+            self.counters["image_slices"] += images.encode_step(self.vision)
+            if images.encoded:
+                self.counters["images"] += images.images
+            return self.prefill_chunk
         start = row.prefilled
         end = min(start + self.prefill_chunk, len(row.prompt))
         wants_prompt_logprobs = row.request.prompt_logprobs is not None
         ids = torch.tensor(row.prompt[start:end], dtype=torch.long)
-        logits = self.model.prefill_slot(ids, self.cache, row.slot, start, last_only=not wants_prompt_logprobs)
+        embeds = None if images is None else images.embeddings(self.vision)[start:end]
+        logits = self.model.prefill_slot(ids, self.cache, row.slot, start, last_only=not wants_prompt_logprobs,
+                                         inputs_embeds=embeds)
         if wants_prompt_logprobs:
             if start == 0:
                 row.stream.prompt_logprobs.append(None)  # nothing precedes the first token

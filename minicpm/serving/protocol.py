@@ -19,8 +19,10 @@ from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     StrictInt,
+    Tag,
     ValidationInfo,
     field_validator,
 )
@@ -53,17 +55,46 @@ class TextPart(BaseModel):
     text: Text
 
 
+class ImageUrl(BaseModel):
+    url: Annotated[str, Field(min_length=1)]  # a data:image/...;base64 URL, or http(s) if allowed
+    detail: Literal["auto", "low", "high"] | None = None  # accepted; MiniCPM-V reads every image alike
+
+
+class ImagePart(BaseModel):
+    type: Literal["image_url"]
+    image_url: ImageUrl
+
+
+def _part_kind(part: Any) -> str | None:
+    kind = part.get("type") if isinstance(part, dict) else getattr(part, "type", None)
+    return {"text": "TextPart", "image_url": "ImagePart"}.get(kind)
+
+
+# Chosen by "type", so a bad part gets only its own kind's complaints; the tags are the class
+# names, which api_errors leaves out of the parameter path it reports.
+ContentPart = Annotated[
+    Annotated[TextPart, Tag("TextPart")] | Annotated[ImagePart, Tag("ImagePart")],
+    Discriminator(_part_kind, custom_error_type="invalid_content_part",
+                  custom_error_message="a content part's type must be 'text' or 'image_url'")]
+
+
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: Text | list[TextPart] | None = None
+    content: Text | list[ContentPart] | None = None
     name: Text | None = None
 
     def text(self) -> str:
+        """The text parts, joined (image parts are `image_urls`)."""
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "".join(part.text for part in self.content if isinstance(part, TextPart))
+
+    def image_urls(self) -> list[str]:
+        if not isinstance(self.content, list):
+            return []
+        return [part.image_url.url for part in self.content if isinstance(part, ImagePart)]
 
 
 class ResponseFormat(BaseModel):
@@ -177,9 +208,6 @@ class ChatCompletionRequest(SamplingFields):
     @property
     def json_object(self) -> bool:
         return self.response_format is not None and self.response_format.type == "json_object"
-
-    def message_dicts(self) -> list[dict[str, str]]:
-        return [{"role": m.role, "content": m.text()} for m in self.messages]
 
 
 class CompletionRequest(SamplingFields):

@@ -11,6 +11,7 @@ import socket
 from minicpm.errors import MiniCPMError
 from minicpm.serving.app import create_app
 from minicpm.serving.engine import Engine
+from minicpm.serving.images import ImageLimits
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
@@ -30,7 +31,7 @@ def listening_socket(host: str, port: int) -> socket.socket:
 
 
 def serve(engine: Engine, tokenizer, model_name: str, host: str = "127.0.0.1", port: int = 8000,
-          api_key: str | None = None, log_level: str = "warning") -> None:
+          api_key: str | None = None, log_level: str = "warning", image_limits: ImageLimits | None = None) -> None:
     """Serve until Ctrl-C or SIGTERM; the engine is closed on the way out."""
     import uvicorn
 
@@ -41,6 +42,6 @@ def serve(engine: Engine, tokenizer, model_name: str, host: str = "127.0.0.1", p
     def ready() -> None:
         print(f"minicpm: serving {model_name} at {url}  (OpenAI API: {url}/v1, web chat: {url}/)", flush=True)
 
-    app = create_app(engine, tokenizer, model_name, api_key, on_ready=ready)
+    app = create_app(engine, tokenizer, model_name, api_key, on_ready=ready, image_limits=image_limits)
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])

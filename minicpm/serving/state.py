@@ -20,6 +20,7 @@ from fastapi import Request as HttpRequest
 from minicpm.errors import MiniCPMError
 from minicpm.serving.api_errors import ApiError, ClientGone
 from minicpm.serving.engine import Engine, EngineClosed, QueueFull, Request, Stream
+from minicpm.serving.images import ImageLimits
 from minicpm.serving.metrics import Metrics
 
 RETRY_AFTER_S = 1  # what a client is told to wait when the queue is full
@@ -39,8 +40,10 @@ class Choice:
 class ServerState:
     """The state the routes share: engine, tokenizer, served name, metrics."""
 
-    def __init__(self, engine: Engine, tokenizer, model_name: str, api_key: str | None = None):
+    def __init__(self, engine: Engine, tokenizer, model_name: str, api_key: str | None = None,
+                 image_limits: ImageLimits | None = None):
         self.engine, self.tokenizer, self.model_name, self.api_key = engine, tokenizer, model_name, api_key
+        self.image_limits = image_limits or ImageLimits()
         self.context = engine.context
         self.metrics = Metrics(engine)
         self.created = int(time.time())

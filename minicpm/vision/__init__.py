@@ -7,8 +7,10 @@
 Map: `config` (MiniCPMVConfig: the decoder's config + vision tower and slicing fields),
 `siglip` (the vision tower, `vpm.*`), `resampler` (`resampler.*`), `model` (MiniCPMV and the
 embedding merge), `image` (opening, slicing, pixel values), `prompt` (placeholders, chat layout,
-image bounds), `chat` (chat() with sampling or beam search, the per-conversation cache),
-`beam` (beam search), `loading` (assembling a model from checkpoint tensors).
+image bounds), `chat` (chat() with sampling or beam search, the per-conversation cache;
+stream_chat() for the CLI), `beam` (beam search), `request` (a prompt with images for the
+server's engine, encoded a batch of slices at a time), `loading` (assembling a model from
+checkpoint tensors).
 """
 
 from __future__ import annotations

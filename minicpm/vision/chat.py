@@ -13,12 +13,15 @@ error instead of being cut (a cut prompt loses its image bounds or the final `<A
 
 A conversation's image features and KV cache are kept on the model (`model.conversation`):
 a follow-up turn about the same image neither re-encodes it nor runs the shared prefix again.
+`stream_chat()` is the same turn with the reply streamed as text (what `minicpm chat` shows).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +31,7 @@ import torch
 from minicpm.errors import MiniCPMError
 from minicpm.generation.generate import PREFILL_CHUNK, PromptCache, TokenGenerator
 from minicpm.generation.sampling import SamplingParams
+from minicpm.generation.text import GenerationStats, stream_text
 from minicpm.vision.beam import beam_search
 from minicpm.vision.image import load_image, sliced_images, to_pixel_values
 from minicpm.vision.prompt import IM_END, IM_START, chat_prompt, image_bounds, image_placeholder
@@ -51,6 +55,53 @@ class Conversation:
 def chat(model, image: Any, msgs: Any, context: Any = None, tokenizer=None,
          vision_hidden_states: torch.Tensor | None = None, max_new_tokens: int = 1024,
          sampling: bool = True, max_inp_length: int = 2048, **generation: Any):
+    turn = prepare_turn(model, image, msgs, tokenizer, max_new_tokens, vision_hidden_states, max_inp_length)
+    if sampling:
+        config = {**SAMPLING_DEFAULTS, **generation}
+        new = _sample(model, turn, config)
+    else:
+        config = {**BEAM_DEFAULTS, **{k: v for k, v in generation.items() if k not in SAMPLING_ONLY}}
+        new = _beams(model, turn, config)
+    answer = decode_answer(tokenizer, new)
+    context = list(msgs) + [{"role": "assistant", "content": answer}]
+    return answer, context, config
+
+
+def stream_chat(model, tokenizer, image: Any, msgs: list[dict[str, str]], stats: GenerationStats | None = None,
+                progress: Callable[[int, int], None] | None = None, max_new_tokens: int | None = None,
+                max_inp_length: int = 2048, **sampling: Any) -> Iterator[str]:
+    """The reply to `msgs` about `image` (or None), piece by piece, sampled with the official
+    defaults for what `sampling` leaves out (temperature 0: greedy). The conversation's
+    features and cache are kept as chat() keeps them; `progress(done, total)` follows the
+    image's encoding slice by slice. `stats` counts the prompt and times it from the start."""
+    started = time.perf_counter()
+    turn = prepare_turn(model, image, msgs, tokenizer, max_new_tokens or 1024, None, max_inp_length, progress)
+    params = SamplingParams.from_kwargs(**{**SAMPLING_DEFAULTS, "max_new_tokens": turn.max_new_tokens,
+                                           "stop_token_ids": [turn.eos],
+                                           **{k: v for k, v in sampling.items() if v is not None}})
+    stats = stats if stats is not None else GenerationStats()
+    prepared = time.perf_counter() - started
+    yield from stream_text(model.llm, tokenizer, turn.ids, params, stats, turn.cache, penalize_prompt=False)
+    stats.prefill_seconds += prepared  # the image and the prompt prefix ran before stream_text
+    stats.cached_prompt_tokens = turn.reused
+
+
+@dataclass
+class Turn:
+    """A chat turn ready to generate: its prompt ids, all but the last already in the cache."""
+
+    ids: list[int]
+    cache: PromptCache
+    eos: int
+    max_new_tokens: int  # what was asked, within what the context leaves
+    reused: int  # prompt tokens an earlier turn had put in the cache
+
+
+def prepare_turn(model, image: Any, msgs: Any, tokenizer, max_new_tokens: int,
+                 vision_hidden_states: torch.Tensor | None = None, max_inp_length: int = 2048,
+                 progress: Callable[[int, int], None] | None = None) -> Turn:
+    """Lay out and tokenize the prompt, encode the image (unless the conversation has it) and
+    prefill all of the prompt but its last token."""
     if tokenizer is None:
         raise MiniCPMError("chat needs the tokenizer (tokenizer=...)")
     if isinstance(msgs, str):
@@ -64,23 +115,17 @@ def chat(model, image: Any, msgs: Any, context: Any = None, tokenizer=None,
     if room < 1:
         raise MiniCPMError(f"the prompt has {len(ids)} tokens; the model's context holds "
                            f"{model.config.llm.max_position_embeddings}")
-    conversation = _conversation(model, image, vision_hidden_states)
+    conversation = _conversation(model, image, vision_hidden_states, progress)
     bounds = _bounds(tokenizer, ids, image, conversation.features, model.config.query_num)
     max_new_tokens = min(max_new_tokens, room)
-    _prefill(model, conversation.prompt_cache, ids, conversation.features, bounds, len(ids) + max_new_tokens)
+    reused = _prefill(model, conversation.prompt_cache, ids, conversation.features, bounds,
+                      len(ids) + max_new_tokens)
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.llm.eos_token_ids[0]
-    if sampling:
-        config = {**SAMPLING_DEFAULTS, **generation}
-        new = _sample(model, conversation.prompt_cache, ids, eos, max_new_tokens, config)
-    else:
-        config = {**BEAM_DEFAULTS, **{k: v for k, v in generation.items() if k not in SAMPLING_ONLY}}
-        new = _beams(model, conversation.prompt_cache, ids, eos, max_new_tokens, config)
-    answer = decode_answer(tokenizer, new)
-    context = list(msgs) + [{"role": "assistant", "content": answer}]
-    return answer, context, config
+    return Turn(ids, conversation.prompt_cache, eos, max_new_tokens, reused)
 
 
-def _conversation(model, image, vision_hidden_states: torch.Tensor | None) -> Conversation:
+def _conversation(model, image, vision_hidden_states: torch.Tensor | None,
+                  progress: Callable[[int, int], None] | None = None) -> Conversation:
     """The kept conversation if it is about the same image, else a new one (encoding it)."""
     key = None if image is None else image_digest(image)
     kept = model.conversation
@@ -91,7 +136,7 @@ def _conversation(model, image, vision_hidden_states: torch.Tensor | None) -> Co
     elif image is not None and kept.features is None:
         slices, _ = sliced_images(image, model.config)
         with torch.inference_mode():
-            kept.features = model.get_vision_embedding([to_pixel_values(s) for s in slices])
+            kept.features = model.get_vision_embedding([to_pixel_values(s) for s in slices], progress)
     return kept
 
 
@@ -116,9 +161,10 @@ def _bounds(tokenizer, ids: list[int], image, features: torch.Tensor | None, que
 
 
 @torch.inference_mode()
-def _prefill(model, prompt_cache: PromptCache, ids: list[int], features, bounds, capacity: int) -> None:
+def _prefill(model, prompt_cache: PromptCache, ids: list[int], features, bounds, capacity: int) -> int:
     """Put all prompt positions but the last into the conversation's cache, from embeddings
-    (the image features merged in); positions an earlier turn left there are not run again."""
+    (the image features merged in); positions an earlier turn left there are not run again.
+    Returns how many that were."""
     cache, done = prompt_cache.reuse(model.llm, ids, capacity)
     if done < len(ids) - 1:
         embeds = model.embed(torch.tensor([ids], device=model.device), [features], [bounds])
@@ -126,19 +172,18 @@ def _prefill(model, prompt_cache: PromptCache, ids: list[int], features, bounds,
             end = min(start + PREFILL_CHUNK, len(ids) - 1)
             model.llm(inputs_embeds=embeds[:, start:end], cache=cache, last_only=True)
     prompt_cache.ids = list(ids[:-1])
+    return done
 
 
-def _sample(model, prompt_cache: PromptCache, ids: list[int], eos: int, max_new_tokens: int,
-            config: dict[str, Any]) -> list[int]:
-    params = SamplingParams.from_kwargs(**{"max_new_tokens": max_new_tokens, "do_sample": True,
-                                           "stop_token_ids": [eos], **config})
+def _sample(model, turn: Turn, config: dict[str, Any]) -> list[int]:
+    params = SamplingParams.from_kwargs(**{"max_new_tokens": turn.max_new_tokens, "do_sample": True,
+                                           "stop_token_ids": [turn.eos], **config})
     # the last prompt token is a text token: the generator runs it by id after the cached prefix
-    generator = TokenGenerator(model.llm, [ids], params, prompt_cache=prompt_cache, penalize_prompt=False)
+    generator = TokenGenerator(model.llm, [turn.ids], params, prompt_cache=turn.cache, penalize_prompt=False)
     return [step[0] for step in generator if step[0] is not None]
 
 
-def _beams(model, prompt_cache: PromptCache, ids: list[int], eos: int, max_new_tokens: int,
-           config: dict[str, Any]) -> list[int]:
+def _beams(model, turn: Turn, config: dict[str, Any]) -> list[int]:
     known = {"num_beams", "repetition_penalty", "length_penalty"}
     unknown = sorted(set(config) - known)
     if unknown:
@@ -149,7 +194,7 @@ def _beams(model, prompt_cache: PromptCache, ids: list[int], eos: int, max_new_t
         raise MiniCPMError(f"num_beams must be an integer >= 1, got {num_beams!r}")
     if config["repetition_penalty"] <= 0:
         raise MiniCPMError(f"repetition_penalty must be > 0, got {config['repetition_penalty']}")
-    return beam_search(model.llm, prompt_cache.cache, ids[-1], num_beams, max_new_tokens, {eos},
+    return beam_search(model.llm, turn.cache.cache, turn.ids[-1], num_beams, turn.max_new_tokens, {turn.eos},
                        repetition_penalty=config["repetition_penalty"],
                        length_penalty=config.get("length_penalty", 1.0))
 

@@ -54,7 +54,8 @@ def load_image(image: Any):
 
 
 def _open(source, Image, UnidentifiedImageError):
-    name = "the image bytes" if isinstance(source, (bytes, bytearray)) else str(source)
+    in_memory = isinstance(source, (bytes, bytearray))
+    name = "the image data" if in_memory else str(source)
     stream = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
     try:
         with warnings.catch_warnings():
@@ -66,8 +67,12 @@ def _open(source, Image, UnidentifiedImageError):
         raise MiniCPMError(f"image file not found: {name}") from None
     except IsADirectoryError:
         raise MiniCPMError(f"{name} is a directory, not an image") from None
-    except (UnidentifiedImageError, Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
-        raise MiniCPMError(f"{name} is not an image Pillow can read ({e})") from None
+    except UnidentifiedImageError as e:
+        # Pillow's message names the file, or for bytes a BytesIO object's address
+        detail = "no format Pillow knows" if in_memory else str(e)
+        raise MiniCPMError(f"{name} is not an image Pillow can read ({detail})") from None
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise MiniCPMError(f"{name} is too large an image ({e})") from None
     except (OSError, ValueError, SyntaxError) as e:
         raise MiniCPMError(f"{name} is not a readable image: {e}") from None
 
@@ -177,6 +182,12 @@ def sliced_images(image, config) -> tuple[list[Any], list[int] | None]:
     overview, tiles, grid = slice_image(image, config.max_slice_nums, config.scale_resolution,
                                         config.patch_size)
     return [overview] + [tile for row in tiles for tile in row], grid
+
+
+def slice_count(size: tuple[int, int], config) -> int:
+    """How many images `sliced_images` gives for an image of (width, height), without slicing."""
+    grid = best_grid(size, config.max_slice_nums, config.scale_resolution) if config.slice_mode else None
+    return 1 if grid is None else 1 + grid[0] * grid[1]
 
 
 def to_pixel_values(image) -> torch.Tensor:

@@ -10,6 +10,7 @@ as in later decoding steps).
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -43,12 +44,27 @@ class MiniCPMV(nn.Module):
     def vision_dtype(self) -> torch.dtype:
         return self.vpm.pos_embed.dtype
 
-    def get_vision_embedding(self, pixel_values: list[torch.Tensor]) -> torch.Tensor:
+    def get_vision_embedding(self, pixel_values: list[torch.Tensor],
+                             progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
         """Slices [3, H, W] -> their resampled features [n, query_num, hidden], in order.
 
         Slices of one size run as one batch (the tiles of an image share a size); each slice
-        still attends only to itself, so this is the official slice-by-slice result."""
+        still attends only to itself, so this is the official slice-by-slice result.
+        `progress(done, total)` is called after each batch, with slices done so far."""
         out: list[torch.Tensor | None] = [None] * len(pixel_values)
+        if progress is not None:
+            progress(0, len(out))
+        for indices, features in self.vision_embedding_steps(pixel_values):
+            for i, row in zip(indices, features):
+                out[i] = row
+            if progress is not None:
+                progress(sum(row is not None for row in out), len(out))
+        return torch.stack(out)
+
+    def vision_embedding_steps(self, pixel_values: list[torch.Tensor]
+                               ) -> Iterator[tuple[list[int], torch.Tensor]]:
+        """get_vision_embedding a batch at a time: (slice indices, their features) per batch of
+        one size, so a caller (the server's scheduler) can do other work between batches."""
         by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
         for i, pixels in enumerate(pixel_values):
             if pixels.dim() != 3 or pixels.shape[0] != 3:
@@ -58,10 +74,7 @@ class MiniCPMV(nn.Module):
         for (h, w), indices in by_size.items():
             batch = torch.stack([pixel_values[i] for i in indices]).to(self.device)
             features = self.vpm.forward_features(batch)
-            resampled = self.resampler(features, (-(-h // p), -(-w // p)))
-            for i, row in zip(indices, resampled):
-                out[i] = row
-        return torch.stack(out)
+            yield indices, self.resampler(features, (-(-h // p), -(-w // p)))
 
     def embed(self, input_ids: torch.Tensor, vision_hidden_states: list[torch.Tensor | None],
               image_bound: list[torch.Tensor]) -> torch.Tensor:

@@ -43,14 +43,20 @@ def image_placeholder(image_size: tuple[int, int], config) -> str:
 
 def chat_prompt(msgs: list[dict[str, Any]], placeholder: str | None) -> str:
     """The official chat() prompt; `placeholder` (or None: no image) opens the first message."""
+    return images_chat_prompt(msgs, {0: [placeholder]} if placeholder is not None else {})
+
+
+def images_chat_prompt(msgs: list[dict[str, Any]], placeholders: dict[int, list[str]],
+                       generation_prompt: bool = True) -> str:
+    """The chat layout with images in any message: `placeholders[i]` open message i, each
+    followed by a newline, as the official chat() opens the first message with its one image
+    (what OpenAI-style messages with image parts need). `generation_prompt`: end with `<AI>`."""
     check_messages(msgs)
     prompt = ""
     for i, msg in enumerate(msgs):
-        content = msg["content"]
-        if i == 0 and placeholder is not None:
-            content = placeholder + "\n" + content
+        content = "".join(p + "\n" for p in placeholders.get(i, ())) + msg["content"]
         prompt += (USER if msg["role"] == "user" else ASSISTANT) + content
-    return prompt + ASSISTANT
+    return prompt + ASSISTANT if generation_prompt else prompt
 
 
 def check_messages(msgs: Any) -> None:
