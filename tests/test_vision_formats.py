@@ -15,15 +15,16 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from test_cli import assert_clean_error, run
 from test_quantization import rel_error
-from test_vision import EXPECTED, REFERENCE, pattern, v_tokenizer
+from test_vision import EXPECTED, REFERENCE
 
 import minicpm
 from minicpm.errors import CheckpointError
 from minicpm.formats.hf import weight_files
 from minicpm.formats.quantized import quantize_checkpoint
 from minicpm.quantization import QuantizedLinear, quantize_model
-from minicpm.vision import MiniCPMV, MiniCPMVConfig, random_minicpmv
+from minicpm.vision import MiniCPMV
 from minicpm.vision.image import sliced_images, to_pixel_values
+from tests.conftest import pattern, save_tiny_v_checkpoint
 
 CASE = EXPECTED["cases"]["tiles6"]  # an overview and six tiles
 
@@ -112,11 +113,8 @@ def test_vision_int8_when_asked(quantized, reference):
 def test_quantized_v_model_chats(tmp_path):
     """A V checkpoint with a tokenizer, quantized with the CLI, loads with minicpm.load and
     answers about an image; info describes it."""
-    config = MiniCPMVConfig.from_file(REFERENCE / "config.json")
-    tokenizer = v_tokenizer(tmp_path / "tok")
-    config = config.replace(vocab_size=tokenizer.vocab_size)
-    minicpm.save(random_minicpmv(config, seed=5, std=0.1), tokenizer, tmp_path / "float", dtype="bfloat16")
-    result = run("quantize", tmp_path / "float", tmp_path / "int4", "--group-size", "32")
+    source = save_tiny_v_checkpoint(tmp_path, dtype=torch.bfloat16)
+    result = run("quantize", source, tmp_path / "int4", "--group-size", "32")
     assert result.returncode == 0, result.stderr
     model, tokenizer = minicpm.load(str(tmp_path / "int4"))
     assert {p.dtype for p in model.vpm.parameters()} == {torch.bfloat16}
