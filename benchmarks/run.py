@@ -28,6 +28,11 @@ token.
 
 A fourth section (benchmarks/eval_tasks.py; skip it with --no-eval-tasks) scores 200 OCNLI items
 by log-likelihood with `minicpm.evaluation` and with lm-eval's `hf` backend: items/s and accuracy.
+
+A fifth section (benchmarks/vision.py; skip it with --no-vision) times MiniCPM-V 2.0's image
+encoding and a chat turn's first token on random weights of the released shape, ours against the
+official remote code (found through MINICPMV_PEER_PYTHON / MINICPMV_PEER_CODE), and the peak RSS
+with an int4 decoder.
 """
 
 from __future__ import annotations
@@ -187,6 +192,8 @@ def main() -> int:
                         help="skip the serving section (vs llama-server)")
     parser.add_argument("--no-eval-tasks", action="store_true",
                         help="skip the multiple-choice scoring section (OCNLI vs lm-eval's hf backend)")
+    parser.add_argument("--no-vision", action="store_true",
+                        help="skip the MiniCPM-V section (image encoding and first token vs the official code)")
     # e.g. tiny: a quick check of the machinery
     parser.add_argument("--preset", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -215,6 +222,11 @@ def main() -> int:
         from eval_tasks import run_eval_tasks  # benchmarks/eval_tasks.py
 
         sections.append(run_eval_tasks(threads=args.threads, log=log))
+    if not args.no_vision and not args.preset and not args.shapes_only:
+        from vision import run_vision  # benchmarks/vision.py
+
+        sections.append(run_vision(threads=args.threads, peer_python=os.environ.get("MINICPMV_PEER_PYTHON"),
+                                   peer_code=os.environ.get("MINICPMV_PEER_CODE"), log=log))
     text = "\n".join(sections)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

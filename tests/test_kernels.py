@@ -11,7 +11,14 @@ import torch
 import torch.nn.functional as F
 
 from minicpm.kernels.attention import decode_attention
-from minicpm.kernels.linear import KERNEL, KERNEL_F32, MAX_ROWS, linear_bf16, linear_f32
+from minicpm.kernels.linear import (
+    KERNEL,
+    KERNEL_F32,
+    MAX_ROWS,
+    linear_bf16,
+    linear_f32,
+    linear_onednn,
+)
 
 
 @pytest.mark.parametrize("n,k", [(7, 33), (64, 64), (100, 1000), (1536, 3840)])
@@ -53,6 +60,33 @@ def test_f32_linear_rows_do_not_depend_on_the_row_count(n, k, bias):
     for rows in (1, 2, 3, 5, 8):
         assert torch.equal(linear_f32(x[:rows], w, b), full[:rows])
     assert torch.equal(torch.cat([linear_f32(x[i:i + 1], w, b) for i in range(MAX_ROWS)]), full)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("gelu", [False, True])
+def test_onednn_linear_is_f_linear_then_exact_gelu(dtype, gelu):
+    """The vision tower's products: F.linear (and the erf GELU, not the tanh one, which differs
+    by up to 5e-4 here) with fp32 sums in another order."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 50, 64, generator=g)
+    w, b = torch.randn(96, 64, generator=g) / 8, torch.randn(96, generator=g)
+    got = linear_onednn(x.to(dtype), w.to(dtype), b.to(dtype), gelu=gelu)
+    exact = F.linear(x.to(dtype).double(), w.to(dtype).double(), b.to(dtype).double())
+    exact = F.gelu(exact) if gelu else exact
+    assert got.dtype == dtype and got.shape == (2, 50, 96)
+    tolerance = 2e-6 if dtype == torch.float32 else 2e-2  # bf16: the output rounded once
+    assert (got.double() - exact).abs().max() < tolerance
+    expanded = x[:1, :1].expand(2, 50, 64).to(dtype)  # not contiguous: the resampler's queries
+    assert torch.equal(linear_onednn(expanded, w.to(dtype)), linear_onednn(expanded.contiguous(), w.to(dtype)))
+
+
+def test_onednn_linear_falls_back_where_it_does_not_serve():
+    x, w = torch.randn(4, 8, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64)
+    assert torch.equal(linear_onednn(x, w, gelu=True), F.gelu(F.linear(x, w)))  # float64: F.linear
+    trained = torch.nn.Parameter(torch.randn(3, 8))
+    y = linear_onednn(torch.randn(4, 8), trained)
+    y.sum().backward()  # autograd: F.linear, so gradients flow
+    assert trained.grad is not None
 
 
 @pytest.mark.parametrize("kind", [torch.float32, torch.bfloat16, torch.int8])

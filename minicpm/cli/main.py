@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="int8 (default), int4 (groups of 32: least memory) or bf16 (kept as stored)")
     p.add_argument("--embedding", default="head",
                    help="head (default): a tied embedding reads the quantized head's table; float: keep its own")
+    p.add_argument("--vision", default="bf16", choices=["bf16", "int8"],
+                   help="MiniCPM-V: bf16 (default) keeps the vision tower and resampler as stored; "
+                        "int8 quantizes the vision blocks' Linears")
     p.add_argument("--force", action="store_true", help="replace an existing output")
     add_eval_parser(sub)
     add_training_parsers(sub)

@@ -226,7 +226,8 @@ def quantize(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     out = quantize_checkpoint(args.src, args.out, bits=args.bits, group_size=args.group_size,
-                              head=args.head, overwrite=args.force, embedding=args.embedding)
+                              head=args.head, overwrite=args.force, embedding=args.embedding,
+                              vision=args.vision)
     print(f"wrote {out} (int{args.bits}) in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     return 0
 

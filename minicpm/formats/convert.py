@@ -1,6 +1,7 @@
 """`minicpm convert`: load from any supported format, write another.
 
-  hf     the MiniCPM format (config model_type "minicpm"; a Llama source gets neutral scalings)
+  hf     the MiniCPM format (config model_type "minicpm"; a Llama source gets neutral scalings);
+         a MiniCPM-V model in its released layout (the only target it has)
   llama  the "llama format": scalings folded into the weights, loadable by LlamaForCausalLM
   gguf   a llama.cpp file (see minicpm.formats.gguf), and next to it `<stem>.Modelfile` for
          ollama (chat template, stop strings, default sampling; see minicpm.formats.ollama)
@@ -45,9 +46,15 @@ def convert(src: str, out: str | Path, to: str, dtype: Any = None, gguf_type: st
     if out.exists() and not overwrite and (out.is_file() or any(out.iterdir())):
         raise MiniCPMError(f"{out} already exists (pass --force to replace it)")
     from minicpm.formats import load_checkpoint
+    from minicpm.formats.hf import is_vision_checkpoint
     from minicpm.loading import locate
 
-    if to not in ("hf", "gptq") and dtype is None and locate(src).is_file():
+    path = locate(src)
+    vision = path.is_dir() and is_vision_checkpoint(path)
+    if vision and to != "hf":  # before loading, so nothing is written
+        raise MiniCPMError(f"{src} is a MiniCPM-V model: the {to} format holds a language model only, no "
+                           "vision tower or resampler; use --to hf")
+    if to not in ("hf", "gptq") and dtype is None and path.is_file():
         dtype = "float32"  # a GGUF file loads as stored; these writers take float weights
     model, tokenizer = load_checkpoint(src, dtype=dtype, device="cpu")
     if to == "gptq":
@@ -59,8 +66,8 @@ def convert(src: str, out: str | Path, to: str, dtype: Any = None, gguf_type: st
     if to != "hf" and model.config.quantization:
         raise MiniCPMError(f"{src} is quantized ({model.config.quantization.get('method')}); the {to} "
                            "writer takes float weights: convert the float checkpoint it was made from")
-    if to == "hf":
-        return save_pretrained(model, tokenizer, out, config=to_minicpm(model.config),
+    if to == "hf":  # a MiniCPM-V model as released: llm.*, vpm.*, resampler.*
+        return save_pretrained(model, tokenizer, out, config=model.config if vision else to_minicpm(model.config),
                                overwrite=overwrite)
     if to == "llama":
         config, state = to_llama(model.config, checkpoint_state_dict(model))

@@ -195,17 +195,25 @@ def load_model(directory: str | Path, dtype: Any = None, device: Any = None):
         from minicpm.vision import MiniCPMVConfig, build_minicpmv
 
         config = MiniCPMVConfig.from_file(directory / "config.json")
-        return build_minicpmv(config, iter_tensors(weight_files(directory)), dtype=dtype, device=device,
-                              source=str(directory))
+        # a quantized decoder's codes read into memory of their own, as below
+        copy = _quantized_part() if config.llm.quantization else None
+        return build_minicpmv(config, iter_tensors(weight_files(directory), copy=copy), dtype=dtype,
+                              device=device, source=str(directory))
     config = read_config(directory)
     files = weight_files(directory)
     if config.quantization:  # our own: rebuild the quantized layers, then fill them
-        from minicpm.quantization.quantize import is_quantized_part, load_quantized
+        from minicpm.quantization.quantize import load_quantized
 
         # codes read into memory of their own: they are repacked for the kernels anyway
-        return load_quantized(config, iter_tensors(files, copy=is_quantized_part), dtype=dtype, device=device,
+        return load_quantized(config, iter_tensors(files, copy=_quantized_part()), dtype=dtype, device=device,
                               source=str(directory))
     return build_model(config, iter_tensors(files), dtype=dtype, device=device, source=str(directory))
+
+
+def _quantized_part() -> Callable[[str], bool]:
+    from minicpm.quantization.quantize import is_quantized_part
+
+    return is_quantized_part
 
 
 def load_pretrained(directory: str | Path, dtype: Any = None, device: Any = None):
@@ -258,7 +266,8 @@ def checkpoint_state_dict(model) -> dict[str, torch.Tensor]:
     """The tensors a checkpoint stores: a tied head is not written twice."""
     state = model.state_dict()
     if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
+        head = "llm.lm_head.weight" if model.config.model_type == "minicpmv" else "lm_head.weight"
+        state.pop(head, None)
     return state
 
 

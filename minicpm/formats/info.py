@@ -72,6 +72,19 @@ def _vision_facts(config) -> dict[str, str]:
     }
 
 
+def _our_record(record: dict) -> str:
+    """One line for our own `quantization` record (`minicpm quantize`, or a GGUF model's mix)."""
+    if "layers" in record:
+        return f"{record.get('method')}, {len(record['layers'])} quantized layers"
+    group = f", group {record['group_size']}" if record.get("bits") == 4 else ""
+    parts = [f"decoder int{record.get('bits')} (round-to-nearest{group})", f"head {record.get('head', 'int8')}"]
+    if record.get("embedding") == "head":
+        parts.append("embedding reads the head's table")
+    if "vision" in record:
+        parts.append("vision blocks int8" if record["vision"] == "int8" else "vision tower as stored")
+    return "; ".join(parts)
+
+
 def _hf_facts(path: Path):
     from safetensors import safe_open
 
@@ -105,13 +118,7 @@ def _quantization(path: Path, config: MiniCPMConfig) -> str | None:
         how = ("dequantized at load (no integer kernel holds its levels)" if published.method == "bitsandbytes"
                else "repacked at load for the int4/int8 kernels")
         return f"{published.describe()}; {how}"
-    q = config.quantization
-    if not q:
-        return None
-    if "layers" in q:
-        return f"{q.get('method')}, {len(q['layers'])} quantized layers"
-    group = f", group {q['group_size']}" if q.get("group_size") else ""
-    return f"{q.get('method')} {q.get('bits')}-bit{group}, head {q.get('head')}"
+    return _our_record(config.quantization) if config.quantization else None
 
 
 def _gguf_facts(path: Path) -> tuple[MiniCPMConfig, str, str]:

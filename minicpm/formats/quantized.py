@@ -3,12 +3,18 @@
 Tensors are read one at a time from the memory-mapped source (safetensors, .bin or GGUF),
 quantized as they come (`minicpm.quantization.quantize_tensors`) and written to size-bounded
 shards, so quantizing never holds the model, let alone an fp32 one.
+
+A MiniCPM-V checkpoint: its language model (`llm.*`) is quantized as a text model is; its vision
+tower and resampler stay as stored (bf16 as released), or with `vision="int8"` the vision
+blocks' Linears become int8 (minicpm.vision.loading.vision_linears). The vision tensors are set
+aside memory-mapped while the language model streams by, and written after it.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from minicpm.errors import CheckpointError, MiniCPMError
@@ -17,19 +23,26 @@ from minicpm.formats.hf import (
     ShardWriter,
     check_writable,
     checkpoint_state_dict,
+    is_vision_checkpoint,
     iter_tensors,
     read_config,
     weight_files,
     write_checkpoint_files,
 )
 from minicpm.loading import locate
+from minicpm.loading.assemble import config_dtype, resolve_dtype
 from minicpm.quantization import make_spec, quantize_tensors
+from minicpm.quantization.quantize import quantize_linears
 from minicpm.tokenizer import Tokenizer
+from minicpm.vision import MiniCPMV, MiniCPMVConfig
+from minicpm.vision.loading import VISION_PREFIXES, vision_linears
+
+VISION_FORMS = ("bf16", "int8")
 
 
 def quantize_checkpoint(src, out, bits: int = 4, group_size: int = 128, head: str = "int8",
                         overwrite: bool = False, progress: bool = True, embedding: str = "head",
-                        max_shard_bytes: int = 2 * 1024**3):
+                        max_shard_bytes: int = 2 * 1024**3, vision: str = "bf16"):
     """Quantize checkpoint `src` (directory, .gguf file or hub id) into directory `out`, streaming.
 
     The result is what `quantize_model(minicpm.load(src)) + save_pretrained` would write, tensor
@@ -38,10 +51,20 @@ def quantize_checkpoint(src, out, bits: int = 4, group_size: int = 128, head: st
     out = Path(out)
     check_writable(out, overwrite)  # fail before the slow part
     spec = make_spec(bits, group_size, head, embedding)
+    if vision not in VISION_FORMS:
+        raise MiniCPMError(f"vision must be one of {', '.join(VISION_FORMS)}, got {vision!r}")
     config, tensors, tokenizer, dtype, source = _open_source(src)
+    is_v = isinstance(config, MiniCPMVConfig)
+    if vision != "bf16" and not is_v:
+        raise MiniCPMError(f"{source} has no vision tower (--vision is for MiniCPM-V checkpoints)")
+    if (config.llm if is_v else config).quantization:  # before the progress bar starts
+        raise MiniCPMError(f"{source} is already quantized")
     # the bar counts source tensors (a quantized Linear writes 2-4 tensors for one read)
     tensors = tqdm(tensors, desc="quantizing", unit="tensor", total=_count_tensors(config), disable=not progress)
-    config, quantized = quantize_tensors(config, tensors, spec, dtype=dtype, source=source)
+    if is_v:
+        config, quantized = quantize_minicpmv(config, tensors, spec, vision, dtype=dtype, source=source)
+    else:
+        config, quantized = quantize_tensors(config, tensors, spec, dtype=dtype, source=source)
     with atomic_dir(out) as tmp:
         writer = ShardWriter(tmp, max_shard_bytes)
         stored = None
@@ -71,17 +94,73 @@ def _open_source(src):
             raise CheckpointError(f"{path}: the GGUF file holds no tokenizer (tokenizer.ggml.* keys)")
         # float32, as load_gguf gives a GGUF model: the same codes as quantizing the loaded model
         return config, tensors, Tokenizer.from_gguf_metadata(tokenizer_meta), "float32", str(path)
-    config = read_config(path)
     tokenizer = Tokenizer.from_pretrained(path) if Tokenizer.exists(path) else None
+    if is_vision_checkpoint(path):
+        # the decoder's tensors read into memory of their own, used, dropped; the vision ones
+        # mapped: they are held until the decoder is done
+        copy = lambda name: not name.startswith(VISION_PREFIXES)  # noqa: E731
+        return MiniCPMVConfig.from_file(path / "config.json"), iter_tensors(weight_files(path), copy=copy), \
+            tokenizer, None, str(path)
+    config = read_config(path)
     # every tensor read into memory of its own, used, dropped: no mapping keeps them resident
     return config, iter_tensors(weight_files(path), copy=lambda name: True), tokenizer, None, str(path)
 
 
+def quantize_minicpmv(config: MiniCPMVConfig, named_tensors, spec: dict, vision: str = "bf16",
+                      dtype=None, source: str = "checkpoint"):
+    """(config with the quantization record, iterator of checkpoint tensors) for a MiniCPM-V
+    source: `llm.*` through quantize_tensors, then the vision tensors (checked, cast as `load`
+    would, their blocks' Linears int8 if `vision` says so)."""
+    shapes = _vision_shapes(config)
+    target = resolve_dtype(dtype) or config_dtype(config.llm)
+    held: list[tuple[str, torch.Tensor]] = []  # the vision tensors, filled as the decoder's stream is read
+
+    def decoder_tensors():
+        unexpected = []
+        for name, tensor in named_tensors:
+            if name.startswith("llm."):
+                yield name.removeprefix("llm."), tensor
+            elif name in shapes:
+                _check_vision_tensor(name, tensor, shapes[name], source)
+                held.append((name, tensor))
+            else:
+                unexpected.append(name)
+        missing = sorted(set(shapes) - {name for name, _ in held})
+        for what, names in (("unexpected", sorted(unexpected)), ("missing", missing)):
+            if names:
+                shown = ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
+                raise CheckpointError(f"{source}: {len(names)} {what} tensor(s): {shown}")
+
+    llm_config, decoder = quantize_tensors(config.llm, decoder_tensors(), spec, dtype=dtype, source=source)
+    chosen = {name: (8, None) for name in vision_linears(config)} if vision == "int8" else {}
+
+    def tensors():
+        for name, tensor in decoder:
+            yield f"llm.{name}", tensor
+        cast = ((name, tensor.to(target or tensor.dtype)) for name, tensor in held)
+        yield from quantize_linears(cast, chosen, has_bias=dict.fromkeys(chosen, True))
+
+    record = {**llm_config.quantization, "vision": vision}
+    return config.replace(quantization=record), tensors()
+
+
+def _vision_shapes(config: MiniCPMVConfig) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        state = MiniCPMV(config).state_dict()
+    return {name: tuple(t.shape) for name, t in state.items() if name.startswith(VISION_PREFIXES)}
+
+
+def _check_vision_tensor(name: str, tensor: torch.Tensor, shape: tuple[int, ...], source: str) -> None:
+    if tuple(tensor.shape) != shape:
+        raise CheckpointError(f"{source}: tensor {name} has shape {list(tensor.shape)}, config.json implies {list(shape)}")
+    if not tensor.is_floating_point():
+        raise CheckpointError(f"{source}: tensor {name} has non-float dtype {tensor.dtype}")
+
+
 def _count_tensors(config) -> int:
     """Source tensors expected (the progress bar's total)."""
-    import torch
-
     from minicpm.model import MiniCPMForCausalLM
 
     with torch.device("meta"):
-        return len(checkpoint_state_dict(MiniCPMForCausalLM(config)))
+        model = MiniCPMV(config) if isinstance(config, MiniCPMVConfig) else MiniCPMForCausalLM(config)
+        return len(checkpoint_state_dict(model))

@@ -316,8 +316,7 @@ def quantize_tensors(config: MiniCPMConfig, named_tensors: Iterable[tuple[str, t
     has_bias = {name: meta.get_submodule(name).bias is not None for name in chosen}
     tied_copy = config.tie_word_embeddings and "lm_head" in chosen
 
-    def tensors():
-        pending: dict[str, dict[str, torch.Tensor]] = {}
+    def checked():
         seen, unexpected = set(), []
         for name, tensor in named_tensors:
             if name.endswith(DERIVED_SUFFIXES) or (name == "lm_head.weight" and config.tie_word_embeddings):
@@ -330,25 +329,35 @@ def quantize_tensors(config: MiniCPMConfig, named_tensors: Iterable[tuple[str, t
                 raise CheckpointError(f"{source}: tensor {name} has non-float dtype {tensor.dtype}")
             tensor = tensor.to(dtype or config_dtype(config) or tensor.dtype)
             seen.add(name)
-            module, _, leaf = name.rpartition(".")
             if name == "model.embed_tokens.weight" and tied_copy:
                 if not shares_table(config, spec):
                     yield name, tensor
-                yield from _quantized_state("lm_head", {"weight": tensor}, chosen["lm_head"])
-            elif module in chosen and leaf in ("weight", "bias"):
-                parts = pending.setdefault(module, {})
-                parts[leaf] = tensor
-                if "weight" in parts and ("bias" in parts or not has_bias[module]):
-                    yield from _quantized_state(module, pending.pop(module), chosen[module])
+                yield "lm_head.weight", tensor  # the head's own copy, quantized next
             else:
                 yield name, tensor
         missing = sorted(set(shapes) - seen)
         _check_complete(unexpected, missing, source)
 
-    return config.replace(quantization=spec), tensors()
+    return config.replace(quantization=spec), quantize_linears(checked(), chosen, has_bias)
 
 
-def _quantized_state(name: str, parts: dict[str, torch.Tensor], bits_group: tuple):
+def quantize_linears(named_tensors: Iterable[tuple[str, torch.Tensor]], chosen: dict[str, tuple[int, int | None]],
+                     has_bias: dict[str, bool]):
+    """The (name, tensor) pairs passed on, except that each chosen Linear's weight (and bias)
+    become its quantized checkpoint tensors, once both have come by."""
+    pending: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in named_tensors:
+        module, _, leaf = name.rpartition(".")
+        if module in chosen and leaf in ("weight", "bias"):
+            parts = pending.setdefault(module, {})
+            parts[leaf] = tensor
+            if "weight" in parts and ("bias" in parts or not has_bias[module]):
+                yield from quantized_state(module, pending.pop(module), chosen[module])
+        else:
+            yield name, tensor
+
+
+def quantized_state(name: str, parts: dict[str, torch.Tensor], bits_group: tuple):
     """The checkpoint tensors of one quantized Linear, through QuantizedLinear itself."""
     bits, group = bits_group
     weight, bias = parts["weight"], parts.get("bias")

@@ -18,6 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minicpm.kernels.linear import linear_onednn
+from minicpm.vision.siglip import dense
+
 LN_EPS = 1e-6
 
 
@@ -53,11 +56,11 @@ class CrossAttention(nn.Module):
         """query [B, Q, D], key/value [B, L, D] -> [B, Q, D]."""
         wq, wk, wv = self.in_proj_weight.chunk(3)
         bq, bk, bv = self.in_proj_bias.chunk(3)
-        q, k, v = (self._heads(F.linear(x, w, b)) for x, w, b in
+        q, k, v = (self._heads(linear_onednn(x, w, b)) for x, w, b in
                    ((query, wq, bq), (key, wk, bk), (value, wv, bv)))
         out = F.scaled_dot_product_attention(q, k, v)
         b, _, n, _ = out.shape
-        return self.out_proj(out.transpose(1, 2).reshape(b, n, -1))
+        return dense(self.out_proj, out.transpose(1, 2).reshape(b, n, -1))
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
@@ -82,7 +85,7 @@ class Resampler(nn.Module):
         """Patch features x [B, gh*gw, kv_dim] of B slices of one grid size (gh, gw) ->
         [B, num_queries, embed_dim]."""
         key_pos = sincos_table(self.embed_dim, *tgt_size).to(device=x.device, dtype=x.dtype)
-        kv = self.ln_kv(self.kv_proj(x))
+        kv = self.ln_kv(dense(self.kv_proj, x))
         q = self.ln_q(self.query) + self.pos_embed
         out = self.attn(q.expand(x.shape[0], -1, -1), kv + key_pos, kv)
         return self.ln_post(out) @ self.proj

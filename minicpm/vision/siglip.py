@@ -13,7 +13,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minicpm.kernels.linear import linear_onednn
 from minicpm.vision.config import SiglipConfig
+
+
+def dense(layer: nn.Module, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
+    """layer(x) (then exact GELU): a float Linear through oneDNN (minicpm.kernels.linear: 2x
+    PyTorch's fp32 GEMM here, same arithmetic); an int8 one (`--vision int8`) as it runs."""
+    if type(layer) is nn.Linear:
+        return linear_onednn(x, layer.weight, layer.bias, gelu=gelu)
+    y = layer(x)
+    return F.gelu(y) if gelu else y
 
 
 class PatchEmbed(nn.Module):
@@ -42,9 +52,9 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
         # [B, N, 3C] -> 3 x [B, heads, N, head_dim]
-        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = dense(self.qkv, x).view(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(q, k, v)  # scale head_dim^-0.5, no mask
-        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+        return dense(self.proj, out.transpose(1, 2).reshape(b, n, c))
 
 
 class Mlp(nn.Module):
@@ -54,7 +64,7 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))  # exact GELU, not the tanh form
+        return dense(self.fc2, dense(self.fc1, x, gelu=True))  # exact GELU, not the tanh form
 
 
 class Block(nn.Module):
