@@ -24,23 +24,38 @@ from minicpm.formats.hf import (
 )
 from minicpm.loading import locate
 from minicpm.quantization import make_spec, quantize_tensors
+from minicpm.quantization.calibration import DEFAULT_SAMPLES, DEFAULT_SEQLEN, calibration_ids
+from minicpm.quantization.layerwise import Settings, calibrated_stream, check_supported
 from minicpm.tokenizer import Tokenizer
 
 
 def quantize_checkpoint(src, out, bits: int = 4, group_size: int = 128, head: str = "int8",
                         overwrite: bool = False, progress: bool = True, embedding: str = "head",
-                        max_shard_bytes: int = 2 * 1024**3):
+                        max_shard_bytes: int = 2 * 1024**3, method: str = "rtn", sym: bool = False,
+                        act_order: bool = False, calib: str | None = None, samples: int | None = None,
+                        seqlen: int | None = None):
     """Quantize checkpoint `src` (directory, .gguf file or hub id) into directory `out`, streaming.
 
-    The result is what `quantize_model(minicpm.load(src)) + save_pretrained` would write, tensor
-    for tensor, without building the model. `out` appears only when complete (temp dir + rename).
+    rtn: the result is what `quantize_model(minicpm.load(src)) + save_pretrained` would write,
+    tensor for tensor, without building the model. gptq/awq: calibrated on `samples` windows of
+    `seqlen` tokens of `calib` (quantization/calibration.py), one decoder layer at a time
+    (quantization/layerwise.py). `out` appears only when complete (temp dir + rename).
     """
     out = Path(out)
     check_writable(out, overwrite)  # fail before the slow part
-    spec = make_spec(bits, group_size, head, embedding)
+    spec = make_spec(bits, group_size, head, embedding, method)
+    settings = _calibration_settings(spec, sym, act_order, calib, samples, seqlen)
     config, tensors, tokenizer, dtype, source = _open_source(src)
-    # the bar counts source tensors (a quantized Linear writes 2-4 tensors for one read)
-    tensors = tqdm(tensors, desc="quantizing", unit="tensor", total=_count_tensors(config), disable=not progress)
+    if settings is None:
+        # the bar counts source tensors (a quantized Linear writes 2-4 tensors for one read)
+        tensors = tqdm(tensors, desc="quantizing", unit="tensor", total=_count_tensors(config),
+                       disable=not progress)
+    else:
+        check_supported(config, settings)
+        ids = calibration_ids(tokenizer, spec["calibration"]["data"], spec["calibration"]["samples"],
+                              spec["calibration"]["seqlen"])
+        tensors = calibrated_stream(config, tensors, ids, spec, settings, dtype=dtype, source=source,
+                                    progress=progress)
     config, quantized = quantize_tensors(config, tensors, spec, dtype=dtype, source=source)
     with atomic_dir(out) as tmp:
         writer = ShardWriter(tmp, max_shard_bytes)
@@ -57,6 +72,24 @@ def quantize_checkpoint(src, out, bits: int = 4, group_size: int = 128, head: st
             raise MiniCPMError(f"{source} holds no float tensors")
         write_checkpoint_files(config.replace(torch_dtype=str(stored).removeprefix("torch.")), tokenizer, tmp)
     return out
+
+
+def _calibration_settings(spec: dict, sym: bool, act_order: bool, calib: str | None, samples: int | None,
+                          seqlen: int | None) -> Settings | None:
+    """GPTQ/AWQ settings, recorded in `spec` (None for rtn, which takes none of them)."""
+    method = spec["method"]
+    if method == "rtn":
+        given = [flag for flag, value in (("--sym", sym or None), ("--act-order", act_order or None),
+                                          ("--calib", calib), ("--samples", samples), ("--seqlen", seqlen))
+                 if value is not None]
+        if given:
+            raise MiniCPMError(f"{', '.join(given)}: only for --method gptq or awq (rtn uses no calibration)")
+        return None
+    spec.update(sym=sym, act_order=act_order, static_groups=act_order,
+                calibration={"data": calib or "wikitext2",
+                             "samples": DEFAULT_SAMPLES if samples is None else samples,
+                             "seqlen": DEFAULT_SEQLEN if seqlen is None else seqlen})
+    return Settings(method, spec["bits"], sym, act_order)
 
 
 def _open_source(src):
