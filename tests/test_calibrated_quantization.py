@@ -161,14 +161,21 @@ def test_awq_scale_folding_keeps_the_float_model(variant):
 
 
 # --- the command --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("method,extra", [("gptq", ["--act-order", "--sym"]), ("awq", [])])
-def test_quantize_load_generate(method, extra, tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("method,extra,source", [
+    ("gptq", ["--act-order", "--sym"], "dir"), ("awq", [], "dir"),
+    ("gptq", [], "gguf"),  # a GGUF source (as the default model's), read as float32
+])
+def test_quantize_load_generate(method, extra, source, tiny_checkpoint, tmp_path):
     from minicpm import load
 
     text = tmp_path / "calib.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 60)
     out = tmp_path / method
-    result = run("quantize", tiny_checkpoint, out, "--method", method, "--calib", text, "--samples", 8,
+    src = tiny_checkpoint
+    if source == "gguf":
+        src = tmp_path / "tiny.gguf"
+        assert run("convert", tiny_checkpoint, src, "--to", "gguf", "--type", "f32").returncode == 0
+    result = run("quantize", src, out, "--method", method, "--calib", text, "--samples", 8,
                  "--seqlen", 32, *extra, timeout=300)
     assert result.returncode == 0, result.stderr
     record = json.loads((out / "config.json").read_text())["quantization"]

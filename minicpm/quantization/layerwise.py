@@ -201,7 +201,7 @@ def calibrated_stream(config: MiniCPMConfig, named_tensors: Iterable[tuple[str, 
     (name.weight, QuantizedLinear) holding its GPTQ/AWQ codes, and AWQ's folded norms."""
     from tqdm import tqdm
 
-    from minicpm.loading.assemble import config_dtype, release_freed_memory
+    from minicpm.loading.assemble import config_dtype, release_freed_memory, resolve_dtype
     from minicpm.model import MiniCPMForCausalLM
 
     check_supported(config, settings)
@@ -215,7 +215,7 @@ def calibrated_stream(config: MiniCPMConfig, named_tensors: Iterable[tuple[str, 
     if int(ids.max()) >= config.vocab_size:
         raise MiniCPMError(f"calibration token id {int(ids.max())} is outside the vocabulary ({config.vocab_size})")
     x = embed[ids].float() * config.embedding_scale
-    target = dtype or config_dtype(config) or embed.dtype
+    target = resolve_dtype(dtype) or config_dtype(config) or embed.dtype
     yield "model.embed_tokens.weight", embed
     del embed
     runner = LayerRunner(config, ids.shape[1])
