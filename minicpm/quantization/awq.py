@@ -24,10 +24,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from minicpm.quantization.gptq import single_thread
+
 N_GRID = 20
 MAX_SHRINK = 0.5
 CLIP_TOKENS = 512
-CLIP_ROWS = 64          # output channels per step of the clip search (bounds its memory)
+CLIP_ROWS = 1024        # output channels per step of the clip search (bounds its memory)
 NO_CLIP = ("q_proj", "k_proj")
 
 
@@ -117,8 +119,9 @@ def search_scale(x: torch.Tensor, linears: list[nn.Linear], inspect: Callable[[t
             s = (x_mean.pow(ratio) / (w_mean.pow(1 - ratio) + 1e-4)).clamp(min=1e-4)
             s = s / (s.max() * s.min()).sqrt()
             s = torch.where(torch.isfinite(s), s, torch.ones_like(s))
-            for m, w in zip(linears, originals):
-                m.weight.copy_(fake_quantize(w * s, bits, group_size, sym) / s)
+            with single_thread():
+                for m, w in zip(linears, originals):
+                    m.weight.copy_(fake_quantize(w * s, bits, group_size, sym) / s)
             loss = _mse(reference, inspect, x, chunk)
             if loss < best_loss:
                 best, best_loss = s.clone(), loss
@@ -162,25 +165,33 @@ def fold_scales(prev: nn.Module, linears: list[nn.Linear], scales: torch.Tensor)
 def search_clip(w: torch.Tensor, x: torch.Tensor, bits: int, group_size: int | None, sym: bool
                 ) -> torch.Tensor:
     """Per (row, group) clipping bound [N, groups] for w [N, K] with inputs x [..., K]."""
+    with single_thread():
+        return _search_clip(w, x, bits, group_size, sym)
+
+
+def _search_clip(w: torch.Tensor, x: torch.Tensor, bits: int, group_size: int | None, sym: bool) -> torch.Tensor:
     n, k = w.shape
     g = k if group_size is None else group_size
     x = x.reshape(-1, k)
     x = x[::max(1, x.shape[0] // CLIP_TOKENS)].float()
-    xg = x.reshape(1, x.shape[0], k // g, g)                               # [1, T, groups, G]
+    xg = x.reshape(x.shape[0], k // g, g).transpose(0, 1)                 # [groups, T, G]
     bounds = []
     for r in range(0, n, CLIP_ROWS):
-        wr = w[r:r + CLIP_ROWS].float().reshape(-1, 1, k // g, g)         # [R, 1, groups, G]
-        original = (xg * wr).sum(dim=-1)                                   # [R, T, groups]
-        top = wr.abs().amax(dim=-1, keepdim=True)                          # [R, 1, groups, 1]
+        wr = w[r:r + CLIP_ROWS].float()
+        rows = wr.shape[0]
+        # each group's partial outputs as one batched matmul: [groups, T, G] @ [groups, G, R]
+        original = torch.bmm(xg, wr.reshape(rows, k // g, g).permute(1, 2, 0))
+        top = wr.abs().reshape(rows, k // g, g).amax(dim=-1)               # [R, groups]
         best, best_err = top.clone(), torch.full_like(top, float("inf"))
         for step in range(int(MAX_SHRINK * N_GRID)):
             bound = top * (1 - step / N_GRID)
-            clipped = torch.clamp(wr, -bound, bound).reshape(wr.shape[0], k)
-            quantized = fake_quantize(clipped, bits, group_size, sym).reshape(wr.shape)
-            err = ((xg * quantized).sum(dim=-1) - original).pow(2).mean(dim=1).reshape(top.shape)
+            b = bound.repeat_interleave(g, dim=1)
+            quantized = fake_quantize(torch.clamp(wr, -b, b), bits, group_size, sym)
+            out = torch.bmm(xg, quantized.reshape(rows, k // g, g).permute(1, 2, 0))
+            err = (out - original).pow(2).mean(dim=1).t()                  # [R, groups]
             better = err < best_err
             best_err, best = torch.where(better, err, best_err), torch.where(better, bound, best)
-        bounds.append(best.reshape(wr.shape[0], k // g))
+        bounds.append(best)
     return torch.cat(bounds)
 
 
