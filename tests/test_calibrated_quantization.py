@@ -12,7 +12,13 @@ from conftest import random_model, variant_config
 from test_cli import assert_clean_error, run
 
 from minicpm.quantization import awq
-from minicpm.quantization.gptq import Grid, Hessian, dequantize_with_g_idx, gptq_quantize, output_error
+from minicpm.quantization.gptq import (
+    Grid,
+    Hessian,
+    dequantize_with_g_idx,
+    gptq_quantize,
+    output_error,
+)
 from minicpm.quantization.layerwise import (
     LayerRunner,
     Settings,
@@ -206,3 +212,23 @@ def test_bad_calibration_input_is_one_line_and_writes_nothing(args, fragment, ti
     args = [a.format(short=short) for a in args]
     assert_clean_error(run("quantize", tiny_checkpoint, out, *args), fragment)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["short.txt", "tiny-minicpm"]  # no partial output
+
+
+def test_safetensors_are_read_layer_by_layer(tmp_path):
+    """The files' own order is by name (layers.10 before layers.2); the calibrated pass reads
+    them in layer order, so that no layer waits in memory for its turn."""
+    from minicpm.formats.hf import iter_tensors, iter_tensors_ordered, save_pretrained, weight_files
+    from minicpm.quantization.layerwise import layer_order
+
+    model = random_model(variant_config("2b", num_hidden_layers=12), seed=0)
+    src = save_pretrained(model, None, tmp_path / "src", max_shard_bytes=200_000)
+    files = weight_files(src)
+    assert len(files) > 1
+    ordered = list(iter_tensors_ordered(files, layer_order))
+    keys = [layer_order(name) for name, _ in ordered]
+    assert keys == sorted(keys) and ordered[0][0] == "model.embed_tokens.weight"
+    as_stored = [layer_order(name) for name, _ in iter_tensors(files)]
+    assert as_stored != sorted(as_stored)  # the files alone would not give that order
+    expected = dict(iter_tensors(files))
+    assert {n for n, _ in ordered} == expected.keys()
+    assert all(torch.equal(t, expected[n]) for n, t in ordered)

@@ -18,6 +18,7 @@ from minicpm.formats.hf import (
     check_writable,
     checkpoint_state_dict,
     iter_tensors,
+    iter_tensors_ordered,
     read_config,
     weight_files,
     write_checkpoint_files,
@@ -25,7 +26,7 @@ from minicpm.formats.hf import (
 from minicpm.loading import locate
 from minicpm.quantization import make_spec, quantize_tensors
 from minicpm.quantization.calibration import DEFAULT_SAMPLES, DEFAULT_SEQLEN, calibration_ids
-from minicpm.quantization.layerwise import Settings, calibrated_stream, check_supported
+from minicpm.quantization.layerwise import Settings, calibrated_stream, check_supported, layer_order
 from minicpm.tokenizer import Tokenizer
 
 
@@ -45,7 +46,7 @@ def quantize_checkpoint(src, out, bits: int = 4, group_size: int = 128, head: st
     check_writable(out, overwrite)  # fail before the slow part
     spec = make_spec(bits, group_size, head, embedding, method)
     settings = _calibration_settings(spec, sym, act_order, calib, samples, seqlen)
-    config, tensors, tokenizer, dtype, source = _open_source(src)
+    config, tensors, tokenizer, dtype, source = _open_source(src, by_layer=settings is not None)
     if settings is None:
         # the bar counts source tensors (a quantized Linear writes 2-4 tensors for one read)
         tensors = tqdm(tensors, desc="quantizing", unit="tensor", total=_count_tensors(config),
@@ -92,8 +93,10 @@ def _calibration_settings(spec: dict, sym: bool, act_order: bool, calib: str | N
     return Settings(method, spec["bits"], sym, act_order)
 
 
-def _open_source(src):
-    """(config, lazy (name, tensor) pairs, tokenizer or None, dtype to load in, source name)."""
+def _open_source(src, by_layer: bool = False):
+    """(config, lazy (name, tensor) pairs, tokenizer or None, dtype to load in, source name).
+    `by_layer`: safetensors read decoder layer by layer (GGUF files are stored that way), so that
+    the layer-by-layer pass holds no layer read long before its turn."""
     path = locate(src)  # the same checkpoint `minicpm.load(src)` would open
     if path.is_file():
         from minicpm.formats.gguf import read_gguf
@@ -106,8 +109,11 @@ def _open_source(src):
         return config, tensors, Tokenizer.from_gguf_metadata(tokenizer_meta), "float32", str(path)
     config = read_config(path)
     tokenizer = Tokenizer.from_pretrained(path) if Tokenizer.exists(path) else None
+    files = weight_files(path)
+    if by_layer and all(f.suffix == ".safetensors" for f in files):
+        return config, iter_tensors_ordered(files, layer_order), tokenizer, None, str(path)
     # every tensor read into memory of its own, used, dropped: no mapping keeps them resident
-    return config, iter_tensors(weight_files(path), copy=lambda name: True), tokenizer, None, str(path)
+    return config, iter_tensors(files, copy=lambda name: True), tokenizer, None, str(path)
 
 
 def _count_tensors(config) -> int:

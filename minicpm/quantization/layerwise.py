@@ -51,6 +51,18 @@ class Settings:
     act_order: bool = False
 
 
+def layer_order(name: str) -> tuple[int, int]:
+    """Sort key that reads a checkpoint as the layer-by-layer pass consumes it: the embedding,
+    then decoder layer 0, 1, ..., then everything else."""
+    if name == "model.embed_tokens.weight":
+        return (0, 0)
+    if name.startswith("model.layers."):
+        index = name.split(".")[2]
+        if index.isdigit():
+            return (1, int(index))
+    return (2, 0)
+
+
 class TensorStream:
     """Named tensors from a single-pass iterator, by name: what is read ahead of need is kept."""
 
