@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from minicpm.quantization.gptq import single_thread
+from minicpm.loading.assemble import one_thread
 
 N_GRID = 20
 MAX_SHRINK = 0.5
@@ -119,7 +119,7 @@ def search_scale(x: torch.Tensor, linears: list[nn.Linear], inspect: Callable[[t
             s = (x_mean.pow(ratio) / (w_mean.pow(1 - ratio) + 1e-4)).clamp(min=1e-4)
             s = s / (s.max() * s.min()).sqrt()
             s = torch.where(torch.isfinite(s), s, torch.ones_like(s))
-            with single_thread():
+            with one_thread():
                 for m, w in zip(linears, originals):
                     m.weight.copy_(fake_quantize(w * s, bits, group_size, sym) / s)
             loss = _mse(reference, inspect, x, chunk)
@@ -165,7 +165,7 @@ def fold_scales(prev: nn.Module, linears: list[nn.Linear], scales: torch.Tensor)
 def search_clip(w: torch.Tensor, x: torch.Tensor, bits: int, group_size: int | None, sym: bool
                 ) -> torch.Tensor:
     """Per (row, group) clipping bound [N, groups] for w [N, K] with inputs x [..., K]."""
-    with single_thread():
+    with one_thread():
         return _search_clip(w, x, bits, group_size, sym)
 
 

@@ -20,27 +20,14 @@ integer zero point), int4 symmetric (zero 8), and for int8 our per-row symmetric
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 
+from minicpm.loading.assemble import one_thread
+
 BLOCK_SIZE = 128
 PERCDAMP = 0.01
-
-
-@contextlib.contextmanager
-def single_thread():
-    """For loops of small tensor ops (GPTQ's columns, AWQ's grids): each op is a parallel region
-    of the OpenMP pool, and on a loaded machine every region waits for a time slice. Measured on
-    the 2-core development machine under load: GPTQ of a 1536x576 weight 15.2 s on two threads,
-    0.7 s on one; AWQ's fake quantization of 576x1536 0.21 s vs 0.01 s."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @dataclass
@@ -131,7 +118,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int = 4, gr
                   percdamp: float = PERCDAMP, block_size: int = BLOCK_SIZE) -> GPTQResult:
     """Quantize weight [N, K] against the Hessian [K, K] of its input. int8 is per row
     (group_size None); int4 takes group_size G dividing K."""
-    with single_thread():
+    with one_thread():  # small ops: see one_thread
         return _gptq(weight, hessian, bits, group_size, sym, act_order, static_groups, percdamp, block_size)
 
 

@@ -14,7 +14,6 @@ built. Two ways to load:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from collections.abc import Iterator
@@ -81,7 +80,7 @@ def open_gguf(path: str | os.PathLike) -> tuple[GGUFFile, MiniCPMConfig, dict[st
 def load_gguf(path: str | os.PathLike, dtype: Any = None, device: Any = None):
     """(model, tokenizer) from a GGUF file: quantized weights as stored when no dtype is given
     (float parts in float32), else every tensor dequantized and cast to `dtype`."""
-    from minicpm.loading.assemble import build_model
+    from minicpm.loading.assemble import build_model, one_thread
     from minicpm.tokenizer import Tokenizer
 
     file, config, metadata = open_gguf(path)
@@ -93,25 +92,12 @@ def load_gguf(path: str | os.PathLike, dtype: Any = None, device: Any = None):
         return build_model(config, _iter_tensors(file, config, None), dtype=dtype, device=device,
                            source=str(path)), tokenizer
     layers: dict[str, list] = {}
-    with _one_thread():
+    with one_thread():
         model = build_model(config, _iter_stored(file, config, layers), dtype=torch.float32, device=device,
                             source=str(path))
     if layers:  # what save_pretrained records, so that a saved copy loads back to the same layers
         model.config = model.config.replace(quantization=stored_record(config, layers))
     return model, tokenizer
-
-
-@contextlib.contextmanager
-def _one_thread():
-    """Repacking is hundreds of small copies, each a parallel region of the OpenMP pool; on a busy
-    machine every region waits for a time slice (SmolLM2 with another process running: 0.8 s on
-    one thread, 3-6 s on two)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def stored_record(config: MiniCPMConfig, layers: dict[str, list]) -> dict[str, Any]:
