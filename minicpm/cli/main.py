@@ -92,11 +92,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gptq, float source: symmetric grid (zero point 2^(bits-1)); default asymmetric")
     p.add_argument("--force", action="store_true", help="replace an existing output")
 
-    p = sub.add_parser("quantize", help="write a weight-only int8/int4 checkpoint (round-to-nearest)")
+    p = sub.add_parser("quantize", help="write a weight-only int8/int4 checkpoint (round-to-nearest, GPTQ or AWQ)")
     p.add_argument("src", help="checkpoint directory, .gguf file or hub id")
     p.add_argument("out", help="output checkpoint directory")
+    p.add_argument("--method", default="rtn", choices=("rtn", "gptq", "awq"),
+                   help="rtn (default: round to nearest, no data), gptq or awq (calibrated, layer by layer)")
     p.add_argument("--bits", type=int, default=4, help="4 or 8 (default 4)")
     p.add_argument("--group-size", type=int, default=128, help="int4 group: 32, 64 or 128 (default 128)")
+    p.add_argument("--sym", action="store_true", help="gptq/awq: symmetric int4 grid (zero point 8)")
+    p.add_argument("--act-order", action="store_true",
+                   help="gptq: visit columns by decreasing Hessian diagonal (static groups: no runtime permutation)")
+    p.add_argument("--calib", default=None,
+                   help="gptq/awq calibration text: a UTF-8 file, wikitext2 (default; validation split) or alpaca")
+    p.add_argument("--samples", type=int, default=None, help="gptq/awq: calibration windows (default 128)")
+    p.add_argument("--seqlen", type=int, default=None, help="gptq/awq: tokens per window (default 512)")
     p.add_argument("--head", default="int8",
                    help="int8 (default), int4 (groups of 32: least memory) or bf16 (kept as stored)")
     p.add_argument("--embedding", default="head",

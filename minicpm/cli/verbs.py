@@ -227,8 +227,9 @@ def quantize(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     out = quantize_checkpoint(args.src, args.out, bits=args.bits, group_size=args.group_size,
                               head=args.head, overwrite=args.force, embedding=args.embedding,
-                              vision=args.vision)
-    print(f"wrote {out} (int{args.bits}) in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+                              vision=args.vision, method=args.method, sym=args.sym, act_order=args.act_order,
+                              calib=args.calib, samples=args.samples, seqlen=args.seqlen)
+    print(f"wrote {out} ({args.method} int{args.bits}) in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     return 0
 
 

@@ -113,6 +113,31 @@ def _safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
     return header, 8 + length
 
 
+def _read_entry(raw, path: Path, start: int, name: str, entry: dict[str, Any]) -> torch.Tensor:
+    """One tensor of an open safetensors file, read into memory of its own."""
+    begin, end = entry["data_offsets"]
+    data = torch.empty(end - begin, dtype=torch.uint8)
+    raw.seek(start + begin)
+    if raw.readinto(memoryview(data.numpy())) != end - begin:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {name} is truncated")
+    return data.view(_SAFETENSORS_TORCH[entry["dtype"]]).reshape(entry["shape"])
+
+
+def iter_tensors_ordered(files: list[Path], key: Callable[[str], Any]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of the given safetensors files, read into memory of its own, in the order of
+    key(name) across all files (e.g. decoder layer by layer, which the files' own order, by
+    name, is not: layers.10 comes before layers.2)."""
+    entries = []
+    for path in files:
+        header, start = _safetensors_header(path)
+        entries += [(key(name), path, start, name, entry) for name, entry in header.items()]
+    entries.sort(key=lambda e: e[0])
+    for _, path, start, name, entry in entries:
+        with open(path, "rb") as raw:
+            tensor = _read_entry(raw, path, start, name, entry)
+        yield name, tensor
+
+
 def _iter_safetensors_reading(path: Path, copy: Callable[[str], bool]) -> Iterator[tuple[str, torch.Tensor]]:
     header, start = _safetensors_header(path)
     names = sorted(header, key=lambda n: header[n]["data_offsets"][0])  # one forward pass over the file
@@ -122,12 +147,7 @@ def _iter_safetensors_reading(path: Path, copy: Callable[[str], bool]) -> Iterat
         for name in names:
             entry = header[name]
             if copy(name):
-                begin, end = entry["data_offsets"]
-                data = torch.empty(end - begin, dtype=torch.uint8)
-                raw.seek(start + begin)
-                if raw.readinto(memoryview(data.numpy())) != end - begin:
-                    raise CheckpointError(f"{path} is not a readable safetensors file: {name} is truncated")
-                yield name, data.view(_SAFETENSORS_TORCH[entry["dtype"]]).reshape(entry["shape"])
+                yield name, _read_entry(raw, path, start, name, entry)
             else:
                 if mapped is None:
                     try:

@@ -25,6 +25,7 @@ from minicpm.formats.hf import (
     checkpoint_state_dict,
     is_vision_checkpoint,
     iter_tensors,
+    iter_tensors_ordered,
     read_config,
     weight_files,
     write_checkpoint_files,
@@ -33,6 +34,8 @@ from minicpm.loading import locate
 from minicpm.loading.assemble import config_dtype, resolve_dtype
 from minicpm.quantization import make_spec, quantize_tensors
 from minicpm.quantization.quantize import quantize_linears
+from minicpm.quantization.calibration import DEFAULT_SAMPLES, DEFAULT_SEQLEN, calibration_ids
+from minicpm.quantization.layerwise import Settings, calibrated_stream, check_supported, layer_order
 from minicpm.tokenizer import Tokenizer
 from minicpm.vision import MiniCPMV, MiniCPMVConfig
 from minicpm.vision.loading import VISION_PREFIXES, vision_linears
@@ -42,25 +45,40 @@ VISION_FORMS = ("bf16", "int8")
 
 def quantize_checkpoint(src, out, bits: int = 4, group_size: int = 128, head: str = "int8",
                         overwrite: bool = False, progress: bool = True, embedding: str = "head",
-                        max_shard_bytes: int = 2 * 1024**3, vision: str = "bf16"):
+                        max_shard_bytes: int = 2 * 1024**3, vision: str = "bf16", method: str = "rtn",
+                        sym: bool = False, act_order: bool = False, calib: str | None = None,
+                        samples: int | None = None, seqlen: int | None = None):
     """Quantize checkpoint `src` (directory, .gguf file or hub id) into directory `out`, streaming.
 
-    The result is what `quantize_model(minicpm.load(src)) + save_pretrained` would write, tensor
-    for tensor, without building the model. `out` appears only when complete (temp dir + rename).
+    rtn: the result is what `quantize_model(minicpm.load(src)) + save_pretrained` would write,
+    tensor for tensor, without building the model. gptq/awq: calibrated on `samples` windows of
+    `seqlen` tokens of `calib` (quantization/calibration.py), one decoder layer at a time
+    (quantization/layerwise.py). `out` appears only when complete (temp dir + rename).
     """
     out = Path(out)
     check_writable(out, overwrite)  # fail before the slow part
-    spec = make_spec(bits, group_size, head, embedding)
+    spec = make_spec(bits, group_size, head, embedding, method)
     if vision not in VISION_FORMS:
         raise MiniCPMError(f"vision must be one of {', '.join(VISION_FORMS)}, got {vision!r}")
-    config, tensors, tokenizer, dtype, source = _open_source(src)
+    settings = _calibration_settings(spec, sym, act_order, calib, samples, seqlen)
+    config, tensors, tokenizer, dtype, source = _open_source(src, by_layer=settings is not None)
     is_v = isinstance(config, MiniCPMVConfig)
     if vision != "bf16" and not is_v:
         raise MiniCPMError(f"{source} has no vision tower (--vision is for MiniCPM-V checkpoints)")
+    if is_v and settings is not None:
+        raise MiniCPMError(f"{source}: --method {method} is for text models; MiniCPM-V takes --method rtn")
     if (config.llm if is_v else config).quantization:  # before the progress bar starts
         raise MiniCPMError(f"{source} is already quantized")
-    # the bar counts source tensors (a quantized Linear writes 2-4 tensors for one read)
-    tensors = tqdm(tensors, desc="quantizing", unit="tensor", total=_count_tensors(config), disable=not progress)
+    if settings is None:
+        # the bar counts source tensors (a quantized Linear writes 2-4 tensors for one read)
+        tensors = tqdm(tensors, desc="quantizing", unit="tensor", total=_count_tensors(config),
+                       disable=not progress)
+    else:
+        check_supported(config, settings)
+        ids = calibration_ids(tokenizer, spec["calibration"]["data"], spec["calibration"]["samples"],
+                              spec["calibration"]["seqlen"])
+        tensors = calibrated_stream(config, tensors, ids, spec, settings, dtype=dtype, source=source,
+                                    progress=progress)
     if is_v:
         config, quantized = quantize_minicpmv(config, tensors, spec, vision, dtype=dtype, source=source)
     else:
@@ -82,8 +100,28 @@ def quantize_checkpoint(src, out, bits: int = 4, group_size: int = 128, head: st
     return out
 
 
-def _open_source(src):
-    """(config, lazy (name, tensor) pairs, tokenizer or None, dtype to load in, source name)."""
+def _calibration_settings(spec: dict, sym: bool, act_order: bool, calib: str | None, samples: int | None,
+                          seqlen: int | None) -> Settings | None:
+    """GPTQ/AWQ settings, recorded in `spec` (None for rtn, which takes none of them)."""
+    method = spec["method"]
+    if method == "rtn":
+        given = [flag for flag, value in (("--sym", sym or None), ("--act-order", act_order or None),
+                                          ("--calib", calib), ("--samples", samples), ("--seqlen", seqlen))
+                 if value is not None]
+        if given:
+            raise MiniCPMError(f"{', '.join(given)}: only for --method gptq or awq (rtn uses no calibration)")
+        return None
+    spec.update(sym=sym, act_order=act_order, static_groups=act_order,
+                calibration={"data": calib or "wikitext2",
+                             "samples": DEFAULT_SAMPLES if samples is None else samples,
+                             "seqlen": DEFAULT_SEQLEN if seqlen is None else seqlen})
+    return Settings(method, spec["bits"], sym, act_order)
+
+
+def _open_source(src, by_layer: bool = False):
+    """(config, lazy (name, tensor) pairs, tokenizer or None, dtype to load in, source name).
+    `by_layer`: safetensors read decoder layer by layer (GGUF files are stored that way), so that
+    the layer-by-layer pass holds no layer read long before its turn."""
     path = locate(src)  # the same checkpoint `minicpm.load(src)` would open
     if path.is_file():
         from minicpm.formats.gguf import read_gguf
@@ -95,15 +133,18 @@ def _open_source(src):
         # float32, as load_gguf gives a GGUF model: the same codes as quantizing the loaded model
         return config, tensors, Tokenizer.from_gguf_metadata(tokenizer_meta), "float32", str(path)
     tokenizer = Tokenizer.from_pretrained(path) if Tokenizer.exists(path) else None
+    files = weight_files(path)
     if is_vision_checkpoint(path):
         # the decoder's tensors read into memory of their own, used, dropped; the vision ones
         # mapped: they are held until the decoder is done
         copy = lambda name: not name.startswith(VISION_PREFIXES)  # noqa: E731
-        return MiniCPMVConfig.from_file(path / "config.json"), iter_tensors(weight_files(path), copy=copy), \
+        return MiniCPMVConfig.from_file(path / "config.json"), iter_tensors(files, copy=copy), \
             tokenizer, None, str(path)
     config = read_config(path)
+    if by_layer and all(f.suffix == ".safetensors" for f in files):
+        return config, iter_tensors_ordered(files, layer_order), tokenizer, None, str(path)
     # every tensor read into memory of its own, used, dropped: no mapping keeps them resident
-    return config, iter_tensors(weight_files(path), copy=lambda name: True), tokenizer, None, str(path)
+    return config, iter_tensors(files, copy=lambda name: True), tokenizer, None, str(path)
 
 
 def quantize_minicpmv(config: MiniCPMVConfig, named_tensors, spec: dict, vision: str = "bf16",

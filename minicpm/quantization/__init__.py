@@ -16,7 +16,9 @@ The tied embedding of a model with an int8 head is not stored (`"embedding": "he
 record): lookups read the head's table. Records without the key store it ("float").
 
 This package works on modules and tensors; writing a quantized checkpoint from a file, streaming,
-is `minicpm.formats.quantized.quantize_checkpoint` (`minicpm quantize`).
+is `minicpm.formats.quantized.quantize_checkpoint` (`minicpm quantize`). Calibrated codes in the
+same layout: gptq.py and awq.py (one Linear / one layer), layerwise.py (a checkpoint stream, one
+decoder layer at a time), calibration.py (the calibration windows); docs/quantization.md.
 """
 
 from minicpm.quantization.embedding import QuantizedEmbedding

@@ -48,9 +48,14 @@ def default_predicate(name: str, module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) and not name.endswith("mlp.gate")
 
 
+METHODS = ("rtn", "gptq", "awq")  # how the codes were chosen; the stored layout is the same
+
+
 def make_spec(bits: int = 4, group_size: int = 128, head: str = "int8",
-              embedding: str = "head") -> dict[str, Any]:
+              embedding: str = "head", method: str = "rtn") -> dict[str, Any]:
     """The `config.quantization` record, validated (`embedding` as asked; see `shares_table`)."""
+    if method not in METHODS:
+        raise MiniCPMError(f"unknown quantization method {method!r}; choose {', '.join(METHODS)}")
     if bits not in (4, 8):
         raise MiniCPMError(f"bits must be 4 or 8, got {bits}")
     if bits == 4 and group_size not in GROUP_SIZES:
@@ -59,7 +64,7 @@ def make_spec(bits: int = 4, group_size: int = 128, head: str = "int8",
         raise MiniCPMError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
     if embedding not in EMBEDDINGS:
         raise MiniCPMError(f"embedding must be one of {', '.join(EMBEDDINGS)}, got {embedding!r}")
-    return {"method": "rtn", "bits": bits, "group_size": group_size if bits == 4 else None, "head": head,
+    return {"method": method, "bits": bits, "group_size": group_size if bits == 4 else None, "head": head,
             "embedding": embedding}
 
 
@@ -235,13 +240,13 @@ def _read_spec(config: MiniCPMConfig, source: str) -> dict[str, Any]:
     q = config.quantization
     if isinstance(q.get("layers"), dict):  # listed one by one: a GGUF file's or a GPTQ/AWQ checkpoint's
         return {**q, "group_size": None}
-    if q.get("method") != "rtn":
+    if q.get("method") not in METHODS:
         raise CheckpointError(f"{source}: unknown quantization method {q.get('method')!r} in config.json")
     try:
         # no "embedding" key: written before the shared table existed, the float table is stored
         embedding = q.get("embedding", "float")
-        return {**make_spec(q["bits"], q.get("group_size") or 128, q.get("head", "int8"), embedding), **q,
-                "embedding": embedding}
+        return {**make_spec(q["bits"], q.get("group_size") or 128, q.get("head", "int8"), embedding, q["method"]),
+                **q, "embedding": embedding}
     except (KeyError, MiniCPMError) as e:
         raise CheckpointError(f"{source}: bad quantization record in config.json: {e}") from None
 
@@ -297,6 +302,8 @@ def quantize_tensors(config: MiniCPMConfig, named_tensors: Iterable[tuple[str, t
     the dtype `load` would give it, quantized if it is a chosen Linear's weight, and passed on;
     no model is built. The same names, dtypes and values as that path. Names and shapes are
     checked as `build_model` checks them; missing tensors are reported at the end.
+    A chosen Linear may also come quantized already, as (its weight's name, QuantizedLinear)
+    with its bias inside (GPTQ/AWQ: layerwise.calibrated_stream); its codes are written as they are.
     """
     from minicpm.loading.assemble import DERIVED_SUFFIXES, config_dtype, resolve_dtype
     from minicpm.model import MiniCPMForCausalLM
@@ -323,6 +330,9 @@ def quantize_tensors(config: MiniCPMConfig, named_tensors: Iterable[tuple[str, t
                 continue  # recomputed / the tie wins, as build_model does
             if name not in shapes:
                 unexpected.append(name)
+                continue
+            if isinstance(tensor, QuantizedLinear):
+                yield from _prequantized_state(name, tensor, chosen, has_bias, seen)
                 continue
             _check_shape(name, tensor, shapes[name], source)
             if not tensor.is_floating_point():
@@ -355,6 +365,16 @@ def quantize_linears(named_tensors: Iterable[tuple[str, torch.Tensor]], chosen: 
                 yield from quantized_state(module, pending.pop(module), chosen[module])
         else:
             yield name, tensor
+
+
+def _prequantized_state(name: str, layer: QuantizedLinear, chosen: dict, has_bias: dict, seen: set):
+    module = name.rpartition(".")[0]
+    if (layer.bits, layer.group_size) != chosen.get(module):
+        raise MiniCPMError(f"{module}: quantized as int{layer.bits} group {layer.group_size}, "
+                           f"the plan says {chosen.get(module)}")
+    seen.update({name} | ({f"{module}.bias"} if has_bias[module] else set()))
+    for leaf, tensor in layer.portable_state().items():
+        yield f"{module}.{leaf}", tensor
 
 
 def quantized_state(name: str, parts: dict[str, torch.Tensor], bits_group: tuple):
