@@ -7,7 +7,9 @@ number (samples seen) and resuming needs no loader state.
 
 Losses are sums, normalised by the trainer with the count over the whole global batch
 (`count`): the gradient is then the same whatever the micro-batch size, the accumulation or the
-number of processes, and a 2-process run matches a 1-process one.
+number of processes, and a 2-process run matches a 1-process one. The next-token losses are
+taken from the final hidden states a slice at a time (chunked_loss.py): the logits of a whole
+batch are never built.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from minicpm.training.chunked_loss import row_nll, summed_nll
 from minicpm.training.data import IGNORE_INDEX, Example
 
 
@@ -35,15 +38,6 @@ def sample_order(num_samples: int, seed: int, position: int, count: int) -> list
 def _epoch_order(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(num_samples, generator=generator)
-
-
-def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-token negative log-likelihood [B, S-1] of labels[:, 1:] given logits[:, :-1]; 0 where
-    the label is IGNORE_INDEX."""
-    targets = labels[:, 1:]
-    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="none",
-                          ignore_index=IGNORE_INDEX)
-    return nll.view_as(targets)
 
 
 class PretrainTask:
@@ -68,8 +62,7 @@ class PretrainTask:
         return len(samples) * self.seq_len
 
     def loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        nll = token_nll(model(batch["input_ids"]), batch["labels"])
-        return nll.sum(), {}
+        return summed_nll(model, model(batch["input_ids"], hidden=True), batch["labels"]), {}
 
 
 class SftTask:
@@ -86,8 +79,8 @@ class SftTask:
         return sum(_targets(self.examples[i]) for i in samples)
 
     def loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])
-        return token_nll(logits, batch["labels"]).sum(), {}
+        hidden = model(batch["input_ids"], attention_mask=batch["attention_mask"], hidden=True)
+        return summed_nll(model, hidden, batch["labels"]), {}
 
 
 def _targets(example: Example) -> int:
@@ -116,8 +109,8 @@ class PairLogps:
 
 def sequence_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Summed log-probability of each row's target tokens, [B]."""
-    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])
-    return -token_nll(logits, batch["labels"]).sum(-1)
+    hidden = model(batch["input_ids"], attention_mask=batch["attention_mask"], hidden=True)
+    return -row_nll(model, hidden, batch["labels"])
 
 
 def dpo_loss(policy: PairLogps, reference: PairLogps, beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
