@@ -28,6 +28,10 @@ token.
 
 A fourth section (benchmarks/eval_tasks.py; skip it with --no-eval-tasks) scores 200 OCNLI items
 by log-likelihood with `minicpm.evaluation` and with lm-eval's `hf` backend: items/s and accuracy.
+
+A fifth section (benchmarks/training.py; skip it with --no-training) fine-tunes with LoRA, seq 512,
+batch 8, with `minicpm train sft` and with Hugging Face `Trainer` + `peft` on the same data:
+tokens/s, peak RSS and the first losses.
 """
 
 from __future__ import annotations
@@ -187,6 +191,8 @@ def main() -> int:
                         help="skip the serving section (vs llama-server)")
     parser.add_argument("--no-eval-tasks", action="store_true",
                         help="skip the multiple-choice scoring section (OCNLI vs lm-eval's hf backend)")
+    parser.add_argument("--no-training", action="store_true",
+                        help="skip the LoRA fine-tuning section (vs Trainer + peft)")
     # e.g. tiny: a quick check of the machinery
     parser.add_argument("--preset", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -215,6 +221,10 @@ def main() -> int:
         from eval_tasks import run_eval_tasks  # benchmarks/eval_tasks.py
 
         sections.append(run_eval_tasks(threads=args.threads, log=log))
+    if not args.no_training and not args.preset and not args.shapes_only:
+        from training import run_training  # benchmarks/training.py
+
+        sections.append(run_training(threads=args.threads, log=log))
     text = "\n".join(sections)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
