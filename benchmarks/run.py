@@ -33,6 +33,9 @@ A fifth section (benchmarks/vision.py; skip it with --no-vision) times MiniCPM-V
 encoding and a chat turn's first token on random weights of the released shape, ours against the
 official remote code (found through MINICPMV_PEER_PYTHON / MINICPMV_PEER_CODE), and the peak RSS
 with an int4 decoder.
+A sixth section (benchmarks/training.py; skip it with --no-training) fine-tunes with LoRA, seq 512,
+batch 8, with `minicpm train sft` and with Hugging Face `Trainer` + `peft` on the same data:
+tokens/s, peak RSS and the first losses.
 """
 
 from __future__ import annotations
@@ -194,6 +197,8 @@ def main() -> int:
                         help="skip the multiple-choice scoring section (OCNLI vs lm-eval's hf backend)")
     parser.add_argument("--no-vision", action="store_true",
                         help="skip the MiniCPM-V section (image encoding and first token vs the official code)")
+    parser.add_argument("--no-training", action="store_true",
+                        help="skip the LoRA fine-tuning section (vs Trainer + peft)")
     # e.g. tiny: a quick check of the machinery
     parser.add_argument("--preset", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -227,6 +232,10 @@ def main() -> int:
 
         sections.append(run_vision(threads=args.threads, peer_python=os.environ.get("MINICPMV_PEER_PYTHON"),
                                    peer_code=os.environ.get("MINICPMV_PEER_CODE"), log=log))
+    if not args.no_training and not args.preset and not args.shapes_only:
+        from training import run_training  # benchmarks/training.py
+
+        sections.append(run_training(threads=args.threads, log=log))
     text = "\n".join(sections)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -317,7 +317,8 @@ class MiniCPMForCausalLM(nn.Module):
         large vocabulary keeps only a slice's logits in memory).
 
         attention_mask [B, past + S] (1 = real token, 0 = padding) covers everything in the
-        cache plus the new tokens. `inputs_embeds` are used as given (no embedding scale), as
+        cache plus the new tokens; a boolean [B, 1, S, past + S] (True = may attend) is used as
+        given (samples packed into one row keep to themselves), with `position_ids`. `inputs_embeds` are used as given (no embedding scale), as
         the official code does for multimodal callers.
         """
         if inputs_embeds is None:
@@ -402,6 +403,8 @@ class MiniCPMForCausalLM(nn.Module):
 def _positions(attention_mask: torch.Tensor | None, past: int, s: int, device) -> torch.Tensor:
     if attention_mask is None:
         return torch.arange(past, past + s, device=device)[None]
+    if attention_mask.dim() == 4:
+        raise ValueError("a [B, 1, S, S] attention mask needs position_ids")
     # Left padding: count only real tokens; pad slots get position 0 (they are masked anyway).
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     return positions[:, past:past + s]
@@ -410,6 +413,8 @@ def _positions(attention_mask: torch.Tensor | None, past: int, s: int, device) -
 def _attention_mask(attention_mask: torch.Tensor | None, past: int, s: int,
                     window: int | None, device) -> torch.Tensor | None:
     """Boolean [B, 1, S, past+S] mask (True = may attend), or None for plain causal."""
+    if attention_mask is not None and attention_mask.dim() == 4:
+        return attention_mask  # built by the caller (packed samples)
     if attention_mask is None and window is None and (past == 0 or s == 1):
         return None  # SDPA's is_causal (prefill) or no mask at all (one new token)
     total = past + s

@@ -190,3 +190,55 @@ def test_merge_cli_writes_a_checkpoint_equal_to_the_adapter(tmp_path):
     bad = _cli("merge", str(tmp_path / "base"), str(tmp_path / "nowhere"), str(tmp_path / "m2"))
     assert bad.returncode == 2 and "adapter_config.json is missing" in bad.stderr
     assert "Traceback" not in bad.stderr and not (tmp_path / "m2").exists()
+
+
+def _module_update(x, layer: LoraLinear, dropout: float):
+    """The update as nn.Dropout and the two nn.Linear compute it (the version that keeps a mask
+    and a dropped-out copy of x per adapter for the backward pass)."""
+    dropped = torch.nn.functional.dropout(x, dropout, training=True)
+    return layer.lora_B(layer.lora_A(dropped.to(layer.lora_A.weight.dtype))) * layer.scaling
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_low_rank_update_equals_dropout_and_two_linears(bf16):
+    """Same mask, same products in the same order: the output and the gradients of x, A and B
+    are bitwise those of the module version, with or without bf16 autocast."""
+    from minicpm.training.lora_update import low_rank_update
+
+    layer = LoraLinear(torch.nn.Linear(24, 40, bias=False), LoraSpec(r=4, alpha=8, dropout=0.25))
+    torch.nn.init.normal_(layer.lora_B.weight)
+    results = []
+    for run in ("modules", "function"):
+        layer.zero_grad()
+        x = torch.randn(3, 7, 24, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        torch.manual_seed(11)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            if run == "modules":
+                out = _module_update(x, layer, 0.25)
+            else:
+                out = low_rank_update(x, layer.lora_A.weight, layer.lora_B.weight, 0.25, layer.scaling)
+        (out.float() * torch.linspace(-1, 1, 40)).sum().backward()
+        results.append((out, x.grad, layer.lora_A.weight.grad.clone(), layer.lora_B.weight.grad.clone(),
+                        torch.rand(1)))  # the generator goes on from the same place
+    for modules, function in zip(*results):
+        assert torch.equal(modules, function)
+    assert torch.count_nonzero(results[1][1]) < results[1][1].numel()  # dropout did drop inputs
+
+
+def test_low_rank_update_keeps_only_x_for_the_backward_pass():
+    from minicpm.training.lora_update import low_rank_update
+
+    layer = LoraLinear(torch.nn.Linear(24, 40, bias=False), LoraSpec(r=4, alpha=8, dropout=0.1))
+    x = torch.randn(5, 24, requires_grad=True)
+
+    def kept_like_x(update) -> list[torch.Tensor]:
+        """The tensors of x's size that autograd keeps for the backward pass."""
+        kept = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+            update()
+        return [t for t in kept if t.numel() == x.numel()]
+
+    module = kept_like_x(lambda: _module_update(x, layer, 0.1))
+    assert len(module) == 2  # the mask and the dropped-out copy
+    function = kept_like_x(lambda: low_rank_update(x, layer.lora_A.weight, layer.lora_B.weight, 0.1, layer.scaling))
+    assert len(function) == 1 and function[0].data_ptr() == x.data_ptr()  # x itself, no copy

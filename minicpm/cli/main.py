@@ -14,6 +14,7 @@ import sys
 from minicpm.cli.eval_options import add_eval_parser
 from minicpm.cli.options import add_kv_cache_arg, add_model_args, add_sampling_args
 from minicpm.errors import run_reporting_errors
+from minicpm.kernels.allocator import return_freed_memory
 from minicpm.training.command_line import add_training_parsers, parse_args
 
 
@@ -120,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return_freed_memory()  # first, before torch allocates anything (kernels/allocator.py says why)
     parser = build_parser()
     args = parse_args(parser, argv)
     if args.version:

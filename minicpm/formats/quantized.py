@@ -33,9 +33,9 @@ from minicpm.formats.hf import (
 from minicpm.loading import locate
 from minicpm.loading.assemble import config_dtype, resolve_dtype
 from minicpm.quantization import make_spec, quantize_tensors
-from minicpm.quantization.quantize import quantize_linears
 from minicpm.quantization.calibration import DEFAULT_SAMPLES, DEFAULT_SEQLEN, calibration_ids
 from minicpm.quantization.layerwise import Settings, calibrated_stream, check_supported, layer_order
+from minicpm.quantization.quantize import quantize_linears
 from minicpm.tokenizer import Tokenizer
 from minicpm.vision import MiniCPMV, MiniCPMVConfig
 from minicpm.vision.loading import VISION_PREFIXES, vision_linears

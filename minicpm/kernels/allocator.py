@@ -3,11 +3,13 @@
 glibc serves a large allocation with its own mmap and unmaps it when freed, but after each such
 free it raises that size limit to the freed size (up to 32 MB), so the next buffers of that size
 come from the heap, and the heap keeps the pages of whatever was freed under live blocks. A
-prefill chunk allocates and frees tens of MB of activations per layer; on MiniCPM-2B (int4,
-2k context) the heap kept ~130 MB resident after the first chunk, 6% of the whole process.
-Fixing the limit at 1 MiB keeps every activation-sized buffer out of the heap. Small tensors
-(a decode step's, all below it) are unaffected; a large one costs its page faults afresh, which
-is small beside the work done on it (measured: no change in prefill time).
+prefill chunk allocates and frees tens of MB of activations per layer, a training step far
+more: on MiniCPM-2B (int4, 2k context, int4 KV cache) the heap kept ~130 MiB resident beyond the
+cache after the first prefill chunk (set here at model build: ~80 MiB less; set before anything
+ran, as MALLOC_MMAP_THRESHOLD_=65536 in the environment does: ~130 MiB less), and LoRA training
+of the default model kept ~5 GB after a step. A fixed 64 KiB limit keeps activation-sized
+buffers out of the heap; a decode step's small tensors stay below it, and a large buffer pays
+its page faults afresh, small beside the work done on it.
 """
 
 from __future__ import annotations
@@ -16,9 +18,8 @@ import ctypes
 import ctypes.util
 import os
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 MMAP_THRESHOLD = 1 << 16
-TRIM_THRESHOLD = 1 << 20
 _applied = False
 
 
@@ -38,6 +39,5 @@ def return_freed_memory() -> bool:
         mallopt = None
     if mallopt is None:  # not glibc (musl, macOS): its allocator has no such knob
         return False
-    # both: the automatic raise of the mmap limit also raised the trim limit (to twice it)
-    _applied = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    _applied = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
     return _applied

@@ -74,6 +74,13 @@ def add_train_parser(sub) -> None:
                        help="continue from the run directory's last checkpoint")
         r.add_argument("--print-recipe", action="store_true",
                        help="print the full recipe and exit")
+        r.add_argument("--dry-run", action="store_true",
+                       help="load the model and data, print the plan (parameters, tokens per "
+                            "step, memory by phase) and exit without training or writing")
+        r.add_argument("--profile-memory", action="store_true",
+                       help="measure the resident memory of each phase (weights, data, the "
+                            "first step's forward, loss, backward and optimizer, later steps) "
+                            "and print and log it at the end")
     r = recipes.add_parser("tokenizer", help="train a BPE tokenizer (byte fallback) in the "
                                              "Hugging Face layout")
     r.add_argument("files", nargs="+", help="text files, or JSONL with a text field")

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from minicpm.files import atomic_file, write_text
+from minicpm.training.profile import format_memory
 
 
 class RunLog:
@@ -38,6 +39,8 @@ class RunLog:
 
 
 def format_record(r: dict[str, Any]) -> str:
+    if "memory" in r:
+        return format_memory(r["memory"])
     if "eval_loss" in r:
         extra = f" | ppl {r['eval_ppl']:.2f}" if "eval_ppl" in r else ""
         extra += "".join(f" | {k.removeprefix('eval_')} {v:.3f}" for k, v in r.items()

@@ -31,6 +31,7 @@ from torch import nn
 from minicpm.errors import MiniCPMError
 from minicpm.files import atomic_file, write_text
 from minicpm.quantization.linear import QuantizedLinear
+from minicpm.training.lora_update import low_rank_update
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -83,8 +84,10 @@ class LoraLinear(nn.Module):
         y = self.base_layer(x)
         if self.disabled:
             return y
-        update = self.lora_B(self.lora_A(self.lora_dropout(x).to(self.lora_A.weight.dtype)))
-        return y + (update * self.scaling).to(y.dtype)
+        # nn.Dropout only holds p (and its train/eval switch): low_rank_update draws the mask
+        dropout = self.lora_dropout.p if self.training and isinstance(self.lora_dropout, nn.Dropout) else 0.0
+        update = low_rank_update(x, self.lora_A.weight, self.lora_B.weight, dropout, self.scaling)
+        return y + update.to(y.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """scaling * B @ A in fp32, [out, in]: what merging adds to the base weight."""

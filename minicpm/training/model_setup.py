@@ -31,7 +31,9 @@ def build_trainable_model(recipe: Recipe, device: torch.device):
     model.requires_grad_(method == "full")  # loading makes an inference model: nothing trainable
     if method in ("lora", "qlora"):
         _add_adapters(model, recipe)
-    model.gradient_checkpointing = recipe.train.activation_checkpointing
+        if recipe.train.precision == "bf16":
+            _frozen_linears_in_bf16(model)
+    model.gradient_checkpointing = bool(recipe.train.activation_checkpointing)
     model.train()
     return model, tokenizer
 
@@ -48,6 +50,17 @@ def _add_adapters(model, recipe: Recipe) -> None:
     spec = LoraSpec(r=recipe.lora.r, alpha=recipe.lora.alpha, dropout=recipe.lora.dropout,
                     targets=recipe.lora.targets)
     add_lora(model, spec, seed=recipe.seed)
+
+
+def _frozen_linears_in_bf16(model) -> None:
+    """The frozen Linear weights of the decoder layers in bf16. bf16 autocast multiplies in
+    bf16 anyway, so the results are the same, but an fp32 weight is cast anew at every forward
+    pass and the copy kept for the backward pass: the whole base once more per micro-batch.
+    Norms, the embedding and the head keep their dtype (the residual stream stays fp32)."""
+    for module in model.model.layers.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, torch.nn.Linear) and not weight.requires_grad and weight.dtype == torch.float32:
+            module.to(torch.bfloat16)
 
 
 def load_tokenizer(path: str):

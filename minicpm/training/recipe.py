@@ -23,6 +23,7 @@ import yaml
 from minicpm.errors import MiniCPMError
 
 KINDS = ("pretrain", "sft", "dpo")
+SHORT_RUN_WARMUP = 0.1  # the fraction of a run its warmup becomes when the set one does not fit
 
 
 @dataclass
@@ -40,6 +41,7 @@ class DataRecipe:
     train: str | None = None  # pretrain: packed shard directory; sft/dpo: JSON / JSONL file
     valid: str | None = None
     seq_len: int = 256  # pretrain window; sft/dpo: longest example (longer ones are cut)
+    pack: bool = False  # sft: several short examples per row of seq_len tokens, each kept to itself
     on_bad: str = "skip"  # sft/dpo records that cannot be used: skip (reported) or error
 
 
@@ -48,10 +50,14 @@ class TrainRecipe:
     steps: int = 1000  # optimizer steps (the schedule spans them)
     stop_at: int | None = None  # end this session at that step, checkpointed; --resume goes on
     batch_size: int = 8  # sequences per optimizer step, over all processes
-    micro_batch_size: int = 8  # sequences per forward pass; the rest is gradient accumulation
+    # sequences per forward pass, the rest is gradient accumulation; unset: the most whose
+    # activations stay within a budget (memory.py)
+    micro_batch_size: int | None = None
     method: str = "full"  # full | lora | qlora (sft/dpo)
     precision: str = "bf16"  # bf16 autocast (fp32 master weights) | fp32
-    activation_checkpointing: bool = False
+    # recompute each layer's activations in the backward pass; unset: when the memory
+    # estimate does not fit the memory available
+    activation_checkpointing: bool | None = None
     clip_grad_norm: float | None = 1.0
     log_every: int = 10
     eval_every: int = 100
@@ -117,7 +123,18 @@ class Recipe:
 
     @property
     def accumulation_steps_per_process(self) -> int:
-        return self.train.batch_size // self.train.micro_batch_size
+        return self.train.batch_size // (self.train.micro_batch_size or self.train.batch_size)
+
+    def fit_warmup(self) -> str | None:
+        """A warmup as long as the run or longer (the default 100 steps in a 6-step trial) becomes
+        10% of the run; returns the note to print, or None when nothing changed."""
+        s, steps = self.schedule, self.train.steps
+        if s.kind == "constant" or s.warmup_steps < steps or steps < 1:
+            return None
+        asked, s.warmup_steps = s.warmup_steps, int(steps * SHORT_RUN_WARMUP)
+        return (f"note: schedule.warmup_steps ({asked}) is not below train.steps ({steps}): warming up "
+                f"over {s.warmup_steps} steps ({SHORT_RUN_WARMUP:.0%} of the run); pass "
+                f"schedule.warmup_steps=N (0 to {steps - 1}) to choose")
 
     def validate(self, world_size: int = 1) -> Recipe:
         t = self.train
@@ -125,10 +142,11 @@ class Recipe:
             (self.kind in KINDS, f"kind must be one of {', '.join(KINDS)}, got {self.kind!r}"),
             (t.steps >= 1, f"train.steps must be >= 1, got {t.steps}"),
             (t.stop_at is None or 1 <= t.stop_at <= t.steps, f"train.stop_at must be in 1..train.steps, got {t.stop_at}"),
-            (t.micro_batch_size >= 1, f"train.micro_batch_size must be >= 1, got {t.micro_batch_size}"),
-            (t.batch_size % (t.micro_batch_size * world_size) == 0,
+            (t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}"),
+            ((t.micro_batch_size or 1) >= 1, f"train.micro_batch_size must be >= 1, got {t.micro_batch_size}"),
+            (t.batch_size % ((t.micro_batch_size or 1) * world_size) == 0,
              f"train.batch_size ({t.batch_size}) must be a multiple of train.micro_batch_size "
-             f"({t.micro_batch_size}) x processes ({world_size})"),
+             f"({t.micro_batch_size or 1}) x processes ({world_size})"),
             (t.method in ("full", "lora", "qlora"), f"train.method must be full, lora or qlora, got {t.method!r}"),
             (self.kind != "pretrain" or t.method == "full", "pretraining trains all weights: train.method=full"),
             (t.precision in ("bf16", "fp32"), f"train.precision must be bf16 or fp32, got {t.precision!r}"),
@@ -137,6 +155,7 @@ class Recipe:
             (self.schedule.warmup_steps < t.steps or self.schedule.kind == "constant",
              f"schedule.warmup_steps ({self.schedule.warmup_steps}) must be below train.steps ({t.steps})"),
             (self.data.seq_len >= 2, f"data.seq_len must be >= 2, got {self.data.seq_len}"),
+            (not self.data.pack or self.kind == "sft", "data.pack is for sft (pretraining windows are full already)"),
             (self.data.on_bad in ("skip", "error"), f"data.on_bad must be skip or error, got {self.data.on_bad!r}"),
             (self.data.train is not None, "data.train is not set (the training data)"),
             (self.kind != "pretrain" or self.model.path is not None or self.model.tokenizer is not None,

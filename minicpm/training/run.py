@@ -20,12 +20,18 @@ import torch
 
 from minicpm.errors import MiniCPMError
 from minicpm.files import write_text
+from minicpm.kernels.allocator import return_freed_memory
 from minicpm.training import checkpoint as ckpt
 from minicpm.training.distributed import Processes, setup, shard_model, teardown
-from minicpm.training.memory import describe_run
+from minicpm.training.memory import (
+    choose_micro_batch,
+    choose_recomputation,
+    describe_run,
+)
 from minicpm.training.model_setup import build_trainable_model
 from minicpm.training.optimizer_setup import build_optimizer, build_schedule
 from minicpm.training.outputs import publish_final, weights_writer
+from minicpm.training.profile import MemoryProfile
 from minicpm.training.recipe import Recipe, load_recipe
 from minicpm.training.resume import branch_step, saved_recipe, starting_point
 from minicpm.training.task_setup import build_tasks
@@ -42,12 +48,13 @@ def train_command(args: argparse.Namespace) -> int:
         print(f"wrote {out}", file=sys.stderr)
         return 0
     return run_recipe(args.recipe, args.overrides, recipe_file=args.recipe_file, out=args.out,
-                      resume=args.resume, print_only=args.print_recipe)
+                      resume=args.resume, print_only=args.print_recipe, dry_run=args.dry_run,
+                      profile_memory=args.profile_memory)
 
 
 def run_recipe(kind: str, overrides: list[str], recipe_file: str | None = None,
                out: str | None = None, resume: bool = False, print_only: bool = False,
-               echo=print) -> int:
+               echo=print, dry_run: bool = False, profile_memory: bool = False) -> int:
     if resume and recipe_file is None:
         # continue with the recipe the run was started with (overrides still apply on top)
         recipe_file = saved_recipe(kind, overrides, out)
@@ -59,32 +66,54 @@ def run_recipe(kind: str, overrides: list[str], recipe_file: str | None = None,
         return 0
     procs = setup()
     try:
+        echo = echo if procs.is_main else (lambda *a, **k: None)
+        note = recipe.fit_warmup()
+        if note:
+            echo(note)
         recipe.validate(procs.world_size)
-        train(recipe, procs, resume=resume, echo=echo if procs.is_main else (lambda *a, **k: None))
+        train(recipe, procs, resume=resume, echo=echo, dry_run=dry_run, profile_memory=profile_memory)
     finally:
         teardown(procs)
     return 0
 
 
-def train(recipe: Recipe, procs: Processes = Processes(), resume: bool = False, echo=print) -> dict:
-    """Run `recipe` to the end (or from its run directory's last checkpoint with `resume`)."""
+def train(recipe: Recipe, procs: Processes = Processes(), resume: bool = False, echo=print,
+          dry_run: bool = False, profile_memory: bool = False) -> dict:
+    """Run `recipe` to the end (or from its run directory's last checkpoint with `resume`).
+    `dry_run`: build the model and the data, print the plan, and write nothing.
+    `profile_memory`: measure the resident memory of each phase (profile.py) and report it."""
+    profile = MemoryProfile() if profile_memory else None
     run_dir = Path(recipe.out)
     start = starting_point(recipe, run_dir, resume)
-    if procs.is_main:
-        write_text(run_dir / "recipe.yaml", recipe.to_yaml())
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
+    if procs.device.type == "cpu":
+        return_freed_memory()
     torch.manual_seed(recipe.seed)
+    _phase(profile, "weights")
     model, tokenizer = build_trainable_model(recipe, procs.device)
-    task, valid = build_tasks(recipe, model, tokenizer, run_dir, procs, echo)
-    echo(describe_run(model, recipe, procs))
+    _phase(profile, "data")
+    task, valid = build_tasks(recipe, model, tokenizer, run_dir, procs, echo, precompute=not dry_run)
+    _phase(profile, "optimizer and setup")
+    # unset sizes are chosen from the memory estimate; recipe.yaml keeps what was chosen
+    for unset, choose in ((recipe.train.micro_batch_size is None, choose_micro_batch),
+                          (recipe.train.activation_checkpointing is None, choose_recomputation)):
+        note = choose(model, recipe, procs, task) if unset else None
+        if note:
+            echo(note)
+    echo(describe_run(model, recipe, procs, task)[0])
+    if dry_run:
+        echo(f"dry run: nothing trained or written (the run would go to {run_dir})")
+        return {}
+    if procs.is_main:  # the recipe as it runs (recomputation decided)
+        write_text(run_dir / "recipe.yaml", recipe.to_yaml())
     if procs.distributed:
         shard_model(model)
     optimizer = build_optimizer(model, recipe)
     schedule = build_schedule(recipe, branch_step(recipe))
     save_weights = weights_writer(model, tokenizer, recipe)
     trainer = Trainer(model, optimizer, schedule, task, recipe, run_dir, save_weights, procs, valid,
-                      echo=echo)
+                      echo=echo, profile=profile)
     steps = recipe.train.steps
     if start is not None:
         trainer.resume(start)
@@ -101,6 +130,11 @@ def train(recipe: Recipe, procs: Processes = Processes(), resume: bool = False, 
         echo(f"done: {steps} steps; weights in {final}, log in {run_dir / 'log.jsonl'}, "
              f"curve in {run_dir / 'loss.png'}")
     return last
+
+
+def _phase(profile: MemoryProfile | None, name: str) -> None:
+    if profile is not None:
+        profile.enter(name)
 
 
 def main(argv: list[str] | None = None) -> int:

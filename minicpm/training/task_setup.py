@@ -15,8 +15,10 @@ from minicpm.training.distributed import Processes
 from minicpm.training.recipe import Recipe
 
 
-def build_tasks(recipe: Recipe, model, tokenizer, run_dir: Path, procs: Processes, echo):
-    """(training task, validation task or None) for the recipe's kind."""
+def build_tasks(recipe: Recipe, model, tokenizer, run_dir: Path, procs: Processes, echo,
+                precompute: bool = True):
+    """(training task, validation task or None) for the recipe's kind; `precompute` False
+    leaves DPO's precomputed reference log-probabilities for later (a dry run)."""
     d = recipe.data
     if recipe.kind == "pretrain":
         from minicpm.training.shards import PackedTokens
@@ -36,6 +38,8 @@ def build_tasks(recipe: Recipe, model, tokenizer, run_dir: Path, procs: Processe
 
         def chats(path):
             loaded = load_chat_dataset(path, tokenizer, d.seq_len, d.on_bad, log=log)
+            if d.pack:
+                return tasks.PackedSftTask(loaded.examples, pad, d.seq_len)
             return tasks.SftTask(loaded.examples, pad)
 
         return chats(d.train), (chats(d.valid) if d.valid else None)
@@ -46,7 +50,7 @@ def build_tasks(recipe: Recipe, model, tokenizer, run_dir: Path, procs: Processe
     def pairs(path, name):
         loaded = load_preference_dataset(path, tokenizer, d.seq_len, d.on_bad, log=log).pairs
         task = tasks.DpoTask(loaded, pad, recipe.dpo.beta, reference=reference)
-        if recipe.dpo.reference == "precomputed":
+        if recipe.dpo.reference == "precomputed" and precompute:
             kept = run_dir / f"reference_logps.{name}.pt"
             task.precomputed = precomputed_reference(task, kept, procs,
                                                      bf16=recipe.train.precision == "bf16")

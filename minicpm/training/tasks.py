@@ -7,7 +7,9 @@ number (samples seen) and resuming needs no loader state.
 
 Losses are sums, normalised by the trainer with the count over the whole global batch
 (`count`): the gradient is then the same whatever the micro-batch size, the accumulation or the
-number of processes, and a 2-process run matches a 1-process one.
+number of processes, and a 2-process run matches a 1-process one. The next-token losses are
+taken from the final hidden states a slice at a time (chunked_loss.py): the logits of a whole
+batch are never built.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from minicpm.training.chunked_loss import row_nll, summed_nll
 from minicpm.training.data import IGNORE_INDEX, Example
 
 
@@ -35,15 +38,6 @@ def sample_order(num_samples: int, seed: int, position: int, count: int) -> list
 def _epoch_order(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(num_samples, generator=generator)
-
-
-def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-token negative log-likelihood [B, S-1] of labels[:, 1:] given logits[:, :-1]; 0 where
-    the label is IGNORE_INDEX."""
-    targets = labels[:, 1:]
-    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="none",
-                          ignore_index=IGNORE_INDEX)
-    return nll.view_as(targets)
 
 
 class PretrainTask:
@@ -67,9 +61,12 @@ class PretrainTask:
     def count(self, samples: list[int]) -> int:
         return len(samples) * self.seq_len
 
+    def width(self) -> int:
+        """The longest row of a batch."""
+        return self.seq_len + 1
+
     def loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        nll = token_nll(model(batch["input_ids"]), batch["labels"])
-        return nll.sum(), {}
+        return summed_nll(model, model(batch["input_ids"], hidden=True), batch["labels"]), {}
 
 
 class SftTask:
@@ -85,9 +82,75 @@ class SftTask:
     def count(self, samples: list[int]) -> int:
         return sum(_targets(self.examples[i]) for i in samples)
 
+    def width(self) -> int:
+        """The longest row of a batch."""
+        return max(len(e.input_ids) for e in self.examples)
+
     def loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])
-        return token_nll(logits, batch["labels"]).sum(), {}
+        hidden = model(batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch.get("position_ids"), hidden=True)
+        return summed_nll(model, hidden, batch["labels"]), {}
+
+
+class PackedSftTask(SftTask):
+    """Chat examples packed into rows of up to `width` tokens (data.pack): a sample is a row
+    of several examples, each with its own positions (from 0) and attending only to itself,
+    so its loss is the sum of the examples' own losses, without the padding."""
+
+    def __init__(self, examples: list[Example], pad_id: int, width: int):
+        super().__init__(examples, pad_id)
+        self.rows = pack_examples(examples, width)
+        self.num_samples = len(self.rows)
+
+    def collate(self, samples: list[int]) -> dict[str, torch.Tensor]:
+        return packed_rows([[self.examples[i] for i in self.rows[s]] for s in samples], self.pad_id)
+
+    def count(self, samples: list[int]) -> int:
+        return sum(_targets(self.examples[i]) for s in samples for i in self.rows[s])
+
+    def width(self) -> int:
+        return max(sum(len(self.examples[i].input_ids) for i in row) for row in self.rows)
+
+
+def pack_examples(examples: list[Example], width: int) -> list[list[int]]:
+    """Example numbers grouped into rows of at most `width` tokens: longest first, each into
+    the first row with room (deterministic: ties keep the data's order)."""
+    order = sorted(range(len(examples)), key=lambda i: (-len(examples[i].input_ids), i))
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        n = len(examples[i].input_ids)
+        row = next((r for r, free in enumerate(room) if n <= free), None)
+        if row is None:
+            rows.append([])
+            room.append(width)
+            row = len(rows) - 1
+        rows[row].append(i)
+        room[row] -= n
+    return rows
+
+
+def packed_rows(rows: list[list[Example]], pad_id: int) -> dict[str, torch.Tensor]:
+    """input_ids / labels / position_ids [B, longest] and a block-diagonal causal attention
+    mask [B, 1, longest, longest]: a token sees the earlier tokens of its own example only."""
+    width = max(sum(len(e.input_ids) for e in row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    segment = torch.zeros((len(rows), width), dtype=torch.long)  # 0: padding
+    for r, row in enumerate(rows):
+        start = 0
+        for number, e in enumerate(row, 1):
+            n = len(e.input_ids)
+            ids[r, start:start + n] = torch.tensor(e.input_ids)
+            labels[r, start + 1:start + n] = torch.tensor(e.labels[1:])  # nothing predicts across examples
+            positions[r, start:start + n] = torch.arange(n)
+            segment[r, start:start + n] = number
+            start += n
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    same = segment[:, :, None] == segment[:, None, :]
+    mask = (same & causal & (segment[:, None, :] > 0)) | torch.eye(width, dtype=torch.bool)  # a pad sees itself
+    return {"input_ids": ids, "labels": labels, "position_ids": positions, "attention_mask": mask[:, None]}
 
 
 def _targets(example: Example) -> int:
@@ -116,8 +179,8 @@ class PairLogps:
 
 def sequence_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Summed log-probability of each row's target tokens, [B]."""
-    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])
-    return -token_nll(logits, batch["labels"]).sum(-1)
+    hidden = model(batch["input_ids"], attention_mask=batch["attention_mask"], hidden=True)
+    return -row_nll(model, hidden, batch["labels"])
 
 
 def dpo_loss(policy: PairLogps, reference: PairLogps, beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -149,6 +212,10 @@ class DpoTask:
 
     def count(self, samples: list[int]) -> int:
         return len(samples)
+
+    def width(self) -> int:
+        """The longest row of a batch."""
+        return max(len(e.input_ids) for p in self.pairs for e in (p.chosen, p.rejected))
 
     def reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.precomputed is not None:

@@ -32,17 +32,21 @@ from minicpm.training.distributed import (
 )
 from minicpm.training.logs import RunLog, perplexity, plot_losses
 from minicpm.training.mup import set_learning_rate
+from minicpm.training.profile import MemoryProfile, resident
 from minicpm.training.recipe import Recipe
 from minicpm.training.tasks import sample_order
 
 
 class Trainer:
     def __init__(self, model, optimizer, schedule, task, recipe: Recipe, run_dir: Path,
-                 save_weights, procs: Processes = Processes(), valid_task=None, echo=print):
+                 save_weights, procs: Processes = Processes(), valid_task=None, echo=print,
+                 profile: MemoryProfile | None = None):
         """Trains as `recipe.train` says (steps, batch sizes, precision, logging, evaluation and
         checkpoint intervals), drawing the data order from `recipe.seed`.
         `save_weights(directory, full_state)` writes the weights part of a checkpoint (a full
-        checkpoint or an adapter); `full_state` is the unsharded state dict."""
+        checkpoint or an adapter); `full_state` is the unsharded state dict. With `profile`,
+        the first step is measured phase by phase (forward, loss, backward, optimizer) and the
+        whole profile is printed and logged at the end."""
         self.model, self.optimizer, self.schedule, self.task = model, optimizer, schedule, task
         self.settings, self.seed = recipe.train, recipe.seed
         self.run_dir, self.procs = Path(run_dir), procs
@@ -52,6 +56,7 @@ class Trainer:
         self.log = RunLog(self.run_dir, enabled=procs.is_main, echo=tqdm.write if _interactive() else echo)
         self.step = 0
         self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.profile = profile
 
     # --- state ---------------------------------------------------------------------------------
     def resume(self, checkpoint: Path) -> None:
@@ -97,16 +102,23 @@ class Trainer:
                    disable=not (self.procs.is_main and _interactive()))
         end = s.stop_at or s.steps
         while self.step < end:
+            profiling = self.profile is not None and self.step == first_step
             step_started = time.perf_counter()
+            rss_before = resident()[0] if profiling else 0
             lr = self.schedule(self.step)
             set_learning_rate(self.optimizer, lr)
             samples = sample_order(self.task.num_samples, self.seed, self.step * s.batch_size, s.batch_size)
             count = self.task.count(samples)
             mine = samples[self.procs.rank * per_process:(self.procs.rank + 1) * per_process]
-            loss, tokens, metrics = self._accumulate(mine, count)
+            with self._phases(profiling):
+                loss, tokens, metrics = self._accumulate(mine, count, profiling)
             grad_norm = self._clip()
+            if profiling:
+                self.profile.enter("optimizer state")
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            if profiling:
+                self._profiled_first_step(rss_before)
             self.step += 1
             bar.update(1)
             loss, tokens, *values = all_reduce_sum([loss, tokens, *metrics.values()], self.procs)
@@ -128,15 +140,22 @@ class Trainer:
                 self.save()
         bar.close()
         self._plot()
+        if self.profile is not None:
+            self._write_profile(last)
         return last
 
-    def _accumulate(self, samples: list[int], count: int) -> tuple[float, int, dict[str, float]]:
+    def _accumulate(self, samples: list[int], count: int,
+                    profiling: bool = False) -> tuple[float, int, dict[str, float]]:
         s = self.settings
         total, tokens, metrics = 0.0, 0, {}
         for start in range(0, len(samples), s.micro_batch_size):
             batch = self._to_device(self.task.collate(samples[start:start + s.micro_batch_size]))
+            if profiling:
+                self.profile.enter("forward (activations)")
             with self._autocast():
                 loss, micro_metrics = self.task.loss(self.model, batch)
+            if profiling:
+                self.profile.enter("backward")
             # FSDP averages gradients over processes: scale back up so that they are sums / count
             (loss * (self.procs.world_size / count)).backward()
             total += float(loss.detach())
@@ -144,6 +163,41 @@ class Trainer:
             for key, value in micro_metrics.items():
                 metrics[key] = metrics.get(key, 0.0) + value
         return total, tokens, metrics
+
+    @contextlib.contextmanager
+    def _phases(self, profiling: bool):
+        """While profiling: the final norm ends the decoder's forward pass, and the loss (the
+        head and cross-entropy, chunked_loss.py) begins there."""
+        if not profiling:
+            yield
+            return
+        hook = self.model.model.norm.register_forward_hook(lambda *_: self.profile.enter("logits and loss"))
+        try:
+            yield
+        finally:
+            hook.remove()
+
+    def _profiled_first_step(self, rss_before: int) -> None:
+        """After the first optimizer step: what the allocator keeps of the step's freed memory
+        (resident now beyond the optimizer state the step created), then `later steps`."""
+        self.profile.leave()
+        state = sum(t.numel() * t.element_size() for group in self.optimizer.state.values()
+                    for t in group.values() if torch.is_tensor(t))
+        self.profile.add("allocator (freed, kept)", resident()[0] - rss_before - state)
+        self.profile.enter("later steps")
+
+    def _write_profile(self, last: dict[str, Any]) -> None:
+        self.profile.leave()
+        if self.procs.is_main:
+            self.log.write({"step": self.step, "memory": self.profile.record()})
+        last["memory"] = self.profile.record()
+
+    def _memory_mb(self) -> float:
+        measured = _memory_mb(self.procs)
+        if self.profile is None or self.procs.device.type == "cuda":
+            return measured
+        # the profile resets the kernel's peak at each phase: its own peak is the run's
+        return max(measured, self.profile.run_peak() / 2**20)
 
     def _clip(self) -> float:
         limit = self.settings.clip_grad_norm
@@ -166,7 +220,7 @@ class Trainer:
         record = {"step": self.step, "steps": s.steps, "loss": window["loss"] / window["count"], "lr": lr,
                   "grad_norm": grad_norm,
                   "tokens_per_s": window["tokens"] / max(window["busy"], 1e-9),
-                  "elapsed_s": elapsed, "eta_s": per_step * (s.steps - self.step), "memory_mb": _memory_mb(self.procs)}
+                  "elapsed_s": elapsed, "eta_s": per_step * (s.steps - self.step), "memory_mb": self._memory_mb()}
         record.update({k: v / window["count"] for k, v in window["metrics"].items()})
         self.log.write(record)
         return record

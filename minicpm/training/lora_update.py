@@ -1,0 +1,71 @@
+"""The LoRA update scaling * B(A(dropout(x))) as one autograd function that keeps little for
+the backward pass.
+
+Built from nn.Dropout and two nn.Linear, autograd keeps per adapter a float mask of x's size
+and the dropped-out copy of x cast for A's product: 6 bytes per input value under bf16
+autocast, 7 adapters a layer, most of the activations of a LoRA step. Here the backward pass
+gets x itself (the same tensor for the adapters that read it: q, k and v share one; gate and
+up another), A's small output, and the random generator's state the mask was drawn from; the
+mask and the dropped-out x are drawn again in the backward pass. Products, casts and their
+order are those of the module version, so results match it (tested).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def low_rank_update(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, dropout: float,
+                    scaling: float) -> torch.Tensor:
+    """scaling * B A dropout(x) in the compute dtype: autocast's where it is on, else A's."""
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else a.dtype
+    return _LowRankUpdate.apply(x, a, b, dropout, scaling, dtype)
+
+
+class _LowRankUpdate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, a, b, dropout: float, scaling: float, dtype: torch.dtype):
+        rng = torch.get_rng_state() if dropout else None
+        with torch.autocast(x.device.type, enabled=False):
+            h = F.linear(_dropped(x, dropout, dtype), a.to(dtype))
+            out = F.linear(h, b.to(dtype)) * scaling
+        ctx.save_for_backward(x, a, b, h)
+        ctx.dropout, ctx.scaling, ctx.dtype, ctx.rng = dropout, scaling, dtype, rng
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, a, b, h = ctx.saved_tensors
+        dtype = ctx.dtype
+        grad_x = grad_a = grad_b = None
+        with torch.autocast(x.device.type, enabled=False):
+            grad = grad.to(dtype) * ctx.scaling
+            if ctx.needs_input_grad[2]:
+                grad_b = (grad.flatten(0, -2).T @ h.flatten(0, -2)).to(b.dtype)
+            grad_h = grad @ b.to(dtype)
+            if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+                with torch.random.fork_rng(devices=[]):  # the forward pass's mask, drawn again
+                    if ctx.rng is not None:
+                        torch.set_rng_state(ctx.rng)
+                    mask = _mask(x, ctx.dropout)
+                if ctx.needs_input_grad[1]:
+                    dropped = _apply(x, mask, ctx.dropout).to(dtype)
+                    grad_a = (grad_h.flatten(0, -2).T @ dropped.flatten(0, -2)).to(a.dtype)
+                if ctx.needs_input_grad[0]:
+                    grad_x = _apply((grad_h @ a.to(dtype)).to(x.dtype), mask, ctx.dropout)
+        return grad_x, grad_a, grad_b, None, None, None
+
+
+def _mask(x: torch.Tensor, dropout: float) -> torch.Tensor | None:
+    """What nn.Dropout draws: keep with probability 1 - dropout (None: keep everything)."""
+    return torch.empty_like(x).bernoulli_(1 - dropout) if dropout else None
+
+
+def _apply(x: torch.Tensor, mask: torch.Tensor | None, dropout: float) -> torch.Tensor:
+    return x if mask is None else x * mask * (1 / (1 - dropout))
+
+
+def _dropped(x: torch.Tensor, dropout: float, dtype: torch.dtype) -> torch.Tensor:
+    return _apply(x, _mask(x, dropout), dropout).to(dtype)

@@ -1,0 +1,133 @@
+"""What a run costs and what it is told: a warmup longer than a short run is clipped with a note,
+`--dry-run` prints the plan and writes nothing, `--profile-memory` logs the phases measured by
+the operating system, the activation estimate matches what autograd really keeps, and
+recomputation is switched on when the estimate does not fit."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from minicpm.training.distributed import Processes
+from minicpm.training.lora import LoraSpec, add_lora
+from minicpm.training.memory import (
+    choose_recomputation,
+    memory_estimate,
+    probe_activations,
+    saved_bytes,
+)
+from minicpm.training.model_setup import _frozen_linears_in_bf16
+from minicpm.training.profile import MemoryProfile, resident
+from minicpm.training.recipe import load_recipe
+from tests.conftest import random_model, variant_config
+from tests.test_training_sft import DATA, base, train  # noqa: F401  (base: the module's checkpoint)
+
+QUICK = ["train.batch_size=2", "train.micro_batch_size=2", "train.threads=1", f"data.train={DATA}"]
+
+
+def test_a_warmup_longer_than_the_run_becomes_a_tenth_of_it():
+    recipe = load_recipe("sft", None, ["train.steps=30", "data.train=x.json"])  # the default warmup is 100 steps
+    note = recipe.fit_warmup()
+    assert recipe.schedule.warmup_steps == 3 and "schedule.warmup_steps (100)" in note and "0 to 29" in note
+    recipe.validate()
+    fits = load_recipe("sft", None, ["train.steps=300"])
+    assert fits.fit_warmup() is None and fits.schedule.warmup_steps == 100
+
+
+def test_short_run_with_the_default_warmup_trains(base, tmp_path):  # noqa: F811
+    run = tmp_path / "run"
+    done = train("sft", f"model.path={base}", *QUICK, "train.steps=2", "--out", str(run))
+    assert "warming up over 0 steps" in done.stdout
+    assert "warmup_steps: 0" in (run / "recipe.yaml").read_text()
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(base, tmp_path):  # noqa: F811
+    run = tmp_path / "run"
+    done = train("sft", f"model.path={base}", *QUICK, "train.steps=5", "--dry-run", "--out", str(run))
+    for part in ("M parameters", "trainable", "tokens per step", "optimizer state", "activations",
+                 "logits and loss", "dry run: nothing trained or written"):
+        assert part in done.stdout, done.stdout
+    assert not run.exists()
+
+
+def test_profile_memory_logs_each_phase(base, tmp_path):  # noqa: F811
+    run = tmp_path / "run"
+    done = train("sft", f"model.path={base}", *QUICK, "train.steps=2", "train.log_every=1", "--profile-memory",
+                 "--out", str(run))
+    assert "memory by phase" in done.stdout
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    memory = [r["memory"] for r in records if "memory" in r]
+    assert len(memory) == 1
+    phases = memory[0]["phases"]
+    assert list(phases) == ["runtime", "weights", "data", "optimizer and setup", "forward (activations)",
+                            "logits and loss", "backward", "optimizer state", "allocator (freed, kept)",
+                            "later steps"]
+    assert phases["runtime"]["kept_mb"] > 50 and phases["weights"]["kept_mb"] > 0
+    assert memory[0]["peak_mb"] >= max(p["peak_mb"] for p in phases.values()) > 0
+    steps = [r for r in records if "loss" in r]
+    assert all(r["memory_mb"] <= memory[0]["peak_mb"] + 1 for r in steps)
+
+
+def test_a_phase_counts_what_it_keeps_and_its_peak():
+    profile = MemoryProfile()
+    profile.enter("big")
+    kept = torch.ones(64 * 2**20 // 4)  # 64 MB kept
+    transient = torch.ones(128 * 2**20 // 4)  # 128 MB freed before the phase ends
+    del transient
+    profile.leave()
+    big = profile.phases["big"]
+    assert 60 * 2**20 < big["kept"] < 70 * 2**20
+    assert big["peak"] >= resident()[0] + 100 * 2**20  # the transient raised the peak
+    del kept
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_the_activation_estimate_is_what_autograd_keeps(bf16):
+    model = random_model(variant_config("1b"), seed=0).train()
+    add_lora(model, LoraSpec(r=4), seed=0)
+    if bf16:
+        _frozen_linears_in_bf16(model)
+    ids = torch.randint(0, model.config.vocab_size, (2, 40))
+    per_token, per_layer = probe_activations(model, bf16)
+    estimate = model.config.num_hidden_layers * (ids.numel() * per_token + per_layer)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # the whole decoder, no loss
+        measured = saved_bytes(model, lambda: model(ids, hidden=True))
+    assert per_token > model.config.hidden_size * 4  # at least a layer's input
+    assert abs(estimate - measured) <= 0.1 * measured, (estimate, measured)
+
+
+def test_bf16_frozen_base_gives_the_same_loss_without_weight_casts():
+    results = []
+    for bf16_base in (False, True):
+        model = random_model(variant_config("2b"), seed=0).train()
+        add_lora(model, LoraSpec(r=4, dropout=0.0), seed=0)
+        if bf16_base:
+            _frozen_linears_in_bf16(model)
+        ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(ids)
+        results.append(logits)
+        per_layer = probe_activations(model, bf16=True)[1]
+        # an fp32 base is cast to bf16 at every forward pass, and the copy kept for the backward pass
+        assert (per_layer > 0) != bf16_base
+    assert torch.equal(results[0], results[1])
+
+
+def test_recomputation_is_chosen_when_the_estimate_does_not_fit():
+    from minicpm.training.tasks import PretrainTask
+
+    class Windows:  # a stream of tokens, as PretrainTask reads packed shards
+        num_tokens = 10_000
+
+    recipe = load_recipe("pretrain", None, ["data.seq_len=64", "train.micro_batch_size=4"])
+    model = random_model(variant_config("2b"), seed=0).train()
+    task = PretrainTask(Windows(), 64)
+    need = memory_estimate(model, recipe, 4, task.width(), recompute=False)
+    assert choose_recomputation(model, recipe, Processes(), task, available=2 * need["total"]) is None
+    assert model.gradient_checkpointing is False and recipe.train.activation_checkpointing is False
+    note = choose_recomputation(model, recipe, Processes(), task, available=1.0)
+    assert "recomputed" in note and model.gradient_checkpointing and recipe.train.activation_checkpointing
+    with_recompute = memory_estimate(model, recipe, 4, task.width())
+    assert with_recompute["activations"] < need["activations"]
