@@ -272,4 +272,7 @@ def _memory_mb(procs: Processes) -> float:
     """Peak memory of this process: the GPU's allocator peak, else the resident set's peak."""
     if procs.device.type == "cuda":
         return torch.cuda.max_memory_allocated(procs.device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork+exec, so a run started by a
+    # large process (a test runner, a notebook) would report at least that process's size
+    peak = resident()[1]
+    return peak / 2**20 if peak else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
