@@ -33,9 +33,12 @@ def convert(src: str, out: str | Path, to: str, dtype: Any = None, gguf_type: st
         raise MiniCPMError(f"unknown target format {to!r}; choose one of {', '.join(TARGETS)}")
     if to != "gptq" and (bits, group_size, sym) != (None, None, None):
         raise MiniCPMError("--bits, --group-size and --sym apply to --to gptq")
-    if bits not in (None, 4, 8) or (group_size is not None and group_size != -1 and group_size <= 0):
-        raise MiniCPMError(f"GPTQ export takes --bits 4 or 8 and a positive --group-size or -1, got "
-                           f"{bits} and {group_size}")  # before loading what may be gigabytes
+    # both before loading what may be gigabytes
+    if bits not in (None, 4, 8):
+        raise MiniCPMError(f"GPTQ export takes --bits 4 or 8, got --bits {bits}")
+    if group_size is not None and group_size != -1 and group_size <= 0:
+        raise MiniCPMError(f"GPTQ export takes a positive --group-size, or -1 for one group per row; "
+                           f"got --group-size {group_size}")
     if to == "gguf":
         from minicpm.formats.gguf import FILE_TYPES
 

@@ -132,10 +132,12 @@ def iter_tensors_ordered(files: list[Path], key: Callable[[str], Any]) -> Iterat
         header, start = _safetensors_header(path)
         entries += [(key(name), path, start, name, entry) for name, entry in header.items()]
     entries.sort(key=lambda e: e[0])
-    for _, path, start, name, entry in entries:
-        with open(path, "rb") as raw:
-            tensor = _read_entry(raw, path, start, name, entry)
-        yield name, tensor
+    with ExitStack() as stack:  # each file opened once, however the order jumps
+        opened: dict[Path, Any] = {}
+        for _, path, start, name, entry in entries:
+            if path not in opened:
+                opened[path] = stack.enter_context(open(path, "rb"))
+            yield name, _read_entry(opened[path], path, start, name, entry)
 
 
 def _iter_safetensors_reading(path: Path, copy: Callable[[str], bool]) -> Iterator[tuple[str, torch.Tensor]]:

@@ -18,9 +18,8 @@ import ctypes
 import ctypes.util
 import os
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 MMAP_THRESHOLD = 1 << 16
-TRIM_THRESHOLD = 128 << 10  # glibc's own default, which the automatic raise had lifted
 _applied = False
 
 
@@ -40,5 +39,5 @@ def return_freed_memory() -> bool:
         mallopt = None
     if mallopt is None:  # not glibc (musl, macOS): its allocator has no such knob
         return False
-    _applied = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    _applied = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
     return _applied
