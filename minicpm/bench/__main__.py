@@ -10,9 +10,15 @@ from pathlib import Path
 engine, precision, workdir, threads = sys.argv[1:5]
 mode = sys.argv[5] if len(sys.argv) > 5 else "speed"
 if engine == "ours":  # as the `minicpm` command does first; the peers keep their allocator
-    from minicpm.kernels.allocator import return_freed_memory
+    import os
 
-    return_freed_memory()
+    from minicpm.bench.cases import LEAN_HEAP
+
+    if precision.endswith(LEAN_HEAP):
+        os.environ["MINICPM_HEAP"] = "lean"
+    from minicpm.kernels.allocator import apply_heap_policy
+
+    apply_heap_policy()
 
 from minicpm.bench.engines import run_case_here  # noqa: E402  (after the heap policy: it imports torch)
 

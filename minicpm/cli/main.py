@@ -14,7 +14,7 @@ import sys
 from minicpm.cli.eval_options import add_eval_parser
 from minicpm.cli.options import add_kv_cache_arg, add_model_args, add_sampling_args
 from minicpm.errors import run_reporting_errors
-from minicpm.kernels.allocator import return_freed_memory
+from minicpm.kernels.allocator import apply_heap_policy
 from minicpm.training.command_line import add_training_parsers, parse_args
 
 
@@ -121,7 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return_freed_memory()  # first, before torch allocates anything (kernels/allocator.py says why)
+    words = sys.argv[1:] if argv is None else argv
+    try:  # first, before torch allocates anything; training's heap is lean (kernels/allocator.py)
+        apply_heap_policy(default="lean" if words[:1] == ["train"] else "fast")
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     parser = build_parser()
     args = parse_args(parser, argv)
     if args.version:

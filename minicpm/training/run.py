@@ -20,7 +20,7 @@ import torch
 
 from minicpm.errors import MiniCPMError
 from minicpm.files import write_text
-from minicpm.kernels.allocator import return_freed_memory
+from minicpm.kernels.allocator import apply_heap_policy
 from minicpm.training import checkpoint as ckpt
 from minicpm.training.distributed import Processes, setup, shard_model, teardown
 from minicpm.training.memory import (
@@ -88,7 +88,7 @@ def train(recipe: Recipe, procs: Processes = Processes(), resume: bool = False, 
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
     if procs.device.type == "cpu":
-        return_freed_memory()
+        apply_heap_policy(default="lean")
     torch.manual_seed(recipe.seed)
     _phase(profile, "weights")
     model, tokenizer = build_trainable_model(recipe, procs.device)

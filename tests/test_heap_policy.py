@@ -1,0 +1,65 @@
+"""The heap policy (kernels/allocator.py): inference keeps glibc's own, training is lean,
+MINICPM_HEAP overrides both, and a bad value is a clear error."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from minicpm.kernels.allocator import heap_policy
+
+# After a 1 MiB block is freed, glibc serves a 200 KB block from its heap (its mmap threshold has
+# risen); under the lean policy the block is mapped on its own. mallinfo2 counts mapped blocks.
+PROBE = """
+import ctypes, sys
+from minicpm.kernels.allocator import apply_heap_policy
+lean = apply_heap_policy(default=sys.argv[1])
+class Info(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+libc.mallinfo2.restype = Info
+libc.free(libc.malloc(1 << 20))
+before = libc.mallinfo2().hblks
+block = libc.malloc(200_000)
+print(int(lean), libc.mallinfo2().hblks - before)
+libc.free(block)
+"""
+
+
+def probe(default: str, env: str | None = None) -> tuple[int, int]:
+    environ = {k: v for k, v in os.environ.items() if k != "MINICPM_HEAP"}
+    if env is not None:
+        environ["MINICPM_HEAP"] = env
+    out = subprocess.run([sys.executable, "-c", PROBE, default], capture_output=True, text=True, env=environ,
+                         check=True).stdout.split()
+    return int(out[0]), int(out[1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt/mallinfo2")
+def test_lean_heap_maps_large_blocks_and_fast_keeps_them_in_the_heap():
+    assert probe("fast") == (0, 0)      # inference's default: from the heap
+    assert probe("lean") == (1, 1)      # training's default: a block of its own
+    assert probe("fast", env="lean") == (1, 1)
+    assert probe("lean", env="fast") == (0, 0)
+
+
+def test_heap_policy_reads_the_environment(monkeypatch):
+    monkeypatch.delenv("MINICPM_HEAP", raising=False)
+    assert heap_policy() == "fast" and heap_policy("lean") == "lean"
+    monkeypatch.setenv("MINICPM_HEAP", " Lean ")
+    assert heap_policy("fast") == "lean"
+    monkeypatch.setenv("MINICPM_HEAP", "small")
+    with pytest.raises(ValueError, match="MINICPM_HEAP='small': expected one of fast, lean"):
+        heap_policy()
+
+
+def test_command_refuses_a_bad_heap_policy():
+    env = {**os.environ, "MINICPM_HEAP": "tiny"}
+    command = "import sys; from minicpm.cli.main import main; sys.exit(main(['--version']))"
+    result = subprocess.run([sys.executable, "-c", command], capture_output=True, text=True, env=env)
+    assert result.returncode == 2
+    assert "MINICPM_HEAP='tiny'" in result.stderr and "Traceback" not in result.stderr
