@@ -412,11 +412,12 @@ def _positions(attention_mask: torch.Tensor | None, past: int, s: int, device) -
 
 def _attention_mask(attention_mask: torch.Tensor | None, past: int, s: int,
                     window: int | None, device) -> torch.Tensor | None:
-    """Boolean [B, 1, S, past+S] mask (True = may attend), or None for plain causal."""
+    """Boolean [B, 1, S, past+S] mask (True = may attend), or None for plain causal (the S new
+    positions after the `past` cached ones, see kernels/attention.py `attention`)."""
     if attention_mask is not None and attention_mask.dim() == 4:
         return attention_mask  # built by the caller (packed samples)
-    if attention_mask is None and window is None and (past == 0 or s == 1):
-        return None  # SDPA's is_causal (prefill) or no mask at all (one new token)
+    if attention_mask is None and window is None:
+        return None  # causal (a prompt, or a chunk after cached positions) or one new token
     total = past + s
     q_pos = torch.arange(past, total, device=device)[:, None]
     k_pos = torch.arange(total, device=device)[None, :]

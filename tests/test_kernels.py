@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minicpm.kernels.attention import decode_attention
+from minicpm.kernels.attention import attention, causal_attention, causal_mask, decode_attention
 from minicpm.kernels.linear import (
     KERNEL,
     KERNEL_F32,
@@ -87,6 +87,43 @@ def test_onednn_linear_falls_back_where_it_does_not_serve():
     y = linear_onednn(torch.randn(4, 8), trained)
     y.sum().backward()  # autograd: F.linear, so gradients flow
     assert trained.grad is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("b, heads, kv, s, length, d", [
+    (1, 4, 2, 5, 9, 32),       # a chunk after cached positions, GQA
+    (2, 6, 3, 70, 70, 64),     # a fresh prompt: query tiles of 64 and a ragged one
+    (1, 3, 1, 33, 100, 128),   # all heads on one kv head, head_dim 128
+    (1, 2, 2, 1, 17, 16),      # one query
+    (1, 4, 4, 130, 131, 64),   # past = 1: every tile's diagonal off by one
+])
+def test_causal_attention_equals_sdpa_with_the_queries_last(dtype, b, heads, kv, s, length, d):
+    g = torch.Generator().manual_seed(s + length)
+    q = torch.randn(b, s, heads, d, generator=g).to(dtype).transpose(1, 2)  # the model's strides
+    k, v = (torch.randn(b, kv, length, d, generator=g).to(dtype) for _ in range(2))
+    got = causal_attention(q, k, v)
+    assert got is not None and got.dtype == torch.float32 and got.shape == (b, heads, s, d)
+    want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=causal_mask(s, length),
+                                          enable_gqa=True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
+    # a cache's leading part, as cache.read gives it (strided in positions)
+    store = torch.randn(b, kv, length + 7, d, generator=g).to(dtype)
+    got = causal_attention(q, store[:, :, :length], store[:, :, :length])
+    want = F.scaled_dot_product_attention(q.float(), store[:, :, :length].float(), store[:, :, :length].float(),
+                                          attn_mask=causal_mask(s, length), enable_gqa=True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
+
+
+def test_causal_attention_declines_what_it_does_not_serve():
+    q, k, v = torch.randn(1, 2, 4, 32), torch.randn(1, 2, 6, 32), torch.randn(1, 2, 6, 32)
+    assert causal_attention(q.half(), k.half(), v.half()) is None          # fp16
+    assert causal_attention(q[..., :24], k[..., :24], v[..., :24]) is None  # head_dim not a multiple of 16
+    assert causal_attention(q.transpose(-1, -2).contiguous().transpose(-1, -2), k, v) is None  # strided head_dim
+    assert causal_attention(q.clone().requires_grad_(), k, v) is None        # autograd: SDPA has a backward
+    # where it declines, `attention` still gives the queries-last causal result
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(4, 6))
+    torch.testing.assert_close(attention(q.clone().requires_grad_(), k, v, None).detach(), want)
+    torch.testing.assert_close(attention(q, k, v, None), want, rtol=1e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("kind", [torch.float32, torch.bfloat16, torch.int8])

@@ -32,7 +32,7 @@
 
 enum { KIND_F32 = 0, KIND_BF16 = 1, KIND_F16 = 2, KIND_I8 = 3, KIND_I4 = 4 };
 
-int minicpm_attention_abi(void) { return 4; }
+int minicpm_attention_abi(void) { return 5; }
 
 // fp32 numbers per (position, head) beside the codes: int8's scale; int4's scale and min
 static inline int meta_of(int kind) { return kind == KIND_I4 ? 2 : 1; }
@@ -256,6 +256,151 @@ int minicpm_decode_attention(const float *q, const void *k, const void *v, const
                                           omp_get_thread_num(), omp_get_num_threads(), scores);
         }
         free(scores);
+    }
+    return failed ? -2 : 0;
+}
+
+// ---- Prefill: S new queries per sequence against the L = past + S keys they may see ----------
+//
+// Causal with the queries at the end (query i sits at position L - S + i and sees keys 0..L-S+i),
+// which is both a fresh prompt (L = S) and a chunk of one after `past` cached positions. Flash
+// style: per (sequence, head, tile of QT queries) the keys go by in tiles of 16 with a running
+// max and sum per query (online softmax), so no S x L score matrix exists and a tile of keys and
+// values is converted to fp32 once for the QT queries that use it. Scores, softmax and sums are
+// fp32 whatever q/k/v are (fp32 or bf16); strides in elements, head_dim contiguous.
+
+enum { QT = 64, KT = 16 };
+
+struct heads_view {        // one of q, k, v: base and element strides of [batch, heads, positions, d]
+    const void *p;
+    int64_t sb, sh, ss;
+};
+
+static inline float elem(const void *p, int kind, size_t i) {
+    if (kind == KIND_BF16) {
+        uint32_t u = (uint32_t)((const uint16_t *)p)[i] << 16;
+        float f;
+        memcpy(&f, &u, 4);
+        return f;
+    }
+    return ((const float *)p)[i];
+}
+
+// keys [j0, j0 + n) of one kv head: kt [d][KT] (transposed, so 16 scores are one vector) and
+// vf [KT][d], zero past n
+static void key_tile(const struct heads_view *k, const struct heads_view *v, int kind, int64_t b, int64_t h,
+                     int64_t j0, int n, int d, float *kt, float *vf) {
+    for (int j = 0; j < KT; j++) {
+        const size_t ko = (size_t)(b * k->sb + h * k->sh + (j0 + j) * k->ss);
+        const size_t vo = (size_t)(b * v->sb + h * v->sh + (j0 + j) * v->ss);
+        for (int i = 0; i < d; i++) kt[i * KT + j] = j < n ? elem(k->p, kind, ko + i) : 0.0f;
+        for (int i = 0; i < d; i += 16)
+            _mm512_storeu_ps(vf + j * d + i, j < n ? load16(v->p, kind, vo + i) : _mm512_setzero_ps());
+    }
+}
+
+// RB query rows against a key tile (rows past `rows` are padding): each row's scores of its first
+// valid[r] keys (the rest masked), its running max m and sum l updated, its output row o rescaled
+// and accumulated. RB rows at once: their sums are independent chains (one row's 64-long FMA
+// chain would leave the FMA units waiting on latency).
+enum { RB = 8 };
+static inline void rows_update(const float *qf, const float *kt, const float *vf, float *o, float *m, float *l,
+                               const int *valid, int rows, int n, int d) {
+    __m512 s[RB];
+    for (int r = 0; r < RB; r++) s[r] = _mm512_setzero_ps();
+    for (int i = 0; i < d; i++) {
+        const __m512 kv = _mm512_loadu_ps(kt + i * KT);
+        for (int r = 0; r < RB; r++) s[r] = _mm512_fmadd_ps(_mm512_set1_ps(qf[r * d + i]), kv, s[r]);
+    }
+    float pj[RB][KT], corr[RB];
+    for (int r = 0; r < RB; r++) {
+        const int live_n = r < rows ? valid[r] : 0;
+        const __mmask16 live = live_n >= 16 ? 0xFFFF : (__mmask16)((1u << live_n) - 1);
+        const __m512 sr = _mm512_mask_blend_ps(live, _mm512_set1_ps(-INFINITY), s[r]);
+        const float mx = _mm512_reduce_max_ps(sr), m_new = mx > m[r] ? mx : m[r];
+        corr[r] = m_new == -INFINITY ? 1.0f : expf(m[r] - m_new);  // 0 on a row's first keys
+        const __m512 p = _mm512_maskz_mov_ps(live, exp_nonpositive(_mm512_sub_ps(sr, _mm512_set1_ps(m_new))));
+        l[r] = l[r] * corr[r] + _mm512_reduce_add_ps(p);
+        m[r] = m_new;
+        _mm512_storeu_ps(pj[r], p);
+    }
+    for (int i0 = 0; i0 < d; i0 += 16) {
+        __m512 acc[RB];
+        for (int r = 0; r < RB; r++) acc[r] = _mm512_mul_ps(_mm512_loadu_ps(o + r * d + i0), _mm512_set1_ps(corr[r]));
+        for (int j = 0; j < n; j++) {
+            const __m512 vj = _mm512_loadu_ps(vf + j * d + i0);
+            for (int r = 0; r < RB; r++) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(pj[r][j]), vj, acc[r]);
+        }
+        for (int r = 0; r < RB; r++) _mm512_storeu_ps(o + r * d + i0, acc[r]);
+    }
+}
+
+// queries [s0, s1) of head h of sequence b -> out [B, S, H, d] (fp32)
+static void query_tile(const struct heads_view *q, const struct heads_view *k, const struct heads_view *v, int kind,
+                       float *out, int64_t b, int64_t h, int64_t group, int64_t heads, int64_t S, int64_t L,
+                       int64_t s0, int64_t s1, int d, float scale, float *work) {
+    float *qf = work, *o = qf + (QT + RB) * d, *kt = o + (QT + RB) * d, *vf = kt + KT * d, m[QT + RB], l[QT + RB];
+    const int64_t past = L - S, rows = s1 - s0, kvh = h / group;
+    for (int64_t r = 0; r < QT + RB; r++) {  // rows past the tile's: zeros, so a block may read them
+        m[r] = -INFINITY;
+        l[r] = 0.0f;
+    }
+    memset(qf, 0, sizeof(float) * (QT + RB) * d);
+    memset(o, 0, sizeof(float) * (QT + RB) * d);
+    for (int64_t r = 0; r < rows; r++) {
+        const size_t qo = (size_t)(b * q->sb + h * q->sh + (s0 + r) * q->ss);
+        for (int i = 0; i < d; i += 16)
+            _mm512_storeu_ps(qf + r * d + i, _mm512_mul_ps(load16(q->p, kind, qo + i), _mm512_set1_ps(scale)));
+    }
+    const int64_t keys = past + s1;  // what the tile's last query sees
+    for (int64_t j0 = 0; j0 < keys; j0 += KT) {
+        const int n = keys - j0 < KT ? (int)(keys - j0) : KT;
+        key_tile(k, v, kind, b, kvh, j0, n, d, kt, vf);
+        for (int64_t r0 = 0; r0 < rows; r0 += RB) {
+            const int64_t first = past + s0 + r0 + 1 - j0;  // keys of this tile row r0 may see
+            if (first + RB - 1 <= 0) continue;  // none for any row of the block
+            int valid[RB];
+            for (int r = 0; r < RB; r++) {
+                const int64_t seen = first + r;
+                valid[r] = seen <= 0 ? 0 : seen < n ? (int)seen : n;
+            }
+            rows_update(qf + r0 * d, kt, vf, o + r0 * d, m + r0, l + r0, valid,
+                        rows - r0 < RB ? (int)(rows - r0) : RB, n, d);
+        }
+    }
+    for (int64_t r = 0; r < rows; r++) {
+        float *dst = out + ((b * S + s0 + r) * heads + h) * d;
+        const float inv = 1.0f / l[r];
+        for (int i = 0; i < d; i++) dst[i] = o[r * d + i] * inv;
+    }
+}
+
+// softmax(q k^T * scale, causal) v for q [B, H, S, d] and k, v [B, KV, L, d] (L >= S, strides in
+// elements: {batch, head, position}), into out [B, S, H, d] fp32. kind: 0 fp32, 1 bf16 (all three).
+// Returns 0, -1 for a shape it does not take, -2 when out of memory.
+int minicpm_causal_attention(const void *q, const int64_t *qs, const void *k, const int64_t *ks, const void *v,
+                             const int64_t *vs, float *out, int kind, int64_t batch, int64_t heads,
+                             int64_t kv_heads, int64_t S, int64_t L, int64_t d, float scale, int threads) {
+    if (d % 16 || d > 256 || heads % kv_heads || S < 1 || L < S || (kind != KIND_F32 && kind != KIND_BF16)) return -1;
+    const struct heads_view qv = {q, qs[0], qs[1], qs[2]}, kv = {k, ks[0], ks[1], ks[2]}, vv = {v, vs[0], vs[1], vs[2]};
+    const int64_t tiles = (S + QT - 1) / QT, units = batch * heads * tiles, group = heads / kv_heads;
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        float *work = aligned_alloc(64, sizeof(float) * (size_t)(2 * (QT + RB) + 2 * KT) * d);
+        if (!work) {
+#pragma omp atomic write
+            failed = 1;
+        }
+        // the last tiles of a sequence see the most keys: hand them out first
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t u = 0; u < units; u++) {
+            if (!work) continue;
+            const int64_t bh = u / tiles, t = tiles - 1 - u % tiles;
+            const int64_t s0 = t * QT, s1 = s0 + QT < S ? s0 + QT : S;
+            query_tile(&qv, &kv, &vv, kind, out, bh / heads, bh % heads, group, heads, S, L, s0, s1, (int)d, scale, work);
+        }
+        free(work);
     }
     return failed ? -2 : 0;
 }
