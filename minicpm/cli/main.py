@@ -31,6 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
                                   "repetition penalty 1.05")
     p.add_argument("--system", default=None, help="system message for the conversation")
     p.add_argument("--image", default=None, help="an image to talk about (MiniCPM-V; /image PATH changes it)")
+    p.add_argument("--context-file", default=None, metavar="FILE",
+                   help="a text document the conversation is about: it goes into the system message and is "
+                        "prefilled before the first question")
+    p.add_argument("--prompt-cache", default=None, metavar="PATH",
+                   help="keep the conversation's KV cache in PATH: loaded at the start if PATH exists (refused if "
+                        "another model or KV cache kind made it), saved when the chat ends and after --context-file "
+                        "is prefilled")
 
     p = sub.add_parser("generate", help="complete prompts (one per line of a file, or --prompt)")
     add_model_args(p)

@@ -31,11 +31,30 @@ class TextChat:
 
     def __init__(self, model, tokenizer, system: str | None):
         self.model, self.tokenizer, self.system = model, tokenizer, system
+        self.prompt_cache = PromptCache()
+        self.keep_cache = False  # across /reset: a loaded or primed document stays useful
         self.reset()
 
     def reset(self) -> None:
         self.history = [{"role": "system", "content": self.system}] if self.system else []
-        self.prompt_cache = PromptCache()
+        if not self.keep_cache:
+            self.prompt_cache = PromptCache()
+
+    def use_prompt_cache(self, prompt_cache: PromptCache) -> None:
+        """Continue from a saved cache (only the prefix it shares with each prompt is reused)."""
+        self.prompt_cache, self.keep_cache = prompt_cache, True
+
+    def prime(self) -> int:
+        """Prefill the system message now (the document a conversation is about), so that the
+        first question runs only itself; returns the tokens run. The ids every prompt of this
+        conversation starts with: the common prefix of two prompts with different questions."""
+        def prompt(question: str) -> list[int]:
+            return self.tokenizer.apply_chat_template(self.history + [{"role": "user", "content": question}],
+                                                      add_generation_prompt=True, tokenize=True)
+        first, second = prompt("a"), prompt("b")
+        common = next((i for i, (x, y) in enumerate(zip(first, second)) if x != y), min(len(first), len(second)))
+        self.keep_cache = True
+        return self.prompt_cache.prefill(self.model, first[:common]) if common else 0
 
     def set_image(self, path: str | None) -> str:
         raise MiniCPMError(TEXT_ONLY)

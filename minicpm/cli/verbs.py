@@ -40,10 +40,51 @@ def chat(args: argparse.Namespace) -> int:
     from minicpm.vision import MiniCPMV
     from minicpm.vision.chat import SAMPLING_DEFAULTS
 
+    system = with_context_file(args.system, args.context_file)
     model, tokenizer = _load(args)
-    session = conversation(model, tokenizer, args.system, args.image, progress=encoding_progress())
+    session = conversation(model, tokenizer, system, args.image, progress=encoding_progress())
+    if args.prompt_cache:
+        if isinstance(model, MiniCPMV):
+            raise MiniCPMError("--prompt-cache keeps a text conversation; MiniCPM-V's image prompts are not saved")
+        open_prompt_cache(session, args.prompt_cache, prime=args.context_file is not None)
     defaults = SAMPLING_DEFAULTS if isinstance(model, MiniCPMV) else None  # MiniCPM-V's chat settings
-    return chat_loop(session, sampling_kwargs(args, defaults))
+    code = chat_loop(session, sampling_kwargs(args, defaults))
+    if args.prompt_cache and session.prompt_cache.ids:
+        save_and_say(session, args.prompt_cache)
+    return code
+
+
+def with_context_file(system: str | None, context_file: str | None) -> str | None:
+    """The system message with the --context-file document after it."""
+    if context_file is None:
+        return system
+    try:
+        document = Path(context_file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise MiniCPMError(f"--context-file {context_file}: {e}") from None
+    return f"{system}\n\n{document}" if system else document
+
+
+def open_prompt_cache(session, path: str, prime: bool) -> None:
+    """Load PATH into the session if it exists; prefill the system message (and save) if asked."""
+    from minicpm.generation.saved_cache import load_prompt_cache
+
+    if Path(path).exists():
+        session.use_prompt_cache(load_prompt_cache(decoder(session.model), path))
+        print(f"prompt cache: {len(session.prompt_cache.ids)} tokens loaded from {path}", file=sys.stderr)
+    if prime:
+        start = time.perf_counter()
+        ran = session.prime()
+        print(f"context: {ran} tokens prefilled in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+        if ran:
+            save_and_say(session, path)
+
+
+def save_and_say(session, path: str) -> None:
+    from minicpm.generation.saved_cache import save_prompt_cache
+
+    count = save_prompt_cache(session.prompt_cache, decoder(session.model), path)
+    print(f"prompt cache: {count} tokens saved to {path}", file=sys.stderr)
 
 
 def encoding_progress():

@@ -37,17 +37,28 @@ class PromptCache:
     cache: KVCache | None = None
     ids: list[int] = field(default_factory=list)
 
-    def reuse(self, model, prompt: list[int], capacity: int) -> tuple[KVCache, int]:
-        """A cache to continue `prompt` from, and how many of its tokens are already in it."""
+    def reuse(self, model, prompt: list[int], capacity: int, leave_one: bool = True) -> tuple[KVCache, int]:
+        """A cache to continue `prompt` from, and how many of its tokens are already in it
+        (`leave_one`: at least its last token is left to run, for the logits that follow it)."""
         if self.cache is None or self.cache.max_len < capacity:
             self.cache = grown(self.cache, model.new_cache(1, capacity), len(self.ids))
         common = 0
-        for old, new in zip(self.ids, prompt[:-1]):  # at least one token left to run
+        for old, new in zip(self.ids, prompt[:-1] if leave_one else prompt):
             if old != new:
                 break
             common += 1
         self.cache.length, self.ids = common, prompt[:common]
         return self.cache, common
+
+    @torch.inference_mode()
+    def prefill(self, model, ids: list[int], chunk: int = PREFILL_CHUNK) -> int:
+        """Run `ids` into the cache (what it holds of them already is kept), so that a later
+        prompt that starts with them prefills only what follows. Returns the tokens run."""
+        cache, done = self.reuse(model, ids, len(ids), leave_one=False)
+        for start in range(done, len(ids), chunk):
+            model(torch.tensor([ids[start:start + chunk]], device=model.device), cache=cache, last_only=True)
+        self.ids = list(ids)
+        return len(ids) - done
 
 
 def grown(old: KVCache | None, new: KVCache, keep: int) -> KVCache:
