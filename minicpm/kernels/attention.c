@@ -269,7 +269,7 @@ int minicpm_decode_attention(const float *q, const void *k, const void *v, const
 // values is converted to fp32 once for the QT queries that use it. Scores, softmax and sums are
 // fp32 whatever q/k/v are (fp32 or bf16); strides in elements, head_dim contiguous.
 
-enum { QT = 64, KT = 16 };
+enum { QT = 64, KT = 32, NK = KT / 16 };  // NK vectors of 16 scores per key tile
 
 struct heads_view {        // one of q, k, v: base and element strides of [batch, heads, positions, d]
     const void *p;
@@ -306,23 +306,38 @@ static void key_tile(const struct heads_view *k, const struct heads_view *v, int
 enum { RB = 8 };
 static inline void rows_update(const float *qf, const float *kt, const float *vf, float *o, float *m, float *l,
                                const int *valid, int rows, int n, int d) {
-    __m512 s[RB];
-    for (int r = 0; r < RB; r++) s[r] = _mm512_setzero_ps();
+    __m512 s[RB][NK];
+    for (int r = 0; r < RB; r++)
+        for (int c = 0; c < NK; c++) s[r][c] = _mm512_setzero_ps();
     for (int i = 0; i < d; i++) {
-        const __m512 kv = _mm512_loadu_ps(kt + i * KT);
-        for (int r = 0; r < RB; r++) s[r] = _mm512_fmadd_ps(_mm512_set1_ps(qf[r * d + i]), kv, s[r]);
+        __m512 kv[NK];
+        for (int c = 0; c < NK; c++) kv[c] = _mm512_loadu_ps(kt + i * KT + 16 * c);
+        for (int r = 0; r < RB; r++) {
+            const __m512 qi = _mm512_set1_ps(qf[r * d + i]);
+            for (int c = 0; c < NK; c++) s[r][c] = _mm512_fmadd_ps(qi, kv[c], s[r][c]);
+        }
     }
     float pj[RB][KT], corr[RB];
     for (int r = 0; r < RB; r++) {
         const int live_n = r < rows ? valid[r] : 0;
-        const __mmask16 live = live_n >= 16 ? 0xFFFF : (__mmask16)((1u << live_n) - 1);
-        const __m512 sr = _mm512_mask_blend_ps(live, _mm512_set1_ps(-INFINITY), s[r]);
-        const float mx = _mm512_reduce_max_ps(sr), m_new = mx > m[r] ? mx : m[r];
+        __mmask16 live[NK];
+        __m512 mx = _mm512_set1_ps(-INFINITY);
+        for (int c = 0; c < NK; c++) {
+            const int k = live_n - 16 * c;
+            live[c] = k >= 16 ? 0xFFFF : k <= 0 ? 0 : (__mmask16)((1u << k) - 1);
+            s[r][c] = _mm512_mask_blend_ps(live[c], _mm512_set1_ps(-INFINITY), s[r][c]);
+            mx = _mm512_max_ps(mx, s[r][c]);
+        }
+        const float top = _mm512_reduce_max_ps(mx), m_new = top > m[r] ? top : m[r];
         corr[r] = m_new == -INFINITY ? 1.0f : expf(m[r] - m_new);  // 0 on a row's first keys
-        const __m512 p = _mm512_maskz_mov_ps(live, exp_nonpositive(_mm512_sub_ps(sr, _mm512_set1_ps(m_new))));
-        l[r] = l[r] * corr[r] + _mm512_reduce_add_ps(p);
+        __m512 sum = _mm512_setzero_ps();
+        for (int c = 0; c < NK; c++) {
+            const __m512 p = _mm512_maskz_mov_ps(live[c], exp_nonpositive(_mm512_sub_ps(s[r][c], _mm512_set1_ps(m_new))));
+            sum = _mm512_add_ps(sum, p);
+            _mm512_storeu_ps(pj[r] + 16 * c, p);
+        }
+        l[r] = l[r] * corr[r] + _mm512_reduce_add_ps(sum);
         m[r] = m_new;
-        _mm512_storeu_ps(pj[r], p);
     }
     for (int i0 = 0; i0 < d; i0 += 16) {
         __m512 acc[RB];
@@ -335,7 +350,6 @@ static inline void rows_update(const float *qf, const float *kt, const float *vf
     }
 }
 
-// queries [s0, s1) of head h of sequence b -> out [B, S, H, d] (fp32)
 // (kts, vfs: every key tile of the head's kv head as key_tile lays them out, KT * d floats each)
 static void query_tile(const struct heads_view *q, const float *kts, const float *vfs, int kind, float *out,
                        int64_t b, int64_t h, int64_t heads, int64_t S, int64_t L, int64_t s0, int64_t s1, int d,

@@ -132,7 +132,12 @@ class Kernel:
     def _load(self) -> ctypes.CDLL | None:
         try:
             lib = load(self.source, self.required_flags, self.extra_flags)
-            self.setup(lib)
+            import torch  # here: building needs no torch, a self-check does
+
+            # the self-checks compare with PyTorch in fp32: not in the caller's autocast (a
+            # training step may be the first to reach a kernel)
+            with torch.autocast("cpu", enabled=False):
+                self.setup(lib)
             return lib
         except KernelUnavailable as exc:
             self.reason = str(exc)
