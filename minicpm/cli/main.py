@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, default=None,
                    help="tokens per request, prompt + reply (default: the model's context length)")
     p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per forward pass (default 256)")
+    p.add_argument("--no-prefix-cache", action="store_true",
+                   help="prefill every prompt whole (default: a chat's next turn reuses the slot that holds its "
+                        "history, whole prefill chunks of it)")
     add_kv_cache_arg(p)
     p.add_argument("--log-level", default="warning", help="uvicorn's log level (default warning)")
     g = p.add_argument_group("images (MiniCPM-V)")

@@ -212,7 +212,7 @@ def serve(args: argparse.Namespace) -> int:
     if args.context is not None and not 2 <= args.context <= context:
         raise MiniCPMError(f"--context must be in [2, {context}] (the model's context), got {args.context}")
     engine = Engine(model, tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
-                    prefill_chunk=args.prefill_chunk, context=args.context)
+                    prefill_chunk=args.prefill_chunk, context=args.context, prefix_cache=not args.no_prefix_cache)
     name = args.served_model_name or served_name(args.model)
     run_server(engine, tokenizer, name, host=args.host, port=args.port,
                api_key=args.api_key or os.environ.get("MINICPM_API_KEY") or None, log_level=args.log_level,

@@ -169,12 +169,12 @@ def _resolve(future: asyncio.Future) -> None:
 class _Row:
     """A request admitted into a KV-cache slot: its prefill progress and decoding state."""
 
-    def __init__(self, stream: Stream, slot: int, engine: Engine):
+    def __init__(self, stream: Stream, slot: int, engine: Engine, reused: int = 0):
         request = stream.request
         self.stream, self.request, self.slot = stream, request, slot
         self.prompt = request.prompt_ids
-        self.prefilled = 0  # prompt tokens already in the slot
-        self.position = 0  # tokens in the slot: where the next token is written
+        self.prefilled = reused  # prompt tokens already in the slot (a previous request's prefix)
+        self.position = reused  # tokens in the slot: where the next token is written
         self.next_token: int | None = None  # sampled, shown, not yet fed to the model
         self.generated = 0
         params = request.params
@@ -203,11 +203,15 @@ class Engine:
     max_queue: waiting requests before QueueFull. prefill_chunk: prompt tokens per forward call,
     and per scheduler iteration. kv_dtype: "int8" halves the cache. context: positions per slot
     (default: max_position_embeddings; the cache is allocated lazily, pages as they are written).
+    prefix_cache: a free slot keeps the prompt its last request prefilled, and a new request
+    whose prompt starts the same (a chat's next turn, re-sent whole by the client) takes that
+    slot and prefills only from there (see `_pick_slot`); no memory beyond the slots.
     A MiniCPMV model serves requests with images; the engine decodes with its language model.
     """
 
     def __init__(self, model, tokenizer=None, max_batch: int = 16, max_queue: int = 64,
-                 prefill_chunk: int = 256, kv_dtype: str | None = None, context: int | None = None):
+                 prefill_chunk: int = 256, kv_dtype: str | None = None, context: int | None = None,
+                 prefix_cache: bool = True):
         if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
             raise MiniCPMError("max_batch and prefill_chunk must be >= 1 and max_queue >= 0")
         self.vision = model if isinstance(model, MiniCPMV) else None
@@ -224,10 +228,13 @@ class Engine:
         self._lock = threading.Condition()
         self._waiting: collections.deque[Stream] = collections.deque()
         self._rows: list[_Row] = []  # admitted, in admission order (engine thread only)
-        self._free = list(range(max_batch))
+        self._free = list(range(max_batch))  # least recently released first
+        self.prefix_cache = prefix_cache
+        self._held: list[list[int]] = [[] for _ in range(max_batch)]  # prompt ids a slot's cache holds
         self._closed = False
         self._thread: threading.Thread | None = None
-        self.counters = {"steps": 0, "generated_tokens": 0, "prompt_tokens": 0, "images": 0, "image_slices": 0}
+        self.counters = {"steps": 0, "generated_tokens": 0, "prompt_tokens": 0, "images": 0, "image_slices": 0,
+                         "prefix_cache_hits": 0, "prefix_cache_tokens": 0}
 
     # ---------------------------------------------------------------- public API
 
@@ -380,12 +387,18 @@ class Engine:
 
     def _admit(self) -> None:
         with self._lock:  # slots are taken under the lock: submit_all counts the free ones
-            admitted = [(self._waiting.popleft(), self._free.pop(0))
-                        for _ in range(min(len(self._free), len(self._waiting)))]
-        for stream, slot in admitted:
+            admitted = []
+            for _ in range(min(len(self._free), len(self._waiting))):
+                stream = self._waiting.popleft()
+                admitted.append((stream, *self._pick_slot(stream.request)))
+        for stream, slot, reused in admitted:
             stream.metrics["queued_s"] = stream._seconds()
+            self._held[slot] = self._held[slot][:reused]  # the rest is overwritten from here
+            if reused:
+                self.counters["prefix_cache_hits"] += 1
+                self.counters["prefix_cache_tokens"] += reused
             try:
-                self._rows.append(_Row(stream, slot, self))
+                self._rows.append(_Row(stream, slot, self, reused))
             except Exception as exc:  # e.g. the JSON constraint could not be built
                 log.exception("admitting a request failed")
                 self._release(slot)
@@ -394,6 +407,30 @@ class Engine:
     def _release(self, slot: int) -> None:
         with self._lock:
             self._free.append(slot)
+
+    def _pick_slot(self, request: Request) -> tuple[int, int]:
+        """A free slot for `request` (lock held) and how many of its prompt tokens the slot holds
+        already: the free slot whose held prompt shares the most with it, else the one released
+        longest ago (so recent conversations stay for their next turn: LRU eviction).
+
+        Only prefill-written positions are held (a reply's positions were written by decode
+        steps, whose sums differ from a prefill's in the last bits), only whole chunks are reused
+        (the rest is prefilled in the same chunks as without the cache, so with the same sums),
+        and never for images (same placeholder ids, other pictures) or prompt logprobs: a reply
+        is token for token and logprob for logprob what a cache-less engine gives."""
+        slot, reused = self._free[0], 0
+        if self.prefix_cache and request.images is None and request.prompt_logprobs is None:
+            for candidate in self._free:
+                common = 0
+                for held, new in zip(self._held[candidate], request.prompt_ids[:-1]):  # the last one runs
+                    if held != new:
+                        break
+                    common += 1
+                common -= common % self.prefill_chunk
+                if common > reused:
+                    slot, reused = candidate, common
+        self._free.remove(slot)
+        return slot, reused
 
     # ---------------------------------------------------------------- prefill
 
@@ -426,6 +463,7 @@ class Engine:
             targets = row.prompt[start + 1:end + 1]  # each position predicts the next prompt token
             row.stream.prompt_logprobs.extend(prompt_logprobs(logits, targets, row.request.prompt_logprobs))
         row.prefilled = row.position = end
+        self._held[row.slot] = row.prompt[:end] if images is None else []
         self.counters["prompt_tokens"] += end - start
         if not row.prefilling:
             if row.budget == 0:  # scoring only (max_new_tokens 0)

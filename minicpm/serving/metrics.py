@@ -48,6 +48,10 @@ class Metrics:
         Gauge("minicpm_running_sequences", "Sequences in the decode batch", registry=r).set_function(
             lambda: engine.stats()["running"])
         Gauge("minicpm_max_batch", "KV-cache slots", registry=r).set_function(lambda: engine.max_batch)
+        Gauge("minicpm_prefix_cache_hits", "Requests that found part of their prompt in a slot's cache, since start",
+              registry=r).set_function(lambda: engine.stats()["prefix_cache_hits"])
+        Gauge("minicpm_prefix_cache_reused_tokens", "Prompt tokens taken from a slot's cache instead of prefilled, "
+              "since start", registry=r).set_function(lambda: engine.stats()["prefix_cache_tokens"])
 
     def observe_stream(self, endpoint: str, stream) -> None:
         """Record a finished engine stream (its usage and timings)."""
