@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from minicpm.cache import Int4KVCache, Int8KVCache, KVCache, SlotStep, make_cache
 from minicpm.config import MiniCPMConfig
-from minicpm.kernels.attention import attention
+from minicpm.kernels.attention import LeftPadding, attention
 from minicpm.kernels.decode import NativeDecoder
 from minicpm.kernels.linear import decode_linear
 
@@ -411,14 +411,19 @@ def _positions(attention_mask: torch.Tensor | None, past: int, s: int, device) -
 
 
 def _attention_mask(attention_mask: torch.Tensor | None, past: int, s: int,
-                    window: int | None, device) -> torch.Tensor | None:
-    """Boolean [B, 1, S, past+S] mask (True = may attend), or None for plain causal (the S new
-    positions after the `past` cached ones, see kernels/attention.py `attention`)."""
+                    window: int | None, device) -> torch.Tensor | LeftPadding | None:
+    """Boolean [B, 1, S, past+S] mask (True = may attend), None for plain causal (the S new
+    positions after the `past` cached ones), or LeftPadding for that in a left-padded batch (see
+    kernels/attention.py `attention`)."""
     if attention_mask is not None and attention_mask.dim() == 4:
         return attention_mask  # built by the caller (packed samples)
     if attention_mask is None and window is None:
         return None  # causal (a prompt, or a chunk after cached positions) or one new token
     total = past + s
+    if s > 1 and window is None:  # a left-padded batch: the native kernel runs each row on its own
+        padding = _left_padding(attention_mask[:, :total])
+        if padding is not None:
+            return padding
     q_pos = torch.arange(past, total, device=device)[:, None]
     k_pos = torch.arange(total, device=device)[None, :]
     allowed = k_pos <= q_pos
@@ -430,6 +435,16 @@ def _attention_mask(attention_mask: torch.Tensor | None, past: int, s: int,
         # A query on a pad slot would see no key at all; let it see itself to avoid NaN.
         allowed = allowed | _diagonal(s, past, device)
     return allowed
+
+
+def _left_padding(attention_mask: torch.Tensor) -> LeftPadding | None:
+    """LeftPadding for a [B, L] mask whose rows are zeros then ones; None for any other shape."""
+    real = attention_mask.bool()
+    starts = (~real).sum(-1)
+    positions = torch.arange(real.shape[-1], device=real.device)[None]
+    if not torch.equal(real, positions >= starts[:, None]):
+        return None
+    return LeftPadding(tuple(starts.tolist()))
 
 
 def _diagonal(s: int, past: int, device) -> torch.Tensor:

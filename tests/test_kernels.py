@@ -10,7 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minicpm.kernels.attention import attention, causal_attention, causal_mask, decode_attention
+from minicpm.kernels.attention import (
+    LeftPadding,
+    attention,
+    causal_attention,
+    causal_mask,
+    decode_attention,
+)
 from minicpm.kernels.linear import (
     KERNEL,
     KERNEL_F32,
@@ -112,6 +118,25 @@ def test_causal_attention_equals_sdpa_with_the_queries_last(dtype, b, heads, kv,
     want = F.scaled_dot_product_attention(q.float(), store[:, :, :length].float(), store[:, :, :length].float(),
                                           attn_mask=causal_mask(s, length), enable_gqa=True)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("past", [0, 3])
+def test_left_padded_rows_attend_as_alone(dtype, past):
+    g = torch.Generator().manual_seed(past)
+    starts, s, heads, kv, d = (0, 5, 9), 12, 4, 2, 32
+    length = past + s
+    q = torch.randn(3, heads, s, d, generator=g).to(dtype)
+    k, v = (torch.randn(3, kv, length, d, generator=g).to(dtype) for _ in range(2))
+    padding = LeftPadding(starts)
+    got = attention(q, k, v, padding)
+    want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=padding.dense(s, length),
+                                          enable_gqa=True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)  # padding queries included
+    for row, start in enumerate(starts):  # a real row: bitwise what it gives alone
+        first = max(0, start - past)
+        alone = attention(q[row:row + 1, :, first:], k[row:row + 1, :, start:], v[row:row + 1, :, start:], None)
+        assert torch.equal(got[row:row + 1, :, first:], alone)
 
 
 def test_causal_attention_declines_what_it_does_not_serve():

@@ -9,6 +9,7 @@ tensor); the caller then runs `attention`, PyTorch's SDPA or, for a single low-p
 from __future__ import annotations
 
 import ctypes
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -138,10 +139,52 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     return None if lib is None else _causal(lib, q, k, v)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+@dataclass(frozen=True)
+class LeftPadding:
+    """Causal attention (queries last) in a batch whose row b begins with starts[b] padding
+    positions: no query attends them, and a padding query attends only itself (as the dense mask
+    the model builds otherwise says)."""
+
+    starts: tuple[int, ...]
+
+    def dense(self, queries: int, keys: int, device=None) -> torch.Tensor:
+        """The same as a boolean mask [B, 1, queries, keys] (True = may attend)."""
+        q_pos = torch.arange(keys - queries, keys, device=device)[:, None]
+        k_pos = torch.arange(keys, device=device)[None, :]
+        first = torch.tensor(self.starts, device=device)[:, None, None, None]
+        return ((k_pos <= q_pos) & (k_pos >= first)) | (k_pos == q_pos)
+
+
+def padded_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            starts: tuple[int, ...]) -> torch.Tensor | None:
+    """`causal_attention` row by row over each row's own positions, so a padded row's result is
+    bitwise what the same row gives alone; a padding query gets its own value row."""
+    b, h, s, d = q.shape
+    length, group = k.shape[2], h // k.shape[1]
+    out = torch.empty(b, s, h, d)
+    for row, start in enumerate(starts):
+        first = max(0, start - (length - s))  # the row's first real query
+        if first < s:
+            part = causal_attention(q[row:row + 1, :, first:], k[row:row + 1, :, start:], v[row:row + 1, :, start:])
+            if part is None:
+                return None
+            out[row, first:] = part[0].transpose(0, 1)
+        if first:  # padding queries: softmax over themselves alone
+            own = v[row, :, length - s:length - s + first].repeat_interleave(group, dim=0)  # [H, first, D]
+            out[row, :first] = own.transpose(0, 1).float()
+    return out.transpose(1, 2)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              mask: torch.Tensor | LeftPadding | None) -> torch.Tensor:
     """Attention; mask None means causal with the queries as the last positions (several
-    queries), or everything (one query)."""
+    queries), or everything (one query); LeftPadding, that causal attention in a left-padded batch."""
     s, length = q.shape[2], k.shape[2]
+    if isinstance(mask, LeftPadding):
+        out = padded_causal_attention(q, k, v, mask.starts)
+        if out is not None:
+            return out
+        mask = mask.dense(s, length, q.device)
     if s == 1 and q.dtype != torch.float32:
         return single_query_attention(q, k, v, mask)
     if mask is None and s > 1:
