@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from minicpm.config import MiniCPMConfig
-from minicpm.kernels.attention import attention, decode_attention
+from minicpm.kernels.attention import attention, causal_attention, decode_attention
 
 
 class KVCache:
@@ -70,6 +70,12 @@ class KVCache:
         """Attention of a single query per row over positions [0, end), straight from the
         stores by the native kernel (fp32 result); None where it does not serve."""
         return decode_attention(q, self.keys[layer], self.values[layer], end, mask, *self._scales(layer))
+
+    def attend_prefill(self, layer: int, q: torch.Tensor, end: int, mask) -> torch.Tensor | None:
+        """Causal attention of several new queries (the last of positions [0, end)) straight
+        from coded stores; None here: `read` gives the stores themselves, which the caller's
+        attention reads as they are."""
+        return None
 
     def _scales(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         return None, None  # keys and values are stored as they are
@@ -208,6 +214,15 @@ class Int8KVCache(KVCache):
 
     def _scales(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.key_scales[layer], self.value_scales[layer]
+
+    def attend_prefill(self, layer: int, q: torch.Tensor, end: int, mask) -> torch.Tensor | None:
+        """The native causal kernel on the codes and scales as stored (no dequantized copy of
+        the layer: at long contexts that copy was the chunk's largest buffer); plain causal only."""
+        if mask is not None:
+            return None
+        part = (slice(None), slice(None), slice(0, end))
+        return causal_attention(q, self.keys[layer][part], self.values[layer][part],
+                                self.key_scales[layer][part], self.value_scales[layer][part])
 
 
 class Int4KVCache(Int8KVCache):

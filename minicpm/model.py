@@ -145,8 +145,11 @@ class Attention(nn.Module):
             out = attention(q, k, v, mask)
         else:
             end = cache.write(self.layer_idx, k, v)
-            # decoding: the native kernel reads the cache as stored (None where it cannot)
-            out = cache.attend(self.layer_idx, q, end, mask) if s == 1 else None
+            # the native kernels read the cache as stored (None where they cannot)
+            if s == 1:
+                out = cache.attend(self.layer_idx, q, end, mask)
+            else:
+                out = cache.attend_prefill(self.layer_idx, q, end, mask)
             if out is None:
                 out = attention(q, *cache.read(self.layer_idx, end), mask)
         return self.o_proj(out.to(x.dtype).transpose(1, 2).reshape(b, s, -1))

@@ -139,6 +139,28 @@ def test_left_padded_rows_attend_as_alone(dtype, past):
         assert torch.equal(got[row:row + 1, :, first:], alone)
 
 
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_causal_attention_reads_coded_caches_as_stored(kind):
+    from minicpm.cache import make_cache
+    from minicpm.config import preset
+
+    config = preset("tiny")  # a small GQA shape
+    cache = make_cache(config, 2, 40, kind, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(1)
+    heads, kv, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    k, v = (torch.randn(2, kv, 30, d, generator=g).bfloat16() for _ in range(2))
+    cache.write(0, k, v)
+    q = torch.randn(2, heads, 12, d, generator=g).bfloat16()
+    got = cache.attend_prefill(0, q, 30, None)
+    assert got is not None and got.dtype == torch.float32
+    keys, values = (t[:, :, :30] for t in (cache.keys[0], cache.values[0]))
+    k_deq, v_deq = (cache._decode(store, meta) for store, meta in
+                    ((keys, cache.key_scales[0][:, :, :30]), (values, cache.value_scales[0][:, :, :30])))
+    want = F.scaled_dot_product_attention(q.float(), k_deq, v_deq, attn_mask=causal_mask(12, 30), enable_gqa=True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
+    assert cache.attend_prefill(0, q, 30, causal_mask(12, 30)) is None  # other masks: the caller's path
+
+
 def test_causal_attention_declines_what_it_does_not_serve():
     q, k, v = torch.randn(1, 2, 4, 32), torch.randn(1, 2, 6, 32), torch.randn(1, 2, 6, 32)
     assert causal_attention(q.half(), k.half(), v.half()) is None          # fp16

@@ -32,7 +32,7 @@
 
 enum { KIND_F32 = 0, KIND_BF16 = 1, KIND_F16 = 2, KIND_I8 = 3, KIND_I4 = 4 };
 
-int minicpm_attention_abi(void) { return 5; }
+int minicpm_attention_abi(void) { return 6; }
 
 // fp32 numbers per (position, head) beside the codes: int8's scale; int4's scale and min
 static inline int meta_of(int kind) { return kind == KIND_I4 ? 2 : 1; }
@@ -264,39 +264,42 @@ int minicpm_decode_attention(const float *q, const void *k, const void *v, const
 //
 // Causal with the queries at the end (query i sits at position L - S + i and sees keys 0..L-S+i),
 // which is both a fresh prompt (L = S) and a chunk of one after `past` cached positions. Flash
-// style: per (sequence, head, tile of QT queries) the keys go by in tiles of 16 with a running
-// max and sum per query (online softmax), so no S x L score matrix exists and a tile of keys and
-// values is converted to fp32 once for the QT queries that use it. Scores, softmax and sums are
-// fp32 whatever q/k/v are (fp32 or bf16); strides in elements, head_dim contiguous.
+// style: each kv head's keys and values are converted to fp32 once (keys transposed in tiles of
+// KT, so that 16 scores are one vector), then per (head, tile of QT queries) the key tiles go by
+// with a running max and sum per query (online softmax): no S x L score matrix exists. Scores,
+// softmax and sums are fp32 whatever q (fp32 or bf16) and k/v (fp32, bf16, or an int8/int4
+// cache's codes with their scales, read as stored) are; strides in elements (int4: in values),
+// head_dim contiguous.
 
 enum { QT = 64, KT = 32, NK = KT / 16 };  // NK vectors of 16 scores per key tile
 
 struct heads_view {        // one of q, k, v: base and element strides of [batch, heads, positions, d]
     const void *p;
     int64_t sb, sh, ss;
+    const float *meta;     // int8/int4 caches: per (batch, head, position) scale (and min), else NULL
+    int64_t mb, mh, ms;    // its strides in floats
 };
 
-static inline float elem(const void *p, int kind, size_t i) {
-    if (kind == KIND_BF16) {
-        uint32_t u = (uint32_t)((const uint16_t *)p)[i] << 16;
-        float f;
-        memcpy(&f, &u, 4);
-        return f;
-    }
-    return ((const float *)p)[i];
+// values [i, i + 16) of position pos of head h of sequence b, as fp32
+static inline __m512 row16(const struct heads_view *t, int kind, int64_t b, int64_t h, int64_t pos, int i) {
+    const __m512 x = load16(t->p, kind, (size_t)(b * t->sb + h * t->sh + pos * t->ss + i));
+    if (!t->meta) return x;
+    const float *m = t->meta + b * t->mb + h * t->mh + pos * t->ms;
+    return kind == KIND_I4 ? _mm512_fmadd_ps(x, _mm512_set1_ps(m[0]), _mm512_set1_ps(m[1]))
+                           : _mm512_mul_ps(x, _mm512_set1_ps(m[0]));
 }
 
 // keys [j0, j0 + n) of one kv head: kt [d][KT] (transposed, so 16 scores are one vector) and
 // vf [KT][d], zero past n
 static void key_tile(const struct heads_view *k, const struct heads_view *v, int kind, int64_t b, int64_t h,
                      int64_t j0, int n, int d, float *kt, float *vf) {
-    for (int j = 0; j < KT; j++) {
-        const size_t ko = (size_t)(b * k->sb + h * k->sh + (j0 + j) * k->ss);
-        const size_t vo = (size_t)(b * v->sb + h * v->sh + (j0 + j) * v->ss);
-        for (int i = 0; i < d; i++) kt[i * KT + j] = j < n ? elem(k->p, kind, ko + i) : 0.0f;
-        for (int i = 0; i < d; i += 16)
-            _mm512_storeu_ps(vf + j * d + i, j < n ? load16(v->p, kind, vo + i) : _mm512_setzero_ps());
-    }
+    float part[16];
+    for (int j = 0; j < KT; j++)
+        for (int i = 0; i < d; i += 16) {
+            _mm512_storeu_ps(part, j < n ? row16(k, kind, b, h, j0 + j, i) : _mm512_setzero_ps());
+            for (int x = 0; x < 16; x++) kt[(i + x) * KT + j] = part[x];
+            _mm512_storeu_ps(vf + j * d + i, j < n ? row16(v, kind, b, h, j0 + j, i) : _mm512_setzero_ps());
+        }
 }
 
 // RB query rows against a key tile (rows past `rows` are padding): each row's scores of its first
@@ -351,7 +354,7 @@ static inline void rows_update(const float *qf, const float *kt, const float *vf
 }
 
 // (kts, vfs: every key tile of the head's kv head as key_tile lays them out, KT * d floats each)
-static void query_tile(const struct heads_view *q, const float *kts, const float *vfs, int kind, float *out,
+static void query_tile(const struct heads_view *q, const float *kts, const float *vfs, int qkind, float *out,
                        int64_t b, int64_t h, int64_t heads, int64_t S, int64_t L, int64_t s0, int64_t s1, int d,
                        float scale, float *work) {
     float *qf = work, *o = qf + (QT + RB) * d, m[QT + RB], l[QT + RB];
@@ -365,7 +368,7 @@ static void query_tile(const struct heads_view *q, const float *kts, const float
     for (int64_t r = 0; r < rows; r++) {
         const size_t qo = (size_t)(b * q->sb + h * q->sh + (s0 + r) * q->ss);
         for (int i = 0; i < d; i += 16)
-            _mm512_storeu_ps(qf + r * d + i, _mm512_mul_ps(load16(q->p, kind, qo + i), _mm512_set1_ps(scale)));
+            _mm512_storeu_ps(qf + r * d + i, _mm512_mul_ps(load16(q->p, qkind, qo + i), _mm512_set1_ps(scale)));
     }
     const int64_t keys = past + s1;  // what the tile's last query sees
     for (int64_t j0 = 0; j0 < keys; j0 += KT) {
@@ -390,14 +393,21 @@ static void query_tile(const struct heads_view *q, const float *kts, const float
     }
 }
 
-// softmax(q k^T * scale, causal) v for q [B, H, S, d] and k, v [B, KV, L, d] (L >= S, strides in
-// elements: {batch, head, position}), into out [B, S, H, d] fp32. kind: 0 fp32, 1 bf16 (all three).
-// Returns 0, -1 for a shape it does not take, -2 when out of memory.
+// softmax(q k^T * scale, causal) v for q [B, H, S, d] and k, v [B, KV, L, d] (L >= S; strides
+// {batch, head, position} in elements, int4 in values), into out [B, S, H, d] fp32. qkind: 0 fp32,
+// 1 bf16; kvkind: the same, or 3 int8 / 4 int4 codes with kmeta/vmeta (scale, int4: scale and min)
+// at float strides ms {batch, head, position}. Returns 0, -1 for a shape or kind it does not take,
+// -2 when out of memory.
 int minicpm_causal_attention(const void *q, const int64_t *qs, const void *k, const int64_t *ks, const void *v,
-                             const int64_t *vs, float *out, int kind, int64_t batch, int64_t heads,
-                             int64_t kv_heads, int64_t S, int64_t L, int64_t d, float scale, int threads) {
-    if (d % 16 || d > 256 || heads % kv_heads || S < 1 || L < S || (kind != KIND_F32 && kind != KIND_BF16)) return -1;
-    const struct heads_view qv = {q, qs[0], qs[1], qs[2]}, kv = {k, ks[0], ks[1], ks[2]}, vv = {v, vs[0], vs[1], vs[2]};
+                             const int64_t *vs, const float *kmeta, const float *vmeta, const int64_t *ms,
+                             float *out, int qkind, int kind, int64_t batch, int64_t heads, int64_t kv_heads,
+                             int64_t S, int64_t L, int64_t d, float scale, int threads) {
+    if (d % 16 || d > 256 || heads % kv_heads || S < 1 || L < S || (qkind != KIND_F32 && qkind != KIND_BF16)
+        || kind == KIND_F16 || kind > KIND_I4 || (kind >= KIND_I8) != (kmeta && vmeta))
+        return -1;
+    const struct heads_view qv = {q, qs[0], qs[1], qs[2], NULL, 0, 0, 0},
+                            kv = {k, ks[0], ks[1], ks[2], kmeta, ms ? ms[0] : 0, ms ? ms[1] : 0, ms ? ms[2] : 0},
+                            vv = {v, vs[0], vs[1], vs[2], vmeta, ms ? ms[0] : 0, ms ? ms[1] : 0, ms ? ms[2] : 0};
     const int64_t tiles = (S + QT - 1) / QT, group = heads / kv_heads, key_tiles = (L + KT - 1) / KT;
     // one kv head's keys and values converted once for all its query heads and tiles (converting
     // them per query tile cost a third of the time): 8 bytes per position and dimension
@@ -424,7 +434,7 @@ int minicpm_causal_attention(const void *q, const int64_t *qs, const void *k, co
                     if (!work) continue;
                     const int64_t h = kvh * group + u / tiles, t = tiles - 1 - u % tiles;
                     const int64_t s0 = t * QT, s1 = s0 + QT < S ? s0 + QT : S;
-                    query_tile(&qv, kts, vfs, kind, out, b, h, heads, S, L, s0, s1, (int)d, scale, work);
+                    query_tile(&qv, kts, vfs, qkind, out, b, h, heads, S, L, s0, s1, (int)d, scale, work);
                 }
             }
             free(work);

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from minicpm.kernels.build import Kernel, KernelUnavailable
 
-ABI = 5
+ABI = 6
 # store dtype -> attention.c's kind; uint8 stores are int4 codes, two per byte
 KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3, torch.uint8: 4}
 META = {torch.int8: 1, torch.uint8: 2}  # fp32 numbers per (position, head) of a coded store
@@ -29,7 +29,7 @@ def _setup(lib: ctypes.CDLL) -> None:
     c_ptr, c_i64 = ctypes.c_void_p, ctypes.c_int64
     lib.minicpm_decode_attention.argtypes = [c_ptr] * 10 + [c_i64] * 7 + [ctypes.c_int, ctypes.c_float, ctypes.c_int]
     lib.minicpm_decode_attention.restype = ctypes.c_int
-    lib.minicpm_causal_attention.argtypes = [c_ptr] * 7 + [ctypes.c_int] + [c_i64] * 6 + [ctypes.c_float, ctypes.c_int]
+    lib.minicpm_causal_attention.argtypes = [c_ptr] * 10 + [ctypes.c_int] * 2 + [c_i64] * 6 + [ctypes.c_float, ctypes.c_int]
     lib.minicpm_causal_attention.restype = ctypes.c_int
     _self_check(lib)
 
@@ -113,30 +113,46 @@ def causal_mask(queries: int, keys: int, device=None) -> torch.Tensor:
     return torch.ones(queries, keys, dtype=torch.bool, device=device).tril(keys - queries)
 
 
-def _causal(lib, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+def _strides(t: torch.Tensor, per_byte: int = 1):
+    """{batch, head, position} strides of t, in values (int4 codes: two per byte)."""
+    return (ctypes.c_int64 * 3)(*(stride * per_byte for stride in t.stride()[:3]))
+
+
+def _causal(lib, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_scales: torch.Tensor | None = None,
+            v_scales: torch.Tensor | None = None) -> torch.Tensor | None:
     b, h, s, d = q.shape
     out = torch.empty(b, s, h, d)
-    strides = [(ctypes.c_int64 * 3)(*(t.stride()[:3])) for t in (q, k, v)]
-    rc = lib.minicpm_causal_attention(q.data_ptr(), strides[0], k.data_ptr(), strides[1], v.data_ptr(), strides[2],
-                                      out.data_ptr(), KINDS[q.dtype], b, h, k.shape[1], s, k.shape[2], d,
-                                      d ** -0.5, torch.get_num_threads())
+    per_byte = 2 if k.dtype == torch.uint8 else 1
+    meta = None if k_scales is None else _strides(k_scales)
+    rc = lib.minicpm_causal_attention(q.data_ptr(), _strides(q), k.data_ptr(), _strides(k, per_byte), v.data_ptr(),
+                                      _strides(v, per_byte), _pointer(k_scales), _pointer(v_scales), meta,
+                                      out.data_ptr(), KINDS[q.dtype], KINDS[k.dtype], b, h, k.shape[1], s, k.shape[2],
+                                      d, d ** -0.5, torch.get_num_threads())
     return out.transpose(1, 2) if rc == 0 else None
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_scales: torch.Tensor | None = None,
+                     v_scales: torch.Tensor | None = None) -> torch.Tensor | None:
     """The native prefill kernel: q [B, H, S, D] as the last S of the L positions of k, v
-    [B, KV, L, D], causal; fp32 [B, H, S, D] (a view of [B, S, H, D] memory). None where it does
-    not serve: not built, autograd, a dtype other than fp32/bf16, not on the CPU, head_dim not a
-    multiple of 16, or a tensor whose head_dim is not contiguous.
+    [B, KV, L, D], causal; fp32 [B, H, S, D] (a view of [B, S, H, D] memory). k and v may also be
+    an int8/int4 cache's codes (int4: [B, KV, L, D/2] bytes) with their fp32 scales [B, KV, L, 1]
+    (int4: scale and min, [..., 2]), read as stored. None where it does not serve: not built,
+    autograd, q not fp32/bf16, a float k/v of another dtype than q's, not on the CPU, head_dim
+    not a multiple of 16, or a tensor whose head_dim is not contiguous.
 
     PyTorch's CPU SDPA took 11 ms a layer for a 512-token prompt of the MiniCPM-1B shape
     (24 heads over 8, bf16), most of the prefill's time outside the matrix products."""
+    coded = k.dtype in META
     if (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))) or q.dtype not in (
-            torch.float32, torch.bfloat16) or not (q.dtype == k.dtype == v.dtype) or q.device.type != "cpu" \
-            or any(t.stride(-1) != 1 for t in (q, k, v)):
+            torch.float32, torch.bfloat16) or k.dtype != v.dtype or (not coded and k.dtype != q.dtype) \
+            or coded != (k_scales is not None and v_scales is not None) or q.device.type != "cpu" \
+            or any(t.stride(-1) != 1 for t in (q, k, v)) \
+            or k.shape[-1] * (2 if k.dtype == torch.uint8 else 1) != q.shape[-1] \
+            or (coded and (k_scales.dtype != torch.float32 or k_scales.shape[-1] != META[k.dtype]
+                           or k_scales.stride() != v_scales.stride())):
         return None
     lib = KERNEL.library()
-    return None if lib is None else _causal(lib, q, k, v)
+    return None if lib is None else _causal(lib, q, k, v, k_scales, v_scales)
 
 
 @dataclass(frozen=True)
