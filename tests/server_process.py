@@ -64,6 +64,19 @@ def server(checkpoint):
 
 
 @pytest.fixture(scope="module")
+def long_checkpoint(tmp_path_factory):
+    """A tiny model whose replies can run to 4000 tokens (seconds)."""
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("long"), context=4096)
+
+
+@pytest.fixture(scope="module")
+def long_server(long_checkpoint):
+    proc, url = start_server(long_checkpoint, "--api-key", KEY)
+    yield url
+    stop_server(proc)
+
+
+@pytest.fixture(scope="module")
 def local(checkpoint):
     """The same model in this process: the reference for the server's answers."""
     import minicpm

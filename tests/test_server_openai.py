@@ -16,7 +16,6 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import save_tiny_checkpoint
 from tests.server_process import KEY, auth, error_of, start_server, stop_server
 
 MODEL = "tiny-minicpm"
@@ -50,18 +49,6 @@ def hang_up_after(url: str, path: str, body: dict, seconds: float) -> None:
         time.sleep(seconds)
         assert running(url) == 1, "the request ended before the client hung up: make it longer"
 
-
-@pytest.fixture(scope="module")
-def long_checkpoint(tmp_path_factory):
-    """A tiny model whose replies can run to 4000 tokens (seconds)."""
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("long"), context=4096)
-
-
-@pytest.fixture(scope="module")
-def long_server(long_checkpoint):
-    proc, url = start_server(long_checkpoint, "--api-key", KEY)
-    yield url
-    stop_server(proc)
 
 
 @pytest.mark.parametrize("path, body", [
