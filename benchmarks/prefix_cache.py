@@ -14,39 +14,22 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import socket
 import subprocess
-import sys
 import time
 
 import httpx
 import openai
+from serving import VENV_BIN, Server, free_port, start, stop  # benchmarks/serving.py
 
 QUESTIONS = ("What is this text about? Answer in one sentence.", "Name one person it mentions.")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(model: str | None, threads: int, *flags: str) -> tuple[subprocess.Popen, str]:
+def start_ours(model: str | None, threads: int, *flags: str) -> tuple[subprocess.Popen, str]:
+    """`minicpm serve` on a free port, started and awaited by the serving benchmark's helpers."""
+    command = [str(VENV_BIN / "minicpm"), "serve", *([model] if model else []), "--port", "{port}",
+               "--threads", str(threads), *flags]
     port = free_port()
-    cmd = [sys.executable, "-m", "minicpm.cli.main", "serve", *([model] if model else []), "--port", str(port),
-           "--threads", str(threads), *flags]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 600
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            raise SystemExit(f"server did not start: {' '.join(cmd)}")
-        time.sleep(0.5)
+    return start(Server("ours", "as stored", command), port), f"http://127.0.0.1:{port}"
 
 
 def document(tokens: int) -> str:
@@ -98,12 +81,11 @@ def main() -> int:
     text = document(args.context)
     results = {}
     for label, flags in (("prefix cache", ()), ("--no-prefix-cache", ("--no-prefix-cache",))):
-        proc, url = start(args.model, args.threads, *flags)
+        proc, url = start_ours(args.model, args.threads, *flags)
         try:
             results[label] = (chat(url, text), reused_tokens(url))
         finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+            stop(proc)
     print(f"model: {args.model or 'the default model'}; threads {args.threads}; greedy, 32 new tokens a turn\n")
     print("| server | turn 1 prompt | turn 1 TTFT s | turn 2 prompt | turn 2 TTFT s | turn 1 / turn 2 | reused tokens |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")

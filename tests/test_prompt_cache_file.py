@@ -107,3 +107,8 @@ def test_chat_context_file_is_prefilled_once_and_loaded_next_time(tiny_checkpoin
     assert cache.read_bytes() == before
     assert_clean_error(run("chat", tiny_checkpoint, "--context-file", tmp_path / "missing.txt", stdin="/exit\n"),
                        "missing.txt")
+    # a path that could not be saved to is refused before the chat starts, not after it
+    assert_clean_error(run("chat", tiny_checkpoint, "--prompt-cache", tmp_path / "no" / "such" / "dir.kv",
+                           stdin="hello\n/exit\n"), "does not exist")
+    assert_clean_error(run("chat", tiny_checkpoint, "--prompt-cache", tmp_path, stdin="hello\n/exit\n"),
+                       "is a directory")

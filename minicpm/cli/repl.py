@@ -13,7 +13,7 @@ from pathlib import Path
 
 from minicpm.errors import MiniCPMError
 from minicpm.generation.chat import stream_chat
-from minicpm.generation.generate import PromptCache
+from minicpm.generation.generate import PromptCache, common_prefix
 from minicpm.generation.text import GenerationStats
 from minicpm.vision import MiniCPMV, load_image
 from minicpm.vision.chat import stream_chat as stream_image_chat
@@ -51,8 +51,8 @@ class TextChat:
         def prompt(question: str) -> list[int]:
             return self.tokenizer.apply_chat_template(self.history + [{"role": "user", "content": question}],
                                                       add_generation_prompt=True, tokenize=True)
-        first, second = prompt("a"), prompt("b")
-        common = next((i for i, (x, y) in enumerate(zip(first, second)) if x != y), min(len(first), len(second)))
+        first = prompt("a")
+        common = common_prefix(first, prompt("b"))
         self.keep_cache = True
         return self.prompt_cache.prefill(self.model, first[:common]) if common else 0
 

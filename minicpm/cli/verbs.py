@@ -41,6 +41,10 @@ def chat(args: argparse.Namespace) -> int:
     from minicpm.vision.chat import SAMPLING_DEFAULTS
 
     system = with_context_file(args.system, args.context_file)
+    if args.prompt_cache:  # before the model loads: a chat must not end unable to save
+        from minicpm.generation.saved_cache import check_cache_path
+
+        check_cache_path(args.prompt_cache)
     model, tokenizer = _load(args)
     session = conversation(model, tokenizer, system, args.image, progress=encoding_progress())
     if args.prompt_cache:

@@ -42,11 +42,7 @@ class PromptCache:
         (`leave_one`: at least its last token is left to run, for the logits that follow it)."""
         if self.cache is None or self.cache.max_len < capacity:
             self.cache = grown(self.cache, model.new_cache(1, capacity), len(self.ids))
-        common = 0
-        for old, new in zip(self.ids, prompt[:-1] if leave_one else prompt):
-            if old != new:
-                break
-            common += 1
+        common = common_prefix(self.ids, prompt[:-1] if leave_one else prompt)
         self.cache.length, self.ids = common, prompt[:common]
         return self.cache, common
 
@@ -59,6 +55,11 @@ class PromptCache:
             model(torch.tensor([ids[start:start + chunk]], device=model.device), cache=cache, last_only=True)
         self.ids = list(ids)
         return len(ids) - done
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading ids `a` and `b` share."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def grown(old: KVCache | None, new: KVCache, keep: int) -> KVCache:

@@ -46,8 +46,8 @@ def model_fingerprint(model) -> str:
 
 
 def save_prompt_cache(prompt_cache: PromptCache, model, path: str | Path) -> int:
-    """Write the cached positions of `prompt_cache` to `path` (atomically: a crash leaves the old
-    file, never half a new one). Returns the number of tokens saved."""
+    """Write the cached positions of `prompt_cache` to `path` (a crash leaves the old file,
+    never half a new one). Returns the number of tokens saved."""
     cache, ids = prompt_cache.cache, prompt_cache.ids
     if cache is None or not ids:
         raise MiniCPMError("the prompt cache is empty: nothing to save")
@@ -57,20 +57,36 @@ def save_prompt_cache(prompt_cache: PromptCache, model, path: str | Path) -> int
     tensors["ids"] = torch.tensor(ids[:count], dtype=torch.int64)
     meta = {"format": FORMAT, "kind": cache_kind(cache), "dtype": str(cache.dtype).removeprefix("torch."),
             "tokens": str(count), "model": model_fingerprint(model)}
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    path = Path(path)
-    partial = path.with_name(path.name + ".partial")
-    save_file(tensors, str(partial), metadata=meta)
-    os.replace(partial, path)
+    path = check_cache_path(path)
+    try:  # save_file writes a temporary file beside `path` and renames it: never half a file
+        save_file(tensors, str(path), metadata=meta)
+    except (SafetensorError, OSError) as e:
+        raise MiniCPMError(f"cannot write the prompt cache {path}: {e}") from None
     return count
+
+
+def check_cache_path(path: str | Path) -> Path:
+    """`path` as a Path if a prompt cache can be read from or written to it, else a clear error
+    (checked before a chat starts, so that its end does not fail to save)."""
+    path = Path(path)
+    if path.is_dir():
+        raise MiniCPMError(f"prompt cache {path} is a directory: give a file path, e.g. {path / 'chat.kv'}")
+    parent = path.parent
+    if not parent.is_dir():
+        raise MiniCPMError(f"prompt cache {path}: the directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise MiniCPMError(f"prompt cache {path}: the directory {parent} is not writable")
+    return path
 
 
 def load_prompt_cache(model, path: str | Path) -> PromptCache:
     """The PromptCache saved in `path`, checked against `model` and its KV cache kind."""
     from safetensors import SafetensorError, safe_open
 
-    path = Path(path)
+    path = check_cache_path(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}

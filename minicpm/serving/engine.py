@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from minicpm.errors import MiniCPMError
+from minicpm.generation.generate import common_prefix
 from minicpm.generation.sampling import (
     Sampler,
     SamplingParams,
@@ -421,11 +422,7 @@ class Engine:
         slot, reused = self._free[0], 0
         if self.prefix_cache and request.images is None and request.prompt_logprobs is None:
             for candidate in self._free:
-                common = 0
-                for held, new in zip(self._held[candidate], request.prompt_ids[:-1]):  # the last one runs
-                    if held != new:
-                        break
-                    common += 1
+                common = common_prefix(self._held[candidate], request.prompt_ids[:-1])  # the last one runs
                 common -= common % self.prefill_chunk
                 if common > reused:
                     slot, reused = candidate, common
