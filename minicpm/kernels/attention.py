@@ -131,6 +131,21 @@ def _causal(lib, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_scales: to
     return out.transpose(1, 2) if rc == 0 else None
 
 
+def _causal_takes(q, k, v, k_scales, v_scales) -> bool:
+    """Whether minicpm_causal_attention serves these tensors (causal_attention says which)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return False  # the kernel has no backward
+    if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.bfloat16) or k.dtype != v.dtype \
+            or any(t.stride(-1) != 1 for t in (q, k, v)):
+        return False
+    if k.dtype not in META:  # float keys and values, in q's dtype
+        return k.dtype == q.dtype and k.shape[-1] == q.shape[-1]
+    per_byte = 2 if k.dtype == torch.uint8 else 1  # int4: two codes a byte
+    return (k_scales is not None and v_scales is not None and k_scales.dtype == torch.float32
+            and k_scales.shape[-1] == META[k.dtype] and k_scales.stride() == v_scales.stride()
+            and k.shape[-1] * per_byte == q.shape[-1])
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_scales: torch.Tensor | None = None,
                      v_scales: torch.Tensor | None = None) -> torch.Tensor | None:
     """The native prefill kernel: q [B, H, S, D] as the last S of the L positions of k, v
@@ -142,14 +157,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_scales
 
     PyTorch's CPU SDPA took 11 ms a layer for a 512-token prompt of the MiniCPM-1B shape
     (24 heads over 8, bf16), most of the prefill's time outside the matrix products."""
-    coded = k.dtype in META
-    if (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))) or q.dtype not in (
-            torch.float32, torch.bfloat16) or k.dtype != v.dtype or (not coded and k.dtype != q.dtype) \
-            or coded != (k_scales is not None and v_scales is not None) or q.device.type != "cpu" \
-            or any(t.stride(-1) != 1 for t in (q, k, v)) \
-            or k.shape[-1] * (2 if k.dtype == torch.uint8 else 1) != q.shape[-1] \
-            or (coded and (k_scales.dtype != torch.float32 or k_scales.shape[-1] != META[k.dtype]
-                           or k_scales.stride() != v_scales.stride())):
+    if not _causal_takes(q, k, v, k_scales, v_scales):
         return None
     lib = KERNEL.library()
     return None if lib is None else _causal(lib, q, k, v, k_scales, v_scales)
