@@ -204,6 +204,7 @@ def test_quantize_load_generate(method, extra, source, tiny_checkpoint, tmp_path
     (["--method", "rtn", "--sym"], "--sym: only for --method gptq or awq"),
     (["--method", "gptq", "--samples", "0"], "--samples must be >= 1"),
     (["--method", "gptq", "--bits", "3"], "bits must be 4 or 8"),
+    (["--method", "gptq", "--group-size", "32", "--samples", "2", "--seqlen", "600"], "longer than the model's context (256 tokens)"),
 ])
 def test_bad_calibration_input_is_one_line_and_writes_nothing(args, fragment, tiny_checkpoint, tmp_path):
     short = tmp_path / "short.txt"

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from minicpm.loading.assemble import one_thread
+from minicpm.quantization.linear import quantize_int8
 
 N_GRID = 20
 MAX_SHRINK = 0.5
@@ -66,8 +67,8 @@ def awq_codes(w: torch.Tensor, bits: int, group_size: int | None, sym: bool
     symmetric form (-127..127, no zero)."""
     n, k = w.shape
     if bits == 8:
-        scales = (w.abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-10)
-        return torch.clamp(torch.round(w / scales), -127, 127), scales, None
+        q, scales = quantize_int8(w)
+        return q.float(), scales[:, None], None
     g = w.reshape(n, k // group_size, group_size)
     if sym:
         scales = (g.abs().amax(dim=-1) / 7).clamp(min=1e-5)
@@ -82,10 +83,14 @@ def awq_codes(w: torch.Tensor, bits: int, group_size: int | None, sym: bool
 
 def fake_quantize(w: torch.Tensor, bits: int, group_size: int | None, sym: bool) -> torch.Tensor:
     """w rounded to the grid and back to floats."""
-    q, scales, zeros = awq_codes(w, bits, group_size, sym)
-    n, k = w.shape
+    return grid_values(*awq_codes(w, bits, group_size, sym))
+
+
+def grid_values(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None) -> torch.Tensor:
+    """The floats that awq_codes' (codes, scales, zeros) stand for."""
     if zeros is None:
         return q * scales
+    n, k = q.shape
     g = q.reshape(n, scales.shape[1], -1)
     return ((g - zeros[..., None]) * scales[..., None]).reshape(n, k)
 

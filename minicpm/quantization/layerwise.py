@@ -191,7 +191,7 @@ def awq_layer(layer: nn.Module, runner: LayerRunner, x: torch.Tensor, groups: di
             if not name.endswith(awq.NO_CLIP):
                 awq.apply_clip(linear, awq.search_clip(linear.weight, features[g.inputs], bits, groups[name], sym))
             codes, s, z = awq.awq_codes(linear.weight.float(), bits, groups[name], sym)
-            linear.weight.copy_(awq.fake_quantize(linear.weight.float(), bits, groups[name], sym))
+            linear.weight.copy_(awq.grid_values(codes, s, z))
             results[name] = (codes, s, z)
     return results, out
 
@@ -224,6 +224,10 @@ def calibrated_stream(config: MiniCPMConfig, named_tensors: Iterable[tuple[str, 
     if embed.shape != (config.vocab_size, config.hidden_size):
         raise CheckpointError(f"{source}: tensor model.embed_tokens.weight has shape {list(embed.shape)}, "
                               f"config.json implies {[config.vocab_size, config.hidden_size]}")
+    if ids.shape[1] > config.max_position_embeddings:
+        raise MiniCPMError(f"--seqlen {ids.shape[1]} is longer than the model's context "
+                           f"({config.max_position_embeddings} tokens): pass --seqlen {config.max_position_embeddings} "
+                           "or less")
     if int(ids.max()) >= config.vocab_size:
         raise MiniCPMError(f"calibration token id {int(ids.max())} is outside the vocabulary ({config.vocab_size})")
     x = embed[ids].float() * config.embedding_scale
@@ -238,17 +242,19 @@ def calibrated_stream(config: MiniCPMConfig, named_tensors: Iterable[tuple[str, 
         layer = _read_layer(config, i, stream, source)
         groups = {name: chosen[prefix + name][1] for name, m in layer.named_modules()
                   if isinstance(m, nn.Linear) and prefix + name in chosen}
-        with torch.no_grad():
+        with torch.no_grad():  # the bar's error: float vs quantized layer on the first samples
             probe = x[:PROBE]
-            reference = runner.layer(layer, probe) if settings.method == "gptq" else None
-            if settings.method == "gptq":
+            if settings.method == "gptq":  # the next layer reads this layer's quantized outputs
+                reference = runner.layer(layer, probe) if progress else None
                 results = gptq_layer(layer, runner, x, groups, settings)
                 x_next = runner.layer(layer, x)
-            else:
+                quantized = x_next[:PROBE]
+            else:  # ... AWQ's reads the float layer's
                 results, x_next = awq_layer(layer, runner, x, groups, settings, config.model_type)
                 reference = x_next[:PROBE]
-            error = relative_error(runner.layer(layer, probe), reference, probe)
-        bar.set_postfix(err=f"{error:.4f}")
+                quantized = runner.layer(layer, probe) if progress else None
+        if progress:
+            bar.set_postfix(err=f"{relative_error(quantized, reference, probe):.4f}")
         yield from _layer_outputs(layer, prefix, results, groups, settings.bits, target)
         x = x_next
         del layer, results, x_next
