@@ -111,6 +111,7 @@ def test_qlora_trains_over_an_int4_base_and_merges(base, tmp_path):
     (["optim.learning_rate=0.1"], "unknown setting optim.learning_rate"),
     (["train.steps=many"], "train.steps must be int"),
     (["train.batch_size=3"], "multiple of train.micro_batch_size"),
+    (["train.micro_batch_size=0"], "train.micro_batch_size must be >= 1"),
     (["train.method=adapter"], "train.method must be full, lora or qlora"),
 ])
 def test_bad_recipes_are_one_line_errors(base, tmp_path, args, message):

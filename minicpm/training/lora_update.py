@@ -24,10 +24,22 @@ def low_rank_update(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, dropout: 
     return _LowRankUpdate.apply(x, a, b, dropout, scaling, dtype)
 
 
+def _rng_state(device: torch.device) -> torch.Tensor:
+    """The state of the generator that draws x's dropout mask: the device's own on a GPU."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _set_rng_state(device: torch.device, state: torch.Tensor) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
 class _LowRankUpdate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, a, b, dropout: float, scaling: float, dtype: torch.dtype):
-        rng = torch.get_rng_state() if dropout else None
+        rng = _rng_state(x.device) if dropout else None
         with torch.autocast(x.device.type, enabled=False):
             h = F.linear(_dropped(x, dropout, dtype), a.to(dtype))
             out = F.linear(h, b.to(dtype)) * scaling
@@ -46,9 +58,10 @@ class _LowRankUpdate(torch.autograd.Function):
                 grad_b = (grad.flatten(0, -2).T @ h.flatten(0, -2)).to(b.dtype)
             grad_h = grad @ b.to(dtype)
             if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-                with torch.random.fork_rng(devices=[]):  # the forward pass's mask, drawn again
+                cuda = [x.device.index or 0] if x.device.type == "cuda" else []
+                with torch.random.fork_rng(devices=cuda):  # the forward pass's mask, drawn again
                     if ctx.rng is not None:
-                        torch.set_rng_state(ctx.rng)
+                        _set_rng_state(x.device, ctx.rng)
                     mask = _mask(x, ctx.dropout)
                 if ctx.needs_input_grad[1]:
                     dropped = _apply(x, mask, ctx.dropout).to(dtype)

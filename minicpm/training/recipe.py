@@ -143,7 +143,8 @@ class Recipe:
             (t.steps >= 1, f"train.steps must be >= 1, got {t.steps}"),
             (t.stop_at is None or 1 <= t.stop_at <= t.steps, f"train.stop_at must be in 1..train.steps, got {t.stop_at}"),
             (t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}"),
-            ((t.micro_batch_size or 1) >= 1, f"train.micro_batch_size must be >= 1, got {t.micro_batch_size}"),
+            (t.micro_batch_size is None or t.micro_batch_size >= 1,
+             f"train.micro_batch_size must be >= 1 (or unset: chosen to fit), got {t.micro_batch_size}"),
             (t.batch_size % ((t.micro_batch_size or 1) * world_size) == 0,
              f"train.batch_size ({t.batch_size}) must be a multiple of train.micro_batch_size "
              f"({t.micro_batch_size or 1}) x processes ({world_size})"),
