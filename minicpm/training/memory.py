@@ -143,7 +143,8 @@ def choose_micro_batch(model, recipe: Recipe, procs: Processes, task) -> str | N
     probe = probe_activations(model, t.precision == "bf16")
     recompute = bool(t.activation_checkpointing)
     sizes = [m for m in range(share, 0, -1) if share % m == 0]
-    fits = [m for m in sizes if memory_estimate(model, recipe, rows_per_micro_batch(recipe, m), task.width(),
+    width = task.width()  # a scan of every example: once, not once per candidate size
+    fits = [m for m in sizes if memory_estimate(model, recipe, rows_per_micro_batch(recipe, m), width,
                                                 procs.world_size, recompute, probe)["activations"]
             <= ACTIVATION_BUDGET]
     t.micro_batch_size = fits[0] if fits else 1
