@@ -28,6 +28,7 @@ class KVCache:
     """
 
     STORES = ("keys", "values")  # attribute names of the per-layer tensor lists
+    ALIGN = 1  # writing may resume at any position (Int4KVCache: only at block boundaries)
 
     def __init__(self, config: MiniCPMConfig, batch_size: int, max_len: int,
                  dtype: torch.dtype = torch.float32, device: Any = None):
@@ -80,6 +81,15 @@ class KVCache:
     def _scales(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         return None, None  # keys and values are stored as they are
 
+    def span(self, name: str, start: int, end: int) -> slice:
+        """The part of store `name` (along its position axis) that holds positions [start, end)."""
+        return slice(start, end)
+
+    def resumable(self, n: int) -> int:
+        """The most of the first `n` positions that writing can continue after (rewinding the
+        cache to them): all of them here."""
+        return n
+
     # ---- independent slots (rows at their own lengths)
 
     def view(self, slot: int, length: int) -> KVCache:
@@ -118,8 +128,10 @@ class KVCache:
 
     def copy_prefix(self, other: KVCache, keep: int) -> None:
         """Take the first `keep` positions of `other` (same layout; a conversation outgrew it)."""
-        for mine, theirs in zip(self._stores(), other._stores()):
-            mine[:, :, :keep] = theirs[:, :, :keep]
+        for name in self.STORES:
+            part = self.span(name, 0, keep)
+            for mine, theirs in zip(getattr(self, name), getattr(other, name)):
+                mine[:, :, part] = theirs[:, :, part]
 
     def fork_rows(self, rows: torch.Tensor) -> KVCache:
         """A new cache (same kind and capacity) whose row i holds a copy of this cache's row
@@ -127,13 +139,15 @@ class KVCache:
         continuations (log-likelihood scoring of the choices of a question)."""
         forked = copy.copy(self)
         for name in self.STORES:
-            setattr(forked, name, [self._copy_rows(t, rows) for t in getattr(self, name)])
+            part = self.span(name, 0, self.length)
+            setattr(forked, name, [self._copy_rows(t, rows, part) for t in getattr(self, name)])
         forked.shape = (len(rows),) + self.shape[1:]
         return forked
 
-    def _copy_rows(self, store: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _copy_rows(store: torch.Tensor, rows: torch.Tensor, part: slice) -> torch.Tensor:
         out = store.new_empty((len(rows),) + tuple(store.shape[1:]))
-        out[:, :, :self.length] = store[rows.to(store.device), :, :self.length]
+        out[:, :, part] = store[rows.to(store.device), :, part]
         return out
 
     def reorder_rows(self, rows: torch.Tensor, start: int = 0) -> None:
@@ -141,9 +155,10 @@ class KVCache:
         continues a chosen one; positions before `start` are the same in every row)."""
         if torch.equal(rows, torch.arange(len(rows), device=rows.device)):
             return
-        for store in self._stores():
-            part = store[:, :, start:self.length]
-            part.copy_(part.index_select(0, rows.to(store.device)))
+        for name in self.STORES:
+            for store in getattr(self, name):
+                part = store[:, :, self.span(name, start, self.length)]
+                part.copy_(part.index_select(0, rows.to(store.device)))
 
     def _stores(self) -> list[torch.Tensor]:
         return [t for name in self.STORES for t in getattr(self, name)]
@@ -170,14 +185,11 @@ class Int8KVCache(KVCache):
     META = 1  # fp32 numbers per (token, head): the scale
 
     def _allocate_stores(self, layers: int, device: Any) -> None:
-        self.keys = self._allocate(layers, self.code_shape(), self.CODES, device)
-        self.values = self._allocate(layers, self.code_shape(), self.CODES, device)
+        self.keys = self._allocate(layers, self.shape, self.CODES, device)
+        self.values = self._allocate(layers, self.shape, self.CODES, device)
         meta = self.shape[:3] + (self.META,)  # fp32: what the native kernel reads, 6% of the codes
         self.key_scales = self._allocate(layers, meta, torch.float32, device)
         self.value_scales = self._allocate(layers, meta, torch.float32, device)
-
-    def code_shape(self) -> tuple[int, ...]:
-        return self.shape
 
     def _quantize(self, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """int8 codes and fp32 scales [..., 1] of head vectors [..., D]."""
@@ -220,41 +232,136 @@ class Int8KVCache(KVCache):
         the layer: at long contexts that copy was the chunk's largest buffer); plain causal only."""
         if mask is not None:
             return None
-        part = (slice(None), slice(None), slice(0, end))
-        return causal_attention(q, self.keys[layer][part], self.values[layer][part],
-                                self.key_scales[layer][part], self.value_scales[layer][part])
+        stores = ((name, getattr(self, name)[layer]) for name in self.STORES[:4])
+        return causal_attention(q, *(store[:, :, self.span(name, 0, end)] for name, store in stores))
+
+
+KEY_BLOCK = 32  # attention.c's and decode.c's: positions per block of an int4 cache's key scales
 
 
 class Int4KVCache(Int8KVCache):
-    """Keys and values as 4-bit codes with a scale and a minimum per (token, head): a quarter
-    of a bf16 cache plus 8 bytes per head vector (MiniCPM-2B: 0.12 MB per token).
+    """Keys and values as 4-bit codes 0..15 (value = code * scale + min): about a quarter of a
+    bf16 cache (MiniCPM-2B: 0.13 MB per token).
 
-    Asymmetric rounding, value = code * scale + min with codes 0..15: a head vector's range
-    rarely sits around zero, and the minimum buys back the bit a sign would cost. Each 16
-    values of a head vector take 8 bytes, byte j holding value j (low nibble) and value j + 8
-    (high nibble), so the native kernel widens 16 codes with two masks and one unpack.
+    Values take a scale and a minimum per (token, head). Keys take them per channel, over blocks
+    of KEY_BLOCK positions (as KIVI does): a few channels of a key are far larger than the rest,
+    so one scale per key vector leaves the others a code or two. SmolLM2 at 8k tokens: +10.8%
+    perplexity with per-vector keys, +1.6% with per-channel blocks of 32 (docs/speed.md).
+
+    The newest block of each row is still growing: its keys are kept in fp32 as well (`key_tail`),
+    and every write takes the block's scales again over all of it and rewrites its codes, so the
+    codes always hold every written position. Writing can therefore resume only where a tail is
+    kept: at the end of what the cache holds, or at a block boundary (`resumable`, `ALIGN`).
+
+    Each 16 values of a head vector take 8 bytes, byte j holding value j (low nibble) and value
+    j + 8 (high nibble), so the native kernels widen 16 codes with two masks and one unpack.
+    Stores are padded to whole blocks of positions.
     """
 
     CODES = torch.uint8
-    META = 2  # scale, min
+    META = 2  # values: scale, min
+    STORES = Int8KVCache.STORES + ("key_tail",)
+    ALIGN = KEY_BLOCK
 
-    def code_shape(self) -> tuple[int, ...]:
-        return self.shape[:3] + (self.shape[3] // 2,)
+    def _allocate_stores(self, layers: int, device: Any) -> None:
+        batch, kv, length, d = self.shape
+        padded = -(-length // KEY_BLOCK) * KEY_BLOCK
+        self.keys = self._allocate(layers, (batch, kv, padded, d // 2), self.CODES, device)
+        self.values = self._allocate(layers, (batch, kv, padded, d // 2), self.CODES, device)
+        # [scales; mins] per channel and block: 8 / KEY_BLOCK bytes per value
+        self.key_scales = self._allocate(layers, (batch, kv, padded // KEY_BLOCK, 2, d), torch.float32, device)
+        self.value_scales = self._allocate(layers, (batch, kv, padded, self.META), torch.float32, device)
+        self.key_tail = self._allocate(layers, (batch, kv, KEY_BLOCK, d), torch.float32, device)
 
-    def _quantize(self, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Packed codes [..., D/2] and fp32 (scale, min) [..., 2] of head vectors [..., D]."""
-        x = new.float()
-        low, high = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
-        scale = ((high - low) / 15).clamp(min=1e-8)
+    def span(self, name: str, start: int, end: int) -> slice:
+        if name == "key_tail":
+            return slice(None)
+        if name == "key_scales":
+            return slice(start // KEY_BLOCK, -(-end // KEY_BLOCK))
+        if name == "keys":  # a block's codes go with its scales
+            return slice(start - start % KEY_BLOCK, end)
+        return slice(start, end)
+
+    def resumable(self, n: int) -> int:
+        """n at a block boundary or in the block the tail holds (that of the last position
+        written, `length`); else the block boundary before it."""
+        if n % KEY_BLOCK == 0 or (n <= self.length and n // KEY_BLOCK == self.length // KEY_BLOCK):
+            return n
+        return n - n % KEY_BLOCK
+
+    @staticmethod
+    def _encode(x: torch.Tensor, low: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Packed codes [..., D/2] of x [..., D] float32."""
         codes = torch.round((x - low) / scale).clamp(0, 15).to(torch.uint8)
         pairs = codes.unflatten(-1, (-1, 2, 8))  # [..., D/16, (low, high), 8]
-        packed = (pairs[..., 0, :] | (pairs[..., 1, :] << 4)).flatten(-2)
-        return packed, torch.cat([scale, low], -1)
+        return (pairs[..., 0, :] | (pairs[..., 1, :] << 4)).flatten(-2)
+
+    @staticmethod
+    def _unpack(codes: torch.Tensor) -> torch.Tensor:
+        chunks = codes.unflatten(-1, (-1, 8))
+        return torch.stack([chunks & 15, chunks >> 4], -2).flatten(-3).float()
+
+    @staticmethod
+    def _range(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, min) over `dim`: (max - min) / 15 clamped at 1e-8, as decode.c takes them."""
+        low, high = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
+        return ((high - low) / 15).clamp(min=1e-8), low
+
+    def _quantize(self, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Value vectors [..., D]: packed codes [..., D/2] and fp32 (scale, min) [..., 2]."""
+        x = new.float()
+        scale, low = self._range(x, -1)
+        return self._encode(x, low, scale), torch.cat([scale, low], -1)
 
     def _decode(self, codes: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
-        chunks = codes.unflatten(-1, (-1, 8))
-        values = torch.stack([chunks & 15, chunks >> 4], -2).flatten(-3).float()
-        return values.mul_(meta[..., :1]).add_(meta[..., 1:])
+        return self._unpack(codes).mul_(meta[..., :1]).add_(meta[..., 1:])
+
+    def _store_blocks(self, layer: int, rows, blocks: torch.Tensor, first: torch.Tensor | int) -> None:
+        """Quantize fp32 key blocks [R, KV, n, KEY_BLOCK, D] per channel into rows `rows` (a
+        slice, or a tensor with one block each) from position `first` (a block boundary)."""
+        scale, low = self._range(blocks, -2)
+        codes = self._encode(blocks, low, scale).flatten(2, 3)
+        meta = torch.cat([scale, low], -2)  # [R, KV, n, 2, D]
+        if isinstance(rows, slice):
+            self.keys[layer][rows, :, first:first + codes.shape[2]] = codes
+            self.key_scales[layer][rows, :, first // KEY_BLOCK:first // KEY_BLOCK + meta.shape[2]] = meta
+        else:  # advanced indexing puts the indexed axes first: [R, KEY_BLOCK, KV, D/2]
+            positions = first[:, None] + torch.arange(KEY_BLOCK, device=first.device)
+            self.keys[layer][rows[:, None], :, positions] = codes.transpose(1, 2)
+            self.key_scales[layer][rows, :, first // KEY_BLOCK] = meta[:, :, 0]
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> int:
+        start, end = self.length, self.length + k.shape[2]
+        self.values[layer][:, :, start:end], self.value_scales[layer][:, :, start:end] = self._quantize(v)
+        first = start - start % KEY_BLOCK  # the tail holds positions [first, start)
+        x = torch.cat([self.key_tail[layer][:, :, :start - first], k.float()], 2)
+        n = x.shape[2]
+        last = (n - 1) // KEY_BLOCK * KEY_BLOCK  # where the last block starts in x
+        # the last block padded with copies of its first key: its minima and maxima stay its own
+        padded = torch.cat([x, x[:, :, last:last + 1].expand(-1, -1, -n % KEY_BLOCK, -1)], 2)
+        self._store_blocks(layer, slice(None), padded.unflatten(2, (-1, KEY_BLOCK)), first)
+        self.key_tail[layer][:, :, :n - last] = x[:, :, last:]
+        return end
+
+    def write_rows(self, layer: int, rows: torch.Tensor, positions: torch.Tensor,
+                   k: torch.Tensor, v: torch.Tensor) -> None:
+        self.values[layer][rows, :, positions], self.value_scales[layer][rows, :, positions] = self._quantize(v[:, :, 0])
+        tail, offsets = self.key_tail[layer], positions % KEY_BLOCK
+        tail[rows, :, offsets] = k[:, :, 0].float()
+        blocks = tail[rows]  # [R, KV, KEY_BLOCK, D]; past each row's offset: its first key, as in write
+        valid = torch.arange(KEY_BLOCK, device=offsets.device) <= offsets[:, None]
+        blocks = torch.where(valid[:, None, :, None], blocks, blocks[:, :, :1])
+        self._store_blocks(layer, rows, blocks[:, :, None], positions - offsets)
+
+    def _dequantized(self, layer: int, part: tuple[slice, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, heads, positions = part
+        start, end = positions.start or 0, positions.stop
+        first = start - start % KEY_BLOCK
+        blocks = self.key_scales[layer][rows, heads, self.span("key_scales", start, end)]  # [.., n, 2, D]
+        codes = self.keys[layer][rows, heads, first:first + blocks.shape[2] * KEY_BLOCK]
+        keys = self._unpack(codes).unflatten(2, (-1, KEY_BLOCK)).mul_(blocks[..., :1, :]).add_(blocks[..., 1:, :])
+        values = self._decode(self.values[layer][part], self.value_scales[layer][part])
+        return keys.flatten(2, 3)[:, :, start - first:end - first].to(self.dtype), values.to(self.dtype)
 
 
 class SlotStep:

@@ -79,7 +79,8 @@ def test_bias_and_coded_caches():
     _compare(model, FP32)
     for kv in ("int8", "int4"):  # the step writes codes as the Python cache does, bit for bit
         _compare(model, FP32, kv=kv)
-        _compare(random_model(config, dtype=torch.bfloat16), 0, kv=kv)
+        # 6 + 30 positions: int4 keys fill a block of 32 token by token, then start the next
+        _compare(random_model(config, dtype=torch.bfloat16), 0, kv=kv, steps=30)
 
 
 @pytest.mark.parametrize("bits,dtype", [(4, torch.float32), (8, torch.float32), (4, torch.bfloat16)])
@@ -103,13 +104,14 @@ def test_batch_with_left_padding_and_window():
     _compare(random_model(variant_config("2b"), dtype=torch.bfloat16), 0, batch=3, mask=mask)
 
 
-def _slot_logits(model, rows: list[int], native: bool) -> torch.Tensor:
-    """Three slots prefilled to different lengths, then 5 decode_slots steps of `rows`."""
+def _slot_logits(model, rows: list[int], native: bool, kv: str = "auto") -> torch.Tensor:
+    """Three slots prefilled to different lengths, then 5 decode_slots steps of `rows` (slot 0
+    crosses position 32: an int4 cache's second block of keys)."""
     model.native_decode = native
     g = torch.Generator().manual_seed(2)
-    lengths = [3, 9, 5]
+    lengths = [30, 9, 5]
     with torch.no_grad():
-        cache = model.new_cache(3, 32)
+        cache = model.new_cache(3, 40, kv)
         for slot, n in enumerate(lengths):
             model.prefill_slot(torch.randint(0, 300, (n,), generator=g), cache, slot, 0)
         out = []
@@ -121,14 +123,14 @@ def _slot_logits(model, rows: list[int], native: bool) -> torch.Tensor:
     return torch.stack(out, dim=1)  # [rows, steps, vocab]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_slots_rows_alone_and_against_python(dtype):
+@pytest.mark.parametrize("dtype,kv", [(torch.float32, "auto"), (torch.bfloat16, "auto"), (torch.bfloat16, "int4")])
+def test_decode_slots_rows_alone_and_against_python(dtype, kv):
     model = random_model(variant_config("s", sliding_window=6), dtype=dtype)
-    together = _slot_logits(model, [2, 0, 1], True)
+    together = _slot_logits(model, [2, 0, 1], True, kv)
     assert model._native.ready
     for i, row in enumerate([2, 0, 1]):  # a row's result does not depend on the others
-        assert torch.equal(together[i], _slot_logits(model, [row], True)[0])
-    ref = _slot_logits(model, [2, 0, 1], False)
+        assert torch.equal(together[i], _slot_logits(model, [row], True, kv)[0])
+    ref = _slot_logits(model, [2, 0, 1], False, kv)
     err = ((together - ref).abs().max() / ref.abs().max()).item()
     assert err == 0 if dtype is torch.bfloat16 else err < FP32
 

@@ -153,9 +153,8 @@ def test_causal_attention_reads_coded_caches_as_stored(kind):
     q = torch.randn(2, heads, 12, d, generator=g).bfloat16()
     got = cache.attend_prefill(0, q, 30, None)
     assert got is not None and got.dtype == torch.float32
-    keys, values = (t[:, :, :30] for t in (cache.keys[0], cache.values[0]))
-    k_deq, v_deq = (cache._decode(store, meta) for store, meta in
-                    ((keys, cache.key_scales[0][:, :, :30]), (values, cache.value_scales[0][:, :, :30])))
+    cache.dtype = torch.float32  # read the dequantized keys and values back unrounded
+    k_deq, v_deq = cache.read(0, 30)
     want = F.scaled_dot_product_attention(q.float(), k_deq, v_deq, attn_mask=causal_mask(12, 30), enable_gqa=True)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
     assert cache.attend_prefill(0, q, 30, causal_mask(12, 30)) is None  # other masks: the caller's path

@@ -43,6 +43,7 @@ class PromptCache:
         if self.cache is None or self.cache.max_len < capacity:
             self.cache = grown(self.cache, model.new_cache(1, capacity), len(self.ids))
         common = common_prefix(self.ids, prompt[:-1] if leave_one else prompt)
+        common = self.cache.resumable(min(common, self.cache.length))
         self.cache.length, self.ids = common, prompt[:common]
         return self.cache, common
 
@@ -63,9 +64,12 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def grown(old: KVCache | None, new: KVCache, keep: int) -> KVCache:
-    """`new` holding the first `keep` positions of `old` (a conversation outgrew its cache)."""
+    """`new` holding the first `keep` positions of `old` (a conversation outgrew its cache), or
+    as many as it can continue after."""
     if old is not None:
+        keep = old.resumable(min(keep, old.length))
         new.copy_prefix(old, keep)
+        new.length = keep
     return new
 
 

@@ -22,7 +22,7 @@ from minicpm.cache import Int4KVCache, Int8KVCache, make_cache
 from minicpm.errors import MiniCPMError
 from minicpm.generation.generate import PromptCache
 
-FORMAT = "minicpm-prompt-cache/1"
+FORMAT = "minicpm-prompt-cache/2"  # 2: int4 keys scaled per channel in blocks (Int4KVCache)
 _KINDS = {Int4KVCache: "int4", Int8KVCache: "int8"}  # anything else: "auto" (the model's dtype)
 _SAMPLE = 256  # bytes hashed from each end of every tensor
 
@@ -51,8 +51,8 @@ def save_prompt_cache(prompt_cache: PromptCache, model, path: str | Path) -> int
     cache, ids = prompt_cache.cache, prompt_cache.ids
     if cache is None or not ids:
         raise MiniCPMError("the prompt cache is empty: nothing to save")
-    count = min(len(ids), cache.length)
-    tensors = {f"{name}.{layer}": store[:, :, :count].contiguous()
+    count = cache.resumable(min(len(ids), cache.length))
+    tensors = {f"{name}.{layer}": store[:, :, cache.span(name, 0, count)].contiguous()
                for name in cache.STORES for layer, store in enumerate(getattr(cache, name))}
     tensors["ids"] = torch.tensor(ids[:count], dtype=torch.int64)
     meta = {"format": FORMAT, "kind": cache_kind(cache), "dtype": str(cache.dtype).removeprefix("torch."),
@@ -91,6 +91,9 @@ def load_prompt_cache(model, path: str | Path) -> PromptCache:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             if meta.get("format") != FORMAT:
+                if str(meta.get("format")).startswith(FORMAT.split("/")[0] + "/"):
+                    raise MiniCPMError(f"{path} was written by another version of minicpm (format "
+                                       f"{meta['format']}, this one reads {FORMAT}): delete it to start afresh")
                 raise MiniCPMError(f"{path} is not a minicpm prompt cache (format {meta.get('format')!r})")
             tensors = {name: f.get_tensor(name) for name in f.keys()}
     except (SafetensorError, OSError) as e:  # not safetensors, truncated, unreadable
@@ -109,10 +112,11 @@ def load_prompt_cache(model, path: str | Path) -> PromptCache:
     ids = tensors.pop("ids").tolist()
     cache = make_cache(model.config, 1, max(len(ids), 1), meta["kind"], dtype=model.dtype, device=model.device)
     for name in cache.STORES:
+        part = cache.span(name, 0, len(ids))
         for layer, store in enumerate(getattr(cache, name)):
             saved = tensors.get(f"{name}.{layer}")
-            if saved is None or saved.shape != store[:, :, :len(ids)].shape or saved.dtype != store.dtype:
+            if saved is None or saved.shape != store[:, :, part].shape or saved.dtype != store.dtype:
                 raise MiniCPMError(f"{path} is damaged: {name}.{layer} is missing or of another shape")
-            store[:, :, :len(ids)] = saved
+            store[:, :, part] = saved
     cache.length = len(ids)
     return PromptCache(cache=cache, ids=ids)

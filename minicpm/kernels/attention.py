@@ -17,10 +17,10 @@ import torch.nn.functional as F
 
 from minicpm.kernels.build import Kernel, KernelUnavailable
 
-ABI = 6
+ABI = 7
 # store dtype -> attention.c's kind; uint8 stores are int4 codes, two per byte
 KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3, torch.uint8: 4}
-META = {torch.int8: 1, torch.uint8: 2}  # fp32 numbers per (position, head) of a coded store
+META = {torch.int8: 1, torch.uint8: 2}  # fp32 numbers per (position, head) of a coded value store
 
 
 def _setup(lib: ctypes.CDLL) -> None:
@@ -29,7 +29,7 @@ def _setup(lib: ctypes.CDLL) -> None:
     c_ptr, c_i64 = ctypes.c_void_p, ctypes.c_int64
     lib.minicpm_decode_attention.argtypes = [c_ptr] * 10 + [c_i64] * 7 + [ctypes.c_int, ctypes.c_float, ctypes.c_int]
     lib.minicpm_decode_attention.restype = ctypes.c_int
-    lib.minicpm_causal_attention.argtypes = [c_ptr] * 10 + [ctypes.c_int] * 2 + [c_i64] * 6 + [ctypes.c_float, ctypes.c_int]
+    lib.minicpm_causal_attention.argtypes = [c_ptr] * 11 + [ctypes.c_int] * 2 + [c_i64] * 6 + [ctypes.c_float, ctypes.c_int]
     lib.minicpm_causal_attention.restype = ctypes.c_int
     _self_check(lib)
 
@@ -76,6 +76,19 @@ def _self_check(lib) -> None:
         raise KernelUnavailable("self-check of causal attention against PyTorch failed")
 
 
+def _scales_fit(store: torch.Tensor, k_scales: torch.Tensor | None, v_scales: torch.Tensor | None,
+                d: int) -> bool:
+    """Whether a store of head_dim d comes with the scales its kind needs: none for float; int8
+    [..., 1] each; int4 values [..., 2] and keys [..., blocks, 2, d] (Int4KVCache)."""
+    if store.dtype not in META:
+        return k_scales is None and v_scales is None
+    if k_scales is None or v_scales is None or k_scales.dtype != torch.float32 or v_scales.dtype != torch.float32:
+        return False
+    if store.dtype == torch.uint8:
+        return store.shape[-1] * 2 == d and k_scales.shape[-2:] == (2, d) and v_scales.shape[-1] == 2
+    return store.shape[-1] == d and k_scales.shape[-1] == v_scales.shape[-1] == 1
+
+
 def decode_attention(q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tensor, length: int,
                      mask: torch.Tensor | None = None, k_scales: torch.Tensor | None = None,
                      v_scales: torch.Tensor | None = None, *, rows: torch.Tensor | None = None,
@@ -84,7 +97,8 @@ def decode_attention(q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tens
 
     k_store/v_store: a whole cache layer [B, KV, max_len, D] (contiguous); int8 stores come with
     scales [B, KV, max_len, 1] (fp32); int4 stores are uint8 [B, KV, max_len, D/2] (see
-    Int4KVCache) with (scale, min) [B, KV, max_len, 2]. mask: bool [B, 1, 1, length] or None.
+    Int4KVCache; max_len a multiple of its KEY_BLOCK) with values' (scale, min) [B, KV, max_len, 2]
+    and keys' [B, KV, max_len / KEY_BLOCK, 2, D]. mask: bool [B, 1, 1, length] or None.
     Returns fp32 [B, H, 1, D], or None where the kernel does not serve.
 
     Slots: query row b reads cache row rows[b] over positions [starts[b], ends[b]) (int64 [B]
@@ -93,10 +107,8 @@ def decode_attention(q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tens
     """
     stores = (k_store, v_store) + (() if k_scales is None else (k_scales, v_scales))
     if (q.device.type != "cpu" or k_store.dtype not in KINDS or not all(t.is_contiguous() for t in stores)
-            or (k_store.dtype in META) != (k_scales is not None)
-            or (k_scales is not None and (k_scales.dtype != torch.float32
-                                          or k_scales.shape[-1] != META[k_store.dtype]))
-            or k_store.shape[-1] * (2 if k_store.dtype == torch.uint8 else 1) != q.shape[-1]
+            or not _scales_fit(k_store, k_scales, v_scales, q.shape[-1])
+            or (k_store.dtype not in META and k_store.shape[-1] != q.shape[-1])
             or not all(t is None or (t.dtype == torch.int64 and t.is_contiguous() and t.is_cpu)
                        for t in (rows, starts, ends))):
         return None
@@ -123,9 +135,9 @@ def _causal(lib, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_scales: to
     b, h, s, d = q.shape
     out = torch.empty(b, s, h, d)
     per_byte = 2 if k.dtype == torch.uint8 else 1
-    meta = None if k_scales is None else _strides(k_scales)
+    kms, vms = (None if t is None else _strides(t) for t in (k_scales, v_scales))
     rc = lib.minicpm_causal_attention(q.data_ptr(), _strides(q), k.data_ptr(), _strides(k, per_byte), v.data_ptr(),
-                                      _strides(v, per_byte), _pointer(k_scales), _pointer(v_scales), meta,
+                                      _strides(v, per_byte), _pointer(k_scales), _pointer(v_scales), kms, vms,
                                       out.data_ptr(), KINDS[q.dtype], KINDS[k.dtype], b, h, k.shape[1], s, k.shape[2],
                                       d, d ** -0.5, torch.get_num_threads())
     return out.transpose(1, 2) if rc == 0 else None
@@ -139,11 +151,8 @@ def _causal_takes(q, k, v, k_scales, v_scales) -> bool:
             or any(t.stride(-1) != 1 for t in (q, k, v)):
         return False
     if k.dtype not in META:  # float keys and values, in q's dtype
-        return k.dtype == q.dtype and k.shape[-1] == q.shape[-1]
-    per_byte = 2 if k.dtype == torch.uint8 else 1  # int4: two codes a byte
-    return (k_scales is not None and v_scales is not None and k_scales.dtype == torch.float32
-            and k_scales.shape[-1] == META[k.dtype] and k_scales.stride() == v_scales.stride()
-            and k.shape[-1] * per_byte == q.shape[-1])
+        return k.dtype == q.dtype and k.shape[-1] == q.shape[-1] and k_scales is None
+    return _scales_fit(k, k_scales, v_scales, q.shape[-1]) and all(t.stride(-1) == 1 for t in (k_scales, v_scales))
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_scales: torch.Tensor | None = None,
@@ -151,7 +160,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_scales
     """The native prefill kernel: q [B, H, S, D] as the last S of the L positions of k, v
     [B, KV, L, D], causal; fp32 [B, H, S, D] (a view of [B, S, H, D] memory). k and v may also be
     an int8/int4 cache's codes (int4: [B, KV, L, D/2] bytes) with their fp32 scales [B, KV, L, 1]
-    (int4: scale and min, [..., 2]), read as stored. None where it does not serve: not built,
+    (int4: values' scale and min [..., 2], keys' per channel and block [B, KV, blocks, 2, D]),
+    read as stored. None where it does not serve: not built,
     autograd, q not fp32/bf16, a float k/v of another dtype than q's, not on the CPU, head_dim
     not a multiple of 16, or a tensor whose head_dim is not contiguous.
 

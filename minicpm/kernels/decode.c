@@ -26,12 +26,13 @@
 #include <stdlib.h>
 #include <string.h>
 
-int minicpm_decode_abi(void) { return 3; }
+int minicpm_decode_abi(void) { return 4; }
 
 enum { DT_F32 = 0, DT_BF16 = 1 };                  // model dtype: qgemm's and attention's codes
 enum { P_QGEMM = 0, P_STREAM = 1 };                // projection kernels
 enum { ACT_SILU = 0, ACT_THRESHOLD = 1 };          // SwiGLU, or FATReLU/ReLU (z > threshold)
 enum { ATT_I8 = 3, ATT_I4 = 4 };                   // attention.c's kinds for int8 / int4 caches
+enum { KEY_BLOCK = 32 };                           // attention.c's: int4 keys' positions per block
 
 typedef int (*qgemm_fn)(const void *plan, const void *x, int xkind, long m, void *y, int tid, int nt, void *scratch);
 typedef long (*qscratch_fn)(const void *plan, long m);
@@ -59,6 +60,7 @@ struct layer {
     int64_t top_k;
     void *kstore, *vstore;
     float *kscale, *vscale;         // int8 / int4 caches only
+    float *ktail;                   // int4 caches: fp32 keys of each row's newest block [slots, KV, KEY_BLOCK, D]
 };
 
 struct step {
@@ -164,7 +166,7 @@ static void quantize_head(const void *src, int64_t d, int dt, int8_t *codes, flo
     *scale = s;
 }
 
-// Int4KVCache._quantize of one head vector: codes round((x - min) / scale) in 0..15 with
+// Int4KVCache._quantize of one value vector: codes round((x - min) / scale) in 0..15 with
 // scale = (max - min) / 15 clamped at 1e-8; 16 values in 8 bytes (value j low, j + 8 high)
 static void quantize_head4(const void *src, int64_t d, int dt, uint8_t *codes, float *meta) {
     float lo = INFINITY, hi = -INFINITY;
@@ -185,6 +187,37 @@ static void quantize_head4(const void *src, int64_t d, int dt, uint8_t *codes, f
     meta[1] = lo;
 }
 
+// Int4KVCache's key write of one head vector at `pos` of cache row `row`: the vector joins the
+// fp32 copy of its block so far (the tail), and the block's per-channel scale = (max - min) / 15
+// (clamped at 1e-8) and min are taken again over the tail, and all its codes so far rewritten.
+static void store_key4(const struct layer *L, const struct step *s, const void *src, int64_t row, int64_t h,
+                       int64_t pos) {
+    const int dt = (int)s->dtype;
+    const int64_t d = s->head_dim, head = row * s->kv_heads + h, block = pos / KEY_BLOCK, n = pos % KEY_BLOCK + 1;
+    float *tail = L->ktail + head * KEY_BLOCK * d, *scale = L->kscale + (head * (s->max_len / KEY_BLOCK) + block) * 2 * d;
+    float *min = scale + d;
+    for (int64_t i = 0; i < d; i++) tail[(n - 1) * d + i] = get(src, i, dt);
+    for (int64_t i = 0; i < d; i++) {
+        float lo = INFINITY, hi = -INFINITY;
+        for (int64_t j = 0; j < n; j++) {
+            lo = fminf(lo, tail[j * d + i]);
+            hi = fmaxf(hi, tail[j * d + i]);
+        }
+        const float step = (hi - lo) / 15.0f;
+        scale[i] = step < 1e-8f ? 1e-8f : step;
+        min[i] = lo;
+    }
+    uint8_t *codes = (uint8_t *)L->kstore + (head * s->max_len + block * KEY_BLOCK) * d / 2;
+    for (int64_t j = 0; j < n; j++)
+        for (int64_t c = 0; c < d; c += 16)
+            for (int64_t i = c; i < c + 8; i++) {
+                const float a = rintf((tail[j * d + i] - min[i]) / scale[i]);
+                const float b = rintf((tail[j * d + i + 8] - min[i + 8]) / scale[i + 8]);
+                const int qa = a < 0 ? 0 : a > 15 ? 15 : (int)a, qb = b < 0 ? 0 : b > 15 ? 15 : (int)b;
+                codes[(j * d + c) / 2 + i - c] = (uint8_t)(qa | qb << 4);
+            }
+}
+
 // k/v head h of row b ([KV, head_dim]) into cache row rows[b] at positions[b]
 static void write_cache(const struct layer *L, const struct step *s, const void *k, const void *v, int64_t b,
                         int64_t h) {
@@ -196,7 +229,7 @@ static void write_cache(const struct layer *L, const struct step *s, const void 
         quantize_head(kh, d, dt, (int8_t *)L->kstore + slot * d, L->kscale + slot);
         quantize_head(vh, d, dt, (int8_t *)L->vstore + slot * d, L->vscale + slot);
     } else if (s->kv_bits == 4) {
-        quantize_head4(kh, d, dt, (uint8_t *)L->kstore + slot * d / 2, L->kscale + 2 * slot);
+        store_key4(L, s, kh, s->rows[b], h, s->positions[b]);
         quantize_head4(vh, d, dt, (uint8_t *)L->vstore + slot * d / 2, L->vscale + 2 * slot);
     } else {
         memcpy(at(L->kstore, slot * d, dt), kh, (size_t)d * (dt == DT_BF16 ? 2 : 4));

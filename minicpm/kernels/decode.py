@@ -20,7 +20,7 @@ import torch
 from minicpm.kernels import attention, linear, qgemm
 from minicpm.kernels.build import Kernel, KernelUnavailable
 
-ABI = 3
+ABI = 4
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # decode.c's DT_*: also qgemm's and attention's codes
 P_QGEMM, P_STREAM = 0, 1
 KV_BITS = {torch.int8: 8, torch.uint8: 4}  # decode.c's kv_bits of a coded cache (else 0)
@@ -37,7 +37,7 @@ class Layer(ctypes.Structure):
     _fields_ = ([("norm1", _ptr), ("norm2", _ptr)]
                 + [(name, Proj) for name in ("q", "k", "v", "o", "gate", "up", "down", "router")]
                 + [("experts", _ptr), ("top_k", _i64), ("kstore", _ptr), ("vstore", _ptr), ("kscale", _ptr),
-                   ("vscale", _ptr)])
+                   ("vscale", _ptr), ("ktail", _ptr)])
 
 
 class Step(ctypes.Structure):
@@ -168,8 +168,10 @@ class NativeDecoder:
         """Point the layer structs at `cache`'s stores; False where decode.c cannot read them.
         (Addresses, not the tensors, are remembered: a finished cache is not kept alive.)"""
         coded = hasattr(cache, "key_scales")
-        kscales, vscales = (cache.key_scales, cache.value_scales) if coded else ([None] * len(cache.keys),) * 2
-        at = tuple(t.data_ptr() for t in (*cache.keys, *cache.values, *kscales, *vscales) if t is not None)
+        none = [None] * len(cache.keys)
+        kscales, vscales = (cache.key_scales, cache.value_scales) if coded else (none, none)
+        tails = getattr(cache, "key_tail", none)  # int4: each row's newest block of keys, fp32
+        at = tuple(t.data_ptr() for t in (*cache.keys, *cache.values, *kscales, *vscales, *tails) if t is not None)
         if at == self.stores_at:
             return True
         want = cache.CODES if coded else self.dtype
@@ -178,8 +180,10 @@ class NativeDecoder:
                    and (ks is None or (ks.dtype is torch.float32 and ks.is_contiguous() and vs.is_contiguous()))
                    for k, v, ks, vs in stores):
             return False
-        for struct, (k, v, ks, vs) in zip(self.layers, stores):
-            struct.kstore, struct.vstore, struct.kscale, struct.vscale = map(_pointer, (k, v, ks, vs))
+        if not all(t is None or (t.dtype is torch.float32 and t.is_contiguous()) for t in tails):
+            return False
+        for struct, (k, v, ks, vs), tail in zip(self.layers, stores, tails):
+            struct.kstore, struct.vstore, struct.kscale, struct.vscale, struct.ktail = map(_pointer, (k, v, ks, vs, tail))
         self.stores_at, self.kv_bits = at, KV_BITS.get(want, 0)
         return True
 

@@ -23,6 +23,7 @@ import asyncio
 import collections
 import ctypes
 import logging
+import math
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -225,6 +226,8 @@ class Engine:
                                f"got {self.context}")
         self.vocab_size = self.model.config.vocab_size
         self.cache = self.model.new_cache(max_batch, self.context, kv_dtype)
+        # a reused prefix is whole prefill chunks, ending where the cache can resume writing
+        self._reuse_step = math.lcm(prefill_chunk, self.cache.ALIGN)
         self._threads = torch.get_num_threads()  # a new thread would start from the default
         self._lock = threading.Condition()
         self._waiting: collections.deque[Stream] = collections.deque()
@@ -416,14 +419,15 @@ class Engine:
 
         Only prefill-written positions are held (a reply's positions were written by decode
         steps, whose sums differ from a prefill's in the last bits), only whole chunks are reused
-        (the rest is prefilled in the same chunks as without the cache, so with the same sums),
+        (the rest is prefilled in the same chunks as without the cache, so with the same sums;
+        an int4 cache's key blocks as well),
         and never for images (same placeholder ids, other pictures) or prompt logprobs: a reply
         is token for token and logprob for logprob what a cache-less engine gives."""
         slot, reused = self._free[0], 0
         if self.prefix_cache and request.images is None and request.prompt_logprobs is None:
             for candidate in self._free:
                 common = common_prefix(self._held[candidate], request.prompt_ids[:-1])  # the last one runs
-                common -= common % self.prefill_chunk
+                common -= common % self._reuse_step
                 if common > reused:
                     slot, reused = candidate, common
         self._free.remove(slot)
