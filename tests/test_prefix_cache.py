@@ -42,6 +42,19 @@ def test_next_turn_reuses_whole_chunks_and_answers_as_without_the_cache(model):
     assert plain.counters["prompt_tokens"] == 30 + second_prompt
 
 
+def test_int4_kv_cache_reuses_whole_key_blocks(model):
+    """An int4 KV cache resumes writing only at a block of 32 keys: reuse is whole chunks that
+    end on a block, and the reply is still token for token and logprob for logprob the same."""
+    first, follow_up = prompt(70, seed=7), prompt(6, seed=8)
+    cached = Engine(model, max_batch=2, prefill_chunk=CHUNK, kv_dtype="int4")
+    plain = Engine(model, max_batch=2, prefill_chunk=CHUNK, kv_dtype="int4", prefix_cache=False)
+    with_cache, without = conversation(cached, first, follow_up), conversation(plain, first, follow_up)
+    for a, b in zip(with_cache, without):
+        assert tokens(a) == tokens(b)
+        assert [e.logprob for e in a] == [e.logprob for e in b]
+    assert cached.counters["prefix_cache_hits"] == 1 and cached.counters["prefix_cache_tokens"] == 64
+
+
 def test_each_conversation_finds_its_own_slot_and_least_recent_is_evicted(model):
     engine = Engine(model, max_batch=2, prefill_chunk=CHUNK)
     a, b, c = prompt(20, seed=3), prompt(20, seed=4), prompt(20, seed=5)

@@ -51,6 +51,22 @@ def test_saved_document_continues_as_a_fresh_prefill(model, tmp_path, kind):
         model.kv_cache_dtype = "auto"
 
 
+def test_int4_cache_rewinds_to_a_key_block(model):
+    """A new prompt that leaves the cached one mid-block of an earlier block of 32 keys resumes
+    at that block's start (its fp32 keys are gone); within the newest block, where it left."""
+    model.kv_cache_dtype = "int4"
+    try:
+        primed = PromptCache()
+        primed.prefill(model, DOCUMENT)  # 100 tokens: the newest block holds positions 96..99
+        _, reused = greedy(model, DOCUMENT[:50] + QUESTION, primed)
+        assert reused == 32
+        primed.prefill(model, DOCUMENT)
+        _, reused = greedy(model, DOCUMENT[:98] + QUESTION, primed)
+        assert reused == 98
+    finally:
+        model.kv_cache_dtype = "auto"
+
+
 def test_foreign_or_mismatched_files_are_refused(model, tmp_path):
     primed = PromptCache()
     primed.prefill(model, DOCUMENT)
@@ -76,6 +92,9 @@ def test_foreign_or_mismatched_files_are_refused(model, tmp_path):
     save_file({"x": torch.zeros(2)}, str(tmp_path / "weights.safetensors"))
     with pytest.raises(MiniCPMError, match="is not a minicpm prompt cache"):
         load_prompt_cache(model, tmp_path / "weights.safetensors")
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "old.kv"), metadata={"format": "minicpm-prompt-cache/1"})
+    with pytest.raises(MiniCPMError, match="another version of minicpm .*delete it"):
+        load_prompt_cache(model, tmp_path / "old.kv")
     with pytest.raises(MiniCPMError, match="empty"):
         save_prompt_cache(PromptCache(), model, tmp_path / "empty.kv")
     assert not (tmp_path / "empty.kv").exists()

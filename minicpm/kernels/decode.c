@@ -195,27 +195,29 @@ static void store_key4(const struct layer *L, const struct step *s, const void *
     const int dt = (int)s->dtype;
     const int64_t d = s->head_dim, head = row * s->kv_heads + h, block = pos / KEY_BLOCK, n = pos % KEY_BLOCK + 1;
     float *tail = L->ktail + head * KEY_BLOCK * d, *scale = L->kscale + (head * (s->max_len / KEY_BLOCK) + block) * 2 * d;
-    float *min = scale + d;
+    float *min = scale + d, hi[d];
     for (int64_t i = 0; i < d; i++) tail[(n - 1) * d + i] = get(src, i, dt);
-    for (int64_t i = 0; i < d; i++) {
-        float lo = INFINITY, hi = -INFINITY;
-        for (int64_t j = 0; j < n; j++) {
-            lo = fminf(lo, tail[j * d + i]);
-            hi = fmaxf(hi, tail[j * d + i]);
+    // loops over the channels innermost: they vectorize (a block is up to 32 x head_dim values)
+    for (int64_t i = 0; i < d; i++) min[i] = hi[i] = tail[i];
+    for (int64_t j = 1; j < n; j++)
+        for (int64_t i = 0; i < d; i++) {
+            const float x = tail[j * d + i];
+            min[i] = x < min[i] ? x : min[i];
+            hi[i] = x > hi[i] ? x : hi[i];
         }
-        const float step = (hi - lo) / 15.0f;
+    for (int64_t i = 0; i < d; i++) {
+        const float step = (hi[i] - min[i]) / 15.0f;
         scale[i] = step < 1e-8f ? 1e-8f : step;
-        min[i] = lo;
     }
-    uint8_t *codes = (uint8_t *)L->kstore + (head * s->max_len + block * KEY_BLOCK) * d / 2;
-    for (int64_t j = 0; j < n; j++)
+    uint8_t q[d], *codes = (uint8_t *)L->kstore + (head * s->max_len + block * KEY_BLOCK) * d / 2;
+    for (int64_t j = 0; j < n; j++) {
+        for (int64_t i = 0; i < d; i++) {
+            const float a = rintf((tail[j * d + i] - min[i]) / scale[i]);
+            q[i] = a < 0 ? 0 : a > 15 ? 15 : (uint8_t)a;
+        }
         for (int64_t c = 0; c < d; c += 16)
-            for (int64_t i = c; i < c + 8; i++) {
-                const float a = rintf((tail[j * d + i] - min[i]) / scale[i]);
-                const float b = rintf((tail[j * d + i + 8] - min[i + 8]) / scale[i + 8]);
-                const int qa = a < 0 ? 0 : a > 15 ? 15 : (int)a, qb = b < 0 ? 0 : b > 15 ? 15 : (int)b;
-                codes[(j * d + c) / 2 + i - c] = (uint8_t)(qa | qb << 4);
-            }
+            for (int64_t i = 0; i < 8; i++) codes[(j * d + c) / 2 + i] = (uint8_t)(q[c + i] | q[c + i + 8] << 4);
+    }
 }
 
 // k/v head h of row b ([KV, head_dim]) into cache row rows[b] at positions[b]
