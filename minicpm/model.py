@@ -164,7 +164,12 @@ def _activation(config: MiniCPMConfig):
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(act(gate(x)) * up(x))."""
+    """SwiGLU: down(act(gate(x)) * up(x)).
+
+    With a thresholded activation (MiniCPM-S's FATReLU) most of act(gate(x)) is zero, and the
+    native decode step reads only the active neurons' rows of up and of down's transpose: down's
+    weight [hidden, intermediate] is stored as the transpose of [intermediate, hidden] memory, one
+    contiguous row per neuron (the same values; PyTorch's products take the view as it is)."""
 
     def __init__(self, config: MiniCPMConfig):
         super().__init__()
@@ -172,6 +177,8 @@ class MLP(nn.Module):
         self.gate_proj = Linear(d, f, bias=bias)
         self.up_proj = Linear(d, f, bias=bias)
         self.down_proj = Linear(f, d, bias=bias)
+        if config.hidden_act != "silu":
+            self.down_proj.weight = nn.Parameter(self.down_proj.weight.detach().t().contiguous().t())
         self.act = _activation(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -260,6 +267,9 @@ class MiniCPMForCausalLM(nn.Module):
         self.gradient_checkpointing = False
         # decoding: all layers of a step in one native call (False: the Python layers, the reference)
         self.native_decode = True
+        # ... and FATReLU layers read only their active neurons' rows of up and down (MiniCPM-S;
+        # False: every neuron's, the dense cost, to compare)
+        self.sparse_mlp = True
         self._native: NativeDecoder | None = None  # built at the first decode step
         self.model = MiniCPMModel(config)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)

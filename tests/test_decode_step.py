@@ -60,9 +60,49 @@ def test_fp32_variants_match_python(name):
     _compare(random_model(config), FP32)
 
 
-@pytest.mark.parametrize("name", ["2b", "1b", "128k", "s", "llama"])
+@pytest.mark.parametrize("name", ["2b", "1b", "128k", "llama"])  # "s": test_sparse_mlp_* below
 def test_bf16_variants_are_bitwise(name):
     _compare(random_model(variant_config(name), dtype=torch.bfloat16), 0)
+
+
+def _sparsity(model, steps: int = 4) -> float:
+    """The share of the first layer's gate outputs that FATReLU zeroes over a short decode."""
+    seen = []
+    hook = model.model.layers[0].mlp.gate_proj.register_forward_hook(
+        lambda module, args, out: seen.append((out <= model.config.hidden_act_param).float().mean()))
+    try:
+        model.native_decode = False
+        _greedy_logits(model, torch.randint(0, 300, (1, 6)), False, steps=steps)
+    finally:
+        hook.remove()
+    return float(sum(seen) / len(seen))
+
+
+@pytest.mark.parametrize("dtype,rel", [(torch.float32, FP32), (torch.bfloat16, 3e-2)])
+def test_sparse_mlp_matches_the_dense_layers(dtype, rel):
+    """FATReLU (MiniCPM-S): the native step reads only the active neurons' rows of up and of
+    down's transpose (the model stores down's weight so); the same logits as the Python layers
+    to float tolerance (fp32 sums in another order), for one row, a batch in lockstep and left
+    padding; with model.sparse_mlp False every neuron's rows, the same within tolerance."""
+    config = variant_config("s", hidden_act_param=0.05)
+    model = random_model(config, dtype=dtype)
+    assert model.model.layers[0].mlp.down_proj.weight.t().is_contiguous()  # one row per neuron
+    assert 0.3 < _sparsity(model) < 0.9  # the gate's zeros are what the sparse path skips
+    _compare(model, rel)
+    assert model._native.layers[0].down_rows and not model._native.layers[0].all_neurons
+    mask = torch.ones(3, 6, dtype=torch.long)
+    mask[1, :2] = 0
+    _compare(model, rel, batch=3, mask=mask)
+    model.sparse_mlp = False
+    _compare(model, rel)
+    assert model._native.layers[0].all_neurons
+
+
+def test_sparse_mlp_with_quantized_projections_runs_dense():
+    """An int4/int8 up or down has no row-per-neuron layout here: the layer runs dense."""
+    model = quantize_model(random_model(variant_config("s")), bits=8, group_size=32)
+    _compare(model, FP32)
+    assert not model._native.layers[0].down_rows
 
 
 def test_bf16_moe_within_tolerance():

@@ -26,7 +26,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-int minicpm_decode_abi(void) { return 4; }
+int minicpm_decode_abi(void) { return 5; }
 
 enum { DT_F32 = 0, DT_BF16 = 1 };                  // model dtype: qgemm's and attention's codes
 enum { P_QGEMM = 0, P_STREAM = 1 };                // projection kernels
@@ -61,6 +61,8 @@ struct layer {
     void *kstore, *vstore;
     float *kscale, *vscale;         // int8 / int4 caches only
     float *ktail;                   // int4 caches: fp32 keys of each row's newest block [slots, KV, KEY_BLOCK, D]
+    const void *down_rows;          // FATReLU with streamed up: down's weight as [inter, D] rows; else NULL
+    int64_t all_neurons;            // with down_rows: every neuron, not only the active ones (model.sparse_mlp False)
 };
 
 struct step {
@@ -259,6 +261,7 @@ static void gated(void *g, const void *u, int64_t n, const struct step *s, const
 struct scratch {  // the team's shared buffers for one call, model dtype (fp32-sized)
     void *h, *q, *k, *v, *ao, *o, *g, *u, *e;
     float *qf, *att;
+    int32_t *active, *count;  // sparse MLP: each row's active neurons [B, inter] and their number [B]
 };
 
 // Rotary on this thread's share of the row-heads: a query head is also widened to fp32 for
@@ -370,6 +373,83 @@ static int moe_row(const struct layer *L, const struct step *s, const void *h, v
     return 0;
 }
 
+// sum over i of w[i] * x[i]: a weight row in the dtype, x fp32; 16 independent partial sums (they
+// vectorize without reassociating a sum), added up in order
+static float dot_row(const void *w, const float *x, int64_t n, int dt) {
+    float part[16] = {0};
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int l = 0; l < 16; l++) part[l] += get(w, i + l, dt) * x[i + l];
+    float sum = 0;
+    for (int l = 0; l < 16; l++) sum += part[l];
+    for (; i < n; i++) sum += get(w, i, dt) * x[i];
+    return sum;
+}
+
+// acc[i] += a * row[i] for i in [lo, hi): a weight row in the dtype
+static void axpy_row(float *acc, float a, const void *row, int64_t lo, int64_t hi, int dt) {
+    if (dt == DT_BF16) {
+        const uint16_t *r = (const uint16_t *)row;
+        for (int64_t i = lo; i < hi; i++) acc[i - lo] += a * widen_bf16(r[i]);
+    } else {
+        const float *r = (const float *)row;
+        for (int64_t i = lo; i < hi; i++) acc[i - lo] += a * r[i];
+    }
+}
+
+// FATReLU's MLP, reading only what its active neurons need (MiniCPM-S: ~88% of the gate's outputs
+// are zero, so their rows of up and columns of down contribute nothing). The gate's product is the
+// dense one; then each row lists its active neurons (gate > threshold), takes up's product for
+// those rows of up only, and adds those rows of down's transpose (`down_rows`: the model stores
+// down's weight as one contiguous row per neuron) times the gated values. Same values as PyTorch's
+// dense products up to fp32 summation order. With all_neurons every row is read: the dense cost.
+static const void *sparse_mlp(const struct layer *L, const struct step *s, struct scratch *t, const struct team *tm,
+                              int *rc) {
+    const int dt = (int)s->dtype;
+    const int64_t B = s->batch, D = s->hidden, F = s->inter;
+    if (project(&L->gate, t->h, B, t->g, s, tm)) *rc = -2;
+#pragma omp barrier
+    if (tm->tid == 0)
+        for (int64_t b = 0; b < B; b++) {
+            int32_t n = 0;
+            for (int64_t j = 0; j < F; j++)
+                if (L->all_neurons || get(t->g, b * F + j, dt) > s->threshold) t->active[b * F + n++] = (int32_t)j;
+            t->count[b] = n;
+        }
+#pragma omp barrier
+    // up: this thread's share of all rows' active neurons; g becomes act(g) * u there (as gated)
+    int64_t total = 0, lo, hi;
+    for (int64_t b = 0; b < B; b++) total += t->count[b];
+    share(total, tm, &lo, &hi);
+    float hf[D];  // the row's h in fp32 (on the stack: a failure here could not be the same on every thread)
+    for (int64_t b = 0, first = 0; b < B; first += t->count[b], b++) {
+        const int64_t from = lo > first ? lo : first, to = hi < first + t->count[b] ? hi : first + t->count[b];
+        if (from >= to) continue;
+        for (int64_t i = 0; i < D; i++) hf[i] = get(t->h, b * D + i, dt);
+        for (int64_t p = from; p < to; p++) {
+            const int64_t j = t->active[b * F + p - first];
+            const float u = rnd(dot_row(at((void *)L->up.w, j * D, dt), hf, D, dt), dt), z = get(t->g, b * F + j, dt);
+            put(t->g, b * F + j, (z > s->threshold ? z : 0.0f) * u, dt);
+        }
+    }
+#pragma omp barrier
+    // down: this thread's share of the outputs (whole vectors of 16), summed over the active rows
+    share((D + 15) / 16, tm, &lo, &hi);
+    lo *= 16;
+    hi = hi * 16 < D ? hi * 16 : D;
+    float acc[hi > lo ? hi - lo : 1];
+    for (int64_t b = 0; b < B; b++) {
+        for (int64_t i = lo; i < hi; i++) acc[i - lo] = 0;
+        for (int64_t p = 0; p < t->count[b]; p++) {
+            const int64_t j = t->active[b * F + p];
+            axpy_row(acc, get(t->g, b * F + j, dt), at((void *)L->down_rows, j * D, dt), lo, hi, dt);
+        }
+        for (int64_t i = lo; i < hi; i++) put(t->o, b * D + i, acc[i - lo], dt);
+    }
+#pragma omp barrier
+    return t->o;
+}
+
 // The MLP half of a layer, from h = RMSNorm2(x) to its branch (returned; the caller adds it).
 static const void *mlp_block(const struct layer *L, const struct step *s, struct scratch *t, const struct team *tm,
                              int *rc) {
@@ -380,6 +460,7 @@ static const void *mlp_block(const struct layer *L, const struct step *s, struct
 #pragma omp barrier
         return t->ao;
     }
+    if (L->down_rows) return sparse_mlp(L, s, t, tm, rc);
     if (project(&L->gate, t->h, B, t->g, s, tm) || project(&L->up, t->h, B, t->u, s, tm)) *rc = -2;
 #pragma omp barrier
     gated(t->g, t->u, B * s->inter, s, tm);
@@ -435,11 +516,13 @@ int minicpm_decode_layers(const struct step *s, const struct layer *layers, int6
     int64_t qbytes = 0;
     const int64_t own = team_bytes(s, layers, nlayers, &qbytes);
     struct scratch t;
-    void **bufs[] = {&t.h, &t.q, &t.k, &t.v, &t.ao, &t.o, &t.g, &t.u, &t.e, (void **)&t.qf, (void **)&t.att};
+    void **bufs[] = {&t.h, &t.q, &t.k, &t.v, &t.ao, &t.o, &t.g, &t.u, &t.e, (void **)&t.qf, (void **)&t.att,
+                     (void **)&t.active, (void **)&t.count};
     const int64_t sizes[] = {B * s->hidden, B * HD, B * HD, B * HD, B * wide, B * s->hidden, B * s->inter,
-                             B * s->inter, 64 + (layers[0].experts ? layers[0].router.n : 0), B * HD, B * HD};
+                             B * s->inter, 64 + (layers[0].experts ? layers[0].router.n : 0), B * HD, B * HD,
+                             B * s->inter, B};
     int failed = !own;
-    for (int i = 0; i < 11; i++) failed |= !(*bufs[i] = malloc((size_t)sizes[i] * 4));
+    for (int i = 0; i < 13; i++) failed |= !(*bufs[i] = malloc((size_t)sizes[i] * 4));
     char *mine = failed ? NULL : aligned_alloc(64, (size_t)(own * threads + 63) / 64 * 64);
     int rc = failed || !mine ? -2 : 0;
     if (!rc) {
@@ -451,7 +534,7 @@ int minicpm_decode_layers(const struct step *s, const struct layer *layers, int6
             rc = team_layers(s, layers, nlayers, x, &t, &tm);
         }
     }
-    for (int i = 0; i < 11; i++) free(*bufs[i]);
+    for (int i = 0; i < 13; i++) free(*bufs[i]);
     free(mine);
     return rc;
 }

@@ -20,7 +20,7 @@ import torch
 from minicpm.kernels import attention, linear, qgemm
 from minicpm.kernels.build import Kernel, KernelUnavailable
 
-ABI = 4
+ABI = 5
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # decode.c's DT_*: also qgemm's and attention's codes
 P_QGEMM, P_STREAM = 0, 1
 KV_BITS = {torch.int8: 8, torch.uint8: 4}  # decode.c's kv_bits of a coded cache (else 0)
@@ -37,7 +37,7 @@ class Layer(ctypes.Structure):
     _fields_ = ([("norm1", _ptr), ("norm2", _ptr)]
                 + [(name, Proj) for name in ("q", "k", "v", "o", "gate", "up", "down", "router")]
                 + [("experts", _ptr), ("top_k", _i64), ("kstore", _ptr), ("vstore", _ptr), ("kscale", _ptr),
-                   ("vscale", _ptr), ("ktail", _ptr)])
+                   ("vscale", _ptr), ("ktail", _ptr), ("down_rows", _ptr), ("all_neurons", _i64)])
 
 
 class Step(ctypes.Structure):
@@ -104,6 +104,7 @@ class NativeDecoder:
         self.stores_at: tuple[int, ...] = ()  # addresses of the cache stores the layer structs point at
         self.kv_bits = 0  # of those stores: 0 (the model dtype), 8 or 4
         self.act = 0 if config.hidden_act == "silu" else 1
+        self.sparse = getattr(model, "sparse_mlp", True)
         threshold = config.hidden_act_param if config.hidden_act == "fatrelu" else 0.0
         self.threshold = torch.tensor(threshold, dtype=self.dtype).item()  # PyTorch compares in the dtype
         self.lib = KERNEL.library()
@@ -141,7 +142,9 @@ class NativeDecoder:
         parts = [(name, attn, name + "_proj") for name in ("q", "k", "v", "o")]
         experts = getattr(mlp, "experts", None)
         if experts is None:
-            parts += [(name, mlp, name + "_proj") for name in ("gate", "up", "down")]
+            rows = self._down_rows(mlp)
+            parts += [(name, mlp, name + "_proj") for name in (("gate", "up") if rows else ("gate", "up", "down"))]
+            struct.down_rows, struct.all_neurons = rows, not self.sparse
         else:
             parts.append(("router", mlp, "gate"))
             table = (Proj * (3 * len(experts)))()
@@ -160,9 +163,26 @@ class NativeDecoder:
             setattr(struct, field, proj)
         return bool(struct.norm1 and struct.norm2)
 
+    def _down_rows(self, mlp) -> int | None:
+        """FATReLU layers (MiniCPM-S) whose up and down are streamed (fp32/bf16, no bias): the address
+        of down's weight as [intermediate, hidden] rows, one per neuron (MLP stores it so), which
+        decode.c reads for the active neurons only; None: the layer runs dense products."""
+        up, down = mlp.up_proj, mlp.down_proj
+        specs = [getattr(m, "decode_spec", lambda: None)() for m in (up, down)]
+        if self.act != 1 or any(spec is None or spec["kind"] != "stream" or spec["bias"] is not None
+                                for spec in specs):
+            return None
+        w = down.weight
+        if w.dtype is not self.dtype or w.device.type != "cpu" or not w.t().is_contiguous():
+            return None
+        self.keep.append(w)
+        return w.data_ptr()  # the view's first element is the rows' first
+
     def describes(self, model) -> bool:
-        """Whether every projection module is still the one described (not swapped since)."""
-        return all(modules[name] is module for modules, name, module in self.modules)
+        """Whether every projection module is still the one described (not swapped since), and the
+        sparse MLP choice is still the model's."""
+        return (all(modules[name] is module for modules, name, module in self.modules)
+                and self.sparse == getattr(model, "sparse_mlp", True))
 
     def _point_at(self, cache) -> bool:
         """Point the layer structs at `cache`'s stores; False where decode.c cannot read them.

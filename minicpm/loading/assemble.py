@@ -136,6 +136,11 @@ def _check_module_shape(name: str, module: nn.Module, params: dict, source: str)
 def _assign(model: nn.Module, name: str, value: torch.Tensor) -> None:
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name)
+    layout = getattr(module, attr)
+    if layout is not None and not layout.is_contiguous() and layout.stride() != value.stride():
+        # a weight the model keeps in another memory layout (MLP: FATReLU's down, a row per neuron)
+        value = torch.empty_strided(value.shape, layout.stride(), dtype=value.dtype,
+                                    device=value.device).copy_(value)
     setattr(module, attr, nn.Parameter(value, requires_grad=False))
 
 
