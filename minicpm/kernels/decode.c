@@ -20,6 +20,7 @@
 // in the model dtype, or int8 with fp32 scales [slots, KV, max_len] (one per (token, head)), or
 // int4 codes [slots, KV, max_len, head_dim / 2] with fp32 (scale, min) [slots, KV, max_len, 2].
 
+#include <immintrin.h>
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
@@ -373,28 +374,111 @@ static int moe_row(const struct layer *L, const struct step *s, const void *h, v
     return 0;
 }
 
-// sum over i of w[i] * x[i]: a weight row in the dtype, x fp32; 16 independent partial sums (they
-// vectorize without reassociating a sum), added up in order
-static float dot_row(const void *w, const float *x, int64_t n, int dt) {
-    float part[16] = {0};
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16)
-        for (int l = 0; l < 16; l++) part[l] += get(w, i + l, dt) * x[i + l];
-    float sum = 0;
-    for (int l = 0; l < 16; l++) sum += part[l];
-    for (; i < n; i++) sum += get(w, i, dt) * x[i];
-    return sum;
+// 16 values of a weight row in the dtype from index i, as fp32 (bf16 is the top half of an fp32)
+#ifdef __AVX512F__
+static inline __m512 load16(const void *w, int64_t i, int dt) {
+    if (dt == DT_BF16)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)w + i))), 16));
+    return _mm512_loadu_ps((const float *)w + i);
+}
+#endif
+
+// Rows are read GATHER at a time: one row after another leaves the memory idle between them (the
+// stream kernels read 16 rows side by side for the same reason). Scattered rows give the hardware
+// prefetcher nothing to follow, so the next group's rows are prefetched while a group is summed.
+enum { GATHER = 16 };
+
+struct gather {              // a group of weight rows of the dtype, and the group after it
+    const void *rows[GATHER], *next[GATHER];
+    int n, next_n;
+};
+
+static inline void prefetch_next(const struct gather *g, int64_t byte) {
+    for (int r = 0; r < g->next_n; r++) _mm_prefetch((const char *)g->next[r] + byte, _MM_HINT_T0);
 }
 
-// acc[i] += a * row[i] for i in [lo, hi): a weight row in the dtype
-static void axpy_row(float *acc, float a, const void *row, int64_t lo, int64_t hi, int dt) {
+// y[r] = rows[r] . x for the group's rows of length k, x in the dtype; fp32 sums. bf16 with
+// AVX512-BF16: the dense stream kernel's arithmetic (vdpbf16ps over 32 values, one reduction), so
+// each y[r] is bitwise what linear_bf16.c gives for that row.
+static void dot_rows(const struct gather *g, const void *x, int64_t k, int dt, float *y) {
+    const void *const *rows = g->rows;
+    const int n = g->n, size = dt == DT_BF16 ? 2 : 4;
+#if defined(__AVX512BF16__)
     if (dt == DT_BF16) {
-        const uint16_t *r = (const uint16_t *)row;
-        for (int64_t i = lo; i < hi; i++) acc[i - lo] += a * widen_bf16(r[i]);
-    } else {
-        const float *r = (const float *)row;
-        for (int64_t i = lo; i < hi; i++) acc[i - lo] += a * r[i];
+        __m512 acc[GATHER];
+        for (int r = 0; r < n; r++) acc[r] = _mm512_setzero_ps();
+        for (int64_t i = 0; i < k; i += 32) {
+            prefetch_next(g, i * 2);
+            const __mmask32 lanes = k - i >= 32 ? 0xffffffffu : (__mmask32)((1u << (k - i)) - 1);
+            const __m512i xs = _mm512_maskz_loadu_epi16(lanes, (const uint16_t *)x + i);
+            for (int r = 0; r < n; r++)
+                acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_maskz_loadu_epi16(lanes, (const uint16_t *)rows[r] + i),
+                                          (__m512bh)xs);
+        }
+        for (int r = 0; r < n; r++) y[r] = _mm512_reduce_add_ps(acc[r]);
+        return;
     }
+#endif
+    int64_t i = 0;
+    for (int r = 0; r < n; r++) y[r] = 0;
+#ifdef __AVX512F__
+    __m512 acc[GATHER];
+    for (int r = 0; r < n; r++) acc[r] = _mm512_setzero_ps();
+    for (; i + 16 <= k; i += 16) {
+        if (i % (64 / size) == 0) prefetch_next(g, i * size);
+        const __m512 xs = load16(x, i, dt);
+        for (int r = 0; r < n; r++) acc[r] = _mm512_fmadd_ps(load16(rows[r], i, dt), xs, acc[r]);
+    }
+    for (int r = 0; r < n; r++) y[r] = _mm512_reduce_add_ps(acc[r]);
+#endif
+    for (; i < k; i++)
+        for (int r = 0; r < n; r++) y[r] += get(rows[r], i, dt) * get(x, i, dt);
+}
+
+// acc[i - lo] += sum over the group's rows r, in order, of a[r] * rows[r][i] for i in [lo, hi)
+static void add_rows(float *acc, const float *a, const struct gather *g, int64_t lo, int64_t hi, int dt) {
+    const void *const *rows = g->rows;
+    const int n = g->n, size = dt == DT_BF16 ? 2 : 4;
+    int64_t i = lo;
+#ifdef __AVX512F__
+    for (; i + 16 <= hi; i += 16) {
+        if ((i - lo) % (64 / size) == 0) prefetch_next(g, i * size);
+        __m512 sum = _mm512_loadu_ps(acc + i - lo);
+        for (int r = 0; r < n; r++) sum = _mm512_fmadd_ps(_mm512_set1_ps(a[r]), load16(rows[r], i, dt), sum);
+        _mm512_storeu_ps(acc + i - lo, sum);
+    }
+#endif
+    for (; i < hi; i++)
+        for (int r = 0; r < n; r++) acc[i - lo] += a[r] * get(rows[r], i, dt);
+}
+
+// grp: the rows active[p..] (at most `size`, before `end`) of a [*, d] weight and the group after them
+static void group_rows(struct gather *grp, const int32_t *active, int64_t p, int64_t end, int size, const void *w,
+                       int64_t d, int dt) {
+    grp->n = end - p < size ? (int)(end - p > 0 ? end - p : 0) : size;
+    grp->next_n = end - p - grp->n < size ? (int)(end - p - grp->n > 0 ? end - p - grp->n : 0) : size;
+    for (int r = 0; r < grp->n; r++) grp->rows[r] = at((void *)w, active[p + r] * d, dt);
+    for (int r = 0; r < grp->next_n; r++) grp->next[r] = at((void *)w, active[p + grp->n + r] * d, dt);
+}
+
+// The indices j of z[j] > threshold, ascending, into out; returns how many (vector compares and
+// compressed stores: a branch per neuron mispredicts at ~12% active)
+static int32_t list_active(const void *z, int64_t n, float threshold, int dt, int32_t *out) {
+    int32_t count = 0;
+    int64_t j = 0;
+#ifdef __AVX512F__
+    const __m512 limit = _mm512_set1_ps(threshold);
+    __m512i index = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (; j + 16 <= n; j += 16, index = _mm512_add_epi32(index, _mm512_set1_epi32(16))) {
+        const __mmask16 on = _mm512_cmp_ps_mask(load16(z, j, dt), limit, _CMP_GT_OQ);
+        _mm512_mask_compressstoreu_epi32(out + count, on, index);
+        count += __builtin_popcount(on);
+    }
+#endif
+    for (; j < n; j++)
+        if (get(z, j, dt) > threshold) out[count++] = (int32_t)j;
+    return count;
 }
 
 // FATReLU's MLP, reading only what its active neurons need (MiniCPM-S: ~88% of the gate's outputs
@@ -410,26 +494,27 @@ static const void *sparse_mlp(const struct layer *L, const struct step *s, struc
     if (project(&L->gate, t->h, B, t->g, s, tm)) *rc = -2;
 #pragma omp barrier
     if (tm->tid == 0)
-        for (int64_t b = 0; b < B; b++) {
-            int32_t n = 0;
-            for (int64_t j = 0; j < F; j++)
-                if (L->all_neurons || get(t->g, b * F + j, dt) > s->threshold) t->active[b * F + n++] = (int32_t)j;
-            t->count[b] = n;
-        }
+        for (int64_t b = 0; b < B; b++) t->count[b] = list_active(at(t->g, b * F, dt), F, L->all_neurons ? -INFINITY : s->threshold, dt, t->active + b * F);
 #pragma omp barrier
     // up: this thread's share of all rows' active neurons; g becomes act(g) * u there (as gated)
     int64_t total = 0, lo, hi;
     for (int64_t b = 0; b < B; b++) total += t->count[b];
     share(total, tm, &lo, &hi);
-    float hf[D];  // the row's h in fp32 (on the stack: a failure here could not be the same on every thread)
     for (int64_t b = 0, first = 0; b < B; first += t->count[b], b++) {
         const int64_t from = lo > first ? lo : first, to = hi < first + t->count[b] ? hi : first + t->count[b];
-        if (from >= to) continue;
-        for (int64_t i = 0; i < D; i++) hf[i] = get(t->h, b * D + i, dt);
-        for (int64_t p = from; p < to; p++) {
-            const int64_t j = t->active[b * F + p - first];
-            const float u = rnd(dot_row(at((void *)L->up.w, j * D, dt), hf, D, dt), dt), z = get(t->g, b * F + j, dt);
-            put(t->g, b * F + j, (z > s->threshold ? z : 0.0f) * u, dt);
+        const int32_t *active = t->active + b * F - first;  // the row's pairs, indexed by pair
+        struct gather grp;
+        group_rows(&grp, active, from, to, GATHER, L->up.w, D, dt);
+        for (int64_t p = from; p < to; p += GATHER) {
+            const int n = grp.n;
+            float u[GATHER];
+            dot_rows(&grp, at(t->h, b * D, dt), D, dt, u);
+            for (int r = 0; r < n; r++) {
+                const int64_t j = active[p + r];
+                const float z = get(t->g, b * F + j, dt);
+                put(t->g, b * F + j, (z > s->threshold ? z : 0.0f) * rnd(u[r], dt), dt);
+            }
+            group_rows(&grp, active, p + GATHER, to, GATHER, L->up.w, D, dt);
         }
     }
 #pragma omp barrier
@@ -440,9 +525,14 @@ static const void *sparse_mlp(const struct layer *L, const struct step *s, struc
     float acc[hi > lo ? hi - lo : 1];
     for (int64_t b = 0; b < B; b++) {
         for (int64_t i = lo; i < hi; i++) acc[i - lo] = 0;
-        for (int64_t p = 0; p < t->count[b]; p++) {
-            const int64_t j = t->active[b * F + p];
-            axpy_row(acc, get(t->g, b * F + j, dt), at((void *)L->down_rows, j * D, dt), lo, hi, dt);
+        const int32_t *active = t->active + b * F;
+        struct gather grp;
+        group_rows(&grp, active, 0, t->count[b], GATHER / 2, L->down_rows, D, dt);
+        for (int64_t p = 0; p < t->count[b]; p += GATHER / 2) {
+            float a[GATHER / 2];
+            for (int r = 0; r < grp.n; r++) a[r] = get(t->g, b * F + active[p + r], dt);
+            add_rows(acc, a, &grp, lo, hi, dt);
+            group_rows(&grp, active, p + GATHER / 2, t->count[b], GATHER / 2, L->down_rows, D, dt);
         }
         for (int64_t i = lo; i < hi; i++) put(t->o, b * D + i, acc[i - lo], dt);
     }
