@@ -240,7 +240,7 @@ KEY_BLOCK = 32  # attention.c's and decode.c's: positions per block of an int4 c
 
 
 class Int4KVCache(Int8KVCache):
-    """Keys and values as 4-bit codes 0..15 (value = code * scale + min): about a quarter of a
+    """Keys and values as 4-bit codes 0..15 (value = code * scale + min): about a third of a
     bf16 cache (MiniCPM-2B: 0.13 MB per token).
 
     Values take a scale and a minimum per (token, head). Keys take them per channel, over blocks
@@ -389,7 +389,7 @@ _QUANTIZED_CACHES = {"int8": Int8KVCache, "int4": Int4KVCache}
 def make_cache(config: MiniCPMConfig, batch_size: int, max_len: int, kind: str = "auto",
                dtype: torch.dtype = torch.float32, device: Any = None) -> KVCache:
     """An empty cache; `kind` "auto" stores keys/values in `dtype`, "int8" in about half the
-    memory of bf16, "int4" in about a quarter."""
+    memory of bf16, "int4" in about a third."""
     if kind not in KV_CACHE_DTYPES:
         raise ValueError(f"KV cache dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {kind!r}")
     if kind == "int4" and config.head_dim % 16:

@@ -59,4 +59,4 @@ KV_CACHE_CHOICES = ("auto", "int8", "int4")
 def add_kv_cache_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache", choices=KV_CACHE_CHOICES, default="auto",
                    help="KV cache precision: the model's dtype, int8 (about half of bf16's memory) "
-                        "or int4 (about a quarter)")
+                        "or int4 (about a third)")
