@@ -163,6 +163,22 @@ def _slot_logits(model, rows: list[int], native: bool, kv: str = "auto") -> torc
     return torch.stack(out, dim=1)  # [rows, steps, vocab]
 
 
+@pytest.mark.parametrize("bits", [None, 4])
+def test_moe_rows_share_each_expert_and_stay_alone(bits):
+    """MoE in a batch: each chosen expert runs once on the rows that chose it (gathered), and a
+    row's logits are bitwise what it gives alone, also with int4 experts."""
+    model = random_model(variant_config("moe"))
+    if bits:
+        model = quantize_model(model, bits=bits, group_size=32)
+    rows = [2, 0, 1]
+    together = _slot_logits(model, rows, True)
+    assert model._native.ready
+    for i, row in enumerate(rows):
+        assert torch.equal(together[i], _slot_logits(model, [row], True)[0])
+    ref = _slot_logits(model, rows, False)
+    assert ((together - ref).abs().max() / ref.abs().max()).item() < FP32
+
+
 @pytest.mark.parametrize("dtype,kv", [(torch.float32, "auto"), (torch.bfloat16, "auto"), (torch.bfloat16, "int4")])
 def test_decode_slots_rows_alone_and_against_python(dtype, kv):
     model = random_model(variant_config("s", sliding_window=6), dtype=dtype)

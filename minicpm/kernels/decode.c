@@ -27,7 +27,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-int minicpm_decode_abi(void) { return 5; }
+int minicpm_decode_abi(void) { return 6; }
 
 enum { DT_F32 = 0, DT_BF16 = 1 };                  // model dtype: qgemm's and attention's codes
 enum { P_QGEMM = 0, P_STREAM = 1 };                // projection kernels
@@ -260,7 +260,7 @@ static void gated(void *g, const void *u, int64_t n, const struct step *s, const
 }
 
 struct scratch {  // the team's shared buffers for one call, model dtype (fp32-sized)
-    void *h, *q, *k, *v, *ao, *o, *g, *u, *e;
+    void *h, *q, *k, *v, *ao, *o, *g, *u, *e, *xg;  // e: router logits [B, E]; xg: MoE's gathered rows
     float *qf, *att;
     int32_t *active, *count;  // sparse MLP: each row's active neurons [B, inter] and their number [B]
 };
@@ -328,49 +328,74 @@ static int attention_block(const struct layer *L, const struct step *s, struct s
     return 0;
 }
 
-// MoE.forward for one row h [D] into out [D]: softmax over the experts in fp32, top-k,
-// renormalised weights cast to the dtype, experts added in ascending order (index_add_).
-// Every thread routes (the same way) and adds its share of out's values.
-static int moe_row(const struct layer *L, const struct step *s, const void *h, void *out, struct scratch *t,
-                   const struct team *tm) {
-    const int dt = (int)s->dtype;
-    const int64_t E = L->router.n, D = s->hidden, F = s->inter;
-    float *probs = tm->probs;
-    if (project(&L->router, h, 1, t->e, s, tm)) return -2;
-#pragma omp barrier
-    float mx = -INFINITY, sum = 0;
-    for (int64_t e = 0; e < E; e++) mx = fmaxf(mx, get(t->e, e, dt));
-    for (int64_t e = 0; e < E; e++) sum += (probs[e] = expf(get(t->e, e, dt) - mx));
+// The router's choice for one row: softmax over its E logits in fp32, the top k (largest first, the
+// lower index on ties), their weights renormalised and cast to the dtype (MoE.forward)
+static void route(const void *logits, int64_t E, int64_t k, int dt, float *probs, int32_t *chosen, float *scale) {
+    float mx = -INFINITY, sum = 0, total = 0, weight[64];
+    for (int64_t e = 0; e < E; e++) mx = fmaxf(mx, get(logits, e, dt));
+    for (int64_t e = 0; e < E; e++) sum += (probs[e] = expf(get(logits, e, dt) - mx));
     for (int64_t e = 0; e < E; e++) probs[e] /= sum;
-    int64_t chosen[64];
-    float weight[64], total = 0;
-    for (int64_t j = 0; j < L->top_k; j++) {  // top-k, largest first, the lower index on ties
+    for (int64_t j = 0; j < k; j++) {
         int64_t best = -1;
         for (int64_t e = 0; e < E; e++) {
             int taken = 0;
             for (int64_t i = 0; i < j; i++) taken |= chosen[i] == e;
             if (!taken && (best < 0 || probs[e] > probs[best])) best = e;
         }
-        chosen[j] = best;
+        chosen[j] = (int32_t)best;
         weight[j] = probs[best];
         total += weight[j];
     }
+    for (int64_t j = 0; j < k; j++) scale[j] = rnd(weight[j] / total, dt);
+}
+
+// MoE.forward for the B rows of h into out [B, D]. Every thread routes every row (the same way);
+// then each chosen expert runs once, on the rows that chose it gathered into one product, so its
+// weights are read once per step however many rows of a serving batch picked it; its outputs are
+// added to those rows in ascending expert order (index_add_), each thread its share of the values.
+static int moe_block(const struct layer *L, const struct step *s, void *out, struct scratch *t,
+                     const struct team *tm) {
+    const int dt = (int)s->dtype;
+    const int64_t E = L->router.n, D = s->hidden, F = s->inter, B = s->batch, K = L->top_k;
+    if (project(&L->router, t->h, B, t->e, s, tm)) return -2;
+#pragma omp barrier
+    int32_t chosen[B * K], rows[B];
+    float scale[B * K], row_scale[B];
+    for (int64_t b = 0; b < B; b++) route(at(t->e, b * E, dt), E, K, dt, tm->probs, chosen + b * K, scale + b * K);
     int64_t lo, hi;
     share(D, tm, &lo, &hi);
-    for (int64_t i = lo; i < hi; i++) put(out, i, 0.0f, dt);
-    for (int64_t e = 0; e < E; e++)
-        for (int64_t j = 0; j < L->top_k; j++) {
-            if (chosen[j] != e) continue;
-            const struct proj *w = L->experts + 3 * e;
-            if (project(&w[0], h, 1, t->g, s, tm) || project(&w[1], h, 1, t->u, s, tm)) return -2;
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t i = lo; i < hi; i++) put(out, b * D + i, 0.0f, dt);
+    for (int64_t e = 0; e < E; e++) {
+        int64_t n = 0;
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t j = 0; j < K; j++)
+                if (chosen[b * K + j] == e) {
+                    rows[n] = (int32_t)b;
+                    row_scale[n++] = scale[b * K + j];
+                }
+        if (!n) continue;
+        const void *x = t->h;
+        if (n < B) {  // gather the rows that chose e (thread 0: a few rows of D values)
+            if (tm->tid == 0)
+                for (int64_t r = 0; r < n; r++)
+                    memcpy(at(t->xg, r * D, dt), at(t->h, rows[r] * D, dt), (size_t)D * (dt == DT_BF16 ? 2 : 4));
+            x = t->xg;
 #pragma omp barrier
-            gated(t->g, t->u, F, s, tm);
-#pragma omp barrier
-            if (project(&w[2], t->g, 1, t->o, s, tm)) return -2;
-#pragma omp barrier
-            const float scale = rnd(weight[j] / total, dt);
-            for (int64_t i = lo; i < hi; i++) put(out, i, get(out, i, dt) + rnd(get(t->o, i, dt) * scale, dt), dt);
         }
+        const struct proj *w = L->experts + 3 * e;
+        if (project(&w[0], x, n, t->g, s, tm) || project(&w[1], x, n, t->u, s, tm)) return -2;
+#pragma omp barrier
+        gated(t->g, t->u, n * F, s, tm);
+#pragma omp barrier
+        if (project(&w[2], t->g, n, t->o, s, tm)) return -2;
+#pragma omp barrier
+        for (int64_t r = 0; r < n; r++)
+            for (int64_t i = lo; i < hi; i++) {
+                const int64_t at_out = rows[r] * D + i;
+                put(out, at_out, get(out, at_out, dt) + rnd(get(t->o, r * D + i, dt) * row_scale[r], dt), dt);
+            }
+    }
     return 0;
 }
 
@@ -546,7 +571,7 @@ static const void *mlp_block(const struct layer *L, const struct step *s, struct
     const int dt = (int)s->dtype;
     const int64_t B = s->batch, D = s->hidden;
     if (L->experts) {
-        for (int64_t b = 0; b < B && !*rc; b++) *rc = moe_row(L, s, at(t->h, b * D, dt), at(t->ao, b * D, dt), t, tm);
+        *rc = moe_block(L, s, t->ao, t, tm);
 #pragma omp barrier
         return t->ao;
     }
@@ -607,12 +632,12 @@ int minicpm_decode_layers(const struct step *s, const struct layer *layers, int6
     const int64_t own = team_bytes(s, layers, nlayers, &qbytes);
     struct scratch t;
     void **bufs[] = {&t.h, &t.q, &t.k, &t.v, &t.ao, &t.o, &t.g, &t.u, &t.e, (void **)&t.qf, (void **)&t.att,
-                     (void **)&t.active, (void **)&t.count};
+                     (void **)&t.active, (void **)&t.count, &t.xg};
     const int64_t sizes[] = {B * s->hidden, B * HD, B * HD, B * HD, B * wide, B * s->hidden, B * s->inter,
-                             B * s->inter, 64 + (layers[0].experts ? layers[0].router.n : 0), B * HD, B * HD,
-                             B * s->inter, B};
+                             B * s->inter, 64 + B * (layers[0].experts ? layers[0].router.n : 0), B * HD, B * HD,
+                             B * s->inter, B, B * s->hidden};
     int failed = !own;
-    for (int i = 0; i < 13; i++) failed |= !(*bufs[i] = malloc((size_t)sizes[i] * 4));
+    for (int i = 0; i < 14; i++) failed |= !(*bufs[i] = malloc((size_t)sizes[i] * 4));
     char *mine = failed ? NULL : aligned_alloc(64, (size_t)(own * threads + 63) / 64 * 64);
     int rc = failed || !mine ? -2 : 0;
     if (!rc) {
@@ -624,7 +649,7 @@ int minicpm_decode_layers(const struct step *s, const struct layer *layers, int6
             rc = team_layers(s, layers, nlayers, x, &t, &tm);
         }
     }
-    for (int i = 0; i < 13; i++) free(*bufs[i]);
+    for (int i = 0; i < 14; i++) free(*bufs[i]);
     free(mine);
     return rc;
 }

@@ -20,7 +20,7 @@ import torch
 from minicpm.kernels import attention, linear, qgemm
 from minicpm.kernels.build import Kernel, KernelUnavailable
 
-ABI = 5
+ABI = 6
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # decode.c's DT_*: also qgemm's and attention's codes
 P_QGEMM, P_STREAM = 0, 1
 KV_BITS = {torch.int8: 8, torch.uint8: 4}  # decode.c's kv_bits of a coded cache (else 0)
