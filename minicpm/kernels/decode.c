@@ -18,7 +18,9 @@
 //
 // Layouts: x [B, D]; cos/sin fp32 [B, head_dim]; the KV stores [slots, KV, max_len, head_dim]
 // in the model dtype, or int8 with fp32 scales [slots, KV, max_len] (one per (token, head)), or
-// int4 codes [slots, KV, max_len, head_dim / 2] with fp32 (scale, min) [slots, KV, max_len, 2].
+// int4 codes [slots, KV, max_len, head_dim / 2]: values with fp32 (scale, min) [slots, KV, max_len, 2],
+// keys with per-channel (scales, mins) [slots, KV, max_len / KEY_BLOCK, 2, head_dim] and each row's
+// newest block of keys in fp32 [slots, KV, KEY_BLOCK, head_dim] (Int4KVCache).
 
 #include <immintrin.h>
 #include <math.h>
