@@ -232,8 +232,9 @@ class Int8KVCache(KVCache):
         the layer: at long contexts that copy was the chunk's largest buffer); plain causal only."""
         if mask is not None:
             return None
-        stores = ((name, getattr(self, name)[layer]) for name in self.STORES[:4])
-        return causal_attention(q, *(store[:, :, self.span(name, 0, end)] for name, store in stores))
+        keys, values, key_scales, value_scales = (getattr(self, name)[layer][:, :, self.span(name, 0, end)]
+                                                  for name in ("keys", "values", "key_scales", "value_scales"))
+        return causal_attention(q, keys, values, key_scales, value_scales)
 
 
 KEY_BLOCK = 32  # attention.c's and decode.c's: positions per block of an int4 cache's key scales

@@ -167,10 +167,11 @@ class NativeDecoder:
         """FATReLU layers (MiniCPM-S) whose up and down are streamed (fp32/bf16, no bias): the address
         of down's weight as [intermediate, hidden] rows, one per neuron (MLP stores it so), which
         decode.c reads for the active neurons only; None: the layer runs dense products."""
+        if self.act != 1:  # SiLU: nothing is zero
+            return None
         up, down = mlp.up_proj, mlp.down_proj
         specs = [getattr(m, "decode_spec", lambda: None)() for m in (up, down)]
-        if self.act != 1 or any(spec is None or spec["kind"] != "stream" or spec["bias"] is not None
-                                for spec in specs):
+        if any(spec is None or spec["kind"] != "stream" or spec["bias"] is not None for spec in specs):
             return None
         w = down.weight
         if w.dtype is not self.dtype or w.device.type != "cpu" or not w.t().is_contiguous():
