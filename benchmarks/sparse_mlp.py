@@ -34,6 +34,24 @@ from minicpm.model import _activation
 RELEASED = 0.8789  # MiniCPM-S-1B's reported average FFN sparsity
 
 
+def sparsities(spec: str) -> list[float]:
+    """Target sparsities, comma-separated, each strictly between 0 and 1."""
+    try:
+        values = [float(part) for part in spec.split(",")]
+    except ValueError:
+        values = []
+    if not values or not all(0 < v < 1 for v in values):
+        raise argparse.ArgumentTypeError(
+            f"--sparsity takes numbers between 0 and 1 such as 0.5,{RELEASED}, not {spec!r}")
+    return values
+
+
+def positive(spec: str) -> int:
+    if not spec.isdigit() or int(spec) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, not {spec!r}")
+    return int(spec)
+
+
 def gate_outputs(model, ids: torch.Tensor) -> list[torch.Tensor]:
     """Every layer's gate outputs over the prompt (Python layers)."""
     seen, hooks = [], []
@@ -98,12 +116,13 @@ def store_down(model, rows: bool) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sparsity", default=f"0.5,0.8,{RELEASED},0.95", help="target sparsities, comma-separated")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--sparsity", type=sparsities, default=f"0.5,0.8,{RELEASED},0.95",
+                   help="target sparsities, comma-separated")
+    p.add_argument("--threads", type=positive, default=2)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    p.add_argument("--prompt", type=int, default=128, help="prompt tokens before the timed steps")
-    p.add_argument("--new", type=int, default=32, help="timed decode steps")
-    p.add_argument("--repeats", type=int, default=4, help="rounds over the cases; the best of each is kept")
+    p.add_argument("--prompt", type=positive, default=128, help="prompt tokens before the timed steps")
+    p.add_argument("--new", type=positive, default=32, help="timed decode steps")
+    p.add_argument("--repeats", type=positive, default=4, help="rounds over the cases; the best of each is kept")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -111,7 +130,7 @@ def main() -> None:
     model = random_model(preset("minicpm-s-1b"), dtype=dtype, std=0.02)
     ids = torch.randint(0, 1000, (1, args.prompt), generator=torch.Generator().manual_seed(1))
     rows = []
-    for target in [float(s) for s in args.sparsity.split(",")]:
+    for target in args.sparsity:
         threshold, realized = threshold_for(model, ids, target)
         cases = [("sparse", True, True), ("every neuron", True, False)]
         if target == RELEASED:
