@@ -101,3 +101,41 @@ def test_bench_refuses_zero_threads_before_doing_any_work():
     result = subprocess.run([sys.executable, "-m", "minicpm.cli.main", "bench", "--threads", "0"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "threads must be >= 1, got 0" in result.stderr
+
+
+def test_layer_shared_tensors_hold_one_layer_and_name_every_tensor():
+    from minicpm.config import preset
+    from minicpm.formats.hf import checkpoint_state_dict
+    from minicpm.model import MiniCPMForCausalLM
+
+    config = preset("tiny-gqa", num_experts=4, num_experts_per_tok=2)
+    tensors = dict(checkpoints.layer_shared_tensors(config))
+    with torch.device("meta"):
+        expected = {n: t.shape for n, t in checkpoint_state_dict(MiniCPMForCausalLM(config)).items()}
+    assert {n: t.shape for n, t in tensors.items()} == expected
+    for name, tensor in tensors.items():
+        assert tensor.dtype == torch.bfloat16
+        if name.startswith("model.layers.1."):  # the very object of layer 0: one layer held
+            assert tensor is tensors[name.replace("layers.1.", "layers.0.", 1)]
+    again = dict(checkpoints.layer_shared_tensors(config))
+    assert all(torch.equal(tensors[n], again[n]) for n in tensors)  # seeded
+    experts = [tensors[f"model.layers.0.mlp.experts.{e}.w1.weight"] for e in range(4)]
+    assert not torch.equal(experts[0], experts[1])  # experts within a layer differ
+    assert 0.8 < tensors["model.norm.weight"].float().mean() < 1.2
+
+
+def test_prepare_layer_shared_writes_every_layer_in_full(tmp_path):
+    from minicpm.config import preset
+    from minicpm.formats.gguf.container import GGUFFile
+    from minicpm.formats.hf import load_model
+
+    config = preset("tiny-gqa", num_experts=4, num_experts_per_tok=2, vocab_size=49152, torch_dtype="bfloat16")
+    checkpoints.prepare_layer_shared(config, tmp_path, log=lambda message: None)
+    model = load_model(checkpoints.ours_path(tmp_path, "int4"))
+    assert model.config.quantization["bits"] == 4 and model.config.num_experts == 4
+    first, second = (model.model.layers[i].mlp.experts[2].w2.qweight for i in (0, 1))
+    assert torch.equal(first, second) and first.data_ptr() != second.data_ptr()  # equal, stored twice
+    names = {t.name for t in GGUFFile(tmp_path / "model-q4_0.gguf").tensors}
+    assert {f"blk.{i}.ffn_down_exps.weight" for i in range(config.num_hidden_layers)} <= names
+    ids = torch.tensor([cases.prompt_ids(config.vocab_size, 8)])
+    assert torch.isfinite(model(ids)).all()

@@ -97,3 +97,53 @@ def prepared(workdir: Path) -> bool:
     ours = {ours_path(workdir, checkpoint_and_kv(p)[0]) for e, p in CASES + MEMORY_CASES if e == "ours"}
     ggufs = {workdir / f"model-{p}.gguf" for e, p in CASES if e == "llama.cpp"}
     return all(path.exists() for path in ours | ggufs | {workdir / "llama" / "config.json"})
+
+
+def layer_shared_tensors(config, seed: int = SEED):
+    """(name, bf16 tensor) for every checkpoint tensor of `config`, drawn as `random_tensors`
+    draws them, except that every decoder layer holds the same tensor objects as layer 0.
+
+    For shapes whose bf16 model does not fit in memory (MiniCPM-MoE-8x2B: 27 GB): only one layer
+    and the embedding are ever held, while each file written from them still stores every layer
+    in full (a speed measurement reads them all, as it would distinct weights).
+    """
+    import re
+
+    import torch
+
+    from minicpm.formats.hf import checkpoint_state_dict
+    from minicpm.model import MiniCPMForCausalLM
+
+    with torch.device("meta"):
+        shapes = {n: t.shape for n, t in checkpoint_state_dict(MiniCPMForCausalLM(config)).items()}
+    gen = torch.Generator().manual_seed(seed)
+    first: dict[str, torch.Tensor] = {}
+    for name, shape in shapes.items():
+        key = re.sub(r"^model\.layers\.\d+\.", "model.layers.*.", name)
+        if key not in first:
+            values = (1.0 + 0.1 * torch.randn(shape, generator=gen) if name.endswith("norm.weight")
+                      else STD * torch.randn(shape, generator=gen))
+            first[key] = values.to(torch.bfloat16)
+        yield name, first[key]
+
+
+def prepare_layer_shared(config, workdir: Path, precision: str = "int4", gguf: bool = True, log=print) -> None:
+    """ours-<precision>/ (int4 layers in groups of 128; `QUANTIZED` names the head) and, with
+    `gguf`, model-q4_0.gguf from `layer_shared_tensors(config)`, written straight from the stream:
+    no bf16 checkpoint on disk."""
+    from minicpm.formats.gguf import write_gguf
+    from minicpm.formats.quantized import write_quantized
+    from minicpm.quantization import make_spec, quantize_tensors
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    bits, head = QUANTIZED[precision]
+    quantized_config, stream = quantize_tensors(
+        config, layer_shared_tensors(config), make_spec(bits, 128, head, "head", "rtn"), source="random")
+    write_quantized(ours_path(workdir, precision), quantized_config, stream, None, source="random")
+    log(f"  {precision} checkpoint in {time.perf_counter() - start:.0f} s")
+    if gguf:
+        start = time.perf_counter()
+        write_gguf(config, layer_shared_tensors(config), bench_tokenizer(), workdir / "model-q4_0.gguf",
+                   file_type="q4_0", name="random, layers shared", progress=True)
+        log(f"  q4_0 GGUF in {time.perf_counter() - start:.0f} s")

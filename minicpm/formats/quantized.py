@@ -83,6 +83,14 @@ def quantize_checkpoint(src, out, bits: int = 4, group_size: int = 128, head: st
         config, quantized = quantize_minicpmv(config, tensors, spec, vision, dtype=dtype, source=source)
     else:
         config, quantized = quantize_tensors(config, tensors, spec, dtype=dtype, source=source)
+    return write_quantized(out, config, quantized, tokenizer, source, max_shard_bytes)
+
+
+def write_quantized(out, config, quantized, tokenizer, source: str = "checkpoint",
+                    max_shard_bytes: int = 2 * 1024**3) -> Path:
+    """Directory `out` from `quantize_tensors`' (config, stream): shards as the stream comes, then
+    config.json and the tokenizer (None writes none); it appears only when complete."""
+    out = Path(out)
     with atomic_dir(out) as tmp:
         writer = ShardWriter(tmp, max_shard_bytes)
         stored = None

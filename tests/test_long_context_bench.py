@@ -1,0 +1,54 @@
+"""The pure parts of benchmarks/context_128k.py and benchmarks/moe.py: where the chunks are timed,
+the prefill estimate, the MoE table's ratios. No timings are asserted here."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+
+def script(name: str):
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+context = script("context_128k")
+moe = script("moe")
+
+
+def test_depths_start_at_zero_end_before_the_last_chunk_and_sit_on_key_blocks():
+    found = context.depths(131072, 256, 8, 5)
+    assert found[0] == 0 and len(found) == 5 and found == sorted(found)
+    assert all(d % 32 == 0 for d in found)
+    assert found[-1] + 256 + 8 <= 131072 and found[-1] > 131072 - 256 - 8 - 32
+
+
+def test_prefill_estimate_recovers_a_linear_cost_and_sums_every_chunk():
+    chunks = [{"depth": d, "seconds": 2.0 + 0.001 * d} for d in (0, 1000, 3000)]
+    a, b, total = context.estimate_prefill(chunks, 100, 1000)
+    assert a == pytest.approx(2.0) and b == pytest.approx(0.001)
+    assert total == pytest.approx(sum(2.0 + 0.001 * d for d in range(0, 1000, 100)))
+
+
+def test_length_arguments_take_k_and_refuse_nonsense():
+    parse = context.whole(32, "--chunk")
+    assert parse("128k") == 131072 and parse("256") == 256
+    for bad in ("abc", "16", "-1k"):
+        with pytest.raises(Exception, match="--chunk"):
+            parse(bad)
+
+
+def test_moe_table_compares_with_the_peer_and_the_dense_model():
+    def row(decode):
+        return {"prefill": 10.0, "decode": decode, "rss": 1000.0}
+
+    rows = [("minicpm-moe-8x2b", "ours", "int4", row(6.0)), ("minicpm-moe-8x2b", "llama.cpp", "q4_0", row(4.0)),
+            ("dense-4b-active", "ours", "int4", row(8.0)), ("dense-4b-active", "llama.cpp", "q4_0", "timed out")]
+    lines = moe.table(rows, 2).splitlines()
+    assert "| 1.50x | 0.75x |" in lines[2]  # ours MoE: vs llama.cpp MoE, vs our dense
+    assert lines[3].endswith("| 4.00 | 1000 |  |  |")  # the peer's own row: no ratio to itself, no dense peer
+    assert "timed out" in lines[5]
