@@ -8,7 +8,9 @@ decoder layer is drawn and every layer's tensors are that layer's (`layer_shared
 files store every layer in full, so a token still reads 40 layers of distinct memory. Each shape
 is written once as ours int4 (groups of 128, int8 head) and llama.cpp's q4_0 GGUF (~8 GB and ~7 GB
 for the MoE), then every case runs `minicpm bench`'s speed case in a fresh process: a 512-token
-prompt, 128 greedy tokens, same threads; peak RSS is the process's VmHWM.
+prompt, 128 greedy tokens, same threads; peak RSS is the process's VmHWM. The weights one token
+reads are the dense model's (the MoE's attention, two experts and head, the router aside), so each
+decode rate is also given as GB/s of weights read, beside the machine's measured read bandwidth.
 
     .venv/bin/python benchmarks/moe.py [--threads 2] [--keep ~/.cache/minicpm/bench]
 """
@@ -21,6 +23,7 @@ import sys
 from pathlib import Path
 
 from minicpm.bench.checkpoints import ours_path, prepare_layer_shared
+from minicpm.bench.machine import machine, memory_bandwidth_gbs
 from minicpm.bench.process import run_case, skip_reason
 from minicpm.config import preset
 
@@ -51,21 +54,24 @@ def prepare(workdir: Path) -> None:
         prepare_layer_shared(make_config(), folder)
 
 
-def table(rows: list[tuple[str, str, str, dict | str]], threads: int) -> str:
-    lines = ["| model | engine | prefill tok/s | decode tok/s | peak RSS MiB | decode vs llama.cpp "
-             "| decode vs dense (same engine) |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+def table(rows: list[tuple[str, str, str, dict | str]], threads: int, bandwidth: float) -> str:
+    lines = ["| model | engine | prefill tok/s | decode tok/s | weights read GB/s | peak RSS MiB "
+             "| decode vs llama.cpp | decode vs dense (same engine) |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     found = {(shape, engine): r for shape, engine, _, r in rows if isinstance(r, dict)}
     for shape, engine, precision, r in rows:
         if isinstance(r, str):
-            lines.append(f"| {shape} | {engine} {precision} | {r} | | | | |")
+            lines.append(f"| {shape} | {engine} {precision} | {r} | | | | | |")
             continue
         peer, dense = found.get((shape, "llama.cpp")), found.get(("dense-4b-active", engine))
         vs_peer = f"{r['decode'] / peer['decode']:.2f}x" if peer and engine != "llama.cpp" else ""
         vs_dense = f"{r['decode'] / dense['decode']:.2f}x" if dense and shape != "dense-4b-active" else ""
-        lines.append(f"| {shape} | {engine} {precision} | {r['prefill']:.1f} | {r['decode']:.2f} "
+        read = f"{r['decode'] * dense['weight_bytes'] / 1e9:.1f}" if dense else ""
+        lines.append(f"| {shape} | {engine} {precision} | {r['prefill']:.1f} | {r['decode']:.2f} | {read} "
                      f"| {r['rss']:.0f} | {vs_peer} | {vs_dense} |")
-    lines.append(f"\n{threads} threads; 512-token prompt, 128 greedy tokens; seeded random weights, "
-                 "one layer's tensors repeated in every layer (every layer stored in full)")
+    lines.append(f"\n{machine()}; {threads} threads; memory read bandwidth {bandwidth:.1f} GB/s. 512-token "
+                 "prompt, 128 greedy tokens; seeded random weights, one layer's tensors repeated in every "
+                 "layer (every layer stored in full). Weights read per token: the dense model's.")
     return "\n".join(lines)
 
 
@@ -80,6 +86,8 @@ def main() -> None:
     prepare(args.keep)
     if args.prepare_only:
         return
+    bandwidth = memory_bandwidth_gbs(args.threads)
+    print(f"memory read bandwidth {bandwidth:.1f} GB/s", flush=True)
     rows = []
     for shape in SHAPES:
         for engine, precision in CASES:
@@ -88,7 +96,7 @@ def main() -> None:
             print(f"{shape}, {engine} {precision}: {result}", flush=True)
             rows.append((shape, engine, precision, result))
     print()
-    print(table(rows, args.threads))
+    print(table(rows, args.threads, bandwidth))
 
 
 if __name__ == "__main__":

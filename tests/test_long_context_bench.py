@@ -44,11 +44,12 @@ def test_length_arguments_take_k_and_refuse_nonsense():
 
 def test_moe_table_compares_with_the_peer_and_the_dense_model():
     def row(decode):
-        return {"prefill": 10.0, "decode": decode, "rss": 1000.0}
+        return {"prefill": 10.0, "decode": decode, "rss": 1000.0, "weight_bytes": 2e9}
 
     rows = [("minicpm-moe-8x2b", "ours", "int4", row(6.0)), ("minicpm-moe-8x2b", "llama.cpp", "q4_0", row(4.0)),
             ("dense-4b-active", "ours", "int4", row(8.0)), ("dense-4b-active", "llama.cpp", "q4_0", "timed out")]
-    lines = moe.table(rows, 2).splitlines()
-    assert "| 1.50x | 0.75x |" in lines[2]  # ours MoE: vs llama.cpp MoE, vs our dense
-    assert lines[3].endswith("| 4.00 | 1000 |  |  |")  # the peer's own row: no ratio to itself, no dense peer
+    lines = moe.table(rows, 2, 30.0).splitlines()
+    # ours MoE: the dense model's weights read 6 times a second; vs llama.cpp's MoE, vs our dense
+    assert lines[2].endswith("| 6.00 | 12.0 | 1000 | 1.50x | 0.75x |")
+    assert lines[3].endswith("| 4.00 |  | 1000 |  |  |")  # the peer: no ratio to itself, no dense peer
     assert "timed out" in lines[5]
