@@ -25,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+from minicpm.bench.arguments import count
 from minicpm.bench.cases import INT4_HEAD4
 from minicpm.bench.checkpoints import ours_path, prepare_layer_shared
 from minicpm.bench.process import measure_here, run_child
@@ -32,18 +33,6 @@ from minicpm.config import preset
 
 SHAPE = "minicpm-2b-128k"
 FILL_STEP = 8192  # positions written per cache.write call while filling
-
-
-def whole(minimum: int, what: str):
-    def parse(spec: str) -> int:
-        try:
-            n = int(float(spec[:-1]) * 1024) if spec.lower().endswith("k") else int(spec)
-        except ValueError:
-            n = minimum - 1
-        if n < minimum:
-            raise argparse.ArgumentTypeError(f"{what}: expected a number >= {minimum} (k = 1024), not {spec!r}")
-        return n
-    return parse
 
 
 def fill(model, cache, end: int, seed: int) -> None:
@@ -112,11 +101,11 @@ def estimate_prefill(chunks: list[dict], chunk: int, length: int) -> tuple[float
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--length", type=whole(1024, "--length"), default="128k", help="context, tokens (k = 1024)")
-    p.add_argument("--chunk", type=whole(32, "--chunk"), default="256", help="prompt chunk timed at each depth")
-    p.add_argument("--depths", type=whole(2, "--depths"), default="5", help="how many depths are timed")
-    p.add_argument("--new", type=whole(2, "--new"), default="8", help="tokens decoded at the full length")
-    p.add_argument("--threads", type=whole(1, "--threads"), default="2")
+    p.add_argument("--length", type=count(1024, "--length", k=True), default="128k", help="context, tokens (k = 1024)")
+    p.add_argument("--chunk", type=count(32, "--chunk", k=True), default="256", help="prompt chunk timed at each depth")
+    p.add_argument("--depths", type=count(2, "--depths"), default="5", help="how many depths are timed")
+    p.add_argument("--new", type=count(2, "--new"), default="8", help="tokens decoded at the full length")
+    p.add_argument("--threads", type=count(1, "--threads"), default="2")
     p.add_argument("--keep", type=Path, default=Path.home() / ".cache/minicpm/bench")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()

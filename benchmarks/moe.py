@@ -22,6 +22,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from minicpm.bench.arguments import count
 from minicpm.bench.checkpoints import ours_path, prepare_layer_shared
 from minicpm.bench.machine import machine, memory_bandwidth_gbs
 from minicpm.bench.process import run_case, skip_reason
@@ -33,12 +34,6 @@ SHAPES = {
 }
 CASES = [("ours", "int4"), ("llama.cpp", "q4_0")]
 DISK_BYTES = 20 * 1024**3  # both shapes' files, with room to spare
-
-
-def at_least_one(spec: str) -> int:
-    if not spec.isdigit() or int(spec) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, not {spec!r}")
-    return int(spec)
 
 
 def prepare(workdir: Path) -> None:
@@ -77,7 +72,7 @@ def table(rows: list[tuple[str, str, str, dict | str]], threads: int, bandwidth:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--threads", type=at_least_one, default=2)
+    p.add_argument("--threads", type=count(1, "--threads"), default=2)
     p.add_argument("--keep", type=Path, default=Path.home() / ".cache/minicpm/bench",
                    help="where the checkpoints are written once and reused")
     p.add_argument("--prepare-only", action="store_true", help="write the checkpoints, measure nothing")

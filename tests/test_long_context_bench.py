@@ -34,12 +34,18 @@ def test_prefill_estimate_recovers_a_linear_cost_and_sums_every_chunk():
     assert total == pytest.approx(sum(2.0 + 0.001 * d for d in range(0, 1000, 100)))
 
 
-def test_length_arguments_take_k_and_refuse_nonsense():
-    parse = context.whole(32, "--chunk")
-    assert parse("128k") == 131072 and parse("256") == 256
-    for bad in ("abc", "16", "-1k"):
-        with pytest.raises(Exception, match="--chunk"):
+def test_count_arguments_take_k_for_lengths_and_refuse_nonsense():
+    import argparse
+
+    from minicpm.bench.arguments import count
+
+    parse = count(32, "--chunk", k=True)
+    assert parse("128k") == 131072 and parse("256") == 256 and parse("0.5k") == 512
+    for bad in ("abc", "16", "-1k", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match="--chunk takes a whole number >= 32"):
             parse(bad)
+    with pytest.raises(argparse.ArgumentTypeError, match="--threads"):
+        count(1, "--threads")("2k")  # k only where a length is meant
 
 
 def test_moe_table_compares_with_the_peer_and_the_dense_model():

@@ -1,0 +1,21 @@
+"""Command-line numbers of the benchmark scripts (benchmarks/*.py): a clear one-line refusal of
+a bad value instead of a traceback in a child process minutes later."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def count(minimum: int, what: str, k: bool = False):
+    """An argparse type: a whole number >= `minimum`; with `k`, "16k" is 16 x 1024 too (lengths)."""
+    def parse(spec: str) -> int:
+        text = spec.strip().lower()
+        try:
+            n = int(float(text[:-1]) * 1024) if k and text.endswith("k") else int(text)
+        except ValueError:
+            n = None
+        if n is None or n < minimum:
+            example = " (k = 1024: 16k is 16384)" if k else ""
+            raise argparse.ArgumentTypeError(f"{what} takes a whole number >= {minimum}{example}, not {spec!r}")
+        return n
+    return parse
