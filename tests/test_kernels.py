@@ -16,6 +16,7 @@ from minicpm.kernels.attention import (
     causal_attention,
     causal_mask,
     decode_attention,
+    full_attention,
 )
 from minicpm.kernels.linear import (
     KERNEL,
@@ -118,6 +119,34 @@ def test_causal_attention_equals_sdpa_with_the_queries_last(dtype, b, heads, kv,
     want = F.scaled_dot_product_attention(q.float(), store[:, :, :length].float(), store[:, :, :length].float(),
                                           attn_mask=causal_mask(s, length), enable_gqa=True)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("b, heads, n, d", [
+    (1, 16, 70, 72),    # SigLIP's head_dim, zero-padded to 80 for the kernel; a ragged query tile
+    (2, 3, 33, 64),     # a ragged key tile
+    (1, 2, 1, 16),      # one patch
+    (1, 4, 130, 24),
+])
+def test_full_attention_equals_sdpa_without_a_mask(dtype, b, heads, n, d):
+    g = torch.Generator().manual_seed(n + d)
+    # as the vision encoder makes them: views of one [B, N, 3, heads, D] projection
+    qkv = torch.randn(b, n, 3, heads, d, generator=g).to(dtype)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)
+    from minicpm.kernels.attention import KERNEL as ATTENTION
+
+    assert ATTENTION.library() is not None  # else this would compare SDPA with itself
+    got = full_attention(q, k, v)
+    assert got.dtype == dtype and got.shape == (b, heads, n, d)
+    want = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    # fp32 sums either way; a bf16 result is the fp32 one rounded once (one bf16 step: 2^-8 relative)
+    tol = dict(rtol=1e-5, atol=2e-5) if dtype == torch.float32 else dict(rtol=2 ** -8, atol=1e-5)
+    torch.testing.assert_close(got.float(), want, **tol)
+    # autograd: SDPA, which has a backward
+    q.requires_grad_()
+    out = full_attention(q, k, v)
+    out.float().sum().backward()
+    assert q.grad is not None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

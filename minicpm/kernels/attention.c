@@ -41,7 +41,7 @@ enum { KIND_F32 = 0, KIND_BF16 = 1, KIND_F16 = 2, KIND_I8 = 3, KIND_I4 = 4 };
 // two (SmolLM2 at 8k tokens: +10.8% perplexity per vector, +1.6% per channel in blocks of 32)
 enum { KEY_BLOCK = 32 };
 
-int minicpm_attention_abi(void) { return 7; }
+int minicpm_attention_abi(void) { return 8; }
 
 // fp32 numbers per (position, head) beside the codes: int8's scale; int4 values' scale and min
 static inline int meta_of(int kind) { return kind == KIND_I4 ? 2 : 1; }
@@ -340,7 +340,8 @@ int minicpm_decode_attention(const float *q, const void *k, const void *v, const
 // ---- Prefill: S new queries per sequence against the L = past + S keys they may see ----------
 //
 // Causal with the queries at the end (query i sits at position L - S + i and sees keys 0..L-S+i),
-// which is both a fresh prompt (L = S) and a chunk of one after `past` cached positions. Flash
+// which is both a fresh prompt (L = S) and a chunk of one after `past` cached positions; or, with
+// causal = 0, every query sees every key (a vision encoder's patches). Flash
 // style: each kv head's keys and values are converted to fp32 once (keys transposed in tiles of
 // KT, so that 16 scores are one vector), then per (head, tile of QT queries) the key tiles go by
 // with a running max and sum per query (online softmax): no S x L score matrix exists. Scores,
@@ -442,7 +443,7 @@ static inline void rows_update(const float *qf, const float *kt, const float *vf
 // (kts, vfs: every key tile of the head's kv head as key_tile lays them out, KT * d floats each)
 static void query_tile(const struct heads_view *q, const float *kts, const float *vfs, int qkind, float *out,
                        int64_t b, int64_t h, int64_t heads, int64_t S, int64_t L, int64_t s0, int64_t s1, int d,
-                       float scale, float *work) {
+                       float scale, int causal, float *work) {
     float *qf = work, *o = qf + (QT + RB) * d, m[QT + RB], l[QT + RB];
     const int64_t past = L - S, rows = s1 - s0;
     for (int64_t r = 0; r < QT + RB; r++) {  // rows past the tile's: zeros, so a block may read them
@@ -456,16 +457,17 @@ static void query_tile(const struct heads_view *q, const float *kts, const float
         for (int i = 0; i < d; i += 16)
             _mm512_storeu_ps(qf + r * d + i, _mm512_mul_ps(load16(q->p, qkind, qo + i), _mm512_set1_ps(scale)));
     }
-    const int64_t keys = past + s1;  // what the tile's last query sees
+    const int64_t keys = causal ? past + s1 : L;  // what the tile's last query sees
     for (int64_t j0 = 0; j0 < keys; j0 += KT) {
         const int n = keys - j0 < KT ? (int)(keys - j0) : KT;
         const float *kt = kts + j0 * d, *vf = vfs + j0 * d;  // tile j0 / KT
         for (int64_t r0 = 0; r0 < rows; r0 += RB) {
-            const int64_t first = past + s0 + r0 + 1 - j0;  // keys of this tile row r0 may see
+            // keys of this tile row r0 may see (all n when not causal)
+            const int64_t first = causal ? past + s0 + r0 + 1 - j0 : n;
             if (first + RB - 1 <= 0) continue;  // none for any row of the block
             int valid[RB];
             for (int r = 0; r < RB; r++) {
-                const int64_t seen = first + r;
+                const int64_t seen = causal ? first + r : n;
                 valid[r] = seen <= 0 ? 0 : seen < n ? (int)seen : n;
             }
             rows_update(qf + r0 * d, kt, vf, o + r0 * d, m + r0, l + r0, valid,
@@ -479,16 +481,16 @@ static void query_tile(const struct heads_view *q, const float *kts, const float
     }
 }
 
-// softmax(q k^T * scale, causal) v for q [B, H, S, d] and k, v [B, KV, L, d] (L >= S; strides
+// softmax(q k^T * scale, causal or not) v for q [B, H, S, d] and k, v [B, KV, L, d] (L >= S; strides
 // {batch, head, position} in elements, int4 in values), into out [B, S, H, d] fp32. qkind: 0 fp32,
 // 1 bf16; kvkind: the same, or 3 int8 / 4 int4 codes with kmeta/vmeta (scale, int4 values: scale
 // and min) at float strides kms/vms {batch, head, position} (int4 keys: {batch, head, block} of
 // the per-channel block scales, see the top). Returns 0, -1 for a shape or kind it does not take,
 // -2 when out of memory.
-int minicpm_causal_attention(const void *q, const int64_t *qs, const void *k, const int64_t *ks, const void *v,
-                             const int64_t *vs, const float *kmeta, const float *vmeta, const int64_t *kms,
-                             const int64_t *vms, float *out, int qkind, int kind, int64_t batch, int64_t heads,
-                             int64_t kv_heads, int64_t S, int64_t L, int64_t d, float scale, int threads) {
+int minicpm_flash_attention(const void *q, const int64_t *qs, const void *k, const int64_t *ks, const void *v,
+                            const int64_t *vs, const float *kmeta, const float *vmeta, const int64_t *kms,
+                            const int64_t *vms, float *out, int qkind, int kind, int64_t batch, int64_t heads,
+                            int64_t kv_heads, int64_t S, int64_t L, int64_t d, float scale, int causal, int threads) {
     if (d % 16 || d > 256 || heads % kv_heads || S < 1 || L < S || (qkind != KIND_F32 && qkind != KIND_BF16)
         || kind == KIND_F16 || kind > KIND_I4 || (kind >= KIND_I8) != (kmeta && vmeta && kms && vms))
         return -1;
@@ -521,7 +523,7 @@ int minicpm_causal_attention(const void *q, const int64_t *qs, const void *k, co
                     if (!work) continue;
                     const int64_t h = kvh * group + u / tiles, t = tiles - 1 - u % tiles;
                     const int64_t s0 = t * QT, s1 = s0 + QT < S ? s0 + QT : S;
-                    query_tile(&qv, kts, vfs, qkind, out, b, h, heads, S, L, s0, s1, (int)d, scale, work);
+                    query_tile(&qv, kts, vfs, qkind, out, b, h, heads, S, L, s0, s1, (int)d, scale, causal, work);
                 }
             }
             free(work);

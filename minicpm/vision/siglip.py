@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minicpm.kernels.attention import full_attention
 from minicpm.kernels.linear import linear_onednn
 from minicpm.vision.config import SiglipConfig
 
@@ -53,7 +54,7 @@ class Attention(nn.Module):
         b, n, c = x.shape
         # [B, N, 3C] -> 3 x [B, heads, N, head_dim]
         q, k, v = dense(self.qkv, x).view(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)  # scale head_dim^-0.5, no mask
+        out = full_attention(q, k, v)  # scale head_dim^-0.5, no mask
         return dense(self.proj, out.transpose(1, 2).reshape(b, n, c))
 
 
