@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from minicpm.bench.arguments import count  # noqa: E402
 from minicpm.bench.machine import machine  # noqa: E402
 from minicpm.bench.process import measure_here, run_child  # noqa: E402
 
@@ -157,8 +158,8 @@ def eval_table(rows: list[tuple[str, str, dict | str]], limit: int, threads: int
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--limit", type=int, default=LIMIT)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--limit", type=count(1, "--limit"), default=LIMIT)
+    parser.add_argument("--threads", type=count(1, "--threads"), default=2)
     parser.add_argument("--case", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()

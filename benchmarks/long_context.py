@@ -19,38 +19,14 @@ import json
 import sys
 from pathlib import Path
 
+from minicpm.bench.arguments import count
 from minicpm.bench.process import measure_here, run_child
 
 SHAPE = "minicpm-1b"
 
 
-def tokens(spec: str) -> int:
-    """A prompt length: 16k = 16384 tokens, or a plain number (at least 16)."""
-    try:
-        n = int(float(spec[:-1]) * 1024) if spec.lower().endswith("k") else int(spec)
-    except ValueError:
-        n = 0
-    if n < 16:
-        raise argparse.ArgumentTypeError(
-            f"a prompt length is a number of tokens >= 16 such as 4096 or 16k, not {spec!r}")
-    return n
-
-
 def lengths(spec: str) -> list[int]:
-    return [tokens(part) for part in spec.split(",")]
-
-
-def at_least_one(spec: str) -> int:
-    if not spec.isdigit() or int(spec) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, not {spec!r}")
-    return int(spec)
-
-
-def at_least_two(spec: str) -> int:
-    if not spec.isdigit() or int(spec) < 2:
-        raise argparse.ArgumentTypeError(
-            f"--new needs at least 2 tokens (decode speed is timed between them), not {spec!r}")
-    return int(spec)
+    return [count(16, "a prompt length", k=True)(part) for part in spec.split(",")]
 
 
 def long_copy(workdir: Path, context: int) -> Path:
@@ -105,8 +81,9 @@ LABELS = {"ours": "ours int4, int8 KV", "llama.cpp": "llama.cpp q4_0, f16 KV"}
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lengths", type=lengths, default="16k", help="prompt lengths, comma-separated (k = 1024)")
-    p.add_argument("--new", type=at_least_two, default=16, help="greedy tokens after the prompt (>= 2)")
-    p.add_argument("--threads", type=at_least_one, default=2)
+    p.add_argument("--new", type=count(2, "--new (decode speed is timed between tokens)"), default=16,
+                   help="greedy tokens after the prompt (>= 2)")
+    p.add_argument("--threads", type=count(1, "--threads"), default=2)
     p.add_argument("--keep", type=Path, default=Path.home() / ".cache/minicpm/bench",
                    help="minicpm bench's checkpoint folder")
     p.add_argument("--child", nargs=2, metavar=("ENGINE", "LENGTH"), help=argparse.SUPPRESS)

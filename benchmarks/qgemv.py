@@ -20,6 +20,7 @@ import time
 import torch
 from torch import nn
 
+from minicpm.bench.arguments import count
 from minicpm.config import preset
 from minicpm.kernels import qgemm as native
 from minicpm.quantization import QuantizedLinear
@@ -133,11 +134,11 @@ def prefill(variant: str, shapes, group: int, m: int, repeat: int) -> dict[str, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["1b", "2b", "all"], default="all")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--group", type=int, default=128, help="int4 group size")
+    parser.add_argument("--threads", type=count(1, "--threads"), default=2)
+    parser.add_argument("--group", type=int, choices=(32, 64, 128), default=128, help="int4 group size")
     parser.add_argument("--mb", type=float, default=600, help="MB of weights cycled through at M=1")
-    parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--prefill-m", type=int, default=512)
+    parser.add_argument("--repeat", type=count(1, "--repeat"), default=5)
+    parser.add_argument("--prefill-m", type=count(1, "--prefill-m"), default=512)
     parser.add_argument("--no-prefill", action="store_true")
     parser.add_argument("--no-decode", action="store_true")
     parser.add_argument("--variants", default=",".join(VARIANTS))

@@ -50,6 +50,7 @@ from datetime import date
 from pathlib import Path
 
 # shared with the shapes section: the same prompt, loaders, child processes and table
+from minicpm.bench.arguments import count
 from minicpm.bench.cases import prompt_ids
 from minicpm.bench.engines import load_ours, load_transformers, open_llama
 from minicpm.bench.machine import machine
@@ -182,7 +183,7 @@ def smollm2_table(rows: list[tuple[str, str, dict | str]], threads: int) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 2))
+    parser.add_argument("--threads", type=count(1, "--threads"), default=min(os.cpu_count() or 1, 2))
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     parser.add_argument("--case", nargs=2, metavar=("ENGINE", "DTYPE"), help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)

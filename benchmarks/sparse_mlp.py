@@ -26,6 +26,7 @@ import time
 
 import torch
 
+from minicpm.bench.arguments import count
 from minicpm.bench.process import peak_rss_mb
 from minicpm.config import preset
 from minicpm.loading.assemble import random_model
@@ -44,12 +45,6 @@ def sparsities(spec: str) -> list[float]:
         raise argparse.ArgumentTypeError(
             f"--sparsity takes numbers between 0 and 1 such as 0.5,{RELEASED}, not {spec!r}")
     return values
-
-
-def positive(spec: str) -> int:
-    if not spec.isdigit() or int(spec) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, not {spec!r}")
-    return int(spec)
 
 
 def gate_outputs(model, ids: torch.Tensor) -> list[torch.Tensor]:
@@ -118,11 +113,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sparsity", type=sparsities, default=f"0.5,0.8,{RELEASED},0.95",
                    help="target sparsities, comma-separated")
-    p.add_argument("--threads", type=positive, default=2)
+    p.add_argument("--threads", type=count(1, "--threads"), default=2)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    p.add_argument("--prompt", type=positive, default=128, help="prompt tokens before the timed steps")
-    p.add_argument("--new", type=positive, default=32, help="timed decode steps")
-    p.add_argument("--repeats", type=positive, default=4, help="rounds over the cases; the best of each is kept")
+    p.add_argument("--prompt", type=count(1, "--prompt"), default=128, help="prompt tokens before the timed steps")
+    p.add_argument("--new", type=count(1, "--new"), default=32, help="timed decode steps")
+    p.add_argument("--repeats", type=count(1, "--repeats"), default=4, help="rounds over the cases; the best of each is kept")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)

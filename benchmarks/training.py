@@ -27,6 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from minicpm.bench.arguments import count  # noqa: E402
 from minicpm.bench.machine import machine  # noqa: E402
 from minicpm.bench.process import measure_here, run_child  # noqa: E402
 from minicpm.bench.report import markdown_table  # noqa: E402
@@ -154,8 +155,8 @@ def training_table(rows: list[tuple[str, str, dict | str]], steps: int, threads:
 
 def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=STEPS)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=count(1, "--steps"), default=STEPS)
+    parser.add_argument("--threads", type=count(1, "--threads"), default=2)
     parser.add_argument("--data", default=str(DATA), help="SFT data (default: the shipped Chinese demo)")
     parser.add_argument("--case", nargs=2, help=argparse.SUPPRESS)  # a child: ENGINE WHICH
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
