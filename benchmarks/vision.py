@@ -322,6 +322,9 @@ def main() -> int:
     parser.add_argument("--case", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--prompts", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    for flag, value in (("--threads", args.threads), ("--repeats", args.repeats)):
+        if value < 1:  # (no minicpm.bench.arguments here: the peer's Python runs this file too)
+            parser.error(f"{flag} takes a whole number >= 1, not {value}")
     sys.path.insert(0, str(ROOT))  # our children import minicpm from this checkout (the peer's do not)
     if args.case:
         print(json.dumps(child(*args.case, args)))
