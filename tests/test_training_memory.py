@@ -131,3 +131,59 @@ def test_recomputation_is_chosen_when_the_estimate_does_not_fit():
     assert "recomputed" in note and model.gradient_checkpointing and recipe.train.activation_checkpointing
     with_recompute = memory_estimate(model, recipe, 4, task.width())
     assert with_recompute["activations"] < need["activations"]
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_a_quantized_frozen_weight_is_not_kept_for_the_backward_pass(autocast):
+    import torch.nn.functional as F
+
+    from minicpm.quantization import QuantizedLinear
+
+    g = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(256, 96, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(96, 256, generator=g) * 0.05)
+    layer = QuantizedLinear.from_float(linear, 4, 64)
+    x = torch.randn(3, 7, 256, generator=g, requires_grad=True)
+    r = torch.randn(3, 7, 96, generator=g)
+    results = []
+    # the plain way (the layer's own path before: F.linear on the dequantized weight), then the layer
+    for product in (lambda x: F.linear(x, layer.stored_weight()).to(x.dtype), layer):
+        x.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = product(x)
+        (y.float() * r).sum().backward()
+        results.append((y, x.grad.clone()))
+    (want, want_grad), (got, got_grad) = results
+    assert got.dtype == want.dtype and torch.equal(got, want) and torch.equal(got_grad, want_grad)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        kept = saved_bytes(layer, lambda: layer(x))
+    assert kept < layer.stored_weight().numel() * 2 / 4  # not the weight (bf16 or fp32), only small things
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_a_bf16_base_loads_as_stored_into_the_same_weights_as_an_fp32_load(method, tmp_path):
+    from minicpm.formats import load_checkpoint
+    from minicpm.quantization import quantize_model
+    from minicpm.training.model_setup import build_trainable_model
+    from tests.conftest import save_tiny_checkpoint
+
+    from minicpm.training.model_setup import _float_directory
+
+    path = save_tiny_checkpoint(tmp_path)  # bf16 on disk
+    assert _float_directory(path)  # so the run loads it as stored, not as fp32
+    recipe = load_recipe("sft", None, [f"model.path={path}", f"train.method={method}", "data.train=x.json"])
+    model, _ = build_trainable_model(recipe, torch.device("cpu"))
+    # what loading in the fp32 master dtype, then casting, gives
+    reference, _ = load_checkpoint(path, dtype="float32")
+    reference.requires_grad_(False)
+    if method == "qlora":
+        quantize_model(reference, bits=recipe.lora.quant_bits, group_size=recipe.lora.quant_group_size, head="bf16")
+    add_lora(reference, LoraSpec(r=recipe.lora.r, alpha=recipe.lora.alpha, dropout=recipe.lora.dropout,
+                                 targets=recipe.lora.targets), seed=recipe.seed)
+    _frozen_linears_in_bf16(reference)
+    got, want = model.state_dict(), reference.state_dict()
+    assert got.keys() == want.keys()
+    for name in want:
+        assert got[name].dtype == want[name].dtype and torch.equal(got[name], want[name]), name
+    assert model.model.norm.weight.dtype == torch.float32

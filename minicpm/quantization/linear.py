@@ -85,6 +85,28 @@ def _has_op(name: str) -> bool:
     return hasattr(torch.ops.aten, name)
 
 
+class FrozenWeightLinear(torch.autograd.Function):
+    """x @ W^T for a quantized layer's frozen weight W, under autograd (LoRA/QLoRA training)
+    without keeping W: F.linear would hold every layer's dequantized weight until the backward
+    pass (MiniCPM-2B in bf16: 4.9 GB at any micro-batch), so the backward pass dequantizes it
+    again, as QLoRA does. Under autocast the product runs in autocast's dtype, as F.linear's would:
+    the same values and gradients, one more dequantization per layer and step."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:
+        device = x.device.type
+        cast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        ctx.layer, ctx.cast, ctx.dtype = layer, cast, x.dtype
+        with torch.autocast(device, enabled=False):
+            return F.linear(x.to(cast), layer.stored_weight().to(cast))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        with torch.autocast(grad.device.type, enabled=False):
+            weight = ctx.layer.stored_weight().to(ctx.cast)
+            return grad.to(ctx.cast).mm(weight).to(ctx.dtype), None
+
+
 class QuantizedLinear(nn.Module):
     """y = x @ dequant(W).T + b, with W held as int8 or int4 codes."""
 
@@ -212,10 +234,11 @@ class QuantizedLinear(nn.Module):
 
     @classmethod
     def from_float(cls, linear: nn.Linear, bits: int, group_size: int | None = None,
-                   name: str = "layer") -> QuantizedLinear:
-        """Round-to-nearest quantization of an nn.Linear (its dtype becomes the compute dtype)."""
-        weight, dtype = linear.weight.detach(), linear.weight.dtype
-        bias = None if linear.bias is None else linear.bias.detach()
+                   name: str = "layer", dtype: torch.dtype | None = None) -> QuantizedLinear:
+        """Round-to-nearest quantization of an nn.Linear (computed in fp32); scales, zeros and bias
+        in `dtype`, which becomes the compute dtype (default: the Linear's own)."""
+        weight, dtype = linear.weight.detach(), dtype or linear.weight.dtype
+        bias = None if linear.bias is None else linear.bias.detach().to(dtype)
         if bits == 8:
             q, scales = quantize_int8(weight)
             return cls(weight.shape[1], weight.shape[0], 8, None, q, scales.to(dtype), None, bias)
@@ -264,7 +287,9 @@ class QuantizedLinear(nn.Module):
             x2 = x if x.dtype in (torch.float32, torch.bfloat16) else x.float()
             return native.run(self._native_plan(), x2.contiguous()).to(x.dtype)
         x2 = x.reshape(-1, shape[-1]).to(self.compute_dtype)  # the kernels want 2-D x in the scales' dtype
-        if self.kernel != "packed":
+        if self.kernel != "packed" and x2.requires_grad and torch.is_grad_enabled():
+            y = FrozenWeightLinear.apply(x2, self)
+        elif self.kernel != "packed":
             y = F.linear(x2, self.stored_weight().to(x2.dtype))
         elif self.bits == 8:
             y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales)

@@ -126,8 +126,9 @@ def _note_group_fallbacks(spec: dict[str, Any], chosen: dict) -> None:
 @torch.no_grad()
 def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 128, head: str = "int8",
                    predicate: Predicate | None = None, progress: bool = False,
-                   embedding: str = "head") -> nn.Module:
-    """Quantize `model` in place (round-to-nearest), one decoder layer at a time."""
+                   embedding: str = "head", dtype: torch.dtype | None = None) -> nn.Module:
+    """Quantize `model` in place (round-to-nearest), one decoder layer at a time. `dtype`: of the
+    decoder layers' scales (their compute dtype; default: each Linear's own)."""
     from tqdm import tqdm
 
     from minicpm.quantization.embedding import QuantizedEmbedding
@@ -142,7 +143,7 @@ def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 128, head:
         for name, module in list(layer.named_modules(prefix=f"model.layers.{i}")):
             if name in chosen:
                 b, g = chosen[name]
-                _swap(model, name, QuantizedLinear.from_float(module, b, g, name=name))
+                _swap(model, name, QuantizedLinear.from_float(module, b, g, name=name, dtype=dtype))
     if "lm_head" in chosen:  # a tied head gets its own copy of the table
         model.lm_head = QuantizedLinear.from_float(model.lm_head, *chosen["lm_head"], name="lm_head")
     if shares_table(model.config, spec):  # and the lookups read it: the float table is dropped
