@@ -165,10 +165,8 @@ def test_a_quantized_frozen_weight_is_not_kept_for_the_backward_pass(autocast):
 def test_a_bf16_base_loads_as_stored_into_the_same_weights_as_an_fp32_load(method, tmp_path):
     from minicpm.formats import load_checkpoint
     from minicpm.quantization import quantize_model
-    from minicpm.training.model_setup import build_trainable_model
+    from minicpm.training.model_setup import _float_directory, build_trainable_model
     from tests.conftest import save_tiny_checkpoint
-
-    from minicpm.training.model_setup import _float_directory
 
     path = save_tiny_checkpoint(tmp_path)  # bf16 on disk
     assert _float_directory(path)  # so the run loads it as stored, not as fp32
