@@ -112,14 +112,19 @@ def test_bf16_moe_within_tolerance():
 def test_bias_and_coded_caches():
     config = variant_config("1b", attention_bias=True, mlp_bias=True)
     model = random_model(config)
+    g = torch.Generator().manual_seed(4)  # seeded: an unseeded draw made this test pass or fail by run
     with torch.no_grad():
         for module in model.modules():
             if getattr(module, "bias", None) is not None:
-                module.bias.normal_(0, 0.3)
+                module.bias.normal_(0, 0.3, generator=g)
     _compare(model, FP32)
-    for kv in ("int8", "int4"):  # the step writes codes as the Python cache does, bit for bit
-        _compare(model, FP32, kv=kv)
-        # 6 + 30 positions: int4 keys fill a block of 32 token by token, then start the next
+    # In fp32 the two paths' keys differ in the last bits (other kernels), which can move a key
+    # across a rounding boundary of a coded cache: one code step, 1/127 (int8) or 1/15 (int4) of
+    # its range, in one channel. The codes are compared bit for bit in bf16 just below.
+    for kv, rel in (("int8", 2e-3), ("int4", 2e-2)):
+        _compare(model, rel, kv=kv)
+        # the step writes codes as the Python cache does, bit for bit; 6 + 30 positions: int4
+        # keys fill a block of 32 token by token, then start the next
         _compare(random_model(config, dtype=torch.bfloat16), 0, kv=kv, steps=30)
 
 
