@@ -20,11 +20,10 @@ def build_trainable_model(recipe: Recipe, device: torch.device):
     m = recipe.model
     # fine-tuning without model.path starts from the default model
     method = recipe.train.method
+    as_stored = False
     if m.path is not None or recipe.kind != "pretrain":
         as_stored = method in ("lora", "qlora") and _float_directory(m.path)
         model, tokenizer = load_checkpoint(m.path, dtype=None if as_stored else m.dtype, device=device)
-        if as_stored:
-            _own_memory(model)
         if tokenizer is None:
             raise MiniCPMError(f"{m.path} has no tokenizer files; training needs one")
     else:
@@ -34,8 +33,12 @@ def build_trainable_model(recipe: Recipe, device: torch.device):
         raise MiniCPMError(f"{m.path} is quantized: fine-tune it with train.method=lora (QLoRA)")
     model.requires_grad_(method == "full")  # loading makes an inference model: nothing trainable
     if method in ("lora", "qlora"):
+        master = resolve_dtype(m.dtype)
+        linears = torch.bfloat16 if recipe.train.precision == "bf16" else master
+        if as_stored:  # out of the file mapping first, shard by shard, still 16-bit (QLoRA quantizes them)
+            _base_dtypes(model, None, None, own=True)
         _add_adapters(model, recipe)
-        _base_dtypes(model, resolve_dtype(m.dtype), bf16_linears=recipe.train.precision == "bf16")
+        _base_dtypes(model, master, linears)
     model.gradient_checkpointing = bool(recipe.train.activation_checkpointing)
     model.train()
     return model, tokenizer
@@ -57,56 +60,50 @@ def _add_adapters(model, recipe: Recipe) -> None:
 
 def _float_directory(path) -> bool:
     """Whether `path` is a float checkpoint directory stored in 16 bits (not a GGUF file, not
-    quantized), which a LoRA base loads as stored: loading it in the fp32 master dtype would
-    first make an fp32 copy of the whole model (MiniCPM-2B: 11 GB) only to cast its Linears back
-    to bf16 (`_base_dtypes`)."""
-    import json
-
+    quantized by us or another tool, not MiniCPM-V), which a LoRA base loads as stored: loading it
+    in the fp32 master dtype would first make an fp32 copy of the whole model (MiniCPM-2B: 11 GB)
+    only to cast its Linears back to bf16 (`_base_dtypes`)."""
+    from minicpm.config import read_config_json
+    from minicpm.formats.published import published_of
     from minicpm.loading import locate
+    from minicpm.vision.config import is_minicpmv_config
 
     where = locate(path)
-    config = where / "config.json"
-    if not config.is_file():
-        return False
-    raw = json.loads(config.read_text())
+    if not (where / "config.json").is_file():
+        return False  # a file (GGUF); or no config, which the loader reports
+    raw = read_config_json(where / "config.json")
     return (raw.get("torch_dtype") in ("bfloat16", "float16") and not raw.get("quantization")
-            and not raw.get("quantization_config") and raw.get("model_type") != "minicpmv")
+            and not is_minicpmv_config(raw) and published_of(where) is None)
 
 
-def _own_memory(model) -> None:
-    """Weights loaded as stored may be views of the checkpoint's memory-mapped files: their pages
-    would join the RSS only when first read (so the plan's measured "now" would miss them), and a
-    file rewritten during the run would change the base under it. Each is copied into memory of
-    its own, one at a time (the mapping's pages are dropped with the view)."""
-    for param in model.parameters():
-        param.data = param.data.clone()
-
-
-def _base_dtypes(model, master: torch.dtype | None, bf16_linears: bool) -> None:
+def _base_dtypes(model, master: torch.dtype | None, linears: torch.dtype | None, own: bool = False) -> None:
     """The frozen base of LoRA in the dtypes training uses, however it was loaded: the decoder
-    layers' frozen Linears in bf16 under bf16 autocast (`_frozen_linears_in_bf16`), every other
-    float weight (norms, embedding, head, a QLoRA layer's bias) in the master dtype. The same
-    weights as loading in the master dtype and casting the Linears, bit for bit: bf16 and fp16
-    widen to fp32 exactly."""
-    if master is not None:
-        linears = {id(p) for module in model.model.layers.modules() if isinstance(module, torch.nn.Linear)
-                   and not module.weight.requires_grad for p in module.parameters()} if bf16_linears else set()
-        for param in model.parameters():
-            if param.is_floating_point() and param.dtype != master and id(param) not in linears:
-                param.data = param.data.to(master)  # in place: a tied head stays tied
-    if bf16_linears:
-        _frozen_linears_in_bf16(model)
+    layers' frozen Linears in `linears` (bf16 under bf16 autocast, which multiplies in bf16 anyway:
+    an fp32 weight would be cast anew at every forward pass and the copy kept for the backward
+    pass), every other float weight (norms, embedding, head, a QLoRA layer's bias) in `master`
+    (None: either as it is). The same weights as loading in the master dtype and casting the
+    Linears, bit for bit: bf16 and fp16 widen to fp32 exactly.
+
+    `own`: a weight loaded as stored may be a view of the checkpoint's memory-mapped file, whose
+    pages join the RSS only when first read (the plan's measured "now" would miss them), stay
+    resident while any view of the file lives, and change if the file is rewritten during the
+    run; one already in its dtype is copied into memory of its own (the others are copied by the
+    cast). One tensor at a time, in place: a tied head stays tied."""
+    frozen = {id(p) for module in model.model.layers.modules() if isinstance(module, torch.nn.Linear)
+              and not module.weight.requires_grad for p in module.parameters()}
+    for param in model.parameters():
+        if not param.is_floating_point():
+            continue
+        target = (linears if id(param) in frozen else master) or param.dtype
+        if param.dtype != target:
+            param.data = param.data.to(target)
+        elif own:
+            param.data = param.data.clone()
 
 
 def _frozen_linears_in_bf16(model) -> None:
-    """The frozen Linear weights of the decoder layers in bf16. bf16 autocast multiplies in
-    bf16 anyway, so the results are the same, but an fp32 weight is cast anew at every forward
-    pass and the copy kept for the backward pass: the whole base once more per micro-batch.
-    Norms, the embedding and the head keep their dtype (the residual stream stays fp32)."""
-    for module in model.model.layers.modules():
-        weight = getattr(module, "weight", None)
-        if isinstance(module, torch.nn.Linear) and not weight.requires_grad and weight.dtype != torch.bfloat16:
-            module.to(torch.bfloat16)
+    """The frozen Linear weights of the decoder layers in bf16, the rest as it is."""
+    _base_dtypes(model, None, torch.bfloat16)
 
 
 def load_tokenizer(path: str):
