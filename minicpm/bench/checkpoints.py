@@ -112,6 +112,7 @@ def layer_shared_tensors(config, seed: int = SEED):
     import torch
 
     from minicpm.formats.hf import checkpoint_state_dict
+    from minicpm.loading.assemble import random_value
     from minicpm.model import MiniCPMForCausalLM
 
     with torch.device("meta"):
@@ -121,9 +122,7 @@ def layer_shared_tensors(config, seed: int = SEED):
     for name, shape in shapes.items():
         key = re.sub(r"^model\.layers\.\d+\.", "model.layers.*.", name)
         if key not in first:
-            values = (1.0 + 0.1 * torch.randn(shape, generator=gen) if name.endswith("norm.weight")
-                      else STD * torch.randn(shape, generator=gen))
-            first[key] = values.to(torch.bfloat16)
+            first[key] = random_value(name, shape, gen, STD).to(torch.bfloat16)
         yield name, first[key]
 
 

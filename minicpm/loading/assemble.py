@@ -152,14 +152,15 @@ def random_model(config: MiniCPMConfig, seed: int = 0, dtype: Any = torch.float3
     with torch.device("meta"):
         shapes = {n: p.shape for n, p in MiniCPMForCausalLM(config).named_parameters()}
 
-    def tensors():
-        for name, shape in shapes.items():
-            if name.endswith("norm.weight"):
-                yield name, 1.0 + 0.1 * torch.randn(shape, generator=gen)
-            else:
-                yield name, std * torch.randn(shape, generator=gen)
+    tensors = ((name, random_value(name, shape, gen, std)) for name, shape in shapes.items())
+    return build_model(config, tensors, dtype=dtype, device="cpu", source="random")
 
-    return build_model(config, tensors(), dtype=dtype, device="cpu", source="random")
+
+def random_value(name: str, shape, generator: torch.Generator, std: float) -> torch.Tensor:
+    """A random model's fp32 tensor: N(0, std), norms near 1."""
+    if name.endswith("norm.weight"):
+        return 1.0 + 0.1 * torch.randn(shape, generator=generator)
+    return std * torch.randn(shape, generator=generator)
 
 
 @contextlib.contextmanager

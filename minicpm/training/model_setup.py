@@ -18,9 +18,9 @@ def build_trainable_model(recipe: Recipe, device: torch.device):
     from minicpm.formats import load_checkpoint
 
     m = recipe.model
-    # fine-tuning without model.path starts from the default model
     method = recipe.train.method
     as_stored = False
+    # fine-tuning without model.path starts from the default model
     if m.path is not None or recipe.kind != "pretrain":
         as_stored = method in ("lora", "qlora") and _float_directory(m.path)
         model, tokenizer = load_checkpoint(m.path, dtype=None if as_stored else m.dtype, device=device)
