@@ -25,10 +25,11 @@ import sys
 import time
 from pathlib import Path
 
-from minicpm.bench.arguments import count
+from minicpm.bench.arguments import count, folder
 from minicpm.bench.cases import INT4_HEAD4
 from minicpm.bench.checkpoints import ours_path, prepare_layer_shared
 from minicpm.bench.process import measure_here, run_child
+from minicpm.cache import KEY_BLOCK
 from minicpm.config import preset
 
 SHAPE = "minicpm-2b-128k"
@@ -52,14 +53,14 @@ def fill(model, cache, end: int, seed: int) -> None:
         cache.length += n
 
 
-def depths(length: int, chunk: int, new: int, count: int) -> list[int]:
-    """`count` depths from 0 to the last chunk that leaves room for `new` tokens, on the cache's
-    32-position blocks (where writing may resume)."""
-    last = (length - chunk - new) // 32 * 32
-    return [round(last * i / (count - 1)) // 32 * 32 for i in range(count)]
+def depths(length: int, chunk: int, new: int, points: int) -> list[int]:
+    """`points` depths from 0 to the last chunk that leaves room for `new` tokens, on the int4
+    cache's key blocks (where writing may resume)."""
+    last = (length - chunk - new) // KEY_BLOCK * KEY_BLOCK
+    return [round(last * i / (points - 1)) // KEY_BLOCK * KEY_BLOCK for i in range(points)]
 
 
-def run(workdir: Path, length: int, chunk: int, count: int, new: int) -> dict:
+def run(workdir: Path, length: int, chunk: int, points: int, new: int) -> dict:
     import torch
 
     from minicpm.bench.engines import load_ours
@@ -69,12 +70,12 @@ def run(workdir: Path, length: int, chunk: int, count: int, new: int) -> dict:
     gen = torch.Generator().manual_seed(1)
     chunks, fill_seconds = [], 0.0
     with torch.inference_mode():
-        for depth in depths(length, chunk, new, count):
+        for depth in depths(length, chunk, new, points):
             start = time.perf_counter()
             fill(model, cache, depth, seed=depth)
             fill_seconds += time.perf_counter() - start
             ids = torch.randint(10, model.config.vocab_size, (1, chunk), generator=gen)
-            start = time.perf_counter()
+            depth, start = cache.length, time.perf_counter()  # past the previous chunk if depths are close
             logits = model(ids, cache=cache, last_only=True)
             chunks.append({"depth": depth, "seconds": time.perf_counter() - start})
             print(f"chunk of {chunk} at depth {depth}: {chunks[-1]['seconds']:.1f} s", file=sys.stderr, flush=True)
@@ -106,12 +107,16 @@ def main() -> None:
     p.add_argument("--depths", type=count(2, "--depths"), default="5", help="how many depths are timed")
     p.add_argument("--new", type=count(2, "--new"), default="8", help="tokens decoded at the full length")
     p.add_argument("--threads", type=count(1, "--threads"), default="2")
-    p.add_argument("--keep", type=Path, default=Path.home() / ".cache/minicpm/bench")
+    p.add_argument("--keep", type=folder, default=Path.home() / ".cache/minicpm/bench")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     workdir = args.keep / SHAPE
     if args.chunk + args.new > args.length // 2:
         sys.exit(f"--chunk {args.chunk} + --new {args.new} must fit well inside --length {args.length}")
+    at = depths(args.length, args.chunk, args.new, args.depths)
+    if any(later - earlier < args.chunk for earlier, later in zip(at, at[1:])):
+        sys.exit(f"--depths {args.depths}: the timed chunks of {args.chunk} tokens would overlap in "
+                 f"{args.length} tokens; ask for fewer depths or a longer --length")
     if args.child:
         print(json.dumps(measure_here(run, args.threads, workdir, args.length, args.chunk, args.depths, args.new)))
         return

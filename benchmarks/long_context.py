@@ -19,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-from minicpm.bench.arguments import count
+from minicpm.bench.arguments import count, folder
 from minicpm.bench.process import measure_here, run_child
 
 SHAPE = "minicpm-1b"
@@ -84,7 +84,7 @@ def main() -> None:
     p.add_argument("--new", type=count(2, "--new (decode speed is timed between tokens)"), default=16,
                    help="greedy tokens after the prompt (>= 2)")
     p.add_argument("--threads", type=count(1, "--threads"), default=2)
-    p.add_argument("--keep", type=Path, default=Path.home() / ".cache/minicpm/bench",
+    p.add_argument("--keep", type=folder, default=Path.home() / ".cache/minicpm/bench",
                    help="minicpm bench's checkpoint folder")
     p.add_argument("--child", nargs=2, metavar=("ENGINE", "LENGTH"), help=argparse.SUPPRESS)
     args = p.parse_args()

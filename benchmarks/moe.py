@@ -22,7 +22,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from minicpm.bench.arguments import count
+from minicpm.bench.arguments import count, folder
 from minicpm.bench.checkpoints import ours_path, prepare_layer_shared
 from minicpm.bench.machine import machine, memory_bandwidth_gbs
 from minicpm.bench.process import run_case, skip_reason
@@ -73,7 +73,7 @@ def table(rows: list[tuple[str, str, str, dict | str]], threads: int, bandwidth:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=count(1, "--threads"), default=2)
-    p.add_argument("--keep", type=Path, default=Path.home() / ".cache/minicpm/bench",
+    p.add_argument("--keep", type=folder, default=Path.home() / ".cache/minicpm/bench",
                    help="where the checkpoints are written once and reused")
     p.add_argument("--prepare-only", action="store_true", help="write the checkpoints, measure nothing")
     args = p.parse_args()

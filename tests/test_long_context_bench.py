@@ -41,7 +41,7 @@ def test_count_arguments_take_k_for_lengths_and_refuse_nonsense():
 
     parse = count(32, "--chunk", k=True)
     assert parse("128k") == 131072 and parse("256") == 256 and parse("0.5k") == 512
-    for bad in ("abc", "16", "-1k", ""):
+    for bad in ("abc", "16", "-1k", "", "infk", "nank"):
         with pytest.raises(argparse.ArgumentTypeError, match="--chunk takes a whole number >= 32"):
             parse(bad)
     with pytest.raises(argparse.ArgumentTypeError, match="--threads"):
@@ -59,3 +59,25 @@ def test_moe_table_compares_with_the_peer_and_the_dense_model():
     assert lines[2].endswith("| 6.00 | 12.0 | 1000 | 1.50x | 0.75x |")
     assert lines[3].endswith("| 4.00 |  | 1000 |  |  |")  # the peer: no ratio to itself, no dense peer
     assert "timed out" in lines[5]
+
+
+def test_folder_arguments_refuse_a_file(tmp_path):
+    import argparse
+
+    from minicpm.bench.arguments import folder
+
+    assert folder(str(tmp_path / "new")) == tmp_path / "new"  # to be made
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(argparse.ArgumentTypeError, match="is a file; give a folder"):
+        folder(str(tmp_path / "file"))
+
+
+def test_overlapping_timed_chunks_are_refused_before_any_work(tmp_path):
+    import subprocess
+    import sys
+
+    script = Path(__file__).parents[1] / "benchmarks" / "context_128k.py"
+    done = subprocess.run([sys.executable, str(script), "--length", "4k", "--chunk", "64", "--depths", "200",
+                           "--keep", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "would overlap" in done.stderr
+    assert not any(tmp_path.iterdir())  # nothing written
