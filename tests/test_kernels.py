@@ -128,17 +128,19 @@ def test_causal_attention_equals_sdpa_with_the_queries_last(dtype, b, heads, kv,
     (1, 2, 1, 16),      # one patch
     (1, 4, 130, 24),
 ])
-def test_full_attention_equals_sdpa_without_a_mask(dtype, b, heads, n, d):
+def test_full_attention_equals_sdpa_without_a_mask(dtype, b, heads, n, d, monkeypatch):
+    import minicpm.kernels.attention as kernels
+
     g = torch.Generator().manual_seed(n + d)
     # as the vision encoder makes them: views of one [B, N, 3, heads, D] projection
     qkv = torch.randn(b, n, 3, heads, d, generator=g).to(dtype)
     q, k, v = qkv.permute(2, 0, 3, 1, 4)
-    from minicpm.kernels.attention import KERNEL as ATTENTION
-
-    assert ATTENTION.library() is not None  # else this would compare SDPA with itself
-    got = full_attention(q, k, v)
-    assert got.dtype == dtype and got.shape == (b, heads, n, d)
     want = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    assert kernels.KERNEL.library() is not None  # built and self-checked (against SDPA) before the patch
+    with monkeypatch.context() as patch:  # the kernel answers: SDPA is not reached
+        patch.setattr(kernels.F, "scaled_dot_product_attention", lambda *a, **k: pytest.fail("fell back to SDPA"))
+        got = full_attention(q, k, v)
+    assert got.dtype == dtype and got.shape == (b, heads, n, d)
     # fp32 sums either way; a bf16 result is the fp32 one rounded once (one bf16 step: 2^-8 relative)
     tol = dict(rtol=1e-5, atol=2e-5) if dtype == torch.float32 else dict(rtol=2 ** -8, atol=1e-5)
     torch.testing.assert_close(got.float(), want, **tol)
@@ -147,6 +149,16 @@ def test_full_attention_equals_sdpa_without_a_mask(dtype, b, heads, n, d):
     out = full_attention(q, k, v)
     out.float().sum().backward()
     assert q.grad is not None
+
+
+def test_full_attention_with_grouped_kv_heads():
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 6, 40, 32, generator=g)
+    k, v = (torch.randn(1, 2, 40, 32, generator=g) for _ in range(2))
+    want = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    torch.testing.assert_close(full_attention(q, k, v), want, rtol=1e-5, atol=2e-5)
+    q.requires_grad_()  # SDPA's path, grouped too
+    torch.testing.assert_close(full_attention(q, k, v).detach(), want, rtol=1e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -185,17 +185,17 @@ def full_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
 
     PyTorch's CPU SDPA (bf16, 16 heads of 72, 1024 patches) ran at ~30 GFLOP/s: a third of
     MiniCPM-V's image encoding."""
-    d = q.shape[-1]
+    d, gqa = q.shape[-1], k.shape[1] != q.shape[1]
     lib = KERNEL.library() if q.dtype in (torch.float32, torch.bfloat16) and q.device.type == "cpu" else None
     if lib is None or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))) \
-            or not (k.dtype == v.dtype == q.dtype) or k.shape[1] != q.shape[1]:
-        return F.scaled_dot_product_attention(q, k, v)
+            or not (k.dtype == v.dtype == q.dtype):
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
     pad = -d % 16
     if pad or any(t.stride(-1) != 1 for t in (q, k, v)):
         q, k, v = (F.pad(t, (0, pad)).contiguous() for t in (q, k, v))
     out = _flash(lib, q, k, v, causal=False, scale=d ** -0.5)
-    if out is None:
-        return F.scaled_dot_product_attention(q[..., :d], k[..., :d], v[..., :d])
+    if out is None:  # a shape the kernel does not take (head_dim over 256)
+        return F.scaled_dot_product_attention(q[..., :d], k[..., :d], v[..., :d], enable_gqa=gqa)
     return out[..., :d].to(q.dtype)
 
 
