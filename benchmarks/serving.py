@@ -198,9 +198,9 @@ def llama_server(binary: Path, gguf: Path, precision: str, threads: int, context
 
 
 def build_llama_server() -> Path:
-    out = subprocess.run(["bash", str(ROOT / "scripts" / "build_llama_server.sh"), str(VENV_BIN.parent)],
-                         check=True, capture_output=True, text=True)
-    return Path(out.stdout.strip().splitlines()[-1])
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "build_llama_tools.sh"), str(VENV_BIN.parent),
+                          "llama-server"], check=True, capture_output=True, text=True)
+    return Path(out.stdout.strip().splitlines()[-1]) / "llama-server"
 
 
 def smollm2_servers(workdir: Path, binary: Path, threads: int, context: int, log=print) -> tuple[list[Server], int]:

@@ -1,0 +1,399 @@
+"""The quantization report: our RTN, GPTQ and AWQ at 4 and 8 bits beside llama.cpp's own
+quantizations of the same weights (Q4_0, Q4_K_M, Q4_K_M with an importance matrix, Q8_0), on real
+trained weights, in one run.
+
+For each model and each quantization: WikiText-2 test perplexity by both protocols (ours:
+`minicpm eval ppl`; llama.cpp's files also by `llama-perplexity`, its own protocol), size on disk,
+bits per weight, the quantizer's wall time and peak RSS (`/usr/bin/time -v`), and decode tok/s
+(greedy, batch 1, the same threads; ours by `TokenGenerator`, llama.cpp's files by
+llama-cpp-python). Every command the table rests on is printed, so each number can be recomputed.
+
+Models:
+  smollm2  SmolLM2-135M-Instruct, the default model. Its only weights are a Q4_1 GGUF, so "float"
+           is that file dequantized (every weight already on a 16-level grid per 32 columns): both
+           tools start from the same float32 weights (ours reads the GGUF, llama.cpp an f32 GGUF
+           we write from it), but the gaps are smaller than those of weights never quantized.
+  base     the small MiniCPM pretrained by runs/quant_base.py (bf16, never quantized; its widths
+           are multiples of 256, so llama.cpp's k-quants apply to every layer).
+
+Calibration (ours and llama-imatrix alike): WikiText-2's validation split, SAMPLES windows of
+SEQLEN tokens (ours at seeded random offsets, llama-imatrix its first SAMPLES chunks).
+
+    .venv/bin/python benchmarks/quantization.py [--models smollm2,base] [--samples 32] [--seqlen 512]
+        [--windows 16] [--chunks 64] [--threads 2] [--keep DIR] [--write-doc]
+
+--write-doc puts the tables into docs/quantization.md between its report markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from minicpm.bench.arguments import count, folder
+from minicpm.bench.machine import machine
+from minicpm.bench.process import measure_here, run_child
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV = Path(sys.executable).parent.parent
+DOC = ROOT / "docs" / "quantization.md"
+MARKERS = ("<!-- quantization report: start -->", "<!-- quantization report: end -->")
+WIKI = ROOT / "minicpm" / "evaluation" / "data"
+TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity")
+OURS = [("rtn", 4), ("gptq", 4), ("awq", 4), ("rtn", 8), ("gptq", 8), ("awq", 8)]
+LLAMA = [("Q4_0", False), ("Q4_K_M", False), ("Q4_K_M", True), ("Q8_0", False)]
+GROUP = 128
+BASE = Path.home() / ".cache" / "minicpm" / "bench" / "quant-base" / "model"
+NEW_TOKENS, PROMPT = 128, 64
+
+
+# --- commands, timed -------------------------------------------------------------------------------
+def shown(cmd: list) -> str:
+    text = " ".join(str(c) for c in cmd)
+    return text.replace(str(VENV / "bin") + "/", "").replace(str(Path.home()), "~")
+
+
+def timed_command(cmd: list, log: Path) -> dict:
+    """Run `cmd` under /usr/bin/time -v: wall seconds and the OS's peak RSS (MiB); its output goes to
+    `log`. A failure stops the report with the command's last lines."""
+    stats = log.with_suffix(".time")
+    print("$ " + shown(cmd), flush=True)
+    with open(log, "w") as out:
+        rc = subprocess.run(["/usr/bin/time", "-v", "-o", str(stats), *map(str, cmd)], stdout=out,
+                            stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
+    if rc:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-5:])
+        sys.exit(f"error: `{shown(cmd)}` failed ({rc}):\n{tail}")
+    text = stats.read_text()
+    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", text).group(1)) / 1024
+    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", text).group(1)
+    seconds = sum(float(part) * 60 ** i for i, part in enumerate(reversed(wall.split(":"))))
+    return {"seconds": seconds, "rss": rss, "command": shown(cmd)}
+
+
+def size_on_disk(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def weight_bytes(path: Path) -> tuple[int, int]:
+    """(bytes of all tensors, of the decoder layers' tensors): no tokenizer, config or metadata."""
+    if path.suffix == ".gguf":
+        from minicpm.formats.gguf.container import GGUFFile
+
+        sizes = {t.name: t.n_bytes for t in GGUFFile(path).tensors}
+        layer = "blk."
+    else:
+        sizes, layer = {}, "model.layers."
+        for file in path.glob("*.safetensors"):
+            with open(file, "rb") as f:
+                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+            sizes.update({k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items()
+                          if k != "__metadata__"})
+    return sum(sizes.values()), sum(v for k, v in sizes.items() if k.startswith(layer))
+
+
+def llama_tools() -> Path:
+    """The folder of llama.cpp's tools, built once from the llama-cpp-python sdist (same flags as the
+    peer)."""
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "build_llama_tools.sh"), str(VENV), *TOOLS],
+                         check=True, capture_output=True, text=True)
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+# --- perplexity ------------------------------------------------------------------------------------
+def ours_ppl(model: Path | str, protocol: str, limit: int, seqlen: int, threads: int, work: Path) -> dict:
+    out = work / f"ppl-{protocol}"
+    cmd = [VENV / "bin" / "minicpm", "eval", "ppl", model, "--protocol", protocol, "--limit", limit,
+           "--seqlen", seqlen, "--threads", threads, "--output", out]
+    timed_command(cmd, work / f"ppl-{protocol}.log")
+    numbers = json.loads((out / "results.json").read_text())["numbers"]
+    return {"ppl": numbers["ppl"], "pm": numbers["uncertainty"], "scored": numbers["n_tokens_scored"],
+            "command": shown(cmd)}
+
+
+def llama_ppl(tools: Path, gguf: Path, chunks: int, threads: int, work: Path) -> dict:
+    cmd = [tools / "llama-perplexity", "-m", gguf, "-f", WIKI / "wiki.test.raw", "-c", 512, "-b", 512,
+           "--chunks", chunks, "-t", threads]
+    log = work / "llama-perplexity.log"
+    timed_command(cmd, log)
+    found = re.search(r"Final estimate: PPL = ([\d.]+) \+/- ([\d.]+)", log.read_text(errors="replace"))
+    if not found:
+        sys.exit(f"error: no final estimate in {log}")
+    return {"ppl": float(found.group(1)), "pm": float(found.group(2)), "command": shown(cmd)}
+
+
+# --- decode speed, in a child process of its own ----------------------------------------------------
+def decode_ours(path: str) -> dict:
+    import torch
+
+    from minicpm.bench.engines import load_ours, timed_tokens
+    from minicpm.generation.generate import TokenGenerator
+    from minicpm.generation.sampling import SamplingParams
+
+    model, _ = load_ours(Path(path), None)
+    ids = list(range(100, 100 + PROMPT))
+    warm = SamplingParams.from_kwargs(temperature=0.0, max_new_tokens=4, stop_token_ids=[])
+    for _ in TokenGenerator(model, [ids[:16]], warm):
+        pass
+    params = SamplingParams.from_kwargs(temperature=0.0, max_new_tokens=NEW_TOKENS, stop_token_ids=[])
+    with torch.inference_mode():
+        return timed_tokens(TokenGenerator(model, [ids], params))
+
+
+def decode_llama(path: str) -> dict:
+    from minicpm.bench.engines import llama_greedy_tokens, open_llama, timed_tokens
+
+    llm, _ = open_llama(Path(path), n_ctx=PROMPT + NEW_TOKENS + 16, n_batch=PROMPT)
+    ids = list(range(100, 100 + PROMPT))
+    llm.eval(ids[:16])
+    llm.reset()
+    return timed_tokens(llama_greedy_tokens(llm, ids, NEW_TOKENS))
+
+
+def decode_speed(engine: str, path: Path, threads: int) -> float | str:
+    r = run_child([sys.executable, __file__, "--child", engine, str(path)], threads, timeout=1800)
+    return r if isinstance(r, str) else r["decode"]
+
+
+# --- the models -------------------------------------------------------------------------------------
+def parameters(path: Path | str) -> tuple[int, int]:
+    """(the model's parameters, a tied embedding counted once; those of its decoder layers)."""
+    from minicpm.formats import load_checkpoint
+
+    model, _ = load_checkpoint(str(path), dtype="float32")
+    unique = {p.data_ptr(): p.numel() for p in model.parameters()}
+    return sum(unique.values()), sum(p.numel() for p in model.model.layers.parameters())
+
+
+def sources(name: str, work: Path, base: Path) -> tuple[str, Path]:
+    """(what our commands read, the f32 GGUF llama.cpp reads) for a model name."""
+    gguf = work / "float-f32.gguf"
+    if name == "smollm2":
+        source = "default"
+    else:
+        if not (base / "config.json").is_file():
+            sys.exit(f"error: {base} is missing; run `.venv/bin/python runs/quant_base.py` first (~35 min)")
+        source = str(base)
+    if not gguf.is_file():
+        timed_command([VENV / "bin" / "minicpm", "convert", source, gguf, "--to", "gguf", "--type", "f32",
+                       "--dtype", "float32", "--force"], work / "convert.log")
+    return source, gguf
+
+
+def calibration_text(work: Path) -> Path:
+    """The text llama-imatrix reads: the validation split, which ours samples from too."""
+    path = work / "calibration.txt"
+    if not path.is_file():
+        shutil.copyfile(WIKI / "wiki.valid.raw", path)
+    return path
+
+
+def run_ours(source: str, method: str, bits: int, args, work: Path, seqlen: int) -> dict:
+    out = work / f"ours-{method}-{bits}"
+    row = {"tool": "ours", "name": f"{method.upper()} int{bits}" + (f" g{GROUP}" if bits == 4 else " per row")}
+    cmd = [VENV / "bin" / "minicpm", "quantize", source, out, "--method", method, "--bits", bits, "--force"]
+    if bits == 4:
+        cmd += ["--group-size", GROUP]
+    if method != "rtn":
+        cmd += ["--calib", "wikitext2", "--samples", args.samples, "--seqlen", args.seqlen]
+    row["quantize"] = timed_command(cmd, work / f"quantize-{method}-{bits}.log")
+    return {**row, **measure(out, "ours", None, args, work / out.name, seqlen)}
+
+
+def run_llama(tools: Path, gguf: Path, kind: str, imatrix: bool, args, work: Path, seqlen: int) -> dict:
+    name = kind + (" + imatrix" if imatrix else "")
+    out = work / f"llama-{kind}{'-imatrix' if imatrix else ''}.gguf"
+    cmd = [tools / "llama-quantize"]
+    if imatrix:
+        cmd += ["--imatrix", work / "imatrix.gguf"]
+    cmd += [gguf, out, kind, args.threads]
+    row = {"tool": "llama.cpp", "name": name, "quantize": timed_command(cmd, work / f"quantize-{out.stem}.log")}
+    return {**row, **measure(out, "llama", tools, args, work / out.stem, seqlen)}
+
+
+def measure(model: Path, engine: str, tools: Path | None, args, work: Path, seqlen: int) -> dict:
+    """Perplexity by both protocols (and llama-perplexity's for a llama.cpp file), size, decode speed."""
+    work.mkdir(parents=True, exist_ok=True)
+    r = {"size": size_on_disk(model), "weight_bytes": weight_bytes(model)[0], "layer_bytes": weight_bytes(model)[1],
+         "minicpm": ours_ppl(model, "minicpm", args.windows, seqlen, args.threads, work),
+         "llama.cpp": ours_ppl(model, "llama.cpp", args.chunks, 512, args.threads, work),
+         "decode": decode_speed("llama" if engine == "llama" else "ours", model, args.threads)}
+    if tools is not None:
+        r["llama-perplexity"] = llama_ppl(tools, model, args.chunks, args.threads, work)
+    return r
+
+
+def report_model(name: str, args, tools: Path) -> dict:
+    work = args.keep / name
+    work.mkdir(parents=True, exist_ok=True)
+    source, gguf = sources(name, work, args.base)
+    seqlen = 2048 if name == "smollm2" else 512  # the base model was trained on 512-token windows
+    rows = [{"tool": "float", "name": "float32 GGUF (the Q4_1 dequantized)" if name == "smollm2" else "bf16",
+             **measure(gguf if name == "smollm2" else Path(source), "ours", None, args, work / "float", seqlen)}]
+    rows[0]["llama-perplexity"] = llama_ppl(tools, gguf, args.chunks, args.threads, work / "float")
+    for method, bits in OURS:
+        rows.append(run_ours(source, method, bits, args, work, seqlen))
+    calib = calibration_text(work)
+    imatrix = timed_command([tools / "llama-imatrix", "-m", gguf, "-f", calib, "-o", work / "imatrix.gguf",
+                             "-c", args.seqlen, "-b", args.seqlen, "--chunks", args.samples, "-t", args.threads],
+                            work / "imatrix.log")
+    for kind, use_imatrix in LLAMA:
+        rows.append(run_llama(tools, gguf, kind, use_imatrix, args, work, seqlen))
+        if use_imatrix:
+            rows[-1]["imatrix"] = imatrix
+    total, layers = parameters(gguf)
+    return {"model": name, "source": source, "parameters": total, "layer_parameters": layers, "seqlen": seqlen,
+            "rows": rows}
+
+
+# --- the Markdown -----------------------------------------------------------------------------------
+def recovered(rows: list[dict], row: dict, key: str) -> str:
+    """The share of RTN's perplexity increase over float that a calibrated method at the same bits
+    recovers: (RTN - method) / (RTN - float)."""
+    if row["tool"] != "ours" or row["name"].startswith("RTN"):
+        return ""
+    bits = row["name"].split()[1]
+    rtn = next(r for r in rows if r["tool"] == "ours" and r["name"].startswith("RTN " + bits))
+    base, worst = rows[0][key]["ppl"], rtn[key]["ppl"]
+    return f"{(worst - row[key]['ppl']) / (worst - base):.0%}" if worst > base else "n/a"
+
+
+def fmt_ppl(p: dict | None) -> str:
+    return "" if p is None else f"{p['ppl']:.3f} ± {p['pm']:.3f}"
+
+
+def table(result: dict) -> list[str]:
+    rows, n, n_layers = result["rows"], result["parameters"], result["layer_parameters"]
+    lines = ["| quantization | bits/weight | layers' bits/weight | size on disk MB "
+             "| perplexity, minicpm protocol | recovered | perplexity, llama.cpp protocol | recovered "
+             "| llama-perplexity | quantize s "
+             "| quantize peak RSS MiB | decode tok/s |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        q = r.get("quantize")
+        cells = [f"{r['tool']}: {r['name']}", f"{8 * r['weight_bytes'] / n:.2f}",
+                 f"{8 * r['layer_bytes'] / n_layers:.2f}", f"{r['size'] / 1e6:.1f}",
+                 fmt_ppl(r["minicpm"]), recovered(rows, r, "minicpm"), fmt_ppl(r["llama.cpp"]),
+                 recovered(rows, r, "llama.cpp"), fmt_ppl(r.get("llama-perplexity")),
+                 f"{q['seconds']:.0f}" if q else "", f"{q['rss']:.0f}" if q else "",
+                 r["decode"] if isinstance(r["decode"], str) else f"{r['decode']:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def verdicts(result: dict) -> list[str]:
+    """The issue's two quality targets, read off the table: GPTQ and AWQ int4 recover at least half of
+    RTN int4's increase; our best int4 is at least as good as Q4_K_M with an imatrix at no more bits."""
+    rows, n_layers = result["rows"], result["layer_parameters"]
+    named = {f"{r['tool']}: {r['name']}": r for r in rows}
+    lines = []
+    for method in ("GPTQ", "AWQ"):
+        row = named.get(f"ours: {method} int4 g{GROUP}")
+        if row:
+            shares = [recovered(rows, row, key) for key in ("minicpm", "llama.cpp")]
+            lines.append(f"- {method} int4 g{GROUP} recovers {shares[0]} (minicpm protocol) and {shares[1]} "
+                         "(llama.cpp protocol) of RTN's increase: target 50%.")
+    ours = [r for r in rows if r["tool"] == "ours" and " int4 " in r["name"]]
+    peer = named.get("llama.cpp: Q4_K_M + imatrix")
+    if ours and peer:
+        best = min(ours, key=lambda r: r["llama.cpp"]["ppl"])
+
+        def bits(r: dict) -> str:
+            return f"{8 * r['layer_bytes'] / n_layers:.2f}"
+        lines.append(f"- Our best int4 ({best['name']}, layers at {bits(best)} bits/weight): "
+                     f"{best['minicpm']['ppl']:.3f} / {best['llama.cpp']['ppl']:.3f} (minicpm / llama.cpp protocol) "
+                     f"against Q4_K_M + imatrix ({bits(peer)} bits/weight): {peer['minicpm']['ppl']:.3f} / "
+                     f"{peer['llama.cpp']['ppl']:.3f}.")
+    return lines
+
+
+def commands(result: dict) -> list[str]:
+    out = []
+    for r in result["rows"]:
+        for key in ("quantize", "minicpm", "llama.cpp", "llama-perplexity", "imatrix"):
+            if key in r:
+                out.append(r[key]["command"])
+    return ["<details><summary>commands</summary>", "", "```sh", *dict.fromkeys(out), "```", "", "</details>"]
+
+
+def markdown(results: list[dict], args) -> str:
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [f"## Report ({stamp})", "",
+             f"Produced by `.venv/bin/python benchmarks/quantization.py --samples {args.samples} --seqlen "
+             f"{args.seqlen} --windows {args.windows} --chunks {args.chunks} --threads {args.threads}`. "
+             f"Machine: {machine()}; {args.threads} threads; one command at a time. Bits per weight: the "
+             "tensors' bytes x 8 / the model's parameters (a tied embedding counted once), so the head and "
+             "embedding count (ours: an int8 head whose rows the embedding reads; llama.cpp's k-quant mixes: "
+             "q6_K); layers' bits/weight: the same for the decoder layers alone, where the methods differ. "
+             "Perplexity: WikiText-2 test; minicpm "
+             f"protocol over the first {args.windows} windows (2048 tokens for SmolLM2, 512 for the base "
+             f"model, which was trained on 512), llama.cpp protocol over the first {args.chunks} chunks of "
+             "512 (the second half of each scored), the same chunks for `llama-perplexity`. \"Recovered\": "
+             "(RTN - method) / (RTN - float) at the same bits. Decode: greedy, batch 1, "
+             f"{PROMPT}-token prompt, {NEW_TOKENS} new tokens. Calibration: {args.samples} x {args.seqlen} "
+             "tokens of WikiText-2 validation, for GPTQ, AWQ and llama-imatrix alike.", ""]
+    for result in results:
+        lines += [f"### {result['model']}: {result['parameters'] / 1e6:.1f} M parameters", "", *table(result), "",
+                  *verdicts(result), "", *commands(result), ""]
+    return "\n".join(lines)
+
+
+def write_doc(text: str, path: Path = DOC) -> None:
+    """Replace the report between the markers of `path` (append it, with markers, the first time)."""
+    doc = path.read_text(encoding="utf-8")
+    start, end = MARKERS
+    if start in doc and end in doc:
+        doc = doc[:doc.index(start) + len(start)] + "\n" + text + "\n" + doc[doc.index(end):]
+    else:
+        doc = doc.rstrip("\n") + f"\n\n{start}\n{text}\n{end}\n"
+    path.write_text(doc, encoding="utf-8")
+
+
+def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "--child":
+        runner = decode_ours if sys.argv[2] == "ours" else decode_llama
+        print(json.dumps(measure_here(runner, int(os.environ["BENCH_THREADS"]), sys.argv[3])))
+        return
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="smollm2,base", help="comma-separated: smollm2, base")
+    p.add_argument("--samples", type=count(1, "--samples"), default=32, help="calibration windows")
+    p.add_argument("--seqlen", type=count(16, "--seqlen"), default=512, help="calibration window tokens")
+    p.add_argument("--windows", type=count(1, "--windows"), default=16, help="minicpm-protocol windows scored")
+    p.add_argument("--chunks", type=count(1, "--chunks"), default=64, help="llama.cpp-protocol chunks scored")
+    p.add_argument("--threads", type=count(1, "--threads"), default=2)
+    p.add_argument("--base", type=Path, default=BASE, help="the base model's folder (runs/quant_base.py's output)")
+    p.add_argument("--keep", type=folder, default=Path.home() / ".cache/minicpm/bench/quantization",
+                   help="working folder (quantized files, logs)")
+    p.add_argument("--write-doc", action="store_true", help=f"put the tables into {DOC.relative_to(ROOT)}")
+    args = p.parse_args()
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in models if m not in ("smollm2", "base")]
+    if unknown or not models:
+        p.error(f"--models takes smollm2 and/or base, not {args.models!r}")
+    if not Path("/usr/bin/time").is_file():
+        sys.exit("error: /usr/bin/time is missing (install GNU time): peak RSS is read from it")
+    tools = llama_tools()
+    started = time.time()
+    results = []
+    for name in models:
+        results.append(report_model(name, args, tools))
+        (args.keep / f"{name}.json").write_text(json.dumps(results[-1], indent=1))
+    text = markdown(results, args)
+    print(text)
+    print(f"\n({(time.time() - started) / 60:.0f} min)")
+    if args.write_doc:
+        write_doc(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Pretrain the small MiniCPM whose weights the quantization report (benchmarks/quantization.py)
+measures: real trained bf16 weights that were never quantized, unlike the default model's Q4_1.
+
+With the shipped CLI only:
+
+  1. the training text: WikiText-2's *validation* split (the test split stays unseen: perplexity
+     is measured on it) and the English text of the shared Alpaca, DPO and KTO demo sets
+     (instructions, inputs, answers; ~3.1 MB in all);
+  2. packed with the default model's tokenizer (SmolLM2's 49,152-token byte-level BPE, which
+     llama.cpp tokenizes identically from our GGUF export, so both tools score the same tokens);
+  3. `minicpm train pretrain`: a MiniCPM with muP (hidden 512, 8 layers, GQA 8/2 heads, FFN 1280,
+     tied embedding: 46.6 M parameters), 512-token windows, WSD schedule (the MiniCPM recipe), bf16
+     autocast; every width a multiple of 256, so llama.cpp's k-quants apply to every layer;
+  4. the final weights written as bf16 (`minicpm convert --to hf --dtype bfloat16`).
+
+    .venv/bin/python runs/quant_base.py              # ~35 min on 2 cores; prints the output folder
+    .venv/bin/python runs/quant_base.py --quick      # a 1-minute check of the pipeline
+
+Finished steps are kept (rerun to continue after an interruption). The recipe the run used is
+copied to runs/quant_base/recipe.yaml beside a summary (steps, tokens, time, final loss).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+CACHE = Path.home() / ".cache" / "minicpm" / "bench"
+
+MODEL = ("{hidden_size: 512, intermediate_size: 1280, num_hidden_layers: 8, num_attention_heads: 8, "
+         "num_key_value_heads: 2, scale_emb: 12, dim_model_base: 64, scale_depth: 1.4, "
+         "max_position_embeddings: 512, tie_word_embeddings: true}")
+QUICK_MODEL = ("{hidden_size: 256, intermediate_size: 512, num_hidden_layers: 2, num_attention_heads: 4, "
+               "num_key_value_heads: 2, scale_emb: 12, dim_model_base: 64, scale_depth: 1.4, "
+               "max_position_embeddings: 512, tie_word_embeddings: true}")
+FULL = {"model": MODEL, "steps": 200, "warmup": 20, "batch": 8}
+QUICK = {"model": QUICK_MODEL, "steps": 4, "warmup": 1, "batch": 2}
+
+
+def minicpm(*args: str) -> None:
+    print("$ minicpm " + " ".join(args), flush=True)
+    subprocess.run([sys.executable, "-m", "minicpm.cli.main", *args], check=True)
+
+
+def english_text(shared: Path) -> str:
+    """The English prose of the shared Alpaca, DPO and KTO demo sets, one record per paragraph."""
+    records = []
+    for r in json.loads((shared / "calibration" / "alpaca_data_cleaned.json").read_text(encoding="utf-8")):
+        records.append([r["instruction"], r["input"], r["output"]])
+    for r in json.loads((shared / "preference" / "dpo_en_demo.json").read_text(encoding="utf-8")):
+        records.append([c["value"] for c in r["conversations"]] + [r["chosen"]["value"]])
+    for r in json.loads((shared / "preference" / "kto_en_demo.json").read_text(encoding="utf-8")):
+        records.append([m["content"] for m in r["messages"]])
+    return "".join("\n".join(part for part in parts if part) + "\n\n" for parts in records)
+
+
+def prepare(work: Path, shared: Path) -> Path:
+    packed = work / "train"
+    if (packed / "index.json").is_file() and json.loads((packed / "index.json").read_text()).get("complete"):
+        return packed
+    wiki = shared / "wikitext-2-raw" / "wiki.valid.raw"
+    if not wiki.is_file():
+        sys.exit(f"error: {wiki} is missing; pass --shared with the folder of the shared data sets")
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "english.txt").write_text(english_text(shared), encoding="utf-8")
+    minicpm("pack", str(wiki), str(work / "english.txt"), "--tokenizer", "default", "--out", str(packed))
+    return packed
+
+
+def train(work: Path, packed: Path, size: dict) -> Path:
+    run = work / "run"
+    if not (run / "final").is_dir():
+        args = ["model.tokenizer=default", f"model.config={size['model']}", f"data.train={packed}",
+                "data.seq_len=512", f"train.batch_size={size['batch']}", f"train.micro_batch_size={size['batch']}",
+                f"train.steps={size['steps']}", f"train.save_every={max(size['steps'] // 4, 1)}",
+                "train.log_every=5", "train.eval_every=1000000", "optim.lr=0.01",
+                f"schedule.warmup_steps={size['warmup']}", "schedule.kind=wsd", "schedule.decay_fraction=0.1",
+                "schedule.final_ratio=0.01", "seed=0"]
+        checkpoints = run / "checkpoints"
+        if checkpoints.is_dir() and any(checkpoints.iterdir()):
+            minicpm("train", "pretrain", "--resume", "--out", str(run))
+        else:
+            minicpm("train", "pretrain", *args, "--out", str(run))
+    return run
+
+
+def summary(run: Path, size: dict) -> dict:
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
+    last = [r for r in records if "loss" in r and "step" in r][-1]
+    return {"steps": last["step"], "tokens": last["step"] * size["batch"] * 512,
+            "final_train_loss": round(last["loss"], 4), "training_seconds": round(last["elapsed_s"])}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny model, 4 steps: checks the pipeline")
+    parser.add_argument("--work", default=None, help=f"working folder (default {CACHE}/quant-base[-quick])")
+    parser.add_argument("--shared", default=str(SHARED), help="folder of the shared data sets")
+    args = parser.parse_args()
+    size = QUICK if args.quick else FULL
+    work = Path(args.work or CACHE / ("quant-base-quick" if args.quick else "quant-base"))
+    run = train(work, prepare(work, Path(args.shared)), size)
+    model = work / "model"
+    if not (model / "config.json").is_file():
+        minicpm("convert", str(run / "final"), str(model), "--to", "hf", "--dtype", "bfloat16", "--force")
+    if not args.quick:
+        record = ROOT / "runs" / "quant_base"
+        record.mkdir(exist_ok=True)
+        shutil.copyfile(run / "recipe.yaml", record / "recipe.yaml")
+        (record / "summary.json").write_text(json.dumps(summary(run, size), indent=1) + "\n")
+    print(model)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
