@@ -1,4 +1,4 @@
-"""LoRA fine-tuning speed and memory: `minicpm train sft` against Hugging Face `Trainer` + `peft`.
+"""Fine-tuning speed and memory: `minicpm train sft` against Hugging Face `Trainer` (+ `peft`).
 
 The same weights (SmolLM2-135M-Instruct dequantized to float32: ours from an HF folder, the peer
 as transformers' LlamaForCausalLM on our llama-format export), the same examples in the same
@@ -9,7 +9,9 @@ at a constant rate, clipping at 1, bf16 autocast over fp32 weights, seq 512, bat
 threads. Each side runs in its own process; reported: tokens/s of the training loop (the real
 tokens of the batches, padding not counted, model loading excluded), peak RSS (VmHWM) and the
 loss of each step. Ours runs with the micro-batch it chooses from memory ("chosen") and with the
-peer's micro-batch of 8.
+peer's micro-batch of 8. Then full fine-tuning (every weight, AdamW state for all of them) with
+activation checkpointing on both sides (ours `train.activation_checkpointing=true`, the peer's
+`gradient_checkpointing=True`), micro-batch 8.
 
     python benchmarks/training.py --steps 20 --threads 2        (also a section of `make bench`)
 """
@@ -66,8 +68,12 @@ def bench_ours(workdir: Path, which: str, data: str, steps: int) -> dict:
     from minicpm.training.recipe import load_recipe
     from minicpm.training.run import train
 
-    micro = [] if which == "chosen" else [f"train.micro_batch_size={which}"]
-    recipe = load_recipe("sft", None, [*SETTINGS, *micro, f"model.path={workdir / 'hf'}", f"data.train={data}",
+    if which == FULL:
+        settings = [s for s in SETTINGS if s != "train.method=lora"]
+        settings += ["train.method=full", "train.activation_checkpointing=true", f"train.micro_batch_size={BATCH}"]
+    else:
+        settings = SETTINGS + ([] if which == "chosen" else [f"train.micro_batch_size={which}"])
+    recipe = load_recipe("sft", None, [*settings, f"model.path={workdir / 'hf'}", f"data.train={data}",
                                        f"train.steps={steps}", f"out={workdir / ('run-' + which)}"])
     recipe.validate()
     train(recipe, echo=lambda *a, **k: None)
@@ -79,14 +85,16 @@ def bench_ours(workdir: Path, which: str, data: str, steps: int) -> dict:
 
 def bench_peer(workdir: Path, which: str, data: str, steps: int) -> dict:
     import torch
-    from peft import LoraConfig, get_peft_model
     from torch.utils.data import SequentialSampler
     from transformers import LlamaForCausalLM, Trainer, TrainingArguments
 
     rows = json.loads((workdir / "rows.json").read_text())
     model = LlamaForCausalLM.from_pretrained(workdir / "llama", dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.1, target_modules="all-linear",
-                                             task_type="CAUSAL_LM"))
+    if which != FULL:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.1, target_modules="all-linear",
+                                                 task_type="CAUSAL_LM"))
 
     class InOrder(Trainer):  # our sample order, not a shuffle
         def _get_train_sampler(self, *args, **kwargs):
@@ -105,7 +113,8 @@ def bench_peer(workdir: Path, which: str, data: str, steps: int) -> dict:
     args = TrainingArguments(output_dir=str(workdir / "peer"), per_device_train_batch_size=BATCH, max_steps=steps,
                              learning_rate=5e-5, lr_scheduler_type="constant", weight_decay=0.01, adam_beta2=0.95,
                              max_grad_norm=1.0, bf16=True, use_cpu=True, logging_steps=1, save_strategy="no",
-                             report_to=[], dataloader_num_workers=0, disable_tqdm=True, seed=0)
+                             report_to=[], dataloader_num_workers=0, disable_tqdm=True, seed=0,
+                             gradient_checkpointing=which == FULL)
     trainer = InOrder(model=model, args=args, train_dataset=rows, data_collator=collate)
     start = time.perf_counter()
     trainer.train()
@@ -114,8 +123,10 @@ def bench_peer(workdir: Path, which: str, data: str, steps: int) -> dict:
     return {"seconds": seconds, "tokens_per_s": real_tokens(workdir) / seconds, "losses": losses}
 
 
-ENGINES = {"ours": bench_ours, "Trainer + peft": bench_peer}
-CASES = [("ours", "chosen"), ("ours", "8"), ("Trainer + peft", "8")]  # (engine, micro-batch)
+FULL = "full, checkpointing"  # the full fine-tuning case (micro-batch 8)
+ENGINES = {"ours": bench_ours, "Trainer + peft": bench_peer, "Trainer": bench_peer}
+# (engine, micro-batch, or FULL); each row's ratio is to the peer row of its kind
+CASES = [("ours", "chosen"), ("ours", "8"), ("Trainer + peft", "8"), ("ours", FULL), ("Trainer", FULL)]
 
 
 def run_training(steps: int = STEPS, threads: int = 2, data: Path = DATA, log=print) -> str:
@@ -128,7 +139,7 @@ def run_training(steps: int = STEPS, threads: int = 2, data: Path = DATA, log=pr
         prepare(workdir, data, steps)
         rows = []
         for engine, which in CASES:
-            if engine != "ours" and importlib.util.find_spec("peft") is None:
+            if engine == "Trainer + peft" and importlib.util.find_spec("peft") is None:
                 rows.append((engine, which, "peft is not installed (`pip install -e .[test]`)"))
                 continue
             log(f"training: {engine} {which} ...")
@@ -139,17 +150,20 @@ def run_training(steps: int = STEPS, threads: int = 2, data: Path = DATA, log=pr
 
 
 def training_table(rows: list[tuple[str, str, dict | str]], steps: int, threads: int) -> str:
-    peer = next((r for e, _, r in rows if e != "ours" and isinstance(r, dict)), None)
+    peers = {which == FULL: r for e, which, r in rows if e != "ours" and isinstance(r, dict)}
 
-    def cells(_, r: dict) -> list[str]:
-        ratio = f"{r['tokens_per_s'] / peer['tokens_per_s']:.2f}x" if peer else "-"
-        return [f"{r['tokens_per_s']:.1f}", f"{r['rss']:,.0f}", ratio, ", ".join(f"{x:.3f}" for x in r["losses"][:5])]
+    def cells(which: str, r: dict) -> list[str]:
+        peer = peers.get(which == FULL)
+        ratios = [f"{r[k] / peer[k]:.2f}x" if peer else "-" for k in ("tokens_per_s", "rss")]
+        return [f"{r['tokens_per_s']:.1f}", f"{r['rss']:,.0f}", *ratios,
+                ", ".join(f"{x:.3f}" for x in r["losses"][:5])]
 
-    head = [f"## LoRA fine-tuning: SmolLM2-135M-Instruct, seq {SEQ}, batch {BATCH} ({date.today().isoformat()})",
+    head = [f"## Fine-tuning: SmolLM2-135M-Instruct, seq {SEQ}, batch {BATCH} ({date.today().isoformat()})",
             "", f"Machine: {machine()}; threads: {threads}; {steps} steps of the shipped SFT demo data "
             "(benchmarks/training.py). Tokens/s counts the real tokens of the batches over the training "
             "loop; peak RSS is the process's VmHWM.", ""]
-    columns = ["engine", "micro-batch", "tokens/s", "peak RSS MB", "vs Trainer + peft", "losses (first steps)"]
+    columns = ["engine", "micro-batch", "tokens/s", "peak RSS MB", "tokens/s vs peer", "peak RSS vs peer",
+               "losses (first steps)"]
     return "\n".join(head + markdown_table(columns, 2, rows, cells)) + "\n"
 
 
