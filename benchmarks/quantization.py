@@ -20,9 +20,11 @@ Calibration (ours and llama-imatrix alike): WikiText-2's validation split, SAMPL
 SEQLEN tokens (ours at seeded random offsets, llama-imatrix its first SAMPLES chunks).
 
     .venv/bin/python benchmarks/quantization.py [--models smollm2,base] [--samples 32] [--seqlen 512]
-        [--windows 16] [--chunks 64] [--threads 2] [--keep DIR] [--write-doc]
+        [--windows 16] [--chunks 64] [--threads 2] [--keep DIR] [--reuse] [--write-doc]
 
---write-doc puts the tables into docs/quantization.md between its report markers.
+Each model's results are saved in --keep (`base.json`, `smollm2.json`); --reuse keeps the rows saved
+there and measures only the missing ones (so the models, or a new row, can be measured in separate
+sittings), --write-doc puts the tables into docs/quantization.md between its report markers.
 """
 
 from __future__ import annotations
@@ -48,7 +50,9 @@ DOC = ROOT / "docs" / "quantization.md"
 MARKERS = ("<!-- quantization report: start -->", "<!-- quantization report: end -->")
 WIKI = ROOT / "minicpm" / "evaluation" / "data"
 TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity")
-OURS = [("rtn", 4), ("gptq", 4), ("awq", 4), ("rtn", 8), ("gptq", 8), ("awq", 8)]
+# (method, bits, extra flags of `minicpm quantize`)
+OURS = [("rtn", 4, ()), ("gptq", 4, ()), ("gptq", 4, ("--act-order",)), ("awq", 4, ()), ("rtn", 8, ()),
+        ("gptq", 8, ()), ("awq", 8, ())]
 LLAMA = [("Q4_0", False), ("Q4_K_M", False), ("Q4_K_M", True), ("Q8_0", False)]
 GROUP = 128
 BASE = Path.home() / ".cache" / "minicpm" / "bench" / "quant-base" / "model"
@@ -198,15 +202,20 @@ def calibration_text(work: Path) -> Path:
     return path
 
 
-def run_ours(source: str, method: str, bits: int, args, work: Path, seqlen: int) -> dict:
-    out = work / f"ours-{method}-{bits}"
-    row = {"tool": "ours", "name": f"{method.upper()} int{bits}" + (f" g{GROUP}" if bits == 4 else " per row")}
-    cmd = [VENV / "bin" / "minicpm", "quantize", source, out, "--method", method, "--bits", bits, "--force"]
+def ours_name(method: str, bits: int, flags: tuple) -> str:
+    return " ".join([method.upper(), f"int{bits}", f"g{GROUP}" if bits == 4 else "per row",
+                     *(f.removeprefix("--") for f in flags)])
+
+
+def run_ours(source: str, method: str, bits: int, flags: tuple, args, work: Path, seqlen: int) -> dict:
+    out = work / ("ours-" + "-".join([method, str(bits), *(f.removeprefix("--") for f in flags)]))
+    row = {"tool": "ours", "name": ours_name(method, bits, flags)}
+    cmd = [VENV / "bin" / "minicpm", "quantize", source, out, "--method", method, "--bits", bits, *flags, "--force"]
     if bits == 4:
         cmd += ["--group-size", GROUP]
     if method != "rtn":
         cmd += ["--calib", "wikitext2", "--samples", args.samples, "--seqlen", args.seqlen]
-    row["quantize"] = timed_command(cmd, work / f"quantize-{method}-{bits}.log")
+    row["quantize"] = timed_command(cmd, work / f"quantize-{out.name.removeprefix('ours-')}.log")
     return {**row, **measure(out, "ours", None, args, work / out.name, seqlen)}
 
 
@@ -233,24 +242,42 @@ def measure(model: Path, engine: str, tools: Path | None, args, work: Path, seql
     return r
 
 
-def report_model(name: str, args, tools: Path) -> dict:
+def report_model(name: str, args, tools: Path, earlier: dict | None = None) -> dict:
+    """Every row of one model's table; rows of `earlier` (a saved result) with the same name are
+    taken as they are."""
     work = args.keep / name
     work.mkdir(parents=True, exist_ok=True)
     source, gguf = sources(name, work, args.base)
     seqlen = 2048 if name == "smollm2" else 512  # the base model was trained on 512-token windows
-    rows = [{"tool": "float", "name": "float32 GGUF (the Q4_1 dequantized)" if name == "smollm2" else "bf16",
-             **measure(gguf if name == "smollm2" else Path(source), "ours", None, args, work / "float", seqlen)}]
-    rows[0]["llama-perplexity"] = llama_ppl(tools, gguf, args.chunks, args.threads, work / "float")
-    for method, bits in OURS:
-        rows.append(run_ours(source, method, bits, args, work, seqlen))
-    calib = calibration_text(work)
-    imatrix = timed_command([tools / "llama-imatrix", "-m", gguf, "-f", calib, "-o", work / "imatrix.gguf",
-                             "-c", args.seqlen, "-b", args.seqlen, "--chunks", args.samples, "-t", args.threads],
-                            work / "imatrix.log")
+    kept = {(r["tool"], r["name"]): r for r in (earlier or {}).get("rows", [])}
+
+    def row(tool: str, label: str, make, *make_args) -> dict:
+        return kept.get((tool, label)) or make(*make_args)
+
+    def float_row() -> dict:
+        r = {"tool": "float", "name": label,
+             **measure(gguf if name == "smollm2" else Path(source), "ours", None, args, work / "float", seqlen)}
+        return {**r, "llama-perplexity": llama_ppl(tools, gguf, args.chunks, args.threads, work / "float")}
+
+    label = "float32 GGUF (the Q4_1 dequantized)" if name == "smollm2" else "bf16"
+    rows = [row("float", label, float_row)]
+    for method, bits, flags in OURS:
+        rows.append(row("ours", ours_name(method, bits, flags),
+                        run_ours, source, method, bits, flags, args, work, seqlen))
+    imatrix = {}
+
+    def llama_row(kind: str, use_imatrix: bool) -> dict:
+        if use_imatrix and not imatrix:
+            imatrix.update(timed_command(
+                [tools / "llama-imatrix", "-m", gguf, "-f", calibration_text(work), "-o", work / "imatrix.gguf",
+                 "-c", args.seqlen, "-b", args.seqlen, "--chunks", args.samples, "-t", args.threads],
+                work / "imatrix.log"))
+        r = run_llama(tools, gguf, kind, use_imatrix, args, work, seqlen)
+        return {**r, "imatrix": dict(imatrix)} if use_imatrix else r
+
     for kind, use_imatrix in LLAMA:
-        rows.append(run_llama(tools, gguf, kind, use_imatrix, args, work, seqlen))
-        if use_imatrix:
-            rows[-1]["imatrix"] = imatrix
+        rows.append(row("llama.cpp", kind + (" + imatrix" if use_imatrix else ""),
+                        llama_row, kind, use_imatrix))
     total, layers = parameters(gguf)
     return {"model": name, "source": source, "parameters": total, "layer_parameters": layers, "seqlen": seqlen,
             "rows": rows}
@@ -297,11 +324,10 @@ def verdicts(result: dict) -> list[str]:
     rows, n_layers = result["rows"], result["layer_parameters"]
     named = {f"{r['tool']}: {r['name']}": r for r in rows}
     lines = []
-    for method in ("GPTQ", "AWQ"):
-        row = named.get(f"ours: {method} int4 g{GROUP}")
-        if row:
+    for row in rows:
+        if row["tool"] == "ours" and " int4 " in row["name"] and not row["name"].startswith("RTN"):
             shares = [recovered(rows, row, key) for key in ("minicpm", "llama.cpp")]
-            lines.append(f"- {method} int4 g{GROUP} recovers {shares[0]} (minicpm protocol) and {shares[1]} "
+            lines.append(f"- {row['name']} recovers {shares[0]} (minicpm protocol) and {shares[1]} "
                          "(llama.cpp protocol) of RTN's increase: target 50%.")
     ours = [r for r in rows if r["tool"] == "ours" and " int4 " in r["name"]]
     peer = named.get("llama.cpp: Q4_K_M + imatrix")
@@ -326,25 +352,30 @@ def commands(result: dict) -> list[str]:
     return ["<details><summary>commands</summary>", "", "```sh", *dict.fromkeys(out), "```", "", "</details>"]
 
 
-def markdown(results: list[dict], args) -> str:
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    lines = [f"## Report ({stamp})", "",
-             f"Produced by `.venv/bin/python benchmarks/quantization.py --samples {args.samples} --seqlen "
-             f"{args.seqlen} --windows {args.windows} --chunks {args.chunks} --threads {args.threads}`. "
-             f"Machine: {machine()}; {args.threads} threads; one command at a time. Bits per weight: the "
+def settings_line(result: dict) -> str:
+    a = result["settings"]
+    return (f"Measured {a['measured']} in {a['minutes']:.0f} min by `.venv/bin/python benchmarks/quantization.py "
+            f"--models {result['model']} --samples {a['samples']} --seqlen {a['seqlen']} --windows {a['windows']} "
+            f"--chunks {a['chunks']} --threads {a['threads']}`: calibration {a['samples']} x {a['seqlen']} tokens; "
+            f"minicpm protocol over the first {a['windows']} windows of {result['seqlen']} tokens, llama.cpp "
+            f"protocol over the first {a['chunks']} chunks of 512.")
+
+
+def markdown(results: list[dict]) -> str:
+    lines = ["## Report", "",
+             f"Machine: {machine()}; one command at a time. Bits per weight: the "
              "tensors' bytes x 8 / the model's parameters (a tied embedding counted once), so the head and "
              "embedding count (ours: an int8 head whose rows the embedding reads; llama.cpp's k-quant mixes: "
              "q6_K); layers' bits/weight: the same for the decoder layers alone, where the methods differ. "
-             "Perplexity: WikiText-2 test; minicpm "
-             f"protocol over the first {args.windows} windows (2048 tokens for SmolLM2, 512 for the base "
-             f"model, which was trained on 512), llama.cpp protocol over the first {args.chunks} chunks of "
-             "512 (the second half of each scored), the same chunks for `llama-perplexity`. \"Recovered\": "
-             "(RTN - method) / (RTN - float) at the same bits. Decode: greedy, batch 1, "
-             f"{PROMPT}-token prompt, {NEW_TOKENS} new tokens. Calibration: {args.samples} x {args.seqlen} "
-             "tokens of WikiText-2 validation, for GPTQ, AWQ and llama-imatrix alike.", ""]
+             "Perplexity: WikiText-2 test; the minicpm protocol (windows of 2048 tokens for SmolLM2, 512 for "
+             "the base model, which was trained on 512) and the llama.cpp protocol (chunks of 512, the second "
+             "half of each scored) by `minicpm eval ppl`, and llama.cpp's files also by `llama-perplexity` on the "
+             "same chunks. \"Recovered\": (RTN - method) / (RTN - float) at the same bits. Decode: greedy, batch "
+             f"1, {PROMPT}-token prompt, {NEW_TOKENS} new tokens. Calibration: WikiText-2 validation, the same "
+             "number of tokens for GPTQ, AWQ and llama-imatrix.", ""]
     for result in results:
-        lines += [f"### {result['model']}: {result['parameters'] / 1e6:.1f} M parameters", "", *table(result), "",
-                  *verdicts(result), "", *commands(result), ""]
+        lines += [f"### {result['model']}: {result['parameters'] / 1e6:.1f} M parameters", "", settings_line(result),
+                  "", *table(result), "", *verdicts(result), "", *commands(result), ""]
     return "\n".join(lines)
 
 
@@ -374,6 +405,8 @@ def main() -> None:
     p.add_argument("--base", type=Path, default=BASE, help="the base model's folder (runs/quant_base.py's output)")
     p.add_argument("--keep", type=folder, default=Path.home() / ".cache/minicpm/bench/quantization",
                    help="working folder (quantized files, logs)")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep the rows saved by an earlier run (in --keep); measure only those missing")
     p.add_argument("--write-doc", action="store_true", help=f"put the tables into {DOC.relative_to(ROOT)}")
     args = p.parse_args()
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -383,14 +416,24 @@ def main() -> None:
     if not Path("/usr/bin/time").is_file():
         sys.exit("error: /usr/bin/time is missing (install GNU time): peak RSS is read from it")
     tools = llama_tools()
-    started = time.time()
     results = []
     for name in models:
-        results.append(report_model(name, args, tools))
-        (args.keep / f"{name}.json").write_text(json.dumps(results[-1], indent=1))
-    text = markdown(results, args)
+        saved = args.keep / f"{name}.json"
+        earlier = json.loads(saved.read_text()) if args.reuse and saved.is_file() else None
+        started = time.time()
+        result = report_model(name, args, tools, earlier)
+        if earlier and len(earlier["rows"]) == len(result["rows"]):
+            results.append(earlier)
+            continue
+        before = (earlier or {}).get("settings", {}).get("minutes", 0.0)  # the kept rows' time
+        result["settings"] = {"samples": args.samples, "seqlen": args.seqlen, "windows": args.windows,
+                              "chunks": args.chunks, "threads": args.threads,
+                              "minutes": before + (time.time() - started) / 60,
+                              "measured": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+        saved.write_text(json.dumps(result, indent=1))
+        results.append(result)
+    text = markdown(results)
     print(text)
-    print(f"\n({(time.time() - started) / 60:.0f} min)")
     if args.write_doc:
         write_doc(text)
 

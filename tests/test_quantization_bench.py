@@ -67,7 +67,9 @@ def result() -> dict:
             row("ours", "AWQ int4 g128", 13.0), row("ours", "RTN int8 per row", 10.5),
             row("ours", "GPTQ int8 per row", 10.25), row("llama.cpp", "Q4_K_M + imatrix", 12.0, layer_bytes=120)]
     rows[1]["quantize"] = {"seconds": 3.0, "rss": 200.0, "command": "minicpm quantize a b"}
-    return {"model": "m", "parameters": 200, "layer_parameters": 160, "rows": rows}
+    return {"model": "m", "parameters": 200, "layer_parameters": 160, "rows": rows, "seqlen": 512,
+            "settings": {"samples": 4, "seqlen": 64, "windows": 2, "chunks": 3, "threads": 2, "minutes": 1.0,
+                         "measured": "2026-12-03 20:00 UTC"}}
 
 
 def test_recovered_is_the_share_of_rtns_increase_at_the_same_bits():
@@ -89,6 +91,9 @@ def test_table_and_verdicts_read_the_rows():
     assert "GPTQ int4 g128 recovers 75%" in verdict and "AWQ int4 g128 recovers 25%" in verdict
     assert "Our best int4 (GPTQ int4 g128, layers at 5.00 bits/weight): 11.000 / 12.000" in verdict
     assert "Q4_K_M + imatrix (6.00 bits/weight): 12.000 / 13.000" in verdict
+    text = report.markdown([r])
+    assert "--models m --samples 4 --seqlen 64 --windows 2 --chunks 3 --threads 2" in text
+    assert "ours: GPTQ int4 g128" in text and "minicpm quantize a b" in text
 
 
 def test_the_report_replaces_only_the_text_between_its_markers(tmp_path):
