@@ -38,6 +38,16 @@ VARIANTS: dict[str, dict] = {
 }
 
 
+def benchmark_script(name: str):
+    """benchmarks/NAME.py as a module (the scripts are not a package), for tests of their pure parts."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def variant_config(name: str, **overrides) -> MiniCPMConfig:
     return preset("tiny", **{**VARIANTS[name], **overrides})
 

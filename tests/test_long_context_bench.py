@@ -3,21 +3,13 @@ the prefill estimate, the MoE table's ratios. No timings are asserted here."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
+from conftest import benchmark_script
 
-
-def script(name: str):
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-context = script("context_128k")
-moe = script("moe")
+context = benchmark_script("context_128k")
+moe = benchmark_script("moe")
 
 
 def test_depths_start_at_zero_end_before_the_last_chunk_and_sit_on_key_blocks():

@@ -4,26 +4,17 @@ of a timed command. No perplexity or timing of a model is asserted here."""
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import benchmark_script
 
 from minicpm.config import MiniCPMConfig
 from minicpm.formats.gguf.write import write_gguf
 from minicpm.loading.assemble import random_model
 
-
-def script(name: str):
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-report = script("quantization")
+report = benchmark_script("quantization")
 
 
 def tiny() -> MiniCPMConfig:
