@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -42,7 +41,7 @@ from pathlib import Path
 
 from minicpm.bench.arguments import count, folder
 from minicpm.bench.machine import machine
-from minicpm.bench.process import measure_here, run_child
+from minicpm.bench.process import llama_tools, measure_here, run_child
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = Path(sys.executable).parent.parent
@@ -94,24 +93,12 @@ def weight_bytes(path: Path) -> tuple[int, int]:
     if path.suffix == ".gguf":
         from minicpm.formats.gguf.container import GGUFFile
 
-        sizes = {t.name: t.n_bytes for t in GGUFFile(path).tensors}
-        layer = "blk."
+        sizes, layer = {t.name: t.n_bytes for t in GGUFFile(path).tensors}, "blk."
     else:
-        sizes, layer = {}, "model.layers."
-        for file in path.glob("*.safetensors"):
-            with open(file, "rb") as f:
-                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-            sizes.update({k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items()
-                          if k != "__metadata__"})
+        from minicpm.formats.hf import tensor_bytes, weight_files
+
+        sizes, layer = tensor_bytes(weight_files(path)), "model.layers."
     return sum(sizes.values()), sum(v for k, v in sizes.items() if k.startswith(layer))
-
-
-def llama_tools() -> Path:
-    """The folder of llama.cpp's tools, built once from the llama-cpp-python sdist (same flags as the
-    peer)."""
-    out = subprocess.run(["bash", str(ROOT / "scripts" / "build_llama_tools.sh"), str(VENV), *TOOLS],
-                         check=True, capture_output=True, text=True)
-    return Path(out.stdout.strip().splitlines()[-1])
 
 
 # --- perplexity ------------------------------------------------------------------------------------
@@ -138,28 +125,20 @@ def llama_ppl(tools: Path, gguf: Path, chunks: int, threads: int, work: Path) ->
 
 # --- decode speed, in a child process of its own ----------------------------------------------------
 def decode_ours(path: str) -> dict:
-    import torch
-
-    from minicpm.bench.engines import load_ours, timed_tokens
-    from minicpm.generation.generate import TokenGenerator
-    from minicpm.generation.sampling import SamplingParams
+    from minicpm.bench.cases import prompt_ids
+    from minicpm.bench.engines import load_ours, ours_greedy_tokens, timed_tokens
 
     model, _ = load_ours(Path(path), None)
-    ids = list(range(100, 100 + PROMPT))
-    warm = SamplingParams.from_kwargs(temperature=0.0, max_new_tokens=4, stop_token_ids=[])
-    for _ in TokenGenerator(model, [ids[:16]], warm):
-        pass
-    params = SamplingParams.from_kwargs(temperature=0.0, max_new_tokens=NEW_TOKENS, stop_token_ids=[])
-    with torch.inference_mode():
-        return timed_tokens(TokenGenerator(model, [ids], params))
+    return timed_tokens(ours_greedy_tokens(model, prompt_ids(model.config.vocab_size, PROMPT), NEW_TOKENS))
 
 
 def decode_llama(path: str) -> dict:
+    from minicpm.bench.cases import prompt_ids
     from minicpm.bench.engines import llama_greedy_tokens, open_llama, timed_tokens
 
     llm, _ = open_llama(Path(path), n_ctx=PROMPT + NEW_TOKENS + 16, n_batch=PROMPT)
-    ids = list(range(100, 100 + PROMPT))
-    llm.eval(ids[:16])
+    ids = prompt_ids(llm.n_vocab(), PROMPT)
+    llm.eval(ids[:16])  # warm-up
     llm.reset()
     return timed_tokens(llama_greedy_tokens(llm, ids, NEW_TOKENS))
 
@@ -170,36 +149,32 @@ def decode_speed(engine: str, path: Path, threads: int) -> float | str:
 
 
 # --- the models -------------------------------------------------------------------------------------
-def parameters(path: Path | str) -> tuple[int, int]:
-    """(the model's parameters, a tied embedding counted once; those of its decoder layers)."""
-    from minicpm.formats import load_checkpoint
+def parameters(gguf: Path) -> tuple[int, int]:
+    """(the model's parameters, those of its decoder layers), counted from the float GGUF's tensor
+    shapes (a tied head is stored once there)."""
+    from minicpm.formats.gguf.container import GGUFFile
 
-    model, _ = load_checkpoint(str(path), dtype="float32")
-    unique = {p.data_ptr(): p.numel() for p in model.parameters()}
-    return sum(unique.values()), sum(p.numel() for p in model.model.layers.parameters())
+    counts = {t.name: t.n_elements for t in GGUFFile(gguf).tensors}
+    return sum(counts.values()), sum(n for name, n in counts.items() if name.startswith("blk."))
 
 
 def sources(name: str, work: Path, base: Path) -> tuple[str, Path]:
-    """(what our commands read, the f32 GGUF llama.cpp reads) for a model name."""
+    """(what our commands read, the f32 GGUF llama.cpp reads) for a model name; the GGUF is written
+    again when the source is newer than it."""
+    from minicpm.loading import default_model_path
+
     gguf = work / "float-f32.gguf"
     if name == "smollm2":
-        source = "default"
+        source, stamp = "default", default_model_path().stat().st_mtime
     else:
         if not (base / "config.json").is_file():
-            sys.exit(f"error: {base} is missing; run `.venv/bin/python runs/quant_base.py` first (~35 min)")
-        source = str(base)
-    if not gguf.is_file():
+            sys.exit(f"error: {base} has no config.json; pass --base with a checkpoint folder, or make the "
+                     "default base model with `.venv/bin/python runs/quant_base.py` (~35 min)")
+        source, stamp = str(base), max(p.stat().st_mtime for p in base.iterdir())
+    if not gguf.is_file() or gguf.stat().st_mtime < stamp:
         timed_command([VENV / "bin" / "minicpm", "convert", source, gguf, "--to", "gguf", "--type", "f32",
                        "--dtype", "float32", "--force"], work / "convert.log")
     return source, gguf
-
-
-def calibration_text(work: Path) -> Path:
-    """The text llama-imatrix reads: the validation split, which ours samples from too."""
-    path = work / "calibration.txt"
-    if not path.is_file():
-        shutil.copyfile(WIKI / "wiki.valid.raw", path)
-    return path
 
 
 def ours_name(method: str, bits: int, flags: tuple) -> str:
@@ -233,7 +208,8 @@ def run_llama(tools: Path, gguf: Path, kind: str, imatrix: bool, args, work: Pat
 def measure(model: Path, engine: str, tools: Path | None, args, work: Path, seqlen: int) -> dict:
     """Perplexity by both protocols (and llama-perplexity's for a llama.cpp file), size, decode speed."""
     work.mkdir(parents=True, exist_ok=True)
-    r = {"size": size_on_disk(model), "weight_bytes": weight_bytes(model)[0], "layer_bytes": weight_bytes(model)[1],
+    total, layers = weight_bytes(model)
+    r = {"size": size_on_disk(model), "weight_bytes": total, "layer_bytes": layers,
          "minicpm": ours_ppl(model, "minicpm", args.windows, seqlen, args.threads, work),
          "llama.cpp": ours_ppl(model, "llama.cpp", args.chunks, 512, args.threads, work),
          "decode": decode_speed("llama" if engine == "llama" else "ours", model, args.threads)}
@@ -269,7 +245,7 @@ def report_model(name: str, args, tools: Path, earlier: dict | None = None) -> d
     def llama_row(kind: str, use_imatrix: bool) -> dict:
         if use_imatrix and not imatrix:
             imatrix.update(timed_command(
-                [tools / "llama-imatrix", "-m", gguf, "-f", calibration_text(work), "-o", work / "imatrix.gguf",
+                [tools / "llama-imatrix", "-m", gguf, "-f", WIKI / "wiki.valid.raw", "-o", work / "imatrix.gguf",
                  "-c", args.seqlen, "-b", args.seqlen, "--chunks", args.samples, "-t", args.threads],
                 work / "imatrix.log"))
         r = run_llama(tools, gguf, kind, use_imatrix, args, work, seqlen)
@@ -415,7 +391,7 @@ def main() -> None:
         p.error(f"--models takes smollm2 and/or base, not {args.models!r}")
     if not Path("/usr/bin/time").is_file():
         sys.exit("error: /usr/bin/time is missing (install GNU time): peak RSS is read from it")
-    tools = llama_tools()
+    tools = llama_tools(VENV, *TOOLS)
     results = []
     for name in models:
         saved = args.keep / f"{name}.json"

@@ -40,7 +40,8 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
+from minicpm.bench.process import llama_tools
+
 VENV_BIN = Path(sys.executable).parent
 SLOTS = 16
 
@@ -197,12 +198,6 @@ def llama_server(binary: Path, gguf: Path, precision: str, threads: int, context
     return Server("llama-server", precision, cmd)
 
 
-def build_llama_server() -> Path:
-    out = subprocess.run(["bash", str(ROOT / "scripts" / "build_llama_tools.sh"), str(VENV_BIN.parent),
-                          "llama-server"], check=True, capture_output=True, text=True)
-    return Path(out.stdout.strip().splitlines()[-1]) / "llama-server"
-
-
 def smollm2_servers(workdir: Path, binary: Path, threads: int, context: int, log=print) -> tuple[list[Server], int]:
     from minicpm.loading import default_model_path
 
@@ -299,7 +294,7 @@ def run_serving(models: list[str], concurrencies: list[int], prompt_tokens: int 
     """Measure every model's servers; returns the Markdown section."""
     context = prompt_tokens + max_tokens + 16
     log("llama-server: building once, or using the cached build ...")
-    binary = build_llama_server()
+    binary = llama_tools(VENV_BIN.parent, "llama-server") / "llama-server"
     lines = header(threads, prompt_tokens, max_tokens)
     with tempfile.TemporaryDirectory(prefix="minicpm-serving-") as tmp:
         workdir = workdir or Path(tmp)

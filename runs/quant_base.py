@@ -9,7 +9,7 @@ With the shipped CLI only:
   2. packed with the default model's tokenizer (SmolLM2's 49,152-token byte-level BPE, which
      llama.cpp tokenizes identically from our GGUF export, so both tools score the same tokens);
   3. `minicpm train pretrain`: a MiniCPM with muP (hidden 512, 8 layers, GQA 8/2 heads, FFN 1280,
-     tied embedding: 46.6 M parameters), 512-token windows, WSD schedule (the MiniCPM recipe), bf16
+     tied embedding: 46.15 M parameters), 512-token windows, WSD schedule (the MiniCPM recipe), bf16
      autocast; every width a multiple of 256, so llama.cpp's k-quants apply to every layer;
   4. the final weights written as bf16 (`minicpm convert --to hf --dtype bfloat16`).
 

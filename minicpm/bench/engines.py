@@ -105,21 +105,25 @@ def gguf_weight_bytes(path: Path) -> int:
 
 
 # --- speed: a PROMPT_TOKENS prompt, NEW_TOKENS greedy tokens --------------------------------------
-def run_ours(workdir: Path, precision: str) -> dict:
+def ours_greedy_tokens(model, ids: list[int], new: int):
+    """Ours: a short warm-up (first-call allocations), then the prompt and `new` greedy tokens,
+    yielded as they come."""
     import torch
 
     from minicpm.generation.generate import TokenGenerator
     from minicpm.generation.sampling import SamplingParams
 
-    model, load = load_ours(ours_path(workdir, precision), "bfloat16")  # quantized in prepare()
-    ids = prompt_ids(model.config.vocab_size)
-    params = SamplingParams.from_kwargs(temperature=0.0, max_new_tokens=4, stop_token_ids=[])
-    for _ in TokenGenerator(model, [ids[:16]], params):  # warm-up: first-call allocations
+    warm = SamplingParams.from_kwargs(temperature=0.0, max_new_tokens=4, stop_token_ids=[])
+    for _ in TokenGenerator(model, [ids[:16]], warm):
         pass
-    params = SamplingParams.from_kwargs(temperature=0.0, max_new_tokens=NEW_TOKENS,
-                                        stop_token_ids=[])
+    params = SamplingParams.from_kwargs(temperature=0.0, max_new_tokens=new, stop_token_ids=[])
     with torch.inference_mode():
-        result = timed_tokens(TokenGenerator(model, [ids], params))
+        yield from TokenGenerator(model, [ids], params)
+
+
+def run_ours(workdir: Path, precision: str) -> dict:
+    model, load = load_ours(ours_path(workdir, precision), "bfloat16")  # quantized in prepare()
+    result = timed_tokens(ours_greedy_tokens(model, prompt_ids(model.config.vocab_size), NEW_TOKENS))
     return {**result, "load": load, "weight_bytes": unique_weight_bytes(model)}
 
 

@@ -52,6 +52,19 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def llama_tools(venv: Path, *targets: str) -> Path:
+    """The folder of llama.cpp's own tools (llama-server, llama-quantize, ...), built once by the source
+    tree's scripts/build_llama_tools.sh; a missing script or a failed build stops with its last lines."""
+    script = Path(__file__).resolve().parents[2] / "scripts" / "build_llama_tools.sh"
+    if not script.is_file():
+        sys.exit(f"error: {script} is missing: llama.cpp's tools are built from a source checkout of minicpm")
+    out = subprocess.run(["bash", str(script), str(venv), *targets], capture_output=True, text=True)
+    if out.returncode != 0:
+        tail = "\n".join(out.stderr.strip().splitlines()[-8:])
+        sys.exit(f"error: building llama.cpp's {', '.join(targets)} failed ({out.returncode}):\n{tail}")
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
 def skip_reason(engine: str, precision: str) -> str | None:
     """Why a case cannot run on this installation, checked before spending time on it."""
     if engine == "llama.cpp" and importlib.util.find_spec("llama_cpp") is None:

@@ -170,6 +170,17 @@ def tensor_names(files: list[Path]) -> list[str]:
     return names
 
 
+def tensor_bytes(files: list[Path]) -> dict[str, int]:
+    """Each tensor's stored size in bytes, read from the safetensors headers (nothing loaded)."""
+    sizes: dict[str, int] = {}
+    for path in files:
+        if path.suffix != ".safetensors":
+            raise CheckpointError(f"{path}: tensor sizes are read from safetensors headers only")
+        sizes.update({name: entry["data_offsets"][1] - entry["data_offsets"][0]
+                      for name, entry in _safetensors_header(path)[0].items()})
+    return sizes
+
+
 def _iter_bin(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     try:
         try:
