@@ -263,9 +263,9 @@ def _python(code: str, **env) -> subprocess.CompletedProcess:
 CHECK = """
 import warnings, torch
 warnings.simplefilter("always")
-from minicpm.kernels.linear import KERNEL, linear_bf16
+from minicpm.kernels.linear import KERNEL_F32 as KERNEL, linear_f32
 from minicpm.kernels.attention import KERNEL as ATTENTION
-print(linear_bf16(torch.ones(1, 8).bfloat16(), torch.ones(4, 8).bfloat16(), None), ATTENTION.library())
+print(linear_f32(torch.ones(1, 8), torch.ones(4, 8), None), ATTENTION.library())
 print("reason:", KERNEL.reason)
 """
 
@@ -282,7 +282,7 @@ def test_missing_compiler_falls_back_with_one_warning(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[0] == "None None"
     assert "no C compiler" in out.stdout
-    assert "native bf16 linear kernel unavailable (no C compiler" in out.stderr
+    assert "native fp32 linear kernel unavailable (no C compiler" in out.stderr
     assert "Traceback" not in out.stderr
 
 
@@ -292,5 +292,20 @@ def test_build_is_cached_per_machine(tmp_path):
         out = _python(CHECK, **env)
         assert out.returncode == 0 and "reason: None" in out.stdout, out.stderr
     built = sorted(p.name for p in (tmp_path / "minicpm" / "kernels").rglob("*.so"))
-    assert built == ["attention.so", "linear_bf16.so"]  # once each, no temporary files left
+    assert built == ["attention.so", "linear_f32.so"]  # once each, no temporary files left
     assert not list((tmp_path / "minicpm" / "kernels").rglob(".*"))
+
+
+def test_avx2_path_passes_the_kernel_tests(tmp_path):
+    """The kernels built for AVX2 alone (avx512_on_avx2.h, as on CPUs without AVX-512; forced
+    with -mno-avx512f where the CPU has it) pass this file's and the int4/int8 kernel's tests
+    and their own self-checks against PyTorch."""
+    tests = os.path.dirname(__file__)
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "not avx2_path",
+                          os.path.join(tests, "test_kernels.py"), os.path.join(tests, "test_native_kernel.py")],
+                         capture_output=True, text=True, timeout=900, cwd=os.path.dirname(tests),
+                         env={**os.environ, "MINICPM_NATIVE_ISA": "avx2", "XDG_CACHE_HOME": str(tmp_path)})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert " passed" in out.stdout and "skipped" not in out.stdout.splitlines()[-1]
+    built = sorted(p.name for p in (tmp_path / "minicpm" / "kernels").rglob("*.so"))
+    assert built == ["attention.so", "linear_bf16.so", "linear_f32.so", "qgemm.so"]

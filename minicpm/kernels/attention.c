@@ -28,6 +28,7 @@
 // are skipped the same way; masked positions after its first attended one stay in its range.
 
 #include <immintrin.h>
+#include "avx512_on_avx2.h"
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>

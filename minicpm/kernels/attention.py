@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from minicpm.kernels.build import Kernel, KernelUnavailable
+from minicpm.kernels.build import KernelUnavailable
+from minicpm.kernels.libraries import ATTENTION as KERNEL
 
 ABI = 8
 # store dtype -> attention.c's kind; uint8 stores are int4 codes, two per byte
@@ -23,7 +23,7 @@ KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3, t
 META = {torch.int8: 1, torch.uint8: 2}  # fp32 numbers per (position, head) of a coded value store
 
 
-def _setup(lib: ctypes.CDLL) -> None:
+def setup(lib: ctypes.CDLL) -> None:
     if lib.minicpm_attention_abi() != ABI:
         raise KernelUnavailable("attention.c: stale build")
     c_ptr, c_i64 = ctypes.c_void_p, ctypes.c_int64
@@ -33,9 +33,6 @@ def _setup(lib: ctypes.CDLL) -> None:
         [ctypes.c_int] * 2
     lib.minicpm_flash_attention.restype = ctypes.c_int
     _self_check(lib)
-
-
-KERNEL = Kernel(Path(__file__).with_name("attention.c"), "attention kernel", _setup)
 
 
 def _call(lib, q, k, v, length, kscale=None, vscale=None, mask=None, rows=None, starts=None,

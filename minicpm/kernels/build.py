@@ -6,6 +6,10 @@ cached under `$XDG_CACHE_HOME/minicpm/kernels/<hash>/` (hash of source, flags, c
 and CPU flags), written under a temporary name and renamed, so processes starting together see
 either no file or a whole one. It links libgomp.so.1: the OpenMP runtime torch's wheel ships has
 that soname and is already loaded once torch is imported, so both share one thread pool.
+
+The kernels are written with AVX-512 intrinsics; on CPUs with only AVX2 (+ FMA, F16C) they
+compile against avx512_on_avx2.h, which gives the same operations on 256-bit halves. Which one a
+build took is decided by the compiler (-march=native), so the cache key includes the headers.
 """
 
 from __future__ import annotations
@@ -18,13 +22,13 @@ import shutil
 import subprocess
 import threading
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 from minicpm.files import atomic_file
 
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
-AVX512 = ("avx512f", "avx512bw", "avx512vl")
+# what every kernel needs at least (each is written for AVX-512; avx512_on_avx2.h runs it on AVX2)
+AVX2 = ("avx2", "fma", "f16c")
 
 
 class KernelUnavailable(RuntimeError):
@@ -65,8 +69,10 @@ def check_machine(required_flags: tuple[str, ...]) -> set[str]:
 
 def compile_source(source: Path, cpu: set[str], extra_flags: tuple[str, ...] = ()) -> Path:
     """The cached shared object built from `source` (compiled now if missing), with FLAGS and
-    the kernel's own `extra_flags` (both part of the cache key)."""
-    flags = FLAGS + tuple(extra_flags)
+    the kernel's own `extra_flags` (both part of the cache key). MINICPM_NATIVE_ISA=avx2 builds
+    the AVX2 path on an AVX-512 CPU too (how the tests check it there)."""
+    isa = ("-mno-avx512f",) if os.environ.get("MINICPM_NATIVE_ISA", "").strip().lower() == "avx2" else ()
+    flags = FLAGS + isa + tuple(extra_flags)
     cc = os.environ.get("CC") or "gcc"
     compiler = shutil.which(cc)
     if compiler is None:
@@ -75,7 +81,8 @@ def compile_source(source: Path, cpu: set[str], extra_flags: tuple[str, ...] = (
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as exc:
         raise KernelUnavailable(f"{cc} --version failed: {exc}") from None
-    key = hashlib.sha256(b"\0".join([source.read_bytes(), " ".join(flags).encode(), compiler.encode(),
+    headers = [h.read_bytes() for h in sorted(source.parent.glob("*.h"))]  # what the sources include
+    key = hashlib.sha256(b"\0".join([source.read_bytes(), *headers, " ".join(flags).encode(), compiler.encode(),
                                      version.encode(), " ".join(sorted(cpu)).encode()])).hexdigest()[:16]
     target = cache_root() / key / (source.stem + ".so")
     if target.exists():
@@ -92,7 +99,7 @@ def compile_source(source: Path, cpu: set[str], extra_flags: tuple[str, ...] = (
     return target
 
 
-def load(source: Path, required_flags: tuple[str, ...] = AVX512, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
+def load(source: Path, required_flags: tuple[str, ...] = AVX2, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
     """Build (once) and load `source`; raises KernelUnavailable with the reason."""
     path = compile_source(source, check_machine(required_flags), extra_flags)
     try:
@@ -105,17 +112,21 @@ _warned: set[str] = set()  # reasons already shown: no compiler is one message, 
 
 
 class Kernel:
-    """One C file, built and loaded on first use; `library()` is None where it cannot serve.
+    """One C file (`name`.c beside this module), built and loaded on first use; `library()` is
+    None where it cannot serve.
 
-    `setup(lib)` declares the ctypes signatures and runs a self-check against PyTorch; it raises
-    KernelUnavailable to refuse a build (a stale or miscompiled one). The reason is warned once.
+    `setup` names a function "module:function" that, given the library, declares its ctypes
+    signatures and runs a self-check against PyTorch; it raises KernelUnavailable to refuse a
+    build (a stale or miscompiled one). A name, not the function: the kernels are listed in
+    `libraries` without importing the torch modules that use them. The reason is warned once.
     `extra_flags` are compiler flags of this kernel only (e.g. -ffp-contract=off).
     """
 
-    def __init__(self, source: Path, what: str, setup: Callable[[ctypes.CDLL], None],
-                 required_flags: tuple[str, ...] = AVX512, extra_flags: tuple[str, ...] = ()):
-        self.source, self.what, self.setup, self.required_flags = source, what, setup, required_flags
-        self.extra_flags = extra_flags
+    def __init__(self, name: str, what: str, setup: str, required_flags: tuple[str, ...] = AVX2,
+                 extra_flags: tuple[str, ...] = ()):
+        self.name, self.what, self.setup = name, what, setup
+        self.source = Path(__file__).with_name(name + ".c")
+        self.required_flags, self.extra_flags = required_flags, extra_flags
         self.reason: str | None = None
         self._lib: ctypes.CDLL | None = None
         self._tried = False
@@ -132,12 +143,15 @@ class Kernel:
     def _load(self) -> ctypes.CDLL | None:
         try:
             lib = load(self.source, self.required_flags, self.extra_flags)
+            import importlib
+
             import torch  # here: building needs no torch, a self-check does
 
+            module, function = self.setup.split(":")
             # the self-checks compare with PyTorch in fp32: not in the caller's autocast (a
             # training step may be the first to reach a kernel)
             with torch.autocast("cpu", enabled=False):
-                self.setup(lib)
+                getattr(importlib.import_module(module), function)(lib)
             return lib
         except KernelUnavailable as exc:
             self.reason = str(exc)

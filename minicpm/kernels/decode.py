@@ -13,12 +13,12 @@ stay in Python. The model's Python layers are the reference: tests compare the t
 from __future__ import annotations
 
 import ctypes
-from pathlib import Path
 
 import torch
 
 from minicpm.kernels import attention, linear, qgemm
-from minicpm.kernels.build import Kernel, KernelUnavailable
+from minicpm.kernels.build import KernelUnavailable
+from minicpm.kernels.libraries import DECODE as KERNEL
 
 ABI = 6
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # decode.c's DT_*: also qgemm's and attention's codes
@@ -48,16 +48,11 @@ class Step(ctypes.Structure):
                                              "attention", "qscratch")])
 
 
-def _setup(lib: ctypes.CDLL) -> None:
+def setup(lib: ctypes.CDLL) -> None:
     if lib.minicpm_decode_abi() != ABI:
         raise KernelUnavailable("decode.c: stale build")
     lib.minicpm_decode_layers.argtypes = [ctypes.POINTER(Step), ctypes.POINTER(Layer), _i64, _ptr]
     lib.minicpm_decode_layers.restype = ctypes.c_int
-
-
-# No FMA contraction: a*b + c*d must round twice, as PyTorch's separate ops do.
-KERNEL = Kernel(Path(__file__).with_name("decode.c"), "decode step kernel", _setup,
-                extra_flags=("-ffp-contract=off",))
 
 
 def _address(lib: ctypes.CDLL | None, name: str) -> int | None:

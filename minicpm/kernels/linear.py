@@ -6,12 +6,13 @@ many rows at once (the vision tower's patches), with GELU fused."""
 from __future__ import annotations
 
 import ctypes
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from minicpm.kernels.build import AVX512, Kernel, KernelUnavailable
+from minicpm.kernels.build import Kernel, KernelUnavailable
+from minicpm.kernels.libraries import LINEAR_BF16 as KERNEL
+from minicpm.kernels.libraries import LINEAR_F32 as KERNEL_F32
 
 ABI = 2
 MAX_ROWS = 16  # past this many rows of x, oneDNN's blocked GEMM beats a weight stream
@@ -37,11 +38,8 @@ def _checked_setup(name: str, dtype: torch.dtype, rtol: float, atol: float):
     return setup
 
 
-KERNEL = Kernel(Path(__file__).with_name("linear_bf16.c"), "bf16 linear kernel",
-                _checked_setup("bf16", torch.bfloat16, rtol=0.02, atol=0.05),
-                required_flags=AVX512 + ("avx512_bf16",))
-KERNEL_F32 = Kernel(Path(__file__).with_name("linear_f32.c"), "fp32 linear kernel",
-                    _checked_setup("f32", torch.float32, rtol=1e-4, atol=1e-4))
+setup_bf16 = _checked_setup("bf16", torch.bfloat16, rtol=0.02, atol=0.05)
+setup_f32 = _checked_setup("f32", torch.float32, rtol=1e-4, atol=1e-4)
 
 
 def _call(function, x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -104,6 +102,7 @@ def _onednn_op():
 
 
 _ONEDNN_LINEAR = _onednn_op()
+_ONEDNN_REFUSED: set[torch.dtype] = set()  # dtypes oneDNN has no primitive for on this CPU
 
 
 def linear_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -115,9 +114,13 @@ def linear_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     against oneDNN's 73; in bf16 (both oneDNN) 93 -> 113, the bias no longer copied into the
     output first."""
     if (_ONEDNN_LINEAR is not None and x.is_cpu and x.dtype in (torch.float32, torch.bfloat16)
+            and x.dtype not in _ONEDNN_REFUSED
             and weight.dtype is x.dtype and (bias is None or bias.dtype is x.dtype)
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
-        # "gelu" with algorithm "none" is the erf form (the tanh one would say "tanh")
-        return _ONEDNN_LINEAR(x.contiguous(), weight, bias, "gelu" if gelu else "none", [], "none" if gelu else "")
+        try:
+            # "gelu" with algorithm "none" is the erf form (the tanh one would say "tanh")
+            return _ONEDNN_LINEAR(x.contiguous(), weight, bias, "gelu" if gelu else "none", [], "none" if gelu else "")
+        except RuntimeError:  # no primitive for this dtype on this CPU (bf16 below AVX-512): F.linear
+            _ONEDNN_REFUSED.add(x.dtype)
     y = F.linear(x, weight, bias)
     return F.gelu(y) if gelu else y

@@ -3,10 +3,12 @@
 // At batch 1 every weight is used once, so the product is a stream through W: PyTorch's bf16
 // GEMV (oneDNN) reads it at roughly half of what the memory delivers on our 2-core machine.
 // Here sixteen rows of W are read side by side and multiplied with AVX-512 BF16 dot products
-// (vdpbf16ps: 32 products into 16 fp32 sums), accumulating in fp32 as F.linear does. The
+// (vdpbf16ps: 32 products into 16 fp32 sums; two FMAs on AVX2), accumulating in fp32 as F.linear does. The
 // weight is used as stored (no repacking), so memory-mapped checkpoints stay shared.
 
 #include <immintrin.h>
+#define MC_NEEDS_BF16  /* vdpbf16ps: emulated below AVX-512 BF16 */
+#include "avx512_on_avx2.h"
 #include <omp.h>
 #include <stdint.h>
 #include <string.h>
@@ -42,7 +44,7 @@ static void block(const uint16_t *x, const uint16_t *w, const uint16_t *bias, ui
         for (; i + 32 <= k; i += 32) {
             __m512i x0 = _mm512_loadu_si512(x + m0 * k + i);
             for (int r = 0; r < ROWS; r++)
-                acc[r][0] = _mm512_dpbf16_ps(acc[r][0], (__m512bh)_mm512_loadu_si512(w + (n0 + r) * k + i), (__m512bh)x0);
+                acc[r][0] = _mm512_dpbf16_ps(acc[r][0], MC_BH(_mm512_loadu_si512(w + (n0 + r) * k + i)), MC_BH(x0));
         }
     }
     for (; i < k; i += 32) {
@@ -52,7 +54,7 @@ static void block(const uint16_t *x, const uint16_t *w, const uint16_t *bias, ui
         for (int r = 0; r < rows; r++) {
             __m512i wr = _mm512_maskz_loadu_epi16(lanes, w + (n0 + r) * k + i);
             for (int m = 0; m < mm; m++)
-                acc[r][m] = _mm512_dpbf16_ps(acc[r][m], (__m512bh)wr, (__m512bh)xs[m]);
+                acc[r][m] = _mm512_dpbf16_ps(acc[r][m], MC_BH(wr), MC_BH(xs[m]));
         }
     }
     for (int r = 0; r < rows; r++)

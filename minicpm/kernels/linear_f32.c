@@ -9,6 +9,7 @@
 // as linear_bf16.c does), so at M = 1 the product runs at memory speed.
 
 #include <immintrin.h>
+#include "avx512_on_avx2.h"
 #include <omp.h>
 #include <stdint.h>
 

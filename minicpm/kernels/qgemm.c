@@ -1,4 +1,5 @@
-/* Weight-only int4/int8 GEMM for small and large batches on AVX-512 VNNI CPUs.
+/* Weight-only int4/int8 GEMM for small and large batches on AVX-512 VNNI CPUs (and, through
+ * avx512_on_avx2.h, on AVX2 ones: vpdpbusd becomes vpmaddubsw + vpmaddwd).
  *
  * y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]), w held as integer codes:
  *   int4: w = (q - z[n, g]) * s[n, g], q in 0..15, groups of G along k    (form 0: zero points)
@@ -23,6 +24,8 @@
  * scales: [tile][16].
  */
 #include <immintrin.h>
+#define MC_NEEDS_VNNI  /* vpdpbusd: emulated below AVX-512 VNNI */
+#include "avx512_on_avx2.h"
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -151,8 +154,8 @@ static inline __attribute__((always_inline)) void tile_int4(
                         const int8_t *xk = xq + m * Kp + k0 + 4 * L;
                         /* two chains per row (low and high nibbles): vpdpbusd's latency needs more
                            independent chains than the few rows of one pass provide */
-                        lo_acc[m] = _mm512_dpbusd_epi32(lo_acc[m], lo, _mm512_set1_epi32(*(const i32u *)xk));
-                        hi_acc[m] = _mm512_dpbusd_epi32(hi_acc[m], hi, _mm512_set1_epi32(*(const i32u *)(xk + 16)));
+                        lo_acc[m] = mc_dpbusd_small_epi32(lo_acc[m], lo, _mm512_set1_epi32(*(const i32u *)xk));
+                        hi_acc[m] = mc_dpbusd_small_epi32(hi_acc[m], hi, _mm512_set1_epi32(*(const i32u *)(xk + 16)));
                     }
                 }
             }

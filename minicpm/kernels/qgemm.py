@@ -1,6 +1,6 @@
 """The native int4/int8 weight-only GEMM (qgemm.c) behind QuantizedLinear, and its layouts.
 
-Built and loaded by `minicpm.kernels.build` (needs AVX-512 VNNI). `library()` returns None,
+Built and loaded by `minicpm.kernels.build` (AVX-512 VNNI, or AVX2 through avx512_on_avx2.h). `library()` returns None,
 after one warning that says why, where the kernel cannot serve: MINICPM_NATIVE=0, another CPU,
 no working compiler, or a self-check that disagrees with plain arithmetic. QuantizedLinear then
 uses PyTorch's kernels.
@@ -20,11 +20,11 @@ from __future__ import annotations
 import ctypes
 import mmap
 import threading
-from pathlib import Path
 
 import torch
 
-from minicpm.kernels.build import AVX512, Kernel, KernelUnavailable
+from minicpm.kernels.build import KernelUnavailable
+from minicpm.kernels.libraries import QGEMM as KERNEL
 
 ROWS = 16  # output rows per tile: one per 32-bit lane of a zmm register
 KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # dtype codes the C side reads
@@ -34,7 +34,7 @@ _lock = threading.Lock()  # guards the huge-page arena
 _lib: ctypes.CDLL | None = None  # what run() calls; set once the library passed its self-check
 
 
-def _setup(lib: ctypes.CDLL) -> None:
+def setup(lib: ctypes.CDLL) -> None:
     global _lib
     if lib.qgemm_abi_version() != ABI_VERSION:
         raise KernelUnavailable("qgemm.c: stale build")
@@ -50,10 +50,6 @@ def _setup(lib: ctypes.CDLL) -> None:
     except KernelUnavailable:
         _lib = None
         raise
-
-
-KERNEL = Kernel(Path(__file__).with_name("qgemm.c"), "int4/int8 kernel", _setup,
-                required_flags=AVX512 + ("avx512_vnni",))
 
 
 def library() -> ctypes.CDLL | None:

@@ -1,0 +1,16 @@
+"""The native kernels, one `Kernel` per C file, in one list: the setup that declares each one's
+signatures and checks a build against PyTorch (in the module that uses it), and its own compiler
+flags. All need AVX2, FMA and F16C at least (see avx512_on_avx2.h); where the CPU has AVX-512
+(VNNI, BF16) they compile to those instructions instead.
+"""
+
+from __future__ import annotations
+
+from minicpm.kernels.build import Kernel
+
+QGEMM = Kernel("qgemm", "int4/int8 kernel", "minicpm.kernels.qgemm:setup")
+ATTENTION = Kernel("attention", "attention kernel", "minicpm.kernels.attention:setup")
+# No FMA contraction: a*b + c*d must round twice, as PyTorch's separate ops do.
+DECODE = Kernel("decode", "decode step kernel", "minicpm.kernels.decode:setup", extra_flags=("-ffp-contract=off",))
+LINEAR_BF16 = Kernel("linear_bf16", "bf16 linear kernel", "minicpm.kernels.linear:setup_bf16")
+LINEAR_F32 = Kernel("linear_f32", "fp32 linear kernel", "minicpm.kernels.linear:setup_f32")
