@@ -46,7 +46,7 @@ run: install
 	$(VENV)/bin/minicpm chat $(MODEL) $(CHAT_ARGS)
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=12  # the slowest tests, so suite time stays watched
 
 # Checks against llama.cpp: builds llama-cpp-python from source once (about 15 minutes on 2 cores).
 # lm-eval (lm-evaluation-harness) is installed here, not in the `test` extra: its dependencies

@@ -189,6 +189,27 @@ def test_disabled_by_env_falls_back_to_pytorch_kernels():
     assert "Warning" not in result.stderr  # asked for: nothing to warn about
 
 
+def test_int8_fallback_with_odd_in_features_is_right():
+    """PyTorch's int8 kernel crashes on AVX2 when in_features is not a multiple of 8 and x has
+    several rows: such a layer dequantizes instead (a subprocess: a crash must fail, not kill)."""
+    check = """
+        import torch
+        from torch import nn
+        from minicpm.quantization import QuantizedLinear
+        torch.manual_seed(0)
+        for features in (36, 239, 64):
+            linear = nn.Linear(features, 64)
+            layer = QuantizedLinear.from_float(linear, 8, None)
+            x = torch.randn(4, features)
+            ref = x @ layer.dequantize().float().T + linear.bias
+            assert ((layer(x) - ref).norm() / ref.norm()).item() < 1e-2  # packed: bf16 scales
+            print(layer.kernel)
+    """
+    result = _run(check, MINICPM_NATIVE="0")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["dequantize", "dequantize", "packed"]
+
+
 def test_missing_compiler_falls_back_with_one_message(tmp_path):
     result = _run(CHECK, CC="/nonexistent", XDG_CACHE_HOME=str(tmp_path))
     assert result.returncode == 0, result.stderr

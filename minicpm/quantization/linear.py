@@ -213,7 +213,10 @@ class QuantizedLinear(nn.Module):
         if (self.bits == 8 or self.in_features % 32 == 0) and native.available():
             return "native"
         if self.bits == 8:
-            return "packed" if _has_op("_weight_int8pack_mm") else "dequantize"
+            # PyTorch 2.13's AVX2 _weight_int8pack_mm reads past the rows when in_features is not
+            # a multiple of 8 and x has more than one row (a segfault, seen on an AVX2-only EPYC)
+            ok = _has_op("_weight_int8pack_mm") and self.in_features % 8 == 0
+            return "packed" if ok else "dequantize"
         ok = (_has_op("_weight_int4pack_mm_for_cpu") and _has_op("_convert_weight_to_int4pack_for_cpu")
               and self.out_features % _INT4_PACK_ROWS == 0 and self.group_size in _INT4_PACK_GROUPS)
         return "packed" if ok else "dequantize"
