@@ -296,6 +296,29 @@ def test_build_is_cached_per_machine(tmp_path):
     assert not list((tmp_path / "minicpm" / "kernels").rglob(".*"))
 
 
+PREBUILD = """
+import time
+from minicpm.kernels.libraries import ALL, QGEMM, prebuild_once
+from minicpm.kernels.build import prebuild
+prebuild_once()
+print("first use:", QGEMM.library() is not None)  # while the prebuild compiles it: waits, then loads
+prebuild_once()  # once per process: no second thread
+start = time.perf_counter()
+prebuild(ALL).join()  # everything cached now: nothing to build
+print("second:", time.perf_counter() - start < 5)
+"""
+
+
+def test_prebuild_compiles_every_kernel_once_beside_a_first_use(tmp_path):
+    out = _python(PREBUILD, XDG_CACHE_HOME=str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["first", "use:", "True", "second:", "True"]
+    root = tmp_path / "minicpm" / "kernels"
+    built = sorted(p.name for p in root.rglob("*.so"))  # the executor's threads finish before exit
+    assert built == ["attention.so", "decode.so", "linear_bf16.so", "linear_f32.so", "qgemm.so"]
+    assert len({p.parent for p in root.rglob("*.so")}) == 5 and not list(root.rglob(".*"))
+
+
 def test_avx2_path_passes_the_kernel_tests(tmp_path):
     """The kernels built for AVX2 alone (avx512_on_avx2.h, as on CPUs without AVX-512; forced
     with -mno-avx512f where the CPU has it) pass this file's and the int4/int8 kernel's tests

@@ -17,6 +17,10 @@ from minicpm.loading import locate
 def load_checkpoint(path_or_id: str | Path | None = None, dtype: Any = None, device: Any = None):
     """(model, tokenizer) for a checkpoint directory, a .gguf file or a hub id."""
     path = locate(path_or_id)
+    if device is None or str(device).startswith("cpu"):
+        from minicpm.kernels.libraries import prebuild_once
+
+        prebuild_once()  # a cold cache compiles while the weights load, not one kernel after another
     if path.is_file():
         from minicpm.formats.gguf import load_gguf
 

@@ -20,7 +20,9 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -85,8 +87,31 @@ def compile_source(source: Path, cpu: set[str], extra_flags: tuple[str, ...] = (
     key = hashlib.sha256(b"\0".join([source.read_bytes(), *headers, " ".join(flags).encode(), compiler.encode(),
                                      version.encode(), " ".join(sorted(cpu)).encode()])).hexdigest()[:16]
     target = cache_root() / key / (source.stem + ".so")
-    if target.exists():
-        return target
+    with _target_lock(target):  # prebuild's thread and a first use may ask for the same file
+        if not target.exists():
+            _compile(compiler, flags, source, target)
+    return target
+
+
+_target_locks: dict[Path, threading.Lock] = {}
+_target_locks_guard = threading.Lock()
+# a child forked while a prebuild thread held a lock would wait on it forever: fresh locks there
+os.register_at_fork(after_in_child=lambda: (_target_locks.clear(), globals().update(
+    _target_locks_guard=threading.Lock())))
+
+
+def _target_lock(target: Path) -> threading.Lock:
+    with _target_locks_guard:
+        return _target_locks.setdefault(target, threading.Lock())
+
+
+def _compile(compiler: str, flags: tuple[str, ...], source: Path, target: Path) -> None:
+    # a first run waits here for seconds: say why, where a person is watching
+    tell = sys.stderr is not None and sys.stderr.isatty()
+    if tell:
+        print(f"building the native {source.stem} kernel for this CPU (once; cached in {target.parent.parent})",
+              file=sys.stderr, flush=True)
+    start = time.perf_counter()
     try:
         with atomic_file(target, suffix=".so") as tmp:  # processes building at once: one wins
             result = subprocess.run([compiler, *flags, "-o", str(tmp), str(source)], capture_output=True,
@@ -96,7 +121,31 @@ def compile_source(source: Path, cpu: set[str], extra_flags: tuple[str, ...] = (
                 raise KernelUnavailable(f"compiling {source.name} failed: {tail}")
     except (OSError, subprocess.SubprocessError) as exc:
         raise KernelUnavailable(f"compiling {source.name} into {target.parent} failed: {exc}") from None
-    return target
+    if tell:
+        print(f"built {source.stem} in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+
+
+def prebuild(kernels, workers: int = 2) -> threading.Thread:
+    """Start compiling the kernels' missing shared objects, `workers` at a time, in the
+    background, and return the thread doing it. A first use of a kernel still being built waits
+    for it; a failure is left for that first use to report. On a cold cache this overlaps the
+    compiles with each other and with loading the weights (first run of the default model on 2
+    cores: the three kernels it uses one after another cost the sum of their compile times)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def build(kernel) -> None:
+        try:
+            compile_source(kernel.source, check_machine(kernel.required_flags), kernel.extra_flags)
+        except KernelUnavailable:
+            pass
+
+    def run() -> None:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(build, kernels))
+
+    thread = threading.Thread(target=run, name="minicpm-kernel-prebuild", daemon=True)
+    thread.start()
+    return thread
 
 
 def load(source: Path, required_flags: tuple[str, ...] = AVX2, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:

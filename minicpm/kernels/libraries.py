@@ -6,7 +6,9 @@ flags. All need AVX2, FMA and F16C at least (see avx512_on_avx2.h); where the CP
 
 from __future__ import annotations
 
-from minicpm.kernels.build import Kernel
+import threading
+
+from minicpm.kernels.build import Kernel, prebuild
 
 QGEMM = Kernel("qgemm", "int4/int8 kernel", "minicpm.kernels.qgemm:setup")
 ATTENTION = Kernel("attention", "attention kernel", "minicpm.kernels.attention:setup")
@@ -14,3 +16,13 @@ ATTENTION = Kernel("attention", "attention kernel", "minicpm.kernels.attention:s
 DECODE = Kernel("decode", "decode step kernel", "minicpm.kernels.decode:setup", extra_flags=("-ffp-contract=off",))
 LINEAR_BF16 = Kernel("linear_bf16", "bf16 linear kernel", "minicpm.kernels.linear:setup_bf16")
 LINEAR_F32 = Kernel("linear_f32", "fp32 linear kernel", "minicpm.kernels.linear:setup_f32")
+
+# first needed first: the int4/int8 products are built while a quantized checkpoint loads
+ALL = (QGEMM, ATTENTION, DECODE, LINEAR_F32, LINEAR_BF16)
+_prebuilding: list[threading.Thread] = []
+
+
+def prebuild_once() -> None:
+    """Start building every kernel missing from the cache (once per process; see build.prebuild)."""
+    if not _prebuilding:
+        _prebuilding.append(prebuild(ALL))
