@@ -182,7 +182,8 @@ def test_a_bf16_base_loads_as_stored_into_the_same_weights_as_an_fp32_load(metho
 
     path = save_tiny_checkpoint(tmp_path)  # bf16 on disk
     assert _float_directory(path)  # so the run loads it as stored, not as fp32
-    recipe = load_recipe("sft", None, [f"model.path={path}", f"train.method={method}", "data.train=x.json"])
+    recipe = load_recipe("sft", None, [f"model.path={path}", f"train.method={method}", "data.train=x.json",
+                                       "train.precision=bf16"])
     model, _ = build_trainable_model(recipe, torch.device("cpu"))
     # what loading in the fp32 master dtype, then casting, gives
     reference, _ = load_checkpoint(path, dtype="float32")

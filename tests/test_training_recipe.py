@@ -106,3 +106,32 @@ def test_param_groups_scale_hidden_lr_and_keep_norms_undecayed():
     opt = torch.optim.AdamW(list(groups.values()))
     set_learning_rate(opt, 0.002)
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.002 / m, 0.002, 0.002])
+
+
+@pytest.mark.parametrize("flags,device,asked,expected,noted", [
+    ({"avx2", "fma"}, "cpu", "auto", "fp32", True),         # no bf16 instructions: fp32, said
+    ({"avx512f", "avx512_bf16"}, "cpu", "auto", "bf16", False),
+    ({"avx2", "amx_bf16"}, "cpu", "auto", "bf16", False),
+    ({"avx2"}, "cuda", "auto", "bf16", False),
+    ({"avx2"}, "cpu", "bf16", "bf16", False),               # asked for: kept
+    ({"avx512_bf16"}, "cpu", "fp32", "fp32", False),
+])
+def test_auto_precision_follows_the_hardware(monkeypatch, flags, device, asked, expected, noted):
+    from minicpm.kernels import build
+    from minicpm.training.recipe import load_recipe
+
+    monkeypatch.setattr(build, "cpu_flags", lambda: set(flags))
+    recipe = load_recipe("pretrain", overrides=[f"train.precision={asked}"])
+    note = recipe.fit_precision(device)
+    assert recipe.train.precision == expected and (note is not None) == noted
+    if noted:
+        assert "train.precision=bf16" in note
+
+
+def test_default_precision_is_auto_and_a_wrong_one_is_named():
+    from minicpm.training.recipe import load_recipe
+
+    assert load_recipe("sft").train.precision == "auto"
+    with pytest.raises(MiniCPMError, match="train.precision must be auto, bf16 or fp32, got 'fp16'"):
+        load_recipe("pretrain", overrides=["train.precision=fp16", "data.train=x",
+                                           "model.tokenizer=t"]).validate()

@@ -83,6 +83,9 @@ def train(recipe: Recipe, procs: Processes = Processes(), resume: bool = False, 
     `dry_run`: build the model and the data, print the plan, and write nothing.
     `profile_memory`: measure the resident memory of each phase (profile.py) and report it."""
     profile = MemoryProfile() if profile_memory else None
+    note = recipe.fit_precision(procs.device.type)  # before anything reads it; recipe.yaml keeps it
+    if note:
+        echo(note)
     run_dir = Path(recipe.out)
     start = starting_point(recipe, run_dir, resume)
     if recipe.train.threads:
