@@ -97,6 +97,16 @@ def test_onednn_linear_falls_back_where_it_does_not_serve():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_bad_input_to_the_onednn_linear_raises_and_disables_nothing(dtype):
+    from minicpm.kernels import linear
+
+    before = set(linear._ONEDNN_REFUSED)
+    with pytest.raises(RuntimeError):
+        linear_onednn(torch.randn(4, 8, dtype=dtype), torch.randn(3, 5, dtype=dtype))
+    assert linear._ONEDNN_REFUSED == before
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("b, heads, kv, s, length, d", [
     (1, 4, 2, 5, 9, 32),       # a chunk after cached positions, GQA
     (2, 6, 3, 70, 70, 64),     # a fresh prompt: query tiles of 64 and a ragged one
@@ -286,6 +296,14 @@ def test_missing_compiler_falls_back_with_one_warning(tmp_path):
     assert "Traceback" not in out.stderr
 
 
+def test_a_wrong_isa_setting_is_named_and_falls_back(tmp_path):
+    out = _python(CHECK, MINICPM_NATIVE_ISA="avx9", XDG_CACHE_HOME=str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[0] == "None None"
+    assert "MINICPM_NATIVE_ISA='avx9' is not avx2 or native (unset it" in out.stderr
+    assert "Traceback" not in out.stderr and not list(tmp_path.rglob("*.so"))
+
+
 def test_build_is_cached_per_machine(tmp_path):
     env = {"XDG_CACHE_HOME": str(tmp_path)}
     for _ in range(2):
@@ -298,13 +316,14 @@ def test_build_is_cached_per_machine(tmp_path):
 
 PREBUILD = """
 import time
+from concurrent.futures import wait
 from minicpm.kernels.libraries import ALL, QGEMM, prebuild_once
 from minicpm.kernels.build import prebuild
 prebuild_once()
 print("first use:", QGEMM.library() is not None)  # while the prebuild compiles it: waits, then loads
-prebuild_once()  # once per process: no second thread
+prebuild_once()  # once per process: no second round
 start = time.perf_counter()
-prebuild(ALL).join()  # everything cached now: nothing to build
+wait(prebuild(ALL))  # everything cached now: nothing to build
 print("second:", time.perf_counter() - start < 5)
 """
 

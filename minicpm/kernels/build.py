@@ -15,6 +15,7 @@ build took is decided by the compiler (-march=native), so the cache key includes
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -24,6 +25,7 @@ import sys
 import threading
 import time
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from minicpm.files import atomic_file
@@ -73,16 +75,12 @@ def compile_source(source: Path, cpu: set[str], extra_flags: tuple[str, ...] = (
     """The cached shared object built from `source` (compiled now if missing), with FLAGS and
     the kernel's own `extra_flags` (both part of the cache key). MINICPM_NATIVE_ISA=avx2 builds
     the AVX2 path on an AVX-512 CPU too (how the tests check it there)."""
-    isa = ("-mno-avx512f",) if os.environ.get("MINICPM_NATIVE_ISA", "").strip().lower() == "avx2" else ()
-    flags = FLAGS + isa + tuple(extra_flags)
+    flags = FLAGS + _isa_flags() + tuple(extra_flags)
     cc = os.environ.get("CC") or "gcc"
     compiler = shutil.which(cc)
     if compiler is None:
         raise KernelUnavailable(f"no C compiler ({cc!r} not found; set CC)")
-    try:
-        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise KernelUnavailable(f"{cc} --version failed: {exc}") from None
+    version = _compiler_version(compiler, cc)
     headers = [h.read_bytes() for h in sorted(source.parent.glob("*.h"))]  # what the sources include
     key = hashlib.sha256(b"\0".join([source.read_bytes(), *headers, " ".join(flags).encode(), compiler.encode(),
                                      version.encode(), " ".join(sorted(cpu)).encode()])).hexdigest()[:16]
@@ -93,11 +91,35 @@ def compile_source(source: Path, cpu: set[str], extra_flags: tuple[str, ...] = (
     return target
 
 
+def _isa_flags() -> tuple[str, ...]:
+    isa = os.environ.get("MINICPM_NATIVE_ISA", "").strip().lower()
+    if isa not in ("", "native", "avx2"):
+        raise KernelUnavailable(f"MINICPM_NATIVE_ISA={isa!r} is not avx2 or native (unset it to use "
+                                "what the CPU has)")
+    return ("-mno-avx512f",) if isa == "avx2" else ()
+
+
+@functools.cache
+def _compiler_version(compiler: str, cc: str) -> str:
+    """`compiler --version` (part of the cache key), run once per process, not once per kernel."""
+    try:
+        return subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise KernelUnavailable(f"{cc} --version failed: {exc}") from None
+
+
 _target_locks: dict[Path, threading.Lock] = {}
 _target_locks_guard = threading.Lock()
-# a child forked while a prebuild thread held a lock would wait on it forever: fresh locks there
-os.register_at_fork(after_in_child=lambda: (_target_locks.clear(), globals().update(
-    _target_locks_guard=threading.Lock())))
+
+
+def _fresh_locks_in_child() -> None:
+    """A child forked while a build thread held a lock would wait on it forever."""
+    global _target_locks_guard
+    _target_locks.clear()
+    _target_locks_guard = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_fresh_locks_in_child)
 
 
 def _target_lock(target: Path) -> threading.Lock:
@@ -125,27 +147,23 @@ def _compile(compiler: str, flags: tuple[str, ...], source: Path, target: Path) 
         print(f"built {source.stem} in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
 
 
-def prebuild(kernels, workers: int = 2) -> threading.Thread:
+def prebuild(kernels, workers: int = 2) -> list[Future]:
     """Start compiling the kernels' missing shared objects, `workers` at a time, in the
-    background, and return the thread doing it. A first use of a kernel still being built waits
+    background; one future per kernel. A first use of a kernel still being built waits
     for it; a failure is left for that first use to report. On a cold cache this overlaps the
     compiles with each other and with loading the weights (first run of the default model on 2
     cores: the three kernels it uses one after another cost the sum of their compile times)."""
-    from concurrent.futures import ThreadPoolExecutor
-
     def build(kernel) -> None:
         try:
             compile_source(kernel.source, check_machine(kernel.required_flags), kernel.extra_flags)
         except KernelUnavailable:
             pass
 
-    def run() -> None:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            list(pool.map(build, kernels))
-
-    thread = threading.Thread(target=run, name="minicpm-kernel-prebuild", daemon=True)
-    thread.start()
-    return thread
+    # the executor's threads are joined at exit: a compile is never cut off half-written
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="minicpm-kernel-build")
+    futures = [pool.submit(build, kernel) for kernel in kernels]
+    pool.shutdown(wait=False)
+    return futures
 
 
 def load(source: Path, required_flags: tuple[str, ...] = AVX2, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:

@@ -6,7 +6,7 @@ flags. All need AVX2, FMA and F16C at least (see avx512_on_avx2.h); where the CP
 
 from __future__ import annotations
 
-import threading
+import functools
 
 from minicpm.kernels.build import Kernel, prebuild
 
@@ -19,10 +19,9 @@ LINEAR_F32 = Kernel("linear_f32", "fp32 linear kernel", "minicpm.kernels.linear:
 
 # first needed first: the int4/int8 products are built while a quantized checkpoint loads
 ALL = (QGEMM, ATTENTION, DECODE, LINEAR_F32, LINEAR_BF16)
-_prebuilding: list[threading.Thread] = []
 
 
+@functools.cache
 def prebuild_once() -> None:
     """Start building every kernel missing from the cache (once per process; see build.prebuild)."""
-    if not _prebuilding:
-        _prebuilding.append(prebuild(ALL))
+    prebuild(ALL)

@@ -120,7 +120,13 @@ def linear_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         try:
             # "gelu" with algorithm "none" is the erf form (the tanh one would say "tanh")
             return _ONEDNN_LINEAR(x.contiguous(), weight, bias, "gelu" if gelu else "none", [], "none" if gelu else "")
-        except RuntimeError:  # no primitive for this dtype on this CPU (bf16 below AVX-512): F.linear
+        except RuntimeError:  # no primitive for this dtype on this CPU (bf16 below AVX-512)?
+            y = _linear_gelu(x, weight, bias, gelu)  # a bad input raises here, and disables nothing
             _ONEDNN_REFUSED.add(x.dtype)
+            return y
+    return _linear_gelu(x, weight, bias, gelu)
+
+
+def _linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool) -> torch.Tensor:
     y = F.linear(x, weight, bias)
     return F.gelu(y) if gelu else y

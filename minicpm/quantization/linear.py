@@ -213,8 +213,8 @@ class QuantizedLinear(nn.Module):
         if (self.bits == 8 or self.in_features % 32 == 0) and native.available():
             return "native"
         if self.bits == 8:
-            # PyTorch 2.13's AVX2 _weight_int8pack_mm reads past the rows when in_features is not
-            # a multiple of 8 and x has more than one row (a segfault, seen on an AVX2-only EPYC)
+            # PyTorch 2.13's _weight_int8pack_mm segfaults on an AVX2-only EPYC when in_features
+            # is not a multiple of 8 and x has more than one row (K = 33, 36, 100, 239 crashed)
             ok = _has_op("_weight_int8pack_mm") and self.in_features % 8 == 0
             return "packed" if ok else "dequantize"
         ok = (_has_op("_weight_int4pack_mm_for_cpu") and _has_op("_convert_weight_to_int4pack_for_cpu")

@@ -138,21 +138,19 @@ class Recipe:
                 f"over {s.warmup_steps} steps ({SHORT_RUN_WARMUP:.0%} of the run); pass "
                 f"schedule.warmup_steps=N (0 to {steps - 1}) to choose")
 
-    def fit_precision(self, device_type: str) -> str | None:
-        """train.precision=auto becomes bf16 or fp32 for this device; returns the note to print
-        when that is fp32. Without bf16 instructions PyTorch's CPU bf16 products are converted
-        in software: a small pretraining step ran 6.5x slower under bf16 autocast than in fp32
-        on an AVX2-only EPYC (853 vs 5,511 tok/s)."""
+    def fit_precision(self, native_bf16: bool) -> str | None:
+        """train.precision=auto becomes bf16 where the device multiplies bf16 natively, else
+        fp32; returns the note to print when that is fp32. Without bf16 instructions PyTorch's
+        CPU bf16 products are converted in software: a small pretraining step ran 6.5x slower
+        under bf16 autocast than in fp32 on an AVX2-only EPYC (853 vs 5,511 tok/s)."""
         if self.train.precision != "auto":
             return None
-        from minicpm.kernels.build import cpu_flags
-
-        native_bf16 = device_type != "cpu" or bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
         self.train.precision = "bf16" if native_bf16 else "fp32"
         if native_bf16:
             return None
-        return ("note: train.precision=auto is fp32 here: this CPU has no bf16 instructions "
-                "(AVX-512 BF16 or AMX), so bf16 autocast would be slower; train.precision=bf16 forces it")
+        return ("note: train.precision=auto is fp32 here: this device has no bf16 arithmetic "
+                "(on a CPU: AVX-512 BF16 or AMX), so bf16 autocast would be slower; "
+                "train.precision=bf16 forces it")
 
     def validate(self, world_size: int = 1) -> Recipe:
         t = self.train

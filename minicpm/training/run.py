@@ -77,13 +77,24 @@ def run_recipe(kind: str, overrides: list[str], recipe_file: str | None = None,
     return 0
 
 
+def bf16_is_native(device: torch.device) -> bool:
+    """Whether `device` multiplies bf16 in hardware (else PyTorch converts it in software)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        from minicpm.kernels.build import cpu_flags
+
+        return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+    return True
+
+
 def train(recipe: Recipe, procs: Processes = Processes(), resume: bool = False, echo=print,
           dry_run: bool = False, profile_memory: bool = False) -> dict:
     """Run `recipe` to the end (or from its run directory's last checkpoint with `resume`).
     `dry_run`: build the model and the data, print the plan, and write nothing.
     `profile_memory`: measure the resident memory of each phase (profile.py) and report it."""
     profile = MemoryProfile() if profile_memory else None
-    note = recipe.fit_precision(procs.device.type)  # before anything reads it; recipe.yaml keeps it
+    note = recipe.fit_precision(bf16_is_native(procs.device))  # before anything reads it; recipe.yaml keeps it
     if note:
         echo(note)
     run_dir = Path(recipe.out)
