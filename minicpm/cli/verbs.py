@@ -36,7 +36,8 @@ def decoder(model):
 
 def chat(args: argparse.Namespace) -> int:
     from minicpm.cli.options import sampling_kwargs
-    from minicpm.cli.repl import chat_loop, conversation
+    from minicpm.cli.conversations import conversation
+    from minicpm.cli.repl import chat_loop
     from minicpm.vision import MiniCPMV
     from minicpm.vision.chat import SAMPLING_DEFAULTS
 
@@ -161,7 +162,7 @@ def text_replies(model, tokenizer, prompts: list[str], kwargs: dict, raw: bool, 
 def image_replies(model, tokenizer, image, prompts: list[str], kwargs: dict):
     """Replies of a MiniCPM-V model to prompts about one image, one prompt at a time (the image
     is encoded once; each prompt reuses the cached prompt up to its own text)."""
-    from minicpm.cli.repl import TEXT_ONLY
+    from minicpm.generation.chat import TEXT_ONLY
     from minicpm.vision import MiniCPMV
     from minicpm.vision.chat import stream_chat
 

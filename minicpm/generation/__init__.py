@@ -1,48 +1,22 @@
 """Generation: sampling, the lockstep token generator, text streaming with stop strings, chat,
-and `generate()`/`chat()` as methods of the model.
+and `generate()`/`chat()` as methods of the model (`methods`, which `minicpm.load` imports).
 
-The decoder (`minicpm.model`) is core and knows nothing of sampling or chat templates; the two
-methods users know from the official API are given to it here, once, when this package is
-first imported. `minicpm.load` imports it, so every model it returns has them; code that builds
-a model by hand imports `minicpm.generation` (or calls the functions below directly).
+The names below are imported on first use: `params` (SamplingParams), `text` (stop strings,
+incremental text, GenerationStats) and `chat_params` need no PyTorch, so the torch-free runtime
+(`minicpm.lean`) shares them; the generator, the sampler and the methods do.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
 
-from minicpm.errors import MiniCPMError
-from minicpm.generation.chat import chat
-from minicpm.generation.generate import TokenGenerator, generate
-from minicpm.generation.sampling import Sampler, SamplingParams, sample_next
-from minicpm.model import MiniCPMForCausalLM
-
-__all__ = ["TokenGenerator", "generate", "chat", "Sampler", "SamplingParams", "sample_next"]
+# (`generate` and `chat` are submodules: the functions are minicpm.generation.generate.generate
+# and minicpm.generation.chat.chat, or the model's methods)
+_WHERE = {"TokenGenerator": "generate", "Sampler": "sampling", "SamplingParams": "params", "sample_next": "sampling"}
+__all__ = list(_WHERE)
 
 
-class GenerationMethods:
-    """`model.generate(...)` and `model.chat(...)`, as the official MiniCPM code has them."""
-
-    def generate(self, input_ids, max_new_tokens: int = 128, **sampling: Any):
-        """New token ids for each prompt; temperature 0 (the default) is greedy.
-
-        `input_ids`: a list of ids, a list of such lists (batched, left-padded internally) or a
-        [B, S] tensor. Returns a [B, new] tensor (rows that stopped early padded with the pad
-        id) for tensor input, otherwise lists. See `minicpm.generation.generate`.
-        """
-        return generate(self, input_ids, max_new_tokens=max_new_tokens, **sampling)
-
-    def chat(self, tokenizer=None, query: str | None = None, history: list[dict] | None = None,
-             role: str = "user", **sampling: Any) -> tuple[str, list[dict]]:
-        """The official `chat()`: returns (response, history) with the reply appended."""
-        if sampling.get("image") is not None or "msgs" in sampling:
-            # MiniCPM-V's chat(image=..., msgs=...) called on a text model
-            raise MiniCPMError("this is a text-only model: it cannot read images "
-                               "(load a MiniCPM-V checkpoint for chat(image=..., msgs=...))")
-        if query is None:
-            raise MiniCPMError("chat needs a query: model.chat(tokenizer, query, history)")
-        return chat(self, tokenizer, query, history=history, role=role, **sampling)
-
-
-for _name in ("generate", "chat"):
-    setattr(MiniCPMForCausalLM, _name, getattr(GenerationMethods, _name))
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)

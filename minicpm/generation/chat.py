@@ -10,15 +10,18 @@ appears instead of running on to the end-of-sequence token and cutting afterward
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from minicpm.errors import MiniCPMError
-from minicpm.generation.generate import PromptCache
-from minicpm.generation.sampling import SamplingParams
+from minicpm.generation.params import SamplingParams
 from minicpm.generation.text import GenerationStats, stream_text
+
+if TYPE_CHECKING:
+    from minicpm.generation.generate import PromptCache
 
 OFFICIAL_DEFAULTS = {"temperature": 0.3, "top_p": 0.8}
 ROLE_MARKERS = ["<AI>", "<用户>"]
+TEXT_ONLY = "this is a text-only model: it cannot read images (--image and /image need a MiniCPM-V checkpoint)"
 
 
 def chat_params(prompt_len: int, context: int, max_length: int = 4096, **sampling: Any) -> SamplingParams:

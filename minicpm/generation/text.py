@@ -2,7 +2,8 @@
 
 Stop strings can span token boundaries, so while streaming we hold back any tail of the text
 that could still grow into a stop string, and release it once it cannot. The stop string itself
-is never shown.
+is never shown. Only `stream_text` and `generate_texts` run the PyTorch generator (imported
+there): the rest serves the torch-free runtime (`minicpm.lean`) too.
 """
 
 from __future__ import annotations
@@ -12,8 +13,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from minicpm.generation.generate import PromptCache, TokenGenerator
-from minicpm.generation.sampling import SamplingParams
+from typing import TYPE_CHECKING
+
+from minicpm.generation.params import SamplingParams
+
+if TYPE_CHECKING:
+    from minicpm.generation.generate import PromptCache
 
 
 class StopStringFilter:
@@ -106,6 +111,8 @@ def stream_text(model, tokenizer, prompt_ids: list[int], params: SamplingParams,
                 penalize_prompt: bool = True) -> Iterator[str]:
     """Yield the reply's text piece by piece; fills `stats` as it goes. `penalize_prompt`:
     see TokenGenerator."""
+    from minicpm.generation.generate import TokenGenerator
+
     stats = stats if stats is not None else GenerationStats()
     params = with_chat_stop_ids(model, tokenizer, params)
     gen = TokenGenerator(model, [prompt_ids], params, pad_token_id=tokenizer.pad_token_id,
@@ -141,6 +148,8 @@ def stream_text(model, tokenizer, prompt_ids: list[int], params: SamplingParams,
 
 def generate_texts(model, tokenizer, prompts: list[list[int]], params: SamplingParams) -> list[str]:
     """Batched generation of full replies (each row stops on its own stop token or string)."""
+    from minicpm.generation.generate import TokenGenerator
+
     params = with_chat_stop_ids(model, tokenizer, params)
     gen = TokenGenerator(model, prompts, params, pad_token_id=tokenizer.pad_token_id)
     rows = [RowText(tokenizer, params.stop) for _ in prompts]

@@ -9,29 +9,25 @@ Modules, each with one job:
   file_types  which GGML type each tensor gets for a file type (llama.cpp's Q4_K_M policy)
   read        `read_gguf`, `read_gguf_info`, `load_gguf`
   write       `write_gguf`
+
+Names are imported on first use: container, layout and metadata need no PyTorch, so the
+torch-free runtime (`minicpm.lean`) reads GGUF files through them without loading it.
 """
 
-from minicpm.formats.gguf.container import GGUFFile, GGUFTensorInfo
-from minicpm.formats.gguf.file_types import FILE_TYPES
-from minicpm.formats.gguf.layout import (
-    EXPERT_NAMES,
-    TENSOR_NAMES,
-    deinterleave_rope_rows,
-    gguf_to_hf_name,
-    hf_to_gguf_name,
-    interleave_rope_rows,
-)
-from minicpm.formats.gguf.metadata import (
-    HF_CONFIG_KEY,
-    SUPPORTED_ARCHITECTURES,
-    config_from_metadata,
-)
-from minicpm.formats.gguf.quantize import encode_k_quant
-from minicpm.formats.gguf.read import load_gguf, open_gguf, read_gguf, read_gguf_info
-from minicpm.formats.gguf.write import write_gguf
+import importlib
 
-__all__ = ["read_gguf", "read_gguf_info", "load_gguf", "open_gguf", "write_gguf",
-           "SUPPORTED_ARCHITECTURES", "FILE_TYPES", "HF_CONFIG_KEY", "TENSOR_NAMES",
-           "EXPERT_NAMES", "config_from_metadata", "gguf_to_hf_name", "hf_to_gguf_name",
-           "interleave_rope_rows", "deinterleave_rope_rows", "encode_k_quant", "GGUFFile",
-           "GGUFTensorInfo"]
+_WHERE = {
+    "GGUFFile": "container", "GGUFTensorInfo": "container", "FILE_TYPES": "file_types",
+    "EXPERT_NAMES": "layout", "TENSOR_NAMES": "layout", "deinterleave_rope_rows": "layout",
+    "gguf_to_hf_name": "layout", "hf_to_gguf_name": "layout", "interleave_rope_rows": "layout",
+    "HF_CONFIG_KEY": "metadata", "SUPPORTED_ARCHITECTURES": "metadata", "config_from_metadata": "metadata",
+    "encode_k_quant": "quantize", "load_gguf": "read", "open_gguf": "read", "read_gguf": "read",
+    "read_gguf_info": "read", "write_gguf": "write",
+}
+__all__ = list(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)

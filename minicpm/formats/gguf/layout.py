@@ -14,8 +14,6 @@ from __future__ import annotations
 import functools
 import re
 
-import torch
-
 from minicpm.config import MiniCPMConfig
 from minicpm.errors import CheckpointError
 
@@ -102,19 +100,20 @@ def expert_template(name: str) -> tuple[str, int] | None:
 # ------------------------------------------------------------------------------------------------
 # Rotary row order
 # ------------------------------------------------------------------------------------------------
-def interleave_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """HF "rotate-half" rows -> llama.cpp adjacent pairs: per head, new row 2j+t = old t*(D/2)+j."""
+def interleave_rope_rows(w, n_heads: int):
+    """HF "rotate-half" rows -> llama.cpp adjacent pairs: per head, new row 2j+t = old t*(D/2)+j.
+    `w`: a torch tensor or a numpy array (the torch-free runtime reads GGUF too)."""
     half = _half_head(w, n_heads)
-    return w.reshape(n_heads, 2, half, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+    return w.reshape(n_heads, 2, half, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def deinterleave_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+def deinterleave_rope_rows(w, n_heads: int):
     """Inverse of `interleave_rope_rows`."""
     half = _half_head(w, n_heads)
-    return w.reshape(n_heads, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+    return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _half_head(w: torch.Tensor, n_heads: int) -> int:
+def _half_head(w, n_heads: int) -> int:
     rows = w.shape[0]
     if rows % (2 * n_heads):
         raise CheckpointError(f"{rows} rows cannot be split into {n_heads} rotary heads")

@@ -12,15 +12,13 @@ The products d*sc and dmin*mn have at most 19 significant bits, so fp32 holds th
 QuantizedLinear.dequantize() computes q*s (+ m) in fp32 with one rounding each, as gguf-py does.
 Whole tensors are decoded with numpy bit operations (no per-block Python). Q4_0/Q4_1 nibbles are
 already in the kernel's byte order (a byte holds k = j and 16 + j of its block): they are passed
-as they are (`block_nibbles`), only 4-byte groups move.
+as they are (`block_nibbles`), only 4-byte groups move. `repacked_parts` is numpy only (the
+torch-free runtime, `minicpm.lean`, packs from it too); `repacked_linear` makes the layer.
 """
 
 from __future__ import annotations
 
 import numpy as np
-import torch
-
-from minicpm.quantization.linear import QuantizedLinear
 
 __all__ = ["REPACKED_TYPES", "repacked_linear", "repacked_parts"]
 
@@ -32,26 +30,28 @@ def _f16(raw: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(raw).view(np.float16)[..., 0].astype(np.float32)
 
 
-def _smallest_exact(values: np.ndarray) -> torch.Tensor:
+def _half(raw: np.ndarray) -> np.ndarray:
+    """[..., 2] bytes -> float16 [...]."""
+    return np.ascontiguousarray(raw).view(np.float16)[..., 0]
+
+
+def _smallest_exact(values: np.ndarray) -> np.ndarray:
     """fp16 when every value survives the round trip (half the metadata memory), else fp32."""
     half = values.astype(np.float16)
-    return torch.from_numpy(half if np.array_equal(half.astype(np.float32), values) else values)
+    return half if np.array_equal(half.astype(np.float32), values) else values
 
 
 def _q4_0(blocks: np.ndarray):
     d = _f16(blocks[..., 0:2])
-    return 4, 32, blocks[..., 2:18], torch.from_numpy(d.astype(np.float16)), _smallest_exact(-8 * d)
+    return 4, 32, blocks[..., 2:18], d.astype(np.float16), _smallest_exact(-8 * d)
 
 
 def _q4_1(blocks: np.ndarray):
-    d, m = blocks[..., 0:2], blocks[..., 2:4]
-    as_half = lambda raw: torch.from_numpy(np.ascontiguousarray(raw).view(np.float16)[..., 0])  # noqa: E731
-    return 4, 32, blocks[..., 4:20], as_half(d), as_half(m)
+    return 4, 32, blocks[..., 4:20], _half(blocks[..., 0:2]), _half(blocks[..., 2:4])
 
 
 def _q8_0(blocks: np.ndarray):
-    d = torch.from_numpy(np.ascontiguousarray(blocks[..., 0:2]).view(np.float16)[..., 0])
-    return 8, 32, np.ascontiguousarray(blocks[..., 2:34]).view(np.int8), d, None
+    return 8, 32, np.ascontiguousarray(blocks[..., 2:34]).view(np.int8), _half(blocks[..., 0:2]), None
 
 
 def _q4_k(blocks: np.ndarray):
@@ -64,7 +64,7 @@ def _q4_k(blocks: np.ndarray):
     scales, offsets = d * sc.astype(np.float32), -(dmin * mn.astype(np.float32))
     qs = flat[:, 16:].reshape(-1, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
     codes = (qs & 0x0F).reshape(*lead, 256)                                   # sub-block 2c+h: chunk c, half h
-    return 4, 32, codes, torch.from_numpy(scales.reshape(*lead, 8)), torch.from_numpy(offsets.reshape(*lead, 8))
+    return 4, 32, codes, scales.reshape(*lead, 8), offsets.reshape(*lead, 8)
 
 
 def _q6_k(blocks: np.ndarray):
@@ -74,7 +74,7 @@ def _q6_k(blocks: np.ndarray):
     qh = flat[:, 128:192].reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)
     q = ((ql & 0x0F).reshape(-1, 8, 32) | ((qh & 0x03).reshape(-1, 8, 32) << 4)).view(np.int8) - np.int8(32)
     scales = _f16(flat[:, 208:210])[:, None] * np.ascontiguousarray(flat[:, 192:208]).view(np.int8).astype(np.float32)
-    return 8, 16, q.reshape(*lead, 256), torch.from_numpy(scales.reshape(*lead, 16)), None
+    return 8, 16, q.reshape(*lead, 256), scales.reshape(*lead, 16), None
 
 
 _DECODERS = {"Q4_0": (_q4_0, 18), "Q4_1": (_q4_1, 20), "Q8_0": (_q8_0, 34), "Q4_K": (_q4_k, 144),
@@ -83,21 +83,27 @@ _DECODERS = {"Q4_0": (_q4_0, 18), "Q4_1": (_q4_1, 20), "Q8_0": (_q8_0, 34), "Q4_
 
 def repacked_parts(data: np.ndarray, type_name: str):
     """A 2-D tensor's raw rows [N, row_bytes] -> (bits, group, codes, scales [N, K/G], offsets
-    [N, K/G] or None) as torch tensors; codes int8 [N, K] (int8), uint8 [N, K] 0..15 (Q4_K) or
+    [N, K/G] or None) as numpy arrays; codes int8 [N, K] (int8), uint8 [N, K] 0..15 (Q4_K) or
     uint8 [N, K/2] block nibbles (Q4_0/Q4_1, see QuantizedLinear's block_nibbles)."""
     decode, type_size = _DECODERS[type_name]
     n = data.shape[0]
     blocks = np.asarray(data).reshape(n, -1, type_size)
     bits, group, codes, scales, offsets = decode(blocks)
-    codes = torch.from_numpy(np.ascontiguousarray(codes).reshape(n, -1))
+    codes = np.ascontiguousarray(codes).reshape(n, -1)
     return bits, group, codes, scales.reshape(n, -1), None if offsets is None else offsets.reshape(n, -1)
 
 
-def repacked_linear(data: np.ndarray, type_name: str, rows=None) -> QuantizedLinear:
+def repacked_linear(data: np.ndarray, type_name: str, rows=None):
     """A QuantizedLinear holding a GGUF tensor's blocks as stored (dtype float32: activations
     and dequantize() in fp32). `rows`: a row permutation applied to codes and metadata alike
     (the rotary de-interleave of q/k)."""
-    bits, group, codes, scales, offsets = repacked_parts(data, type_name)
+    import torch
+
+    from minicpm.quantization.linear import QuantizedLinear
+
+    parts = repacked_parts(data, type_name)
+    bits, group = parts[:2]
+    codes, scales, offsets = (None if a is None else torch.from_numpy(a) for a in parts[2:])
     if rows is not None:
         codes, scales = rows(codes), rows(scales)
         offsets = None if offsets is None else rows(offsets)
