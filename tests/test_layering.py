@@ -8,7 +8,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "minicpm"
 CORE = {"model", "cache", "config", "loading", "tokenizer", "kernels", "files", "errors"}
-FEATURES = {"training", "serving", "evaluation", "quantization", "formats", "generation", "vision", "bench"}
+FEATURES = {"training", "serving", "evaluation", "quantization", "formats", "generation", "vision", "bench", "lean"}
 
 
 def module_name(path: Path) -> str:

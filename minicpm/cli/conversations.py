@@ -11,7 +11,8 @@ from pathlib import Path
 
 from minicpm.errors import MiniCPMError
 from minicpm.generation.chat import TEXT_ONLY, stream_chat
-from minicpm.generation.generate import PromptCache, common_prefix
+from minicpm.generation.generate import PromptCache
+from minicpm.generation.prompts import common_prefix
 from minicpm.generation.text import GenerationStats
 from minicpm.vision import MiniCPMV, load_image
 from minicpm.vision.chat import stream_chat as stream_image_chat

@@ -38,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the conversation's KV cache in PATH: loaded at the start if PATH exists (refused if "
                         "another model or KV cache kind made it), saved when the chat ends and after --context-file "
                         "is prefilled")
+    p.add_argument("--runtime", choices=("auto", "lean", "torch"), default="auto",
+                   help="lean: quantized GGUF files on the native kernels without PyTorch (a third of the memory); "
+                        "torch: the PyTorch model (every checkpoint, --dtype, --image, --kv-cache, --prompt-cache, "
+                        "GPUs); auto (default): lean where it can run the checkpoint and options, else torch")
 
     p = sub.add_parser("generate", help="complete prompts (one per line of a file, or --prompt)")
     add_model_args(p)

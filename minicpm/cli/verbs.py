@@ -36,12 +36,16 @@ def decoder(model):
 
 def chat(args: argparse.Namespace) -> int:
     from minicpm.cli.options import sampling_kwargs
-    from minicpm.cli.conversations import conversation
     from minicpm.cli.repl import chat_loop
+
+    system = with_context_file(args.system, args.context_file)
+    session = lean_conversation(args, system)
+    if session is not None:  # no PyTorch in this process
+        return chat_loop(session, sampling_kwargs(args))
+    from minicpm.cli.conversations import conversation
     from minicpm.vision import MiniCPMV
     from minicpm.vision.chat import SAMPLING_DEFAULTS
 
-    system = with_context_file(args.system, args.context_file)
     if args.prompt_cache:  # before the model loads: a chat must not end unable to save
         from minicpm.generation.saved_cache import check_cache_path
 
@@ -57,6 +61,31 @@ def chat(args: argparse.Namespace) -> int:
     if args.prompt_cache and session.prompt_cache.ids:
         save_and_say(session, args.prompt_cache)
     return code
+
+
+def lean_conversation(args: argparse.Namespace, system: str | None):
+    """A conversation on the lean runtime (minicpm.lean) where --runtime lets it run this
+    checkpoint with these options; else None (--runtime lean: an error saying why not)."""
+    if args.runtime == "torch":
+        return None
+    from minicpm import lean
+    from minicpm.loading import locate
+
+    needs_torch = [flag for flag, given in (
+        ("--dtype", args.dtype), ("--image", args.image), ("--prompt-cache", args.prompt_cache),
+        ("--kv-cache", args.kv_cache not in (None, "auto")),
+        ("--device", args.device not in (None, "cpu")),
+        ("a GPU", args.device is None and Path("/dev/nvidia0").exists())) if given]
+    path = locate(args.model)
+    reason = f"{needs_torch[0]} needs the PyTorch runtime" if needs_torch else lean.why_not(path)
+    if reason is not None:
+        if args.runtime == "lean":
+            raise MiniCPMError(f"--runtime lean cannot run {path.name}: {reason}")
+        return None
+    if args.threads is not None and args.threads < 1:
+        raise MiniCPMError(f"--threads must be >= 1, got {args.threads}")
+    model, tokenizer = lean.load(path, threads=args.threads)
+    return lean.LeanChat(model, tokenizer, system)
 
 
 def with_context_file(system: str | None, context_file: str | None) -> str | None:

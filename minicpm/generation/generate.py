@@ -21,6 +21,7 @@ import torch
 
 from minicpm.cache import KVCache
 from minicpm.errors import MiniCPMError
+from minicpm.generation.prompts import common_prefix, fit_prompt
 from minicpm.generation.sampling import Sampler, SamplingParams
 
 PREFILL_CHUNK = 512  # bounds the attention score matrix of long prompts
@@ -56,11 +57,6 @@ class PromptCache:
             model(torch.tensor([ids[start:start + chunk]], device=model.device), cache=cache, last_only=True)
         self.ids = list(ids)
         return len(ids) - done
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    """How many leading ids `a` and `b` share."""
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def grown(old: KVCache | None, new: KVCache, keep: int) -> KVCache:
@@ -155,16 +151,6 @@ class TokenGenerator:
         if self.prompt_cache is not None:
             self.prompt_cache.ids = list(self.prompts[0])
         return logits[:, -1]
-
-
-def fit_prompt(prompt: list[int], context: int) -> list[int]:
-    """Keep the last tokens of a prompt that leaves no room to generate, and say what was cut."""
-    keep = context - 1
-    if len(prompt) <= keep:
-        return prompt
-    warnings.warn(f"prompt has {len(prompt)} tokens but the context holds {context}; "
-                  f"dropped the first {len(prompt) - keep} tokens", stacklevel=4)
-    return prompt[-keep:]
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device: Any) -> tuple[torch.Tensor, torch.Tensor]:

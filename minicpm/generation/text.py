@@ -117,21 +117,35 @@ def stream_text(model, tokenizer, prompt_ids: list[int], params: SamplingParams,
     params = with_chat_stop_ids(model, tokenizer, params)
     gen = TokenGenerator(model, [prompt_ids], params, pad_token_id=tokenizer.pad_token_id,
                          prompt_cache=prompt_cache, penalize_prompt=penalize_prompt)
-    row = RowText(tokenizer, params.stop)
     stats.prompt_tokens = len(gen.prompts[0])
+
+    def tokens() -> Iterator[int]:
+        for step in gen:
+            stats.cached_prompt_tokens = gen.reused_tokens
+            yield step[0]
+
+    yield from stream_tokens(tokens(), tokenizer, params, gen.stop_ids, stats)
+    if stats.finish_reason == "stop":
+        gen.finish(0)
+
+
+def stream_tokens(tokens: Iterator[int], tokenizer, params: SamplingParams, stop_ids, stats: GenerationStats
+                  ) -> Iterator[str]:
+    """The text of generated `tokens` piece by piece, until a stop id or stop string (the
+    iterator is not resumed after it); fills `stats` (its clock starts now: prefill is the wait
+    for the first token). Shared with the lean runtime."""
+    row = RowText(tokenizer, params.stop)
     start = last = time.perf_counter()
-    for step in gen:
-        token = step[0]
+    for token in tokens:
         now = time.perf_counter()
         if stats.new_tokens == 0:
             stats.prefill_seconds = now - start
-            stats.cached_prompt_tokens = gen.reused_tokens
         else:
             stats.decode_seconds += now - last
         last = now
         stats.new_tokens += 1
         stats.tokens.append(token)
-        if token in gen.stop_ids:
+        if token in stop_ids:
             stats.finish_reason = "stop"
             break
         piece = row.push(token)
@@ -139,7 +153,6 @@ def stream_text(model, tokenizer, prompt_ids: list[int], params: SamplingParams,
             yield piece
         if row.stopped:
             stats.finish_reason = "stop"
-            gen.finish(0)
             break
     tail = row.flush()
     if tail:

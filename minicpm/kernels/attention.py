@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from minicpm.kernels.build import KernelUnavailable
+from minicpm.kernels.decode_abi import ATTENTION_ABI as ABI
 from minicpm.kernels.libraries import ATTENTION as KERNEL
 
-ABI = 8
 # store dtype -> attention.c's kind; uint8 stores are int4 codes, two per byte
 KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3, torch.uint8: 4}
 META = {torch.int8: 1, torch.uint8: 2}  # fp32 numbers per (position, head) of a coded value store

@@ -207,6 +207,11 @@ class Kernel:
                     self._tried = True
         return self._lib
 
+    def unchecked_library(self) -> ctypes.CDLL:
+        """The built library without `setup` (which needs PyTorch): for the torch-free runtime,
+        which declares and checks what it calls itself. Raises KernelUnavailable with the reason."""
+        return load(self.source, self.required_flags, self.extra_flags)
+
     def _load(self) -> ctypes.CDLL | None:
         try:
             lib = load(self.source, self.required_flags, self.extra_flags)

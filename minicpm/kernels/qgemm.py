@@ -24,7 +24,7 @@ from minicpm.kernels.libraries import QGEMM as KERNEL
 from minicpm.kernels.qgemm_layout import ROWS, Plan
 
 KINDS = {getattr(torch, name): code for name, code in layout.KIND_CODES.items()}  # dtype codes the C side reads
-ABI_VERSION = 4
+ABI_VERSION = layout.ABI_VERSION
 
 _lib: ctypes.CDLL | None = None  # what run() calls; set once the library passed its self-check
 

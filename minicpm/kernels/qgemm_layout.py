@@ -18,6 +18,7 @@ import threading
 
 import numpy as np
 
+ABI_VERSION = 4  # qgemm.c's qgemm_abi_version()
 ROWS = 16  # output rows per tile: one per 32-bit lane of a zmm register
 KIND_CODES = {"float32": 0, "bfloat16": 1, "float16": 2}  # element types the C side reads
 
@@ -64,8 +65,9 @@ def weight_buffer(nbytes: int) -> np.ndarray:
 
 
 def _placed(packed: np.ndarray) -> np.ndarray:
+    """A copy of `packed` (a strided view) in weight memory, written in place: no temporary."""
     out = weight_buffer(packed.nbytes)
-    out[:] = packed.reshape(-1).view(np.uint8)
+    out.view(packed.dtype).reshape(packed.shape)[...] = packed
     return out
 
 
@@ -100,13 +102,16 @@ def pack_int4_blocks(nibbles: np.ndarray) -> np.ndarray:
 
 
 def pack_int8(q: np.ndarray, k_padded: int) -> np.ndarray:
-    """int8 codes [N, K] -> codes + 128 in the tiled layout, uint8 [T*Kp*16]."""
+    """int8 codes [N, K] -> codes + 128 in the tiled layout, uint8 [T*Kp*16]. (Padding is code 0;
+    the + 128 is applied to the packed copy in place, so a big table costs no second temporary.)"""
     k = q.shape[1]
-    u = np.ascontiguousarray(q).view(np.uint8) ^ np.uint8(0x80)          # q + 128, in two's complement
+    u = np.ascontiguousarray(q).view(np.uint8)
     if k_padded != k:
-        u = np.pad(u, ((0, 0), (0, k_padded - k)), constant_values=128)
-    v = _pad_rows(u, 128).view(np.int32).reshape(-1, ROWS, k_padded // 32, 8)  # [tile, row, block, L]
-    return _placed(v.transpose(0, 2, 3, 1))
+        u = np.pad(u, ((0, 0), (0, k_padded - k)))
+    v = _pad_rows(u).view(np.int32).reshape(-1, ROWS, k_padded // 32, 8)  # [tile, row, block, L]
+    out = _placed(v.transpose(0, 2, 3, 1))
+    np.bitwise_xor(out, np.uint8(0x80), out=out)                         # q + 128, in two's complement
+    return out
 
 
 def pack_meta(m: np.ndarray) -> np.ndarray:

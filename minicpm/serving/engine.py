@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from minicpm.errors import MiniCPMError
-from minicpm.generation.generate import common_prefix
+from minicpm.generation.prompts import common_prefix
 from minicpm.generation.sampling import (
     Sampler,
     SamplingParams,

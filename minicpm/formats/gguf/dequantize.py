@@ -1,14 +1,14 @@
 """Stored GGUF tensor data -> torch tensors: F32/F16/BF16 as stored, block types dequantized to
-float32 (Q8_0/Q4_0/Q4_1 by our own whole-tensor decoders, the rest by gguf-py)."""
+float32 (Q8_0/Q4_0/Q4_1 by our own whole-tensor decoders, the rest by gguf-py); `to_float32`
+gives numpy float32 without PyTorch (the torch-free runtime's embedding rows)."""
 
 from __future__ import annotations
 
 import functools
 
 import numpy as np
-import torch
 
-__all__ = ["FAST_DEQUANTIZERS", "can_dequantize", "to_torch"]
+__all__ = ["FAST_DEQUANTIZERS", "can_dequantize", "to_float32", "to_torch"]
 
 
 @functools.cache
@@ -85,8 +85,22 @@ FAST_DEQUANTIZERS = {"Q8_0": _dequantize_q8_0, "Q4_0": _dequantize_q4_0,
                      "Q4_1": _dequantize_q4_1}
 
 
-def to_torch(data: np.ndarray, qtype) -> torch.Tensor:
+def to_float32(data: np.ndarray, qtype) -> np.ndarray:
+    """Raw data of one tensor (or of some of its rows) -> a float32 numpy array of its own."""
+    from gguf import GGMLQuantizationType as T
+    from gguf.quants import dequantize
+
+    if qtype in (T.F32, T.F16):
+        return np.asarray(data, dtype=np.float32)
+    if qtype == T.BF16:  # the high half of a float32
+        return (np.asarray(data).view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    fast = FAST_DEQUANTIZERS.get(qtype.name)
+    return fast(data) if fast else dequantize(data, qtype)
+
+
+def to_torch(data: np.ndarray, qtype):
     """One tensor's raw data (memory-mapped) -> torch, dequantized if it is a block type."""
+    import torch
     from gguf import GGMLQuantizationType as T
     from gguf.quants import dequantize
 

@@ -31,10 +31,11 @@ import numpy as np
 from minicpm.config import MiniCPMConfig
 from minicpm.errors import CheckpointError, ConfigError
 from minicpm.formats.gguf.file_types import FILE_TYPES
+from minicpm.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SUPPORTED_ARCHITECTURES", "HF_CONFIG_KEY", "config_from_metadata",
+__all__ = ["SUPPORTED_ARCHITECTURES", "HF_CONFIG_KEY", "config_from_metadata", "gguf_tokenizer",
            "mup_from_metadata", "add_model_metadata", "add_tokenizer_metadata"]
 
 SUPPORTED_ARCHITECTURES = ("minicpm", "llama")
@@ -273,3 +274,11 @@ def _add_value(writer, key: str, value: Any) -> None:
             writer.add_key_value(key, values, GGUFValueType.ARRAY, sub_type=sub)
     else:
         raise ConfigError(f"tokenizer metadata {key} has unsupported type {type(value).__name__}")
+
+
+def gguf_tokenizer(metadata: dict[str, Any], path) -> Tokenizer:
+    """The Tokenizer a GGUF file's tokenizer.* keys describe (CheckpointError if it has none)."""
+    tokenizer_meta = {k: v for k, v in metadata.items() if k.startswith("tokenizer.")}
+    if "tokenizer.ggml.model" not in tokenizer_meta:
+        raise CheckpointError(f"{path}: the GGUF file holds no tokenizer (tokenizer.ggml.* keys)")
+    return Tokenizer.from_gguf_metadata(tokenizer_meta)

@@ -36,6 +36,7 @@ from minicpm.formats.gguf.metadata import (
     HF_CONFIG_KEY,
     SUPPORTED_ARCHITECTURES,
     config_from_metadata,
+    gguf_tokenizer,
 )
 
 __all__ = ["read_gguf", "read_gguf_info", "load_gguf", "open_gguf"]
@@ -81,13 +82,9 @@ def load_gguf(path: str | os.PathLike, dtype: Any = None, device: Any = None):
     """(model, tokenizer) from a GGUF file: quantized weights as stored when no dtype is given
     (float parts in float32), else every tensor dequantized and cast to `dtype`."""
     from minicpm.loading.assemble import build_model, one_thread
-    from minicpm.tokenizer import Tokenizer
 
     file, config, metadata = open_gguf(path)
-    tokenizer_meta = {k: v for k, v in metadata.items() if k.startswith("tokenizer.")}
-    if "tokenizer.ggml.model" not in tokenizer_meta:
-        raise CheckpointError(f"{path}: the GGUF file holds no tokenizer (tokenizer.ggml.* keys)")
-    tokenizer = Tokenizer.from_gguf_metadata(tokenizer_meta)
+    tokenizer = gguf_tokenizer(metadata, path)
     if dtype is not None:
         return build_model(config, _iter_tensors(file, config, None), dtype=dtype, device=device,
                            source=str(path)), tokenizer

@@ -1,0 +1,224 @@
+"""A MiniCPM/Llama decoder from a quantized GGUF file, run by the native kernels from numpy.
+
+The same arithmetic as `minicpm.model` with its native decode step, without PyTorch:
+
+    x      = embedding rows (dequantized as stored) * scale_emb
+    x      = decode.c's layers (RMSNorm, q/k/v, rotary, cache write, attention, o, residual
+             scale, RMSNorm, gate/up, SiLU, down) for up to 16 positions at a time
+    logits = lm_head(norm(x) / (hidden_size / dim_model_base))   (qgemm.c, from the last row)
+
+A prompt runs as chunks of MAX_ROWS positions through the decode step (each row attends to the
+cache up to its own position), so prefill and decode are one code path. The weights are the
+GGUF blocks repacked exactly (`formats.gguf.repack`: no re-rounding), the KV cache fp32.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from minicpm.config import MiniCPMConfig
+from minicpm.errors import CheckpointError
+from minicpm.formats.gguf.container import GGUFFile, GGUFTensorInfo
+from minicpm.formats.gguf.dequantize import to_float32
+from minicpm.formats.gguf.layout import deinterleave_rope_rows, rope_heads
+from minicpm.formats.gguf.metadata import SUPPORTED_ARCHITECTURES, config_from_metadata
+from minicpm.formats.gguf.repack import REPACKED_TYPES, repacked_parts
+from minicpm.kernels import decode_abi
+from minicpm.kernels import qgemm_layout as layout
+from minicpm.lean.native import Kernels, quantized_plan
+
+MAX_ROWS = 16  # positions per decode-step call (linear.MAX_ROWS: the weight-stream kernels' limit)
+PROJECTIONS = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output", "gate": "ffn_gate",
+               "up": "ffn_up", "down": "ffn_down"}
+_GROWTH = 256  # cache positions are added this many at a time (a chat rarely fills the context)
+
+
+def unsupported(file: GGUFFile) -> str | None:
+    """Why the lean runtime cannot run this GGUF file as stored (None: it can)."""
+    arch = file.metadata.get("general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        return f"architecture {arch!r}"
+    config = file_config(file)
+    if config.num_experts:
+        return "mixture-of-experts layers"
+    if config.hidden_act != "silu":  # as llama.cpp's graphs (our GGUF writer refuses others too)
+        return f"hidden_act {config.hidden_act!r}"
+    scaling = config.rope_scaling or {}
+    if scaling.get("rope_type", scaling.get("type", "default")) != "default":
+        return f"rope scaling {scaling}"
+    if config.head_dim % 16 or config.head_dim > 256 or config.sliding_window:
+        return "its attention shape"
+    for t in file.tensors:
+        if t.name.endswith(".bias"):
+            return f"bias tensors ({t.name})"
+        head = t.name != "token_embd.weight" or config.tie_word_embeddings  # the tied table is the head too
+        if len(t.shape) == 2 and head and t.tensor_type.name not in REPACKED_TYPES:
+            return f"tensor {t.name} of type {t.tensor_type.name} (runs as stored: {', '.join(REPACKED_TYPES)})"
+    return None
+
+
+@dataclass
+class Weights:
+    """What the layers read, kept alive for as long as the structs point into it."""
+    layers: object        # ctypes array of decode_abi.Layer
+    norms: list           # fp32 arrays the layer structs point at
+    plans: list           # qgemm plans the layer structs point at
+    final_norm: np.ndarray
+    head: layout.Plan
+    embedding: tuple      # (GGUFTensorInfo, file): rows dequantized on demand
+
+
+def _plan(file: GGUFFile, info: GGUFTensorInfo, config: MiniCPMConfig) -> layout.Plan:
+    """A GGUF block tensor as a qgemm plan: codes and metadata as stored, q/k rows in HF order."""
+    bits, group, codes, scales, offsets = repacked_parts(file.tensor_data(info), info.tensor_type.name)
+    heads = rope_heads(info.name, config)
+    if heads is not None:
+        codes, scales = deinterleave_rope_rows(codes, heads), deinterleave_rope_rows(scales, heads)
+        offsets = None if offsets is None else deinterleave_rope_rows(offsets, heads)
+    n, k = codes.shape[0], scales.shape[1] * group
+    if info.tensor_type.name in ("Q4_0", "Q4_1"):
+        packed = layout.pack_int4_blocks(codes)
+    elif bits == 4:
+        packed = layout.pack_int4(codes)
+    else:
+        packed = layout.pack_int8(codes, layout.padded_k(8, k, group))
+    file.release(info)
+    return quantized_plan(bits, group, packed, scales, offsets, n, k)
+
+
+def _float(file: GGUFFile, info: GGUFTensorInfo) -> np.ndarray:
+    out = np.ascontiguousarray(to_float32(file.tensor_data(info), info.tensor_type), dtype=np.float32)
+    file.release(info)
+    return out
+
+
+def read_weights(file: GGUFFile, config: MiniCPMConfig, kernels: Kernels) -> Weights:
+    tensors = {t.name: t for t in file.tensors}
+
+    def need(name: str) -> GGUFTensorInfo:
+        if name not in tensors:
+            raise CheckpointError(f"{file.path}: tensor {name} is missing")
+        return tensors[name]
+
+    layers = (decode_abi.Layer * config.num_hidden_layers)()
+    norms, plans = [], []
+    for i, struct in enumerate(layers):
+        for field, stored in (("norm1", "attn_norm"), ("norm2", "ffn_norm")):
+            norms.append(_float(file, need(f"blk.{i}.{stored}.weight")))
+            setattr(struct, field, norms[-1].ctypes.data)
+        for field, stored in PROJECTIONS.items():
+            plan = _plan(file, need(f"blk.{i}.{stored}.weight"), config)
+            plans.append(plan)
+            setattr(struct, field, decode_abi.Proj(kernels.plan_team, ctypes.addressof(plan), None, None,
+                                                   plan.N, plan.K, decode_abi.P_QGEMM))
+    embedding = need("token_embd.weight")
+    head = _plan(file, tensors.get("output.weight", embedding), config)
+    return Weights(layers, norms, plans, _float(file, need("output_norm.weight")), head, (embedding, file))
+
+
+class LeanModel:
+    """`forward(ids, start)`: logits of the last of `ids`, run at positions start.. of the one
+    sequence this model holds in its KV cache (positions past `start` are forgotten first)."""
+
+    def __init__(self, config: MiniCPMConfig, weights: Weights, kernels: Kernels, threads: int):
+        self.config, self.weights, self.kernels, self.threads = config, weights, kernels, threads
+        c = config
+        self.inv_freq = (1.0 / (c.rope_theta ** (np.arange(0, c.head_dim, 2, dtype=np.float32) / c.head_dim))
+                         ).astype(np.float32)
+        self.keys: list[np.ndarray] = []
+        self.values: list[np.ndarray] = []
+        self.capacity = 0
+        self.tokens: list[int] = []  # the ids whose keys and values the cache holds, in order
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def cache_bytes(self) -> int:
+        return sum(a.nbytes for a in self.keys + self.values)
+
+    def _reserve(self, length: int) -> None:
+        """Grow the cache (copying what it holds) to at least `length` positions."""
+        if length <= self.capacity:
+            return
+        c = self.config
+        capacity = min(max(length, self.capacity * 2, _GROWTH), c.max_position_embeddings)
+        shape = (1, c.num_key_value_heads, capacity, c.head_dim)
+        for stores in (self.keys, self.values):
+            for i in range(c.num_hidden_layers):  # one layer at a time: old and new never all at once
+                new = np.zeros(shape, np.float32)
+                if i < len(stores):
+                    new[:, :, :self.length] = stores[i][:, :, :self.length]
+                    stores[i] = new
+                else:
+                    stores.append(new)
+        for struct, k, v in zip(self.weights.layers, self.keys, self.values):
+            struct.kstore, struct.vstore = k.ctypes.data, v.ctypes.data
+        self.capacity = capacity
+
+    def _rotary(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        freqs = positions.astype(np.float32)[:, None] * self.inv_freq
+        emb = np.concatenate((freqs, freqs), axis=-1)
+        return np.ascontiguousarray(np.cos(emb)), np.ascontiguousarray(np.sin(emb))
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        info, file = self.weights.embedding
+        rows = to_float32(file.tensor_data(info)[ids], info.tensor_type).reshape(len(ids), -1)
+        return np.ascontiguousarray(rows * np.float32(self.config.embedding_scale), dtype=np.float32)
+
+    def _layers(self, x: np.ndarray, start: int) -> None:
+        """decode.c over x [B, D] (in place) at positions start..start+B-1."""
+        c, b = self.config, x.shape[0]
+        positions = np.arange(start, start + b, dtype=np.int64)
+        cos, sin = self._rotary(positions)
+        rows = np.zeros(b, np.int64)
+        starts, ends = np.zeros(b, np.int64), positions + 1  # row i attends to positions 0..start+i
+        step = decode_abi.Step(
+            b, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size, 1,
+            self.capacity, start + b, decode_abi.DT_F32, 0, 0, self.threads,  # fp32 cache, SiLU
+            c.rms_norm_eps, c.residual_scale, 0.0, c.head_dim ** -0.5, cos.ctypes.data, sin.ctypes.data,
+            rows.ctypes.data, positions.ctypes.data, starts.ctypes.data, ends.ctypes.data, None,
+            self.kernels.attention_team, self.kernels.plan_scratch)
+        rc = self.kernels.decode.minicpm_decode_layers(ctypes.byref(step), self.weights.layers,
+                                                       len(self.weights.layers), x.ctypes.data)
+        if rc:
+            raise (MemoryError if rc == -2 else RuntimeError)(f"native decode step failed ({rc})")
+
+    def forward(self, ids: list[int], start: int) -> np.ndarray:
+        """fp32 logits [vocab] after running `ids` at positions start.. (the cache keeps them)."""
+        if not ids or not 0 <= start <= self.length:
+            raise ValueError(f"cannot run {len(ids)} ids at position {start} of a cache of {self.length}")
+        ids = [int(i) for i in ids]
+        end = start + len(ids)
+        if end > self.config.max_position_embeddings:
+            raise ValueError(f"{end} positions exceed the context of {self.config.max_position_embeddings}")
+        self._reserve(end)
+        del self.tokens[start:]
+        for at in range(0, len(ids), MAX_ROWS):  # the cache holds whole chunks, even if interrupted
+            chunk = ids[at:at + MAX_ROWS]
+            x = self.embed(np.asarray(chunk, dtype=np.int64))
+            self._layers(x, start + at)
+            self.tokens += chunk
+        return self.head(x[-1:])[0]
+
+    def head(self, x: np.ndarray) -> np.ndarray:
+        """Final RMSNorm and the head over hidden states [M, D] -> fp32 logits [M, vocab]."""
+        c = self.config
+        norm = x / np.sqrt(np.mean(np.square(x), axis=-1, keepdims=True) + np.float32(c.rms_norm_eps))
+        h = np.ascontiguousarray(norm * self.weights.final_norm / np.float32(c.logit_scale), dtype=np.float32)
+        return self.kernels.matmul(self.weights.head, h, self.threads)
+
+
+def file_config(file: GGUFFile) -> MiniCPMConfig:
+    names = {t.name for t in file.tensors}
+    return config_from_metadata(file.metadata, tied="output.weight" not in names, source=str(file.path))
+
+
+def default_threads() -> int:
+    """The CPUs this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -1,0 +1,86 @@
+"""The three kernels the lean runtime calls (qgemm.c, attention.c, decode.c), loaded without
+PyTorch: the PyTorch modules' setups check a build against PyTorch, so here the ABI numbers are
+checked and one int4 and one int8 product are compared with numpy before anything is trusted.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import numpy as np
+
+from minicpm.kernels import decode_abi
+from minicpm.kernels import qgemm_layout as layout
+from minicpm.kernels.build import KernelUnavailable
+from minicpm.kernels.libraries import ATTENTION, DECODE, QGEMM
+
+
+class Kernels:
+    """The loaded libraries and the entry points decode.c calls by address."""
+
+    def __init__(self):
+        self.qgemm, self.attention, self.decode = (k.unchecked_library() for k in (QGEMM, ATTENTION, DECODE))
+        if self.qgemm.qgemm_abi_version() != layout.ABI_VERSION:
+            raise KernelUnavailable("qgemm.c: stale build")
+        if self.attention.minicpm_attention_abi() != decode_abi.ATTENTION_ABI:
+            raise KernelUnavailable("attention.c: stale build")
+        decode_abi.declare(self.decode)
+        c_long, c_int, c_void = ctypes.c_long, ctypes.c_int, ctypes.c_void_p
+        self.qgemm.qgemm_plan.argtypes = [ctypes.POINTER(layout.Plan), c_void, c_int, c_long, c_void, c_int]
+        self.qgemm.qgemm_plan.restype = c_int
+        self.plan_team = _address(self.qgemm, "qgemm_plan_team")
+        self.plan_scratch = _address(self.qgemm, "qgemm_plan_scratch")
+        self.attention_team = _address(self.attention, "minicpm_decode_attention_team")
+        _self_check(self)
+
+    def matmul(self, plan: layout.Plan, x: np.ndarray, threads: int) -> np.ndarray:
+        """x [M, K] float32 (contiguous) @ W.T -> [M, N] float32."""
+        y = np.empty((x.shape[0], plan.N), np.float32)
+        rc = self.qgemm.qgemm_plan(plan.ref, x.ctypes.data, 0, x.shape[0], y.ctypes.data, threads)
+        if rc:
+            raise MemoryError("native qgemm: out of memory") if rc == -1 else RuntimeError(f"native qgemm failed ({rc})")
+        return y
+
+
+def _address(lib: ctypes.CDLL, name: str) -> int:
+    return ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
+
+
+def _self_check(kernels: Kernels) -> None:
+    """An int4 (offsets) and an int8 (groups of 32) product on odd shapes against numpy."""
+    rng = np.random.default_rng(0)
+    n, k = 37, 128
+    x = rng.standard_normal((3, k), dtype=np.float32)
+    q4 = rng.integers(0, 16, (n, k), dtype=np.uint8)
+    s4 = (rng.random((n, k // 32), dtype=np.float32) + 0.5).astype(np.float32)
+    m4 = (rng.random((n, k // 32), dtype=np.float32) - 0.5).astype(np.float32)
+    w4 = (q4.reshape(n, -1, 32) * s4[..., None] + m4[..., None]).reshape(n, k)
+    q8 = rng.integers(-127, 128, (n, k), dtype=np.int8)
+    s8 = (rng.random((n, k // 32), dtype=np.float32) + 0.5).astype(np.float32)
+    w8 = (q8.reshape(n, -1, 32) * s8[..., None]).reshape(n, k)
+    for plan, w in ((quantized_plan(4, 32, layout.pack_int4(q4), s4, m4, n, k), w4),
+                    (quantized_plan(8, 32, layout.pack_int8(q8, k), s8, None, n, k), w8)):
+        ref = x @ w.T
+        err = np.linalg.norm(kernels.matmul(plan, x, 1) - ref) / np.linalg.norm(ref)
+        if not err < 0.02:
+            raise KernelUnavailable(f"qgemm.c: self-check failed (relative error {err:.3g})")
+
+
+def quantized_plan(bits: int, group: int, packed: np.ndarray, scales: np.ndarray, offsets: np.ndarray | None,
+                   n: int, k: int) -> layout.Plan:
+    """The plan of a packed weight with per-group scales [N, K/G] (and int4 offsets [N, K/G]):
+    w = q * s + m (int4), q * s (int8)."""
+    meta = [None if m is None else layout.pack_meta(m) for m in (scales, offsets)]
+    kind = scales.dtype.name
+    if kind not in layout.KIND_CODES:
+        raise ValueError(f"qgemm reads no {kind} metadata")
+    return layout.make_plan(bits, group, n, k, layout.padded_k(bits, k, group), packed.ctypes.data,
+                            meta[0].ctypes.data, kind, None if meta[1] is None else meta[1].ctypes.data,
+                            offsets=offsets is not None, keep=(packed, *meta))
+
+
+@functools.cache
+def kernels() -> Kernels:
+    """The kernels, loaded once (KernelUnavailable says why they cannot be)."""
+    return Kernels()

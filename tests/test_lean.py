@@ -1,0 +1,168 @@
+"""The lean runtime (minicpm/lean): quantized GGUF files on the native kernels without PyTorch.
+Held to the PyTorch model's native decode step (same kernels: equal to float rounding once both
+use the same rotary tables), to itself across chunking and cache reuse, to the float model, and
+run as `minicpm chat` in a process that never imports torch."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from test_gguf_native import CONFIG, MODEL_TOLERANCE, native_or_skip, write
+
+from minicpm import lean
+from minicpm.formats.gguf.read import load_gguf
+from minicpm.generation.params import SamplingParams
+from minicpm.generation.sampling import sample_next
+from minicpm.lean.chat import Sampler
+
+IDS = [1, 5, 9, 77, 200, 3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26, 43, 38, 32, 79, 50, 28, 84, 19, 71, 69,
+       39, 99, 37, 51, 5, 82, 9, 74, 94, 45, 92, 30, 7]  # 40 ids: three chunks of the decode step
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Tiny MiniCPM GGUFs (muP scalings, GQA) of every block type the lean runtime runs."""
+    native_or_skip()
+    out = {}
+    mp = pytest.MonkeyPatch()
+    for file_type, force in (("q4_0", None), ("q8_0", None), ("q4_k_m", None), ("q6_k", None), ("q4_0", "Q4_1")):
+        out[force or file_type] = write(tmp_path_factory.mktemp(force or file_type), file_type, monkeypatch=mp,
+                                        force=force)
+        mp.undo()
+    out["untied"] = write(tmp_path_factory.mktemp("untied"), "q4_0", config=CONFIG.replace(tie_word_embeddings=False))
+    return out
+
+
+def torch_steps(model, ids):
+    """The PyTorch model's native decode step, one token at a time: logits [len, vocab]."""
+    with torch.inference_mode():
+        cache = model.new_cache(1, 64)
+        return np.stack([model.decode_slots(torch.tensor([t]), cache, torch.tensor([0]), torch.tensor([i]))[0].numpy()
+                         for i, t in enumerate(ids)])
+
+
+def torch_rotary(model):
+    def tables(positions):
+        with torch.inference_mode():
+            cos, sin = model.model.rotary_emb(torch.from_numpy(positions)[None], 1)
+        return np.ascontiguousarray(cos[0].numpy()), np.ascontiguousarray(sin[0].numpy())
+    return tables
+
+
+def rel(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("kind", ["q4_0", "Q4_1", "q8_0", "q4_k_m", "q6_k", "untied"])
+def test_lean_is_the_pytorch_decode_step(files, kind):
+    model, _ = load_gguf(files[kind])
+    lm, _ = lean.load(files[kind], threads=2)
+    assert lm.config.tie_word_embeddings == (kind != "untied") and lm.config.has_mup_scaling
+    lm._rotary = torch_rotary(model)  # numpy's cos/sin may differ from PyTorch's by an ulp
+    ids = IDS[:12]
+    expected = torch_steps(model, ids)
+    got = np.stack([lm.forward([t], i) for i, t in enumerate(ids)])
+    for step, (a, b) in enumerate(zip(got, expected)):  # the same kernels: head and final norm rounding only
+        assert rel(a, b) < 1e-5, step
+
+
+@pytest.mark.parametrize("kind", ["Q4_1", "q4_k_m"])
+def test_lean_against_the_float_model(files, kind):
+    """With its own rotary tables, against the file dequantized to float32 (int8 activations)."""
+    reference, _ = load_gguf(files[kind], dtype=torch.float32)
+    with torch.no_grad():
+        expected = reference(torch.tensor([IDS]))[0, -1].numpy()
+    lm, _ = lean.load(files[kind], threads=2)
+    assert rel(lm.forward(IDS, 0), expected) < MODEL_TOLERANCE
+
+
+def test_chunks_and_cache_reuse_give_the_same_logits(files):
+    lm, _ = lean.load(files["Q4_1"], threads=2)
+    whole = lm.forward(IDS, 0)
+    assert lm.tokens == IDS
+    one_by_one = [lm.forward([t], i) for i, t in enumerate(IDS)][-1]
+    assert np.array_equal(whole, one_by_one)  # each row of a chunk is computed as it is alone
+    lm.forward(IDS[:30] + [3, 4, 5], 0)
+    assert np.array_equal(lm.forward(IDS[30:], 30), whole)  # positions 30.. replaced, 0..29 reused
+    with pytest.raises(ValueError, match="position 50"):
+        lm.forward([1], 50)
+    with pytest.raises(ValueError, match="exceed the context"):
+        lm.forward([1] * 200, 0)
+
+
+def test_threads_do_not_change_the_result(files):
+    one, _ = lean.load(files["q8_0"], threads=1)
+    two, _ = lean.load(files["q8_0"], threads=2)
+    assert np.array_equal(one.forward(IDS, 0), two.forward(IDS, 0))
+
+
+def test_what_the_lean_runtime_refuses(files, tmp_path, tiny_checkpoint):
+    f32 = write(tmp_path, "f32")
+    assert "of type F32" in lean.why_not(f32)  # the tied table is the head: a float head is refused too
+    assert lean.why_not(tiny_checkpoint) == "it runs GGUF files only"
+    assert lean.why_not(files["Q4_1"]) is None
+    with pytest.raises(Exception, match="lean runtime cannot run"):
+        lean.load(f32)
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=0.3, top_p=0.8), dict(temperature=1.0, top_k=20),
+                                dict(temperature=0.7, min_p=0.05, repetition_penalty=1.3),
+                                dict(temperature=1.0, presence_penalty=1.0, logit_bias={7: 5.0})])
+def test_sampling_draws_what_pytorch_draws(kw):
+    """The same distribution as sample_next (20,000 draws each, fixed seeds)."""
+    rng = np.random.default_rng(0)
+    logits = (rng.standard_normal(300) * 3).astype(np.float32)
+    params = SamplingParams(**kw, seed=1)
+    prompt = [1, 2, 3, int(np.argmax(logits))]
+    sampler = Sampler(params, 300, prompt)
+    sampler.observe(4)
+    ours = np.bincount([sampler.sample(logits) for _ in range(20000)], minlength=300) / 20000
+    seen = torch.zeros(20000, 300, dtype=torch.bool)
+    seen[:, prompt + [4]] = True
+    counts = torch.zeros(20000, 300)
+    counts[:, 4] = 1
+    draws = sample_next(torch.from_numpy(logits).expand(20000, -1), params, torch.Generator().manual_seed(1),
+                        seen, counts)
+    theirs = np.bincount(draws.numpy(), minlength=300) / 20000
+    if params.top_k or params.top_p < 1 or params.min_p:  # the same tokens cut off
+        assert np.array_equal(ours > 0, theirs > 0)
+    assert np.abs(ours - theirs).max() < 0.02
+
+
+def run_chat(*args, stdin: str):
+    """`minicpm chat` in a fresh process that reports afterwards whether torch was imported."""
+    code = ("import sys; from minicpm.cli.main import main; rc = main(sys.argv[1:]); "
+            "print('TORCH', 'torch' in sys.modules); sys.exit(rc)")
+    return subprocess.run([sys.executable, "-c", code, "chat", *map(str, args)], input=stdin, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+def test_chat_runs_without_torch(files):
+    result = run_chat(files["Q4_1"], "--temperature", 0, "--max-new-tokens", 5,
+                      stdin="hello there\nand a follow-up\n/image x.png\n/reset\nsecond question\n/exit\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("TORCH False")
+    assert result.stdout.count("tok/s") == 3 and "cannot read images" in result.stdout
+    cached = [int(n) for n in re.findall(r", (\d+) cached\)", result.stdout)]
+    assert cached[1] > 5 and cached[2] > 0  # the follow-up reused turn one; /reset keeps the shared prefix
+
+
+@pytest.mark.parametrize("args, fragment", [(("--runtime", "lean", "--dtype", "float32"), "--dtype needs the PyTorch"),
+                                            (("--runtime", "lean", "--kv-cache", "int8"), "--kv-cache needs")])
+def test_lean_runtime_refusals_are_clean_errors(files, args, fragment):
+    result = run_chat(files["Q4_1"], *args, stdin="/exit\n")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert fragment in result.stderr and "--runtime lean cannot run" in result.stderr
+
+
+def test_other_options_fall_back_to_pytorch(files):
+    result = run_chat(files["Q4_1"], "--kv-cache", "int8", "--temperature", 0, "--max-new-tokens", 3,
+                      stdin="hello\n/exit\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("TORCH True") and "tok/s" in result.stdout
