@@ -68,6 +68,8 @@ def lean_conversation(args: argparse.Namespace, system: str | None):
     checkpoint with these options; else None (--runtime lean: an error saying why not)."""
     if args.runtime == "torch":
         return None
+    if args.threads is not None and args.threads < 1:  # before anything is built or read
+        raise MiniCPMError(f"--threads must be >= 1, got {args.threads}")
     from minicpm import lean
     from minicpm.loading import locate
 
@@ -82,8 +84,6 @@ def lean_conversation(args: argparse.Namespace, system: str | None):
         if args.runtime == "lean":
             raise MiniCPMError(f"--runtime lean cannot run {path.name}: {reason}")
         return None
-    if args.threads is not None and args.threads < 1:
-        raise MiniCPMError(f"--threads must be >= 1, got {args.threads}")
     model, tokenizer = lean.load(path, threads=args.threads)
     return lean.LeanChat(model, tokenizer, system)
 

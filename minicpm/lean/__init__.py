@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from minicpm.config import MiniCPMConfig
 from minicpm.errors import CheckpointError
 from minicpm.formats.gguf.container import GGUFFile
 from minicpm.formats.gguf.metadata import gguf_tokenizer
@@ -30,32 +31,33 @@ __all__ = ["load", "why_not", "LeanModel", "LeanChat", "stream_reply"]
 
 
 def why_not(path: str | Path) -> str | None:
-    """Why the lean runtime cannot run the checkpoint at `path` (None: it can). Reads headers only."""
+    """Why the lean runtime cannot run the checkpoint at `path` (None: it can). Reads headers only;
+    a GGUF file no runtime reads (corrupt, another architecture) raises CheckpointError."""
     return _opened(Path(path))[0]
 
 
-def _opened(path: Path) -> tuple[str | None, GGUFFile | None]:
-    """(why not, None) or (None, the opened file)."""
+def _opened(path: Path) -> tuple[str | None, GGUFFile | None, MiniCPMConfig | None]:
+    """(why not, None, None) or (None, the opened file, its config)."""
     if not (path.is_file() and path.suffix.lower() == ".gguf"):
-        return "it runs GGUF files only", None
+        return "it runs GGUF files only", None, None
     try:
         kernels()
     except KernelUnavailable as e:
-        return f"its native kernels are unavailable ({e})", None
+        return f"its native kernels are unavailable ({e})", None, None
     file = GGUFFile(path)
-    reason = unsupported(file)
-    return (None, file) if reason is None else (f"it does not run {reason}", None)
+    config = file_config(file)
+    reason = unsupported(file, config)
+    return (None, file, config) if reason is None else (f"it does not run {reason}", None, None)
 
 
 def load(path: str | Path, threads: int | None = None) -> tuple[LeanModel, Tokenizer]:
     """(model, tokenizer) of a GGUF file; CheckpointError says what the runtime cannot run."""
     path = Path(path)
-    reason, file = _opened(path)
+    reason, file, config = _opened(path)
     if reason is not None:
         raise CheckpointError(f"{path}: the lean runtime cannot run this checkpoint: {reason}")
     tokenizer = gguf_tokenizer(file.metadata, path)
     for key in [k for k in file.metadata if k.startswith("tokenizer.")]:
         del file.metadata[key]  # the vocabulary lists, now in the tokenizer (tens of MB of Python objects)
-    config = file_config(file)
     model = LeanModel(config, read_weights(file, config, kernels()), kernels(), threads or default_threads())
     return model, tokenizer

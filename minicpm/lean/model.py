@@ -37,12 +37,8 @@ PROJECTIONS = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output", 
 _GROWTH = 256  # cache positions are added this many at a time (a chat rarely fills the context)
 
 
-def unsupported(file: GGUFFile) -> str | None:
-    """Why the lean runtime cannot run this GGUF file as stored (None: it can)."""
-    arch = file.metadata.get("general.architecture")
-    if arch not in SUPPORTED_ARCHITECTURES:
-        return f"architecture {arch!r}"
-    config = file_config(file)
+def unsupported(file: GGUFFile, config: MiniCPMConfig) -> str | None:
+    """Why the lean runtime cannot run this GGUF file (of `file_config(file)`) as stored (None: it can)."""
     if config.num_experts:
         return "mixture-of-experts layers"
     if config.hidden_act != "silu":  # as llama.cpp's graphs (our GGUF writer refuses others too)
@@ -215,6 +211,11 @@ class LeanModel:
 
 
 def file_config(file: GGUFFile) -> MiniCPMConfig:
+    """The file's config (CheckpointError for an architecture we do not read)."""
+    arch = file.metadata.get("general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise CheckpointError(f"{file.path}: GGUF architecture {arch!r} is not supported; "
+                              f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
     names = {t.name for t in file.tensors}
     return config_from_metadata(file.metadata, tied="output.weight" not in names, source=str(file.path))
 

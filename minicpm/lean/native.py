@@ -12,15 +12,18 @@ import numpy as np
 
 from minicpm.kernels import decode_abi
 from minicpm.kernels import qgemm_layout as layout
-from minicpm.kernels.build import KernelUnavailable
+from minicpm.kernels.build import KernelUnavailable, prebuild
 from minicpm.kernels.libraries import ATTENTION, DECODE, QGEMM
+
+USED = (QGEMM, ATTENTION, DECODE)
 
 
 class Kernels:
     """The loaded libraries and the entry points decode.c calls by address."""
 
     def __init__(self):
-        self.qgemm, self.attention, self.decode = (k.unchecked_library() for k in (QGEMM, ATTENTION, DECODE))
+        prebuild(USED)  # on a cold cache the three compile two at a time, not one after another
+        self.qgemm, self.attention, self.decode = (k.unchecked_library() for k in USED)
         if self.qgemm.qgemm_abi_version() != layout.ABI_VERSION:
             raise KernelUnavailable("qgemm.c: stale build")
         if self.attention.minicpm_attention_abi() != decode_abi.ATTENTION_ABI:
