@@ -39,10 +39,10 @@ def files(tmp_path_factory):
     return out
 
 
-def torch_steps(model, ids):
+def torch_steps(model, ids, kv="auto"):
     """The PyTorch model's native decode step, one token at a time: logits [len, vocab]."""
     with torch.inference_mode():
-        cache = model.new_cache(1, 64)
+        cache = model.new_cache(1, 64, kv_dtype=kv)
         return np.stack([model.decode_slots(torch.tensor([t]), cache, torch.tensor([0]), torch.tensor([i]))[0].numpy()
                          for i, t in enumerate(ids)])
 
@@ -59,14 +59,17 @@ def rel(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-@pytest.mark.parametrize("kind", ["q4_0", "Q4_1", "q8_0", "q4_k_m", "q6_k", "untied"])
-def test_lean_is_the_pytorch_decode_step(files, kind):
+@pytest.mark.parametrize("kind, kv", [("q4_0", "auto"), ("Q4_1", "auto"), ("q8_0", "auto"), ("q4_k_m", "auto"),
+                                      ("q6_k", "auto"), ("untied", "auto"), ("Q4_1", "int8"), ("q4_0", "int4")])
+def test_lean_is_the_pytorch_decode_step(files, kind, kv):
+    """Also with the quantized KV caches: the same codes as PyTorch's Int8KVCache / Int4KVCache
+    (an int4 block rescaled as it fills: 40 positions cross a block boundary)."""
     model, _ = load_gguf(files[kind])
-    lm, _ = lean.load(files[kind], threads=2)
+    lm, _ = lean.load(files[kind], threads=2, kv_cache=kv)
     assert lm.config.tie_word_embeddings == (kind != "untied") and lm.config.has_mup_scaling
     lm._rotary = torch_rotary(model)  # numpy's cos/sin may differ from PyTorch's by an ulp
-    ids = IDS[:12]
-    expected = torch_steps(model, ids)
+    ids = IDS if kv == "int4" else IDS[:12]
+    expected = torch_steps(model, ids, kv)
     got = np.stack([lm.forward([t], i) for i, t in enumerate(ids)])
     for step, (a, b) in enumerate(zip(got, expected)):  # the same kernels: head and final norm rounding only
         assert rel(a, b) < 1e-5, step
@@ -82,18 +85,38 @@ def test_lean_against_the_float_model(files, kind):
     assert rel(lm.forward(IDS, 0), expected) < MODEL_TOLERANCE
 
 
-def test_chunks_and_cache_reuse_give_the_same_logits(files):
-    lm, _ = lean.load(files["Q4_1"], threads=2)
+@pytest.mark.parametrize("kv", ["auto", "int8", "int4"])
+def test_chunks_and_cache_reuse_give_the_same_logits(files, kv):
+    lm, _ = lean.load(files["Q4_1"], threads=2, kv_cache=kv)
     whole = lm.forward(IDS, 0)
     assert lm.tokens == IDS
     one_by_one = [lm.forward([t], i) for i, t in enumerate(IDS)][-1]
-    assert np.array_equal(whole, one_by_one)  # each row of a chunk is computed as it is alone
+    if kv == "int4":  # a chunk's rows attend to keys coded with the scales of the whole chunk
+        assert rel(one_by_one, whole) < 0.1
+    else:
+        assert np.array_equal(whole, one_by_one)  # each row of a chunk is computed as it is alone
+    lm.forward(IDS, 0)
     lm.forward(IDS[:30] + [3, 4, 5], 0)
-    assert np.array_equal(lm.forward(IDS[30:], 30), whole)  # positions 30.. replaced, 0..29 reused
+    # positions 30.. replaced, 0..29 reused (int4: 0..29 run again, the key tail holding block 1 only)
+    assert np.array_equal(lm.forward(IDS[30:], 30), whole)
+    assert lm.cache.resumable(30, 33) == (0 if kv == "int4" else 30) and lm.cache.resumable(34, 36) == 34
     with pytest.raises(ValueError, match="position 50"):
         lm.forward([1], 50)
     with pytest.raises(ValueError, match="exceed the context"):
         lm.forward([1] * 200, 0)
+
+
+def test_quantized_caches_are_smaller_and_grow_keeping_what_they_hold(files):
+    lm, _ = lean.load(files["Q4_1"], threads=2, kv_cache="int8")
+    short = lm.forward(IDS[:5], 0)
+    assert lm.cache.capacity == 128  # a tiny context: capped at max_position_embeddings
+    nbytes = {kv: lean.load(files["Q4_1"], kv_cache=kv)[0] for kv in ("auto", "int8")}
+    for m in nbytes.values():
+        m.forward(IDS[:5], 0)
+    assert nbytes["int8"].cache.nbytes < nbytes["auto"].cache.nbytes / 3  # int8 codes + fp32 scales per head
+    with pytest.raises(ValueError, match="KV cache kind 'int2'"):
+        lean.load(files["Q4_1"], kv_cache="int2")
+    assert np.array_equal(short, lean.load(files["Q4_1"], threads=2, kv_cache="int8")[0].forward(IDS[:5], 0))
 
 
 def test_threads_do_not_change_the_result(files):
@@ -143,18 +166,21 @@ def run_chat(*args, stdin: str):
                           text=True, timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"})
 
 
-def test_chat_runs_without_torch(files):
-    result = run_chat(files["Q4_1"], "--temperature", 0, "--max-new-tokens", 5,
+@pytest.mark.parametrize("kv", ["auto", "int4"])
+def test_chat_runs_without_torch(files, kv):
+    result = run_chat(files["Q4_1"], "--kv-cache", kv, "--temperature", 0, "--max-new-tokens", 5,
                       stdin="hello there\nand a follow-up\n/image x.png\n/reset\nsecond question\n/exit\n")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("TORCH False")
     assert result.stdout.count("tok/s") == 3 and "cannot read images" in result.stdout
     cached = [int(n) for n in re.findall(r", (\d+) cached\)", result.stdout)]
-    assert cached[1] > 5 and cached[2] > 0  # the follow-up reused turn one; /reset keeps the shared prefix
+    assert cached[1] > 5  # the follow-up reused turn one
+    # /reset keeps the shared prefix (int4: from a block boundary, the key tail holding the last block only)
+    assert cached[2] > 0 if kv == "auto" else cached[2] % 32 == 0
 
 
 @pytest.mark.parametrize("args, fragment", [(("--runtime", "lean", "--dtype", "float32"), "--dtype needs the PyTorch"),
-                                            (("--runtime", "lean", "--kv-cache", "int8"), "--kv-cache needs")])
+                                            (("--runtime", "lean", "--prompt-cache", "x.kv"), "--prompt-cache needs")])
 def test_lean_runtime_refusals_are_clean_errors(files, args, fragment):
     result = run_chat(files["Q4_1"], *args, stdin="/exit\n")
     assert result.returncode == 2 and "Traceback" not in result.stderr
@@ -162,7 +188,7 @@ def test_lean_runtime_refusals_are_clean_errors(files, args, fragment):
 
 
 def test_other_options_fall_back_to_pytorch(files):
-    result = run_chat(files["Q4_1"], "--kv-cache", "int8", "--temperature", 0, "--max-new-tokens", 3,
+    result = run_chat(files["Q4_1"], "--dtype", "float32", "--temperature", 0, "--max-new-tokens", 3,
                       stdin="hello\n/exit\n")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("TORCH True") and "tok/s" in result.stdout

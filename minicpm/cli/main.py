@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "is prefilled")
     p.add_argument("--runtime", choices=("auto", "lean", "torch"), default="auto",
                    help="lean: quantized GGUF files on the native kernels without PyTorch (a third of the memory); "
-                        "torch: the PyTorch model (every checkpoint, --dtype, --image, --kv-cache, --prompt-cache, "
+                        "torch: the PyTorch model (every checkpoint, --dtype, --image, --prompt-cache, "
                         "GPUs); auto (default): lean where it can run the checkpoint and options, else torch")
 
     p = sub.add_parser("generate", help="complete prompts (one per line of a file, or --prompt)")

@@ -75,7 +75,6 @@ def lean_conversation(args: argparse.Namespace, system: str | None):
 
     needs_torch = [flag for flag, given in (
         ("--dtype", args.dtype), ("--image", args.image), ("--prompt-cache", args.prompt_cache),
-        ("--kv-cache", args.kv_cache not in (None, "auto")),
         ("--device", args.device not in (None, "cpu")),
         ("a GPU", args.device is None and Path("/dev/nvidia0").exists())) if given]
     path = locate(args.model)
@@ -84,7 +83,7 @@ def lean_conversation(args: argparse.Namespace, system: str | None):
         if args.runtime == "lean":
             raise MiniCPMError(f"--runtime lean cannot run {path.name}: {reason}")
         return None
-    model, tokenizer = lean.load(path, threads=args.threads)
+    model, tokenizer = lean.load(path, threads=args.threads, kv_cache=args.kv_cache or "auto")
     return lean.LeanChat(model, tokenizer, system)
 
 

@@ -267,23 +267,26 @@ struct scratch {  // the team's shared buffers for one call, model dtype (fp32-s
     int32_t *active, *count;  // sparse MLP: each row's active neurons [B, inter] and their number [B]
 };
 
-// Rotary on this thread's share of the row-heads: a query head is also widened to fp32 for
-// attention; a key head is written to the cache with its value head.
+// Rotary on this thread's share of the heads: a query head (one unit per row and head) is also
+// widened to fp32 for attention; a key head (one unit per kv head, every row in order) is written
+// to the cache with its value head. Rows of one sequence (a prefill chunk) must be written in
+// position order by one thread: an int4 cache's key write rewrites its block from the rows before.
 static void rotate_and_store(const struct layer *L, const struct step *s, struct scratch *t, const struct team *tm) {
     const int dt = (int)s->dtype;
     const int64_t d = s->head_dim, H = s->heads, KV = s->kv_heads;
     int64_t lo, hi;
-    share(s->batch * (H + KV), tm, &lo, &hi);
+    share(s->batch * H + KV, tm, &lo, &hi);
     for (int64_t u = lo; u < hi; u++) {
-        const int64_t b = u / (H + KV), h = u % (H + KV);
-        const float *cos = s->cos + b * d, *sin = s->sin + b * d;
-        if (h < H) {
-            const int64_t i = (b * H + h) * d;
-            rotate(at(t->q, i, dt), 1, d, cos, sin, dt);
+        if (u < s->batch * H) {
+            const int64_t b = u / H, i = u * d;
+            rotate(at(t->q, i, dt), 1, d, s->cos + b * d, s->sin + b * d, dt);
             for (int64_t j = i; j < i + d; j++) t->qf[j] = get(t->q, j, dt);
-        } else {
-            rotate(at(t->k, (b * KV + h - H) * d, dt), 1, d, cos, sin, dt);
-            write_cache(L, s, t->k, t->v, b, h - H);
+            continue;
+        }
+        const int64_t h = u - s->batch * H;
+        for (int64_t b = 0; b < s->batch; b++) {
+            rotate(at(t->k, (b * KV + h) * d, dt), 1, d, s->cos + b * d, s->sin + b * d, dt);
+            write_cache(L, s, t->k, t->v, b, h);
         }
     }
 }

@@ -4,7 +4,7 @@
 runtime is numpy (~15 MB), the tokenizer and three C kernels (qgemm.c, attention.c, decode.c),
 so `minicpm chat` on the default model peaks near 200 MB instead of 420 (docs/speed.md). It runs
 decoder-only GGUF files whose 2-D weights are block types the int4/int8 kernel reads as stored
-(Q4_0, Q4_1, Q8_0, Q4_K, Q6_K), on x86-64 CPUs with AVX2; anything else (float or MoE
+(Q4_0, Q4_1, Q8_0, Q4_K, Q6_K), with an fp32, int8 or int4 KV cache, on x86-64 CPUs with AVX2; anything else (float or MoE
 checkpoints, rope scaling, images, a GPU) runs on the PyTorch model, which is the reference:
 tests hold the two to the same logits.
 
@@ -50,8 +50,9 @@ def _opened(path: Path) -> tuple[str | None, GGUFFile | None, MiniCPMConfig | No
     return (None, file, config) if reason is None else (f"it does not run {reason}", None, None)
 
 
-def load(path: str | Path, threads: int | None = None) -> tuple[LeanModel, Tokenizer]:
-    """(model, tokenizer) of a GGUF file; CheckpointError says what the runtime cannot run."""
+def load(path: str | Path, threads: int | None = None, kv_cache: str = "auto") -> tuple[LeanModel, Tokenizer]:
+    """(model, tokenizer) of a GGUF file, its KV cache fp32 ("auto"), "int8" or "int4";
+    CheckpointError says what the runtime cannot run."""
     path = Path(path)
     reason, file, config = _opened(path)
     if reason is not None:
@@ -59,5 +60,6 @@ def load(path: str | Path, threads: int | None = None) -> tuple[LeanModel, Token
     tokenizer = gguf_tokenizer(file.metadata, path)
     for key in [k for k in file.metadata if k.startswith("tokenizer.")]:
         del file.metadata[key]  # the vocabulary lists, now in the tokenizer (tens of MB of Python objects)
-    model = LeanModel(config, read_weights(file, config, kernels()), kernels(), threads or default_threads())
+    model = LeanModel(config, read_weights(file, config, kernels()), kernels(), threads or default_threads(),
+                      kv_cache)
     return model, tokenizer

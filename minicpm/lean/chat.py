@@ -100,7 +100,7 @@ def stream_reply(model: LeanModel, tokenizer, prompt: list[int], params: Samplin
     budget = min(params.max_new_tokens or context, context - len(prompt))
     stop_ids = set(params.stop_token_ids)
     start = min(common_prefix(model.tokens, prompt), len(prompt) - 1)
-    stats.prompt_tokens, stats.cached_prompt_tokens = len(prompt), start
+    stats.prompt_tokens, stats.cached_prompt_tokens = len(prompt), model.cache.resumable(start, model.length)
 
     def tokens() -> Iterator[int]:
         logits = model.forward(prompt[start:], start)

@@ -9,7 +9,8 @@ The same arithmetic as `minicpm.model` with its native decode step, without PyTo
 
 A prompt runs as chunks of MAX_ROWS positions through the decode step (each row attends to the
 cache up to its own position), so prefill and decode are one code path. The weights are the
-GGUF blocks repacked exactly (`formats.gguf.repack`: no re-rounding), the KV cache fp32.
+GGUF blocks repacked exactly (`formats.gguf.repack`: no re-rounding); the KV cache is fp32, int8 or
+int4 (`lean.cache`).
 """
 
 from __future__ import annotations
@@ -29,12 +30,12 @@ from minicpm.formats.gguf.metadata import SUPPORTED_ARCHITECTURES, config_from_m
 from minicpm.formats.gguf.repack import REPACKED_TYPES, repacked_parts
 from minicpm.kernels import decode_abi
 from minicpm.kernels import qgemm_layout as layout
+from minicpm.lean.cache import LeanCache
 from minicpm.lean.native import Kernels, quantized_plan
 
 MAX_ROWS = 16  # positions per decode-step call (linear.MAX_ROWS: the weight-stream kernels' limit)
 PROJECTIONS = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output", "gate": "ffn_gate",
                "up": "ffn_up", "down": "ffn_down"}
-_GROWTH = 256  # cache positions are added this many at a time (a chat rarely fills the context)
 
 
 def unsupported(file: GGUFFile, config: MiniCPMConfig) -> str | None:
@@ -120,42 +121,18 @@ class LeanModel:
     """`forward(ids, start)`: logits of the last of `ids`, run at positions start.. of the one
     sequence this model holds in its KV cache (positions past `start` are forgotten first)."""
 
-    def __init__(self, config: MiniCPMConfig, weights: Weights, kernels: Kernels, threads: int):
+    def __init__(self, config: MiniCPMConfig, weights: Weights, kernels: Kernels, threads: int,
+                 kv_cache: str = "auto"):
         self.config, self.weights, self.kernels, self.threads = config, weights, kernels, threads
         c = config
         self.inv_freq = (1.0 / (c.rope_theta ** (np.arange(0, c.head_dim, 2, dtype=np.float32) / c.head_dim))
                          ).astype(np.float32)
-        self.keys: list[np.ndarray] = []
-        self.values: list[np.ndarray] = []
-        self.capacity = 0
+        self.cache = LeanCache(config, kv_cache)
         self.tokens: list[int] = []  # the ids whose keys and values the cache holds, in order
 
     @property
     def length(self) -> int:
         return len(self.tokens)
-
-    @property
-    def cache_bytes(self) -> int:
-        return sum(a.nbytes for a in self.keys + self.values)
-
-    def _reserve(self, length: int) -> None:
-        """Grow the cache (copying what it holds) to at least `length` positions."""
-        if length <= self.capacity:
-            return
-        c = self.config
-        capacity = min(max(length, self.capacity * 2, _GROWTH), c.max_position_embeddings)
-        shape = (1, c.num_key_value_heads, capacity, c.head_dim)
-        for stores in (self.keys, self.values):
-            for i in range(c.num_hidden_layers):  # one layer at a time: old and new never all at once
-                new = np.zeros(shape, np.float32)
-                if i < len(stores):
-                    new[:, :, :self.length] = stores[i][:, :, :self.length]
-                    stores[i] = new
-                else:
-                    stores.append(new)
-        for struct, k, v in zip(self.weights.layers, self.keys, self.values):
-            struct.kstore, struct.vstore = k.ctypes.data, v.ctypes.data
-        self.capacity = capacity
 
     def _rotary(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         freqs = positions.astype(np.float32)[:, None] * self.inv_freq
@@ -176,7 +153,7 @@ class LeanModel:
         starts, ends = np.zeros(b, np.int64), positions + 1  # row i attends to positions 0..start+i
         step = decode_abi.Step(
             b, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size, 1,
-            self.capacity, start + b, decode_abi.DT_F32, 0, 0, self.threads,  # fp32 cache, SiLU
+            self.cache.capacity, start + b, decode_abi.DT_F32, self.cache.bits, 0, self.threads,  # SiLU
             c.rms_norm_eps, c.residual_scale, 0.0, c.head_dim ** -0.5, cos.ctypes.data, sin.ctypes.data,
             rows.ctypes.data, positions.ctypes.data, starts.ctypes.data, ends.ctypes.data, None,
             self.kernels.attention_team, self.kernels.plan_scratch)
@@ -193,7 +170,9 @@ class LeanModel:
         end = start + len(ids)
         if end > self.config.max_position_embeddings:
             raise ValueError(f"{end} positions exceed the context of {self.config.max_position_embeddings}")
-        self._reserve(end)
+        resume = self.cache.resumable(start, self.length)
+        ids, start = self.tokens[resume:start] + ids, resume
+        self.cache.reserve(end, start, self.weights.layers)
         del self.tokens[start:]
         for at in range(0, len(ids), MAX_ROWS):  # the cache holds whole chunks, even if interrupted
             chunk = ids[at:at + MAX_ROWS]

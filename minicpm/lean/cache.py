@@ -1,0 +1,85 @@
+"""The lean runtime's KV cache: numpy stores of one sequence in the layouts decode.c reads.
+
+The same three kinds as `minicpm.cache` (its KVCache, Int8KVCache and Int4KVCache, with a batch
+of one) and the same `--kv-cache` names:
+
+  auto  keys and values in fp32 (the activations' dtype here)
+  int8  int8 codes with one fp32 scale per (position, head): a quarter of fp32
+  int4  4-bit codes; values with (scale, min) per (position, head), keys with (scale, min) per
+        channel over blocks of KEY_BLOCK positions and the newest block's keys kept in fp32 too
+        (decode.c rewrites a block's codes from them as it grows): about an eighth of fp32
+
+MiniCPM-2B has no GQA: an fp32 cache is 737 KB a token (1.5 GB at 2k tokens), int8 196 KB, int4
+about 130 KB. Stores grow GROWTH positions at a time, one layer at a time, so a short chat never
+holds a whole context's cache and a growing one never holds two copies of it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from minicpm.config import MiniCPMConfig
+
+KINDS = {"auto": 0, "int8": 8, "int4": 4}  # --kv-cache's names -> decode.c's kv_bits
+KEY_BLOCK = 32  # decode.c's and attention.c's: positions per block of int4 key scales
+GROWTH = 256    # positions added at a time (a multiple of KEY_BLOCK)
+
+
+class LeanCache:
+    """Per layer, the stores decode.c's layer struct points at (`stores[i]`: field -> array)."""
+
+    def __init__(self, config: MiniCPMConfig, kind: str = "auto"):
+        if kind not in KINDS:
+            raise ValueError(f"KV cache kind {kind!r}: expected one of {', '.join(KINDS)}")
+        self.config, self.kind, self.bits = config, kind, KINDS[kind]
+        self.capacity = 0
+        self.stores: list[dict[str, np.ndarray]] = []
+
+    def _layout(self, capacity: int) -> dict[str, tuple[tuple[int, ...], type, int]]:
+        """field -> (shape, dtype, positions per index of axis 2; 0: not along positions)."""
+        kv, d = self.config.num_key_value_heads, self.config.head_dim
+        if self.bits == 0:
+            return {"kstore": ((1, kv, capacity, d), np.float32, 1), "vstore": ((1, kv, capacity, d), np.float32, 1)}
+        if self.bits == 8:
+            codes, scales = ((1, kv, capacity, d), np.int8, 1), ((1, kv, capacity, 1), np.float32, 1)
+            return {"kstore": codes, "vstore": codes, "kscale": scales, "vscale": scales}
+        codes = ((1, kv, capacity, d // 2), np.uint8, 1)
+        return {"kstore": codes, "vstore": codes,
+                "kscale": ((1, kv, capacity // KEY_BLOCK, 2, d), np.float32, KEY_BLOCK),
+                "vscale": ((1, kv, capacity, 2), np.float32, 1),
+                "ktail": ((1, kv, KEY_BLOCK, d), np.float32, 0)}
+
+    def reserve(self, length: int, held: int, layers) -> None:
+        """At least `length` positions, keeping the first `held`; `layers` (decode.c's structs)
+        are pointed at the stores."""
+        if length <= self.capacity:
+            return
+        c = self.config
+        capacity = min(max(length, self.capacity * 2, GROWTH), c.max_position_embeddings)
+        capacity = -(-capacity // KEY_BLOCK) * KEY_BLOCK  # int4 keys take whole blocks
+        layout = self._layout(capacity)
+        for i in range(c.num_hidden_layers):  # one layer at a time: old and new never all at once
+            new = {field: np.zeros(shape, dtype) for field, (shape, dtype, _) in layout.items()}
+            if i < len(self.stores):
+                for field, (_, _, per) in layout.items():
+                    keep = slice(None) if per == 0 else slice(0, -(-held // per))
+                    new[field][:, :, keep] = self.stores[i][field][:, :, keep]
+                self.stores[i] = new
+            else:
+                self.stores.append(new)
+            for field, array in new.items():
+                setattr(layers[i], field, array.ctypes.data)
+        self.capacity = capacity
+
+    def resumable(self, n: int, held: int) -> int:
+        """Where writing can resume at or before position n, with `held` positions written: n,
+        except in an int4 cache, whose fp32 key tail holds only the block of the last position
+        written: there n at a block boundary or in that block, else the block boundary before n
+        (the positions from there on are run again)."""
+        if self.bits != 4 or n % KEY_BLOCK == 0 or (n <= held and n // KEY_BLOCK == (held - 1) // KEY_BLOCK):
+            return n
+        return n - n % KEY_BLOCK
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for layer in self.stores for a in layer.values())
