@@ -5,6 +5,7 @@ peak memory is its own: first the shipped Q4_1 GGUF file itself (ours runs its q
 as stored; llama.cpp the same file), then dequantized once to fp32 and bf16:
 
   ours         minicpm, this package
+  lean         minicpm's torch-free runtime (minicpm.lean, what `minicpm chat` runs) on the shipped file
   transformers LlamaForCausalLM on our llama-format export of the same weights (float rows only)
   llama.cpp    llama-cpp-python (if installed; `make test-peer` builds it) on the shipped GGUF,
                or on a GGUF we write from the same weights at the same precision
@@ -52,7 +53,7 @@ from pathlib import Path
 # shared with the shapes section: the same prompt, loaders, child processes and table
 from minicpm.bench.arguments import count
 from minicpm.bench.cases import prompt_ids
-from minicpm.bench.engines import load_ours, load_transformers, open_llama
+from minicpm.bench.engines import lean_greedy_tokens, load_ours, load_transformers, open_lean, open_llama
 from minicpm.bench.machine import machine
 from minicpm.bench.process import measure_here, run_child
 from minicpm.bench.report import markdown_table, ratios
@@ -84,6 +85,17 @@ def bench_ours(workdir: Path, dtype: str) -> dict:
     with torch.inference_mode():
         result = timed_tokens(tokens(ids, NEW_TOKENS))
     # the prefill rate from this section's own prompt length (timed_tokens assumes the shapes')
+    return {"load": load, "prefill": PROMPT_TOKENS / result["ttft"], "decode": result["decode"]}
+
+
+def bench_lean(workdir: Path, dtype: str) -> dict:
+    """The torch-free runtime (minicpm.lean) on the shipped file, as `minicpm chat` runs it."""
+    from minicpm.bench.engines import timed_tokens
+
+    model, load = open_lean(_gguf(workdir, dtype))
+    ids = prompt_ids(model.config.vocab_size, PROMPT_TOKENS)
+    model.forward(ids[:8], 0)  # warm-up
+    result = timed_tokens(lean_greedy_tokens(model, ids, NEW_TOKENS))
     return {"load": load, "prefill": PROMPT_TOKENS / result["ttft"], "decode": result["decode"]}
 
 
@@ -133,7 +145,7 @@ def _gguf(workdir: Path, dtype: str) -> Path:
     return workdir / f"model-{dtype}.gguf"
 
 
-ENGINES = {"ours": bench_ours, "transformers": bench_transformers, "llama.cpp": bench_llamacpp}
+ENGINES = {"ours": bench_ours, "lean": bench_lean, "transformers": bench_transformers, "llama.cpp": bench_llamacpp}
 
 
 def prepare(workdir: Path) -> None:
@@ -205,7 +217,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.case:
         engine, dtype = args.case
-        print(json.dumps(measure_here(ENGINES[engine], args.threads, Path(args.workdir), dtype)))
+        print(json.dumps(measure_here(ENGINES[engine], args.threads, Path(args.workdir), dtype,
+                                      torch_threads=engine != "lean")))
         return 0
     sections = ["# Benchmarks", ""]
     if not args.shapes_only:
@@ -253,8 +266,8 @@ def run_smollm2(threads: int) -> str:
         rows = []
         for dtype in (SHIPPED, "float32", "bfloat16"):
             for engine in ENGINES:
-                if engine == "transformers" and dtype == SHIPPED:
-                    continue  # it would dequantize the file: that is the float rows
+                if (engine == "transformers" and dtype == SHIPPED) or (engine == "lean" and dtype != SHIPPED):
+                    continue  # transformers would dequantize the file (the float rows); lean runs GGUF blocks only
                 print(f"running {engine} {dtype} ...", file=sys.stderr)
                 rows.append((engine, dtype, run_case(workdir, engine, dtype, threads)))
         return smollm2_table(rows, threads)

@@ -78,6 +78,18 @@ def test_ours_cases_load_the_prepared_quantized_checkpoint(tmp_path):
     assert ctx4["kv"] == "int4" and ctx4["new_tokens"] == cases.CTX_NEW
 
 
+def test_lean_cases_run_the_q4_0_file_without_torch(tmp_path):
+    checkpoints.prepare("tiny", tmp_path, gguf_types=("q4_0",), quantized=(), log=lambda message: None)
+    speed = process.run_case("lean", cases.GGUF_Q4_0, tmp_path, threads=1, timeout=300)
+    assert isinstance(speed, dict), speed
+    assert speed["new_tokens"] == cases.NEW_TOKENS and speed["weight_bytes"] > 0 and not speed["torch_imported"]
+    for precision, kv in ((cases.GGUF_Q4_0, "int8"), (cases.GGUF_Q4_0 + cases.INT4_KV4, "int4")):
+        assert ("lean", precision) in cases.MEMORY_CASES
+        ctx = process.run_case("lean", precision, tmp_path, threads=1, timeout=300, mode="ctx")
+        assert isinstance(ctx, dict), ctx
+        assert ctx["kv"] == kv and ctx["new_tokens"] == cases.CTX_NEW and not ctx["torch_imported"]
+
+
 def test_memory_table():
     ours = {"load": 1.5, "ttft": 10.0, "prefill": 201.6, "decode": 3.0, "new_tokens": 32, "kv": "int8",
             "context": 2048, "rss": 1900.0}

@@ -15,6 +15,7 @@ import pytest
 import torch
 from test_gguf_native import CONFIG, MODEL_TOLERANCE, native_or_skip, write
 
+import minicpm.lean.model as lean_model
 from minicpm import lean
 from minicpm.formats.gguf.read import load_gguf
 from minicpm.generation.params import SamplingParams
@@ -22,7 +23,7 @@ from minicpm.generation.sampling import sample_next
 from minicpm.lean.chat import Sampler
 
 IDS = [1, 5, 9, 77, 200, 3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26, 43, 38, 32, 79, 50, 28, 84, 19, 71, 69,
-       39, 99, 37, 51, 5, 82, 9, 74, 94, 45, 92, 30, 7]  # 40 ids: three chunks of the decode step
+       39, 99, 37, 51, 5, 82, 9, 74, 94, 45, 92, 30, 7]  # 40 ids: three chunks of 16
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +87,8 @@ def test_lean_against_the_float_model(files, kind):
 
 
 @pytest.mark.parametrize("kv", ["auto", "int8", "int4"])
-def test_chunks_and_cache_reuse_give_the_same_logits(files, kv):
+def test_chunks_and_cache_reuse_give_the_same_logits(files, kv, monkeypatch):
+    monkeypatch.setattr(lean_model, "CHUNK", 16)  # chunk boundaries inside the 40 ids
     lm, _ = lean.load(files["Q4_1"], threads=2, kv_cache=kv)
     whole = lm.forward(IDS, 0)
     assert lm.tokens == IDS
@@ -117,6 +119,15 @@ def test_quantized_caches_are_smaller_and_grow_keeping_what_they_hold(files):
     with pytest.raises(ValueError, match="KV cache kind 'int2'"):
         lean.load(files["Q4_1"], kv_cache="int2")
     assert np.array_equal(short, lean.load(files["Q4_1"], threads=2, kv_cache="int8")[0].forward(IDS[:5], 0))
+
+
+def test_chunk_size_does_not_change_the_result(files, monkeypatch):
+    """Each row of a qgemm product is computed alone, whatever the rows beside it."""
+    results = []
+    for chunk in (7, 16, 256):
+        monkeypatch.setattr(lean_model, "CHUNK", chunk)
+        results.append(lean.load(files["q4_k_m"], threads=2)[0].forward(IDS, 0))
+    assert all(np.array_equal(r, results[0]) for r in results[1:])
 
 
 def test_threads_do_not_change_the_result(files):

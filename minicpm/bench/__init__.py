@@ -7,7 +7,8 @@ what a user loads: load time and peak RSS are not those of quantizing). Then eve
 its own process (so peak RSS is its own, and one engine's allocator state cannot slow the next) on
 the same threads:
 
-  ours          bf16; int8 and int4 too when `minicpm.quantization` is importable
+  ours          bf16; int8 and int4 too when `minicpm.quantization` is importable; the q4_0 GGUF
+  lean          the q4_0 GGUF on the torch-free runtime (minicpm.lean), as `minicpm chat` runs it
   llama.cpp     f16, q8_0, q4_0 through llama-cpp-python, when installed
   transformers  LlamaForCausalLM on the llama-format export, bf16
 
@@ -18,7 +19,8 @@ bandwidth is measured too; decode is also given as a fraction of the bandwidth-b
 Random networks: speeds are real, the text is noise.
 
 A second table is the memory target "chat with a 2k context": peak RSS of ours int4 (int8 KV
-cache where the model offers one, and int4 layers, head and KV cache as the least memory) and
+cache where the model offers one, and int4 layers, head and KV cache as the least memory), the lean
+runtime on the q4_0 GGUF (int8 and int4 KV caches) and
 llama.cpp q4_0 (n_ctx 2048, its default f16 KV cache) prefilling the same CTX_PROMPT-token prompt
 and decoding CTX_NEW tokens, filling the context.
 

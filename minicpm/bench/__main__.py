@@ -9,7 +9,7 @@ from pathlib import Path
 
 engine, precision, workdir, threads = sys.argv[1:5]
 mode = sys.argv[5] if len(sys.argv) > 5 else "speed"
-if engine == "ours":  # as the `minicpm` command does first; the peers keep their allocator
+if engine in ("ours", "lean"):  # as the `minicpm` command does first; the peers keep their allocator
     import os
 
     from minicpm.bench.cases import LEAN_HEAP
@@ -20,6 +20,6 @@ if engine == "ours":  # as the `minicpm` command does first; the peers keep thei
 
     apply_heap_policy()
 
-from minicpm.bench.engines import run_case_here  # noqa: E402  (after the heap policy: it imports torch)
+from minicpm.bench.engines import run_case_here  # noqa: E402  (after the heap policy: its runners import torch)
 
 print(json.dumps(run_case_here(engine, precision, Path(workdir), int(threads), mode)))

@@ -10,8 +10,9 @@ CTX_PROMPT = CTX - CTX_NEW
 SEED = 0
 GGUF_Q4_0 = "q4_0 GGUF"    # ours running llama.cpp's q4_0 file itself, its blocks as stored
 # (engine, precision) in table order; the llama.cpp row of the same "class" is each row's peer.
+# "lean" is ours too: the torch-free runtime (minicpm.lean) on the q4_0 GGUF, as `minicpm chat` runs it.
 CASES = [
-    ("ours", "bf16"), ("ours", "int8"), ("ours", "int4"), ("ours", GGUF_Q4_0),
+    ("ours", "bf16"), ("ours", "int8"), ("ours", "int4"), ("ours", GGUF_Q4_0), ("lean", GGUF_Q4_0),
     ("llama.cpp", "f16"), ("llama.cpp", "q8_0"), ("llama.cpp", "q4_0"),
     ("transformers", "bf16"),
 ]
@@ -23,7 +24,8 @@ QUANTIZED = {"int8": (8, "int8"), "int4": (4, "int8"), INT4_HEAD4: (4, "int4")}
 INT4_KV4 = ", int4 KV"  # a memory case's precision ending so runs with an int4 KV cache (else int8)
 LEAN_HEAP = ", lean heap"  # ... and this one (last) with MINICPM_HEAP=lean (kernels/allocator.py)
 MEMORY_CASES = [("ours", "int4"), ("ours", INT4_HEAD4), ("ours", INT4_HEAD4 + INT4_KV4),
-                ("ours", INT4_HEAD4 + INT4_KV4 + LEAN_HEAP), ("llama.cpp", "q4_0")]
+                ("ours", INT4_HEAD4 + INT4_KV4 + LEAN_HEAP), ("lean", GGUF_Q4_0), ("lean", GGUF_Q4_0 + INT4_KV4),
+                ("llama.cpp", "q4_0")]
 
 
 def checkpoint_and_kv(precision: str) -> tuple[str, str]:

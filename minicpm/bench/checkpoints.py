@@ -94,7 +94,7 @@ def prepared(workdir: Path) -> bool:
     """Whether `prepare` wrote everything into `workdir` (a bench run can reuse it)."""
     from minicpm.bench.cases import CASES, MEMORY_CASES, checkpoint_and_kv
 
-    ours = {ours_path(workdir, checkpoint_and_kv(p)[0]) for e, p in CASES + MEMORY_CASES if e == "ours"}
+    ours = {ours_path(workdir, checkpoint_and_kv(p)[0]) for e, p in CASES + MEMORY_CASES if e in ("ours", "lean")}
     ggufs = {workdir / f"model-{p}.gguf" for e, p in CASES if e == "llama.cpp"}
     return all(path.exists() for path in ours | ggufs | {workdir / "llama" / "config.json"})
 

@@ -1,5 +1,6 @@
-"""The engines under test, each run inside the case's own process: ours, llama.cpp through
-llama-cpp-python, and transformers' LlamaForCausalLM on the llama-format export.
+"""The engines under test, each run inside the case's own process: ours (the PyTorch model, and
+"lean": the torch-free runtime on the q4_0 GGUF), llama.cpp through llama-cpp-python, and
+transformers' LlamaForCausalLM on the llama-format export.
 
 Every runner returns load seconds, TTFT, prefill and decode tok/s and the weight bytes one decoded
 token reads; the memory runners (`CTX_RUNNERS`) fill a 2k context instead.
@@ -154,6 +155,35 @@ def run_transformers(workdir: Path, precision: str) -> dict:
             "new_tokens": count, "load": load, "weight_bytes": unique_weight_bytes(model)}
 
 
+def open_lean(path: Path, kv_cache: str = "auto"):
+    """(the lean runtime's model of a GGUF file on BENCH_THREADS threads, load seconds)."""
+    from minicpm import lean
+
+    (model, _), load = timed(lean.load, path, threads=int(os.environ["BENCH_THREADS"]), kv_cache=kv_cache)
+    return model, load
+
+
+def lean_greedy_tokens(model, ids: list[int], new: int):
+    """The lean runtime: the prompt, then `new` greedy tokens, yielded as they come."""
+    import numpy as np
+
+    logits = model.forward(ids, 0)
+    for step in range(new):
+        token = int(np.argmax(logits))
+        yield token
+        if step < new - 1:
+            logits = model.forward([token], model.length)
+
+
+def run_lean(workdir: Path, precision: str) -> dict:
+    path = ours_path(workdir, precision)
+    model, load = open_lean(path)
+    ids = prompt_ids(model.config.vocab_size)
+    model.forward(ids[:16], 0)  # warm-up
+    result = timed_tokens(lean_greedy_tokens(model, ids, NEW_TOKENS))
+    return {**result, "load": load, "weight_bytes": gguf_weight_bytes(path)}
+
+
 def llama_greedy_tokens(llm, ids: list[int], new: int):
     """llama.cpp: the prompt, then `new` greedy tokens, yielded as they come (the first after
     prefill)."""
@@ -204,6 +234,12 @@ def run_ours_ctx(workdir: Path, precision: str) -> dict:
     return ctx_result(TokenGenerator(model, [ctx_ids(model.config.vocab_size)], params), load, kv)
 
 
+def run_lean_ctx(workdir: Path, precision: str) -> dict:
+    checkpoint, kv = checkpoint_and_kv(precision)
+    model, load = open_lean(ours_path(workdir, checkpoint), kv)
+    return ctx_result(lean_greedy_tokens(model, ctx_ids(model.config.vocab_size), CTX_NEW), load, kv)
+
+
 def run_llamacpp_ctx(workdir: Path, precision: str) -> dict:
     llm, load = open_llama(workdir / f"model-{precision}.gguf", n_ctx=CTX, n_batch=512)
     ids = ctx_ids(llm.n_vocab())
@@ -211,8 +247,8 @@ def run_llamacpp_ctx(workdir: Path, precision: str) -> dict:
     return ctx_result(llama_greedy_tokens(llm, ids, CTX_NEW), load, "f16")
 
 
-RUNNERS = {"ours": run_ours, "transformers": run_transformers, "llama.cpp": run_llamacpp}
-CTX_RUNNERS = {"ours": run_ours_ctx, "llama.cpp": run_llamacpp_ctx}
+RUNNERS = {"ours": run_ours, "lean": run_lean, "transformers": run_transformers, "llama.cpp": run_llamacpp}
+CTX_RUNNERS = {"ours": run_ours_ctx, "lean": run_lean_ctx, "llama.cpp": run_llamacpp_ctx}
 
 
 def run_case_here(engine: str, precision: str, workdir: Path, threads: int,
@@ -220,4 +256,4 @@ def run_case_here(engine: str, precision: str, workdir: Path, threads: int,
     """Entry point of the child process: one engine, one precision; mode "ctx": the 2k-context
     case."""
     runner = (CTX_RUNNERS if mode == "ctx" else RUNNERS)[engine]
-    return measure_here(runner, threads, workdir, precision)
+    return measure_here(runner, threads, workdir, precision, torch_threads=engine != "lean")

@@ -33,13 +33,16 @@ def run_child(cmd: list[str], threads: int, timeout: float, width: int = 160) ->
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def measure_here(runner, threads: int, *args) -> dict:
-    """The child's side: `runner(*args)`'s results on `threads` torch threads, with peak RSS."""
-    import torch
+def measure_here(runner, threads: int, *args, torch_threads: bool = True) -> dict:
+    """The child's side: `runner(*args)`'s results, with peak RSS; on `threads` torch threads
+    unless the runner never imports torch (`torch_threads` False)."""
+    if torch_threads:
+        import torch
 
-    torch.set_num_threads(threads)
+        torch.set_num_threads(threads)
     result = runner(*args)
     result["rss"] = peak_rss_mb()
+    result["torch_imported"] = "torch" in sys.modules  # the lean runtime's rows must say False
     return result
 
 
