@@ -130,6 +130,13 @@ def test_chunk_size_does_not_change_the_result(files, monkeypatch):
     assert all(np.array_equal(r, results[0]) for r in results[1:])
 
 
+@pytest.mark.parametrize("kind", ["q4_0", "q6_k", "q8_0"])
+def test_weights_repacked_a_slice_of_rows_at_a_time_are_the_same(files, kind, monkeypatch):
+    whole = lean.load(files[kind], threads=2)[0].forward(IDS, 0)
+    monkeypatch.setattr(lean_model, "REPACK_ROWS", 48)  # every matrix in several slices, the last one short
+    assert np.array_equal(lean.load(files[kind], threads=2)[0].forward(IDS, 0), whole)
+
+
 def test_threads_do_not_change_the_result(files):
     one, _ = lean.load(files["q8_0"], threads=1)
     two, _ = lean.load(files["q8_0"], threads=2)

@@ -64,9 +64,10 @@ def weight_buffer(nbytes: int) -> np.ndarray:
     return np.empty(nbytes, dtype=np.uint8)
 
 
-def _placed(packed: np.ndarray) -> np.ndarray:
-    """A copy of `packed` (a strided view) in weight memory, written in place: no temporary."""
-    out = weight_buffer(packed.nbytes)
+def _placed(packed: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """A copy of `packed` (a strided view) in weight memory (or in `out`, uint8 of its size),
+    written in place: no temporary."""
+    out = weight_buffer(packed.nbytes) if out is None else out
     out.view(packed.dtype).reshape(packed.shape)[...] = packed
     return out
 
@@ -84,24 +85,28 @@ def _pad_rows(q: np.ndarray, value: int = 0) -> np.ndarray:
 # (codes are < 16, so a 4-bit shift never carries into the next byte): 10x faster than per-byte
 # indexing, which matters at load time (~0.4 G codes for MiniCPM-1B).
 
-def pack_int4(q: np.ndarray) -> np.ndarray:
+# Each pack_* takes `out`: where to write (uint8 of the packed size; default new weight memory).
+# Rows in tiles of 16 are independent, so a tensor can be packed a slice of rows at a time into
+# the matching slice of one buffer.
+
+def pack_int4(q: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """uint8 codes [N, K] (0..15, K % 32 == 0) -> the tiled nibble layout, uint8 [T*K*8]."""
     n, k = q.shape
     halves = _pad_rows(q).reshape(-1, k // 32, 2, 16).view(np.int64)   # [row, block, half, 2 x 8 bytes]
     packed = halves[:, :, 0] | (halves[:, :, 1] << 4)                  # [row, block, 2]: bytes (L, b)
     packed = np.ascontiguousarray(packed).view(np.int32).reshape(-1, ROWS, k // 32, 4)  # [tile, row, block, L]
-    return _placed(packed.transpose(0, 2, 3, 1))
+    return _placed(packed.transpose(0, 2, 3, 1), out)
 
 
-def pack_int4_blocks(nibbles: np.ndarray) -> np.ndarray:
+def pack_int4_blocks(nibbles: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """uint8 [N, K/2] whose 16 bytes per 32-k block hold k = j (low) and 16 + j (high), GGUF's
     Q4_0/Q4_1 order, which is the tile's own byte order: only 4-byte groups move."""
     half = nibbles.shape[1]
     v = _pad_rows(nibbles).view(np.int32).reshape(-1, ROWS, half // 16, 4)  # [tile, row, block, L]
-    return _placed(v.transpose(0, 2, 3, 1))
+    return _placed(v.transpose(0, 2, 3, 1), out)
 
 
-def pack_int8(q: np.ndarray, k_padded: int) -> np.ndarray:
+def pack_int8(q: np.ndarray, k_padded: int, out: np.ndarray | None = None) -> np.ndarray:
     """int8 codes [N, K] -> codes + 128 in the tiled layout, uint8 [T*Kp*16]. (Padding is code 0;
     the + 128 is applied to the packed copy in place, so a big table costs no second temporary.)"""
     k = q.shape[1]
@@ -109,7 +114,7 @@ def pack_int8(q: np.ndarray, k_padded: int) -> np.ndarray:
     if k_padded != k:
         u = np.pad(u, ((0, 0), (0, k_padded - k)))
     v = _pad_rows(u).view(np.int32).reshape(-1, ROWS, k_padded // 32, 8)  # [tile, row, block, L]
-    out = _placed(v.transpose(0, 2, 3, 1))
+    out = _placed(v.transpose(0, 2, 3, 1), out)
     np.bitwise_xor(out, np.uint8(0x80), out=out)                         # q + 128, in two's complement
     return out
 

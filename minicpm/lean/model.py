@@ -31,13 +31,17 @@ from minicpm.formats.gguf.repack import REPACKED_TYPES, repacked_parts
 from minicpm.kernels import decode_abi
 from minicpm.kernels import qgemm_layout as layout
 from minicpm.lean.cache import LeanCache
-from minicpm.lean.native import Kernels, quantized_plan
+from minicpm.lean.native import Kernels, packed_plan
 
 # Positions per decode-step call. Every product here is a qgemm plan, which takes any number of
-# rows (the PyTorch model's step stops at 16, where its float weight streams give way to GEMM):
-# SmolLM2's 512-token prefill ran 144 tok/s in chunks of 16, 338 in 128, 411 in 512. The step's
-# buffers are ~150 KB a row on MiniCPM-2B (38 MB at 256).
-CHUNK = 256
+# rows (the PyTorch model's step stops at 16, where its float weight streams give way to GEMM).
+# 512-token prefill on 2 threads (Zen 4), chunks of 16 / 64 / 128 / 256: SmolLM2 Q4_1 908 / 1051
+# / 1085 / 931 tok/s; MiniCPM-2B q4_0 at 64 / 128 / 256: 63 / 69 / 66 tok/s. The step's buffers
+# grow with it (MiniCPM-2B at 256 rows: ~130 MB above the weights, at 64: ~30 MB).
+CHUNK = 128
+# Rows of a weight repacked at a time (a multiple of the tiles' 16): MiniCPM-2B's Q6_K head
+# (122,753 x 2,304) decoded whole made 1.2 GB of numpy intermediates at load.
+REPACK_ROWS = 4096
 PROJECTIONS = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output", "gate": "ffn_gate",
                "up": "ffn_up", "down": "ffn_down"}
 
@@ -74,21 +78,37 @@ class Weights:
 
 
 def _plan(file: GGUFFile, info: GGUFTensorInfo, config: MiniCPMConfig) -> layout.Plan:
-    """A GGUF block tensor as a qgemm plan: codes and metadata as stored, q/k rows in HF order."""
-    bits, group, codes, scales, offsets = repacked_parts(file.tensor_data(info), info.tensor_type.name)
+    """A GGUF block tensor as a qgemm plan: codes and metadata as stored, q/k rows in HF order.
+    Packed REPACK_ROWS rows at a time into one buffer (q/k whole: their rows move within heads)."""
+    data, name = file.tensor_data(info), info.tensor_type.name
     heads = rope_heads(info.name, config)
-    if heads is not None:
-        codes, scales = deinterleave_rope_rows(codes, heads), deinterleave_rope_rows(scales, heads)
-        offsets = None if offsets is None else deinterleave_rope_rows(offsets, heads)
-    n, k = codes.shape[0], scales.shape[1] * group
-    if info.tensor_type.name in ("Q4_0", "Q4_1"):
-        packed = layout.pack_int4_blocks(codes)
-    elif bits == 4:
-        packed = layout.pack_int4(codes)
-    else:
-        packed = layout.pack_int8(codes, layout.padded_k(8, k, group))
-    file.release(info)
-    return quantized_plan(bits, group, packed, scales, offsets, n, k)
+    n = data.shape[0]
+    step = n if heads is not None else REPACK_ROWS
+    weight, metas = None, ([], [])
+    for first in range(0, n, step):
+        bits, group, codes, scales, offsets = repacked_parts(data[first:first + step], name)
+        if heads is not None:
+            codes, scales = deinterleave_rope_rows(codes, heads), deinterleave_rope_rows(scales, heads)
+            offsets = None if offsets is None else deinterleave_rope_rows(offsets, heads)
+        k = scales.shape[1] * group
+        tile_bytes = layout.ROWS * (k // 2 if bits == 4 else layout.padded_k(8, k, group))
+        if weight is None:
+            weight = layout.weight_buffer(-(-n // layout.ROWS) * tile_bytes)
+        out = weight[first // layout.ROWS * tile_bytes:][:-(-len(codes) // layout.ROWS) * tile_bytes]
+        if name in ("Q4_0", "Q4_1"):
+            layout.pack_int4_blocks(codes, out)
+        elif bits == 4:
+            layout.pack_int4(codes, out)
+        else:
+            layout.pack_int8(codes, layout.padded_k(8, k, group), out)
+        for found, meta in zip(metas, (scales, offsets)):
+            if meta is not None:
+                found.append(layout.pack_meta(meta))
+        file.release(info, first * data.shape[1], len(codes) * data.shape[1])  # as it goes: a 2B head is 232 MB
+    scales, offsets = (np.concatenate(m) if m else None for m in metas)
+    if offsets is not None and offsets.dtype != scales.dtype:  # Q4_0's -8d beyond fp16: fp32 both (exact)
+        scales, offsets = scales.astype(np.float32), offsets.astype(np.float32)
+    return packed_plan(bits, group, weight, scales, offsets, n, k)
 
 
 def _float(file: GGUFFile, info: GGUFTensorInfo) -> np.ndarray:
@@ -146,6 +166,7 @@ class LeanModel:
     def embed(self, ids: np.ndarray) -> np.ndarray:
         info, file = self.weights.embedding
         rows = to_float32(file.tensor_data(info)[ids], info.tensor_type).reshape(len(ids), -1)
+        file.release(info)  # the rows' mapped pages (and those faulted in around them) leave the RSS
         return np.ascontiguousarray(rows * np.float32(self.config.embedding_scale), dtype=np.float32)
 
     def _layers(self, x: np.ndarray, start: int) -> None:

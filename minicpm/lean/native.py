@@ -74,13 +74,19 @@ def quantized_plan(bits: int, group: int, packed: np.ndarray, scales: np.ndarray
                    n: int, k: int) -> layout.Plan:
     """The plan of a packed weight with per-group scales [N, K/G] (and int4 offsets [N, K/G]):
     w = q * s + m (int4), q * s (int8)."""
-    meta = [None if m is None else layout.pack_meta(m) for m in (scales, offsets)]
+    return packed_plan(bits, group, packed, layout.pack_meta(scales),
+                       None if offsets is None else layout.pack_meta(offsets), n, k)
+
+
+def packed_plan(bits: int, group: int, packed: np.ndarray, scales: np.ndarray, offsets: np.ndarray | None,
+                n: int, k: int) -> layout.Plan:
+    """quantized_plan of metadata already in the tiles' layout (layout.pack_meta's [T, K/G, 16])."""
     kind = scales.dtype.name
-    if kind not in layout.KIND_CODES:
-        raise ValueError(f"qgemm reads no {kind} metadata")
+    if kind not in layout.KIND_CODES or (offsets is not None and offsets.dtype != scales.dtype):
+        raise ValueError(f"qgemm reads no {kind} metadata (or scales and offsets of two types)")
     return layout.make_plan(bits, group, n, k, layout.padded_k(bits, k, group), packed.ctypes.data,
-                            meta[0].ctypes.data, kind, None if meta[1] is None else meta[1].ctypes.data,
-                            offsets=offsets is not None, keep=(packed, *meta))
+                            scales.ctypes.data, kind, None if offsets is None else offsets.ctypes.data,
+                            offsets=offsets is not None, keep=(packed, scales, offsets))
 
 
 @functools.cache

@@ -109,14 +109,16 @@ class GGUFFile:
         self.data_offset = -(-cursor.pos // self.alignment) * self.alignment
         self.tensors = _place_tensors(infos, self.data_offset, len(self._map))
 
-    def release(self, info: GGUFTensorInfo) -> None:
-        """Drop the pages of one tensor's bytes from this process once they were copied: a mapped
-        file's pages count in its resident size for as long as they are mapped (SmolLM2 loaded as
-        stored kept all 98 MB of its file resident beside the repacked copy). A later read of the
-        range (a view still held) faults the pages in again from the page cache: nothing is lost."""
+    def release(self, info: GGUFTensorInfo, first: int = 0, size: int | None = None) -> None:
+        """Drop the pages of one tensor's bytes (or of `size` bytes from byte `first` of them)
+        from this process once they were copied: a mapped file's pages count in its resident size
+        for as long as they are mapped (SmolLM2 loaded as stored kept all 98 MB of its file
+        resident beside the repacked copy). A later read of the range (a view still held) faults
+        the pages in again from the page cache: nothing is lost."""
         page = mmap.PAGESIZE
-        start = info.offset // page * page
-        end = min(len(self._map), -(-(info.offset + info.n_bytes) // page) * page)
+        size = info.n_bytes - first if size is None else size
+        start = (info.offset + first) // page * page
+        end = min(len(self._map), -(-(info.offset + first + size) // page) * page)
         if end > start and hasattr(mmap, "MADV_DONTNEED"):
             self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
 
