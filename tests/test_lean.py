@@ -62,9 +62,11 @@ def rel(a, b):
 
 @pytest.mark.parametrize("kind, kv", [("q4_0", "auto"), ("Q4_1", "auto"), ("q8_0", "auto"), ("q4_k_m", "auto"),
                                       ("q6_k", "auto"), ("untied", "auto"), ("Q4_1", "int8"), ("q4_0", "int4")])
-def test_lean_is_the_pytorch_decode_step(files, kind, kv):
+def test_lean_is_the_pytorch_decode_step(files, kind, kv, monkeypatch):
     """Also with the quantized KV caches: the same codes as PyTorch's Int8KVCache / Int4KVCache
-    (an int4 block rescaled as it fills: 40 positions cross a block boundary)."""
+    (an int4 block rescaled as it fills: 40 positions cross a block boundary). Q4_0 in the
+    PyTorch model's form (offsets): the same sums."""
+    monkeypatch.setattr(lean_model, "Q4_0_SYMMETRIC", False)
     model, _ = load_gguf(files[kind])
     lm, _ = lean.load(files[kind], threads=2, kv_cache=kv)
     assert lm.config.tie_word_embeddings == (kind != "untied") and lm.config.has_mup_scaling
@@ -76,7 +78,7 @@ def test_lean_is_the_pytorch_decode_step(files, kind, kv):
         assert rel(a, b) < 1e-5, step
 
 
-@pytest.mark.parametrize("kind", ["Q4_1", "q4_k_m"])
+@pytest.mark.parametrize("kind", ["Q4_1", "q4_k_m", "q4_0", "untied"])
 def test_lean_against_the_float_model(files, kind):
     """With its own rotary tables, against the file dequantized to float32 (int8 activations)."""
     reference, _ = load_gguf(files[kind], dtype=torch.float32)
@@ -135,6 +137,26 @@ def test_weights_repacked_a_slice_of_rows_at_a_time_are_the_same(files, kind, mo
     whole = lean.load(files[kind], threads=2)[0].forward(IDS, 0)
     monkeypatch.setattr(lean_model, "REPACK_ROWS", 48)  # every matrix in several slices, the last one short
     assert np.array_equal(lean.load(files[kind], threads=2)[0].forward(IDS, 0), whole)
+
+
+def test_q4_0_symmetric_form_is_the_offsets_form():
+    """qgemm's form 2 (w = (q - 8) d, no offsets stored) against form 1 with m = -8d: the same
+    weights, sums rounded in another order; both against numpy in fp64."""
+    from minicpm.kernels import qgemm_layout as layout
+    from minicpm.lean.native import kernels, quantized_plan
+
+    rng = np.random.default_rng(1)
+    n, k = 45, 256
+    q = rng.integers(0, 16, (n, k), dtype=np.uint8)
+    d = (rng.random((n, k // 32)) * 0.02 + 0.001).astype(np.float16)
+    x = rng.standard_normal((5, k), dtype=np.float32)
+    w = ((q.astype(np.float64) - 8).reshape(n, -1, 32) * d.astype(np.float64)[..., None]).reshape(n, k)
+    symmetric = quantized_plan(4, 32, layout.pack_int4(q), d, None, n, k)
+    offsets = quantized_plan(4, 32, layout.pack_int4(q), d, (-8 * d.astype(np.float32)).astype(np.float16), n, k)
+    assert symmetric.form == layout.FORM_SYMMETRIC and offsets.form == 1
+    a, b = (kernels().matmul(p, x, 2) for p in (symmetric, offsets))
+    assert rel(a, b) < 1e-6
+    assert rel(a, (x.astype(np.float64) @ w.T).astype(np.float32)) < 0.02  # int8-rounded activations
 
 
 def test_threads_do_not_change_the_result(files):

@@ -229,3 +229,20 @@ def test_two_processes_building_at_once(tmp_path):
         assert out.split()[0] == "native", out + err
     built = list(tmp_path.rglob("*.so"))
     assert len(built) == 1 and not list(tmp_path.rglob(".qgemm.so.*"))  # no temporaries left behind
+
+
+@pytest.mark.parametrize("m", [1, 5, 64])
+def test_int4_without_zero_points_is_q4_0s_form(m):
+    """No zero points or offsets (zeros None): w = (q - 8) * s, GGUF's Q4_0, 2 bytes of metadata
+    per 32 weights. The same values as the offsets form (m = -8s), summed in another order."""
+    g = torch.Generator().manual_seed(3)
+    n, k = 53, 256
+    q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    s = (torch.rand(n, k // 32, generator=g) * 0.02 + 1e-3).half()
+    x = torch.randn(m, k, generator=g)
+    w = ((q.double().reshape(n, -1, 32) - 8) * s.double()[..., None]).reshape(n, k)
+    symmetric = native.gemm(x, 4, native.pack_int4(q), native.pack_meta(s), None, n, k, k, 32, None, 2)
+    offsets = native.gemm(x, 4, native.pack_int4(q), native.pack_meta(s), native.pack_meta(-8 * s), n, k, k, 32,
+                          None, 2, offsets=True)
+    assert rel_error(symmetric, offsets) < 1e-6
+    assert rel_error(symmetric, x.double() @ w.T) < TOL

@@ -4,7 +4,9 @@
  * y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]), w held as integer codes:
  *   int4: w = (q - z[n, g]) * s[n, g], q in 0..15, groups of G along k    (form 0: zero points)
  *         w = q * s[n, g] + m[n, g]                                   (form 1: offsets; GGUF's
- *         Q4_0/Q4_1/Q4_K blocks are exactly this, m = -8d or the block's min)
+ *         Q4_1/Q4_K blocks are exactly this, m the block's min)
+ *         w = (q - 8) * s[n, g]                                       (form 2: GGUF's Q4_0, no
+ *         zero points stored: 2 bytes of metadata per 32 values instead of 4)
  *   int8: w = (u - 128) * s[n],        u = q + 128 in 1..255          (G = 0: a scale per row)
  *         w = (u - 128) * s[n, g]                                     (G = 16 or 32j: per group,
  *         as GGUF's Q8_0 (32) and Q6_K (16) blocks)
@@ -122,7 +124,7 @@ static void quantize_row(const void *x, int xkind, long K, long Kp, int QB, int 
 
 /* 16 rows of an int4 tile against MC rows of quantized x. */
 static inline __attribute__((always_inline)) void tile_int4(
-    const uint8_t *w, const void *sc, const void *zc, long meta0, int mk, int offsets,
+    const uint8_t *w, const void *sc, const void *zc, long meta0, int mk, int form,
     const int8_t *xq, const float *xd, const float *xg, long Kp, int G, int QB, const int MC, __m512 *out) {
     const __m512i m4 = _mm512_set1_epi8(0x0F);
     const int KG = (int)(Kp / G), bpg = G / QB, cpb = QB / 32;
@@ -164,10 +166,11 @@ static inline __attribute__((always_inline)) void tile_int4(
                 ga[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(lo_acc[m], hi_acc[m])),
                                         _mm512_set1_ps(xd[m * nb + blk]), ga[m]);
         }
-        __m512 s = load16(sc, meta0 + 16L * g, mk), z = load16(zc, meta0 + 16L * g, mk);
+        const __m512 s = load16(sc, meta0 + 16L * g, mk);
+        const __m512 z = form == 2 ? _mm512_set1_ps(8.0f) : load16(zc, meta0 + 16L * g, mk);
 #pragma GCC unroll 8
         for (int m = 0; m < MC; m++) {
-            if (offsets) {  /* z holds m: acc += s ga + m xg */
+            if (form == 1) {  /* z holds m: acc += s ga + m xg */
                 acc[m] = _mm512_fmadd_ps(s, ga[m], acc[m]);
                 acc[m] = _mm512_fmadd_ps(z, _mm512_set1_ps(xg[m * KG + g]), acc[m]);
             } else {
@@ -291,7 +294,7 @@ static inline __attribute__((always_inline)) void run_tile(
         tile_int8g(w + t * 16 * Kp, sc, t * 16 * (Kp / G), mk, xq, xd, xg, Kp, G, MC, out);
 }
 
-int qgemm_abi_version(void) { return 4; }
+int qgemm_abi_version(void) { return 5; }
 
 /* x quantized for the tiles: int8 codes [M][Kp], block scales [M][Kp/QB], group sums [M][Kp/G] */
 struct qx {
@@ -361,7 +364,7 @@ static int group_of(int bits, int G, int QB, long Kp) {
 
 /* y[M, N] = x[M, K] @ W.T + bias. Kp: K padded to the weight layout (a multiple of QB and G);
  * int8: G = 0 for a scale per row, else per group (16 or a multiple of QB = 32). form (int4):
- * 0 zc holds zero points, 1 offsets. Returns 0, or -1 when scratch memory is short. */
+ * 0 zc holds zero points, 1 offsets, 2 none (the zero point is 8). Returns 0, or -1 when scratch memory is short. */
 int qgemm(int bits, const void *x, int xkind, long M, long K, long Kp, long N, int G, int QB,
           const uint8_t *w, const void *sc, const void *zc, int mk,
           const void *bias, int bkind, void *y, int nthreads, int form) {
@@ -395,7 +398,7 @@ struct qplan {
     long K, Kp, N;
     const uint8_t *w;
     const void *sc, *zc, *bias;
-    int form, pad2;  /* appended (ABI 3): int4 zero points (0) or offsets (1) in zc */
+    int form, pad2;  /* appended (ABI 3): int4 zero points (0) or offsets (1) in zc; (ABI 5) 2: zero point 8, no zc */
 };
 
 int qgemm_plan(const struct qplan *p, const void *x, int xkind, long M, void *y, int nthreads) {

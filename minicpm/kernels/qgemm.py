@@ -207,12 +207,14 @@ def _self_check() -> None:
     y4 = gemm(x, 4, pack_int4(q4), pack_meta(s4), pack_meta(z4), n, k, k, group, None, 1)
     m4 = -z4 * s4  # offsets: the same weight as q * s + m
     y4o = gemm(x, 4, pack_int4(q4), pack_meta(s4), pack_meta(m4), n, k, k, group, None, 1, offsets=True)
+    y4s = gemm(x, 4, pack_int4(q4), pack_meta(s4), None, n, k, k, group, None, 1)  # zero point 8 (Q4_0)
+    w4s = ((q4.float().reshape(n, -1, group) - 8) * s4[..., None]).reshape(n, k)
     q8 = torch.randint(-127, 128, (n, k - 8), generator=g, dtype=torch.int8)
     s8 = torch.rand(n, generator=g) + 0.5
     kp = padded_k(8, k - 8, None)
     y8 = gemm(x[:, :k - 8].contiguous(), 8, pack_int8(q8, kp), pack_meta(s8[:, None]).reshape(-1), None,
               n, k - 8, kp, None, None, 1)
-    checks = [(y4, x @ w4.T), (y4o, x @ w4.T), (y8, x[:, :k - 8] @ (q8.float() * s8[:, None]).T)]
+    checks = [(y4, x @ w4.T), (y4o, x @ w4.T), (y4s, x @ w4s.T), (y8, x[:, :k - 8] @ (q8.float() * s8[:, None]).T)]
     for g8 in (16, 32, 64):  # int8 per group: Q6_K's 16, Q8_0's 32, and two blocks per group
         q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
         s = torch.rand(n, k // g8, generator=g) + 0.5

@@ -18,7 +18,8 @@ import threading
 
 import numpy as np
 
-ABI_VERSION = 4  # qgemm.c's qgemm_abi_version()
+ABI_VERSION = 5  # qgemm.c's qgemm_abi_version()
+FORM_SYMMETRIC = 2  # qgemm.c's int4 form without zero points: w = (q - 8) * s
 ROWS = 16  # output rows per tile: one per 32-bit lane of a zmm register
 KIND_CODES = {"float32": 0, "bfloat16": 1, "float16": 2}  # element types the C side reads
 
@@ -148,11 +149,12 @@ def make_plan(bits: int, group_size: int | None, n: int, k: int, k_padded: int, 
               scale_kind: str, zeros: int | None = None, bias: int | None = None, bias_kind: str | None = None,
               offsets: bool = False, keep=()) -> Plan:
     """The plan of one layer from the addresses of its packed parts (which must stay where they are).
-    int4: `zeros` holds zero points, or offsets m (w = q*s + m) with offsets=True. int8:
-    group_size None for a scale per row, else scales [T, K/G, 16] per group (16 or 32j)."""
+    int4: `zeros` holds zero points, or offsets m (w = q*s + m) with offsets=True; no `zeros`:
+    w = (q - 8) * s (GGUF's Q4_0). int8: group_size None for a scale per row, else scales
+    [T, K/G, 16] per group (16 or 32j)."""
     p = Plan(bits, group_size or 0, act_block(bits, group_size, k_padded), KIND_CODES[scale_kind],
              0 if bias_kind is None else KIND_CODES[bias_kind], 0, k, k_padded, n, weight, scales, zeros, bias,
-             int(offsets), 0)
+             FORM_SYMMETRIC if bits == 4 and zeros is None else int(offsets), 0)
     p.keep = keep
     p.ref = ctypes.byref(p)
     return p

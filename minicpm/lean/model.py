@@ -42,6 +42,11 @@ CHUNK = 128
 # Rows of a weight repacked at a time (a multiple of the tiles' 16): MiniCPM-2B's Q6_K head
 # (122,753 x 2,304) decoded whole made 1.2 GB of numpy intermediates at load.
 REPACK_ROWS = 4096
+# Q4_0 through qgemm's zero-point-8 form: 18 bytes read per 32 weights, as in the file, instead of
+# 20 with the offsets (-8d) the PyTorch model's layers hold. The same values; the sums round
+# differently (s * (dot - 8 sum x) against s * dot - 8d sum x), so tests comparing the two
+# runtimes step for step turn it off.
+Q4_0_SYMMETRIC = True
 PROJECTIONS = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output", "gate": "ffn_gate",
                "up": "ffn_up", "down": "ffn_down"}
 
@@ -87,6 +92,8 @@ def _plan(file: GGUFFile, info: GGUFTensorInfo, config: MiniCPMConfig) -> layout
     weight, metas = None, ([], [])
     for first in range(0, n, step):
         bits, group, codes, scales, offsets = repacked_parts(data[first:first + step], name)
+        if name == "Q4_0" and Q4_0_SYMMETRIC:
+            offsets = None  # -8d: qgemm's form 2 computes (q - 8) * d, the stored value, from d alone
         if heads is not None:
             codes, scales = deinterleave_rope_rows(codes, heads), deinterleave_rope_rows(scales, heads)
             offsets = None if offsets is None else deinterleave_rope_rows(offsets, heads)

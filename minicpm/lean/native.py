@@ -51,7 +51,7 @@ def _address(lib: ctypes.CDLL, name: str) -> int:
 
 
 def _self_check(kernels: Kernels) -> None:
-    """An int4 (offsets) and an int8 (groups of 32) product on odd shapes against numpy."""
+    """int4 (offsets; zero point 8) and int8 (groups of 32) products on odd shapes against numpy."""
     rng = np.random.default_rng(0)
     n, k = 37, 128
     x = rng.standard_normal((3, k), dtype=np.float32)
@@ -62,7 +62,9 @@ def _self_check(kernels: Kernels) -> None:
     q8 = rng.integers(-127, 128, (n, k), dtype=np.int8)
     s8 = (rng.random((n, k // 32), dtype=np.float32) + 0.5).astype(np.float32)
     w8 = (q8.reshape(n, -1, 32) * s8[..., None]).reshape(n, k)
+    symmetric = ((q4.astype(np.float32) - 8).reshape(n, -1, 32) * s4[..., None]).reshape(n, k)
     for plan, w in ((quantized_plan(4, 32, layout.pack_int4(q4), s4, m4, n, k), w4),
+                    (quantized_plan(4, 32, layout.pack_int4(q4), s4, None, n, k), symmetric),
                     (quantized_plan(8, 32, layout.pack_int8(q8, k), s8, None, n, k), w8)):
         ref = x @ w.T
         err = np.linalg.norm(kernels.matmul(plan, x, 1) - ref) / np.linalg.norm(ref)
@@ -73,7 +75,7 @@ def _self_check(kernels: Kernels) -> None:
 def quantized_plan(bits: int, group: int, packed: np.ndarray, scales: np.ndarray, offsets: np.ndarray | None,
                    n: int, k: int) -> layout.Plan:
     """The plan of a packed weight with per-group scales [N, K/G] (and int4 offsets [N, K/G]):
-    w = q * s + m (int4), q * s (int8)."""
+    w = q * s + m (int4), (q - 8) * s (int4 without offsets), q * s (int8)."""
     return packed_plan(bits, group, packed, layout.pack_meta(scales),
                        None if offsets is None else layout.pack_meta(offsets), n, k)
 
