@@ -83,7 +83,8 @@ def test_lean_cases_run_the_q4_0_file_without_torch(tmp_path):
     speed = process.run_case("lean", cases.GGUF_Q4_0, tmp_path, threads=1, timeout=300)
     assert isinstance(speed, dict), speed
     assert speed["new_tokens"] == cases.NEW_TOKENS and speed["weight_bytes"] > 0 and not speed["torch_imported"]
-    for precision, kv in ((cases.GGUF_Q4_0, "int8"), (cases.GGUF_Q4_0 + cases.INT4_KV4, "int4")):
+    for precision, kv in ((cases.GGUF_Q4_0, "int8"), (cases.GGUF_Q4_0 + cases.INT4_KV4, "int4"),
+                          (cases.GGUF_Q4_0 + cases.HEAD4 + cases.INT4_KV4, "int4")):
         assert ("lean", precision) in cases.MEMORY_CASES
         ctx = process.run_case("lean", precision, tmp_path, threads=1, timeout=300, mode="ctx")
         assert isinstance(ctx, dict), ctx

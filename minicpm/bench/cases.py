@@ -23,17 +23,23 @@ INT4_HEAD4 = "int4, int4 head"  # the least memory: the head in int4 groups of 3
 QUANTIZED = {"int8": (8, "int8"), "int4": (4, "int8"), INT4_HEAD4: (4, "int4")}
 INT4_KV4 = ", int4 KV"  # a memory case's precision ending so runs with an int4 KV cache (else int8)
 LEAN_HEAP = ", lean heap"  # ... and this one (last) with MINICPM_HEAP=lean (kernels/allocator.py)
+HEAD4 = ", int4 head"  # the lean runtime with the file's head rounded again to int4 (lean.load's head)
 MEMORY_CASES = [("ours", "int4"), ("ours", INT4_HEAD4), ("ours", INT4_HEAD4 + INT4_KV4),
                 ("ours", INT4_HEAD4 + INT4_KV4 + LEAN_HEAP), ("lean", GGUF_Q4_0), ("lean", GGUF_Q4_0 + INT4_KV4),
-                ("llama.cpp", "q4_0")]
+                ("lean", GGUF_Q4_0 + HEAD4 + INT4_KV4), ("llama.cpp", "q4_0")]
 
 
 def checkpoint_and_kv(precision: str) -> tuple[str, str]:
     """A memory case's precision as (the checkpoint's precision, our KV cache kind)."""
     precision = precision.removesuffix(LEAN_HEAP)
     if precision.endswith(INT4_KV4):
-        return precision[:-len(INT4_KV4)], "int4"
-    return precision, "int8"
+        return precision[:-len(INT4_KV4)].removesuffix(HEAD4), "int4"
+    return precision.removesuffix(HEAD4), "int8"
+
+
+def lean_head(precision: str) -> str:
+    """The lean runtime's head option for a case's precision."""
+    return "int4" if HEAD4 in precision else "stored"
 
 
 def prompt_ids(vocab: int, n: int = PROMPT_TOKENS) -> list[int]:

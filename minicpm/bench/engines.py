@@ -19,6 +19,7 @@ from minicpm.bench.cases import (
     NEW_TOKENS,
     PROMPT_TOKENS,
     checkpoint_and_kv,
+    lean_head,
     prompt_ids,
 )
 from minicpm.bench.checkpoints import ours_path
@@ -155,11 +156,12 @@ def run_transformers(workdir: Path, precision: str) -> dict:
             "new_tokens": count, "load": load, "weight_bytes": unique_weight_bytes(model)}
 
 
-def open_lean(path: Path, kv_cache: str = "auto"):
+def open_lean(path: Path, kv_cache: str = "auto", head: str = "stored"):
     """(the lean runtime's model of a GGUF file on BENCH_THREADS threads, load seconds)."""
     from minicpm import lean
 
-    (model, _), load = timed(lean.load, path, threads=int(os.environ["BENCH_THREADS"]), kv_cache=kv_cache)
+    (model, _), load = timed(lean.load, path, threads=int(os.environ["BENCH_THREADS"]), kv_cache=kv_cache,
+                             head=head)
     return model, load
 
 
@@ -236,7 +238,7 @@ def run_ours_ctx(workdir: Path, precision: str) -> dict:
 
 def run_lean_ctx(workdir: Path, precision: str) -> dict:
     checkpoint, kv = checkpoint_and_kv(precision)
-    model, load = open_lean(ours_path(workdir, checkpoint), kv)
+    model, load = open_lean(ours_path(workdir, checkpoint), kv, lean_head(precision))
     return ctx_result(lean_greedy_tokens(model, ctx_ids(model.config.vocab_size), CTX_NEW), load, kv)
 
 

@@ -21,6 +21,7 @@ from minicpm.config import MiniCPMConfig
 from minicpm.errors import CheckpointError
 from minicpm.formats.gguf.container import GGUFFile
 from minicpm.formats.gguf.metadata import gguf_tokenizer
+from minicpm.kernels.allocator import return_free_heap
 from minicpm.kernels.build import KernelUnavailable
 from minicpm.lean.chat import LeanChat, stream_reply
 from minicpm.lean.model import LeanModel, default_threads, file_config, read_weights, unsupported
@@ -50,9 +51,11 @@ def _opened(path: Path) -> tuple[str | None, GGUFFile | None, MiniCPMConfig | No
     return (None, file, config) if reason is None else (f"it does not run {reason}", None, None)
 
 
-def load(path: str | Path, threads: int | None = None, kv_cache: str = "auto") -> tuple[LeanModel, Tokenizer]:
-    """(model, tokenizer) of a GGUF file, its KV cache fp32 ("auto"), "int8" or "int4";
-    CheckpointError says what the runtime cannot run."""
+def load(path: str | Path, threads: int | None = None, kv_cache: str = "auto",
+         head: str = "stored") -> tuple[LeanModel, Tokenizer]:
+    """(model, tokenizer) of a GGUF file, its KV cache fp32 ("auto"), "int8" or "int4", its
+    output head as stored or ("int4") rounded again to int4 groups of 32 (about half the memory
+    of a Q6_K head); CheckpointError says what the runtime cannot run."""
     path = Path(path)
     reason, file, config = _opened(path)
     if reason is not None:
@@ -60,6 +63,7 @@ def load(path: str | Path, threads: int | None = None, kv_cache: str = "auto") -
     tokenizer = gguf_tokenizer(file.metadata, path)
     for key in [k for k in file.metadata if k.startswith("tokenizer.")]:
         del file.metadata[key]  # the vocabulary lists, now in the tokenizer (tens of MB of Python objects)
-    model = LeanModel(config, read_weights(file, config, kernels()), kernels(), threads or default_threads(),
+    model = LeanModel(config, read_weights(file, config, kernels(), head), kernels(), threads or default_threads(),
                       kv_cache)
+    return_free_heap()
     return model, tokenizer

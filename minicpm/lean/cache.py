@@ -10,11 +10,16 @@ of one) and the same `--kv-cache` names:
         (decode.c rewrites a block's codes from them as it grows): about an eighth of fp32
 
 MiniCPM-2B has no GQA: an fp32 cache is 737 KB a token (1.5 GB at 2k tokens), int8 196 KB, int4
-about 130 KB. Stores grow GROWTH positions at a time, one layer at a time, so a short chat never
-holds a whole context's cache and a growing one never holds two copies of it.
+about 130 KB. Stores grow (doubling, at least GROWTH positions) one layer at a time, so a short chat
+never holds a whole context's cache and a growing one never holds two copies of it. They are
+fresh anonymous maps: a page is resident once written, so the unwritten end of a doubled store
+costs nothing, and a store let go is unmapped at once (numpy's zeros came from the heap, which
+had to clear recycled pages and kept freed ones).
 """
 
 from __future__ import annotations
+
+import mmap
 
 import numpy as np
 
@@ -59,7 +64,7 @@ class LeanCache:
         capacity = -(-capacity // KEY_BLOCK) * KEY_BLOCK  # int4 keys take whole blocks
         layout = self._layout(capacity)
         for i in range(c.num_hidden_layers):  # one layer at a time: old and new never all at once
-            new = {field: np.zeros(shape, dtype) for field, (shape, dtype, _) in layout.items()}
+            new = {field: _lazy_zeros(shape, dtype) for field, (shape, dtype, _) in layout.items()}
             if i < len(self.stores):
                 for field, (_, _, per) in layout.items():
                     keep = slice(None) if per == 0 else slice(0, -(-held // per))
@@ -83,3 +88,9 @@ class LeanCache:
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for layer in self.stores for a in layer.values())
+
+
+def _lazy_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """A zeroed array in a private anonymous map of its own (kept alive by the array)."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    return np.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype, int(np.prod(shape))).reshape(shape)

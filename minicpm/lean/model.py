@@ -47,6 +47,7 @@ REPACK_ROWS = 4096
 # differently (s * (dot - 8 sum x) against s * dot - 8d sum x), so tests comparing the two
 # runtimes step for step turn it off.
 Q4_0_SYMMETRIC = True
+HEADS = ("stored", "int4")  # the output head as the file stores it, or rounded again to int4
 PROJECTIONS = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output", "gate": "ffn_gate",
                "up": "ffn_up", "down": "ffn_down"}
 
@@ -82,16 +83,32 @@ class Weights:
     embedding: tuple      # (GGUFTensorInfo, file): rows dequantized on demand
 
 
-def _plan(file: GGUFFile, info: GGUFTensorInfo, config: MiniCPMConfig) -> layout.Plan:
-    """A GGUF block tensor as a qgemm plan: codes and metadata as stored, q/k rows in HF order.
-    Packed REPACK_ROWS rows at a time into one buffer (q/k whole: their rows move within heads)."""
+def packed_bytes(info: GGUFTensorInfo, int4: bool = False) -> int:
+    """Bytes of a 2-D block tensor packed for qgemm (`_plan`): whole tiles of 16 rows, int4 codes
+    in half a byte, int8 codes in a byte with rows padded to 32."""
+    n, k = info.shape
+    four = int4 or info.tensor_type.name in ("Q4_0", "Q4_1", "Q4_K")
+    return -(-n // layout.ROWS) * layout.ROWS * (k // 2 if four else layout.padded_k(8, k, None))
+
+
+def _plan(file: GGUFFile, info: GGUFTensorInfo, config: MiniCPMConfig, weight: np.ndarray,
+          int4: bool = False) -> layout.Plan:
+    """A GGUF block tensor as a qgemm plan, its codes packed into `weight` (uint8 of
+    packed_bytes(info, int4)): codes and metadata as stored, q/k rows in HF order (`int4`: rounded
+    again to int4 groups of 32, `rtn_int4`). REPACK_ROWS rows at a time (q/k whole: their rows
+    move within heads)."""
     data, name = file.tensor_data(info), info.tensor_type.name
     heads = rope_heads(info.name, config)
     n = data.shape[0]
     step = n if heads is not None else REPACK_ROWS
-    weight, metas = None, ([], [])
+    metas = ([], [])
     for first in range(0, n, step):
-        bits, group, codes, scales, offsets = repacked_parts(data[first:first + step], name)
+        rows = data[first:first + step]
+        if int4:
+            bits, group, codes, scales, offsets = rtn_int4(to_float32(rows, info.tensor_type).reshape(len(rows), -1))
+            name = "int4"
+        else:
+            bits, group, codes, scales, offsets = repacked_parts(rows, name)
         if name == "Q4_0" and Q4_0_SYMMETRIC:
             offsets = None  # -8d: qgemm's form 2 computes (q - 8) * d, the stored value, from d alone
         if heads is not None:
@@ -99,8 +116,6 @@ def _plan(file: GGUFFile, info: GGUFTensorInfo, config: MiniCPMConfig) -> layout
             offsets = None if offsets is None else deinterleave_rope_rows(offsets, heads)
         k = scales.shape[1] * group
         tile_bytes = layout.ROWS * (k // 2 if bits == 4 else layout.padded_k(8, k, group))
-        if weight is None:
-            weight = layout.weight_buffer(-(-n // layout.ROWS) * tile_bytes)
         out = weight[first // layout.ROWS * tile_bytes:][:-(-len(codes) // layout.ROWS) * tile_bytes]
         if name in ("Q4_0", "Q4_1"):
             layout.pack_int4_blocks(codes, out)
@@ -118,13 +133,30 @@ def _plan(file: GGUFFile, info: GGUFTensorInfo, config: MiniCPMConfig) -> layout
     return packed_plan(bits, group, weight, scales, offsets, n, k)
 
 
+def rtn_int4(w: np.ndarray, group: int = 32):
+    """Round-to-nearest int4 of fp32 rows [N, K] with a scale and a minimum per group, as
+    repacked_parts gives them: (4, group, codes uint8 [N, K], scales, mins [N, K/G] fp16) with
+    w ~ codes * scale + min. The codes are rounded against the fp16 metadata the kernel reads."""
+    g = w.reshape(len(w), -1, group)
+    low, high = g.min(-1), g.max(-1)
+    meta = np.float16 if np.all(np.abs(np.stack((low, high))) < 6e4) else np.float32
+    scale = np.maximum((high - low) / 15, np.float32(2 ** -14)).astype(meta)  # fp16's smallest normal
+    low = low.astype(meta)
+    q = np.rint((g - low[..., None].astype(np.float32)) / scale[..., None].astype(np.float32))
+    return 4, group, np.clip(q, 0, 15).astype(np.uint8).reshape(w.shape), scale, low
+
+
 def _float(file: GGUFFile, info: GGUFTensorInfo) -> np.ndarray:
     out = np.ascontiguousarray(to_float32(file.tensor_data(info), info.tensor_type), dtype=np.float32)
     file.release(info)
     return out
 
 
-def read_weights(file: GGUFFile, config: MiniCPMConfig, kernels: Kernels) -> Weights:
+def read_weights(file: GGUFFile, config: MiniCPMConfig, kernels: Kernels, head: str = "stored") -> Weights:
+    """The layers as stored; the head too, or (`head` "int4") rounded again to int4 groups of 32:
+    MiniCPM-2B's Q6_K head repacks to 354 MB of int8, in int4 it is 177 MB."""
+    if head not in HEADS:
+        raise ValueError(f"head {head!r}: expected one of {', '.join(HEADS)}")
     tensors = {t.name: t for t in file.tensors}
 
     def need(name: str) -> GGUFTensorInfo:
@@ -132,20 +164,28 @@ def read_weights(file: GGUFFile, config: MiniCPMConfig, kernels: Kernels) -> Wei
             raise CheckpointError(f"{file.path}: tensor {name} is missing")
         return tensors[name]
 
+    embedding = need("token_embd.weight")
+    matrices = [(need(f"blk.{i}.{stored}.weight"), False) for i in range(config.num_hidden_layers)
+                for stored in PROJECTIONS.values()] + [(tensors.get("output.weight", embedding), head == "int4")]
+    # every packed matrix in one block of huge pages: separate 32 MB arenas left a partly used
+    # 2 MB page resident at the end of each (~40 MB on MiniCPM-2B)
+    memory = layout.weight_buffer(sum(packed_bytes(info, int4) for info, int4 in matrices))
+    packed = []
+    for info, int4 in matrices:
+        size = packed_bytes(info, int4)
+        packed.append(_plan(file, info, config, memory[:size], int4))
+        memory = memory[size:]
     layers = (decode_abi.Layer * config.num_hidden_layers)()
-    norms, plans = [], []
+    norms, plans = [], packed[:-1]
     for i, struct in enumerate(layers):
         for field, stored in (("norm1", "attn_norm"), ("norm2", "ffn_norm")):
             norms.append(_float(file, need(f"blk.{i}.{stored}.weight")))
             setattr(struct, field, norms[-1].ctypes.data)
-        for field, stored in PROJECTIONS.items():
-            plan = _plan(file, need(f"blk.{i}.{stored}.weight"), config)
-            plans.append(plan)
+        for field, plan in zip(PROJECTIONS, plans[i * len(PROJECTIONS):]):
             setattr(struct, field, decode_abi.Proj(kernels.plan_team, ctypes.addressof(plan), None, None,
                                                    plan.N, plan.K, decode_abi.P_QGEMM))
-    embedding = need("token_embd.weight")
-    head = _plan(file, tensors.get("output.weight", embedding), config)
-    return Weights(layers, norms, plans, _float(file, need("output_norm.weight")), head, (embedding, file))
+    out = packed[-1]
+    return Weights(layers, norms, plans, _float(file, need("output_norm.weight")), out, (embedding, file))
 
 
 class LeanModel:
@@ -172,8 +212,7 @@ class LeanModel:
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
         info, file = self.weights.embedding
-        rows = to_float32(file.tensor_data(info)[ids], info.tensor_type).reshape(len(ids), -1)
-        file.release(info)  # the rows' mapped pages (and those faulted in around them) leave the RSS
+        rows = to_float32(file.read_rows(info, ids), info.tensor_type).reshape(len(ids), -1)
         return np.ascontiguousarray(rows * np.float32(self.config.embedding_scale), dtype=np.float32)
 
     def _layers(self, x: np.ndarray, start: int) -> None:
