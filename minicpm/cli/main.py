@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lean: quantized GGUF files on the native kernels without PyTorch (a third of the memory); "
                         "torch: the PyTorch model (every checkpoint, --dtype, --image, --prompt-cache, "
                         "GPUs); auto (default): lean where it can run the checkpoint and options, else torch")
+    p.add_argument("--head", choices=("stored", "int4"), default="stored",
+                   help="the output head as the file stores it, or int4: rounded again to int4 groups of 32 at "
+                        "load (about half a Q6_K head's memory; lean runtime only)")
 
     p = sub.add_parser("generate", help="complete prompts (one per line of a file, or --prompt)")
     add_model_args(p)

@@ -66,7 +66,10 @@ def chat(args: argparse.Namespace) -> int:
 def lean_conversation(args: argparse.Namespace, system: str | None):
     """A conversation on the lean runtime (minicpm.lean) where --runtime lets it run this
     checkpoint with these options; else None (--runtime lean: an error saying why not)."""
+    head = getattr(args, "head", "stored")
     if args.runtime == "torch":
+        if head != "stored":
+            raise MiniCPMError(f"--head {head} runs on the lean runtime only (--runtime auto or lean)")
         return None
     if args.threads is not None and args.threads < 1:  # before anything is built or read
         raise MiniCPMError(f"--threads must be >= 1, got {args.threads}")
@@ -80,10 +83,11 @@ def lean_conversation(args: argparse.Namespace, system: str | None):
     path = locate(args.model)
     reason = f"{needs_torch[0]} needs the PyTorch runtime" if needs_torch else lean.why_not(path)
     if reason is not None:
-        if args.runtime == "lean":
-            raise MiniCPMError(f"--runtime lean cannot run {path.name}: {reason}")
+        if args.runtime == "lean" or head != "stored":
+            option = "--runtime lean" if args.runtime == "lean" else f"--head {head} (lean runtime only)"
+            raise MiniCPMError(f"{option} cannot run {path.name}: {reason}")
         return None
-    model, tokenizer = lean.load(path, threads=args.threads, kv_cache=args.kv_cache or "auto")
+    model, tokenizer = lean.load(path, threads=args.threads, kv_cache=args.kv_cache or "auto", head=head)
     return lean.LeanChat(model, tokenizer, system)
 
 
