@@ -60,8 +60,8 @@ def rel(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-@pytest.mark.parametrize("kind, kv", [("q4_0", "auto"), ("Q4_1", "auto"), ("q8_0", "auto"), ("q4_k_m", "auto"),
-                                      ("q6_k", "auto"), ("untied", "auto"), ("Q4_1", "int8"), ("q4_0", "int4")])
+@pytest.mark.parametrize("kind, kv", [("q4_0", "fp32"), ("Q4_1", "fp32"), ("q8_0", "fp32"), ("q4_k_m", "fp32"),
+                                      ("q6_k", "fp32"), ("untied", "fp32"), ("Q4_1", "int8"), ("q4_0", "int4")])
 def test_lean_is_the_pytorch_decode_step(files, kind, kv, monkeypatch):
     """Also with the quantized KV caches: the same codes as PyTorch's Int8KVCache / Int4KVCache
     (an int4 block rescaled as it fills: 40 positions cross a block boundary). Q4_0 in the
@@ -72,7 +72,7 @@ def test_lean_is_the_pytorch_decode_step(files, kind, kv, monkeypatch):
     assert lm.config.tie_word_embeddings == (kind != "untied") and lm.config.has_mup_scaling
     lm._rotary = torch_rotary(model)  # numpy's cos/sin may differ from PyTorch's by an ulp
     ids = IDS if kv == "int4" else IDS[:12]
-    expected = torch_steps(model, ids, kv)
+    expected = torch_steps(model, ids, "auto" if kv == "fp32" else kv)
     got = np.stack([lm.forward([t], i) for i, t in enumerate(ids)])
     for step, (a, b) in enumerate(zip(got, expected)):  # the same kernels: head and final norm rounding only
         assert rel(a, b) < 1e-5, step
@@ -114,10 +114,11 @@ def test_quantized_caches_are_smaller_and_grow_keeping_what_they_hold(files):
     lm, _ = lean.load(files["Q4_1"], threads=2, kv_cache="int8")
     short = lm.forward(IDS[:5], 0)
     assert lm.cache.capacity == 128  # a tiny context: capped at max_position_embeddings
-    nbytes = {kv: lean.load(files["Q4_1"], kv_cache=kv)[0] for kv in ("auto", "int8")}
-    for m in nbytes.values():
-        m.forward(IDS[:5], 0)
-    assert nbytes["int8"].cache.nbytes < nbytes["auto"].cache.nbytes / 3  # int8 codes + fp32 scales per head
+    models = {kv: lean.load(files["Q4_1"], kv_cache=kv)[0] for kv in ("fp32", "auto", "int8")}
+    logits = {kv: m.forward(IDS[:5], 0) for kv, m in models.items()}
+    assert models["auto"].cache.kind == "bf16" and models["auto"].cache.nbytes == models["fp32"].cache.nbytes / 2
+    assert models["int8"].cache.nbytes < models["fp32"].cache.nbytes / 3  # int8 codes + fp32 scales per head
+    assert 0 < rel(logits["auto"], logits["fp32"]) < MODEL_TOLERANCE  # keys and values rounded to bf16
     with pytest.raises(ValueError, match="KV cache kind 'int2'"):
         lean.load(files["Q4_1"], kv_cache="int2")
     assert np.array_equal(short, lean.load(files["Q4_1"], threads=2, kv_cache="int8")[0].forward(IDS[:5], 0))

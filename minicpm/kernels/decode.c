@@ -17,7 +17,7 @@
 // summation order of the RMSNorm mean and the libm exp of SiLU/softmax (a few ulp in fp32).
 //
 // Layouts: x [B, D]; cos/sin fp32 [B, head_dim]; the KV stores [slots, KV, max_len, head_dim]
-// in the model dtype, or int8 with fp32 scales [slots, KV, max_len] (one per (token, head)), or
+// in the model dtype (or bf16 under fp32 activations: kv_bits 16), or int8 with fp32 scales [slots, KV, max_len] (one per (token, head)), or
 // int4 codes [slots, KV, max_len, head_dim / 2]: values with fp32 (scale, min) [slots, KV, max_len, 2],
 // keys with per-channel (scales, mins) [slots, KV, max_len / KEY_BLOCK, 2, head_dim] and each row's
 // newest block of keys in fp32 [slots, KV, KEY_BLOCK, head_dim] (Int4KVCache).
@@ -29,7 +29,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-int minicpm_decode_abi(void) { return 6; }
+int minicpm_decode_abi(void) { return 7; }
 
 enum { DT_F32 = 0, DT_BF16 = 1 };                  // model dtype: qgemm's and attention's codes
 enum { P_QGEMM = 0, P_STREAM = 1 };                // projection kernels
@@ -70,7 +70,7 @@ struct layer {
 
 struct step {
     int64_t batch, hidden, heads, kv_heads, head_dim, inter, slots, max_len, len;
-    int64_t dtype, kv_bits, act, threads;           // kv_bits: 0 (the model dtype), 8 or 4
+    int64_t dtype, kv_bits, act, threads;           // kv_bits: 0 (the model dtype), 16 (bf16), 8 or 4
     float eps, residual_scale, threshold, softmax_scale;
     const float *cos, *sin;                         // [B, head_dim]
     const int64_t *rows, *positions;                // where row b writes its k/v
@@ -238,6 +238,11 @@ static void write_cache(const struct layer *L, const struct step *s, const void 
     } else if (s->kv_bits == 4) {
         store_key4(L, s, kh, s->rows[b], h, s->positions[b]);
         quantize_head4(vh, d, dt, (uint8_t *)L->vstore + slot * d / 2, L->vscale + 2 * slot);
+    } else if (s->kv_bits == 16 && dt == DT_F32) {  // a bf16 cache under fp32 activations
+        for (int64_t i = 0; i < d; i++) {
+            put(L->kstore, slot * d + i, get(kh, i, dt), DT_BF16);
+            put(L->vstore, slot * d + i, get(vh, i, dt), DT_BF16);
+        }
     } else {
         memcpy(at(L->kstore, slot * d, dt), kh, (size_t)d * (dt == DT_BF16 ? 2 : 4));
         memcpy(at(L->vstore, slot * d, dt), vh, (size_t)d * (dt == DT_BF16 ? 2 : 4));
@@ -314,7 +319,7 @@ static int attention_block(const struct layer *L, const struct step *s, struct s
 #pragma omp barrier
     rotate_and_store(L, s, t, tm);
 #pragma omp barrier
-    const int kind = s->kv_bits == 8 ? ATT_I8 : s->kv_bits == 4 ? ATT_I4 : dt;
+    const int kind = s->kv_bits == 8 ? ATT_I8 : s->kv_bits == 4 ? ATT_I4 : s->kv_bits == 16 ? DT_BF16 : dt;
     if (((attention_fn)s->attention)(t->qf, L->kstore, L->vstore, L->kscale, L->vscale, s->mask, s->rows, s->starts,
                                      s->ends, t->att, B, s->slots, H, KV, s->max_len, s->len, d, kind,
                                      s->softmax_scale, tm->tid, tm->nt, tm->scores))
