@@ -158,9 +158,9 @@ def run_transformers(workdir: Path, precision: str) -> dict:
 
 def open_lean(path: Path, kv_cache: str = "auto", head: str = "stored"):
     """(the lean runtime's model of a GGUF file on BENCH_THREADS threads, load seconds)."""
-    from minicpm import lean
+    from minicpm.lean import load as lean_load
 
-    (model, _), load = timed(lean.load, path, threads=int(os.environ["BENCH_THREADS"]), kv_cache=kv_cache,
+    (model, _), load = timed(lean_load, path, threads=int(os.environ["BENCH_THREADS"]), kv_cache=kv_cache,
                              head=head)
     return model, load
 
