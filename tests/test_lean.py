@@ -88,7 +88,7 @@ def test_lean_against_the_float_model(files, kind):
     assert rel(lm.forward(IDS, 0), expected) < MODEL_TOLERANCE
 
 
-@pytest.mark.parametrize("kv", ["auto", "int8", "int4"])
+@pytest.mark.parametrize("kv", ["auto", "bf16", "int8", "int4"])
 def test_chunks_and_cache_reuse_give_the_same_logits(files, kv, monkeypatch):
     monkeypatch.setattr(lean_model, "CHUNK", 16)  # chunk boundaries inside the 40 ids
     lm, _ = lean.load(files["Q4_1"], threads=2, kv_cache=kv)
@@ -114,11 +114,11 @@ def test_quantized_caches_are_smaller_and_grow_keeping_what_they_hold(files):
     lm, _ = lean.load(files["Q4_1"], threads=2, kv_cache="int8")
     short = lm.forward(IDS[:5], 0)
     assert lm.cache.capacity == 128  # a tiny context: capped at max_position_embeddings
-    models = {kv: lean.load(files["Q4_1"], kv_cache=kv)[0] for kv in ("fp32", "auto", "int8")}
+    models = {kv: lean.load(files["Q4_1"], kv_cache=kv)[0] for kv in ("auto", "bf16", "int8")}
     logits = {kv: m.forward(IDS[:5], 0) for kv, m in models.items()}
-    assert models["auto"].cache.kind == "bf16" and models["auto"].cache.nbytes == models["fp32"].cache.nbytes / 2
-    assert models["int8"].cache.nbytes < models["fp32"].cache.nbytes / 3  # int8 codes + fp32 scales per head
-    assert 0 < rel(logits["auto"], logits["fp32"]) < MODEL_TOLERANCE  # keys and values rounded to bf16
+    assert models["auto"].cache.kind == "fp32" and models["bf16"].cache.nbytes == models["auto"].cache.nbytes / 2
+    assert models["int8"].cache.nbytes < models["auto"].cache.nbytes / 3  # int8 codes + fp32 scales per head
+    assert 0 < rel(logits["bf16"], logits["auto"]) < MODEL_TOLERANCE  # keys and values rounded to bf16
     with pytest.raises(ValueError, match="KV cache kind 'int2'"):
         lean.load(files["Q4_1"], kv_cache="int2")
     assert np.array_equal(short, lean.load(files["Q4_1"], threads=2, kv_cache="int8")[0].forward(IDS[:5], 0))

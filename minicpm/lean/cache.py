@@ -3,9 +3,10 @@
 The kinds of `minicpm.cache` (its KVCache, Int8KVCache and Int4KVCache, with a batch of one)
 under the same `--kv-cache` names, and bf16:
 
-  fp32  keys and values as the activations are (the PyTorch model's "auto" for these files)
-  bf16  rounded to bf16 ("auto" here): half of fp32, and half the bytes a decoded token reads
-        from the cache (MiniCPM-2B at 512 tokens: 377 MB in fp32, a fifth of the weights')
+  fp32  keys and values as the activations are ("auto": the PyTorch model's cache for these
+        files, so both runtimes sample the same replies)
+  bf16  rounded to bf16: half of fp32, and half the bytes a decoded token reads from the cache
+        (MiniCPM-2B at 512 tokens: 377 MB in fp32, a fifth of the weights')
   int8  int8 codes with one fp32 scale per (position, head): a quarter of fp32
   int4  4-bit codes; values with (scale, min) per (position, head), keys with (scale, min) per
         channel over blocks of KEY_BLOCK positions and the newest block's keys kept in fp32 too
@@ -28,7 +29,7 @@ import numpy as np
 from minicpm.config import MiniCPMConfig
 
 KINDS = {"fp32": 0, "bf16": 16, "int8": 8, "int4": 4}  # -> decode.c's kv_bits
-ALIASES = {"auto": "bf16"}  # --kv-cache's default
+ALIASES = {"auto": "fp32"}  # --kv-cache's default
 KEY_BLOCK = 32  # decode.c's and attention.c's: positions per block of int4 key scales
 GROWTH = 256    # positions added at a time (a multiple of KEY_BLOCK)
 
