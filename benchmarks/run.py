@@ -53,7 +53,7 @@ from pathlib import Path
 # shared with the shapes section: the same prompt, loaders, child processes and table
 from minicpm.bench.arguments import count
 from minicpm.bench.cases import prompt_ids
-from minicpm.bench.engines import lean_greedy_tokens, load_ours, load_transformers, open_lean, open_llama
+from minicpm.bench.engines import load_ours, load_transformers, open_lean, open_llama, timed_lean
 from minicpm.bench.machine import machine
 from minicpm.bench.process import measure_here, run_child
 from minicpm.bench.report import markdown_table, ratios
@@ -90,12 +90,8 @@ def bench_ours(workdir: Path, dtype: str) -> dict:
 
 def bench_lean(workdir: Path, dtype: str) -> dict:
     """The torch-free runtime (minicpm.lean) on the shipped file, as `minicpm chat` runs it."""
-    from minicpm.bench.engines import timed_tokens
-
     model, load = open_lean(_gguf(workdir, dtype))
-    ids = prompt_ids(model.config.vocab_size, PROMPT_TOKENS)
-    model.forward(ids[:8], 0)  # warm-up
-    result = timed_tokens(lean_greedy_tokens(model, ids, NEW_TOKENS))
+    result = timed_lean(model, prompt_ids(model.config.vocab_size, PROMPT_TOKENS), NEW_TOKENS)
     return {"load": load, "prefill": PROMPT_TOKENS / result["ttft"], "decode": result["decode"]}
 
 

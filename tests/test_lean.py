@@ -252,3 +252,11 @@ def test_other_options_fall_back_to_pytorch(files):
                       stdin="hello\n/exit\n")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("TORCH True") and "tok/s" in result.stdout
+
+
+def test_cli_head_choices_are_the_runtimes():
+    """minicpm chat's --head names what lean.load takes (the parser spells them out: no numpy at --help)."""
+    from minicpm.cli.main import build_parser
+
+    chat = next(a for a in build_parser()._subparsers._group_actions[0].choices["chat"]._actions if a.dest == "head")
+    assert tuple(chat.choices) == lean_model.HEADS and chat.default == lean_model.HEADS[0]

@@ -177,12 +177,16 @@ def lean_greedy_tokens(model, ids: list[int], new: int):
             logits = model.forward([token], model.length)
 
 
+def timed_lean(model, ids: list[int], new: int) -> dict:
+    """timed_tokens of the lean runtime's greedy tokens, after a short warm-up."""
+    model.forward(ids[:16], 0)
+    return timed_tokens(lean_greedy_tokens(model, ids, new))
+
+
 def run_lean(workdir: Path, precision: str) -> dict:
     path = ours_path(workdir, precision)
     model, load = open_lean(path)
-    ids = prompt_ids(model.config.vocab_size)
-    model.forward(ids[:16], 0)  # warm-up
-    result = timed_tokens(lean_greedy_tokens(model, ids, NEW_TOKENS))
+    result = timed_lean(model, prompt_ids(model.config.vocab_size), NEW_TOKENS)
     return {**result, "load": load, "weight_bytes": gguf_weight_bytes(path)}
 
 

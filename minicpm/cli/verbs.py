@@ -66,7 +66,7 @@ def chat(args: argparse.Namespace) -> int:
 def lean_conversation(args: argparse.Namespace, system: str | None):
     """A conversation on the lean runtime (minicpm.lean) where --runtime lets it run this
     checkpoint with these options; else None (--runtime lean: an error saying why not)."""
-    head = getattr(args, "head", "stored")
+    head = args.head
     if args.runtime == "torch":
         if head != "stored":
             raise MiniCPMError(f"--head {head} runs on the lean runtime only (--runtime auto or lean)")

@@ -99,4 +99,5 @@ class LeanCache:
 def _lazy_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
     """A zeroed array in a private anonymous map of its own (kept alive by the array)."""
     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    return np.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype, int(np.prod(shape))).reshape(shape)
+    memory = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # not shared memory
+    return np.frombuffer(memory, dtype, int(np.prod(shape))).reshape(shape)

@@ -97,27 +97,20 @@ def _plan(file: GGUFFile, info: GGUFTensorInfo, config: MiniCPMConfig, weight: n
     packed_bytes(info, int4)): codes and metadata as stored, q/k rows in HF order (`int4`: rounded
     again to int4 groups of 32, `rtn_int4`). REPACK_ROWS rows at a time (q/k whole: their rows
     move within heads)."""
-    data, name = file.tensor_data(info), info.tensor_type.name
+    data = file.tensor_data(info)
     heads = rope_heads(info.name, config)
     n = data.shape[0]
     step = n if heads is not None else REPACK_ROWS
     metas = ([], [])
     for first in range(0, n, step):
-        rows = data[first:first + step]
-        if int4:
-            bits, group, codes, scales, offsets = rtn_int4(to_float32(rows, info.tensor_type).reshape(len(rows), -1))
-            name = "int4"
-        else:
-            bits, group, codes, scales, offsets = repacked_parts(rows, name)
-        if name == "Q4_0" and Q4_0_SYMMETRIC:
-            offsets = None  # -8d: qgemm's form 2 computes (q - 8) * d, the stored value, from d alone
+        bits, group, codes, scales, offsets, nibbles = _parts(data[first:first + step], info, int4)
         if heads is not None:
             codes, scales = deinterleave_rope_rows(codes, heads), deinterleave_rope_rows(scales, heads)
             offsets = None if offsets is None else deinterleave_rope_rows(offsets, heads)
         k = scales.shape[1] * group
         tile_bytes = layout.ROWS * (k // 2 if bits == 4 else layout.padded_k(8, k, group))
         out = weight[first // layout.ROWS * tile_bytes:][:-(-len(codes) // layout.ROWS) * tile_bytes]
-        if name in ("Q4_0", "Q4_1"):
+        if nibbles:
             layout.pack_int4_blocks(codes, out)
         elif bits == 4:
             layout.pack_int4(codes, out)
@@ -131,6 +124,18 @@ def _plan(file: GGUFFile, info: GGUFTensorInfo, config: MiniCPMConfig, weight: n
     if offsets is not None and offsets.dtype != scales.dtype:  # Q4_0's -8d beyond fp16: fp32 both (exact)
         scales, offsets = scales.astype(np.float32), offsets.astype(np.float32)
     return packed_plan(bits, group, weight, scales, offsets, n, k)
+
+
+def _parts(rows: np.ndarray, info: GGUFTensorInfo, int4: bool):
+    """Some rows of a block tensor as (bits, group, codes, scales, offsets or None, whether the
+    codes are GGUF's Q4_0/Q4_1 nibbles): as stored, or (`int4`) rounded again by rtn_int4."""
+    name = info.tensor_type.name
+    if int4:
+        return *rtn_int4(to_float32(rows, info.tensor_type).reshape(len(rows), -1)), False
+    bits, group, codes, scales, offsets = repacked_parts(rows, name)
+    if name == "Q4_0" and Q4_0_SYMMETRIC:
+        offsets = None  # -8d: qgemm's form 2 computes (q - 8) * d, the stored value, from d alone
+    return bits, group, codes, scales, offsets, name in ("Q4_0", "Q4_1")
 
 
 def rtn_int4(w: np.ndarray, group: int = 32):

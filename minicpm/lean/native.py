@@ -84,8 +84,10 @@ def packed_plan(bits: int, group: int, packed: np.ndarray, scales: np.ndarray, o
                 n: int, k: int) -> layout.Plan:
     """quantized_plan of metadata already in the tiles' layout (layout.pack_meta's [T, K/G, 16])."""
     kind = scales.dtype.name
-    if kind not in layout.KIND_CODES or (offsets is not None and offsets.dtype != scales.dtype):
-        raise ValueError(f"qgemm reads no {kind} metadata (or scales and offsets of two types)")
+    if kind not in layout.KIND_CODES:
+        raise ValueError(f"qgemm reads no {kind} metadata (it reads {', '.join(layout.KIND_CODES)})")
+    if offsets is not None and offsets.dtype != scales.dtype:
+        raise ValueError(f"scales ({kind}) and offsets ({offsets.dtype.name}) must share one type: convert both")
     return layout.make_plan(bits, group, n, k, layout.padded_k(bits, k, group), packed.ctypes.data,
                             scales.ctypes.data, kind, None if offsets is None else offsets.ctypes.data,
                             offsets=offsets is not None, keep=(packed, scales, offsets))
