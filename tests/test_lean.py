@@ -5,6 +5,7 @@ run as `minicpm chat` in a process that never imports torch."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import subprocess
@@ -21,6 +22,7 @@ from minicpm.formats.gguf.read import load_gguf
 from minicpm.generation.params import SamplingParams
 from minicpm.generation.sampling import sample_next
 from minicpm.lean.chat import Sampler
+from minicpm.lean.native import kernels
 
 IDS = [1, 5, 9, 77, 200, 3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26, 43, 38, 32, 79, 50, 28, 84, 19, 71, 69,
        39, 99, 37, 51, 5, 82, 9, 74, 94, 45, 92, 30, 7]  # 40 ids: three chunks of 16
@@ -90,19 +92,21 @@ def test_lean_against_the_float_model(files, kind):
 
 @pytest.mark.parametrize("kv", ["auto", "bf16", "int8", "int4"])
 def test_chunks_and_cache_reuse_give_the_same_logits(files, kv, monkeypatch):
+    """A chunk's rows attend together (chunk_attention: another fp32 summation order than one row
+    at a time), so chunkings agree to the int8 activations' rounding; the same chunks, bitwise."""
     monkeypatch.setattr(lean_model, "CHUNK", 16)  # chunk boundaries inside the 40 ids
     lm, _ = lean.load(files["Q4_1"], threads=2, kv_cache=kv)
     whole = lm.forward(IDS, 0)
     assert lm.tokens == IDS
     one_by_one = [lm.forward([t], i) for i, t in enumerate(IDS)][-1]
-    if kv == "int4":  # a chunk's rows attend to keys coded with the scales of the whole chunk
-        assert rel(one_by_one, whole) < 0.1
-    else:
-        assert np.array_equal(whole, one_by_one)  # each row of a chunk is computed as it is alone
+    # int4: also a chunk's rows attend to keys coded with the scales of the whole chunk
+    assert rel(one_by_one, whole) < (0.1 if kv == "int4" else 0.03)
+    lm.forward(IDS[:30], 0)
+    expected = lm.forward(IDS[30:], 30)
     lm.forward(IDS, 0)
     lm.forward(IDS[:30] + [3, 4, 5], 0)
     # positions 30.. replaced, 0..29 reused (int4: 0..29 run again, the key tail holding block 1 only)
-    assert np.array_equal(lm.forward(IDS[30:], 30), whole)
+    assert np.array_equal(lm.forward(IDS[30:], 30), expected if kv != "int4" else whole)
     assert lm.cache.resumable(30, 33) == (0 if kv == "int4" else 30) and lm.cache.resumable(34, 36) == 34
     with pytest.raises(ValueError, match="position 50"):
         lm.forward([1], 50)
@@ -125,12 +129,64 @@ def test_quantized_caches_are_smaller_and_grow_keeping_what_they_hold(files):
 
 
 def test_chunk_size_does_not_change_the_result(files, monkeypatch):
-    """Each row of a qgemm product is computed alone, whatever the rows beside it."""
+    """Each row of a qgemm product is computed alone, whatever the rows beside it (attention one
+    row at a time here: chunk_attention's tiles sum in another order)."""
+    monkeypatch.setattr(kernels(), "chunk_attention", (None, None))
     results = []
     for chunk in (7, 16, 256):
         monkeypatch.setattr(lean_model, "CHUNK", chunk)
         results.append(lean.load(files["q4_k_m"], threads=2)[0].forward(IDS, 0))
     assert all(np.array_equal(r, results[0]) for r in results[1:])
+
+
+def _cache(kind, rng, kv, max_len, d):
+    """Random keys and values [1, KV, max_len, d] in attention.c's layout of a cache kind:
+    (kind code, k, v, kscale, vscale)."""
+    if kind in ("fp32", "bf16"):
+        k, v = rng.standard_normal((2, 1, kv, max_len, d), dtype=np.float32)
+        if kind == "bf16":  # the top halves of fp32 numbers
+            return 1, *(np.ascontiguousarray((x.view(np.uint32) >> 16).astype(np.uint16)) for x in (k, v)), None, None
+        return 0, k, v, None, None
+    if kind == "int8":
+        codes = rng.integers(-127, 128, (2, 1, kv, max_len, d), dtype=np.int8)
+        return 3, codes[0], codes[1], *(rng.random((2, 1, kv, max_len), dtype=np.float32) * 0.05 + 0.01)
+    codes = rng.integers(0, 256, (2, 1, kv, max_len, d // 2), dtype=np.uint8)
+    kscale = rng.random((1, kv, max_len // 32, 2, d), dtype=np.float32) * 0.2 - 0.05
+    vscale = rng.random((1, kv, max_len, 2), dtype=np.float32) * 0.2 - 0.05
+    return 4, codes[0], codes[1], kscale, vscale
+
+
+@pytest.mark.parametrize("kind", ["fp32", "bf16", "int8", "int4"])
+@pytest.mark.parametrize("past, rows, threads", [(0, 130, 2), (37, 19, 3), (70, 2, 1)])
+def test_chunk_attention_is_the_row_attention(kind, past, rows, threads):
+    """attention.c's chunk attention (a prompt chunk's rows together, each causal up to itself)
+    against its decode attention of the same rows one by one, for every cache kind: GQA, a start
+    inside a key tile and an int4 key block, query tiles split between threads."""
+    lib = kernels().attention
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    chunk = lib.minicpm_chunk_attention_team
+    chunk.argtypes = [ptr] * 5 + [i64] * 8 + [ctypes.c_int, ctypes.c_float, ptr, ctypes.c_int, ctypes.c_int, ptr]
+    lib.minicpm_chunk_attention_floats.restype = i64
+    lib.minicpm_decode_attention.argtypes = [ptr] * 9 + [ptr] + [i64] * 7 + [ctypes.c_int, ctypes.c_float, ctypes.c_int]
+    rng = np.random.default_rng(past)
+    heads, kv, d, max_len = 6, 2, 64, 256
+    code, k, v, kscale, vscale = _cache(kind, rng, kv, max_len, d)
+    q = rng.standard_normal((rows, heads, d), dtype=np.float32)
+    address = (lambda a: None if a is None else a.ctypes.data)
+    got, expected = np.full((2, rows, heads, d), np.nan, np.float32)
+    work = np.full((threads, lib.minicpm_chunk_attention_floats(past + rows, d)), np.nan, np.float32)
+    for tid in range(threads):
+        assert chunk(q.ctypes.data, k.ctypes.data, v.ctypes.data, address(kscale), address(vscale), 0, 1, heads, kv,
+                     max_len, past, rows, d, code, d ** -0.5, got.ctypes.data, tid, threads, work[tid].ctypes.data) == 0
+    ends = np.arange(past + 1, past + rows + 1, dtype=np.int64)
+    zeros = np.zeros(rows, np.int64)
+    assert lib.minicpm_decode_attention(q.ctypes.data, k.ctypes.data, v.ctypes.data, address(kscale), address(vscale),
+                                        None, zeros.ctypes.data, zeros.ctypes.data, ends.ctypes.data,
+                                        expected.ctypes.data, rows, 1, heads, kv, max_len, past + rows, d, code,
+                                        d ** -0.5, 2) == 0
+    assert np.abs(got - expected).max() < 1e-5 * max(1.0, np.abs(expected).max())
+    assert chunk(q.ctypes.data, k.ctypes.data, v.ctypes.data, None, None, 0, 1, heads, kv, max_len, max_len, rows,
+                 d, code, 1.0, got.ctypes.data, 0, 1, work[0].ctypes.data) == -1  # past the cache: refused
 
 
 @pytest.mark.parametrize("kind", ["q4_0", "q6_k", "q8_0"])
@@ -144,7 +200,7 @@ def test_q4_0_symmetric_form_is_the_offsets_form():
     """qgemm's form 2 (w = (q - 8) d, no offsets stored) against form 1 with m = -8d: the same
     weights, sums rounded in another order; both against numpy in fp64."""
     from minicpm.kernels import qgemm_layout as layout
-    from minicpm.lean.native import kernels, quantized_plan
+    from minicpm.lean.native import quantized_plan
 
     rng = np.random.default_rng(1)
     n, k = 45, 256

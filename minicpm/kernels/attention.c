@@ -42,7 +42,7 @@ enum { KIND_F32 = 0, KIND_BF16 = 1, KIND_F16 = 2, KIND_I8 = 3, KIND_I4 = 4 };
 // two (SmolLM2 at 8k tokens: +10.8% perplexity per vector, +1.6% per channel in blocks of 32)
 enum { KEY_BLOCK = 32 };
 
-int minicpm_attention_abi(void) { return 8; }
+int minicpm_attention_abi(void) { return 9; }
 
 // fp32 numbers per (position, head) beside the codes: int8's scale; int4 values' scale and min
 static inline int meta_of(int kind) { return kind == KIND_I4 ? 2 : 1; }
@@ -533,4 +533,59 @@ int minicpm_flash_attention(const void *q, const int64_t *qs, const void *k, con
     free(kts);
     free(vfs);
     return failed ? -2 : 0;
+}
+
+// ---- A prompt chunk inside a caller's parallel region (decode.c's step) ------------------------
+//
+// The S query rows of one sequence, fp32 q [S, H, d] at positions past..past+S-1, against the keys
+// 0..past+S-1 its cache row holds (the chunk's own just written), causal, into out [S, H, d]: the
+// arithmetic of minicpm_flash_attention, without its region. The decode path above reads each key
+// once per query row (a 128-row chunk: 128 times, scores summed across lanes); here a kv head's keys
+// are converted once per thread and every query tile of the head reuses them.
+//
+// Thread tid of nt takes a contiguous share of the (kv head, query head, query tile) units and
+// converts the key tiles of each kv head it meets into its own work (chunk_attention_floats): no
+// barrier, no allocation. Where a share splits a kv head, both threads convert it. A tile's result
+// does not depend on the split, so any number of threads gives the same bits.
+
+static int64_t key_tiles_of(int64_t len) { return (len + KT - 1) / KT; }
+
+// floats of one thread's work for a chunk seeing `len` positions: converted keys and values, and
+// query_tile's rows
+int64_t minicpm_chunk_attention_floats(int64_t len, int64_t d) {
+    return 2 * key_tiles_of(len) * KT * d + 2 * (QT + RB) * d;
+}
+
+// kind: the cache's (fp32, bf16, int8, int4; its layouts as minicpm_decode_attention's, one cache
+// row of `slots`). Returns 0, or -1 for a shape or kind it does not take.
+int minicpm_chunk_attention_team(const float *q, const void *k, const void *v, const float *kscale,
+                                 const float *vscale, int64_t row, int64_t slots, int64_t heads, int64_t kv_heads,
+                                 int64_t max_len, int64_t past, int64_t S, int64_t d, int kind, float scale, float *out,
+                                 int tid, int nt, float *work) {
+    const int64_t L = past + S;
+    if (d % 16 || d > 256 || heads % kv_heads || S < 1 || past < 0 || L > max_len || row < 0 || row >= slots
+        || kind == KIND_F16 || kind > KIND_I4 || (kind >= KIND_I8) != (kscale && vscale)
+        || (kind == KIND_I4 && max_len % KEY_BLOCK))
+        return -1;
+    const int64_t meta = meta_of(kind), blocks = max_len / KEY_BLOCK;
+    const struct heads_view qv = {q, 0, d, heads * d, NULL, 0, 0, 0},
+        kv = {k, kv_heads * max_len * d, max_len * d, d, kscale,
+              kind == KIND_I4 ? kv_heads * blocks * 2 * d : kv_heads * max_len,
+              kind == KIND_I4 ? blocks * 2 * d : max_len, kind == KIND_I4 ? 2 * d : 1},
+        vv = {v, kv_heads * max_len * d, max_len * d, d, vscale, kv_heads * max_len * meta, max_len * meta, meta};
+    const int64_t group = heads / kv_heads, tiles = (S + QT - 1) / QT, key_tiles = key_tiles_of(L);
+    const int64_t per_head = group * tiles, units = kv_heads * per_head, end = units * (tid + 1) / nt;
+    float *kts = work, *vfs = kts + key_tiles * KT * d, *rows_work = vfs + key_tiles * KT * d;
+    for (int64_t u = units * tid / nt, converted = -1; u < end; u++) {
+        const int64_t kvh = u / per_head, h = kvh * group + u % per_head / tiles, t = u % tiles;
+        if (kvh != converted) {
+            for (int64_t j = 0; j < key_tiles; j++)
+                key_tile(&kv, &vv, kind, row, kvh, j * KT, L - j * KT < KT ? (int)(L - j * KT) : KT, (int)d,
+                         kts + j * KT * d, vfs + j * KT * d);
+            converted = kvh;
+        }
+        const int64_t s0 = t * QT, s1 = s0 + QT < S ? s0 + QT : S;
+        query_tile(&qv, kts, vfs, KIND_F32, out, 0, h, heads, S, L, s0, s1, (int)d, scale, 1, rows_work);
+    }
+    return 0;
 }

@@ -9,8 +9,8 @@ import ctypes
 
 from minicpm.kernels.build import KernelUnavailable
 
-ABI = 7
-ATTENTION_ABI = 8  # attention.c's, whose minicpm_decode_attention_team the step calls
+ABI = 8
+ATTENTION_ABI = 9  # attention.c's, whose minicpm_decode_attention_team (and chunk_attention_team) the step calls
 DT_F32, DT_BF16 = 0, 1  # decode.c's DT_*: also qgemm's and attention's codes
 P_QGEMM, P_STREAM = 0, 1  # a projection's kernel: a qgemm plan, or a float weight streamed
 MAX_TOP_K = 64
@@ -34,7 +34,7 @@ class Step(ctypes.Structure):
                                             "max_len", "len", "dtype", "kv_bits", "act", "threads")]
                 + [(name, _f32) for name in ("eps", "residual_scale", "threshold", "softmax_scale")]
                 + [(name, _ptr) for name in ("cos", "sin", "rows", "positions", "starts", "ends", "mask",
-                                             "attention", "qscratch")])
+                                             "attention", "qscratch", "chunk_attention", "chunk_floats")])
 
 
 def declare(lib: ctypes.CDLL) -> None:

@@ -35,6 +35,8 @@ class Kernels:
         self.plan_team = _address(self.qgemm, "qgemm_plan_team")
         self.plan_scratch = _address(self.qgemm, "qgemm_plan_scratch")
         self.attention_team = _address(self.attention, "minicpm_decode_attention_team")
+        self.chunk_attention = (_address(self.attention, "minicpm_chunk_attention_team"),
+                                _address(self.attention, "minicpm_chunk_attention_floats"))
         _self_check(self)
 
     def matmul(self, plan: layout.Plan, x: np.ndarray, threads: int) -> np.ndarray:
