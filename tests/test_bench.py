@@ -80,9 +80,12 @@ def test_ours_cases_load_the_prepared_quantized_checkpoint(tmp_path):
 
 def test_lean_cases_run_the_q4_0_file_without_torch(tmp_path):
     checkpoints.prepare("tiny", tmp_path, gguf_types=("q4_0",), quantized=(), log=lambda message: None)
-    speed = process.run_case("lean", cases.GGUF_Q4_0, tmp_path, threads=1, timeout=300)
-    assert isinstance(speed, dict), speed
-    assert speed["new_tokens"] == cases.NEW_TOKENS and speed["weight_bytes"] > 0 and not speed["torch_imported"]
+    for precision, kv in ((cases.GGUF_Q4_0, "fp32"), (cases.GGUF_Q4_0 + cases.F16_KV, "f16")):
+        assert ("lean", precision) in cases.CASES and cases.PEER[precision] == "q4_0"
+        speed = process.run_case("lean", precision, tmp_path, threads=1, timeout=300)
+        assert isinstance(speed, dict), speed
+        assert speed["new_tokens"] == cases.NEW_TOKENS and speed["weight_bytes"] > 0 and not speed["torch_imported"]
+        assert speed["kv"] == kv
     for precision, kv in ((cases.GGUF_Q4_0, "int8"), (cases.GGUF_Q4_0 + cases.INT4_KV4, "int4"),
                           (cases.GGUF_Q4_0 + cases.HEAD4 + cases.INT4_KV4, "int4")):
         assert ("lean", precision) in cases.MEMORY_CASES

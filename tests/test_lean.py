@@ -90,7 +90,7 @@ def test_lean_against_the_float_model(files, kind):
     assert rel(lm.forward(IDS, 0), expected) < MODEL_TOLERANCE
 
 
-@pytest.mark.parametrize("kv", ["auto", "bf16", "int8", "int4"])
+@pytest.mark.parametrize("kv", ["auto", "f16", "bf16", "int8", "int4"])
 def test_chunks_and_cache_reuse_give_the_same_logits(files, kv, monkeypatch):
     """A chunk's rows attend together (chunk_attention: another fp32 summation order than one row
     at a time), so chunkings agree to the int8 activations' rounding; the same chunks, bitwise."""
@@ -118,9 +118,13 @@ def test_quantized_caches_are_smaller_and_grow_keeping_what_they_hold(files):
     lm, _ = lean.load(files["Q4_1"], threads=2, kv_cache="int8")
     short = lm.forward(IDS[:5], 0)
     assert lm.cache.capacity == 128  # a tiny context: capped at max_position_embeddings
-    models = {kv: lean.load(files["Q4_1"], kv_cache=kv)[0] for kv in ("auto", "bf16", "int8")}
+    models = {kv: lean.load(files["Q4_1"], kv_cache=kv)[0] for kv in ("auto", "f16", "bf16", "int8")}
     logits = {kv: m.forward(IDS[:5], 0) for kv, m in models.items()}
-    assert models["auto"].cache.kind == "fp32" and models["bf16"].cache.nbytes == models["auto"].cache.nbytes / 2
+    assert models["auto"].cache.kind == "fp32"
+    assert models["bf16"].cache.nbytes == models["f16"].cache.nbytes == models["auto"].cache.nbytes / 2
+    keys = {kv: models[kv].cache.stores[0]["kstore"][0, :, :5] for kv in ("auto", "f16", "bf16")}
+    assert np.array_equal(keys["f16"].view(np.float16), keys["auto"].astype(np.float16))  # rounded to nearest
+    assert 0 < rel(logits["f16"], logits["auto"]) < MODEL_TOLERANCE
     assert models["int8"].cache.nbytes < models["auto"].cache.nbytes / 3  # int8 codes + fp32 scales per head
     assert 0 < rel(logits["bf16"], logits["auto"]) < MODEL_TOLERANCE  # keys and values rounded to bf16
     with pytest.raises(ValueError, match="KV cache kind 'int2'"):
@@ -142,8 +146,10 @@ def test_chunk_size_does_not_change_the_result(files, monkeypatch):
 def _cache(kind, rng, kv, max_len, d):
     """Random keys and values [1, KV, max_len, d] in attention.c's layout of a cache kind:
     (kind code, k, v, kscale, vscale)."""
-    if kind in ("fp32", "bf16"):
+    if kind in ("fp32", "f16", "bf16"):
         k, v = rng.standard_normal((2, 1, kv, max_len, d), dtype=np.float32)
+        if kind == "f16":
+            return 2, k.astype(np.float16), v.astype(np.float16), None, None
         if kind == "bf16":  # the top halves of fp32 numbers
             return 1, *(np.ascontiguousarray((x.view(np.uint32) >> 16).astype(np.uint16)) for x in (k, v)), None, None
         return 0, k, v, None, None
@@ -156,7 +162,7 @@ def _cache(kind, rng, kv, max_len, d):
     return 4, codes[0], codes[1], kscale, vscale
 
 
-@pytest.mark.parametrize("kind", ["fp32", "bf16", "int8", "int4"])
+@pytest.mark.parametrize("kind", ["fp32", "f16", "bf16", "int8", "int4"])
 @pytest.mark.parametrize("past, rows, threads", [(0, 130, 2), (37, 19, 3), (70, 2, 1)])
 def test_chunk_attention_is_the_row_attention(kind, past, rows, threads):
     """attention.c's chunk attention (a prompt chunk's rows together, each causal up to itself)

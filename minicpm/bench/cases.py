@@ -9,15 +9,17 @@ CTX_NEW = 32              # ... of which this many tokens are generated
 CTX_PROMPT = CTX - CTX_NEW
 SEED = 0
 GGUF_Q4_0 = "q4_0 GGUF"    # ours running llama.cpp's q4_0 file itself, its blocks as stored
+F16_KV = ", f16 KV"  # the lean runtime with an fp16 KV cache: llama.cpp's default cache (else fp32)
 # (engine, precision) in table order; the llama.cpp row of the same "class" is each row's peer.
 # "lean" is ours too: the torch-free runtime (minicpm.lean) on the q4_0 GGUF, as `minicpm chat` runs it.
 CASES = [
     ("ours", "bf16"), ("ours", "int8"), ("ours", "int4"), ("ours", GGUF_Q4_0), ("lean", GGUF_Q4_0),
+    ("lean", GGUF_Q4_0 + F16_KV),
     ("llama.cpp", "f16"), ("llama.cpp", "q8_0"), ("llama.cpp", "q4_0"),
     ("transformers", "bf16"),
 ]
-PEER = {"bf16": "f16", "int8": "q8_0", "int4": "q4_0", GGUF_Q4_0: "q4_0", "f16": "f16", "q8_0": "q8_0",
-        "q4_0": "q4_0"}
+PEER = {"bf16": "f16", "int8": "q8_0", "int4": "q4_0", GGUF_Q4_0: "q4_0", GGUF_Q4_0 + F16_KV: "q4_0", "f16": "f16",
+        "q8_0": "q8_0", "q4_0": "q4_0"}
 INT4_HEAD4 = "int4, int4 head"  # the least memory: the head in int4 groups of 32 too
 # our quantized checkpoints: precision -> (bits, head); int4 layers in groups of 128
 QUANTIZED = {"int8": (8, "int8"), "int4": (4, "int8"), INT4_HEAD4: (4, "int4")}
@@ -29,12 +31,14 @@ MEMORY_CASES = [("ours", "int4"), ("ours", INT4_HEAD4), ("ours", INT4_HEAD4 + IN
                 ("lean", GGUF_Q4_0 + HEAD4 + INT4_KV4), ("llama.cpp", "q4_0")]
 
 
-def checkpoint_and_kv(precision: str) -> tuple[str, str]:
-    """A memory case's precision as (the checkpoint's precision, our KV cache kind)."""
+def checkpoint_and_kv(precision: str, default: str = "int8") -> tuple[str, str]:
+    """A case's precision as (the checkpoint's precision, our KV cache kind: `default` unless the
+    precision names one; the memory cases' default is int8)."""
     precision = precision.removesuffix(LEAN_HEAP)
-    if precision.endswith(INT4_KV4):
-        return precision[:-len(INT4_KV4)].removesuffix(HEAD4), "int4"
-    return precision.removesuffix(HEAD4), "int8"
+    for suffix, kv in ((INT4_KV4, "int4"), (F16_KV, "f16")):
+        if precision.endswith(suffix):
+            return precision[:-len(suffix)].removesuffix(HEAD4), kv
+    return precision.removesuffix(HEAD4), default
 
 
 def lean_head(precision: str) -> str:

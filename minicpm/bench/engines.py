@@ -184,10 +184,11 @@ def timed_lean(model, ids: list[int], new: int) -> dict:
 
 
 def run_lean(workdir: Path, precision: str) -> dict:
-    path = ours_path(workdir, precision)
-    model, load = open_lean(path)
+    checkpoint, kv = checkpoint_and_kv(precision, default="auto")
+    path = ours_path(workdir, checkpoint)
+    model, load = open_lean(path, kv)
     result = timed_lean(model, prompt_ids(model.config.vocab_size), NEW_TOKENS)
-    return {**result, "load": load, "weight_bytes": gguf_weight_bytes(path)}
+    return {**result, "load": load, "weight_bytes": gguf_weight_bytes(path), "kv": model.cache.kind}
 
 
 def llama_greedy_tokens(llm, ids: list[int], new: int):

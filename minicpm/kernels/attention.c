@@ -556,7 +556,7 @@ int64_t minicpm_chunk_attention_floats(int64_t len, int64_t d) {
     return 2 * key_tiles_of(len) * KT * d + 2 * (QT + RB) * d;
 }
 
-// kind: the cache's (fp32, bf16, int8, int4; its layouts as minicpm_decode_attention's, one cache
+// kind: the cache's (fp32, bf16, fp16, int8, int4; its layouts as minicpm_decode_attention's, one cache
 // row of `slots`). Returns 0, or -1 for a shape or kind it does not take.
 int minicpm_chunk_attention_team(const float *q, const void *k, const void *v, const float *kscale,
                                  const float *vscale, int64_t row, int64_t slots, int64_t heads, int64_t kv_heads,
@@ -564,7 +564,7 @@ int minicpm_chunk_attention_team(const float *q, const void *k, const void *v, c
                                  int tid, int nt, float *work) {
     const int64_t L = past + S;
     if (d % 16 || d > 256 || heads % kv_heads || S < 1 || past < 0 || L > max_len || row < 0 || row >= slots
-        || kind == KIND_F16 || kind > KIND_I4 || (kind >= KIND_I8) != (kscale && vscale)
+        || kind > KIND_I4 || (kind >= KIND_I8) != (kscale && vscale)
         || (kind == KIND_I4 && max_len % KEY_BLOCK))
         return -1;
     const int64_t meta = meta_of(kind), blocks = max_len / KEY_BLOCK;

@@ -34,7 +34,7 @@ int minicpm_decode_abi(void) { return 8; }
 enum { DT_F32 = 0, DT_BF16 = 1 };                  // model dtype: qgemm's and attention's codes
 enum { P_QGEMM = 0, P_STREAM = 1 };                // projection kernels
 enum { ACT_SILU = 0, ACT_THRESHOLD = 1 };          // SwiGLU, or FATReLU/ReLU (z > threshold)
-enum { ATT_I8 = 3, ATT_I4 = 4 };                   // attention.c's kinds for int8 / int4 caches
+enum { ATT_F16 = 2, ATT_I8 = 3, ATT_I4 = 4 };      // attention.c's kinds for fp16 / int8 / int4 caches
 enum { KEY_BLOCK = 32 };                           // attention.c's: int4 keys' positions per block
 
 typedef int (*qgemm_fn)(const void *plan, const void *x, int xkind, long m, void *y, int tid, int nt, void *scratch);
@@ -75,7 +75,7 @@ struct layer {
 
 struct step {
     int64_t batch, hidden, heads, kv_heads, head_dim, inter, slots, max_len, len;
-    int64_t dtype, kv_bits, act, threads;           // kv_bits: 0 (the model dtype), 16 (bf16), 8 or 4
+    int64_t dtype, kv_bits, act, threads;           // kv_bits: 0 (the model dtype), 16 (bf16/fp16), 8 or 4
     float eps, residual_scale, threshold, softmax_scale;
     const float *cos, *sin;                         // [B, head_dim]
     const int64_t *rows, *positions;                // where row b writes its k/v
@@ -85,6 +85,7 @@ struct step {
     void *qscratch;                                 // qgemm_plan_scratch
     void *chunk_attention, *chunk_floats;           // minicpm_chunk_attention_team and its work size, or
                                                     // NULL: a prompt chunk attends row by row as above
+    int64_t kv_fp16;                                // kv_bits 16: 1 for IEEE fp16 (llama.cpp's cache), else bf16
 };
 
 // f rounded to bf16 (nearest even, as PyTorch's cast), still as an fp32: the low 16 bits are 0
@@ -245,6 +246,11 @@ static void write_cache(const struct layer *L, const struct step *s, const void 
     } else if (s->kv_bits == 4) {
         store_key4(L, s, kh, s->rows[b], h, s->positions[b]);
         quantize_head4(vh, d, dt, (uint8_t *)L->vstore + slot * d / 2, L->vscale + 2 * slot);
+    } else if (s->kv_bits == 16 && dt == DT_F32 && s->kv_fp16) {  // an fp16 cache under fp32 activations
+        for (int64_t i = 0; i < d; i++) {  // round to nearest even, as a cast
+            ((uint16_t *)L->kstore)[slot * d + i] = _cvtss_sh(get(kh, i, dt), _MM_FROUND_TO_NEAREST_INT);
+            ((uint16_t *)L->vstore)[slot * d + i] = _cvtss_sh(get(vh, i, dt), _MM_FROUND_TO_NEAREST_INT);
+        }
     } else if (s->kv_bits == 16 && dt == DT_F32) {  // a bf16 cache under fp32 activations
         for (int64_t i = 0; i < d; i++) {
             put(L->kstore, slot * d + i, get(kh, i, dt), DT_BF16);
@@ -361,7 +367,8 @@ static int attention_block(const struct layer *L, const struct step *s, struct s
 #pragma omp barrier
     rotate_and_store(L, s, t, tm);
 #pragma omp barrier
-    const int kind = s->kv_bits == 8 ? ATT_I8 : s->kv_bits == 4 ? ATT_I4 : s->kv_bits == 16 ? DT_BF16 : dt;
+    const int kind = s->kv_bits == 8 ? ATT_I8 : s->kv_bits == 4 ? ATT_I4
+                     : s->kv_bits == 16 ? (s->kv_fp16 ? ATT_F16 : DT_BF16) : dt;
     if (t->chunk_past >= 0) {
         if (((chunk_attention_fn)s->chunk_attention)(t->qf, L->kstore, L->vstore, L->kscale, L->vscale, s->rows[0],
                                                       s->slots, H, KV, s->max_len, t->chunk_past, B, d, kind,

@@ -34,7 +34,8 @@ class Step(ctypes.Structure):
                                             "max_len", "len", "dtype", "kv_bits", "act", "threads")]
                 + [(name, _f32) for name in ("eps", "residual_scale", "threshold", "softmax_scale")]
                 + [(name, _ptr) for name in ("cos", "sin", "rows", "positions", "starts", "ends", "mask",
-                                             "attention", "qscratch", "chunk_attention", "chunk_floats")])
+                                             "attention", "qscratch", "chunk_attention", "chunk_floats")]
+                + [("kv_fp16", _i64)])
 
 
 def declare(lib: ctypes.CDLL) -> None:

@@ -1,12 +1,14 @@
 """The lean runtime's KV cache: numpy stores of one sequence in the layouts decode.c reads.
 
 The kinds of `minicpm.cache` (its KVCache, Int8KVCache and Int4KVCache, with a batch of one)
-under the same `--kv-cache` names, and bf16:
+under the same `--kv-cache` names, and f16 and bf16:
 
   fp32  keys and values as the activations are ("auto": the PyTorch model's cache for these
         files, so both runtimes sample the same replies)
-  bf16  rounded to bf16: half of fp32, and half the bytes a decoded token reads from the cache
-        (MiniCPM-2B at 512 tokens: 377 MB in fp32, a fifth of the weights')
+  f16   rounded to IEEE fp16 (llama.cpp's default cache): half of fp32, and half the bytes a
+        decoded token reads from the cache (MiniCPM-2B at 512 tokens: 377 MB in fp32, a fifth
+        of the weights'); 3 more bits of mantissa than bf16
+  bf16  rounded to bf16: as f16, with fp32's range
   int8  int8 codes with one fp32 scale per (position, head): a quarter of fp32
   int4  4-bit codes; values with (scale, min) per (position, head), keys with (scale, min) per
         channel over blocks of KEY_BLOCK positions and the newest block's keys kept in fp32 too
@@ -28,7 +30,7 @@ import numpy as np
 
 from minicpm.config import MiniCPMConfig
 
-KINDS = {"fp32": 0, "bf16": 16, "int8": 8, "int4": 4}  # -> decode.c's kv_bits
+KINDS = {"fp32": 0, "f16": 16, "bf16": 16, "int8": 8, "int4": 4}  # -> decode.c's kv_bits (and kv_fp16)
 ALIASES = {"auto": "fp32"}  # --kv-cache's default
 KEY_BLOCK = 32  # decode.c's and attention.c's: positions per block of int4 key scales
 GROWTH = 256    # positions added at a time (a multiple of KEY_BLOCK)
@@ -42,6 +44,7 @@ class LeanCache:
         if kind not in KINDS:
             raise ValueError(f"KV cache kind {kind!r}: expected one of {', '.join([*ALIASES, *KINDS])}")
         self.config, self.kind, self.bits = config, kind, KINDS[kind]
+        self.fp16 = kind == "f16"  # else a 16-bit cache is bf16
         self.capacity = 0
         self.stores: list[dict[str, np.ndarray]] = []
 
@@ -49,7 +52,7 @@ class LeanCache:
         """field -> (shape, dtype, positions per index of axis 2; 0: not along positions)."""
         kv, d = self.config.num_key_value_heads, self.config.head_dim
         if self.bits in (0, 16):
-            plain = ((1, kv, capacity, d), np.float32 if self.bits == 0 else np.uint16, 1)  # bf16: its bits
+            plain = ((1, kv, capacity, d), np.float32 if self.bits == 0 else np.uint16, 1)  # f16/bf16: their bits
             return {"kstore": plain, "vstore": plain}
         if self.bits == 8:
             codes, scales = ((1, kv, capacity, d), np.int8, 1), ((1, kv, capacity, 1), np.float32, 1)

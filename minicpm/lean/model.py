@@ -234,7 +234,8 @@ class LeanModel:
             self.cache.capacity, start + b, decode_abi.DT_F32, self.cache.bits, 0, self.threads,  # SiLU
             c.rms_norm_eps, c.residual_scale, 0.0, c.head_dim ** -0.5, cos.ctypes.data, sin.ctypes.data,
             rows.ctypes.data, positions.ctypes.data, starts.ctypes.data, ends.ctypes.data, None,
-            self.kernels.attention_team, self.kernels.plan_scratch, *self.kernels.chunk_attention)
+            self.kernels.attention_team, self.kernels.plan_scratch, *self.kernels.chunk_attention,
+            int(self.cache.fp16))
         rc = self.kernels.decode.minicpm_decode_layers(ctypes.byref(step), self.weights.layers,
                                                        len(self.weights.layers), x.ctypes.data)
         if rc:
