@@ -286,7 +286,7 @@ def run_chat(*args, stdin: str):
                           text=True, timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"})
 
 
-@pytest.mark.parametrize("kv, head", [("auto", "stored"), ("int4", "int4")])
+@pytest.mark.parametrize("kv, head", [("auto", "stored"), ("f16", "stored"), ("int4", "int4")])
 def test_chat_runs_without_torch(files, kv, head):
     result = run_chat(files["Q4_1"], "--kv-cache", kv, "--head", head, "--temperature", 0, "--max-new-tokens", 5,
                       stdin="hello there\nand a follow-up\n/image x.png\n/reset\nsecond question\n/exit\n")
@@ -296,13 +296,17 @@ def test_chat_runs_without_torch(files, kv, head):
     cached = [int(n) for n in re.findall(r", (\d+) cached\)", result.stdout)]
     assert cached[1] > 5  # the follow-up reused turn one
     # /reset keeps the shared prefix (int4: from a block boundary, the key tail holding the last block only)
-    assert cached[2] > 0 if kv == "auto" else cached[2] % 32 == 0
+    assert cached[2] > 0 if kv != "int4" else cached[2] % 32 == 0
 
 
 @pytest.mark.parametrize("args, fragment", [(("--runtime", "lean", "--dtype", "float32"), "--dtype needs the PyTorch"),
                                             (("--runtime", "lean", "--prompt-cache", "x.kv"), "--prompt-cache needs"),
                                             (("--head", "int4", "--dtype", "float32"), "--head int4 (lean runtime only)"),
-                                            (("--runtime", "torch", "--head", "int4"), "--head int4 runs on the lean")])
+                                            (("--runtime", "torch", "--head", "int4"), "--head int4 runs on the lean"),
+                                            (("--runtime", "torch", "--kv-cache", "f16"),
+                                             "--kv-cache f16 runs on the lean"),
+                                            (("--kv-cache", "f16", "--dtype", "float32"),
+                                             "--kv-cache f16 (lean runtime only)")])
 def test_lean_runtime_refusals_are_clean_errors(files, args, fragment):
     result = run_chat(files["Q4_1"], *args, stdin="/exit\n")
     assert result.returncode == 2 and "Traceback" not in result.stderr

@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     add_sampling_args(p, temperature=0.3, top_p=0.8,
                       vision_note="; MiniCPM-V: its chat's temperature 0.7, top-p 0.8, top-k 100, "
-                                  "repetition penalty 1.05")
+                                  "repetition penalty 1.05", lean=True)
     p.add_argument("--system", default=None, help="system message for the conversation")
     p.add_argument("--image", default=None, help="an image to talk about (MiniCPM-V; /image PATH changes it)")
     p.add_argument("--context-file", default=None, metavar="FILE",

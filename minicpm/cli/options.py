@@ -19,9 +19,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_sampling_args(p: argparse.ArgumentParser, temperature: float, top_p: float,
-                      vision_note: str = "") -> None:
+                      vision_note: str = "", lean: bool = False) -> None:
     """The sampling flags; a flag not given takes the verb's default (`temperature`, `top_p`,
-    the rest off) unless the model has its own (`vision_note` says MiniCPM-V's, if it does)."""
+    the rest off) unless the model has its own (`vision_note` says MiniCPM-V's, if it does);
+    `lean`: the verb may run on the lean runtime (its KV cache kinds too)."""
     g = p.add_argument_group("sampling")
     g.add_argument("--temperature", type=float, default=None,
                    help=f"0 = greedy (default {temperature}{vision_note})")
@@ -34,7 +35,7 @@ def add_sampling_args(p: argparse.ArgumentParser, temperature: float, top_p: flo
     g.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
     g.add_argument("--max-new-tokens", type=int, default=None, help="reply length limit")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    add_kv_cache_arg(p)
+    add_kv_cache_arg(p, lean)
     p.set_defaults(sampling_defaults={"temperature": temperature, "top_p": top_p, "top_k": 0, "min_p": 0.0,
                                       "repetition_penalty": 1.0})
 
@@ -56,7 +57,11 @@ def sampling_kwargs(args: argparse.Namespace, model_defaults: dict | None = None
 KV_CACHE_CHOICES = ("auto", "int8", "int4")
 
 
-def add_kv_cache_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--kv-cache", choices=KV_CACHE_CHOICES, default="auto",
+LEAN_KV_CACHE_CHOICES = ("f16",)  # the lean runtime's too (llama.cpp's default cache)
+
+
+def add_kv_cache_arg(p: argparse.ArgumentParser, lean: bool = False) -> None:
+    p.add_argument("--kv-cache", choices=KV_CACHE_CHOICES + (LEAN_KV_CACHE_CHOICES if lean else ()), default="auto",
                    help="KV cache precision: the model's dtype, int8 (about half of bf16's memory) "
-                        "or int4 (about a third)")
+                        "or int4 (about a third)" + ("; f16 (lean runtime only): half of fp32, "
+                                                     "as llama.cpp's cache" if lean else ""))

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from minicpm.cli.options import LEAN_KV_CACHE_CHOICES
 from minicpm.errors import MiniCPMError
 
 
@@ -67,9 +68,12 @@ def lean_conversation(args: argparse.Namespace, system: str | None):
     """A conversation on the lean runtime (minicpm.lean) where --runtime lets it run this
     checkpoint with these options; else None (--runtime lean: an error saying why not)."""
     head = args.head
+    lean_only = [flag for flag, given in ((f"--head {head}", head != "stored"),
+                                          (f"--kv-cache {args.kv_cache}", args.kv_cache in LEAN_KV_CACHE_CHOICES))
+                 if given]
     if args.runtime == "torch":
-        if head != "stored":
-            raise MiniCPMError(f"--head {head} runs on the lean runtime only (--runtime auto or lean)")
+        if lean_only:
+            raise MiniCPMError(f"{lean_only[0]} runs on the lean runtime only (--runtime auto or lean)")
         return None
     if args.threads is not None and args.threads < 1:  # before anything is built or read
         raise MiniCPMError(f"--threads must be >= 1, got {args.threads}")
@@ -83,8 +87,8 @@ def lean_conversation(args: argparse.Namespace, system: str | None):
     path = locate(args.model)
     reason = f"{needs_torch[0]} needs the PyTorch runtime" if needs_torch else lean.why_not(path)
     if reason is not None:
-        if args.runtime == "lean" or head != "stored":
-            option = "--runtime lean" if args.runtime == "lean" else f"--head {head} (lean runtime only)"
+        if args.runtime == "lean" or lean_only:
+            option = "--runtime lean" if args.runtime == "lean" else f"{lean_only[0]} (lean runtime only)"
             raise MiniCPMError(f"{option} cannot run {path.name}: {reason}")
         return None
     model, tokenizer = lean.load(path, threads=args.threads, kv_cache=args.kv_cache or "auto", head=head)
