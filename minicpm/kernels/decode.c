@@ -344,15 +344,17 @@ static void rotate_and_store(const struct layer *L, const struct step *s, struct
     }
 }
 
-// Thread 0: x += residual-scaled branch (if any), then h = RMSNorm(x) with `norm`; everyone waits.
+// Each thread its share of the rows: x += residual-scaled branch (if any), then h = RMSNorm(x) with
+// `norm`; everyone waits. (Thread 0 alone did all of a prefill chunk's 128 rows: 2% of the time.)
 static void residual_norm(const struct step *s, void *x, const void *branch, const void *norm, struct scratch *t,
                           const struct team *tm) {
     const int dt = (int)s->dtype;
-    const int64_t B = s->batch, D = s->hidden;
-    if (tm->tid == 0) {
-        if (branch) residual(x, branch, B * D, s->residual_scale, dt);
-        if (norm)
-            for (int64_t b = 0; b < B; b++) rmsnorm(at(x, b * D, dt), norm, at(t->h, b * D, dt), D, s->eps, dt);
+    const int64_t D = s->hidden;
+    int64_t lo, hi;
+    share(s->batch, tm, &lo, &hi);
+    for (int64_t b = lo; b < hi; b++) {
+        if (branch) residual(at(x, b * D, dt), at((void *)branch, b * D, dt), D, s->residual_scale, dt);
+        if (norm) rmsnorm(at(x, b * D, dt), norm, at(t->h, b * D, dt), D, s->eps, dt);
     }
 #pragma omp barrier
 }
