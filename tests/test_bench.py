@@ -80,7 +80,7 @@ def test_ours_cases_load_the_prepared_quantized_checkpoint(tmp_path):
 
 def test_lean_cases_run_the_q4_0_file_without_torch(tmp_path):
     checkpoints.prepare("tiny", tmp_path, gguf_types=("q4_0",), quantized=(), log=lambda message: None)
-    for precision, kv in ((cases.GGUF_Q4_0, "fp32"), (cases.GGUF_Q4_0 + cases.F16_KV, "f16")):
+    for precision, kv in ((cases.GGUF_Q4_0, "f16"), (cases.GGUF_Q4_0 + cases.FP32_KV, "fp32")):
         assert ("lean", precision) in cases.CASES and cases.PEER[precision] == "q4_0"
         speed = process.run_case("lean", precision, tmp_path, threads=1, timeout=300)
         assert isinstance(speed, dict), speed

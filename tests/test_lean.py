@@ -90,7 +90,7 @@ def test_lean_against_the_float_model(files, kind):
     assert rel(lm.forward(IDS, 0), expected) < MODEL_TOLERANCE
 
 
-@pytest.mark.parametrize("kv", ["auto", "f16", "bf16", "int8", "int4"])
+@pytest.mark.parametrize("kv", ["auto", "fp32", "bf16", "int8", "int4"])
 def test_chunks_and_cache_reuse_give_the_same_logits(files, kv, monkeypatch):
     """A chunk's rows attend together (chunk_attention: another fp32 summation order than one row
     at a time), so chunkings agree to the int8 activations' rounding; the same chunks, bitwise."""
@@ -118,15 +118,15 @@ def test_quantized_caches_are_smaller_and_grow_keeping_what_they_hold(files):
     lm, _ = lean.load(files["Q4_1"], threads=2, kv_cache="int8")
     short = lm.forward(IDS[:5], 0)
     assert lm.cache.capacity == 128  # a tiny context: capped at max_position_embeddings
-    models = {kv: lean.load(files["Q4_1"], kv_cache=kv)[0] for kv in ("auto", "f16", "bf16", "int8")}
+    models = {kv: lean.load(files["Q4_1"], kv_cache=kv)[0] for kv in ("fp32", "auto", "bf16", "int8")}
     logits = {kv: m.forward(IDS[:5], 0) for kv, m in models.items()}
-    assert models["auto"].cache.kind == "fp32"
-    assert models["bf16"].cache.nbytes == models["f16"].cache.nbytes == models["auto"].cache.nbytes / 2
-    keys = {kv: models[kv].cache.stores[0]["kstore"][0, :, :5] for kv in ("auto", "f16", "bf16")}
-    assert np.array_equal(keys["f16"].view(np.float16), keys["auto"].astype(np.float16))  # rounded to nearest
-    assert 0 < rel(logits["f16"], logits["auto"]) < MODEL_TOLERANCE
-    assert models["int8"].cache.nbytes < models["auto"].cache.nbytes / 3  # int8 codes + fp32 scales per head
-    assert 0 < rel(logits["bf16"], logits["auto"]) < MODEL_TOLERANCE  # keys and values rounded to bf16
+    assert models["auto"].cache.kind == "f16"  # llama.cpp's default cache
+    assert models["bf16"].cache.nbytes == models["auto"].cache.nbytes == models["fp32"].cache.nbytes / 2
+    keys = {kv: models[kv].cache.stores[0]["kstore"][0, :, :5] for kv in ("fp32", "auto")}
+    assert np.array_equal(keys["auto"].view(np.float16), keys["fp32"].astype(np.float16))  # rounded to nearest
+    assert 0 < rel(logits["auto"], logits["fp32"]) < MODEL_TOLERANCE
+    assert models["int8"].cache.nbytes < models["fp32"].cache.nbytes / 3  # int8 codes + fp32 scales per head
+    assert 0 < rel(logits["bf16"], logits["fp32"]) < MODEL_TOLERANCE  # keys and values rounded to bf16
     with pytest.raises(ValueError, match="KV cache kind 'int2'"):
         lean.load(files["Q4_1"], kv_cache="int2")
     assert np.array_equal(short, lean.load(files["Q4_1"], threads=2, kv_cache="int8")[0].forward(IDS[:5], 0))
@@ -286,7 +286,7 @@ def run_chat(*args, stdin: str):
                           text=True, timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"})
 
 
-@pytest.mark.parametrize("kv, head", [("auto", "stored"), ("f16", "stored"), ("int4", "int4")])
+@pytest.mark.parametrize("kv, head", [("auto", "stored"), ("int8", "stored"), ("int4", "int4")])
 def test_chat_runs_without_torch(files, kv, head):
     result = run_chat(files["Q4_1"], "--kv-cache", kv, "--head", head, "--temperature", 0, "--max-new-tokens", 5,
                       stdin="hello there\nand a follow-up\n/image x.png\n/reset\nsecond question\n/exit\n")

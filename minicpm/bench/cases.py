@@ -9,16 +9,16 @@ CTX_NEW = 32              # ... of which this many tokens are generated
 CTX_PROMPT = CTX - CTX_NEW
 SEED = 0
 GGUF_Q4_0 = "q4_0 GGUF"    # ours running llama.cpp's q4_0 file itself, its blocks as stored
-F16_KV = ", f16 KV"  # the lean runtime with an fp16 KV cache: llama.cpp's default cache (else fp32)
+FP32_KV = ", fp32 KV"  # the lean runtime with an fp32 KV cache, the PyTorch model's (its default: fp16, as llama.cpp's)
 # (engine, precision) in table order; the llama.cpp row of the same "class" is each row's peer.
 # "lean" is ours too: the torch-free runtime (minicpm.lean) on the q4_0 GGUF, as `minicpm chat` runs it.
 CASES = [
     ("ours", "bf16"), ("ours", "int8"), ("ours", "int4"), ("ours", GGUF_Q4_0), ("lean", GGUF_Q4_0),
-    ("lean", GGUF_Q4_0 + F16_KV),
+    ("lean", GGUF_Q4_0 + FP32_KV),
     ("llama.cpp", "f16"), ("llama.cpp", "q8_0"), ("llama.cpp", "q4_0"),
     ("transformers", "bf16"),
 ]
-PEER = {"bf16": "f16", "int8": "q8_0", "int4": "q4_0", GGUF_Q4_0: "q4_0", GGUF_Q4_0 + F16_KV: "q4_0", "f16": "f16",
+PEER = {"bf16": "f16", "int8": "q8_0", "int4": "q4_0", GGUF_Q4_0: "q4_0", GGUF_Q4_0 + FP32_KV: "q4_0", "f16": "f16",
         "q8_0": "q8_0", "q4_0": "q4_0"}
 INT4_HEAD4 = "int4, int4 head"  # the least memory: the head in int4 groups of 32 too
 # our quantized checkpoints: precision -> (bits, head); int4 layers in groups of 128
@@ -35,7 +35,7 @@ def checkpoint_and_kv(precision: str, default: str = "int8") -> tuple[str, str]:
     """A case's precision as (the checkpoint's precision, our KV cache kind: `default` unless the
     precision names one; the memory cases' default is int8)."""
     precision = precision.removesuffix(LEAN_HEAP)
-    for suffix, kv in ((INT4_KV4, "int4"), (F16_KV, "f16")):
+    for suffix, kv in ((INT4_KV4, "int4"), (FP32_KV, "fp32")):
         if precision.endswith(suffix):
             return precision[:-len(suffix)].removesuffix(HEAD4), kv
     return precision.removesuffix(HEAD4), default

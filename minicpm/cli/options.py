@@ -63,5 +63,5 @@ LEAN_KV_CACHE_CHOICES = ("f16",)  # the lean runtime's too (llama.cpp's default 
 def add_kv_cache_arg(p: argparse.ArgumentParser, lean: bool = False) -> None:
     p.add_argument("--kv-cache", choices=KV_CACHE_CHOICES + (LEAN_KV_CACHE_CHOICES if lean else ()), default="auto",
                    help="KV cache precision: the model's dtype, int8 (about half of bf16's memory) "
-                        "or int4 (about a third)" + ("; f16 (lean runtime only): half of fp32, "
-                                                     "as llama.cpp's cache" if lean else ""))
+                        "or int4 (about a third)" + ("; on the lean runtime auto is fp16, as llama.cpp's "
+                                                     "(f16: the same, lean runtime only)" if lean else ""))

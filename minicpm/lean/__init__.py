@@ -53,7 +53,7 @@ def _opened(path: Path) -> tuple[str | None, GGUFFile | None, MiniCPMConfig | No
 
 def load(path: str | Path, threads: int | None = None, kv_cache: str = "auto",
          head: str = "stored") -> tuple[LeanModel, Tokenizer]:
-    """(model, tokenizer) of a GGUF file, its KV cache fp32 ("auto"), "f16", "bf16", "int8" or "int4", its
+    """(model, tokenizer) of a GGUF file, its KV cache fp16 ("auto" or "f16"), "fp32", "bf16", "int8" or "int4", its
     output head as stored or ("int4") rounded again to int4 groups of 32 (about half the memory
     of a Q6_K head); CheckpointError says what the runtime cannot run."""
     path = Path(path)
