@@ -18,6 +18,7 @@ from test_gguf_native import CONFIG, MODEL_TOLERANCE, native_or_skip, write
 
 import minicpm.lean.model as lean_model
 from minicpm import lean
+from minicpm.formats.gguf.container import GGUFFile
 from minicpm.formats.gguf.read import load_gguf
 from minicpm.generation.params import SamplingParams
 from minicpm.generation.sampling import sample_next
@@ -39,6 +40,9 @@ def files(tmp_path_factory):
                                         force=force)
         mp.undo()
     out["untied"] = write(tmp_path_factory.mktemp("untied"), "q4_0", config=CONFIG.replace(tie_word_embeddings=False))
+    # rows of 640 are not whole Q4_K super-blocks: ffn_down falls back to Q5_0 (or Q8_0), as in
+    # llama.cpp's MiniCPM-2B Q4_K_M files (intermediate 5760)
+    out["q5_0"] = write(tmp_path_factory.mktemp("q5_0"), "q4_k_m", config=CONFIG.replace(intermediate_size=640))
     return out
 
 
@@ -63,7 +67,8 @@ def rel(a, b):
 
 
 @pytest.mark.parametrize("kind, kv", [("q4_0", "fp32"), ("Q4_1", "fp32"), ("q8_0", "fp32"), ("q4_k_m", "fp32"),
-                                      ("q6_k", "fp32"), ("untied", "fp32"), ("Q4_1", "int8"), ("q4_0", "int4")])
+                                      ("q6_k", "fp32"), ("untied", "fp32"), ("q5_0", "fp32"), ("Q4_1", "int8"),
+                                      ("q4_0", "int4")])
 def test_lean_is_the_pytorch_decode_step(files, kind, kv, monkeypatch):
     """Also with the quantized KV caches: the same codes as PyTorch's Int8KVCache / Int4KVCache
     (an int4 block rescaled as it fills: 40 positions cross a block boundary). Q4_0 in the
@@ -80,9 +85,12 @@ def test_lean_is_the_pytorch_decode_step(files, kind, kv, monkeypatch):
         assert rel(a, b) < 1e-5, step
 
 
-@pytest.mark.parametrize("kind", ["Q4_1", "q4_k_m", "q4_0", "untied"])
+@pytest.mark.parametrize("kind", ["Q4_1", "q4_k_m", "q4_0", "untied", "q5_0"])
 def test_lean_against_the_float_model(files, kind):
     """With its own rotary tables, against the file dequantized to float32 (int8 activations)."""
+    if kind == "q5_0":
+        types = {t.name: t.tensor_type.name for t in GGUFFile(files[kind]).tensors}
+        assert "Q5_0" in {types[f"blk.{i}.ffn_down.weight"] for i in range(CONFIG.num_hidden_layers)}
     reference, _ = load_gguf(files[kind], dtype=torch.float32)
     with torch.no_grad():
         expected = reference(torch.tensor([IDS]))[0, -1].numpy()

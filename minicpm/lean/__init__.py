@@ -4,7 +4,7 @@
 runtime is numpy (~15 MB), the tokenizer and three C kernels (qgemm.c, attention.c, decode.c),
 so `minicpm chat` on the default model peaks near 200 MB instead of 420 (docs/speed.md). It runs
 decoder-only GGUF files whose 2-D weights are block types the int4/int8 kernel reads as stored
-(Q4_0, Q4_1, Q8_0, Q4_K, Q6_K), with an fp32, fp16, bf16, int8 or int4 KV cache, on x86-64 CPUs with AVX2; anything else (float or MoE
+(Q4_0, Q4_1, Q8_0, Q5_0, Q4_K, Q6_K), with an fp32, fp16, bf16, int8 or int4 KV cache, on x86-64 CPUs with AVX2; anything else (float or MoE
 checkpoints, rope scaling, images, a GPU) runs on the PyTorch model, which is the reference:
 tests hold the two to the same logits.
 

@@ -6,6 +6,10 @@ Each block type is a form our int4/int8 kernel runs (minicpm/kernels/qgemm.c):
     Q4_K  256 values: f16 d, dmin, 8 x 6-bit (sc, mn), 4-bit q
                                      w = q*(d*sc) - dmin*mn   int4 + offsets, groups of 32, fp32
     Q8_0  f16 d, 32 x int8           w = q*d           int8, groups of 32, fp16
+    Q5_0  f16 d, 32 high bits, 32 nibbles
+                                     w = (q-16)*d      int8, groups of 32, fp16 (one byte a weight
+                                                       against 5.5 bits stored: llama.cpp's Q4_K
+                                                       fallback, MiniCPM-2B Q4_K_M's ffn_down)
     Q6_K  256 values: 6-bit q, 16 x int8 sc, f16 d
                                      w = (q-32)*(d*sc) int8, groups of 16, fp32
 The products d*sc and dmin*mn have at most 19 significant bits, so fp32 holds them exactly, and
@@ -22,7 +26,7 @@ import numpy as np
 
 __all__ = ["REPACKED_TYPES", "repacked_linear", "repacked_parts"]
 
-REPACKED_TYPES = ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K")
+REPACKED_TYPES = ("Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q4_K", "Q6_K")
 
 
 def _f16(raw: np.ndarray) -> np.ndarray:
@@ -54,6 +58,15 @@ def _q8_0(blocks: np.ndarray):
     return 8, 32, np.ascontiguousarray(blocks[..., 2:34]).view(np.int8), _half(blocks[..., 0:2]), None
 
 
+def _q5_0(blocks: np.ndarray):
+    # value j (0..31): low 4 bits in byte j % 16 of qs (j < 16 low nibble, else high), bit 4 in bit j of qh
+    qh = np.ascontiguousarray(blocks[..., 2:6]).view("<u4")
+    qs = blocks[..., 6:22]
+    low = np.concatenate((qs & 0x0F, qs >> 4), axis=-1)
+    high = (((qh >> np.arange(32, dtype=np.uint32)) & 1) << 4).astype(np.uint8)
+    return 8, 32, (low | high).view(np.int8) - np.int8(16), _half(blocks[..., 0:2]), None
+
+
 def _q4_k(blocks: np.ndarray):
     from gguf.quants import Q4_K
 
@@ -77,7 +90,7 @@ def _q6_k(blocks: np.ndarray):
     return 8, 16, q.reshape(*lead, 256), scales.reshape(*lead, 16), None
 
 
-_DECODERS = {"Q4_0": (_q4_0, 18), "Q4_1": (_q4_1, 20), "Q8_0": (_q8_0, 34), "Q4_K": (_q4_k, 144),
+_DECODERS = {"Q4_0": (_q4_0, 18), "Q4_1": (_q4_1, 20), "Q8_0": (_q8_0, 34), "Q5_0": (_q5_0, 22), "Q4_K": (_q4_k, 144),
              "Q6_K": (_q6_k, 210)}
 
 
