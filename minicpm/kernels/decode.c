@@ -6,18 +6,19 @@
 // points (qgemm_plan_team, minicpm_linear_{bf16,f32}_team, minicpm_decode_attention_team, called
 // through function pointers that Python took from their libraries), each doing its thread's
 // share with no region or allocation of its own; barriers separate the stages. A region per
-// product (8 a layer) cost ~240 fork/joins a token, more than the glue itself. The glue runs on
-// thread 0 where it is a reduction over a row (norms, residuals: a few hundred values), split
-// across threads where it is elementwise per head or value (rotary and cache writes, SwiGLU).
+// product (8 a layer) cost ~240 fork/joins a token, more than the glue itself. The glue is split
+// across threads by row (norms, residuals), by head (rotary and cache writes) or by value (SwiGLU).
+// Rows of one sequence's prompt chunk attend together (minicpm_chunk_attention_team) where the
+// caller passes that kernel, else each row attends alone.
 //
 // Rounding follows minicpm/model.py step by step: wherever the Python path casts to the model
 // dtype (fp32 or bf16), the value is rounded here (bf16: to nearest even); statistics, rotary
 // and softmax run in fp32. This file is compiled with -ffp-contract=off, so `a*b + c*d` rounds
 // twice as PyTorch's separate ops do. What can still differ from the Python path is the
-// summation order of the RMSNorm mean and the libm exp of SiLU/softmax (a few ulp in fp32).
+// summation order of the RMSNorm mean and the exp of SiLU/softmax (a few ulp in fp32).
 //
 // Layouts: x [B, D]; cos/sin fp32 [B, head_dim]; the KV stores [slots, KV, max_len, head_dim]
-// in the model dtype (or bf16 under fp32 activations: kv_bits 16), or int8 with fp32 scales [slots, KV, max_len] (one per (token, head)), or
+// in the model dtype (or bf16/fp16 under fp32 activations: kv_bits 16), or int8 with fp32 scales [slots, KV, max_len] (one per (token, head)), or
 // int4 codes [slots, KV, max_len, head_dim / 2]: values with fp32 (scale, min) [slots, KV, max_len, 2],
 // keys with per-channel (scales, mins) [slots, KV, max_len / KEY_BLOCK, 2, head_dim] and each row's
 // newest block of keys in fp32 [slots, KV, KEY_BLOCK, head_dim] (Int4KVCache).
@@ -267,7 +268,6 @@ static void residual(void *x, const void *branch, int64_t n, float scale, int dt
     for (int64_t i = 0; i < n; i++) put(x, i, get(x, i, dt) + rnd(get(branch, i, dt) * scale, dt), dt);
 }
 
-// g = act(g) * u in the dtype (SiLU, or FATReLU: z where z > threshold, else 0), this thread's share
 #ifdef __AVX512F__
 // e^x, x clamped to [-87, 88]: 2^n e^f with n = round(x / ln 2) and |f| <= ln(2) / 2 (ln 2 in two
 // parts), e^f by its Taylor polynomial to degree 7 (truncation below 1e-8 relative)
@@ -296,6 +296,7 @@ static void silu_gated_f32(float *g, const float *u, int64_t lo, int64_t hi) {
 }
 #endif
 
+// g = act(g) * u in the dtype (SiLU, or FATReLU: z where z > threshold, else 0), this thread's share
 static void gated(void *g, const void *u, int64_t n, const struct step *s, const struct team *tm) {
     const int dt = (int)s->dtype;
     int64_t lo, hi;
