@@ -230,6 +230,30 @@ def test_q4_0_symmetric_form_is_the_offsets_form():
     assert rel(a, (x.astype(np.float64) @ w.T).astype(np.float32)) < 0.02  # int8-rounded activations
 
 
+@pytest.mark.parametrize("m", [1, 3, 17, 64])
+def test_q4_k_superblock_form_is_the_offsets_form(m):
+    """qgemm's form 3 (Q4_K's d, dmin, 6-bit scales and mins as stored) computes form 1's fp32
+    products itself: the same sums, bit for bit, single tiles and pairs, every row count."""
+    from gguf import GGMLQuantizationType as T
+
+    from minicpm.formats.gguf.quantize import encode_tensor
+    from minicpm.formats.gguf.repack import q4_k_superblocks, repacked_parts
+    from minicpm.kernels import qgemm_layout as layout
+    from minicpm.lean.native import packed_plan, quantized_plan
+
+    n, k = 45, 512
+    raw = encode_tensor(torch.randn(n, k, generator=torch.Generator().manual_seed(m)), T.Q4_K)
+    _, _, codes, scales, offsets = repacked_parts(raw, "Q4_K")
+    stored, meta = q4_k_superblocks(raw)
+    assert np.array_equal(stored, codes) and meta.shape == (n, k // 256 * 20)
+    products = quantized_plan(4, 32, layout.pack_int4(codes), scales, offsets, n, k)
+    superblocks = packed_plan(4, 32, layout.pack_int4(stored), layout.pack_superblock_meta(meta), None, n, k,
+                              superblocks=True)
+    assert superblocks.form == layout.FORM_SUPERBLOCK and products.form == 1
+    x = np.random.default_rng(m).standard_normal((m, k), dtype=np.float32)
+    assert np.array_equal(kernels().matmul(superblocks, x, 2), kernels().matmul(products, x, 2))
+
+
 def test_int4_head_is_close_to_the_stored_one(files):
     """The head rounded again to int4 groups of 32: the same logits up to that rounding, and the
     values it holds within half a step of the stored ones."""

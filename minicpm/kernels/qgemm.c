@@ -7,6 +7,9 @@
  *         Q4_1/Q4_K blocks are exactly this, m the block's min)
  *         w = (q - 8) * s[n, g]                                       (form 2: GGUF's Q4_0, no
  *         zero points stored: 2 bytes of metadata per 32 values instead of 4)
+ *         w = q * (d sc[n, g]) - dmin mn[n, g]                        (form 3: GGUF's Q4_K as
+ *         stored: fp16 d, dmin per 256 values, 6-bit sc, mn per 32 held in bytes; form 1's
+ *         fp32 products, computed here exactly, in 2.5 bytes per 32 values instead of 8)
  *   int8: w = (u - 128) * s[n],        u = q + 128 in 1..255          (G = 0: a scale per row)
  *         w = (u - 128) * s[n, g]                                     (G = 16 or 32j: per group,
  *         as GGUF's Q8_0 (32) and Q6_K (16) blocks)
@@ -125,6 +128,23 @@ static void quantize_row(const void *x, int xkind, long K, long Kp, int QB, int 
     }
 }
 
+/* Form 3's metadata, per tile and super-block of SB_K values: d and dmin (fp16) of its 16 rows,
+ * then its 8 groups' scales sc and mins mn as bytes ([8][16] each). */
+enum { SB_K = 256, SB_BYTES = 32 + 32 + 128 + 128 };
+
+/* Group g's s = d sc and z = -(dmin mn) of tile `tile`: the fp32 products form 1 stores (exact: at
+ * most 17 significant bits), so both forms give the same sums. */
+static inline void superblock_meta(const void *meta, long tile, long Kp, int g, __m512 *s, __m512 *z) {
+    const uint8_t *p = (const uint8_t *)meta + (tile * (Kp / SB_K) + g / 8) * SB_BYTES;
+    const int j = g % 8;
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+    const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 32)));
+    const __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + 64 + 16 * j))));
+    const __m512 mn = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + 192 + 16 * j))));
+    *s = _mm512_mul_ps(d, sc);
+    *z = _mm512_mul_ps(_mm512_mul_ps(dmin, mn), _mm512_set1_ps(-1.0f));  /* negated exactly, 0 to -0 too */
+}
+
 /* NT adjacent int4 tiles (16 or 32 output rows) against MC rows of quantized x: each broadcast of
  * 4 x bytes feeds NT products (pairs of tiles, 4 rows at a time: 380 -> 490 GFLOP/s on 2 Zen 4
  * cores at 128 rows; the broadcasts were a third of the vector instructions). With few rows the
@@ -185,11 +205,16 @@ static inline __attribute__((always_inline)) void tile_int4(
 #pragma GCC unroll 2
         for (int n = 0; n < NT; n++) {
             const long meta = meta0 + n * tile_meta + 16L * g;
-            const __m512 s = load16(sc, meta, mk);
-            const __m512 z = form == 2 ? _mm512_set1_ps(8.0f) : load16(zc, meta, mk);
+            __m512 s, z;
+            if (form == 3) {
+                superblock_meta(sc, meta0 / tile_meta + n, Kp, g, &s, &z);
+            } else {
+                s = load16(sc, meta, mk);
+                z = form == 2 ? _mm512_set1_ps(8.0f) : load16(zc, meta, mk);
+            }
 #pragma GCC unroll 8
             for (int m = 0; m < MC; m++) {
-                if (form == 1) {  /* z holds m: acc += s ga + m xg */
+                if (form == 1 || form == 3) {  /* z holds m: acc += s ga + m xg */
                     acc[n][m] = _mm512_fmadd_ps(s, ga[n][m], acc[n][m]);
                     acc[n][m] = _mm512_fmadd_ps(z, _mm512_set1_ps(xg[m * KG + g]), acc[n][m]);
                 } else {
@@ -320,7 +345,7 @@ static inline __attribute__((always_inline)) void run_tile(
         tile_int8g(w + t * 16 * Kp, sc, t * 16 * (Kp / G), mk, xq, xd, xg, Kp, G, MC, out);
 }
 
-int qgemm_abi_version(void) { return 5; }
+int qgemm_abi_version(void) { return 6; }
 
 /* x quantized for the tiles: int8 codes [M][Kp], block scales [M][Kp/QB], group sums [M][Kp/G] */
 struct qx {
@@ -396,8 +421,9 @@ static void tiles(int bits, const struct qx *in, long M, long Kp, long N, int G,
     }
 }
 
-/* int8 with a scale per row is G = Kp; 0 where (bits, G, QB) is a layout the tiles do not take. */
-static int group_of(int bits, int G, int QB, long Kp) {
+/* int8 with a scale per row is G = Kp; 0 where (bits, G, QB, form) is a layout the tiles do not take. */
+static int group_of(int bits, int G, int QB, long Kp, int form) {
+    if (form == 3 && (bits != 4 || G != 32 || QB != 32 || Kp % SB_K)) return 0;  /* Q4_K's super-blocks */
     if (bits == 8 && G <= 0) return (int)Kp;
     if (bits == 8 && G != Kp && (QB != 32 || (G != 16 && G % 32))) return 0;
     return G;
@@ -409,7 +435,7 @@ static int group_of(int bits, int G, int QB, long Kp) {
 int qgemm(int bits, const void *x, int xkind, long M, long K, long Kp, long N, int G, int QB,
           const uint8_t *w, const void *sc, const void *zc, int mk,
           const void *bias, int bkind, void *y, int nthreads, int form) {
-    if (!(G = group_of(bits, G, QB, Kp))) return -2;
+    if (!(G = group_of(bits, G, QB, Kp, form))) return -2;
     const long T = (N + 15) / 16;
     void *scratch = malloc(qx_bytes(M, Kp, QB, G));
     if (!scratch) return -1;
@@ -439,7 +465,8 @@ struct qplan {
     long K, Kp, N;
     const uint8_t *w;
     const void *sc, *zc, *bias;
-    int form, pad2;  /* appended (ABI 3): int4 zero points (0) or offsets (1) in zc; (ABI 5) 2: zero point 8, no zc */
+    int form, pad2;  /* appended (ABI 3): int4 zero points (0) or offsets (1) in zc; (ABI 5) 2: zero point 8, no zc;
+                        (ABI 6) 3: Q4_K super-blocks, all metadata in sc (superblock_meta) */
 };
 
 int qgemm_plan(const struct qplan *p, const void *x, int xkind, long M, void *y, int nthreads) {
@@ -449,7 +476,7 @@ int qgemm_plan(const struct qplan *p, const void *x, int xkind, long M, void *y,
 
 /* Bytes of scratch qgemm_plan_team needs for M rows (per thread). */
 long qgemm_plan_scratch(const struct qplan *p, long M) {
-    const int G = group_of(p->bits, p->G, p->QB, p->Kp);
+    const int G = group_of(p->bits, p->G, p->QB, p->Kp, p->form);
     return G ? (long)qx_bytes(M, p->Kp, p->QB, G) : 0;
 }
 
@@ -458,7 +485,7 @@ long qgemm_plan_scratch(const struct qplan *p, long M) {
  * qgemm_plan_scratch bytes): redundant, but cheaper than a barrier at decode sizes. */
 int qgemm_plan_team(const struct qplan *p, const void *x, int xkind, long M, void *y, int tid, int nt,
                     void *scratch) {
-    const int G = group_of(p->bits, p->G, p->QB, p->Kp);
+    const int G = group_of(p->bits, p->G, p->QB, p->Kp, p->form);
     if (!G) return -2;
     const long T = (p->N + 15) / 16;
     const struct qx t = qx_in(scratch, M, p->Kp, p->QB);

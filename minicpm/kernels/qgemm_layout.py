@@ -18,8 +18,10 @@ import threading
 
 import numpy as np
 
-ABI_VERSION = 5  # qgemm.c's qgemm_abi_version()
+ABI_VERSION = 6  # qgemm.c's qgemm_abi_version()
 FORM_SYMMETRIC = 2  # qgemm.c's int4 form without zero points: w = (q - 8) * s
+FORM_SUPERBLOCK = 3  # qgemm.c's int4 form of GGUF's Q4_K as stored: w = q * (d sc) - dmin mn
+SUPERBLOCK = 256  # values per Q4_K super-block
 ROWS = 16  # output rows per tile: one per 32-bit lane of a zmm register
 KIND_CODES = {"float32": 0, "bfloat16": 1, "float16": 2}  # element types the C side reads
 
@@ -120,6 +122,20 @@ def pack_int8(q: np.ndarray, k_padded: int, out: np.ndarray | None = None) -> np
     return out
 
 
+def pack_superblock_meta(rows: np.ndarray) -> np.ndarray:
+    """Q4_K metadata [N, S * 20] bytes, per super-block d, dmin (fp16) then 8 scales and 8 mins
+    (bytes) -> qgemm.c's form 3 layout, uint8 [T, S, 320]: per tile and super-block the 16 rows' d,
+    their dmin, then sc [8][16] and mn [8][16] (rows past N: 0)."""
+    t_rows = _pad_rows(rows)
+    blocks = t_rows.reshape(-1, ROWS, rows.shape[1] // 20, 20).transpose(0, 2, 1, 3)  # [T, S, 16, 20]
+    out = np.empty(blocks.shape[:2] + (320,), np.uint8)
+    out[..., 0:32] = blocks[..., 0:2].reshape(*blocks.shape[:2], 32)     # d of rows 0..15
+    out[..., 32:64] = blocks[..., 2:4].reshape(*blocks.shape[:2], 32)    # dmin
+    out[..., 64:192] = blocks[..., 4:12].transpose(0, 1, 3, 2).reshape(*blocks.shape[:2], 128)   # sc [8][16]
+    out[..., 192:320] = blocks[..., 12:20].transpose(0, 1, 3, 2).reshape(*blocks.shape[:2], 128)  # mn [8][16]
+    return out
+
+
 def pack_meta(m: np.ndarray) -> np.ndarray:
     """[N, G] per-row-and-group values (any element type) -> [T, G, 16] (rows past N: 0)."""
     g = m.shape[1]
@@ -147,14 +163,16 @@ class Plan(ctypes.Structure):
 
 def make_plan(bits: int, group_size: int | None, n: int, k: int, k_padded: int, weight: int, scales: int,
               scale_kind: str, zeros: int | None = None, bias: int | None = None, bias_kind: str | None = None,
-              offsets: bool = False, keep=()) -> Plan:
+              offsets: bool = False, keep=(), superblocks: bool = False) -> Plan:
     """The plan of one layer from the addresses of its packed parts (which must stay where they are).
     int4: `zeros` holds zero points, or offsets m (w = q*s + m) with offsets=True; no `zeros`:
-    w = (q - 8) * s (GGUF's Q4_0). int8: group_size None for a scale per row, else scales
-    [T, K/G, 16] per group (16 or 32j)."""
+    w = (q - 8) * s (GGUF's Q4_0); `superblocks`: `scales` holds GGUF Q4_K metadata as
+    pack_superblock_meta lays it out (groups of 32). int8: group_size None for a scale per row,
+    else scales [T, K/G, 16] per group (16 or 32j)."""
+    form = FORM_SUPERBLOCK if superblocks else FORM_SYMMETRIC if bits == 4 and zeros is None else int(offsets)
     p = Plan(bits, group_size or 0, act_block(bits, group_size, k_padded), KIND_CODES[scale_kind],
              0 if bias_kind is None else KIND_CODES[bias_kind], 0, k, k_padded, n, weight, scales, zeros, bias,
-             FORM_SYMMETRIC if bits == 4 and zeros is None else int(offsets), 0)
+             form, 0)
     p.keep = keep
     p.ref = ctypes.byref(p)
     return p

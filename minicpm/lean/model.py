@@ -27,7 +27,7 @@ from minicpm.formats.gguf.container import GGUFFile, GGUFTensorInfo
 from minicpm.formats.gguf.dequantize import to_float32
 from minicpm.formats.gguf.layout import deinterleave_rope_rows, rope_heads
 from minicpm.formats.gguf.metadata import SUPPORTED_ARCHITECTURES, config_from_metadata
-from minicpm.formats.gguf.repack import REPACKED_TYPES, repacked_parts
+from minicpm.formats.gguf.repack import REPACKED_TYPES, q4_k_superblocks, repacked_parts
 from minicpm.kernels import decode_abi
 from minicpm.kernels import qgemm_layout as layout
 from minicpm.lean.cache import LeanCache
@@ -47,6 +47,10 @@ REPACK_ROWS = 4096
 # differently (s * (dot - 8 sum x) against s * dot - 8d sum x), so tests comparing the two
 # runtimes step for step turn it off.
 Q4_0_SYMMETRIC = True
+# Q4_K through qgemm's form 3: each super-block's fp16 d and dmin and 6-bit scales and mins as
+# stored (2.5 bytes per 32 weights) instead of form 1's fp32 products (8 bytes); the same values
+# and sums. MiniCPM-2B Q4_K_M decode: ~9.9 -> ? tok/s.
+Q4_K_SUPERBLOCKS = True
 HEADS = ("stored", "int4")  # the output head as the file stores it, or rounded again to int4
 PROJECTIONS = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output", "gate": "ffn_gate",
                "up": "ffn_up", "down": "ffn_down"}
@@ -99,15 +103,15 @@ def _plan(file: GGUFFile, info: GGUFTensorInfo, config: MiniCPMConfig, weight: n
     move within heads)."""
     data = file.tensor_data(info)
     heads = rope_heads(info.name, config)
-    n = data.shape[0]
+    n, k = info.shape
+    superblocks = Q4_K_SUPERBLOCKS and not int4 and info.tensor_type.name == "Q4_K"
     step = n if heads is not None else REPACK_ROWS
     metas = ([], [])
     for first in range(0, n, step):
-        bits, group, codes, scales, offsets, nibbles = _parts(data[first:first + step], info, int4)
+        bits, group, codes, scales, offsets, nibbles = _parts(data[first:first + step], info, int4, superblocks)
         if heads is not None:
             codes, scales = deinterleave_rope_rows(codes, heads), deinterleave_rope_rows(scales, heads)
             offsets = None if offsets is None else deinterleave_rope_rows(offsets, heads)
-        k = scales.shape[1] * group
         tile_bytes = layout.ROWS * (k // 2 if bits == 4 else layout.padded_k(8, k, group))
         out = weight[first // layout.ROWS * tile_bytes:][:-(-len(codes) // layout.ROWS) * tile_bytes]
         if nibbles:
@@ -118,20 +122,23 @@ def _plan(file: GGUFFile, info: GGUFTensorInfo, config: MiniCPMConfig, weight: n
             layout.pack_int8(codes, layout.padded_k(8, k, group), out)
         for found, meta in zip(metas, (scales, offsets)):
             if meta is not None:
-                found.append(layout.pack_meta(meta))
+                found.append(layout.pack_superblock_meta(meta) if superblocks else layout.pack_meta(meta))
         file.release(info, first * data.shape[1], len(codes) * data.shape[1])  # as it goes: a 2B head is 232 MB
     scales, offsets = (np.concatenate(m) if m else None for m in metas)
     if offsets is not None and offsets.dtype != scales.dtype:  # Q4_0's -8d beyond fp16: fp32 both (exact)
         scales, offsets = scales.astype(np.float32), offsets.astype(np.float32)
-    return packed_plan(bits, group, weight, scales, offsets, n, k)
+    return packed_plan(bits, group, weight, scales, offsets, n, k, superblocks)
 
 
-def _parts(rows: np.ndarray, info: GGUFTensorInfo, int4: bool):
+def _parts(rows: np.ndarray, info: GGUFTensorInfo, int4: bool, superblocks: bool = False):
     """Some rows of a block tensor as (bits, group, codes, scales, offsets or None, whether the
-    codes are GGUF's Q4_0/Q4_1 nibbles): as stored, or (`int4`) rounded again by rtn_int4."""
+    codes are GGUF's Q4_0/Q4_1 nibbles): as stored, or (`int4`) rounded again by rtn_int4;
+    `superblocks` (Q4_K): the scales are its super-blocks' metadata (q4_k_superblocks)."""
     name = info.tensor_type.name
     if int4:
         return *rtn_int4(to_float32(rows, info.tensor_type).reshape(len(rows), -1)), False
+    if superblocks:
+        return 4, 32, *q4_k_superblocks(rows), None, False
     bits, group, codes, scales, offsets = repacked_parts(rows, name)
     if name == "Q4_0" and Q4_0_SYMMETRIC:
         offsets = None  # -8d: qgemm's form 2 computes (q - 8) * d, the stored value, from d alone

@@ -53,10 +53,10 @@ def _address(lib: ctypes.CDLL, name: str) -> int:
 
 
 def _self_check(kernels: Kernels) -> None:
-    """int4 (offsets; zero point 8) and int8 (groups of 32) products on odd shapes against numpy."""
+    """int4 (offsets; zero point 8; Q4_K super-blocks) and int8 (groups of 32) products on odd
+    shapes against numpy."""
     rng = np.random.default_rng(0)
     n, k = 37, 128
-    x = rng.standard_normal((3, k), dtype=np.float32)
     q4 = rng.integers(0, 16, (n, k), dtype=np.uint8)
     s4 = (rng.random((n, k // 32), dtype=np.float32) + 0.5).astype(np.float32)
     m4 = (rng.random((n, k // 32), dtype=np.float32) - 0.5).astype(np.float32)
@@ -65,9 +65,19 @@ def _self_check(kernels: Kernels) -> None:
     s8 = (rng.random((n, k // 32), dtype=np.float32) + 0.5).astype(np.float32)
     w8 = (q8.reshape(n, -1, 32) * s8[..., None]).reshape(n, k)
     symmetric = ((q4.astype(np.float32) - 8).reshape(n, -1, 32) * s4[..., None]).reshape(n, k)
-    for plan, w in ((quantized_plan(4, 32, layout.pack_int4(q4), s4, m4, n, k), w4),
-                    (quantized_plan(4, 32, layout.pack_int4(q4), s4, None, n, k), symmetric),
-                    (quantized_plan(8, 32, layout.pack_int8(q8, k), s8, None, n, k), w8)):
+    # Q4_K's super-blocks (one of 256): fp16 d and dmin, 6-bit scales and mins per 32
+    d, dmin = (rng.random((2, n, 1), dtype=np.float32) * 0.01 + 0.001).astype(np.float16)
+    sc, mn = rng.integers(0, 64, (2, n, 8), dtype=np.uint8)
+    q4k = rng.integers(0, 16, (n, 256), dtype=np.uint8)
+    meta = np.concatenate((d.view(np.uint8), dmin.view(np.uint8), sc, mn), axis=1)
+    w4k = (q4k.reshape(n, 8, 32) * (d.astype(np.float32) * sc)[..., None]
+           - (dmin.astype(np.float32) * mn)[..., None]).reshape(n, 256)
+    for plan, w, rows in ((quantized_plan(4, 32, layout.pack_int4(q4), s4, m4, n, k), w4, k),
+                          (quantized_plan(4, 32, layout.pack_int4(q4), s4, None, n, k), symmetric, k),
+                          (quantized_plan(8, 32, layout.pack_int8(q8, k), s8, None, n, k), w8, k),
+                          (packed_plan(4, 32, layout.pack_int4(q4k), layout.pack_superblock_meta(meta), None, n,
+                                       256, superblocks=True), w4k, 256)):
+        x = rng.standard_normal((3, rows), dtype=np.float32)
         ref = x @ w.T
         err = np.linalg.norm(kernels.matmul(plan, x, 1) - ref) / np.linalg.norm(ref)
         if not err < 0.02:
@@ -83,8 +93,12 @@ def quantized_plan(bits: int, group: int, packed: np.ndarray, scales: np.ndarray
 
 
 def packed_plan(bits: int, group: int, packed: np.ndarray, scales: np.ndarray, offsets: np.ndarray | None,
-                n: int, k: int) -> layout.Plan:
-    """quantized_plan of metadata already in the tiles' layout (layout.pack_meta's [T, K/G, 16])."""
+                n: int, k: int, superblocks: bool = False) -> layout.Plan:
+    """quantized_plan of metadata already in the tiles' layout (layout.pack_meta's [T, K/G, 16]; with
+    `superblocks`, Q4_K's as layout.pack_superblock_meta lays it out)."""
+    if superblocks:
+        return layout.make_plan(bits, group, n, k, layout.padded_k(bits, k, group), packed.ctypes.data,
+                                scales.ctypes.data, "float16", keep=(packed, scales), superblocks=True)
     kind = scales.dtype.name
     if kind not in layout.KIND_CODES:
         raise ValueError(f"qgemm reads no {kind} metadata (it reads {', '.join(layout.KIND_CODES)})")

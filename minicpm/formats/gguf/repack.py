@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["REPACKED_TYPES", "repacked_linear", "repacked_parts"]
+__all__ = ["REPACKED_TYPES", "q4_k_superblocks", "repacked_linear", "repacked_parts"]
 
 REPACKED_TYPES = ("Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q4_K", "Q6_K")
 
@@ -67,17 +67,32 @@ def _q5_0(blocks: np.ndarray):
     return 8, 32, (low | high).view(np.int8) - np.int8(16), _half(blocks[..., 0:2]), None
 
 
-def _q4_k(blocks: np.ndarray):
+def _q4_k_fields(flat: np.ndarray):
+    """Q4_K blocks [B, 144] -> codes uint8 [B, 256], d and dmin (the fp16 bytes) [B, 2] each, the
+    6-bit scales and mins uint8 [B, 8] each."""
     from gguf.quants import Q4_K
 
-    lead = blocks.shape[:-1]
-    flat = blocks.reshape(-1, 144)
-    d, dmin = _f16(flat[:, 0:2])[:, None], _f16(flat[:, 2:4])[:, None]
     sc, mn = Q4_K.get_scale_min(np.ascontiguousarray(flat[:, 4:16]))        # [blocks, 8] each
-    scales, offsets = d * sc.astype(np.float32), -(dmin * mn.astype(np.float32))
     qs = flat[:, 16:].reshape(-1, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
-    codes = (qs & 0x0F).reshape(*lead, 256)                                   # sub-block 2c+h: chunk c, half h
-    return 4, 32, codes, scales.reshape(*lead, 8), offsets.reshape(*lead, 8)
+    codes = (qs & 0x0F).reshape(-1, 256)                                     # sub-block 2c+h: chunk c, half h
+    return codes, flat[:, 0:2], flat[:, 2:4], sc.astype(np.uint8), mn.astype(np.uint8)
+
+
+def _q4_k(blocks: np.ndarray):
+    lead = blocks.shape[:-1]
+    codes, d, dmin, sc, mn = _q4_k_fields(blocks.reshape(-1, 144))
+    scales, offsets = _f16(d)[:, None] * sc.astype(np.float32), -(_f16(dmin)[:, None] * mn.astype(np.float32))
+    return 4, 32, codes.reshape(*lead, 256), scales.reshape(*lead, 8), offsets.reshape(*lead, 8)
+
+
+def q4_k_superblocks(data: np.ndarray):
+    """A Q4_K tensor's raw rows [N, row_bytes] -> (codes uint8 [N, K], metadata uint8 [N, K/256 * 20]:
+    per super-block its d and dmin (fp16 bytes), 8 scales, 8 mins), what qgemm's form 3 reads
+    (`qgemm_layout.pack_superblock_meta`): 2.5 bytes of metadata per 32 weights, as stored."""
+    n = data.shape[0]
+    codes, d, dmin, sc, mn = _q4_k_fields(np.asarray(data).reshape(-1, 144))
+    meta = np.concatenate((d, dmin, sc, mn), axis=1)                          # [blocks, 20]
+    return codes.reshape(n, -1), meta.reshape(n, -1)
 
 
 def _q6_k(blocks: np.ndarray):
