@@ -49,7 +49,8 @@ REPACK_ROWS = 4096
 Q4_0_SYMMETRIC = True
 # Q4_K through qgemm's form 3: each super-block's fp16 d and dmin and 6-bit scales and mins as
 # stored (2.5 bytes per 32 weights) instead of form 1's fp32 products (8 bytes); the same values
-# and sums. MiniCPM-2B Q4_K_M decode: ~9.9 -> ? tok/s.
+# and sums. MiniCPM-2B-shaped Q4_K_M file, one run each: decode 15.5 -> 17.1 tok/s (llama.cpp 12.2),
+# peak 2.66 -> 2.35 GB.
 Q4_K_SUPERBLOCKS = True
 HEADS = ("stored", "int4")  # the output head as the file stores it, or rounded again to int4
 PROJECTIONS = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output", "gate": "ffn_gate",
