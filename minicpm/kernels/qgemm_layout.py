@@ -21,7 +21,6 @@ import numpy as np
 ABI_VERSION = 6  # qgemm.c's qgemm_abi_version()
 FORM_SYMMETRIC = 2  # qgemm.c's int4 form without zero points: w = (q - 8) * s
 FORM_SUPERBLOCK = 3  # qgemm.c's int4 form of GGUF's Q4_K as stored: w = q * (d sc) - dmin mn
-SUPERBLOCK = 256  # values per Q4_K super-block
 ROWS = 16  # output rows per tile: one per 32-bit lane of a zmm register
 KIND_CODES = {"float32": 0, "bfloat16": 1, "float16": 2}  # element types the C side reads
 

@@ -23,6 +23,7 @@ from minicpm.formats.gguf.container import GGUFFile
 from minicpm.formats.gguf.metadata import gguf_tokenizer
 from minicpm.kernels.allocator import return_free_heap
 from minicpm.kernels.build import KernelUnavailable
+from minicpm.lean.cache import cache_kind
 from minicpm.lean.chat import LeanChat, stream_reply
 from minicpm.lean.model import LeanModel, default_threads, file_config, read_weights, unsupported
 from minicpm.lean.native import kernels
@@ -57,6 +58,7 @@ def load(path: str | Path, threads: int | None = None, kv_cache: str = "auto",
     output head as stored or ("int4") rounded again to int4 groups of 32 (about half the memory
     of a Q6_K head); CheckpointError says what the runtime cannot run."""
     path = Path(path)
+    cache_kind(kv_cache)  # a wrong name before the weights are read
     reason, file, config = _opened(path)
     if reason is not None:
         raise CheckpointError(f"{path}: the lean runtime cannot run this checkpoint: {reason}")

@@ -37,13 +37,19 @@ KEY_BLOCK = 32  # decode.c's and attention.c's: positions per block of int4 key 
 GROWTH = 256    # positions added at a time (a multiple of KEY_BLOCK)
 
 
+def cache_kind(name: str) -> str:
+    """A --kv-cache name as one of KINDS (ValueError naming the choices for anything else)."""
+    kind = ALIASES.get(name, name)
+    if kind not in KINDS:
+        raise ValueError(f"KV cache kind {name!r}: expected one of {', '.join([*ALIASES, *KINDS])}")
+    return kind
+
+
 class LeanCache:
     """Per layer, the stores decode.c's layer struct points at (`stores[i]`: field -> array)."""
 
     def __init__(self, config: MiniCPMConfig, kind: str = "auto"):
-        kind = ALIASES.get(kind, kind)
-        if kind not in KINDS:
-            raise ValueError(f"KV cache kind {kind!r}: expected one of {', '.join([*ALIASES, *KINDS])}")
+        kind = cache_kind(kind)
         self.config, self.kind, self.bits = config, kind, KINDS[kind]
         self.fp16 = kind == "f16"  # else a 16-bit cache is bf16
         self.capacity = 0
