@@ -254,6 +254,36 @@ def test_q4_k_superblock_form_is_the_offsets_form(m):
     assert np.array_equal(kernels().matmul(superblocks, x, 2), kernels().matmul(products, x, 2))
 
 
+@pytest.mark.parametrize("m", [1, 3, 17, 64])
+def test_q6_k_superblock_form_is_the_int8_form(m):
+    """qgemm's 6-bit form (Q6_K's codes, int8 scales and fp16 d as stored, 0.82 bytes a weight)
+    gives the int8 form's sums (int8 codes, fp32 scales per 16: 1.25 bytes) up to the order of fp32
+    roundings, on rows that are not whole tiles; without its super-blocks the width is refused."""
+    from gguf import GGMLQuantizationType as T
+
+    from minicpm.formats.gguf.dequantize import to_float32
+    from minicpm.formats.gguf.quantize import encode_tensor
+    from minicpm.formats.gguf.repack import q6_k_superblocks, repacked_parts
+    from minicpm.kernels import qgemm_layout as layout
+    from minicpm.lean.native import packed_plan, quantized_plan
+
+    n, k = 45, 768
+    raw = encode_tensor(torch.randn(n, k, generator=torch.Generator().manual_seed(m)), T.Q6_K)
+    _, _, codes, scales, _ = repacked_parts(raw, "Q6_K")
+    stored, meta = q6_k_superblocks(raw)
+    assert np.array_equal(stored.astype(np.int16) - 32, codes) and meta.shape == (n, k // 256 * 18)
+    int8 = quantized_plan(8, 16, layout.pack_int8(codes, k), scales, None, n, k)
+    int6 = packed_plan(6, 16, layout.pack_int6(stored), layout.pack_superblock_meta(meta, 6), None, n, k,
+                       superblocks=True)
+    x = np.random.default_rng(m).standard_normal((m, k), dtype=np.float32)
+    y = kernels().matmul(int6, x, 2)
+    assert rel(y, kernels().matmul(int8, x, 2)) < 1e-6
+    assert rel(y, x @ to_float32(raw, T.Q6_K).reshape(n, k).T) < 0.02  # int8-rounded activations
+    plain = packed_plan(6, 16, layout.pack_int6(stored), layout.pack_meta(scales), None, n, k)
+    with pytest.raises(RuntimeError, match="failed"):
+        kernels().matmul(plain, x, 1)
+
+
 def test_int4_head_is_close_to_the_stored_one(files):
     """The head rounded again to int4 groups of 32: the same logits up to that rounding, and the
     values it holds within half a step of the stored ones."""

@@ -13,6 +13,8 @@
  *   int8: w = (u - 128) * s[n],        u = q + 128 in 1..255          (G = 0: a scale per row)
  *         w = (u - 128) * s[n, g]                                     (G = 16 or 32j: per group,
  *         as GGUF's Q8_0 (32) and Q6_K (16) blocks)
+ *   int6: w = (q - 32) * (d sc[n, g]), q in 0..63                    (form 3, groups of 16: GGUF's
+ *         Q6_K as stored: fp16 d per 256 values, int8 sc per 16; 0.82 bytes a weight, not 1.25)
  *
  * x is quantized to int8 per block of QB values (one float scale d per block), so the inner
  * products are u8 x s8 -> s32 (vpdpbusd). The zero points come out through per-group sums of
@@ -25,6 +27,7 @@
  *   int4: [tile][k/32][4 loads][16 rows][4 bytes]; a byte holds k = 4L+b (low nibble) and
  *         16+4L+b (high nibble) of its 32-k block, so and/shift give two vpdpbusd operands.
  *   int8: [tile][k/32][8 loads][16 rows][4 bytes], k = 4L+b.
+ *   int6: [tile][k/32][6 loads][16 rows][4 bytes]: int4's 4 loads of bits 0-3, then 2 of bits 4-5.
  * Scales and zeros/offsets: [tile][group][16] in fp32, bf16 or fp16 (kind 0, 1, 2); per-row int8
  * scales: [tile][16].
  */
@@ -230,6 +233,68 @@ static inline __attribute__((always_inline)) void tile_int4(
         for (int m = 0; m < MC; m++) out[n * MC_MAX + m] = acc[n][m];
 }
 
+/* Bits 4-5 of the Q6_K codes for load L (0..3) of a 32-k chunk, in place in every byte: byte b of a
+ * lane of h holds them for k = 4L + b at bits 2L, 2L + 1 (the mask drops what a shift carries in). */
+static inline __m512i q6_high(__m512i h, const int L) {
+    const __m512i m = _mm512_set1_epi8(0x30);
+    if (L == 2) return _mm512_and_si512(h, m);
+    return _mm512_and_si512(L < 2 ? _mm512_slli_epi32(h, 4 - 2 * L) : _mm512_srli_epi32(h, 2), m);
+}
+
+/* Q6_K's metadata, per tile and super-block of SB_K values: d (fp16) of its 16 rows, then the int8
+ * scales sc [16][16] (one per 16 values). */
+enum { Q6_SB_BYTES = 32 + 256 };
+
+/* 16 rows of a Q6_K tile, w = d sc (q - 32) with 6-bit q, against MC rows of quantized x. Per 32 k
+ * of a tile: the int4 layout's 4 nibble loads (bits 0-3), then 2 loads of bits 4-5 (load P: k
+ * 16P + 4L + b, see q6_high): 12 bytes per 16 weights, 0.82 bytes a weight with the metadata, as
+ * GGUF stores it (int8 codes with fp32 scales: 1.25). The low and high nibbles of a load are k 0..15
+ * and 16..31 of the chunk: the two scale groups. */
+static inline __attribute__((always_inline)) void tile_int6(
+    const uint8_t *w, const uint8_t *meta, const int8_t *xq, const float *xd, const float *xg, long Kp,
+    const int MC, __m512 *out) {
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    const __m512 c32 = _mm512_set1_ps(32.f);
+    const long nb = Kp / 32, KG = Kp / 16;
+    __m512 acc[MC_MAX], d = _mm512_setzero_ps();
+#pragma GCC unroll 8
+    for (int m = 0; m < MC; m++) acc[m] = _mm512_setzero_ps();
+    for (long blk = 0; blk < nb; blk++) {
+        const uint8_t *wp = w + blk * 384, *sb = meta + blk / 8 * Q6_SB_BYTES;
+        if (blk % 8 == 0) d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)sb));
+        const __m512i h0 = _mm512_loadu_si512(wp + 256), h1 = _mm512_loadu_si512(wp + 320);
+        __m512i ia[2][MC_MAX];  /* [half][row] */
+#pragma GCC unroll 8
+        for (int m = 0; m < MC; m++) ia[0][m] = ia[1][m] = _mm512_setzero_si512();
+#pragma GCC unroll 4
+        for (int L = 0; L < 4; L++) {
+            const __m512i v = _mm512_loadu_si512(wp + 64 * L);
+            const __m512i lo = _mm512_add_epi32(_mm512_and_si512(v, m4), q6_high(h0, L));  /* bytes: no carries */
+            const __m512i hi = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi16(v, 4), m4), q6_high(h1, L));
+#pragma GCC unroll 8
+            for (int m = 0; m < MC; m++) {
+                const int8_t *xk = xq + m * Kp + blk * 32 + 4 * L;
+                ia[0][m] = mc_dpbusd_small_epi32(ia[0][m], lo, _mm512_set1_epi32(*(const i32u *)xk));
+                ia[1][m] = mc_dpbusd_small_epi32(ia[1][m], hi, _mm512_set1_epi32(*(const i32u *)(xk + 16)));
+            }
+        }
+        const int8_t *sc = (const int8_t *)sb + 32 + 32 * (blk % 8);  /* groups 2 (blk % 8) and the next */
+        const __m512 s0 = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)sc))));
+        const __m512 s1 = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(sc + 16)))));
+#pragma GCC unroll 8
+        for (int m = 0; m < MC; m++) {
+            const __m512 dx = _mm512_set1_ps(xd[m * nb + blk]);
+            const float *g = xg + m * KG + 2 * blk;
+            acc[m] = _mm512_fmadd_ps(s0, _mm512_fnmadd_ps(c32, _mm512_set1_ps(g[0]),
+                                                          _mm512_mul_ps(_mm512_cvtepi32_ps(ia[0][m]), dx)), acc[m]);
+            acc[m] = _mm512_fmadd_ps(s1, _mm512_fnmadd_ps(c32, _mm512_set1_ps(g[1]),
+                                                          _mm512_mul_ps(_mm512_cvtepi32_ps(ia[1][m]), dx)), acc[m]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < MC; m++) out[m] = acc[m];
+}
+
 /* 16 rows of an int8 tile (codes + 128, per-row scale) against MC rows of quantized x. */
 static inline __attribute__((always_inline)) void tile_int8(
     const uint8_t *w, const void *sc, long meta0, int mk,
@@ -333,7 +398,9 @@ static inline __attribute__((always_inline)) void run_tile(
     int bits, int form, const uint8_t *w, const void *sc, const void *zc, long t, int mk,
     const int8_t *xq, const float *xd, const float *xg, long Kp, int G, int QB, const int MC, const int NT,
     __m512 *out) {
-    if (bits == 4)
+    if (bits == 6)
+        tile_int6(w + t * 12 * Kp, (const uint8_t *)sc + t * (Kp / SB_K) * Q6_SB_BYTES, xq, xd, xg, Kp, MC, out);
+    else if (bits == 4)
         tile_int4(w + t * 8 * Kp, sc, zc, t * 16 * (Kp / G), mk, form, xq, xd, xg, Kp, G, QB, MC, NT, out);
     else if (G == Kp)
         tile_int8(w + t * 16 * Kp, sc, t * 16, mk, xq, xd, xg, Kp, QB, MC, out);
@@ -345,7 +412,7 @@ static inline __attribute__((always_inline)) void run_tile(
         tile_int8g(w + t * 16 * Kp, sc, t * 16 * (Kp / G), mk, xq, xd, xg, Kp, G, MC, out);
 }
 
-int qgemm_abi_version(void) { return 6; }
+int qgemm_abi_version(void) { return 7; }
 
 /* x quantized for the tiles: int8 codes [M][Kp], block scales [M][Kp/QB], group sums [M][Kp/G] */
 struct qx {
@@ -423,7 +490,9 @@ static void tiles(int bits, const struct qx *in, long M, long Kp, long N, int G,
 
 /* int8 with a scale per row is G = Kp; 0 where (bits, G, QB, form) is a layout the tiles do not take. */
 static int group_of(int bits, int G, int QB, long Kp, int form) {
-    if (form == 3 && (bits != 4 || G != 32 || QB != 32 || Kp % SB_K)) return 0;  /* Q4_K's super-blocks */
+    if (form == 3)  /* GGUF's super-blocks: Q4_K (bits 4, groups of 32), Q6_K (bits 6, groups of 16) */
+        return QB == 32 && Kp % SB_K == 0 && ((bits == 4 && G == 32) || (bits == 6 && G == 16)) ? G : 0;
+    if (bits == 6) return 0;
     if (bits == 8 && G <= 0) return (int)Kp;
     if (bits == 8 && G != Kp && (QB != 32 || (G != 16 && G % 32))) return 0;
     return G;

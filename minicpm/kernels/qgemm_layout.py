@@ -5,6 +5,7 @@ same way.
 Layouts (see the C file): tiles of ROWS output rows,
     int4: bytes [tile][k/32][4][16 rows][4], low nibble k = 4L+b, high nibble k = 16+4L+b
     int8: bytes [tile][k/32][8][16 rows][4], code + 128
+    int6: bytes [tile][k/32][6][16 rows][4], int4's 4 of bits 0-3 then 2 of bits 4-5 (GGUF's Q6_K)
     scales, zeros or offsets: [tile][group][16] (int8 per row: scales [tile*16])
 Rows past N are zero codes with zero scales. Packed weights big enough to matter live in 2 MB
 aligned arenas advised for transparent huge pages (`weight_buffer`).
@@ -18,9 +19,10 @@ import threading
 
 import numpy as np
 
-ABI_VERSION = 6  # qgemm.c's qgemm_abi_version()
+ABI_VERSION = 7  # qgemm.c's qgemm_abi_version()
 FORM_SYMMETRIC = 2  # qgemm.c's int4 form without zero points: w = (q - 8) * s
-FORM_SUPERBLOCK = 3  # qgemm.c's int4 form of GGUF's Q4_K as stored: w = q * (d sc) - dmin mn
+FORM_SUPERBLOCK = 3  # qgemm.c's form of GGUF's super-blocks as stored: Q4_K (int4) w = q * (d sc) - dmin mn,
+                     # Q6_K (int6) w = (q - 32) * (d sc)
 ROWS = 16  # output rows per tile: one per 32-bit lane of a zmm register
 KIND_CODES = {"float32": 0, "bfloat16": 1, "float16": 2}  # element types the C side reads
 
@@ -91,13 +93,29 @@ def _pad_rows(q: np.ndarray, value: int = 0) -> np.ndarray:
 # Rows in tiles of 16 are independent, so a tensor can be packed a slice of rows at a time into
 # the matching slice of one buffer.
 
-def pack_int4(q: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """uint8 codes [N, K] (0..15, K % 32 == 0) -> the tiled nibble layout, uint8 [T*K*8]."""
-    n, k = q.shape
+def _nibble_tiles(q: np.ndarray) -> np.ndarray:
+    """uint8 codes [N, K] (0..15, K % 32 == 0) -> int32 [tile, k/32, L, row]: the int4 layout."""
+    k = q.shape[1]
     halves = _pad_rows(q).reshape(-1, k // 32, 2, 16).view(np.int64)   # [row, block, half, 2 x 8 bytes]
     packed = halves[:, :, 0] | (halves[:, :, 1] << 4)                  # [row, block, 2]: bytes (L, b)
     packed = np.ascontiguousarray(packed).view(np.int32).reshape(-1, ROWS, k // 32, 4)  # [tile, row, block, L]
-    return _placed(packed.transpose(0, 2, 3, 1), out)
+    return packed.transpose(0, 2, 3, 1)
+
+
+def pack_int4(q: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """uint8 codes [N, K] (0..15, K % 32 == 0) -> the tiled nibble layout, uint8 [T*K*8]."""
+    return _placed(_nibble_tiles(q), out)
+
+
+def pack_int6(q: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """uint8 codes [N, K] (0..63, K % 32 == 0) -> the tiled 6-bit layout, uint8 [T*K*12]: per 32 k
+    the nibble loads of bits 0-3, then two loads of bits 4-5 where byte b of a row holds
+    k = 16P + 4L + b (load P) at bits 2L, 2L + 1."""
+    k = q.shape[1]
+    high = (_pad_rows(q) >> 4).reshape(-1, k // 32, 2, 4, 4)               # [row, block, P, L, b]
+    high = np.bitwise_or.reduce(high << np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 1, 4, 1), axis=3)
+    high = np.ascontiguousarray(high).view(np.int32).reshape(-1, ROWS, k // 32, 2)  # [tile, row, block, P]
+    return _placed(np.concatenate((_nibble_tiles(q & 0x0F), high.transpose(0, 2, 3, 1)), axis=2), out)
 
 
 def pack_int4_blocks(nibbles: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -121,18 +139,25 @@ def pack_int8(q: np.ndarray, k_padded: int, out: np.ndarray | None = None) -> np
     return out
 
 
-def pack_superblock_meta(rows: np.ndarray) -> np.ndarray:
-    """Q4_K metadata [N, S * 20] bytes, per super-block d, dmin (fp16) then 8 scales and 8 mins
-    (bytes) -> qgemm.c's form 3 layout, uint8 [T, S, 320]: per tile and super-block the 16 rows' d,
-    their dmin, then sc [8][16] and mn [8][16] (rows past N: 0)."""
-    t_rows = _pad_rows(rows)
-    blocks = t_rows.reshape(-1, ROWS, rows.shape[1] // 20, 20).transpose(0, 2, 1, 3)  # [T, S, 16, 20]
-    out = np.empty(blocks.shape[:2] + (320,), np.uint8)
-    out[..., 0:32] = blocks[..., 0:2].reshape(*blocks.shape[:2], 32)     # d of rows 0..15
-    out[..., 32:64] = blocks[..., 2:4].reshape(*blocks.shape[:2], 32)    # dmin
-    out[..., 64:192] = blocks[..., 4:12].transpose(0, 1, 3, 2).reshape(*blocks.shape[:2], 128)   # sc [8][16]
-    out[..., 192:320] = blocks[..., 12:20].transpose(0, 1, 3, 2).reshape(*blocks.shape[:2], 128)  # mn [8][16]
-    return out
+# A super-block's metadata fields as (bytes per value, values): Q4_K d, dmin (fp16), 8 scales and 8
+# mins (bytes); Q6_K d (fp16), 16 scales (int8).
+SUPERBLOCK_FIELDS = {4: ((2, 1), (2, 1), (1, 8), (1, 8)), 6: ((2, 1), (1, 16))}
+
+
+def pack_superblock_meta(rows: np.ndarray, bits: int = 4) -> np.ndarray:
+    """Super-block metadata [N, S * R] bytes (per super-block its SUPERBLOCK_FIELDS[bits], R bytes)
+    -> qgemm.c's form 3 layout, uint8 [T, S, 16 R]: per tile and super-block each field for the 16
+    rows together, value by value: Q4_K d [16], dmin [16], sc [8][16], mn [8][16]; Q6_K d [16],
+    sc [16][16] (rows past N: 0)."""
+    fields = SUPERBLOCK_FIELDS[bits]
+    width = sum(size * count for size, count in fields)
+    blocks = _pad_rows(rows).reshape(-1, ROWS, rows.shape[1] // width, width).transpose(0, 2, 1, 3)  # [T, S, 16, R]
+    parts, at = [], 0
+    for size, count in fields:
+        field = blocks[..., at:at + size * count].reshape(*blocks.shape[:3], count, size)   # [T, S, row, value, byte]
+        parts.append(field.transpose(0, 1, 3, 2, 4).reshape(*blocks.shape[:2], -1))         # [T, S, value, row, byte]
+        at += size * count
+    return np.concatenate(parts, axis=2)
 
 
 def pack_meta(m: np.ndarray) -> np.ndarray:
@@ -149,7 +174,7 @@ def act_block(bits: int, group_size: int | None, k_padded: int) -> int:
 
 
 def padded_k(bits: int, in_features: int, group_size: int | None) -> int:
-    return in_features if bits == 4 else -(-in_features // 32) * 32
+    return in_features if bits in (4, 6) else -(-in_features // 32) * 32
 
 
 class Plan(ctypes.Structure):
@@ -165,8 +190,8 @@ def make_plan(bits: int, group_size: int | None, n: int, k: int, k_padded: int, 
               offsets: bool = False, keep=(), superblocks: bool = False) -> Plan:
     """The plan of one layer from the addresses of its packed parts (which must stay where they are).
     int4: `zeros` holds zero points, or offsets m (w = q*s + m) with offsets=True; no `zeros`:
-    w = (q - 8) * s (GGUF's Q4_0); `superblocks`: `scales` holds GGUF Q4_K metadata as
-    pack_superblock_meta lays it out (groups of 32). int8: group_size None for a scale per row,
+    w = (q - 8) * s (GGUF's Q4_0); `superblocks`: `scales` holds GGUF Q4_K (int4, groups of 32) or
+    Q6_K (bits 6, groups of 16) metadata as pack_superblock_meta lays it out. int8: group_size None for a scale per row,
     else scales [T, K/G, 16] per group (16 or 32j)."""
     form = FORM_SUPERBLOCK if superblocks else FORM_SYMMETRIC if bits == 4 and zeros is None else int(offsets)
     p = Plan(bits, group_size or 0, act_block(bits, group_size, k_padded), KIND_CODES[scale_kind],

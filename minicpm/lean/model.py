@@ -27,7 +27,7 @@ from minicpm.formats.gguf.container import GGUFFile, GGUFTensorInfo
 from minicpm.formats.gguf.dequantize import to_float32
 from minicpm.formats.gguf.layout import deinterleave_rope_rows, rope_heads
 from minicpm.formats.gguf.metadata import SUPPORTED_ARCHITECTURES, config_from_metadata
-from minicpm.formats.gguf.repack import REPACKED_TYPES, q4_k_superblocks, repacked_parts
+from minicpm.formats.gguf.repack import REPACKED_TYPES, q4_k_superblocks, q6_k_superblocks, repacked_parts
 from minicpm.kernels import decode_abi
 from minicpm.kernels import qgemm_layout as layout
 from minicpm.lean.cache import LeanCache
@@ -52,6 +52,11 @@ Q4_0_SYMMETRIC = True
 # and sums. MiniCPM-2B-shaped Q4_K_M file, one run each: decode 15.5 -> 17.1 tok/s (llama.cpp 12.2),
 # peak 2.66 -> 2.35 GB.
 Q4_K_SUPERBLOCKS = True
+# Q6_K (the head of llama.cpp's q4_0 and Q4_K_M files, some of Q4_K_M's layers) through qgemm's
+# 6-bit form: 6-bit codes, int8 scales per 16 and fp16 d per 256 as stored (0.82 bytes a weight)
+# instead of int8 codes with fp32 scales (1.25). MiniCPM-2B's head: 354 -> 232 MB read per token.
+Q6_K_SUPERBLOCKS = True
+SUPERBLOCK_TYPES = {"Q4_K": 4, "Q6_K": 6}  # type -> qgemm bits of its super-block form
 HEADS = ("stored", "int4")  # the output head as the file stores it, or rounded again to int4
 PROJECTIONS = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output", "gate": "ffn_gate",
                "up": "ffn_up", "down": "ffn_down"}
@@ -89,11 +94,27 @@ class Weights:
 
 
 def packed_bytes(info: GGUFTensorInfo, int4: bool = False) -> int:
-    """Bytes of a 2-D block tensor packed for qgemm (`_plan`): whole tiles of 16 rows, int4 codes
-    in half a byte, int8 codes in a byte with rows padded to 32."""
-    n, k = info.shape
-    four = int4 or info.tensor_type.name in ("Q4_0", "Q4_1", "Q4_K")
-    return -(-n // layout.ROWS) * layout.ROWS * (k // 2 if four else layout.padded_k(8, k, None))
+    """Bytes of a 2-D block tensor packed for qgemm (`_plan`): whole tiles of 16 rows of its codes
+    (`_tile_bytes`)."""
+    return -(-info.shape[0] // layout.ROWS) * _tile_bytes(_bits(info, int4), info.shape[1])
+
+
+def _superblocks(info: GGUFTensorInfo, int4: bool) -> bool:
+    """Whether qgemm reads this tensor's super-blocks as stored (form 3)."""
+    name = info.tensor_type.name
+    return not int4 and ((name == "Q4_K" and Q4_K_SUPERBLOCKS) or (name == "Q6_K" and Q6_K_SUPERBLOCKS))
+
+
+def _bits(info: GGUFTensorInfo, int4: bool) -> int:
+    """The qgemm width of a tensor's codes as `_plan` packs them."""
+    if _superblocks(info, int4):
+        return SUPERBLOCK_TYPES[info.tensor_type.name]
+    return 4 if int4 or info.tensor_type.name in ("Q4_0", "Q4_1", "Q4_K") else 8
+
+
+def _tile_bytes(bits: int, k: int) -> int:
+    """Bytes of one tile of 16 rows: int4 half a byte a weight, int6 3/4, int8 a byte (k padded to 32)."""
+    return layout.ROWS * layout.padded_k(bits, k, None) * bits // 8
 
 
 def _plan(file: GGUFFile, info: GGUFTensorInfo, config: MiniCPMConfig, weight: np.ndarray,
@@ -105,7 +126,7 @@ def _plan(file: GGUFFile, info: GGUFTensorInfo, config: MiniCPMConfig, weight: n
     data = file.tensor_data(info)
     heads = rope_heads(info.name, config)
     n, k = info.shape
-    superblocks = Q4_K_SUPERBLOCKS and not int4 and info.tensor_type.name == "Q4_K"
+    superblocks = _superblocks(info, int4)
     step = n if heads is not None else REPACK_ROWS
     metas = ([], [])
     for first in range(0, n, step):
@@ -113,17 +134,19 @@ def _plan(file: GGUFFile, info: GGUFTensorInfo, config: MiniCPMConfig, weight: n
         if heads is not None:
             codes, scales = deinterleave_rope_rows(codes, heads), deinterleave_rope_rows(scales, heads)
             offsets = None if offsets is None else deinterleave_rope_rows(offsets, heads)
-        tile_bytes = layout.ROWS * (k // 2 if bits == 4 else layout.padded_k(8, k, group))
+        tile_bytes = _tile_bytes(bits, k)
         out = weight[first // layout.ROWS * tile_bytes:][:-(-len(codes) // layout.ROWS) * tile_bytes]
         if nibbles:
             layout.pack_int4_blocks(codes, out)
         elif bits == 4:
             layout.pack_int4(codes, out)
+        elif bits == 6:
+            layout.pack_int6(codes, out)
         else:
             layout.pack_int8(codes, layout.padded_k(8, k, group), out)
         for found, meta in zip(metas, (scales, offsets)):
             if meta is not None:
-                found.append(layout.pack_superblock_meta(meta) if superblocks else layout.pack_meta(meta))
+                found.append(layout.pack_superblock_meta(meta, bits) if superblocks else layout.pack_meta(meta))
         file.release(info, first * data.shape[1], len(codes) * data.shape[1])  # as it goes: a 2B head is 232 MB
     scales, offsets = (np.concatenate(m) if m else None for m in metas)
     if offsets is not None and offsets.dtype != scales.dtype:  # Q4_0's -8d beyond fp16: fp32 both (exact)
@@ -134,11 +157,14 @@ def _plan(file: GGUFFile, info: GGUFTensorInfo, config: MiniCPMConfig, weight: n
 def _parts(rows: np.ndarray, info: GGUFTensorInfo, int4: bool, superblocks: bool = False):
     """Some rows of a block tensor as (bits, group, codes, scales, offsets or None, whether the
     codes are GGUF's Q4_0/Q4_1 nibbles): as stored, or (`int4`) rounded again by rtn_int4;
-    `superblocks` (Q4_K): the scales are its super-blocks' metadata (q4_k_superblocks)."""
+    `superblocks` (Q4_K, Q6_K): the scales are its super-blocks' metadata (q4_k_superblocks,
+    q6_k_superblocks)."""
     name = info.tensor_type.name
     if int4:
         return *rtn_int4(to_float32(rows, info.tensor_type).reshape(len(rows), -1)), False
     if superblocks:
+        if name == "Q6_K":
+            return 6, 16, *q6_k_superblocks(rows), None, False
         return 4, 32, *q4_k_superblocks(rows), None, False
     bits, group, codes, scales, offsets = repacked_parts(rows, name)
     if name == "Q4_0" and Q4_0_SYMMETRIC:

@@ -53,8 +53,8 @@ def _address(lib: ctypes.CDLL, name: str) -> int:
 
 
 def _self_check(kernels: Kernels) -> None:
-    """int4 (offsets; zero point 8; Q4_K super-blocks) and int8 (groups of 32) products on odd
-    shapes against numpy."""
+    """int4 (offsets; zero point 8; Q4_K super-blocks), int6 (Q6_K super-blocks) and int8 (groups
+    of 32) products on odd shapes against numpy."""
     rng = np.random.default_rng(0)
     n, k = 37, 128
     q4 = rng.integers(0, 16, (n, k), dtype=np.uint8)
@@ -72,11 +72,18 @@ def _self_check(kernels: Kernels) -> None:
     meta = np.concatenate((d.view(np.uint8), dmin.view(np.uint8), sc, mn), axis=1)
     w4k = (q4k.reshape(n, 8, 32) * (d.astype(np.float32) * sc)[..., None]
            - (dmin.astype(np.float32) * mn)[..., None]).reshape(n, 256)
+    # Q6_K's: 6-bit codes, fp16 d, int8 scales per 16
+    q6k = rng.integers(0, 64, (n, 256), dtype=np.uint8)
+    sc6 = rng.integers(-128, 128, (n, 16), dtype=np.int8)
+    meta6 = np.concatenate((d.view(np.uint8), sc6.view(np.uint8)), axis=1)
+    w6k = ((q6k.astype(np.float32) - 32).reshape(n, 16, 16) * (d.astype(np.float32) * sc6)[..., None]).reshape(n, 256)
     for plan, w, rows in ((quantized_plan(4, 32, layout.pack_int4(q4), s4, m4, n, k), w4, k),
                           (quantized_plan(4, 32, layout.pack_int4(q4), s4, None, n, k), symmetric, k),
                           (quantized_plan(8, 32, layout.pack_int8(q8, k), s8, None, n, k), w8, k),
                           (packed_plan(4, 32, layout.pack_int4(q4k), layout.pack_superblock_meta(meta), None, n,
-                                       256, superblocks=True), w4k, 256)):
+                                       256, superblocks=True), w4k, 256),
+                          (packed_plan(6, 16, layout.pack_int6(q6k), layout.pack_superblock_meta(meta6, 6), None, n,
+                                       256, superblocks=True), w6k, 256)):
         x = rng.standard_normal((3, rows), dtype=np.float32)
         ref = x @ w.T
         err = np.linalg.norm(kernels.matmul(plan, x, 1) - ref) / np.linalg.norm(ref)
@@ -95,7 +102,7 @@ def quantized_plan(bits: int, group: int, packed: np.ndarray, scales: np.ndarray
 def packed_plan(bits: int, group: int, packed: np.ndarray, scales: np.ndarray, offsets: np.ndarray | None,
                 n: int, k: int, superblocks: bool = False) -> layout.Plan:
     """quantized_plan of metadata already in the tiles' layout (layout.pack_meta's [T, K/G, 16]; with
-    `superblocks`, Q4_K's as layout.pack_superblock_meta lays it out)."""
+    `superblocks`, Q4_K's (bits 4) or Q6_K's (bits 6) as layout.pack_superblock_meta lays it out)."""
     if superblocks:
         return layout.make_plan(bits, group, n, k, layout.padded_k(bits, k, group), packed.ctypes.data,
                                 scales.ctypes.data, "float16", keep=(packed, scales), superblocks=True)

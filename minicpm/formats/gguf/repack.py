@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["REPACKED_TYPES", "q4_k_superblocks", "repacked_linear", "repacked_parts"]
+__all__ = ["REPACKED_TYPES", "q4_k_superblocks", "q6_k_superblocks", "repacked_linear", "repacked_parts"]
 
 REPACKED_TYPES = ("Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q4_K", "Q6_K")
 
@@ -95,14 +95,30 @@ def q4_k_superblocks(data: np.ndarray):
     return codes.reshape(n, -1), meta.reshape(n, -1)
 
 
+def _q6_k_codes(flat: np.ndarray) -> np.ndarray:
+    """Q6_K blocks [B, 210] -> codes uint8 [B, 256], 0..63 (the value is d * sc * (code - 32));
+    the scales are bytes 192:208 (int8), d bytes 208:210 (fp16)."""
+    ql = flat[:, :128].reshape(-1, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
+    qh = flat[:, 128:192].reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)
+    return ((ql & 0x0F).reshape(-1, 8, 32) | ((qh & 0x03).reshape(-1, 8, 32) << 4)).reshape(-1, 256)
+
+
 def _q6_k(blocks: np.ndarray):
     lead = blocks.shape[:-1]
     flat = blocks.reshape(-1, 210)
-    ql = flat[:, :128].reshape(-1, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
-    qh = flat[:, 128:192].reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)
-    q = ((ql & 0x0F).reshape(-1, 8, 32) | ((qh & 0x03).reshape(-1, 8, 32) << 4)).view(np.int8) - np.int8(32)
+    q = _q6_k_codes(flat).view(np.int8) - np.int8(32)
     scales = _f16(flat[:, 208:210])[:, None] * np.ascontiguousarray(flat[:, 192:208]).view(np.int8).astype(np.float32)
     return 8, 16, q.reshape(*lead, 256), scales.reshape(*lead, 16), None
+
+
+def q6_k_superblocks(data: np.ndarray):
+    """A Q6_K tensor's raw rows [N, row_bytes] -> (codes uint8 [N, K] 0..63, metadata uint8
+    [N, K/256 * 18]: per super-block d (fp16 bytes), then its 16 int8 scales), what qgemm's
+    6-bit form reads (`qgemm_layout.pack_superblock_meta(..., bits=6)`): as stored."""
+    n = data.shape[0]
+    flat = np.asarray(data).reshape(-1, 210)
+    meta = np.concatenate((flat[:, 208:210], flat[:, 192:208]), axis=1)          # [blocks, 18]
+    return _q6_k_codes(flat).reshape(n, -1), meta.reshape(n, -1)
 
 
 _DECODERS = {"Q4_0": (_q4_0, 18), "Q4_1": (_q4_1, 20), "Q8_0": (_q8_0, 34), "Q5_0": (_q5_0, 22), "Q4_K": (_q4_k, 144),
