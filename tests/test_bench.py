@@ -3,6 +3,7 @@ and the table is assembled from results. No timings are asserted here."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from minicpm.bench import cases, checkpoints, process, report
@@ -60,6 +61,29 @@ def test_table_ratios_and_skipped_rows():
     text = report.table("tiny", rows, bandwidth=20.0)
     assert "| ours | bf16 | 1.0 | 2.00 | 256.0 | 4.00 | 2.00 | 40% of 10.0 | 3000 | 2.00x | 2.00x |" in text
     assert "| ours | int4 | not run: not installed |" in text
+
+
+def test_ratios_prefer_llama_bench_to_llama_cpp_python():
+    """Where llama.cpp's own llama-bench ran on the file, ratios are to it (no load time: '-')."""
+    result = {"load": 1.0, "ttft": 2.0, "prefill": 256.0, "decode": 4.0, "weight_bytes": 2e9, "rss": 3000.0}
+    python_peer = {**result, "prefill": 128.0, "decode": 2.0}
+    bench_peer = {**result, "load": None, "prefill": 200.0, "decode": 3.2}
+    rows = [("ours", "int4", result), ("llama.cpp", "q4_0", python_peer), ("llama-bench", "q4_0", bench_peer)]
+    text = report.table("tiny", rows, bandwidth=20.0)
+    assert "| ours | int4 | 1.0 | 2.00 | 256.0 | 4.00 | 2.00 | 40% of 10.0 | 3000 | 1.28x | 1.25x |" in text
+    assert "| llama-bench | q4_0 | - | 2.00 | 200.0 |" in text
+    assert ("llama-bench", "q4_0") in cases.CASES and "llama-bench" in cases.PEER_ENGINES
+
+
+@pytest.mark.peer
+def test_llama_bench_case_runs_the_gguf(tmp_path):
+    """llama.cpp's own llama-bench (built once by scripts/build_llama_tools.sh) on the tiny shape's
+    q4_0 file: both rates, its own peak RSS, the file's bytes."""
+    checkpoints.prepare("tiny", tmp_path, gguf_types=("q4_0",), quantized=(), log=lambda message: None)
+    row = process.run_case("llama-bench", "q4_0", tmp_path, threads=1, timeout=1800)
+    assert isinstance(row, dict), row
+    assert row["prefill"] > 0 and row["decode"] > 0 and row["load"] is None
+    assert row["rss"] > 5 and 0 < row["weight_bytes"] < (tmp_path / "model-q4_0.gguf").stat().st_size
 
 
 def test_ours_cases_load_the_prepared_quantized_checkpoint(tmp_path):

@@ -10,14 +10,19 @@ CTX_PROMPT = CTX - CTX_NEW
 SEED = 0
 GGUF_Q4_0 = "q4_0 GGUF"    # ours running llama.cpp's q4_0 file itself, its blocks as stored
 FP32_KV = ", fp32 KV"  # the lean runtime with an fp32 KV cache, the PyTorch model's (its default: fp16, as llama.cpp's)
-# (engine, precision) in table order; the llama.cpp row of the same "class" is each row's peer.
+# (engine, precision) in table order; the peer row of the same "class" is each row's peer.
 # "lean" is ours too: the torch-free runtime (minicpm.lean) on the q4_0 GGUF, as `minicpm chat` runs it.
 CASES = [
     ("ours", "bf16"), ("ours", "int8"), ("ours", "int4"), ("ours", GGUF_Q4_0), ("lean", GGUF_Q4_0),
     ("lean", GGUF_Q4_0 + FP32_KV),
     ("llama.cpp", "f16"), ("llama.cpp", "q8_0"), ("llama.cpp", "q4_0"),
+    ("llama-bench", "f16"), ("llama-bench", "q8_0"), ("llama-bench", "q4_0"),
     ("transformers", "bf16"),
 ]
+# The peers: llama.cpp through llama-cpp-python, and llama.cpp's own llama-bench on the same file
+# (no Python between tokens, its own thread settings). A row's ratios are to llama-bench's row
+# where it ran, else to llama-cpp-python's.
+PEER_ENGINES = ("llama.cpp", "llama-bench")
 PEER = {"bf16": "f16", "int8": "q8_0", "int4": "q4_0", GGUF_Q4_0: "q4_0", GGUF_Q4_0 + FP32_KV: "q4_0", "f16": "f16",
         "q8_0": "q8_0", "q4_0": "q4_0"}
 INT4_HEAD4 = "int4, int4 head"  # the least memory: the head in int4 groups of 32 too

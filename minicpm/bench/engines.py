@@ -8,7 +8,11 @@ token reads; the memory runners (`CTX_RUNNERS`) fill a 2k context instead.
 
 from __future__ import annotations
 
+import json
 import os
+import resource
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -23,7 +27,7 @@ from minicpm.bench.cases import (
     prompt_ids,
 )
 from minicpm.bench.checkpoints import ours_path
-from minicpm.bench.process import measure_here
+from minicpm.bench.process import llama_tools, measure_here
 
 
 # --- loading, timed -------------------------------------------------------------------------------
@@ -254,7 +258,28 @@ def run_llamacpp_ctx(workdir: Path, precision: str) -> dict:
     return ctx_result(llama_greedy_tokens(llm, ids, CTX_NEW), load, "f16")
 
 
-RUNNERS = {"ours": run_ours, "lean": run_lean, "transformers": run_transformers, "llama.cpp": run_llamacpp}
+def run_llama_bench(workdir: Path, precision: str) -> dict:
+    """llama.cpp's own `llama-bench` on the same GGUF file, measured as ours are: prefill of a
+    PROMPT_TOKENS prompt into an empty cache (pp), NEW_TOKENS decoded after a PROMPT_TOKENS-token
+    context (tg at depth -d), each the mean of REPEATS runs; peak RSS is llama-bench's own."""
+    binary = llama_tools(Path(sys.executable).parent.parent, "llama-bench") / "llama-bench"
+    path = workdir / f"model-{precision}.gguf"
+    rates = {}
+    for key, args in (("prefill", ["-p", str(PROMPT_TOKENS), "-n", "0"]),
+                      ("decode", ["-p", "0", "-n", str(NEW_TOKENS), "-d", str(PROMPT_TOKENS)])):
+        out = subprocess.run([str(binary), "-m", str(path), "-t", os.environ["BENCH_THREADS"], "-r", str(REPEATS),
+                              "-o", "json", *args], capture_output=True, text=True)
+        if out.returncode != 0:
+            raise RuntimeError(f"llama-bench failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}")
+        rates[key] = json.loads(out.stdout)[0]["avg_ts"]
+    return {**rates, "ttft": PROMPT_TOKENS / rates["prefill"], "load": None,
+            "weight_bytes": gguf_weight_bytes(path),
+            "rss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+
+
+REPEATS = 2  # llama-bench's runs per test (its -r)
+RUNNERS = {"ours": run_ours, "lean": run_lean, "transformers": run_transformers, "llama.cpp": run_llamacpp,
+           "llama-bench": run_llama_bench}
 CTX_RUNNERS = {"ours": run_ours_ctx, "lean": run_lean_ctx, "llama.cpp": run_llamacpp_ctx}
 
 
@@ -263,4 +288,4 @@ def run_case_here(engine: str, precision: str, workdir: Path, threads: int,
     """Entry point of the child process: one engine, one precision; mode "ctx": the 2k-context
     case."""
     runner = (CTX_RUNNERS if mode == "ctx" else RUNNERS)[engine]
-    return measure_here(runner, threads, workdir, precision, torch_threads=engine != "lean")
+    return measure_here(runner, threads, workdir, precision, torch_threads=engine not in ("lean", "llama-bench"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from minicpm.bench.cases import CTX, CTX_NEW, CTX_PROMPT, NEW_TOKENS, PEER, PROMPT_TOKENS
+from minicpm.bench.cases import CTX, CTX_NEW, CTX_PROMPT, NEW_TOKENS, PEER, PEER_ENGINES, PROMPT_TOKENS
 from minicpm.bench.machine import machine
 
 
@@ -24,9 +24,9 @@ def markdown_table(columns: list[str], text_columns: int, rows: list[tuple[str, 
 
 
 def ratios(rows: list[tuple[str, str, dict | str]], peer_of: dict[str, str]):
-    """cells -> (prefill, decode) ratio strings against llama.cpp's row at the matching
-    precision."""
-    peer = {p: r for e, p, r in rows if e == "llama.cpp" and isinstance(r, dict)}
+    """cells -> (prefill, decode) ratio strings against the peer's row at the matching precision:
+    llama-bench's where it ran, else llama-cpp-python's (PEER_ENGINES order)."""
+    peer = {p: r for engine in PEER_ENGINES for e, p, r in rows if e == engine and isinstance(r, dict)}
 
     def of(precision: str, r: dict) -> list[str]:
         p = peer.get(peer_of.get(precision, precision))
@@ -35,12 +35,12 @@ def ratios(rows: list[tuple[str, str, dict | str]], peer_of: dict[str, str]):
 
 
 def table(shape: str, rows: list[tuple[str, str, dict | str]], bandwidth: float) -> str:
-    """Markdown rows for one shape; ratios are to llama.cpp at the matching precision."""
+    """Markdown rows for one shape; ratios are to llama.cpp at the matching precision (`ratios`)."""
     ratio = ratios(rows, PEER)
 
     def cells(precision: str, r: dict) -> list[str]:
         limit = bandwidth * 1e9 / r["weight_bytes"]
-        return [f"{r['load']:.1f}", f"{r['ttft']:.2f}", f"{r['prefill']:.1f}", f"{r['decode']:.2f}",
+        return ["-" if r["load"] is None else f"{r['load']:.1f}", f"{r['ttft']:.2f}", f"{r['prefill']:.1f}", f"{r['decode']:.2f}",
                 f"{r['weight_bytes'] / 1e9:.2f}", f"{r['decode'] / limit:.0%} of {limit:.1f}",
                 f"{r['rss']:.0f}", *ratio(precision, r)]
 
@@ -77,5 +77,7 @@ def header(threads: int, bandwidth: float) -> str:
         "process; ours int8/int4 load checkpoints written beforehand by `quantize_checkpoint` "
         "(head int8 unless named, int4 group 128; a tied embedding reads the head's rows). "
         "The bandwidth limit is bandwidth / weight bytes read per token (KV cache left out). Ratios are to "
-        "llama.cpp at the matching precision (bf16 vs f16, int8 vs q8_0, int4 vs q4_0).", "",
+        "llama.cpp at the matching precision (bf16 vs f16, int8 vs q8_0, int4 vs q4_0): to llama.cpp's own "
+        f"`llama-bench` on the same file where it ran (pp{PROMPT_TOKENS}; tg{NEW_TOKENS} at depth {PROMPT_TOKENS}; "
+        "built by scripts/build_llama_tools.sh; no load time), else to llama-cpp-python's row.", "",
     ])
