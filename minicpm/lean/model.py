@@ -9,8 +9,8 @@ The same arithmetic as `minicpm.model` with its native decode step, without PyTo
 
 A prompt runs as chunks of CHUNK positions through the decode step (each row attends to the
 cache up to its own position), so prefill and decode are one code path. The weights are the
-GGUF blocks repacked exactly (`formats.gguf.repack`: no re-rounding); the KV cache is fp32, int8 or
-int4 (`lean.cache`).
+GGUF blocks repacked exactly (`formats.gguf.repack`: no re-rounding); the KV cache is fp16 (the
+default, as llama.cpp's), fp32, bf16, int8 or int4 (`lean.cache`).
 """
 
 from __future__ import annotations
