@@ -341,18 +341,19 @@ def test_prebuild_compiles_every_kernel_once_beside_a_first_use(tmp_path):
 def test_avx2_path_passes_the_kernel_tests(tmp_path):
     """The kernels built for AVX2 alone (avx512_on_avx2.h, as on CPUs without AVX-512; forced
     with -mno-avx512f where the CPU has it) pass this file's and the int4/int8 kernel's tests,
-    the lean runtime's super-block forms (Q4_K, Q6_K) and their own self-checks."""
+    the lean runtime's super-block forms (Q4_K, Q6_K), the dropout kernel's mask and their own
+    self-checks."""
     from minicpm.kernels.build import cpu_flags
 
     if "avx512f" not in cpu_flags():
         pytest.skip("no AVX-512 on this CPU: every kernel test here already runs the AVX2 path")
     tests = os.path.dirname(__file__)
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                          "-k", "not avx2_path and (superblock or not test_lean)",
-                          *(os.path.join(tests, f"test_{name}.py") for name in ("kernels", "native_kernel", "lean"))],
+                          "-k", "not avx2_path and (superblock or native_dropout or not (test_lean or test_lora))",
+                          *(os.path.join(tests, f"test_{name}.py") for name in ("kernels", "native_kernel", "lean", "lora"))],
                          capture_output=True, text=True, timeout=900, cwd=os.path.dirname(tests),
                          env={**os.environ, "MINICPM_NATIVE_ISA": "avx2", "XDG_CACHE_HOME": str(tmp_path)})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     assert " passed" in out.stdout and "skipped" not in out.stdout.splitlines()[-1]
     built = sorted(p.name for p in (tmp_path / "minicpm" / "kernels").rglob("*.so"))
-    assert built == ["attention.so", "decode.so", "linear_bf16.so", "linear_f32.so", "qgemm.so"]
+    assert built == ["attention.so", "decode.so", "dropout.so", "linear_bf16.so", "linear_f32.so", "qgemm.so"]

@@ -192,19 +192,30 @@ def test_merge_cli_writes_a_checkpoint_equal_to_the_adapter(tmp_path):
     assert "Traceback" not in bad.stderr and not (tmp_path / "m2").exists()
 
 
-def _module_update(x, layer: LoraLinear, dropout: float):
+def _module_update(x, layer: LoraLinear, dropout: float, mask=None):
     """The update as nn.Dropout and the two nn.Linear compute it (the version that keeps a mask
-    and a dropped-out copy of x per adapter for the backward pass)."""
-    dropped = torch.nn.functional.dropout(x, dropout, training=True)
+    and a dropped-out copy of x per adapter for the backward pass); `mask`: this 0/1 mask
+    instead of one drawn by bernoulli_."""
+    if mask is None:
+        dropped = torch.nn.functional.dropout(x, dropout, training=True)
+    else:
+        dropped = x * mask * (1 / (1 - dropout))
     return layer.lora_B(layer.lora_A(dropped.to(layer.lora_A.weight.dtype))) * layer.scaling
 
 
+@pytest.mark.parametrize("mask", ["native", "bernoulli"])
 @pytest.mark.parametrize("bf16", [False, True])
-def test_low_rank_update_equals_dropout_and_two_linears(bf16):
+def test_low_rank_update_equals_dropout_and_two_linears(bf16, mask, monkeypatch):
     """Same mask, same products in the same order: the output and the gradients of x, A and B
-    are bitwise those of the module version, with or without bf16 autocast."""
+    are bitwise those of the module version, with or without bf16 autocast; the mask the native
+    kernel hashes from a seed drawn from PyTorch's generator, or (where it cannot serve) bernoulli_'s."""
+    from minicpm.kernels import dropout as native
     from minicpm.training.lora_update import low_rank_update
 
+    if mask == "bernoulli":
+        monkeypatch.setattr(native, "available", lambda x, dtype: False)
+    else:
+        assert native.available(torch.ones(1), torch.bfloat16), "the dropout kernel should serve on this CPU"
     layer = LoraLinear(torch.nn.Linear(24, 40, bias=False), LoraSpec(r=4, alpha=8, dropout=0.25))
     torch.nn.init.normal_(layer.lora_B.weight)
     results = []
@@ -212,9 +223,13 @@ def test_low_rank_update_equals_dropout_and_two_linears(bf16):
         layer.zero_grad()
         x = torch.randn(3, 7, 24, generator=torch.Generator().manual_seed(1), requires_grad=True)
         torch.manual_seed(11)
+        drawn = native.keep_mask(x.shape, 0.25, native.draw_seed()) if mask == "native" else None
+        torch.manual_seed(11)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             if run == "modules":
-                out = _module_update(x, layer, 0.25)
+                out = _module_update(x, layer, 0.25, drawn)
+                if drawn is not None:
+                    native.draw_seed()  # what the function draws
             else:
                 out = low_rank_update(x, layer.lora_A.weight, layer.lora_B.weight, 0.25, layer.scaling)
         (out.float() * torch.linspace(-1, 1, 40)).sum().backward()
@@ -223,6 +238,31 @@ def test_low_rank_update_equals_dropout_and_two_linears(bf16):
     for modules, function in zip(*results):
         assert torch.equal(modules, function)
     assert torch.count_nonzero(results[1][1]) < results[1][1].numel()  # dropout did drop inputs
+
+
+def test_native_dropout_mask_rate_seeds_and_threads():
+    """The hashed mask keeps 1 - p of the values (binomial bounds), is a function of the seed
+    alone (not of the thread count), differs between seeds, and scales the kept values exactly
+    as x * (1 / (1 - p)) rounded to the output type; signed zeros where dropped."""
+    from minicpm.kernels import dropout as native
+
+    x = torch.randn(300, 1000, generator=torch.Generator().manual_seed(3))
+    for p in (0.05, 0.1, 0.5):
+        kept = native.keep_mask(x.shape, p, 1234).mean().item()
+        assert abs(kept - (1 - p)) < 5 * (p * (1 - p) / x.numel()) ** 0.5
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = native.dropped(x, 0.1, 99, torch.bfloat16)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, native.dropped(x, 0.1, 99, torch.bfloat16))
+    mask = native.keep_mask(x.shape, 0.1, 99)
+    assert torch.equal(one, (x * mask * (1 / 0.9)).to(torch.bfloat16))
+    assert not torch.equal(mask, native.keep_mask(x.shape, 0.1, 100))
+    dropped = native.dropped(-x.abs(), 0.1, 99, torch.float32)
+    assert torch.all(torch.signbit(dropped[mask == 0]))  # -|x| * 0 is -0, as PyTorch's product
+    assert not native.available(x, torch.float16) and not native.available(x.half(), torch.float32)  # bernoulli_'s
 
 
 def test_low_rank_update_keeps_only_x_for_the_backward_pass():

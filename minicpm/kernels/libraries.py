@@ -16,9 +16,10 @@ ATTENTION = Kernel("attention", "attention kernel", "minicpm.kernels.attention:s
 DECODE = Kernel("decode", "decode step kernel", "minicpm.kernels.decode:setup", extra_flags=("-ffp-contract=off",))
 LINEAR_BF16 = Kernel("linear_bf16", "bf16 linear kernel", "minicpm.kernels.linear:setup_bf16")
 LINEAR_F32 = Kernel("linear_f32", "fp32 linear kernel", "minicpm.kernels.linear:setup_f32")
+DROPOUT = Kernel("dropout", "dropout kernel", "minicpm.kernels.dropout:setup")
 
 # first needed first: the int4/int8 products are built while a quantized checkpoint loads
-ALL = (QGEMM, ATTENTION, DECODE, LINEAR_F32, LINEAR_BF16)
+ALL = (QGEMM, ATTENTION, DECODE, LINEAR_F32, LINEAR_BF16)  # DROPOUT: training only, built on its first use
 
 
 @functools.cache
