@@ -258,10 +258,14 @@ def run_llamacpp_ctx(workdir: Path, precision: str) -> dict:
     return ctx_result(llama_greedy_tokens(llm, ids, CTX_NEW), load, "f16")
 
 
+REPEATS = 2  # llama-bench's runs per test (its -r)
+
+
 def run_llama_bench(workdir: Path, precision: str) -> dict:
     """llama.cpp's own `llama-bench` on the same GGUF file, measured as ours are: prefill of a
     PROMPT_TOKENS prompt into an empty cache (pp), NEW_TOKENS decoded after a PROMPT_TOKENS-token
-    context (tg at depth -d), each the mean of REPEATS runs; peak RSS is llama-bench's own."""
+    context (tg at depth -d), each the mean of REPEATS runs; peak RSS is llama-bench's own (the
+    largest child's: at least this small torch-free process's size at the fork)."""
     binary = llama_tools(Path(sys.executable).parent.parent, "llama-bench") / "llama-bench"
     path = workdir / f"model-{precision}.gguf"
     rates = {}
@@ -277,7 +281,6 @@ def run_llama_bench(workdir: Path, precision: str) -> dict:
             "rss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
 
 
-REPEATS = 2  # llama-bench's runs per test (its -r)
 RUNNERS = {"ours": run_ours, "lean": run_lean, "transformers": run_transformers, "llama.cpp": run_llamacpp,
            "llama-bench": run_llama_bench}
 CTX_RUNNERS = {"ours": run_ours_ctx, "lean": run_lean_ctx, "llama.cpp": run_llamacpp_ctx}

@@ -47,16 +47,14 @@ REPACK_ROWS = 4096
 # differently (s * (dot - 8 sum x) against s * dot - 8d sum x), so tests comparing the two
 # runtimes step for step turn it off.
 Q4_0_SYMMETRIC = True
-# Q4_K through qgemm's form 3: each super-block's fp16 d and dmin and 6-bit scales and mins as
-# stored (2.5 bytes per 32 weights) instead of form 1's fp32 products (8 bytes); the same values
-# and sums. MiniCPM-2B-shaped Q4_K_M file, one run each: decode 15.5 -> 17.1 tok/s (llama.cpp 12.2),
-# peak 2.66 -> 2.35 GB.
-Q4_K_SUPERBLOCKS = True
-# Q6_K (the head of llama.cpp's q4_0 and Q4_K_M files, some of Q4_K_M's layers) through qgemm's
-# 6-bit form: 6-bit codes, int8 scales per 16 and fp16 d per 256 as stored (0.82 bytes a weight)
-# instead of int8 codes with fp32 scales (1.25). MiniCPM-2B's head: 354 -> 232 MB read per token.
-Q6_K_SUPERBLOCKS = True
-SUPERBLOCK_TYPES = {"Q4_K": 4, "Q6_K": 6}  # type -> qgemm bits of its super-block form
+# GGUF super-block types qgemm's form 3 reads as stored: type -> (bits, group, decoder).
+# Q4_K: fp16 d and dmin, 6-bit scales and mins (2.5 bytes per 32 weights) instead of form 1's fp32
+# products (8 bytes); the same values and sums. MiniCPM-2B-shaped Q4_K_M file, one run each:
+# decode 15.5 -> 17.1 tok/s (llama.cpp 12.2), peak 2.66 -> 2.35 GB.
+# Q6_K (the head of llama.cpp's q4_0 and Q4_K_M files, some of Q4_K_M's layers): 6-bit codes,
+# int8 scales per 16, fp16 d per 256 (0.82 bytes a weight) instead of int8 codes with fp32 scales
+# (1.25). MiniCPM-1B's head product 3.65 -> 2.4-2.9 ms; MiniCPM-2B's head 354 -> 232 MB.
+SUPERBLOCK_FORMS = {"Q4_K": (4, 32, q4_k_superblocks), "Q6_K": (6, 16, q6_k_superblocks)}
 HEADS = ("stored", "int4")  # the output head as the file stores it, or rounded again to int4
 PROJECTIONS = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output", "gate": "ffn_gate",
                "up": "ffn_up", "down": "ffn_down"}
@@ -101,15 +99,14 @@ def packed_bytes(info: GGUFTensorInfo, int4: bool = False) -> int:
 
 def _superblocks(info: GGUFTensorInfo, int4: bool) -> bool:
     """Whether qgemm reads this tensor's super-blocks as stored (form 3)."""
-    name = info.tensor_type.name
-    return not int4 and ((name == "Q4_K" and Q4_K_SUPERBLOCKS) or (name == "Q6_K" and Q6_K_SUPERBLOCKS))
+    return not int4 and info.tensor_type.name in SUPERBLOCK_FORMS
 
 
 def _bits(info: GGUFTensorInfo, int4: bool) -> int:
     """The qgemm width of a tensor's codes as `_plan` packs them."""
     if _superblocks(info, int4):
-        return SUPERBLOCK_TYPES[info.tensor_type.name]
-    return 4 if int4 or info.tensor_type.name in ("Q4_0", "Q4_1", "Q4_K") else 8
+        return SUPERBLOCK_FORMS[info.tensor_type.name][0]
+    return 4 if int4 or info.tensor_type.name in ("Q4_0", "Q4_1") else 8
 
 
 def _tile_bytes(bits: int, k: int) -> int:
@@ -163,9 +160,8 @@ def _parts(rows: np.ndarray, info: GGUFTensorInfo, int4: bool, superblocks: bool
     if int4:
         return *rtn_int4(to_float32(rows, info.tensor_type).reshape(len(rows), -1)), False
     if superblocks:
-        if name == "Q6_K":
-            return 6, 16, *q6_k_superblocks(rows), None, False
-        return 4, 32, *q4_k_superblocks(rows), None, False
+        bits, group, split = SUPERBLOCK_FORMS[name]
+        return bits, group, *split(rows), None, False
     bits, group, codes, scales, offsets = repacked_parts(rows, name)
     if name == "Q4_0" and Q4_0_SYMMETRIC:
         offsets = None  # -8d: qgemm's form 2 computes (q - 8) * d, the stored value, from d alone
