@@ -20,6 +20,8 @@
  * products are u8 x s8 -> s32 (vpdpbusd). The zero points come out through per-group sums of
  * the quantized x:  sum_k (q - z) x = sum_b d_b dot(q, xq)_b - z * sum_b d_b sum(xq_b);
  * offsets the same way: sum_k (q s + m) x = s sum_b d_b dot(q, xq)_b + m * sum_b d_b sum(xq_b).
+ * Form 2's constant zero point 8 is folded into the int32 sums instead: each block's accumulator
+ * starts at -8 sum(xq_b), so a group costs one float product (s * sum) and no group sums.
  * Groups of 16 (smaller than the x block) split a block's 8 int8 loads into two halves.
  *
  * Weight layout: tiles of 16 output rows, one 32-bit lane per row, so that a vpdpbusd against a
@@ -109,22 +111,24 @@ static inline float quantize_block(const void *x, int xkind, long K, long b0, in
     return m / 127.f;
 }
 
-/* One row of x -> int8 codes q[Kp] (zero past K), block scales d[Kp/QB], and per group of G the
- * sums xg[g] = sum_b d_b * sum(q_b) that carry the zero points (G = 16: one per 16 values). */
+/* One row of x -> int8 codes q[Kp] (zero past K), block scales d[Kp/QB], the blocks' integer sums
+ * bs[Kp/QB], and per group of G the sums xg[g] = sum_b d_b * sum(q_b) that carry the zero points
+ * (G = 16: one per 16 values). */
 static void quantize_row(const void *x, int xkind, long K, long Kp, int QB, int G,
-                         int8_t *q, float *d, float *xg) {
+                         int8_t *q, float *d, int *bs, float *xg) {
     int nv = QB / 16, sums[8];
     for (long g0 = 0; g0 < Kp; g0 += G > QB ? G : QB) {
         float gs = 0.f;
         for (long b0 = g0; b0 < g0 + G || b0 == g0; b0 += QB) {
             float dd = quantize_block(x, xkind, K, b0, nv, q, sums);
             d[b0 / QB] = dd;
+            int total = 0;
+            for (int i = 0; i < nv; i++) total += sums[i];
+            bs[b0 / QB] = total;
             if (G < QB) {  /* groups of 16 */
                 for (int i = 0; i < nv; i++) xg[b0 / 16 + i] = dd * (float)sums[i];
                 continue;
             }
-            int total = 0;
-            for (int i = 0; i < nv; i++) total += sums[i];
             gs += dd * (float)total;
         }
         if (G >= QB) xg[g0 / G] = gs;
@@ -155,10 +159,10 @@ static inline void superblock_meta(const void *meta, long tile, long Kp, int g, 
  * than MC * NT. out[n * MC_MAX + m]: tile n, row m. */
 static inline __attribute__((always_inline)) void tile_int4(
     const uint8_t *w, const void *sc, const void *zc, long meta0, int mk, int form,
-    const int8_t *xq, const float *xd, const float *xg, long Kp, int G, int QB, const int MC, const int NT,
-    __m512 *out) {
+    const int8_t *xq, const float *xd, const int *xs, const float *xg, long Kp, int G, int QB, const int MC,
+    const int NT, const int ONE, __m512 *out) {
     const __m512i m4 = _mm512_set1_epi8(0x0F);
-    const int KG = (int)(Kp / G), bpg = G / QB, cpb = QB / 32, CH = MC * NT <= 4 ? 2 : 1;
+    const int KG = (int)(Kp / G), bpg = ONE ? 1 : G / QB, cpb = QB / 32, CH = MC * NT <= 4 ? 2 : 1;
     const long nb = Kp / QB, tile_bytes = 8 * Kp, tile_meta = 16L * KG;
     __m512 acc[2][MC_MAX];
 #pragma GCC unroll 8
@@ -171,7 +175,11 @@ static inline __attribute__((always_inline)) void tile_int4(
             const long blk = (long)g * bpg + b;
             __m512i ia[2][2][MC_MAX];  /* [tile][chain][row] */
 #pragma GCC unroll 8
-            for (int m = 0; m < MC; m++) ia[0][0][m] = ia[0][1][m] = ia[1][0][m] = ia[1][1][m] = _mm512_setzero_si512();
+            for (int m = 0; m < MC; m++) {
+                /* form 2: the zero point 8 enters as -8 sum(xq_b), exact in int32: no float product per group */
+                ia[0][0][m] = ia[1][0][m] = form == 2 ? _mm512_set1_epi32(-8 * xs[m * nb + blk]) : _mm512_setzero_si512();
+                ia[0][1][m] = ia[1][1][m] = _mm512_setzero_si512();
+            }
             for (int c = 0; c < cpb; c++) {
                 const long k0 = (blk * cpb + c) * 32;
 #pragma GCC unroll 8
@@ -213,13 +221,15 @@ static inline __attribute__((always_inline)) void tile_int4(
                 superblock_meta(sc, meta0 / tile_meta + n, Kp, g, &s, &z);
             } else {
                 s = load16(sc, meta, mk);
-                z = form == 2 ? _mm512_set1_ps(8.0f) : load16(zc, meta, mk);
+                z = form == 2 ? _mm512_setzero_ps() : load16(zc, meta, mk);  /* form 2's is in the int sums */
             }
 #pragma GCC unroll 8
             for (int m = 0; m < MC; m++) {
                 if (form == 1 || form == 3) {  /* z holds m: acc += s ga + m xg */
                     acc[n][m] = _mm512_fmadd_ps(s, ga[n][m], acc[n][m]);
                     acc[n][m] = _mm512_fmadd_ps(z, _mm512_set1_ps(xg[m * KG + g]), acc[n][m]);
+                } else if (form == 2) {
+                    acc[n][m] = _mm512_fmadd_ps(s, ga[n][m], acc[n][m]);
                 } else {
                     ga[n][m] = _mm512_fnmadd_ps(z, _mm512_set1_ps(xg[m * KG + g]), ga[n][m]);
                     acc[n][m] = _mm512_fmadd_ps(s, ga[n][m], acc[n][m]);
@@ -396,12 +406,14 @@ static inline __attribute__((always_inline)) void tile_int8g(
  * sets it) or per group. */
 static inline __attribute__((always_inline)) void run_tile(
     int bits, int form, const uint8_t *w, const void *sc, const void *zc, long t, int mk,
-    const int8_t *xq, const float *xd, const float *xg, long Kp, int G, int QB, const int MC, const int NT,
-    __m512 *out) {
+    const int8_t *xq, const float *xd, const int *xs, const float *xg, long Kp, int G, int QB, const int MC,
+    const int NT, __m512 *out) {
     if (bits == 6)
         tile_int6(w + t * 12 * Kp, (const uint8_t *)sc + t * (Kp / SB_K) * Q6_SB_BYTES, xq, xd, xg, Kp, MC, out);
+    else if (bits == 4 && G == QB)  /* one x block a group (GGUF's Q4_0, Q4_1, Q4_K): no group sums to keep */
+        tile_int4(w + t * 8 * Kp, sc, zc, t * 16 * (Kp / G), mk, form, xq, xd, xs, xg, Kp, G, QB, MC, NT, 1, out);
     else if (bits == 4)
-        tile_int4(w + t * 8 * Kp, sc, zc, t * 16 * (Kp / G), mk, form, xq, xd, xg, Kp, G, QB, MC, NT, out);
+        tile_int4(w + t * 8 * Kp, sc, zc, t * 16 * (Kp / G), mk, form, xq, xd, xs, xg, Kp, G, QB, MC, NT, 0, out);
     else if (G == Kp)
         tile_int8(w + t * 16 * Kp, sc, t * 16, mk, xq, xd, xg, Kp, QB, MC, out);
     else if (G == 16)  /* a constant: the halves' loops unroll */
@@ -414,22 +426,25 @@ static inline __attribute__((always_inline)) void run_tile(
 
 int qgemm_abi_version(void) { return 7; }
 
-/* x quantized for the tiles: int8 codes [M][Kp], block scales [M][Kp/QB], group sums [M][Kp/G] */
+/* x quantized for the tiles: int8 codes [M][Kp], block scales [M][Kp/QB], group sums [M][Kp/G],
+ * the blocks' integer code sums [M][Kp/QB] */
 struct qx {
     int8_t *q;
     float *d, *g;
+    int *s;
 };
 
 /* Bytes of scratch for M rows of quantized x, laid out by qx_in (64 of slack to align the codes). */
 static size_t qx_bytes(long M, long Kp, int QB, int G) {
-    return ((size_t)M * Kp + 63) / 64 * 64 + sizeof(float) * (size_t)M * (Kp / QB + Kp / G) + 64;
+    return ((size_t)M * Kp + 63) / 64 * 64 + sizeof(float) * (size_t)M * (2 * (Kp / QB) + Kp / G) + 64;
 }
 
-static struct qx qx_in(void *scratch, long M, long Kp, int QB) {
+static struct qx qx_in(void *scratch, long M, long Kp, int QB, int G) {
     struct qx t;
     t.q = (int8_t *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
     t.d = (float *)(t.q + ((size_t)M * Kp + 63) / 64 * 64);
     t.g = t.d + (size_t)M * (Kp / QB);
+    t.s = (int *)(t.g + (size_t)M * (Kp / G));
     return t;
 }
 
@@ -438,7 +453,8 @@ static void quantize_rows(const struct qx *t, const void *x, int xkind, long m0,
     const size_t xrow = (size_t)K * (xkind == K_F32 ? 4 : 2);
     const long nb = Kp / QB, KG = Kp / G;
     for (long m = m0; m < m1; m++)
-        quantize_row((const char *)x + m * xrow, xkind, K, Kp, QB, G, t->q + m * Kp, t->d + m * nb, t->g + m * KG);
+        quantize_row((const char *)x + m * xrow, xkind, K, Kp, QB, G, t->q + m * Kp, t->d + m * nb, t->s + m * nb,
+                     t->g + m * KG);
 }
 
 /* Rows [m0, m0 + mc) of y for NT tiles from t, through run_tile with a constant row count (the row
@@ -450,16 +466,17 @@ static inline __attribute__((always_inline)) void tile_rows(
     const long nb = Kp / QB, KG = Kp / G;
     const int8_t *xq = in->q + m0 * Kp;
     const float *xd = in->d + m0 * nb, *xg = in->g + m0 * KG;
+    const int *xs = in->s + m0 * nb;
     __m512 out[2 * MC_MAX];
     switch (mc) {
 #if MC_MAX >= 6
-    case 6: run_tile(bits, form, w, sc, zc, t, mk, xq, xd, xg, Kp, G, QB, 6, NT, out); break;
-    case 5: run_tile(bits, form, w, sc, zc, t, mk, xq, xd, xg, Kp, G, QB, 5, NT, out); break;
+    case 6: run_tile(bits, form, w, sc, zc, t, mk, xq, xd, xs, xg, Kp, G, QB, 6, NT, out); break;
+    case 5: run_tile(bits, form, w, sc, zc, t, mk, xq, xd, xs, xg, Kp, G, QB, 5, NT, out); break;
 #endif
-    case 4: run_tile(bits, form, w, sc, zc, t, mk, xq, xd, xg, Kp, G, QB, 4, NT, out); break;
-    case 3: run_tile(bits, form, w, sc, zc, t, mk, xq, xd, xg, Kp, G, QB, 3, NT, out); break;
-    case 2: run_tile(bits, form, w, sc, zc, t, mk, xq, xd, xg, Kp, G, QB, 2, NT, out); break;
-    default: run_tile(bits, form, w, sc, zc, t, mk, xq, xd, xg, Kp, G, QB, 1, NT, out); break;
+    case 4: run_tile(bits, form, w, sc, zc, t, mk, xq, xd, xs, xg, Kp, G, QB, 4, NT, out); break;
+    case 3: run_tile(bits, form, w, sc, zc, t, mk, xq, xd, xs, xg, Kp, G, QB, 3, NT, out); break;
+    case 2: run_tile(bits, form, w, sc, zc, t, mk, xq, xd, xs, xg, Kp, G, QB, 2, NT, out); break;
+    default: run_tile(bits, form, w, sc, zc, t, mk, xq, xd, xs, xg, Kp, G, QB, 1, NT, out); break;
     }
     for (int n = 0; n < NT; n++) {
         const __mmask16 km = tail_mask(N - 16 * (t + n));
@@ -508,7 +525,7 @@ int qgemm(int bits, const void *x, int xkind, long M, long K, long Kp, long N, i
     const long T = (N + 15) / 16;
     void *scratch = malloc(qx_bytes(M, Kp, QB, G));
     if (!scratch) return -1;
-    const struct qx t = qx_in(scratch, M, Kp, QB);
+    const struct qx t = qx_in(scratch, M, Kp, QB, G);
     if (nthreads < 1) nthreads = 1;
     if (T < nthreads) nthreads = (int)T;
     /* a few rows are quantized before forking: one barrier less per decode call */
@@ -557,7 +574,7 @@ int qgemm_plan_team(const struct qplan *p, const void *x, int xkind, long M, voi
     const int G = group_of(p->bits, p->G, p->QB, p->Kp, p->form);
     if (!G) return -2;
     const long T = (p->N + 15) / 16;
-    const struct qx t = qx_in(scratch, M, p->Kp, p->QB);
+    const struct qx t = qx_in(scratch, M, p->Kp, p->QB, G);
     quantize_rows(&t, x, xkind, 0, M, p->K, p->Kp, p->QB, G);
     tiles(p->bits, &t, M, p->Kp, p->N, G, p->QB, p->w, p->sc, p->zc, p->mk, p->bias, p->bkind, y, xkind, p->form,
           T * tid / nt, T * (tid + 1) / nt);
