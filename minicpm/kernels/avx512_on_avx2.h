@@ -34,6 +34,7 @@
 #error "the native kernels need AVX2, FMA and F16C (or AVX-512)"
 #endif
 
+#define MC_EMULATED 1  /* kernels may size their register tiles for 16 ymm registers instead of 32 zmm */
 typedef struct { __m256 lo, hi; } mc_ps;
 typedef struct { __m256i lo, hi; } mc_si;
 
