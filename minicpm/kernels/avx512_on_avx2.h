@@ -12,6 +12,11 @@
  *
  * mc_dpbusd_small_epi32(acc, a, b) is vpdpbusd for unsigned bytes a <= 127 (int4 codes): three
  * instructions here, where the general emulation needs more to stay exact for any unsigned byte.
+ *
+ * Nibble sums: p = mc_nibble_start(acc); up to 8 times p = mc_nibble_dot(p, a, b) with a <= 15
+ * (int4 codes) and b > -128; acc = mc_nibble_end(acc, p). With VNNI p is acc and each dot a
+ * vpdpbusd; on AVX2 p holds 16-bit pair sums (8 dots reach at most 8 * 2 * 15 * 127 = 30480, no
+ * saturation), so a dot is vpmaddubsw + vpaddw and the widening vpmaddwd runs once per 8 dots.
  */
 #ifndef MINICPM_AVX512_ON_AVX2_H
 #define MINICPM_AVX512_ON_AVX2_H
@@ -26,6 +31,9 @@
 
 #ifdef __AVX512VNNI__
 #define mc_dpbusd_small_epi32 _mm512_dpbusd_epi32
+#define mc_nibble_start(acc) (acc)
+#define mc_nibble_dot _mm512_dpbusd_epi32
+#define mc_nibble_end(acc, p) (p)
 #endif
 
 #else  /* AVX2 */
@@ -326,6 +334,19 @@ MC_F __m256i mc_dpbusd_small8(__m256i acc, __m256i a, __m256i b) {
 }
 MC_F mc_si mc_dpbusd_small_epi32(mc_si acc, mc_si a, mc_si b) {
     return mc_si2(mc_dpbusd_small8(acc.lo, a.lo, b.lo), mc_dpbusd_small8(acc.hi, a.hi, b.hi));
+}
+MC_F mc_si mc_nibble_start(mc_si acc) {
+    (void)acc;
+    return mc_si2(_mm256_setzero_si256(), _mm256_setzero_si256());
+}
+MC_F mc_si mc_nibble_dot(mc_si p, mc_si a, mc_si b) {
+    return mc_si2(_mm256_add_epi16(p.lo, _mm256_maddubs_epi16(a.lo, b.lo)),
+                  _mm256_add_epi16(p.hi, _mm256_maddubs_epi16(a.hi, b.hi)));
+}
+MC_F mc_si mc_nibble_end(mc_si acc, mc_si p) {
+    const __m256i ones16 = _mm256_set1_epi16(1);
+    return mc_si2(_mm256_add_epi32(acc.lo, _mm256_madd_epi16(p.lo, ones16)),
+                  _mm256_add_epi32(acc.hi, _mm256_madd_epi16(p.hi, ones16)));
 }
 
 #undef MC_F

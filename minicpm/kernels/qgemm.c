@@ -167,11 +167,11 @@ static inline void superblock_meta(const void *meta, long tile, long Kp, int g, 
  * than MC * NT. out[n * MC_MAX + m]: tile n, row m. */
 static inline __attribute__((always_inline)) void tile_int4(
     const uint8_t *w, const void *sc, const void *zc, long meta0, int mk, int form,
-    const int8_t *xq, const float *xd, const int *xs, const float *xg, long Kp, int G, int QB, const int MC,
-    const int NT, const int ONE, __m512 *out) {
+    const int8_t *xq, const float *xd, const int *xs, const float *xg, long Kp, int G, const int MC,
+    const int NT, __m512 *out) {
     const __m512i m4 = _mm512_set1_epi8(0x0F);
-    const int KG = (int)(Kp / G), bpg = ONE ? 1 : G / QB, cpb = QB / 32, CH = INT4_CHAINS(MC, NT);
-    const long nb = Kp / QB, tile_bytes = 8 * Kp, tile_meta = 16L * KG;
+    const int KG = (int)(Kp / G), bpg = G / 32, CH = INT4_CHAINS(MC, NT);
+    const long nb = Kp / 32, tile_bytes = 8 * Kp, tile_meta = 16L * KG;
     __m512 acc[2][MC_MAX];
 #pragma GCC unroll 8
     for (int m = 0; m < MC; m++) acc[0][m] = acc[1][m] = _mm512_setzero_ps();
@@ -179,38 +179,46 @@ static inline __attribute__((always_inline)) void tile_int4(
         __m512 ga[2][MC_MAX];
 #pragma GCC unroll 8
         for (int m = 0; m < MC; m++) ga[0][m] = ga[1][m] = _mm512_setzero_ps();
-        for (int b = 0; b < bpg; b++) {
-            const long blk = (long)g * bpg + b;
-            __m512i ia[2][2][MC_MAX];  /* [tile][chain][row] */
+        for (int b = 0; b < bpg; b++) {  /* x blocks of 32: one 32-k chunk of the tiles each */
+            const long blk = (long)g * bpg + b, k0 = blk * 32;
+            __m512i ia[2][2][MC_MAX], p[2][2][MC_MAX];  /* [tile][chain][row]: int32 sums, nibble sums */
 #pragma GCC unroll 8
-            for (int m = 0; m < MC; m++) {
-                /* form 2: the zero point 8 enters as -8 sum(xq_b), exact in int32: no float product per group */
-                ia[0][0][m] = ia[1][0][m] = form == 2 ? _mm512_set1_epi32(-8 * xs[m * nb + blk]) : _mm512_setzero_si512();
-                ia[0][1][m] = ia[1][1][m] = _mm512_setzero_si512();
-            }
-            for (int c = 0; c < cpb; c++) {
-                const long k0 = (blk * cpb + c) * 32;
+            for (int m = 0; m < MC; m++)
+#pragma GCC unroll 2
+                for (int n = 0; n < NT; n++) {
+                    /* form 2: the zero point 8 enters as -8 sum(xq_b), exact in int32: no float product per group */
+                    ia[n][0][m] = form == 2 ? _mm512_set1_epi32(-8 * xs[m * nb + blk]) : _mm512_setzero_si512();
+                    ia[n][1][m] = _mm512_setzero_si512();
+                    p[n][0][m] = mc_nibble_start(ia[n][0][m]);
+                    p[n][1][m] = mc_nibble_start(ia[n][1][m]);
+                }
 #pragma GCC unroll 8
-                for (int L = 0; L < 4; L++) {
-                    __m512i lo[2], hi[2];  /* 16 rows x 32 k / 2 bytes = 256 per 32 k of a tile */
+            for (int L = 0; L < 4; L++) {
+                __m512i lo[2], hi[2];  /* 16 rows x 32 k / 2 bytes = 256 per 32 k of a tile */
+#pragma GCC unroll 2
+                for (int n = 0; n < NT; n++) {
+                    const __m512i v = _mm512_loadu_si512(w + n * tile_bytes + k0 * 8 + 64 * L);
+                    lo[n] = _mm512_and_si512(v, m4);
+                    hi[n] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+                }
+#pragma GCC unroll 8
+                for (int m = 0; m < MC; m++) {
+                    const int8_t *xk = xq + m * Kp + k0 + 4 * L;
+                    const __m512i xl = _mm512_set1_epi32(*(const i32u *)xk), xh = _mm512_set1_epi32(*(const i32u *)(xk + 16));
 #pragma GCC unroll 2
                     for (int n = 0; n < NT; n++) {
-                        const __m512i v = _mm512_loadu_si512(w + n * tile_bytes + k0 * 8 + 64 * L);
-                        lo[n] = _mm512_and_si512(v, m4);
-                        hi[n] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
-                    }
-#pragma GCC unroll 8
-                    for (int m = 0; m < MC; m++) {
-                        const int8_t *xk = xq + m * Kp + k0 + 4 * L;
-                        const __m512i xl = _mm512_set1_epi32(*(const i32u *)xk), xh = _mm512_set1_epi32(*(const i32u *)(xk + 16));
-#pragma GCC unroll 2
-                        for (int n = 0; n < NT; n++) {
-                            ia[n][0][m] = mc_dpbusd_small_epi32(ia[n][0][m], lo[n], xl);
-                            ia[n][CH - 1][m] = mc_dpbusd_small_epi32(ia[n][CH - 1][m], hi[n], xh);
-                        }
+                        p[n][0][m] = mc_nibble_dot(p[n][0][m], lo[n], xl);
+                        p[n][CH - 1][m] = mc_nibble_dot(p[n][CH - 1][m], hi[n], xh);
                     }
                 }
             }
+#pragma GCC unroll 8
+            for (int m = 0; m < MC; m++)
+#pragma GCC unroll 2
+                for (int n = 0; n < NT; n++) {
+                    ia[n][0][m] = mc_nibble_end(ia[n][0][m], p[n][0][m]);
+                    if (CH == 2) ia[n][1][m] = mc_nibble_end(ia[n][1][m], p[n][1][m]);
+                }
 #pragma GCC unroll 8
             for (int m = 0; m < MC; m++) {
                 const __m512 d = _mm512_set1_ps(xd[m * nb + blk]);
@@ -418,10 +426,12 @@ static inline __attribute__((always_inline)) void run_tile(
     const int NT, __m512 *out) {
     if (bits == 6)
         tile_int6(w + t * 12 * Kp, (const uint8_t *)sc + t * (Kp / SB_K) * Q6_SB_BYTES, xq, xd, xg, Kp, MC, out);
-    else if (bits == 4 && G == QB)  /* one x block a group (GGUF's Q4_0, Q4_1, Q4_K): no group sums to keep */
-        tile_int4(w + t * 8 * Kp, sc, zc, t * 16 * (Kp / G), mk, form, xq, xd, xs, xg, Kp, G, QB, MC, NT, 1, out);
+    else if (bits == 4 && form == 2 && G == 32)  /* GGUF's Q4_0: form and group constants, the block loop folds */
+        tile_int4(w + t * 8 * Kp, sc, zc, t * 16 * (Kp / 32), mk, 2, xq, xd, xs, xg, Kp, 32, MC, NT, out);
+    else if (bits == 4 && G == 32)  /* one x block a group (Q4_1, Q4_K) */
+        tile_int4(w + t * 8 * Kp, sc, zc, t * 16 * (Kp / 32), mk, form, xq, xd, xs, xg, Kp, 32, MC, NT, out);
     else if (bits == 4)
-        tile_int4(w + t * 8 * Kp, sc, zc, t * 16 * (Kp / G), mk, form, xq, xd, xs, xg, Kp, G, QB, MC, NT, 0, out);
+        tile_int4(w + t * 8 * Kp, sc, zc, t * 16 * (Kp / G), mk, form, xq, xd, xs, xg, Kp, G, MC, NT, out);
     else if (G == Kp)
         tile_int8(w + t * 16 * Kp, sc, t * 16, mk, xq, xd, xg, Kp, QB, MC, out);
     else if (G == 16)  /* a constant: the halves' loops unroll */
@@ -518,6 +528,7 @@ static int group_of(int bits, int G, int QB, long Kp, int form) {
     if (form == 3)  /* GGUF's super-blocks: Q4_K (bits 4, groups of 32), Q6_K (bits 6, groups of 16) */
         return QB == 32 && Kp % SB_K == 0 && ((bits == 4 && G == 32) || (bits == 6 && G == 16)) ? G : 0;
     if (bits == 6) return 0;
+    if (bits == 4) return QB == 32 && G % 32 == 0 ? G : 0;  /* tile_int4 reads x in blocks of 32 */
     if (bits == 8 && G <= 0) return (int)Kp;
     if (bits == 8 && G != Kp && (QB != 32 || (G != 16 && G % 32))) return 0;
     return G;

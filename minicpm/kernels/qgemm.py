@@ -183,7 +183,8 @@ def run(p: Plan, x: torch.Tensor, threads: int | None = None) -> torch.Tensor:
     if rc == -1:
         raise MemoryError("native qgemm: out of memory for its activation scratch")
     if rc:
-        raise ValueError(f"native qgemm: int8 group size {p.G} is not 16 or a multiple of 32")
+        raise ValueError(f"native qgemm: group size {p.G} is not one the int{p.bits} tiles take (int4: multiples of 32; "
+                         "int8: 16 or multiples of 32)")
     return y
 
 
