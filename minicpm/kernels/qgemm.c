@@ -164,7 +164,9 @@ static inline void superblock_meta(const void *meta, long tile, long Kp, int g, 
  * 4 x bytes feeds NT products (pairs of tiles, 4 rows at a time: 380 -> 490 GFLOP/s on 2 Zen 4
  * cores at 128 rows; the broadcasts were a third of the vector instructions). With few rows the
  * low and high nibbles sum in two chains each: vpdpbusd's latency wants more independent chains
- * than MC * NT. out[n * MC_MAX + m]: tile n, row m. */
+ * than MC * NT. x comes in blocks of 32 (one 32-k chunk of the tiles); each block's products
+ * gather in nibble sums (avx512_on_avx2.h: 16-bit on AVX2) before its int32 sums.
+ * out[n * MC_MAX + m]: tile n, row m. */
 static inline __attribute__((always_inline)) void tile_int4(
     const uint8_t *w, const void *sc, const void *zc, long meta0, int mk, int form,
     const int8_t *xq, const float *xd, const int *xs, const float *xg, long Kp, int G, const int MC,
