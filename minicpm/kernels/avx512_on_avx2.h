@@ -17,6 +17,10 @@
  * (int4 codes) and b > -128; acc = mc_nibble_end(acc, p). With VNNI p is acc and each dot a
  * vpdpbusd; on AVX2 p holds 16-bit pair sums (8 dots reach at most 8 * 2 * 15 * 127 = 30480, no
  * saturation), so a dot is vpmaddubsw + vpaddw and the widening vpmaddwd runs once per 8 dots.
+ *
+ * Int8 weights stored as code + 128: mc_dpbusd_int8_epi32(acc, a, b) is vpdpbusd with VNNI (sums of
+ * a * b: the kernel takes MC_INT8_OFFSET * sum(b) = 128 * sum(b) off afterwards); on AVX2 it sums
+ * (a - 128) * b directly (MC_INT8_OFFSET 0), four instructions fewer than vpdpbusd emulated.
  */
 #ifndef MINICPM_AVX512_ON_AVX2_H
 #define MINICPM_AVX512_ON_AVX2_H
@@ -34,6 +38,8 @@
 #define mc_nibble_start(acc) (acc)
 #define mc_nibble_dot _mm512_dpbusd_epi32
 #define mc_nibble_end(acc, p) (p)
+#define mc_dpbusd_int8_epi32 _mm512_dpbusd_epi32
+#define MC_INT8_OFFSET 128
 #endif
 
 #else  /* AVX2 */
@@ -335,6 +341,18 @@ MC_F __m256i mc_dpbusd_small8(__m256i acc, __m256i a, __m256i b) {
 MC_F mc_si mc_dpbusd_small_epi32(mc_si acc, mc_si a, mc_si b) {
     return mc_si2(mc_dpbusd_small8(acc.lo, a.lo, b.lo), mc_dpbusd_small8(acc.hi, a.hi, b.hi));
 }
+/* (a - 128) * b summed in fours: |a - 128| <= 128 is vpmaddubsw's unsigned side, b signed by a - 128
+ * its signed side (b > -128), so a pair reaches at most 2 * 128 * 127, no saturation */
+MC_F __m256i mc_dpbusd_int8_8(__m256i acc, __m256i a, __m256i b) {
+    const __m256i centred = _mm256_xor_si256(a, _mm256_set1_epi8((char)0x80));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(centred),
+                                                                        _mm256_sign_epi8(b, centred)),
+                                                   _mm256_set1_epi16(1)));
+}
+MC_F mc_si mc_dpbusd_int8_epi32(mc_si acc, mc_si a, mc_si b) {
+    return mc_si2(mc_dpbusd_int8_8(acc.lo, a.lo, b.lo), mc_dpbusd_int8_8(acc.hi, a.hi, b.hi));
+}
+#define MC_INT8_OFFSET 0
 MC_F mc_si mc_nibble_start(mc_si acc) {
     (void)acc;
     return mc_si2(_mm256_setzero_si256(), _mm256_setzero_si256());

@@ -349,8 +349,8 @@ static inline __attribute__((always_inline)) void tile_int8(
 #pragma GCC unroll 8
                 for (int m = 0; m < MC; m++) {
                     const int8_t *xk = xq + m * Kp + k0 + 4 * L;
-                    a0[m] = _mm512_dpbusd_epi32(a0[m], v0, _mm512_set1_epi32(*(const i32u *)xk));
-                    a1[m] = _mm512_dpbusd_epi32(a1[m], v1, _mm512_set1_epi32(*(const i32u *)(xk + 4)));
+                    a0[m] = mc_dpbusd_int8_epi32(a0[m], v0, _mm512_set1_epi32(*(const i32u *)xk));
+                    a1[m] = mc_dpbusd_int8_epi32(a1[m], v1, _mm512_set1_epi32(*(const i32u *)(xk + 4)));
                 }
             }
         }
@@ -359,10 +359,10 @@ static inline __attribute__((always_inline)) void tile_int8(
             ga[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a0[m], a1[m])),
                                     _mm512_set1_ps(xd[m * nb + blk]), ga[m]);
     }
-    __m512 s = load16(sc, meta0, mk);
+    const __m512 s = load16(sc, meta0, mk), c128 = _mm512_set1_ps((float)MC_INT8_OFFSET);
 #pragma GCC unroll 8
     for (int m = 0; m < MC; m++)
-        out[m] = _mm512_mul_ps(s, _mm512_fnmadd_ps(_mm512_set1_ps(128.f), _mm512_set1_ps(xg[m]), ga[m]));
+        out[m] = _mm512_mul_ps(s, MC_INT8_OFFSET ? _mm512_fnmadd_ps(c128, _mm512_set1_ps(xg[m]), ga[m]) : ga[m]);
 }
 
 /* 16 rows of an int8 tile with a scale per group of G (16, or a multiple of 32) along k. */
@@ -371,7 +371,7 @@ static inline __attribute__((always_inline)) void tile_int8g(
     const int8_t *xq, const float *xd, const float *xg, long Kp, int G, const int MC, __m512 *out) {
     const long nb = Kp / 32, KG = Kp / G;
     const int bpg = G < 32 ? 1 : G / 32, halves = G < 32;
-    const __m512 c128 = _mm512_set1_ps(128.f);
+    const __m512 c128 = _mm512_set1_ps((float)MC_INT8_OFFSET);
     __m512 acc[MC_MAX];
 #pragma GCC unroll 8
     for (int m = 0; m < MC; m++) acc[m] = _mm512_setzero_ps();
@@ -392,8 +392,8 @@ static inline __attribute__((always_inline)) void tile_int8g(
 #pragma GCC unroll 8
                 for (int m = 0; m < MC; m++) {
                     const int8_t *xk = xq + m * Kp + k0 + 4 * L;
-                    a[h][0][m] = _mm512_dpbusd_epi32(a[h][0][m], v0, _mm512_set1_epi32(*(const i32u *)xk));
-                    a[h][1][m] = _mm512_dpbusd_epi32(a[h][1][m], v1, _mm512_set1_epi32(*(const i32u *)(xk + 4)));
+                    a[h][0][m] = mc_dpbusd_int8_epi32(a[h][0][m], v0, _mm512_set1_epi32(*(const i32u *)xk));
+                    a[h][1][m] = mc_dpbusd_int8_epi32(a[h][1][m], v1, _mm512_set1_epi32(*(const i32u *)(xk + 4)));
                 }
             }
 #pragma GCC unroll 8
@@ -413,7 +413,8 @@ static inline __attribute__((always_inline)) void tile_int8g(
             const __m512 s = load16(sc, meta0 + 16 * gi, mk);
 #pragma GCC unroll 8
             for (int m = 0; m < MC; m++)
-                acc[m] = _mm512_fmadd_ps(s, _mm512_fnmadd_ps(c128, _mm512_set1_ps(xg[m * KG + gi]), ga[h][m]), acc[m]);
+                acc[m] = _mm512_fmadd_ps(s, MC_INT8_OFFSET ? _mm512_fnmadd_ps(c128, _mm512_set1_ps(xg[m * KG + gi]), ga[h][m])
+                                                           : ga[h][m], acc[m]);
         }
     }
 #pragma GCC unroll 8
