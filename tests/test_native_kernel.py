@@ -246,3 +246,29 @@ def test_int4_without_zero_points_is_q4_0s_form(m):
                           None, 2, offsets=True)
     assert rel_error(symmetric, offsets) < 1e-6
     assert rel_error(symmetric, x.double() @ w.T) < TOL
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_extreme_codes_do_not_saturate(sign):
+    """The largest products the tiles can meet: int4 codes 0 and 15 and int8 codes -127 and 127
+    against x whose every value quantizes to +-127 (all values of one size). On AVX2 the int4 dots
+    gather in 16-bit sums (8 dots of 15 x 127) and the int8 dots run on |code| through vpmaddubsw:
+    a saturated sum would be off by thousands. x and the weights are exact here, so the products
+    must be exact but for the float scales."""
+    n, k, m = 48, 256, 5
+    rows = torch.arange(n)[:, None]
+    x = sign * torch.ones(m, k) * 0.75
+    x[1::2] *= -1  # rows of either sign
+    q4 = torch.where(rows % 3 == 0, 0, 15).expand(n, k).to(torch.uint8).contiguous()
+    s4 = torch.full((n, k // 32), 0.25, dtype=torch.float16)
+    w4 = (q4.double() - 8) * 0.25
+    y4 = native.gemm(x, 4, native.pack_int4(q4), native.pack_meta(s4), None, n, k, k, 32, None, 2)
+    assert rel_error(y4, x.double() @ w4.T) < 1e-6
+    off = native.gemm(x, 4, native.pack_int4(q4), native.pack_meta(s4), native.pack_meta(-8 * s4), n, k, k, 32,
+                      None, 2, offsets=True)
+    assert rel_error(off, x.double() @ w4.T) < 1e-6
+    q8 = torch.where(rows % 2 == 0, -127, 127).expand(n, k).to(torch.int8).contiguous()
+    s8 = torch.full((n, 1), 0.5)
+    for group, scales in ((None, s8[:, 0].contiguous()), (32, native.pack_meta(s8.expand(n, k // 32).contiguous()))):
+        y8 = native.gemm(x, 8, native.pack_int8(q8, k), scales, None, n, k, k, group, None, 2)
+        assert rel_error(y8, x.double() @ (q8.double() * 0.5).T) < 1e-6
