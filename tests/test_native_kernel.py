@@ -272,3 +272,12 @@ def test_extreme_codes_do_not_saturate(sign):
     for group, scales in ((None, s8[:, 0].contiguous()), (32, native.pack_meta(s8.expand(n, k // 32).contiguous()))):
         y8 = native.gemm(x, 8, native.pack_int8(q8, k), scales, None, n, k, k, group, None, 2)
         assert rel_error(y8, x.double() @ (q8.double() * 0.5).T) < 1e-6
+
+
+def test_int4_groups_below_32_are_refused_by_name():
+    """tile_int4 reads x in blocks of 32: a group of 16 is a clear ValueError, not a wrong product."""
+    n, k = 16, 64
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+    s = torch.rand(n, k // 16).half()
+    with pytest.raises(ValueError, match="group size 16 is not one the int4 tiles take"):
+        native.gemm(torch.randn(2, k), 4, native.pack_int4(q), native.pack_meta(s), None, n, k, k, 16, None, 2)

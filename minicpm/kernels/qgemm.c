@@ -457,7 +457,8 @@ struct qx {
 
 /* Bytes of scratch for M rows of quantized x, laid out by qx_in (64 of slack to align the codes). */
 static size_t qx_bytes(long M, long Kp, int QB, int G) {
-    return ((size_t)M * Kp + 63) / 64 * 64 + sizeof(float) * (size_t)M * (2 * (Kp / QB) + Kp / G) + 64;
+    return ((size_t)M * Kp + 63) / 64 * 64 + sizeof(float) * (size_t)M * (Kp / QB + Kp / G)
+           + sizeof(int) * (size_t)M * (Kp / QB) + 64;
 }
 
 static struct qx qx_in(void *scratch, long M, long Kp, int QB, int G) {
