@@ -281,3 +281,51 @@ def test_int4_groups_below_32_are_refused_by_name():
     s = torch.rand(n, k // 16).half()
     with pytest.raises(ValueError, match="group size 16 is not one the int4 tiles take"):
         native.gemm(torch.randn(2, k), 4, native.pack_int4(q), native.pack_meta(s), None, n, k, k, 16, None, 2)
+
+
+def pow2_block_codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [m, k] as the int4 tiles quantize it (qgemm.c, quantize_row_pow2): blocks of 32 at the row's
+    scale max|x| / 127 times 2^-e, e in 0..15 the largest with max|x_b| 2^e <= max|x|; fp32
+    arithmetic, rounding to nearest even. Returns codes [m, k/32, 32] and block scales [m, k/32]."""
+    m, k = x.shape
+    blocks = x.float().reshape(m, k // 32, 32)
+    bmax = blocks.abs().amax(-1)
+    rowmax = bmax.amax(-1, keepdim=True)
+    e = torch.zeros_like(bmax, dtype=torch.int32)
+    for j in range(1, 16):
+        e = torch.where(bmax * 2.0 ** j <= rowmax, j, e)
+    inverse = torch.where(rowmax > 0, 127.0 / rowmax, 0.0) * torch.exp2(e.float())
+    codes = (blocks * inverse[..., None]).round()
+    return codes, rowmax / 127.0 * torch.exp2(-e.float())
+
+
+@pytest.mark.parametrize("group,offsets", [(32, False), (32, True), (128, True)])
+def test_int4_activation_blocks_share_the_rows_scale(group, offsets):
+    """The int4 tiles quantize x per block of 32 at the row's scale times a power of two (so a
+    block's scale is an exponent add, not a product): the product is that model's to fp32
+    rounding, on rows whose blocks span 2^-20..1 of the row's largest (and an all-zero block);
+    quantizing each block at its own max|x_b| / 127 (Q8_0's rule) is measurably off here."""
+    g = torch.Generator().manual_seed(7)
+    n, k, m = 48, 512, 6
+    q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    s = (torch.rand(n, k // group, generator=g) * 0.02 + 1e-3).half()
+    mins = (torch.rand(n, k // group, generator=g) * -0.1).half()
+    sizes = torch.tensor([1.0, 0.7, 0.49, 0.26, 2.0 ** -20, 0.0, 0.51, 0.03] * 2)  # per block of 32
+    x = torch.randn(m, k, generator=g) * sizes.repeat_interleave(32)
+    x[3] *= 1e4  # rows of other sizes
+    x[4] = 0.0
+    meta = lambda t: t.double().repeat_interleave(group, dim=1)  # noqa: E731
+    w = q.double() * meta(s) + meta(mins) if offsets else (q.double() - 8) * meta(s)
+    y = native.gemm(x, 4, native.pack_int4(q), native.pack_meta(s), native.pack_meta(mins) if offsets else None,
+                    n, k, k, group, None, 2, offsets=offsets)
+
+    def model(codes, scales):
+        return ((codes.double() * scales.double()[..., None]).reshape(m, k)) @ w.T
+
+    expected = model(*pow2_block_codes(x))
+    assert rel_error(y, expected) < 2e-6
+    assert torch.equal(y[4], torch.zeros(n))
+    blocks = x.float().reshape(m, k // 32, 32)
+    own = blocks.abs().amax(-1) / 127.0
+    q8_0 = torch.where(own[..., None] > 0, blocks / own[..., None], 0.0).round()
+    assert rel_error(model(q8_0, own), expected) > 100 * 2e-6

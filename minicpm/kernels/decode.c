@@ -30,7 +30,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-int minicpm_decode_abi(void) { return 8; }
+int minicpm_decode_abi(void) { return 9; }
 
 enum { DT_F32 = 0, DT_BF16 = 1 };                  // model dtype: qgemm's and attention's codes
 enum { P_QGEMM = 0, P_STREAM = 1 };                // projection kernels
@@ -38,7 +38,8 @@ enum { ACT_SILU = 0, ACT_THRESHOLD = 1 };          // SwiGLU, or FATReLU/ReLU (z
 enum { ATT_F16 = 2, ATT_I8 = 3, ATT_I4 = 4 };      // attention.c's kinds for fp16 / int8 / int4 caches
 enum { KEY_BLOCK = 32 };                           // attention.c's: int4 keys' positions per block
 
-typedef int (*qgemm_fn)(const void *plan, const void *x, int xkind, long m, void *y, int tid, int nt, void *scratch);
+typedef int (*qgemm_fn)(const void *plan, const void *x, int xkind, long m, void *y, int tid, int nt, void *scratch,
+                        const void *held, void *shared);
 typedef long (*qscratch_fn)(const void *plan, long m);
 typedef void (*stream_fn)(const void *x, int64_t m, int64_t k, const void *w, int64_t n, const void *bias,
                           void *y, int tid, int nt);
@@ -132,14 +133,25 @@ static inline void *at(void *p, int64_t i, int dt) { return (char *)p + i * (dt 
 struct team {             // one thread of the region: its id, the team's size, its own scratch
     int tid, nt;
     void *qx;             // qgemm_plan_team's quantized x
+    void *qshared;        // the team's quantized x for prompt chunks (thread 0's qx, the same on every thread)
     float *scores, *probs;  // attention scores; MoE router probabilities
 };
 
-static int project(const struct proj *p, const void *x, int64_t m, void *y, const struct step *s,
-                   const struct team *tm) {
-    if (p->kind == P_QGEMM) return ((qgemm_fn)p->fn)(p->plan, x, (int)s->dtype, (long)m, y, tm->tid, tm->nt, tm->qx);
+// y = x W^T. `after`: the projection this thread ran just before on the same x and rows (k after q,
+// up after gate), whose quantized x qgemm may use again; NULL where x is new.
+static int project_after(const struct proj *p, const struct proj *after, const void *x, int64_t m, void *y,
+                         const struct step *s, const struct team *tm) {
+    if (p->kind == P_QGEMM) {
+        const void *held = after && after->kind == P_QGEMM ? after->plan : NULL;
+        return ((qgemm_fn)p->fn)(p->plan, x, (int)s->dtype, (long)m, y, tm->tid, tm->nt, tm->qx, held, tm->qshared);
+    }
     ((stream_fn)p->fn)(x, m, p->k, p->w, p->n, p->bias, y, tm->tid, tm->nt);
     return 0;
+}
+
+static int project(const struct proj *p, const void *x, int64_t m, void *y, const struct step *s,
+                   const struct team *tm) {
+    return project_after(p, NULL, x, m, y, s, tm);
 }
 
 // this thread's share [lo, hi) of n items
@@ -364,8 +376,8 @@ static void residual_norm(const struct step *s, void *x, const void *branch, con
 static int attention_block(const struct layer *L, const struct step *s, struct scratch *t, const struct team *tm) {
     const int dt = (int)s->dtype;
     const int64_t B = s->batch, d = s->head_dim, H = s->heads, KV = s->kv_heads;
-    if (project(&L->q, t->h, B, t->q, s, tm) || project(&L->k, t->h, B, t->k, s, tm)
-        || project(&L->v, t->h, B, t->v, s, tm))
+    if (project(&L->q, t->h, B, t->q, s, tm) || project_after(&L->k, &L->q, t->h, B, t->k, s, tm)
+        || project_after(&L->v, &L->k, t->h, B, t->v, s, tm))
         return -2;
 #pragma omp barrier
     rotate_and_store(L, s, t, tm);
@@ -451,7 +463,7 @@ static int moe_block(const struct layer *L, const struct step *s, void *out, str
 #pragma omp barrier
         }
         const struct proj *w = L->experts + 3 * e;
-        if (project(&w[0], x, n, t->g, s, tm) || project(&w[1], x, n, t->u, s, tm)) return -2;
+        if (project(&w[0], x, n, t->g, s, tm) || project_after(&w[1], &w[0], x, n, t->u, s, tm)) return -2;
 #pragma omp barrier
         gated(t->g, t->u, n * F, s, tm);
 #pragma omp barrier
@@ -643,7 +655,7 @@ static const void *mlp_block(const struct layer *L, const struct step *s, struct
         return t->ao;
     }
     if (L->down_rows) return sparse_mlp(L, s, t, tm, rc);
-    if (project(&L->gate, t->h, B, t->g, s, tm) || project(&L->up, t->h, B, t->u, s, tm)) *rc = -2;
+    if (project(&L->gate, t->h, B, t->g, s, tm) || project_after(&L->up, &L->gate, t->h, B, t->u, s, tm)) *rc = -2;
 #pragma omp barrier
     gated(t->g, t->u, B * s->inter, s, tm);
 #pragma omp barrier
@@ -728,7 +740,7 @@ int minicpm_decode_layers(const struct step *s, const struct layer *layers, int6
 #pragma omp parallel num_threads(threads) reduction(min : rc)
         {
             char *base = mine + own * omp_get_thread_num();
-            const struct team tm = {omp_get_thread_num(), omp_get_num_threads(), base, (float *)(base + qbytes),
+            const struct team tm = {omp_get_thread_num(), omp_get_num_threads(), base, mine, (float *)(base + qbytes),
                                     (float *)(base + qbytes) + attention};
             rc = team_layers(s, layers, nlayers, x, &t, &tm);
         }

@@ -99,23 +99,40 @@ static inline void store16_mask(void *p, long i, int kind, __m512 v, __mmask16 k
 
 static inline __mmask16 tail_mask(long left) { return left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1); }
 
-/* Values b0..b0+16*nv of one row of x -> int8 codes q[b0..], the block's scale (returned) and
- * the integer sum of each 16 codes (sums[nv]). */
-static inline float quantize_block(const void *x, int xkind, long K, long b0, int nv, int8_t *q, int *sums) {
-    __m512 v[8];
+static inline __m512 load_x16(const void *x, int xkind, long K, long k) {
+    return load16_mask(x, k, xkind, tail_mask(K - k > 0 ? K - k : 0));
+}
+
+/* max |x| over values b0..b0+16*nv of one row */
+static inline float block_absmax(const void *x, int xkind, long K, long b0, int nv) {
     __m512 amax = _mm512_setzero_ps();
+    for (int i = 0; i < nv; i++) amax = _mm512_max_ps(amax, _mm512_abs_ps(load_x16(x, xkind, K, b0 + 16 * i)));
+    return _mm512_reduce_max_ps(amax);
+}
+
+/* Values b0..b0+16*nv of one row -> int8 codes q[b0..] = round(x * id) and the integer sum of each
+ * 16 codes (sums[nv]). */
+static inline void block_codes(const void *x, int xkind, long K, long b0, int nv, float id, int8_t *q, int *sums) {
     for (int i = 0; i < nv; i++) {
-        long k = b0 + 16 * i;
-        v[i] = load16_mask(x, k, xkind, tail_mask(K - k > 0 ? K - k : 0));
-        amax = _mm512_max_ps(amax, _mm512_abs_ps(v[i]));
-    }
-    float m = _mm512_reduce_max_ps(amax);
-    float id = m > 0.f ? 127.f / m : 0.f;
-    for (int i = 0; i < nv; i++) {
-        __m512i qi = _mm512_cvtps_epi32(_mm512_mul_ps(v[i], _mm512_set1_ps(id)));
+        __m512i qi = _mm512_cvtps_epi32(_mm512_mul_ps(load_x16(x, xkind, K, b0 + 16 * i), _mm512_set1_ps(id)));
         sums[i] = _mm512_reduce_add_epi32(qi);
         _mm_storeu_si128((__m128i *)(q + b0 + 16 * i), _mm512_cvtepi32_epi8(qi));
     }
+}
+
+/* block_codes of 32 values, their codes' sum returned (one horizontal sum, not two) */
+static inline int codes32(const void *x, int xkind, long K, long b0, float id, int8_t *q) {
+    const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(load_x16(x, xkind, K, b0), _mm512_set1_ps(id)));
+    const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(load_x16(x, xkind, K, b0 + 16), _mm512_set1_ps(id)));
+    _mm_storeu_si128((__m128i *)(q + b0), _mm512_cvtepi32_epi8(q0));
+    _mm_storeu_si128((__m128i *)(q + b0 + 16), _mm512_cvtepi32_epi8(q1));
+    return _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+}
+
+/* A block's codes at its own scale max|x| / 127 (returned). */
+static inline float quantize_block(const void *x, int xkind, long K, long b0, int nv, int8_t *q, int *sums) {
+    const float m = block_absmax(x, xkind, K, b0, nv);
+    block_codes(x, xkind, K, b0, nv, m > 0.f ? 127.f / m : 0.f, q, sums);
     return m / 127.f;
 }
 
@@ -140,6 +157,58 @@ static void quantize_row(const void *x, int xkind, long K, long Kp, int QB, int 
             gs += dd * (float)total;
         }
         if (G >= QB) xg[g0 / G] = gs;
+    }
+}
+
+/* For the int4 tiles: one row of x in blocks of 32 whose scales are the row's scale D = max|x| / 127
+ * times a power of two, d_b = D 2^-e_b (e_b in 0..SHIFT_MAX, the largest with max|x_b| 2^e_b <= max|x|),
+ * as microscaling formats do. The tiles then scale a block's sum (converted to float, exactly: it
+ * is below 2^16) by 2^sh_b, sh_b = SHIFT_MAX - e_b, with an integer add to its exponent bits, and
+ * D 2^-SHIFT_MAX (r) multiplies each output once: per block and tile one FMA (by the weight's
+ * scale) instead of two, and on Zen 4 the FMAs share their units with vpdpbusd (128-row Q4_0
+ * products +8.6%, one 512-token prefill of MiniCPM-1B +4%: docs/speed.md). A sum of exactly 0
+ * becomes 2^(sh_b - 127) (< 2e-34) instead of 0. The largest block keeps Q8_0's exact scale; a
+ * block e_b below it uses 64..127 of the code range instead of 127 (at most one bit of its
+ * resolution: SmolLM2's WikiText-2 perplexity +0.05%). Writes codes q, d_b, the blocks' code sums
+ * bs, sh (as exponent-field increments, sh_b << 23), *r, and per group of G (>= 32) the sums
+ * xg[g] = sum_b 2^sh_b sum(q_b) (the zero points' and offsets' terms, in units of r). */
+enum { SHIFT_MAX = 15 };
+
+static inline int exponent_bits(float f) {  /* f's biased exponent */
+    union { float f; uint32_t u; } v = {f};
+    return (int)(v.u >> 23 & 0xff);
+}
+
+static inline float pow2f(int e) {  /* 2^e, e in -126..127 (exact; no libm in this library) */
+    union { uint32_t u; float f; } v = {(uint32_t)(e + 127) << 23};
+    return v.f;
+}
+
+static void quantize_row_pow2(const void *x, int xkind, long K, long Kp, int G, int8_t *q, float *d, int *bs,
+                              float *xg, int *sh, float *r) {
+    const long nb = Kp / 32;
+    float rowmax = 0.f;
+    for (long b = 0; b < nb; b++) {  /* d holds the blocks' maxima until their scales replace them */
+        d[b] = block_absmax(x, xkind, K, 32 * b, 2);
+        rowmax = d[b] > rowmax ? d[b] : rowmax;
+    }
+    *r = rowmax / 127.f * pow2f(-SHIFT_MAX);
+    float gs = 0.f;
+    for (long b = 0; b < nb; b++) {
+        int e = SHIFT_MAX;
+        if (d[b] > 0.f) {  /* the exponents' difference, less one where the mantissa says so */
+            e = exponent_bits(rowmax) - exponent_bits(d[b]);
+            e = e > SHIFT_MAX ? SHIFT_MAX : e;
+            if (e > 0 && d[b] * pow2f(e) > rowmax) e--;
+        }
+        bs[b] = codes32(x, xkind, K, 32 * b, rowmax > 0.f ? 127.f / rowmax * pow2f(e) : 0.f, q);
+        d[b] = rowmax / 127.f * pow2f(-e);
+        sh[b] = (SHIFT_MAX - e) << 23;
+        gs += (float)bs[b] * pow2f(SHIFT_MAX - e);
+        if ((b + 1) * 32 % G == 0) {
+            xg[(b + 1) * 32 / G - 1] = gs;
+            gs = 0.f;
+        }
     }
 }
 
@@ -169,7 +238,7 @@ static inline void superblock_meta(const void *meta, long tile, long Kp, int g, 
  * out[n * MC_MAX + m]: tile n, row m. */
 static inline __attribute__((always_inline)) void tile_int4(
     const uint8_t *w, const void *sc, const void *zc, long meta0, int mk, int form,
-    const int8_t *xq, const float *xd, const int *xs, const float *xg, long Kp, int G, const int MC,
+    const int8_t *xq, const int *xh, const float *xr, const int *xs, const float *xg, long Kp, int G, const int MC,
     const int NT, __m512 *out) {
     const __m512i m4 = _mm512_set1_epi8(0x0F);
     const int KG = (int)(Kp / G), bpg = G / 32, CH = INT4_CHAINS(MC, NT);
@@ -223,11 +292,12 @@ static inline __attribute__((always_inline)) void tile_int4(
                 }
 #pragma GCC unroll 8
             for (int m = 0; m < MC; m++) {
-                const __m512 d = _mm512_set1_ps(xd[m * nb + blk]);
+                const __m512i sh = _mm512_set1_epi32(xh[m * nb + blk]);  /* the x block's 2^sh (quantize_row_pow2) */
 #pragma GCC unroll 2
                 for (int n = 0; n < NT; n++) {
                     const __m512i sum = CH == 2 ? _mm512_add_epi32(ia[n][0][m], ia[n][1][m]) : ia[n][0][m];
-                    ga[n][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), d, ga[n][m]);
+                    const __m512 f = _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(_mm512_cvtepi32_ps(sum)), sh));
+                    ga[n][m] = bpg == 1 ? f : _mm512_add_ps(ga[n][m], f);
                 }
             }
         }
@@ -258,7 +328,7 @@ static inline __attribute__((always_inline)) void tile_int4(
 #pragma GCC unroll 2
     for (int n = 0; n < NT; n++)
 #pragma GCC unroll 8
-        for (int m = 0; m < MC; m++) out[n * MC_MAX + m] = acc[n][m];
+        for (int m = 0; m < MC; m++) out[n * MC_MAX + m] = _mm512_mul_ps(acc[n][m], _mm512_set1_ps(xr[m]));
 }
 
 /* Bits 4-5 of the Q6_K codes for load L (0..3) of a 32-k chunk, in place in every byte: byte b of a
@@ -425,16 +495,16 @@ static inline __attribute__((always_inline)) void tile_int8g(
  * sets it) or per group. */
 static inline __attribute__((always_inline)) void run_tile(
     int bits, int form, const uint8_t *w, const void *sc, const void *zc, long t, int mk,
-    const int8_t *xq, const float *xd, const int *xs, const float *xg, long Kp, int G, int QB, const int MC,
-    const int NT, __m512 *out) {
+    const int8_t *xq, const float *xd, const int *xs, const int *xh, const float *xr, const float *xg, long Kp,
+    int G, int QB, const int MC, const int NT, __m512 *out) {
     if (bits == 6)
         tile_int6(w + t * 12 * Kp, (const uint8_t *)sc + t * (Kp / SB_K) * Q6_SB_BYTES, xq, xd, xg, Kp, MC, out);
     else if (bits == 4 && form == 2 && G == 32)  /* GGUF's Q4_0: form and group constants, the block loop folds */
-        tile_int4(w + t * 8 * Kp, sc, zc, t * 16 * (Kp / 32), mk, 2, xq, xd, xs, xg, Kp, 32, MC, NT, out);
+        tile_int4(w + t * 8 * Kp, sc, zc, t * 16 * (Kp / 32), mk, 2, xq, xh, xr, xs, xg, Kp, 32, MC, NT, out);
     else if (bits == 4 && G == 32)  /* one x block a group (Q4_1, Q4_K) */
-        tile_int4(w + t * 8 * Kp, sc, zc, t * 16 * (Kp / 32), mk, form, xq, xd, xs, xg, Kp, 32, MC, NT, out);
+        tile_int4(w + t * 8 * Kp, sc, zc, t * 16 * (Kp / 32), mk, form, xq, xh, xr, xs, xg, Kp, 32, MC, NT, out);
     else if (bits == 4)
-        tile_int4(w + t * 8 * Kp, sc, zc, t * 16 * (Kp / G), mk, form, xq, xd, xs, xg, Kp, G, MC, NT, out);
+        tile_int4(w + t * 8 * Kp, sc, zc, t * 16 * (Kp / G), mk, form, xq, xh, xr, xs, xg, Kp, G, MC, NT, out);
     else if (G == Kp)
         tile_int8(w + t * 16 * Kp, sc, t * 16, mk, xq, xd, xg, Kp, QB, MC, out);
     else if (G == 16)  /* a constant: the halves' loops unroll */
@@ -445,20 +515,21 @@ static inline __attribute__((always_inline)) void run_tile(
         tile_int8g(w + t * 16 * Kp, sc, t * 16 * (Kp / G), mk, xq, xd, xg, Kp, G, MC, out);
 }
 
-int qgemm_abi_version(void) { return 7; }
+int qgemm_abi_version(void) { return 8; }
 
 /* x quantized for the tiles: int8 codes [M][Kp], block scales [M][Kp/QB], group sums [M][Kp/G],
- * the blocks' integer code sums [M][Kp/QB] */
+ * the blocks' integer code sums [M][Kp/QB]; for int4 (quantize_row_pow2) the blocks' shifts
+ * [M][Kp/QB] and the rows' scales [M] */
 struct qx {
     int8_t *q;
-    float *d, *g;
-    int *s;
+    float *d, *g, *r;
+    int *s, *h;
 };
 
 /* Bytes of scratch for M rows of quantized x, laid out by qx_in (64 of slack to align the codes). */
 static size_t qx_bytes(long M, long Kp, int QB, int G) {
-    return ((size_t)M * Kp + 63) / 64 * 64 + sizeof(float) * (size_t)M * (Kp / QB + Kp / G)
-           + sizeof(int) * (size_t)M * (Kp / QB) + 64;
+    return ((size_t)M * Kp + 63) / 64 * 64 + sizeof(float) * (size_t)M * (Kp / QB + Kp / G + 1)
+           + sizeof(int) * (size_t)M * (2 * (Kp / QB)) + 64;
 }
 
 static struct qx qx_in(void *scratch, long M, long Kp, int QB, int G) {
@@ -466,17 +537,24 @@ static struct qx qx_in(void *scratch, long M, long Kp, int QB, int G) {
     t.q = (int8_t *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
     t.d = (float *)(t.q + ((size_t)M * Kp + 63) / 64 * 64);
     t.g = t.d + (size_t)M * (Kp / QB);
-    t.s = (int *)(t.g + (size_t)M * (Kp / G));
+    t.r = t.g + (size_t)M * (Kp / G);
+    t.s = (int *)(t.r + M);
+    t.h = t.s + (size_t)M * (Kp / QB);
     return t;
 }
 
-static void quantize_rows(const struct qx *t, const void *x, int xkind, long m0, long m1, long K, long Kp,
-                          int QB, int G) {
+static void quantize_rows(int bits, const struct qx *t, const void *x, int xkind, long m0, long m1, long K,
+                          long Kp, int QB, int G) {
     const size_t xrow = (size_t)K * (xkind == K_F32 ? 4 : 2);
     const long nb = Kp / QB, KG = Kp / G;
-    for (long m = m0; m < m1; m++)
-        quantize_row((const char *)x + m * xrow, xkind, K, Kp, QB, G, t->q + m * Kp, t->d + m * nb, t->s + m * nb,
-                     t->g + m * KG);
+    for (long m = m0; m < m1; m++) {
+        const void *row = (const char *)x + m * xrow;
+        if (bits == 4)  /* QB is 32 (group_of) */
+            quantize_row_pow2(row, xkind, K, Kp, G, t->q + m * Kp, t->d + m * nb, t->s + m * nb, t->g + m * KG,
+                              t->h + m * nb, t->r + m);
+        else
+            quantize_row(row, xkind, K, Kp, QB, G, t->q + m * Kp, t->d + m * nb, t->s + m * nb, t->g + m * KG);
+    }
 }
 
 /* Rows [m0, m0 + mc) of y for NT tiles from t, through run_tile with a constant row count (the row
@@ -488,17 +566,18 @@ static inline __attribute__((always_inline)) void tile_rows(
     const long nb = Kp / QB, KG = Kp / G;
     const int8_t *xq = in->q + m0 * Kp;
     const float *xd = in->d + m0 * nb, *xg = in->g + m0 * KG;
-    const int *xs = in->s + m0 * nb;
+    const int *xs = in->s + m0 * nb, *xh = in->h + m0 * nb;
+    const float *xr = in->r + m0;
     __m512 out[2 * MC_MAX];
     switch (mc) {
 #if MC_MAX >= 6
-    case 6: run_tile(bits, form, w, sc, zc, t, mk, xq, xd, xs, xg, Kp, G, QB, 6, NT, out); break;
-    case 5: run_tile(bits, form, w, sc, zc, t, mk, xq, xd, xs, xg, Kp, G, QB, 5, NT, out); break;
+    case 6: run_tile(bits, form, w, sc, zc, t, mk, xq, xd, xs, xh, xr, xg, Kp, G, QB, 6, NT, out); break;
+    case 5: run_tile(bits, form, w, sc, zc, t, mk, xq, xd, xs, xh, xr, xg, Kp, G, QB, 5, NT, out); break;
 #endif
-    case 4: run_tile(bits, form, w, sc, zc, t, mk, xq, xd, xs, xg, Kp, G, QB, 4, NT, out); break;
-    case 3: run_tile(bits, form, w, sc, zc, t, mk, xq, xd, xs, xg, Kp, G, QB, 3, NT, out); break;
-    case 2: run_tile(bits, form, w, sc, zc, t, mk, xq, xd, xs, xg, Kp, G, QB, 2, NT, out); break;
-    default: run_tile(bits, form, w, sc, zc, t, mk, xq, xd, xs, xg, Kp, G, QB, 1, NT, out); break;
+    case 4: run_tile(bits, form, w, sc, zc, t, mk, xq, xd, xs, xh, xr, xg, Kp, G, QB, 4, NT, out); break;
+    case 3: run_tile(bits, form, w, sc, zc, t, mk, xq, xd, xs, xh, xr, xg, Kp, G, QB, 3, NT, out); break;
+    case 2: run_tile(bits, form, w, sc, zc, t, mk, xq, xd, xs, xh, xr, xg, Kp, G, QB, 2, NT, out); break;
+    default: run_tile(bits, form, w, sc, zc, t, mk, xq, xd, xs, xh, xr, xg, Kp, G, QB, 1, NT, out); break;
     }
     for (int n = 0; n < NT; n++) {
         const __mmask16 km = tail_mask(N - 16 * (t + n));
@@ -553,12 +632,12 @@ int qgemm(int bits, const void *x, int xkind, long M, long K, long Kp, long N, i
     if (T < nthreads) nthreads = (int)T;
     /* a few rows are quantized before forking: one barrier less per decode call */
     const int serial_quant = M * Kp <= 16384;
-    if (serial_quant) quantize_rows(&t, x, xkind, 0, M, K, Kp, QB, G);
+    if (serial_quant) quantize_rows(bits, &t, x, xkind, 0, M, K, Kp, QB, G);
 #pragma omp parallel num_threads(nthreads)
     {
         const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
         if (!serial_quant) {
-            quantize_rows(&t, x, xkind, M * tid / nt, M * (tid + 1) / nt, K, Kp, QB, G);
+            quantize_rows(bits, &t, x, xkind, M * tid / nt, M * (tid + 1) / nt, K, Kp, QB, G);
 #pragma omp barrier
         }
         tiles(bits, &t, M, Kp, N, G, QB, w, sc, zc, mk, bias, bkind, y, xkind, form, T * tid / nt, T * (tid + 1) / nt);
@@ -589,16 +668,43 @@ long qgemm_plan_scratch(const struct qplan *p, long M) {
     return G ? (long)qx_bytes(M, p->Kp, p->QB, G) : 0;
 }
 
+/* Whether x quantized for plan a is x quantized for plan b: the same codes, scales and sums. */
+static int same_quantized_x(const struct qplan *a, const struct qplan *b) {
+    return (a->bits == 4) == (b->bits == 4) && a->K == b->K && a->Kp == b->Kp && a->QB == b->QB
+           && group_of(a->bits, a->G, a->QB, a->Kp, a->form) == group_of(b->bits, b->G, b->QB, b->Kp, b->form);
+}
+
+#define SHARED_ROWS 16  /* from this many rows the team quantizes x once, each thread a share, then waits */
+
 /* Thread tid's share of qgemm_plan, inside a parallel region the caller opened: no region, no
- * allocation, no barrier. Each thread quantizes all of x into its own scratch (of
- * qgemm_plan_scratch bytes): redundant, but cheaper than a barrier at decode sizes. */
+ * allocation. Below SHARED_ROWS rows each thread quantizes all of x into its own scratch (of
+ * qgemm_plan_scratch bytes), with no barrier: redundant, but cheaper than a barrier at decode
+ * sizes. From SHARED_ROWS (a prompt chunk) the threads quantize their shares of the rows into
+ * `shared` (one thread's scratch, the same pointer on every thread) and meet at a barrier; the
+ * caller must pass a barrier before `shared` is written again (decode.c: every new x is made by
+ * the whole team). `held`: the plan of this thread's previous call on the same x and M (q, k and v
+ * of one input; gate and up), or NULL; where its quantized x is this plan's, it is used again, else
+ * quantized afresh (after a barrier, in `shared`)
+ * (prefill of MiniCPM-1B: quantizing x was 5% of the time, each input quantized 2-3 times on
+ * each thread). */
 int qgemm_plan_team(const struct qplan *p, const void *x, int xkind, long M, void *y, int tid, int nt,
-                    void *scratch) {
+                    void *scratch, const struct qplan *held, void *shared) {
     const int G = group_of(p->bits, p->G, p->QB, p->Kp, p->form);
     if (!G) return -2;
     const long T = (p->N + 15) / 16;
-    const struct qx t = qx_in(scratch, M, p->Kp, p->QB, G);
-    quantize_rows(&t, x, xkind, 0, M, p->K, p->Kp, p->QB, G);
+    const int team = M >= SHARED_ROWS && nt > 1 && shared;
+    const struct qx t = qx_in(team ? shared : scratch, M, p->Kp, p->QB, G);
+    if (!held || !same_quantized_x(held, p)) {
+        if (team) {
+            if (held) {  /* the team may still be reading the previous plan's x (v Q6_K after k Q4_K) */
+#pragma omp barrier
+            }
+            quantize_rows(p->bits, &t, x, xkind, M * tid / nt, M * (tid + 1) / nt, p->K, p->Kp, p->QB, G);
+#pragma omp barrier
+        } else {
+            quantize_rows(p->bits, &t, x, xkind, 0, M, p->K, p->Kp, p->QB, G);
+        }
+    }
     tiles(p->bits, &t, M, p->Kp, p->N, G, p->QB, p->w, p->sc, p->zc, p->mk, p->bias, p->bkind, y, xkind, p->form,
           T * tid / nt, T * (tid + 1) / nt);
     return 0;

@@ -19,7 +19,7 @@ import threading
 
 import numpy as np
 
-ABI_VERSION = 7  # qgemm.c's qgemm_abi_version()
+ABI_VERSION = 8  # qgemm.c's qgemm_abi_version()
 FORM_SYMMETRIC = 2  # qgemm.c's int4 form without zero points: w = (q - 8) * s
 FORM_SUPERBLOCK = 3  # qgemm.c's form of GGUF's super-blocks as stored: Q4_K (int4) w = q * (d sc) - dmin mn,
                      # Q6_K (int6) w = (q - 32) * (d sc)
