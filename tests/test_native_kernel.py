@@ -329,3 +329,26 @@ def test_int4_activation_blocks_share_the_rows_scale(group, offsets):
     own = blocks.abs().amax(-1) / 127.0
     q8_0 = torch.where(own[..., None] > 0, blocks / own[..., None], 0.0).round()
     assert rel_error(model(q8_0, own), expected) > 100 * 2e-6
+
+
+@pytest.mark.parametrize("native_env", ["1", "0"])
+def test_gemm_is_the_first_call_of_a_process(native_env):
+    """gemm() before anything asked whether the kernel is available: it builds and checks it (or,
+    disabled, raises KernelUnavailable saying why), not an AttributeError on the unset library."""
+    code = textwrap.dedent("""
+        import torch
+        from minicpm.kernels import qgemm
+        from minicpm.kernels.build import KernelUnavailable
+        n, k = 16, 64
+        q, s = torch.randint(0, 16, (n, k), dtype=torch.uint8), torch.rand(n, k // 32).half()
+        try:
+            y = qgemm.gemm(torch.randn(2, k), 4, qgemm.pack_int4(q), qgemm.pack_meta(s), None, n, k, k, 32, None, 2)
+            print("shape", tuple(y.shape))
+        except KernelUnavailable as e:
+            print("unavailable:", e)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "MINICPM_NATIVE": native_env})
+    assert out.returncode == 0, out.stderr[-2000:]
+    expected = "shape (2, 16)" if native_env == "1" else "unavailable: native qgemm is unavailable: disabled by MINICPM_NATIVE=0"
+    assert out.stdout.strip() == expected

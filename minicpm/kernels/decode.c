@@ -647,8 +647,7 @@ static const void *sparse_mlp(const struct layer *L, const struct step *s, struc
 // The MLP half of a layer, from h = RMSNorm2(x) to its branch (returned; the caller adds it).
 static const void *mlp_block(const struct layer *L, const struct step *s, struct scratch *t, const struct team *tm,
                              int *rc) {
-    const int dt = (int)s->dtype;
-    const int64_t B = s->batch, D = s->hidden;
+    const int64_t B = s->batch;
     if (L->experts) {
         *rc = moe_block(L, s, t->ao, t, tm);
 #pragma omp barrier

@@ -177,6 +177,8 @@ def plan(bits: int, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
 
 def run(p: Plan, x: torch.Tensor, threads: int | None = None) -> torch.Tensor:
     """y = x @ W.T + bias for x [..., K] contiguous fp32/bf16 on the CPU; y [..., N] in x's dtype."""
+    if _lib is None and library() is None:  # built and checked on first use; else say why not
+        raise KernelUnavailable(f"native qgemm is unavailable: {reason()}")
     y = torch.empty(x.shape[:-1] + (p.N,), dtype=x.dtype)
     m = x.numel() // p.K
     rc = m and _lib.qgemm_plan(p.ref, x.data_ptr(), KINDS[x.dtype], m, y.data_ptr(), threads or torch.get_num_threads())
