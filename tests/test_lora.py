@@ -203,12 +203,14 @@ def _module_update(x, layer: LoraLinear, dropout: float, mask=None):
     return layer.lora_B(layer.lora_A(dropped.to(layer.lora_A.weight.dtype))) * layer.scaling
 
 
+@pytest.mark.parametrize("alpha", [8, 6])
 @pytest.mark.parametrize("mask", ["native", "bernoulli"])
 @pytest.mark.parametrize("bf16", [False, True])
-def test_low_rank_update_equals_dropout_and_two_linears(bf16, mask, monkeypatch):
+def test_low_rank_update_equals_dropout_and_two_linears(bf16, mask, alpha, monkeypatch):
     """Same mask, same products in the same order: the output and the gradients of x, A and B
     are bitwise those of the module version, with or without bf16 autocast; the mask the native
-    kernel hashes from a seed drawn from PyTorch's generator, or (where it cannot serve) bernoulli_'s."""
+    kernel hashes from a seed drawn from PyTorch's generator, or (where it cannot serve) bernoulli_'s.
+    alpha / r = 2 is applied to B, not to the output (exact for a power of two); 1.5 to the output."""
     from minicpm.kernels import dropout as native
     from minicpm.training.lora_update import low_rank_update
 
@@ -216,7 +218,7 @@ def test_low_rank_update_equals_dropout_and_two_linears(bf16, mask, monkeypatch)
         monkeypatch.setattr(native, "available", lambda x, dtype: False)
     else:
         assert native.available(torch.ones(1), torch.bfloat16), "the dropout kernel should serve on this CPU"
-    layer = LoraLinear(torch.nn.Linear(24, 40, bias=False), LoraSpec(r=4, alpha=8, dropout=0.25))
+    layer = LoraLinear(torch.nn.Linear(24, 40, bias=False), LoraSpec(r=4, alpha=alpha, dropout=0.25))
     torch.nn.init.normal_(layer.lora_B.weight)
     results = []
     for run in ("modules", "function"):

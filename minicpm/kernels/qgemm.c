@@ -23,6 +23,8 @@
  * Form 2's constant zero point 8 is folded into the int32 sums instead: each block's accumulator
  * starts at -8 sum(xq_b), so a group costs one float product (s * sum) and no group sums.
  * Groups of 16 (smaller than the x block) split a block's 8 int8 loads into two halves.
+ * For the int4 tiles the block scales are the row's scale times powers of two (quantize_row_pow2),
+ * so d_b enters as an exponent add and the row's scale multiplies each output once.
  *
  * Weight layout: tiles of 16 output rows, one 32-bit lane per row, so that a vpdpbusd against a
  * broadcast of 4 x bytes does 16 rows x 4 k at once and no horizontal sums are needed.

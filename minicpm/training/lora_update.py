@@ -18,6 +18,8 @@ generator's saved state.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -50,11 +52,13 @@ class _LowRankUpdate(torch.autograd.Function):
         # the mask: a seed for the native kernel's hash, or the generator's state for bernoulli_
         seed = native.draw_seed() if dropout and native.available(x, dtype) else None
         rng = _rng_state(x.device) if dropout and seed is None else None
+        exact = _power_of_two(scaling)
         with torch.autocast(x.device.type, enabled=False):
             h = F.linear(_dropped(x, dropout, dtype, seed), a.to(dtype))
-            out = F.linear(h, b.to(dtype)) * scaling
+            out = F.linear(h, b.to(dtype) * scaling) if exact else F.linear(h, b.to(dtype)) * scaling
         ctx.save_for_backward(x, a, b, h)
         ctx.dropout, ctx.scaling, ctx.dtype, ctx.rng, ctx.seed = dropout, scaling, dtype, rng, seed
+        ctx.exact = exact
         return out
 
     @staticmethod
@@ -63,10 +67,11 @@ class _LowRankUpdate(torch.autograd.Function):
         dtype = ctx.dtype
         grad_x = grad_a = grad_b = None
         with torch.autocast(x.device.type, enabled=False):
-            grad = grad.to(dtype) * ctx.scaling
+            scaling = ctx.scaling if ctx.exact else 1  # on the small factors, else on grad
+            grad = grad.to(dtype) if ctx.exact else grad.to(dtype) * ctx.scaling
             if ctx.needs_input_grad[2]:
-                grad_b = (grad.flatten(0, -2).T @ h.flatten(0, -2)).to(b.dtype)
-            grad_h = grad @ b.to(dtype)
+                grad_b = ((grad.flatten(0, -2).T @ h.flatten(0, -2)) * scaling).to(b.dtype)
+            grad_h = grad @ (b.to(dtype) * scaling)
             if ctx.seed is not None:  # the native kernel's mask, hashed again
                 if ctx.needs_input_grad[1]:
                     dropped = native.dropped(x, ctx.dropout, ctx.seed, dtype)
@@ -85,6 +90,13 @@ class _LowRankUpdate(torch.autograd.Function):
                 if ctx.needs_input_grad[0]:
                     grad_x = _apply((grad_h @ a.to(dtype)).to(x.dtype), mask, ctx.dropout)
         return grad_x, grad_a, grad_b, None, None, None
+
+
+def _power_of_two(scaling: float) -> bool:
+    """Whether multiplying by `scaling` is exact (barring overflow and subnormals): then it is
+    applied to B ([out, r]) instead of the output ([..., out]), bitwise the same product and
+    ~out/r times fewer multiplies (alpha / r is 2 or 4 in the usual settings)."""
+    return scaling > 0 and math.frexp(scaling)[0] == 0.5
 
 
 def _mask(x: torch.Tensor, dropout: float) -> torch.Tensor | None:
