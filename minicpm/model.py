@@ -236,9 +236,13 @@ class DecoderLayer(nn.Module):
         self.residual_scale = config.residual_scale
 
     def forward(self, x, cos, sin, mask, cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache) * self.residual_scale
-        x = x + self.mlp(self.post_attention_layernorm(x)) * self.residual_scale
+        x = x + self._scaled(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache))
+        x = x + self._scaled(self.mlp(self.post_attention_layernorm(x)))
         return x
+
+    def _scaled(self, branch: torch.Tensor) -> torch.Tensor:
+        # llama-format checkpoints scale by 1: skip a pass over the activations (and its backward)
+        return branch if self.residual_scale == 1 else branch * self.residual_scale
 
 
 class MiniCPMModel(nn.Module):
