@@ -334,8 +334,8 @@ def test_prebuild_compiles_every_kernel_once_beside_a_first_use(tmp_path):
     assert out.stdout.split() == ["first", "use:", "True", "second:", "True"]
     root = tmp_path / "minicpm" / "kernels"
     built = sorted(p.name for p in root.rglob("*.so"))  # the executor's threads finish before exit
-    assert built == ["attention.so", "decode.so", "linear_bf16.so", "linear_f32.so", "qgemm.so"]
-    assert len({p.parent for p in root.rglob("*.so")}) == 5 and not list(root.rglob(".*"))
+    assert built == ["attention.so", "decode.so", "linear_bf16.so", "linear_f32.so", "qgemm.so", "rotary.so"]
+    assert len({p.parent for p in root.rglob("*.so")}) == 6 and not list(root.rglob(".*"))
 
 
 def test_avx2_path_passes_the_kernel_tests(tmp_path):
@@ -356,4 +356,31 @@ def test_avx2_path_passes_the_kernel_tests(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     assert " passed" in out.stdout and "skipped" not in out.stdout.splitlines()[-1]
     built = sorted(p.name for p in (tmp_path / "minicpm" / "kernels").rglob("*.so"))
-    assert built == ["attention.so", "decode.so", "dropout.so", "linear_bf16.so", "linear_f32.so", "qgemm.so"]
+    assert built == ["attention.so", "decode.so", "dropout.so", "linear_bf16.so", "linear_f32.so", "qgemm.so",
+                     "rotary.so"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("table_rows", [1, 3])
+def test_native_rotary_is_the_python_expression_bitwise(dtype, table_rows):
+    """model.apply_rotary through rotary.c: values, output strides and the gradient of x bitwise
+    those of the Python expression and its autograd, for a transposed [B, S, H, D] view (as the
+    attention makes q and k) with one table for the batch or one per row, and a contiguous x."""
+    from minicpm import model as M
+    from minicpm.kernels import rotary
+
+    g = torch.Generator().manual_seed(5)
+    cos, sin = torch.rand(2, table_rows, 7, 32, generator=g) * 2 - 1
+    for x0 in (torch.randn(3, 7, 4, 32, generator=g).to(dtype).transpose(1, 2), torch.randn(3, 4, 7, 32, generator=g).to(dtype)):
+        native, plain = x0.clone().requires_grad_(), x0.clone().requires_grad_()
+        y = rotary.apply(native, cos, sin)
+        assert y is not None, "the rotary kernel should serve on this CPU"
+        xf = plain.float()
+        ref = (xf * cos[:, None] + M.rotate_half(xf) * sin[:, None]).to(dtype)
+        grad = torch.randn(ref.shape, generator=g).to(dtype)
+        y.backward(grad)
+        ref.backward(grad)
+        assert torch.equal(y, ref) and y.stride() == ref.stride()
+        assert torch.equal(native.grad, plain.grad)
+    assert rotary.apply(x0.half(), cos, sin) is None  # fp16: the Python expression
+    assert rotary.apply(x0, cos.requires_grad_(), sin) is None  # gradients for the tables: autograd's

@@ -17,9 +17,11 @@ DECODE = Kernel("decode", "decode step kernel", "minicpm.kernels.decode:setup", 
 LINEAR_BF16 = Kernel("linear_bf16", "bf16 linear kernel", "minicpm.kernels.linear:setup_bf16")
 LINEAR_F32 = Kernel("linear_f32", "fp32 linear kernel", "minicpm.kernels.linear:setup_f32")
 DROPOUT = Kernel("dropout", "dropout kernel", "minicpm.kernels.dropout:setup")
+# No FMA contraction: bitwise the Python expression's separate products and sums.
+ROTARY = Kernel("rotary", "rotary embedding kernel", "minicpm.kernels.rotary:setup", extra_flags=("-ffp-contract=off",))
 
 # first needed first: the int4/int8 products are built while a quantized checkpoint loads
-ALL = (QGEMM, ATTENTION, DECODE, LINEAR_F32, LINEAR_BF16)  # DROPOUT: training only, built on its first use
+ALL = (QGEMM, ATTENTION, DECODE, LINEAR_F32, LINEAR_BF16, ROTARY)  # DROPOUT: training only, built on its first use
 
 
 @functools.cache
