@@ -168,10 +168,10 @@ static void quantize_row(const void *x, int xkind, long K, long Kp, int QB, int 
  * is below 2^16) by 2^sh_b, sh_b = SHIFT_MAX - e_b, with an integer add to its exponent bits, and
  * D 2^-SHIFT_MAX (r) multiplies each output once: per block and tile one FMA (by the weight's
  * scale) instead of two, and on Zen 4 the FMAs share their units with vpdpbusd (128-row Q4_0
- * products +8.6%, one 512-token prefill of MiniCPM-1B +4%: docs/speed.md). A sum of exactly 0
- * becomes 2^(sh_b - 127) (< 2e-34) instead of 0. The largest block keeps Q8_0's exact scale; a
- * block e_b below it uses 64..127 of the code range instead of 127 (at most one bit of its
- * resolution: SmolLM2's WikiText-2 perplexity +0.05%). Writes codes q, d_b, the blocks' code sums
+ * products +8.6%; 512-token prefills of the 1B/2B shapes +6-11% with the shared quantization below:
+ * docs/speed.md). A sum of exactly 0 becomes 2^(sh_b - 127) (< 2e-34) instead of 0. The
+ * largest block keeps Q8_0's exact scale; a block e_b below it uses 64..127 of the code range
+ * instead of 127 (at most one bit of its resolution: SmolLM2's WikiText-2 perplexity +0.05%). Writes codes q, d_b, the blocks' code sums
  * bs, sh (as exponent-field increments, sh_b << 23), *r, and per group of G (>= 32) the sums
  * xg[g] = sum_b 2^sh_b sum(q_b) (the zero points' and offsets' terms, in units of r). */
 enum { SHIFT_MAX = 15 };
