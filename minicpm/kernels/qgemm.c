@@ -112,23 +112,20 @@ static inline float block_absmax(const void *x, int xkind, long K, long b0, int 
     return _mm512_reduce_max_ps(amax);
 }
 
-/* Values b0..b0+16*nv of one row -> int8 codes q[b0..] = round(x * id) and the integer sum of each
- * 16 codes (sums[nv]). */
-static inline void block_codes(const void *x, int xkind, long K, long b0, int nv, float id, int8_t *q, int *sums) {
+/* Values b0..b0+16*nv of one row -> int8 codes q[b0..] = round(x * id); returns their integer sum,
+ * and with `sums` also writes the sum of each 16 (NULL: one horizontal sum instead of nv). */
+static inline int block_codes(const void *x, int xkind, long K, long b0, int nv, float id, int8_t *q, int *sums) {
+    __m512i all = _mm512_setzero_si512();
+    int total = 0;
     for (int i = 0; i < nv; i++) {
         __m512i qi = _mm512_cvtps_epi32(_mm512_mul_ps(load_x16(x, xkind, K, b0 + 16 * i), _mm512_set1_ps(id)));
-        sums[i] = _mm512_reduce_add_epi32(qi);
         _mm_storeu_si128((__m128i *)(q + b0 + 16 * i), _mm512_cvtepi32_epi8(qi));
+        if (sums)
+            total += sums[i] = _mm512_reduce_add_epi32(qi);
+        else
+            all = _mm512_add_epi32(all, qi);
     }
-}
-
-/* block_codes of 32 values, their codes' sum returned (one horizontal sum, not two) */
-static inline int codes32(const void *x, int xkind, long K, long b0, float id, int8_t *q) {
-    const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(load_x16(x, xkind, K, b0), _mm512_set1_ps(id)));
-    const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(load_x16(x, xkind, K, b0 + 16), _mm512_set1_ps(id)));
-    _mm_storeu_si128((__m128i *)(q + b0), _mm512_cvtepi32_epi8(q0));
-    _mm_storeu_si128((__m128i *)(q + b0 + 16), _mm512_cvtepi32_epi8(q1));
-    return _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+    return sums ? total : _mm512_reduce_add_epi32(all);
 }
 
 /* A block's codes at its own scale max|x| / 127 (returned). */
@@ -171,9 +168,10 @@ static void quantize_row(const void *x, int xkind, long K, long Kp, int QB, int 
  * products +8.6%; 512-token prefills of the 1B/2B shapes +6-11% with the shared quantization below:
  * docs/speed.md). A sum of exactly 0 becomes 2^(sh_b - 127) (< 2e-34) instead of 0. The
  * largest block keeps Q8_0's exact scale; a block e_b below it uses 64..127 of the code range
- * instead of 127 (at most one bit of its resolution: SmolLM2's WikiText-2 perplexity +0.05%). Writes codes q, d_b, the blocks' code sums
- * bs, sh (as exponent-field increments, sh_b << 23), *r, and per group of G (>= 32) the sums
- * xg[g] = sum_b 2^sh_b sum(q_b) (the zero points' and offsets' terms, in units of r). */
+ * instead of 127 (at most one bit of its resolution: SmolLM2's WikiText-2 perplexity +0.05%).
+ * Writes codes q, the blocks' code sums bs, sh (as exponent-field increments, sh_b << 23), *r, and
+ * per group of G (>= 32) the sums xg[g] = sum_b 2^sh_b sum(q_b) (the zero points' and offsets'
+ * terms, in units of r); `amax` is scratch for the blocks' max |x| (the tiles read no d_b). */
 enum { SHIFT_MAX = 15 };
 
 static inline int exponent_bits(float f) {  /* f's biased exponent */
@@ -186,25 +184,24 @@ static inline float pow2f(int e) {  /* 2^e, e in -126..127 (exact; no libm in th
     return v.f;
 }
 
-static void quantize_row_pow2(const void *x, int xkind, long K, long Kp, int G, int8_t *q, float *d, int *bs,
+static void quantize_row_pow2(const void *x, int xkind, long K, long Kp, int G, int8_t *q, float *amax, int *bs,
                               float *xg, int *sh, float *r) {
     const long nb = Kp / 32;
     float rowmax = 0.f;
-    for (long b = 0; b < nb; b++) {  /* d holds the blocks' maxima until their scales replace them */
-        d[b] = block_absmax(x, xkind, K, 32 * b, 2);
-        rowmax = d[b] > rowmax ? d[b] : rowmax;
+    for (long b = 0; b < nb; b++) {
+        amax[b] = block_absmax(x, xkind, K, 32 * b, 2);
+        rowmax = amax[b] > rowmax ? amax[b] : rowmax;
     }
     *r = rowmax / 127.f * pow2f(-SHIFT_MAX);
     float gs = 0.f;
     for (long b = 0; b < nb; b++) {
         int e = SHIFT_MAX;
-        if (d[b] > 0.f) {  /* the exponents' difference, less one where the mantissa says so */
-            e = exponent_bits(rowmax) - exponent_bits(d[b]);
+        if (amax[b] > 0.f) {  /* the exponents' difference, less one where the mantissa says so */
+            e = exponent_bits(rowmax) - exponent_bits(amax[b]);
             e = e > SHIFT_MAX ? SHIFT_MAX : e;
-            if (e > 0 && d[b] * pow2f(e) > rowmax) e--;
+            if (e > 0 && amax[b] * pow2f(e) > rowmax) e--;
         }
-        bs[b] = codes32(x, xkind, K, 32 * b, rowmax > 0.f ? 127.f / rowmax * pow2f(e) : 0.f, q);
-        d[b] = rowmax / 127.f * pow2f(-e);
+        bs[b] = block_codes(x, xkind, K, 32 * b, 2, rowmax > 0.f ? 127.f / rowmax * pow2f(e) : 0.f, q, NULL);
         sh[b] = (SHIFT_MAX - e) << 23;
         gs += (float)bs[b] * pow2f(SHIFT_MAX - e);
         if ((b + 1) * 32 % G == 0) {
@@ -519,9 +516,9 @@ static inline __attribute__((always_inline)) void run_tile(
 
 int qgemm_abi_version(void) { return 8; }
 
-/* x quantized for the tiles: int8 codes [M][Kp], block scales [M][Kp/QB], group sums [M][Kp/G],
- * the blocks' integer code sums [M][Kp/QB]; for int4 (quantize_row_pow2) the blocks' shifts
- * [M][Kp/QB] and the rows' scales [M] */
+/* x quantized for the tiles: int8 codes [M][Kp], block scales [M][Kp/QB] (int4: quantize_row_pow2's
+ * scratch), group sums [M][Kp/G], the blocks' integer code sums [M][Kp/QB]; for int4 the blocks'
+ * shifts [M][Kp/QB] and the rows' scales [M] */
 struct qx {
     int8_t *q;
     float *d, *g, *r;
