@@ -52,13 +52,14 @@ class _LowRankUpdate(torch.autograd.Function):
         # the mask: a seed for the native kernel's hash, or the generator's state for bernoulli_
         seed = native.draw_seed() if dropout and native.available(x, dtype) else None
         rng = _rng_state(x.device) if dropout and seed is None else None
-        exact = _power_of_two(scaling)
         with torch.autocast(x.device.type, enabled=False):
             h = F.linear(_dropped(x, dropout, dtype, seed), a.to(dtype))
-            out = F.linear(h, b.to(dtype) * scaling) if exact else F.linear(h, b.to(dtype)) * scaling
+            if _power_of_two(scaling):
+                out = F.linear(h, b.to(dtype) * scaling)
+            else:
+                out = F.linear(h, b.to(dtype)) * scaling
         ctx.save_for_backward(x, a, b, h)
         ctx.dropout, ctx.scaling, ctx.dtype, ctx.rng, ctx.seed = dropout, scaling, dtype, rng, seed
-        ctx.exact = exact
         return out
 
     @staticmethod
@@ -67,11 +68,16 @@ class _LowRankUpdate(torch.autograd.Function):
         dtype = ctx.dtype
         grad_x = grad_a = grad_b = None
         with torch.autocast(x.device.type, enabled=False):
-            scaling = ctx.scaling if ctx.exact else 1  # on the small factors, else on grad
-            grad = grad.to(dtype) if ctx.exact else grad.to(dtype) * ctx.scaling
+            grad, b_used = grad.to(dtype), b.to(dtype)  # scaling * grad, by way of B where that is exact
+            small = _power_of_two(ctx.scaling)
+            if small:
+                b_used = b_used * ctx.scaling
+            else:
+                grad = grad * ctx.scaling
             if ctx.needs_input_grad[2]:
-                grad_b = ((grad.flatten(0, -2).T @ h.flatten(0, -2)) * scaling).to(b.dtype)
-            grad_h = grad @ (b.to(dtype) * scaling)
+                grad_b = grad.flatten(0, -2).T @ h.flatten(0, -2)
+                grad_b = (grad_b * ctx.scaling if small else grad_b).to(b.dtype)
+            grad_h = grad @ b_used
             if ctx.seed is not None:  # the native kernel's mask, hashed again
                 if ctx.needs_input_grad[1]:
                     dropped = native.dropped(x, ctx.dropout, ctx.seed, dtype)
