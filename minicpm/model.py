@@ -30,16 +30,17 @@ from minicpm.config import MiniCPMConfig
 from minicpm.kernels import rotary
 from minicpm.kernels.attention import LeftPadding, attention
 from minicpm.kernels.decode import NativeDecoder
-from minicpm.kernels.linear import decode_linear
+from minicpm.kernels.linear import native_linear
 
 
 class Linear(nn.Linear):
     """nn.Linear whose decode-sized products (a few rows of x) run the native weight-stream
     kernels: PyTorch's bf16 GEMV reads the weight at about half of the memory bandwidth here,
-    and MKL's fp32 results for a row change with the number of rows (batched decoding)."""
+    and MKL's fp32 results for a row change with the number of rows (batched decoding). On a
+    CPU without bf16 arithmetic, bf16 prefill products run as fp32 GEMMs (`linear_widened`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = decode_linear(x, self.weight, self.bias)
+        y = native_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias) if y is None else y
 
     def decode_spec(self) -> dict:

@@ -24,7 +24,8 @@ from minicpm.kernels.linear import (
     MAX_ROWS,
     linear_bf16,
     linear_f32,
-    linear_onednn,
+    linear_gemm,
+    linear_widened,
 )
 
 
@@ -77,21 +78,106 @@ def test_onednn_linear_is_f_linear_then_exact_gelu(dtype, gelu):
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 50, 64, generator=g)
     w, b = torch.randn(96, 64, generator=g) / 8, torch.randn(96, generator=g)
-    got = linear_onednn(x.to(dtype), w.to(dtype), b.to(dtype), gelu=gelu)
+    got = linear_gemm(x.to(dtype), w.to(dtype), b.to(dtype), gelu=gelu)
     exact = F.linear(x.to(dtype).double(), w.to(dtype).double(), b.to(dtype).double())
     exact = F.gelu(exact) if gelu else exact
     assert got.dtype == dtype and got.shape == (2, 50, 96)
     tolerance = 2e-6 if dtype == torch.float32 else 2e-2  # bf16: the output rounded once
     assert (got.double() - exact).abs().max() < tolerance
     expanded = x[:1, :1].expand(2, 50, 64).to(dtype)  # not contiguous: the resampler's queries
-    assert torch.equal(linear_onednn(expanded, w.to(dtype)), linear_onednn(expanded.contiguous(), w.to(dtype)))
+    assert torch.equal(linear_gemm(expanded, w.to(dtype)), linear_gemm(expanded.contiguous(), w.to(dtype)))
+
+
+def _within_one_bf16_step(got: torch.Tensor, exact: torch.Tensor) -> bool:
+    """got (bf16) is exact rounded to bf16, or one of its neighbours (fp32 sums in another order
+    can land on the other side of a rounding boundary); plus fp32's own error where the exact
+    value is tiny (GELU of a negative input cancels in 1 + erf)."""
+    return bool(((got.double() - exact).abs() <= exact.abs() * 2.0 ** -7 + 2.0 ** -20).all())
+
+
+@pytest.mark.parametrize("gelu", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_widened_linear_is_a_bf16_gemm_with_fp32_sums(monkeypatch, gelu, bias):
+    """bf16 products as fp32 GEMMs (CPUs without bf16 arithmetic): F.linear of the bf16 values,
+    then GELU, rounded to bf16 once, over blocks of the weight's rows (here 3 blocks and a short
+    fourth) that change no value."""
+    from minicpm.kernels import linear
+
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(3, 40, 96, generator=g).bfloat16()
+    w = (torch.randn(200, 96, generator=g) / 10).bfloat16()
+    b = torch.randn(200, generator=g).bfloat16() if bias else None
+    exact = F.linear(x.double(), w.double(), None if b is None else b.double())
+    exact = F.gelu(exact) if gelu else exact
+    whole = linear_widened(x, w, b, gelu=gelu)
+    assert whole.dtype is torch.bfloat16 and whole.shape == (3, 40, 200)
+    assert _within_one_bf16_step(whole, exact)
+    monkeypatch.setattr(linear, "WIDEN_BLOCK", 64 * 96)  # blocks of 64 weight rows
+    blocked = linear_widened(x, w, b, gelu=gelu)
+    assert _within_one_bf16_step(blocked, exact)
+    with pytest.raises(RuntimeError, match="96 features"):
+        linear_widened(x, w[:, :95], b)
+
+
+def test_bf16_products_widen_only_without_bf16_arithmetic(monkeypatch):
+    """Where the CPU has no bf16 arithmetic, the decoder's prefill products and the vision
+    tower's run widened; decode-sized ones keep the weight-stream kernel, and a product that
+    autograd must see keeps F.linear."""
+    from minicpm.kernels import linear
+    from minicpm.model import Linear
+
+    layer = Linear(64, 48, bias=True).bfloat16()
+    x = torch.randn(2, 30, 64).bfloat16()
+    widened = []
+    real = linear.linear_widened
+    monkeypatch.setattr(linear, "linear_widened", lambda *a, **k: widened.append(a[0].shape) or real(*a, **k))
+    monkeypatch.setattr(linear, "bf16_is_native", lambda: True)
+    with torch.no_grad():
+        layer(x), linear_gemm(x, layer.weight, layer.bias)
+    assert widened == []
+    monkeypatch.setattr(linear, "bf16_is_native", lambda: False)
+    with torch.no_grad():
+        prefill = layer(x)
+        gelu = linear_gemm(x, layer.weight, layer.bias, gelu=True)
+        decode = layer(x[:, :1])
+    assert widened == [x.shape, x.shape]  # not the one-row product
+    exact = F.linear(x.double(), layer.weight.double(), layer.bias.double())
+    assert _within_one_bf16_step(prefill, exact) and _within_one_bf16_step(gelu, F.gelu(exact))
+    with torch.no_grad():
+        assert torch.equal(decode, linear_bf16(x[:, :1], layer.weight, layer.bias))
+    trained = Linear(64, 48).bfloat16()
+    trained(x).float().sum().backward()  # autograd: F.linear
+    assert trained.weight.grad is not None and len(widened) == 2
+
+
+def test_gemm_choices_read_the_cpu_flags(monkeypatch):
+    """bf16 widened only without bf16 arithmetic; oneDNN's GEMM only with AVX-512 (MKL's fp32
+    is the faster on AVX2); other architectures left to PyTorch."""
+    from minicpm.kernels import linear
+
+    choices = (linear.bf16_is_native, linear.onednn_is_faster)
+    cases = (({"avx2", "fma"}, (False, False)), ({"avx512f", "avx512_bf16"}, (True, True)),
+             ({"avx512f", "avx512_vnni"}, (False, True)), ({"avx2", "amx_bf16"}, (True, False)))
+    monkeypatch.setattr(linear, "is_x86", lambda: True)
+    for flags, expected in cases:
+        monkeypatch.setattr(linear, "cpu_flags", lambda flags=flags: flags)
+        for choice in choices:
+            choice.cache_clear()
+        assert tuple(choice() for choice in choices) == expected, flags
+    monkeypatch.setattr(linear, "is_x86", lambda: False)
+    for choice in choices:
+        choice.cache_clear()
+        assert choice() is True
+    monkeypatch.undo()
+    for choice in choices:
+        choice.cache_clear()
 
 
 def test_onednn_linear_falls_back_where_it_does_not_serve():
     x, w = torch.randn(4, 8, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64)
-    assert torch.equal(linear_onednn(x, w, gelu=True), F.gelu(F.linear(x, w)))  # float64: F.linear
+    assert torch.equal(linear_gemm(x, w, gelu=True), F.gelu(F.linear(x, w)))  # float64: F.linear
     trained = torch.nn.Parameter(torch.randn(3, 8))
-    y = linear_onednn(torch.randn(4, 8), trained)
+    y = linear_gemm(torch.randn(4, 8), trained)
     y.sum().backward()  # autograd: F.linear, so gradients flow
     assert trained.grad is not None
 
@@ -102,7 +188,7 @@ def test_a_bad_input_to_the_onednn_linear_raises_and_disables_nothing(dtype):
 
     before = set(linear._ONEDNN_REFUSED)
     with pytest.raises(RuntimeError):
-        linear_onednn(torch.randn(4, 8, dtype=dtype), torch.randn(3, 5, dtype=dtype))
+        linear_gemm(torch.randn(4, 8, dtype=dtype), torch.randn(3, 5, dtype=dtype))
     assert linear._ONEDNN_REFUSED == before
 
 
@@ -148,6 +234,7 @@ def test_full_attention_equals_sdpa_without_a_mask(dtype, b, heads, n, d, monkey
     want = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
     assert kernels.KERNEL.library() is not None  # built and self-checked (against SDPA) before the patch
     with monkeypatch.context() as patch:  # the kernel answers: SDPA is not reached
+        patch.setattr(kernels, "avx512_kernels", lambda: True)  # (the AVX2 build here prefers SDPA)
         patch.setattr(kernels.F, "scaled_dot_product_attention", lambda *a, **k: pytest.fail("fell back to SDPA"))
         got = full_attention(q, k, v)
     assert got.dtype == dtype and got.shape == (b, heads, n, d)
@@ -159,6 +246,21 @@ def test_full_attention_equals_sdpa_without_a_mask(dtype, b, heads, n, d, monkey
     out = full_attention(q, k, v)
     out.float().sum().backward()
     assert q.grad is not None
+
+
+def test_full_attention_takes_sdpa_on_the_avx2_path(monkeypatch):
+    """Where the kernels run their AVX2 code, PyTorch's SDPA is the faster full attention."""
+    import minicpm.kernels.attention as kernels
+    from minicpm.kernels import build
+
+    q = torch.randn(1, 2, 20, 72)
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(kernels.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    monkeypatch.setenv("MINICPM_NATIVE_ISA", "avx2")
+    assert not build.avx512_kernels()
+    torch.testing.assert_close(full_attention(q, q, q), sdpa(q, q, q))
+    assert calls == [1]
 
 
 def test_full_attention_with_grouped_kv_heads():

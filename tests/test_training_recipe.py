@@ -117,13 +117,19 @@ def test_param_groups_scale_hidden_lr_and_keep_norms_undecayed():
     ({"avx512_bf16"}, "cpu", "fp32", "fp32", False),
 ])
 def test_auto_precision_follows_the_hardware(monkeypatch, flags, device, asked, expected, noted):
-    from minicpm.kernels import build
+    from minicpm.kernels import linear
     from minicpm.training.recipe import load_recipe
     from minicpm.training.run import bf16_is_native
 
-    monkeypatch.setattr(build, "cpu_flags", lambda: set(flags))
-    recipe = load_recipe("pretrain", overrides=[f"train.precision={asked}"])
-    note = recipe.fit_precision(bf16_is_native(torch.device(device)))
+    monkeypatch.setattr(linear, "cpu_flags", lambda: set(flags))
+    monkeypatch.setattr(linear, "is_x86", lambda: True)
+    linear.bf16_is_native.cache_clear()
+    try:
+        recipe = load_recipe("pretrain", overrides=[f"train.precision={asked}"])
+        note = recipe.fit_precision(bf16_is_native(torch.device(device)))
+    finally:
+        monkeypatch.undo()
+        linear.bf16_is_native.cache_clear()
     assert recipe.train.precision == expected and (note is not None) == noted
     if noted:
         assert "train.precision=bf16" in note

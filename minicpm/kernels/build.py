@@ -53,6 +53,17 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+def is_x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
+def avx512_kernels() -> bool:
+    """Whether the native kernels run their AVX-512 code here: an x86 CPU with AVX-512F, not
+    sent to the AVX2 path by MINICPM_NATIVE_ISA=avx2."""
+    return (is_x86() and "avx512f" in cpu_flags()
+            and os.environ.get("MINICPM_NATIVE_ISA", "").strip().lower() != "avx2")
+
+
 def cache_root() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "minicpm" / "kernels"
@@ -62,7 +73,7 @@ def check_machine(required_flags: tuple[str, ...]) -> set[str]:
     """The CPU flags, or KernelUnavailable when the kernels cannot run here at all."""
     if disabled():
         raise KernelUnavailable("disabled by MINICPM_NATIVE=0")
-    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+    if platform.system() != "Linux" or not is_x86():
         raise KernelUnavailable(f"needs x86-64 Linux, this is {platform.system()} {platform.machine()}")
     flags = cpu_flags()
     missing = [f for f in required_flags if f not in flags]

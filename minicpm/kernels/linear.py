@@ -1,16 +1,18 @@
 """Linear for decoding (a few rows of x) by the native weight-stream kernels, or None where they
 do not serve: bf16 (linear_bf16.c, faster than oneDNN's GEMV) and fp32 (linear_f32.c, which keeps
-each row's sums independent of how many rows there are, unlike MKL's). And `linear_onednn` for
-many rows at once (the vision tower's patches), with GELU fused."""
+each row's sums independent of how many rows there are, unlike MKL's). `linear_gemm` for many
+rows at once (the vision tower's patches), GELU fused where it can be. And `linear_widened`: bf16 products
+as fp32 GEMMs on CPUs that have no bf16 arithmetic, where PyTorch's own bf16 GEMM is emulated."""
 
 from __future__ import annotations
 
 import ctypes
+import functools
 
 import torch
 import torch.nn.functional as F
 
-from minicpm.kernels.build import Kernel, KernelUnavailable
+from minicpm.kernels.build import Kernel, KernelUnavailable, cpu_flags, is_x86
 from minicpm.kernels.libraries import LINEAR_BF16 as KERNEL
 from minicpm.kernels.libraries import LINEAR_F32 as KERNEL_F32
 
@@ -79,15 +81,65 @@ def linear_f32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
     return _run(KERNEL_F32, "minicpm_linear_f32", torch.float32, x, weight, bias)
 
 
-def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-    """The native kernel for x's dtype, or None (the caller runs F.linear). fp32 takes it only
-    for one position per sequence (x [..., 1, K]: decoding), where batching must not change a
-    row; a short prefill keeps MKL's sums, as a long one does."""
+def native_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """The product by this module's kernels where one serves, or None (the caller runs F.linear):
+    the weight-stream kernel for x's dtype when decoding (fp32 only for one position per
+    sequence, x [..., 1, K], where batching must not change a row; a short prefill keeps MKL's
+    sums, as a long one does), and for bf16 on a CPU without bf16 arithmetic the widened GEMM."""
     if x.dtype is torch.bfloat16:
-        return linear_bf16(x, weight, bias)
+        y = linear_bf16(x, weight, bias)
+        return y if y is not None or not widens(x, weight, bias) else linear_widened(x, weight, bias)
     if x.dtype is torch.float32 and x.dim() >= 2 and x.shape[-2] == 1:
         return linear_f32(x, weight, bias)
     return None
+
+
+@functools.cache
+def bf16_is_native() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX-512 BF16 or AMX). Without it, PyTorch's
+    and oneDNN's bf16 GEMMs convert in software: 15-21 GFLOP/s on 2 AVX2 cores of an AMD EPYC
+    (Zen 3) for the vision tower's 1024-row products, against 97-129 for the same products in
+    fp32. Other architectures are left to PyTorch."""
+    if not is_x86():
+        return True
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+def widens(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether F.linear(x, weight, bias) is a bf16 CPU product that `linear_widened` runs
+    faster here: no bf16 arithmetic in the CPU, and no gradient asked for."""
+    return (x.dtype is torch.bfloat16 and weight.dtype is torch.bfloat16 and x.is_cpu and weight.is_cpu
+            and (bias is None or bias.dtype is torch.bfloat16)
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            and not bf16_is_native())
+
+
+# fp32 values of each temporary in linear_widened (32 MiB): a head's [122753, 2304] is never widened
+# whole; with 2^21 the vision tower's products over 6 tiles ran 4-15% slower (Zen 3, 2 threads)
+WIDEN_BLOCK = 2 ** 23
+
+
+def linear_widened(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                   gelu: bool = False) -> torch.Tensor:
+    """F.linear(x, weight, bias) (then exact GELU) of bf16 tensors, by fp32 GEMMs over blocks
+    of the weight's rows widened to fp32, each block's output rounded to bf16 once. The
+    arithmetic of a bf16 GEMM with fp32 sums (a product of two bf16 values is exact in fp32);
+    the sums run in another order. Memory beyond y: one block each of the weight, x and the
+    output in fp32, at most WIDEN_BLOCK values each."""
+    k, n = x.shape[-1], weight.shape[0]
+    if weight.shape[-1] != k:
+        raise RuntimeError(f"linear: x has {k} features, the weight {tuple(weight.shape)}")
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    cols = min(n, max(64, WIDEN_BLOCK // max(k, 1)))  # weight rows widened at a time
+    rows = max(64, WIDEN_BLOCK // max(k, cols))  # rows of x (and of the fp32 output) at a time
+    y = torch.empty(m, n, dtype=torch.bfloat16)
+    for c in range(0, n, cols):
+        w32 = weight[c:c + cols].float()
+        b32 = None if bias is None else bias[c:c + cols].float()
+        for r in range(0, m, rows):
+            y[r:r + rows, c:c + cols] = _gemm(x2[r:r + rows].float(), w32, b32, gelu)
+    return y.reshape(*x.shape[:-1], n)
 
 
 def _onednn_op():
@@ -105,16 +157,24 @@ _ONEDNN_LINEAR = _onednn_op()
 _ONEDNN_REFUSED: set[torch.dtype] = set()  # dtypes oneDNN has no primitive for on this CPU
 
 
-def linear_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  gelu: bool = False) -> torch.Tensor:
+def linear_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                gelu: bool = False) -> torch.Tensor:
     """F.linear(x, weight, bias), then exact GELU if asked, for many rows of x (a vision tower's
-    1024 patches): oneDNN's GEMM on the weight as stored, for fp32 and bf16 CPU tensors; F.linear
-    (and F.gelu) elsewhere. The same arithmetic, faster: PyTorch sends fp32 products to MKL,
-    which on our AMD EPYC (Zen 4) ran a 1024x1152x4304 product at 34 GFLOP/s on 2 threads
-    against oneDNN's 73; in bf16 (both oneDNN) 93 -> 113, the bias no longer copied into the
-    output first."""
+    1024 patches), by the faster GEMM for this CPU: bf16 without bf16 arithmetic widened
+    (`linear_widened`); on an AVX-512 CPU oneDNN's GEMM on the weight as stored, with GELU
+    fused; elsewhere F.linear (MKL for fp32 on x86). Measured on 2 threads, the vision tower's
+    products (1024 rows; 1152 <-> 4304, 3456, 1152): on an AMD EPYC Zen 4, MKL's fp32 ran at 34
+    GFLOP/s against oneDNN's 73, and oneDNN's bf16 at 113 with the bias no longer copied into the
+    output first; on a Zen 3 (AVX2), MKL 156-175 against oneDNN's 141-150."""
+    if widens(x, weight, bias):
+        return linear_widened(x, weight, bias, gelu)
+    return _gemm(x, weight, bias, gelu)
+
+
+def _gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool) -> torch.Tensor:
+    """linear_gemm but never widened: fp32, and bf16 where the CPU has bf16 arithmetic."""
     if (_ONEDNN_LINEAR is not None and x.is_cpu and x.dtype in (torch.float32, torch.bfloat16)
-            and x.dtype not in _ONEDNN_REFUSED
+            and x.dtype not in _ONEDNN_REFUSED and onednn_is_faster()
             and weight.dtype is x.dtype and (bias is None or bias.dtype is x.dtype)
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
         try:
@@ -125,6 +185,13 @@ def linear_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             _ONEDNN_REFUSED.add(x.dtype)
             return y
     return _linear_gelu(x, weight, bias, gelu)
+
+
+@functools.cache
+def onednn_is_faster() -> bool:
+    """Whether oneDNN's GEMM beats F.linear's here (see linear_gemm): on x86 CPUs with AVX-512
+    and on other architectures (where F.linear has no MKL), not on AVX2-only x86."""
+    return not is_x86() or "avx512f" in cpu_flags()
 
 
 def _linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool) -> torch.Tensor:

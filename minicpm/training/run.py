@@ -21,6 +21,7 @@ import torch
 from minicpm.errors import MiniCPMError
 from minicpm.files import write_text
 from minicpm.kernels.allocator import apply_heap_policy
+from minicpm.kernels.linear import bf16_is_native as cpu_multiplies_bf16
 from minicpm.training import checkpoint as ckpt
 from minicpm.training.distributed import Processes, setup, shard_model, teardown
 from minicpm.training.memory import (
@@ -82,9 +83,7 @@ def bf16_is_native(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
-        from minicpm.kernels.build import cpu_flags
-
-        return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+        return cpu_multiplies_bf16()
     return True
 
 

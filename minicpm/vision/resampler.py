@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minicpm.kernels.linear import linear_onednn
+from minicpm.kernels.linear import linear_gemm, linear_widened, widens
 from minicpm.vision.siglip import dense
 
 LN_EPS = 1e-6
@@ -56,7 +56,7 @@ class CrossAttention(nn.Module):
         """query [B, Q, D], key/value [B, L, D] -> [B, Q, D]."""
         wq, wk, wv = self.in_proj_weight.chunk(3)
         bq, bk, bv = self.in_proj_bias.chunk(3)
-        q, k, v = (self._heads(linear_onednn(x, w, b)) for x, w, b in
+        q, k, v = (self._heads(linear_gemm(x, w, b)) for x, w, b in
                    ((query, wq, bq), (key, wk, bk), (value, wv, bv)))
         out = F.scaled_dot_product_attention(q, k, v)
         b, _, n, _ = out.shape
@@ -88,4 +88,5 @@ class Resampler(nn.Module):
         kv = self.ln_kv(dense(self.kv_proj, x))
         q = self.ln_q(self.query) + self.pos_embed
         out = self.attn(q.expand(x.shape[0], -1, -1), kv + key_pos, kv)
-        return self.ln_post(out) @ self.proj
+        out = self.ln_post(out)
+        return linear_widened(out, self.proj.t()) if widens(out, self.proj, None) else out @ self.proj
