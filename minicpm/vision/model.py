@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from minicpm.errors import MiniCPMError
+from minicpm.kernels.allocator import return_free_heap
 from minicpm.model import MiniCPMForCausalLM
 from minicpm.vision.chat import chat
 from minicpm.vision.config import MiniCPMVConfig
@@ -73,8 +74,12 @@ class MiniCPMV(nn.Module):
         p = self.config.vision.patch_size
         for (h, w), indices in by_size.items():
             batch = torch.stack([pixel_values[i] for i in indices]).to(self.device)
-            features = self.vpm.forward_features(batch)
-            yield indices, self.resampler(features, (-(-h // p), -(-w // p)))
+            features = self.resampler(self.vpm.forward_features(batch), (-(-h // p), -(-w // p)))
+            # The tower's freed activations stay in glibc's heap (its mmap threshold grows to 32 MB
+            # after large frees): MiniCPM-V int4 decoder + bf16 tower kept ~650 MB after two images
+            # and peaked at 3411 MiB; handed back after each batch, 3134 MiB, same speed (Zen 4).
+            return_free_heap()
+            yield indices, features
 
     def embed(self, input_ids: torch.Tensor, vision_hidden_states: list[torch.Tensor | None],
               image_bound: list[torch.Tensor]) -> torch.Tensor:
