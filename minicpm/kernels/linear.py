@@ -176,9 +176,9 @@ def linear_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     1024 patches), by the faster GEMM for this CPU: bf16 without bf16 arithmetic widened
     (`linear_widened`); on an AVX-512 CPU oneDNN's GEMM on the weight as stored, with GELU
     fused; elsewhere F.linear (MKL for fp32 on x86). Measured on 2 threads, the vision tower's
-    products (1024 rows; 1152 <-> 4304, 3456, 1152): on an AMD EPYC Zen 4, MKL's fp32 ran at 34
-    GFLOP/s against oneDNN's 73, and oneDNN's bf16 at 113 with the bias no longer copied into the
-    output first; on a Zen 3 (AVX2), MKL 156-175 against oneDNN's 141-150."""
+    products (1024-6144 rows; 1152 <-> 4304, 3456): on a quiet AMD EPYC Zen 4, fp32 oneDNN
+    185-212 GFLOP/s against MKL's 163-197 (bf16 is oneDNN's either way, ~400); on a Zen 3 (AVX2),
+    MKL 156-175 against oneDNN's 141-150."""
     if widens(x, weight, bias):
         return linear_widened(x, weight, bias, gelu)
     return _gemm(x, weight, bias, gelu)
