@@ -382,9 +382,11 @@ class MiniCPMForCausalLM(nn.Module):
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.project(self.model.norm(x))
 
-    def project(self, hidden: torch.Tensor) -> torch.Tensor:
-        """fp32 logits of final-norm hidden states (what `forward(..., hidden=True)` returns)."""
-        return self.lm_head(hidden / self.config.logit_scale).float()
+    def project(self, hidden: torch.Tensor, head_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """fp32 logits of final-norm hidden states (what `forward(..., hidden=True)` returns);
+        `head_weight`: lm_head's weight as the caller holds it (e.g. already cast), instead of it."""
+        scaled = hidden / self.config.logit_scale
+        return (self.lm_head(scaled) if head_weight is None else F.linear(scaled, head_weight)).float()
 
     def prefill_slot(self, input_ids: torch.Tensor | None, cache: KVCache, slot: int, start: int,
                      last_only: bool = True, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:

@@ -126,3 +126,29 @@ def test_a_batch_without_targets_gives_zero_and_still_runs_backward():
     loss = summed_nll(model, model(ids, hidden=True), torch.full_like(ids, IGNORE_INDEX))
     loss.backward()
     assert float(loss.detach()) == 0.0 and float(model.model.norm.weight.grad.abs().sum()) == 0.0
+
+
+@pytest.mark.parametrize("name", ["2b", "128k"])  # tied, untied
+def test_a_frozen_head_is_cast_once_with_the_same_results(name, monkeypatch):
+    from minicpm.training import chunked_loss
+
+    def frozen_head_run(projection):
+        monkeypatch.setattr(chunked_loss, "_projection", projection)
+        model = random_model(variant_config(name), seed=0).train().requires_grad_(True)
+        model.lm_head.weight.requires_grad_(False)  # a LoRA run: the (tied) head frozen
+        ids, labels, mask = batch(model.config.vocab_size)
+        casts = []
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            hidden = model(ids, attention_mask=mask, hidden=True)
+            project = projection(model)
+            casts.append(getattr(project, "keywords", {}).get("head_weight"))
+            loss = summed_nll(model, hidden, labels, budget=5 * model.config.vocab_size)
+        loss.backward()
+        return casts[0], loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    once, loss, grads = frozen_head_run(chunked_loss._projection)
+    _, loss_each, grads_each = frozen_head_run(lambda model: model.project)  # autocast's cast per slice
+    assert once is not None and once.dtype is torch.bfloat16  # cast once, before the slices
+    assert torch.equal(loss, loss_each) and grads.keys() == grads_each.keys() and grads
+    for n, g in grads.items():
+        assert torch.equal(g, grads_each[n]), n
