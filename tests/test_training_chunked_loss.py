@@ -152,3 +152,31 @@ def test_a_frozen_head_is_cast_once_with_the_same_results(name, monkeypatch):
     assert torch.equal(loss, loss_each) and grads.keys() == grads_each.keys() and grads
     for n, g in grads.items():
         assert torch.equal(g, grads_each[n]), n
+
+
+@pytest.mark.parametrize("name", ["2b", "1b", "moe", "s", "llama"])
+@pytest.mark.parametrize("recompute", [False, True])
+def test_padding_left_out_of_the_layers_changes_no_loss_or_gradient(name, recompute, monkeypatch):
+    """Training on a padded batch runs the layers on the real positions only (RealTokens):
+    the same loss and gradients as the whole [B, S] batch, which computes and discards the
+    padding's rows (right padding here; a row without any)."""
+    import minicpm.model as model_module
+
+    def run(leave_padding_out: bool):
+        if not leave_padding_out:
+            monkeypatch.setattr(model_module.RealTokens, "of", staticmethod(lambda mask, length: None))
+        model = random_model(variant_config(name), seed=0).train().requires_grad_(True)
+        model.gradient_checkpointing = recompute
+        ids, labels, mask = batch(model.config.vocab_size, rows=4)  # row 0 has no padding
+        taken = []
+        original = model_module.RealTokens.take
+        monkeypatch.setattr(model_module.RealTokens, "take", lambda self, x: taken.append(len(self.index)) or original(self, x))
+        loss = summed_nll(model, model(ids, attention_mask=mask, hidden=True), labels)
+        loss.backward()
+        monkeypatch.undo()
+        return (taken, int(mask.sum())), loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+    (taken, real), *left_out = run(True)
+    (none, _), *whole = run(False)
+    assert none == [] and taken and set(taken) == {real} and real < 4 * 20  # the layers saw the real rows only
+    assert_same(tuple(whole), tuple(left_out), 1e-6)
