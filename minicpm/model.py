@@ -345,7 +345,7 @@ class MiniCPMForCausalLM(nn.Module):
                 position_ids: torch.Tensor | None = None,
                 cache: KVCache | None = None,
                 inputs_embeds: torch.Tensor | None = None,
-                last_only: bool = False, hidden: bool = False) -> torch.Tensor:
+                last_only: bool = False, hidden: bool = False, skip_padding: bool = False) -> torch.Tensor:
         """Logits [B, S, vocab] in fp32 (only the last position with `last_only`). With `hidden`:
         the final-norm hidden states [B, S, hidden_size] instead, which `project` turns into
         those logits a slice at a time (a caller scoring every position of a long window over a
@@ -354,7 +354,9 @@ class MiniCPMForCausalLM(nn.Module):
         attention_mask [B, past + S] (1 = real token, 0 = padding) covers everything in the
         cache plus the new tokens; a boolean [B, 1, S, past + S] (True = may attend) is used as
         given (samples packed into one row keep to themselves), with `position_ids`. `inputs_embeds` are used as given (no embedding scale), as
-        the official code does for multimodal callers.
+        the official code does for multimodal callers. `skip_padding` (training): the layers run
+        only on the positions attention_mask marks real; the padding's outputs are then those of
+        zero hidden states, not of the pad tokens.
         """
         if inputs_embeds is None:
             if input_ids.dim() == 1:
@@ -371,7 +373,7 @@ class MiniCPMForCausalLM(nn.Module):
         cos, sin = self.model.rotary_emb(position_ids, past + s)
         mask = _attention_mask(attention_mask, past, s, self.config.sliding_window, x.device)
         recompute = self.gradient_checkpointing and torch.is_grad_enabled() and cache is None
-        real = RealTokens.of(attention_mask, s) if torch.is_grad_enabled() and cache is None else None
+        real = RealTokens.of(attention_mask, s) if skip_padding and cache is None else None
         if real is not None:
             x = real.take(x)
         native = None
@@ -444,7 +446,7 @@ class MiniCPMForCausalLM(nn.Module):
 
 @dataclass(frozen=True)
 class RealTokens:
-    """The real positions of a padded batch being trained on: the layers' products, norms and
+    """The real positions of a padded batch (`skip_padding`): the layers' products, norms and
     residuals run on those N rows only, and attention puts them back in their [B, S] places
     (zeros at the padding, which the mask keeps every real query off). Padding was ~30% of the
     positions of the default SFT batches (rows of 53-512 tokens padded to 512), all of it

@@ -88,7 +88,7 @@ class SftTask:
 
     def loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         hidden = model(batch["input_ids"], attention_mask=batch["attention_mask"],
-                       position_ids=batch.get("position_ids"), hidden=True)
+                       position_ids=batch.get("position_ids"), hidden=True, skip_padding=True)
         return summed_nll(model, hidden, batch["labels"]), {}
 
 
@@ -179,7 +179,7 @@ class PairLogps:
 
 def sequence_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Summed log-probability of each row's target tokens, [B]."""
-    hidden = model(batch["input_ids"], attention_mask=batch["attention_mask"], hidden=True)
+    hidden = model(batch["input_ids"], attention_mask=batch["attention_mask"], hidden=True, skip_padding=True)
     return -row_nll(model, hidden, batch["labels"])
 
 
