@@ -459,11 +459,10 @@ class RealTokens:
     @staticmethod
     def of(attention_mask: torch.Tensor | None, length: int) -> RealTokens | None:
         """For a [B, length] 0/1 mask with some padding; None otherwise (nothing to leave out)."""
-        if attention_mask is None or attention_mask.dim() != 2 or attention_mask.shape[-1] != length \
-                or bool(attention_mask.bool().all()):
+        if attention_mask is None or attention_mask.dim() != 2 or attention_mask.shape[-1] != length:
             return None
-        b, s = attention_mask.shape
-        return RealTokens(attention_mask.bool().flatten().nonzero()[:, 0], b, s)
+        real = attention_mask.bool()
+        return None if bool(real.all()) else RealTokens(real.flatten().nonzero()[:, 0], *real.shape)
 
     def take(self, x: torch.Tensor) -> torch.Tensor:
         """[B, S, F] -> the real rows [N, F]."""

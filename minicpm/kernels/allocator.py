@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
@@ -44,12 +45,7 @@ def apply_heap_policy(default: str = "fast") -> bool:
     global _lean
     if _lean or heap_policy(default) != "lean":
         return _lean
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        mallopt = getattr(libc, "mallopt", None)
-    except OSError:
-        mallopt = None
+    mallopt = getattr(_libc(), "mallopt", None)
     if mallopt is None:  # not glibc (musl, macOS): its allocator has no such knob
         return False
     _lean = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
@@ -60,9 +56,16 @@ def return_free_heap() -> bool:
     """Give the heap's free pages back to the system (glibc's malloc_trim), e.g. after loading,
     whose temporaries leave freed memory under live blocks: the lean runtime's MiniCPM-2B load
     kept 72 MiB of it resident. False where the C library has no such call."""
+    trim = getattr(_libc(), "malloc_trim", None)
+    return bool(trim and trim(0))
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    """The C library, looked up once (find_library runs ldconfig: ~2 ms, and MiniCPM-V trims
+    after every batch of image slices); None where it cannot be found or opened."""
     name = ctypes.util.find_library("c")
     try:
-        trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+        return ctypes.CDLL(name) if name else None
     except OSError:
-        trim = None
-    return bool(trim and trim(0))
+        return None

@@ -49,14 +49,14 @@ def _projection(model):
     autocast keeps its casts only of weights that require a gradient, so a frozen head was cast
     again for every slice and its recomputation (the default model's tied 49,152 x 576 fp32
     head: 21 ms a cast, ~60 a step at micro-batch 8, 2 threads)."""
-    head = model.lm_head
-    weight = getattr(head, "weight", None)
-    if type(head) is not Linear or head.bias is not None or weight is None or weight.requires_grad:
+    head = model.lm_head  # a float Linear (not LoRA's, not a quantized one), no bias: project's F.linear
+    if type(head) is not Linear or head.bias is not None or head.weight.requires_grad:
         return model.project
-    device = weight.device.type
-    if not torch.is_autocast_enabled(device) or weight.dtype == torch.get_autocast_dtype(device):
+    device = head.weight.device.type
+    dtype = torch.get_autocast_dtype(device)
+    if not torch.is_autocast_enabled(device) or head.weight.dtype == dtype:
         return model.project
-    return functools.partial(model.project, head_weight=weight.to(torch.get_autocast_dtype(device)))
+    return functools.partial(model.project, head_weight=head.weight.to(dtype))
 
 
 def _slice_nll(project, states: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:

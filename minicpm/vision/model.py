@@ -76,8 +76,8 @@ class MiniCPMV(nn.Module):
             batch = torch.stack([pixel_values[i] for i in indices]).to(self.device)
             features = self.resampler(self.vpm.forward_features(batch), (-(-h // p), -(-w // p)))
             # The tower's freed activations stay in glibc's heap (its mmap threshold grows to 32 MB
-            # after large frees): MiniCPM-V int4 decoder + bf16 tower kept ~650 MB after two images
-            # and peaked at 3411 MiB; handed back after each batch, 3134 MiB, same speed (Zen 4).
+            # after large frees): MiniCPM-V int4 decoder + bf16 tower kept ~650 MB after two images;
+            # handed back after each batch, benchmarks/vision.py's peak 3417 -> 3121 MiB, same speed (Zen 4).
             return_free_heap()
             yield indices, features
 
