@@ -143,12 +143,25 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None, cache: KVCache | None, real: RealTokens | None = None) -> torch.Tensor:
-        if real is not None:  # x holds only the batch's real tokens: [N, D]
+        if real is not None and real.lengths is not None:  # x: [N, D], each row's real tokens a prefix
+            out = self._attend_by_row(self.q_proj(x), self.k_proj(x), self.v_proj(x), cos, sin, real)
+        elif real is not None:  # x holds only the batch's real tokens: [N, D]
             out = real.take(self._attend(real.put(self.q_proj(x)), real.put(self.k_proj(x)),
                                          real.put(self.v_proj(x)), cos, sin, mask, None))
         else:
             out = self._attend(self.q_proj(x), self.k_proj(x), self.v_proj(x), cos, sin, mask, cache)
         return self.o_proj(out.to(x.dtype))
+
+    def _attend_by_row(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                       sin: torch.Tensor, real: RealTokens) -> torch.Tensor:
+        """Causal attention of each right-padded row over its own real tokens, from the batch's
+        real rows [N, F]: no padding is scattered back, and no masked S x S is computed (a masked
+        SDPA cannot skip the blocks above the diagonal; PyTorch's CPU flash attention, fwd + bwd
+        of 8 rows of 9 heads at 512: 150 ms masked, 81 ms a row at a time)."""
+        rows = [self._attend(q[None, start:start + n], k[None, start:start + n], v[None, start:start + n],
+                             cos[row:row + 1, :n], sin[row:row + 1, :n], None, None)
+                for row, start, n in real.runs()]
+        return torch.cat(rows, dim=1)[0]
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
@@ -373,7 +386,8 @@ class MiniCPMForCausalLM(nn.Module):
         cos, sin = self.model.rotary_emb(position_ids, past + s)
         mask = _attention_mask(attention_mask, past, s, self.config.sliding_window, x.device)
         recompute = self.gradient_checkpointing and torch.is_grad_enabled() and cache is None
-        real = RealTokens.of(attention_mask, s) if skip_padding and cache is None else None
+        real = (RealTokens.of(attention_mask, s, by_row=self.config.sliding_window is None)
+                if skip_padding and cache is None else None)
         if real is not None:
             x = real.take(x)
         native = None
@@ -447,22 +461,38 @@ class MiniCPMForCausalLM(nn.Module):
 @dataclass(frozen=True)
 class RealTokens:
     """The real positions of a padded batch (`skip_padding`): the layers' products, norms and
-    residuals run on those N rows only, and attention puts them back in their [B, S] places
-    (zeros at the padding, which the mask keeps every real query off). Padding was ~30% of the
+    residuals run on those N rows only. Attention takes right-padded rows one at a time from
+    the N rows; other layouts it puts back in their [B, S] places (zeros at the padding, which
+    the mask keeps every real query off). Padding was ~30% of the
     positions of the default SFT batches (rows of 53-512 tokens padded to 512), all of it
     projected, normed and differentiated for nothing."""
 
     index: torch.Tensor  # [N] flat positions in [B * S]
     batch: int
     length: int
+    lengths: tuple[int, ...] | None = None  # the rows' real lengths when each is a prefix (right padding)
 
     @staticmethod
-    def of(attention_mask: torch.Tensor | None, length: int) -> RealTokens | None:
-        """For a [B, length] 0/1 mask with some padding; None otherwise (nothing to leave out)."""
+    def of(attention_mask: torch.Tensor | None, length: int, by_row: bool = True) -> RealTokens | None:
+        """For a [B, length] 0/1 mask with some padding; None otherwise (nothing to leave out).
+        `by_row`: attention may run row by row over right-padded rows (plain causal attention,
+        no sliding window)."""
         if attention_mask is None or attention_mask.dim() != 2 or attention_mask.shape[-1] != length:
             return None
         real = attention_mask.bool()
-        return None if bool(real.all()) else RealTokens(real.flatten().nonzero()[:, 0], *real.shape)
+        if bool(real.all()):
+            return None
+        counts = real.sum(-1)
+        prefix = by_row and torch.equal(real, torch.arange(length, device=real.device) < counts[:, None])
+        return RealTokens(real.flatten().nonzero()[:, 0], *real.shape, tuple(counts.tolist()) if prefix else None)
+
+    def runs(self):
+        """(row, first of its real rows in [N], how many) for each right-padded row with any."""
+        start = 0
+        for row, n in enumerate(self.lengths):
+            if n:
+                yield row, start, n
+            start += n
 
     def take(self, x: torch.Tensor) -> torch.Tensor:
         """[B, S, F] -> the real rows [N, F]."""
