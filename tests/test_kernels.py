@@ -17,6 +17,7 @@ from minicpm.kernels.attention import (
     causal_mask,
     decode_attention,
     full_attention,
+    trainable_causal_attention,
 )
 from minicpm.kernels.linear import (
     KERNEL,
@@ -246,6 +247,55 @@ def test_full_attention_equals_sdpa_without_a_mask(dtype, b, heads, n, d, monkey
     out = full_attention(q, k, v)
     out.float().sum().backward()
     assert q.grad is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("b, heads, kv, s, d", [
+    (2, 9, 3, 70, 64),  # SmolLM2's heads: GQA, a ragged key tile and row block; two sequences
+    (1, 4, 4, 33, 128),  # one past a key tile, head_dim 128
+    (1, 2, 1, 2, 16),    # two positions
+    (1, 3, 1, 130, 32),
+])
+def test_trainable_causal_attention_has_sdpas_values_and_gradients(dtype, b, heads, kv, s, d, monkeypatch):
+    """The native forward and gradient kernels (training, one sequence) against float64 SDPA:
+    within what fp32 sums give, and for bf16 no further off than PyTorch's own bf16 kernels."""
+    import minicpm.kernels.attention as kernels
+
+    g = torch.Generator().manual_seed(s + d)
+    q = torch.randn(b, s, heads, d, generator=g).to(dtype).transpose(1, 2)  # the model's strides
+    k, v = (torch.randn(b, s, kv, d, generator=g).to(dtype).transpose(1, 2) for _ in range(2))
+    dout = torch.randn(b, heads, s, d, generator=g).to(dtype)
+
+    def run(attend, cast):
+        leaves = [cast(t).detach().requires_grad_() for t in (q, k, v)]
+        out = attend(*leaves)
+        out.backward(cast(dout))
+        return [out.detach().double()] + [t.grad.double() for t in leaves]
+
+    sdpa = lambda *t: F.scaled_dot_product_attention(*t, is_causal=True, enable_gqa=True)  # noqa: E731
+    want = run(sdpa, lambda t: t.double())
+    theirs = run(sdpa, lambda t: t)
+    assert kernels.KERNEL.library() is not None  # built and self-checked (gradients included) before the patch
+    with monkeypatch.context() as patch:  # the kernels answer on either ISA: SDPA is not reached
+        patch.setattr(kernels, "avx512_kernels", lambda: True)
+        patch.setattr(kernels.F, "scaled_dot_product_attention", lambda *a, **k: pytest.fail("fell back to SDPA"))
+        ours = run(lambda *t: attention(*t, None), lambda t: t)
+    for name, a, b, ref in zip(["out", "dq", "dk", "dv"], ours, theirs, want):
+        scale = float(ref.norm())
+        err, their_err = float((a - ref).norm()) / scale, float((b - ref).norm()) / scale
+        assert err <= (1e-5 if dtype == torch.float32 else 2 * their_err + 1e-3), (name, err, their_err)
+
+
+def test_trainable_causal_attention_declines_what_it_does_not_serve(monkeypatch):
+    import minicpm.kernels.attention as kernels
+
+    monkeypatch.setattr(kernels, "avx512_kernels", lambda: True)
+    q, k = torch.randn(2, 2, 4, 32), torch.randn(1, 2, 6, 32)
+    assert trainable_causal_attention(q[:1], k, k) is None                   # queries after cached keys
+    assert trainable_causal_attention(q[:1].half(), q[:1].half(), q[:1].half()) is None
+    assert trainable_causal_attention(q[:1, ..., :24], q[:1, ..., :24], q[:1, ..., :24]) is None
+    monkeypatch.setattr(kernels, "avx512_kernels", lambda: False)  # the AVX2 path: SDPA's is the faster
+    assert trainable_causal_attention(q[:1], q[:1], q[:1]) is None
 
 
 def test_full_attention_takes_sdpa_on_the_avx2_path(monkeypatch):

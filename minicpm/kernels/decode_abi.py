@@ -10,7 +10,7 @@ import ctypes
 from minicpm.kernels.build import KernelUnavailable
 
 ABI = 9
-ATTENTION_ABI = 9  # attention.c's, whose minicpm_decode_attention_team (and chunk_attention_team) the step calls
+ATTENTION_ABI = 10  # attention.c's, whose minicpm_decode_attention_team (and chunk_attention_team) the step calls
 DT_F32, DT_BF16 = 0, 1  # decode.c's DT_*: also qgemm's and attention's codes
 P_QGEMM, P_STREAM = 0, 1  # a projection's kernel: a qgemm plan, or a float weight streamed
 MAX_TOP_K = 64
