@@ -390,29 +390,36 @@ static void key_tile(const struct heads_view *k, const struct heads_view *v, int
         }
 }
 
-// RB query rows against a key tile (rows past `rows` are padding): each row's scores of its first
-// valid[r] keys (the rest masked), its running max m and sum l updated, its output row o rescaled
-// and accumulated. RB rows at once: their sums are independent chains (one row's 64-long FMA
-// chain would leave the FMA units waiting on latency). On AVX2 8 rows of scores spill 16 registers:
+// Query rows go RB at a time: their sums are independent chains (one row's 64-long FMA chain
+// would leave the FMA units waiting on latency). On AVX2 8 rows of scores spill 16 registers:
 // 2 rows ran 28% faster there (Zen 3, 128 and 512 queries over 512 keys, 24 heads of 64).
 #ifdef MC_EMULATED
 enum { RB = 2 };
 #else
 enum { RB = 8 };
 #endif
-static inline void rows_update(const float *qf, const float *kt, const float *vf, float *o, float *m, float *l,
-                               const int *valid, int rows, int n, int d) {
-    __m512 s[RB][NK];
+
+// s[r][c] = rows[r] . keys of the transposed tile kt (16 keys per c), RB rows d floats apart
+static inline void tile_products(const float *rows, const float *kt, int d, __m512 s[RB][NK]) {
     for (int r = 0; r < RB; r++)
         for (int c = 0; c < NK; c++) s[r][c] = _mm512_setzero_ps();
     for (int i = 0; i < d; i++) {
         __m512 kv[NK];
         for (int c = 0; c < NK; c++) kv[c] = _mm512_loadu_ps(kt + i * KT + 16 * c);
         for (int r = 0; r < RB; r++) {
-            const __m512 qi = _mm512_set1_ps(qf[r * d + i]);
-            for (int c = 0; c < NK; c++) s[r][c] = _mm512_fmadd_ps(qi, kv[c], s[r][c]);
+            const __m512 x = _mm512_set1_ps(rows[r * d + i]);
+            for (int c = 0; c < NK; c++) s[r][c] = _mm512_fmadd_ps(x, kv[c], s[r][c]);
         }
     }
+}
+
+// RB query rows against a key tile (rows past `rows` are padding): each row's scores of its first
+// valid[r] keys (the rest masked), its running max m and sum l updated, its output row o rescaled
+// and accumulated.
+static inline void rows_update(const float *qf, const float *kt, const float *vf, float *o, float *m, float *l,
+                               const int *valid, int rows, int n, int d) {
+    __m512 s[RB][NK];
+    tile_products(qf, kt, d, s);
     float pj[RB][KT], corr[RB];
     for (int r = 0; r < RB; r++) {
         const int live_n = r < rows ? valid[r] : 0;
@@ -605,20 +612,6 @@ int minicpm_chunk_attention_team(const float *q, const void *k, const void *v, c
 // (kv head, key tile) dk and dv of the tile over every query row of the group's heads that sees
 // it; (3) per (query head, query tile) dq. (2) and (3) recompute the probabilities p = e^(s - lse)
 // and score gradients ds = p (dout . v - delta) from q, k, v and (1)'s numbers.
-
-// s[r][c] += rows[r] . keys of the transposed tile kt (16 keys per c), RB rows d floats apart
-static inline void tile_products(const float *rows, const float *kt, int d, __m512 s[RB][NK]) {
-    for (int r = 0; r < RB; r++)
-        for (int c = 0; c < NK; c++) s[r][c] = _mm512_setzero_ps();
-    for (int i = 0; i < d; i++) {
-        __m512 kv[NK];
-        for (int c = 0; c < NK; c++) kv[c] = _mm512_loadu_ps(kt + i * KT + 16 * c);
-        for (int r = 0; r < RB; r++) {
-            const __m512 x = _mm512_set1_ps(rows[r * d + i]);
-            for (int c = 0; c < NK; c++) s[r][c] = _mm512_fmadd_ps(x, kv[c], s[r][c]);
-        }
-    }
-}
 
 // which of the tile's keys j0 + 16c + lane query row i sees (j <= i, within the n keys)
 static inline __mmask16 seen16(int64_t i, int64_t j0, int c, int n) {

@@ -78,13 +78,18 @@ def _self_check(lib) -> None:
     got = _flash(lib, q, k, v, causal=False)
     if got is None or not torch.allclose(got, F.scaled_dot_product_attention(q, k, v, enable_gqa=True), atol=1e-4):
         raise KernelUnavailable("self-check of full attention against PyTorch failed")
-    # gradients of 37 causal positions (two key tiles, a ragged last row block)
+    with torch.inference_mode(False), torch.enable_grad():  # the library may first load under either
+        _self_check_gradients(lib, g)
+
+
+def _self_check_gradients(lib, g: torch.Generator) -> None:
+    """Gradients of 37 causal positions (two key tiles, a ragged last row block) against SDPA's."""
     q, k, v = torch.randn(1, 4, 37, 32, generator=g), *torch.randn(2, 1, 2, 37, 32, generator=g)
     dout = torch.randn(1, 4, 37, 32, generator=g)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    with torch.enable_grad():  # the library may first load under no_grad
-        F.scaled_dot_product_attention(*leaves, is_causal=True, enable_gqa=True).backward(dout)
-    got = _causal_grads(lib, q, k, v, F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), dout)
+    out = F.scaled_dot_product_attention(*leaves, is_causal=True, enable_gqa=True)
+    out.backward(dout)
+    got = _causal_grads(lib, q, k, v, out.detach(), dout)
     if got is None or not all(torch.allclose(a, b.grad, atol=1e-4) for a, b in zip(got, leaves)):
         raise KernelUnavailable("self-check of attention gradients against PyTorch failed")
 
