@@ -286,6 +286,15 @@ def test_trainable_causal_attention_has_sdpas_values_and_gradients(dtype, b, hea
         assert err <= (1e-5 if dtype == torch.float32 else 2 * their_err + 1e-3), (name, err, their_err)
 
 
+@pytest.mark.parametrize("mode", ["torch.inference_mode()", "torch.no_grad()"])
+def test_the_attention_library_loads_first_under_any_grad_mode(mode):
+    """Its self-check runs autograd; a server's first use is under inference_mode."""
+    code = ("import torch\nfrom minicpm.kernels.attention import KERNEL\n"
+            f"with {mode}:\n    assert KERNEL.library() is not None\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+
+
 def test_trainable_causal_attention_declines_what_it_does_not_serve(monkeypatch):
     import minicpm.kernels.attention as kernels
 
