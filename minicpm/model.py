@@ -143,13 +143,13 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None, cache: KVCache | None, real: RealTokens | None = None) -> torch.Tensor:
-        if real is not None and real.lengths is not None:  # x: [N, D], each row's real tokens a prefix
-            out = self._attend_by_row(self.q_proj(x), self.k_proj(x), self.v_proj(x), cos, sin, real)
-        elif real is not None:  # x holds only the batch's real tokens: [N, D]
-            out = real.take(self._attend(real.put(self.q_proj(x)), real.put(self.k_proj(x)),
-                                         real.put(self.v_proj(x)), cos, sin, mask, None))
-        else:
-            out = self._attend(self.q_proj(x), self.k_proj(x), self.v_proj(x), cos, sin, mask, cache)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if real is None:
+            out = self._attend(q, k, v, cos, sin, mask, cache)
+        elif real.lengths is not None:  # x: the batch's real tokens [N, D], each row's a prefix
+            out = self._attend_by_row(q, k, v, cos, sin, real)
+        else:  # x: the batch's real tokens [N, D], back in their [B, S] places for the mask
+            out = real.take(self._attend(real.put(q), real.put(k), real.put(v), cos, sin, mask, None))
         return self.o_proj(out.to(x.dtype))
 
     def _attend_by_row(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
@@ -159,9 +159,9 @@ class Attention(nn.Module):
         SDPA cannot skip the blocks above the diagonal; PyTorch's CPU flash attention, fwd + bwd
         of 8 rows of 9 heads at 512: 150 ms masked, 81 ms a row at a time)."""
         # split, not slices: its backward is one concatenation (a slice's fills all N rows with zeros)
-        parts = zip(q.split(real.lengths), k.split(real.lengths), v.split(real.lengths))
-        rows = [self._attend(q[None], k[None], v[None], cos[row:row + 1, :n], sin[row:row + 1, :n], None, None)
-                for row, (n, (q, k, v)) in enumerate(zip(real.lengths, parts)) if n]
+        parts = zip(real.lengths, q.split(real.lengths), k.split(real.lengths), v.split(real.lengths))
+        rows = [self._attend(qr[None], kr[None], vr[None], cos[row:row + 1, :n], sin[row:row + 1, :n], None, None)
+                for row, (n, qr, kr, vr) in enumerate(parts) if n]
         return torch.cat(rows, dim=1)[0]
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -385,10 +385,11 @@ class MiniCPMForCausalLM(nn.Module):
         if position_ids is None:
             position_ids = _positions(attention_mask, past, s, x.device)
         cos, sin = self.model.rotary_emb(position_ids, past + s)
-        mask = _attention_mask(attention_mask, past, s, self.config.sliding_window, x.device)
-        recompute = self.gradient_checkpointing and torch.is_grad_enabled() and cache is None
         real = (RealTokens.of(attention_mask, s, by_row=self.config.sliding_window is None)
                 if skip_padding and cache is None else None)
+        by_row = real is not None and real.lengths is not None  # attention needs no mask
+        mask = None if by_row else _attention_mask(attention_mask, past, s, self.config.sliding_window, x.device)
+        recompute = self.gradient_checkpointing and torch.is_grad_enabled() and cache is None
         if real is not None:
             x = real.take(x)
         native = None
@@ -464,9 +465,9 @@ class RealTokens:
     """The real positions of a padded batch (`skip_padding`): the layers' products, norms and
     residuals run on those N rows only. Attention takes right-padded rows one at a time from
     the N rows; other layouts it puts back in their [B, S] places (zeros at the padding, which
-    the mask keeps every real query off). Padding was ~30% of the
-    positions of the default SFT batches (rows of 53-512 tokens padded to 512), all of it
-    projected, normed and differentiated for nothing."""
+    the mask keeps every real query off). Padding was ~30% of the positions of the default SFT
+    batches (rows of 53-512 tokens padded to 512), all of it projected, normed and
+    differentiated for nothing."""
 
     index: torch.Tensor  # [N] flat positions in [B * S]
     batch: int
@@ -486,7 +487,6 @@ class RealTokens:
         counts = real.sum(-1)
         prefix = by_row and torch.equal(real, torch.arange(length, device=real.device) < counts[:, None])
         return RealTokens(real.flatten().nonzero()[:, 0], *real.shape, tuple(counts.tolist()) if prefix else None)
-
 
     def take(self, x: torch.Tensor) -> torch.Tensor:
         """[B, S, F] -> the real rows [N, F]."""

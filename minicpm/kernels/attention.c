@@ -613,6 +613,9 @@ int minicpm_chunk_attention_team(const float *q, const void *k, const void *v, c
 // it; (3) per (query head, query tile) dq. (2) and (3) recompute the probabilities p = e^(s - lse)
 // and score gradients ds = p (dout . v - delta) from q, k, v and (1)'s numbers.
 
+// how many keys the tile starting at j0 holds
+static inline int tile_keys(int64_t S, int64_t j0) { return S - j0 < KT ? (int)(S - j0) : KT; }
+
 // which of the tile's keys j0 + 16c + lane query row i sees (j <= i, within the n keys)
 static inline __mmask16 seen16(int64_t i, int64_t j0, int c, int n) {
     int64_t k = i - j0 + 1 - 16 * c;
@@ -634,7 +637,7 @@ struct grad_tiles {                 // one sequence, everything fp32
 static void tile_grads(const struct grad_tiles *t, int64_t h, int64_t g, int64_t i0, int rows, int64_t jt,
                        float p[RB][KT], float ds[RB][KT]) {
     const int64_t j0 = jt * KT, S = t->S;
-    const int n = S - j0 < KT ? (int)(S - j0) : KT, d = t->d;
+    const int n = tile_keys(S, j0), d = t->d;
     const size_t tile = (size_t)(g * t->tiles + jt) * KT * d;
     __m512 s[RB][NK], dp[RB][NK];
     tile_products(t->qf + (h * S + i0) * d, t->kt + tile, d, s);
@@ -666,7 +669,7 @@ static void row_stats(const struct grad_tiles *t, const void *out, const void *d
     }
     for (int64_t jt = 0; jt * KT <= i0 + rows - 1; jt++) {
         const int64_t j0 = jt * KT;
-        const int n = S - j0 < KT ? (int)(S - j0) : KT;
+        const int n = tile_keys(S, j0);
         __m512 s[RB][NK];
         tile_products(t->qf + (h * S + i0) * d, t->kt + (size_t)(g * t->tiles + jt) * KT * d, d, s);
         for (int r = 0; r < rows; r++) {
@@ -703,7 +706,7 @@ static void row_stats(const struct grad_tiles *t, const void *out, const void *d
 static void key_tile_grads(const struct grad_tiles *t, int64_t g, int64_t group, int64_t jt, float *dk, float *dv,
                            float *acc_k, float *acc_v) {
     const int64_t S = t->S, j0 = jt * KT;
-    const int n = S - j0 < KT ? (int)(S - j0) : KT, d = t->d;
+    const int n = tile_keys(S, j0), d = t->d;
     float p[RB][KT], ds[RB][KT];
     memset(acc_k, 0, sizeof(float) * KT * d);
     memset(acc_v, 0, sizeof(float) * KT * d);
@@ -740,7 +743,7 @@ static void query_rows_grads(const struct grad_tiles *t, int64_t h, int64_t g, i
         for (int r = 0; r < rows; r++) _mm512_storeu_ps(dq + (h * S + i0 + r) * d + i, _mm512_setzero_ps());
     for (int64_t jt = 0; jt * KT <= i0 + rows - 1; jt++) {
         const int64_t j0 = jt * KT;
-        const int n = S - j0 < KT ? (int)(S - j0) : KT;
+        const int n = tile_keys(S, j0);
         tile_grads(t, h, g, i0, rows, jt, p, ds);
         const float *kr = t->kr + (size_t)(g * t->tiles + jt) * KT * d;
         for (int i = 0; i < d; i += 16) {
@@ -799,7 +802,9 @@ int minicpm_causal_attention_backward(const void *q, const int64_t *qs, const vo
 #pragma omp for schedule(static)
         for (int64_t u = 0; u < kv_heads * tiles; u++) {
             const int64_t g = u / tiles, j0 = u % tiles * KT;
-            const int n = S - j0 < KT ? (int)(S - j0) : KT;
+            const int n = tile_keys(S, j0);
+            // key_tile lays out one tensor transposed and the other as rows: called twice for k and v
+            // transposed and k as rows (v as rows, vr, is not read)
             key_tile(&kv, &vv, kind, 0, g, j0, n, (int)d, kt + u * KT * d, vr + u * KT * d);
             key_tile(&vv, &kv, kind, 0, g, j0, n, (int)d, vt + u * KT * d, kr + u * KT * d);
         }

@@ -183,7 +183,10 @@ class _CausalAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v):
-        out = _flash(KERNEL.library(), q, k, v).to(q.dtype)
+        out = _flash(KERNEL.library(), q, k, v)
+        if out is None:  # trainable_causal_attention checked the shapes: out of memory
+            raise RuntimeError("minicpm_flash_attention refused its inputs")
+        out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out)
         return out
 
