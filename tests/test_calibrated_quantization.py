@@ -58,14 +58,16 @@ def rtn_same_grid(w: torch.Tensor, bits: int, group: int | None, sym: bool) -> t
 
 
 # --- GPTQ ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("bits,group,sym,act_order", [
-    (4, 32, False, False), (4, 128, False, False), (4, 64, True, False), (4, 32, False, True), (8, None, True, False),
+@pytest.mark.parametrize("bits,group,sym,act_order,mse", [
+    (4, 32, False, False, False), (4, 128, False, False, False), (4, 64, True, False, False),
+    (4, 32, False, True, False), (8, None, True, False, False), (4, 128, False, True, True), (4, 64, True, False, True),
+    (8, None, True, True, True),
 ])
-def test_gptq_reduces_the_output_error_of_round_to_nearest(bits, group, sym, act_order):
+def test_gptq_reduces_the_output_error_of_round_to_nearest(bits, group, sym, act_order, mse):
     x = calibration_inputs()
     w = torch.randn(96, 128, generator=GEN) * 0.05
     h = hessian_of(x)
-    res = gptq_quantize(w, h, bits, group, sym, act_order=act_order, static_groups=act_order)
+    res = gptq_quantize(w, h, bits, group, sym, act_order=act_order, static_groups=act_order, mse=mse)
     actual = ((x @ (w - res.weight).t()).norm() / (x @ w.t()).norm()) ** 2
     assert output_error(w, res.weight, h) == pytest.approx(float(actual), rel=1e-3)  # the formula is the error
     gptq_err = output_error(w, res.weight, h)
@@ -74,6 +76,38 @@ def test_gptq_reduces_the_output_error_of_round_to_nearest(bits, group, sym, act
         q, s, z = quantize_int4(w, group)
         ours = ((q.float().reshape(96, -1, group) - z[..., None]) * s[..., None]).reshape(96, 128)
         assert gptq_err < output_error(w, ours, h)
+
+
+@pytest.mark.parametrize("bits,sym", [(4, False), (4, True), (8, True)])
+def test_the_range_search_keeps_the_best_of_the_reference_candidates(bits, sym):
+    """Grid(mse=True) against every candidate the reference's MSE grid tries (the min/max range
+    times 1 - i/100, i < 80), each scored on its own here."""
+    w = torch.randn(64, 32, generator=GEN) * 0.05
+    w[torch.arange(64), torch.randint(0, 32, (64,), generator=GEN)] *= 6  # one outlier per row
+    plain, searched = Grid(bits, sym), Grid(bits, sym, mse=True)
+    scale0, zero0 = plain.fit(w)
+    scale, zero = searched.fit(w)
+
+    def error(s, z):
+        return (Grid.values(plain.codes(w, s, z), s, z) - w).abs().pow(2.4).sum(dim=1)
+
+    best = error(scale, zero)
+    assert torch.all(best <= error(scale0, zero0))
+    if bits == 4:  # an outlier per row: at 16 levels, clipping it pays on most rows (at 255, on none here)
+        assert torch.count_nonzero(best < error(scale0, zero0)) > 32
+    for i in range(80):
+        p = 1 - i / 100
+        if bits == 8:
+            s, z = scale0 * p, None
+        else:
+            lo = torch.minimum(w.amin(dim=1), torch.zeros(64))
+            hi = torch.maximum(w.amax(dim=1), torch.zeros(64))
+            if sym:
+                hi = torch.maximum(lo.abs(), hi)
+                lo = -hi
+            s = (hi - lo) * p / plain.maxq
+            z = torch.full_like(s, 8.0) if sym else torch.round(-lo * p / s)
+        assert torch.all(best <= error(s, z) * (1 + 1e-6))
 
 
 def test_act_order_g_idx_round_trips():
@@ -168,8 +202,8 @@ def test_awq_scale_folding_keeps_the_float_model(variant):
 
 # --- the command --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method,extra,source", [
-    ("gptq", ["--act-order", "--sym"], "dir"), ("awq", [], "dir"),
-    ("gptq", [], "gguf"),  # a GGUF source (as the default model's), read as float32
+    ("gptq", ["--sym"], "dir"), ("awq", [], "dir"),
+    ("gptq", ["--no-act-order", "--no-mse"], "gguf"),  # a GGUF source (as the default model's), read as float32
 ])
 def test_quantize_load_generate(method, extra, source, tiny_checkpoint, tmp_path):
     from minicpm import load
@@ -186,7 +220,10 @@ def test_quantize_load_generate(method, extra, source, tiny_checkpoint, tmp_path
     assert result.returncode == 0, result.stderr
     record = json.loads((out / "config.json").read_text())["quantization"]
     assert record["method"] == method and record["calibration"] == {"data": str(text), "samples": 8, "seqlen": 32}
-    assert record["act_order"] == ("--act-order" in extra) and record["sym"] == ("--sym" in extra)
+    # GPTQ's act-order and range search are on unless turned off; AWQ has neither
+    assert record["act_order"] == (method == "gptq" and "--no-act-order" not in extra)
+    assert record.get("mse") == ("--no-mse" not in extra if method == "gptq" else None)
+    assert record["sym"] == ("--sym" in extra)
     model, tokenizer = load(str(out))
     assert isinstance(model.model.layers[0].mlp.down_proj, QuantizedLinear)
     float_model, _ = load(str(tiny_checkpoint))
@@ -201,6 +238,8 @@ def test_quantize_load_generate(method, extra, source, tiny_checkpoint, tmp_path
     (["--method", "gptq", "--calib", "{short}", "--seqlen", "64"], "shorter than one sample"),
     (["--method", "gptq", "--calib", "/no/such/calib.txt"], "/no/such/calib.txt"),
     (["--method", "awq", "--act-order"], "--act-order is a GPTQ option"),
+    (["--method", "awq", "--mse"], "--mse is a GPTQ option"),
+    (["--method", "rtn", "--no-act-order"], "--act-order: only for --method gptq or awq"),
     (["--method", "rtn", "--sym"], "--sym: only for --method gptq or awq"),
     (["--method", "gptq", "--samples", "0"], "--samples must be >= 1"),
     (["--method", "gptq", "--bits", "3"], "bits must be 4 or 8"),

@@ -118,8 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", type=int, default=4, help="4 or 8 (default 4)")
     p.add_argument("--group-size", type=int, default=128, help="int4 group: 32, 64 or 128 (default 128)")
     p.add_argument("--sym", action="store_true", help="gptq/awq: symmetric int4 grid (zero point 8)")
-    p.add_argument("--act-order", action="store_true",
-                   help="gptq: visit columns by decreasing Hessian diagonal (static groups: no runtime permutation)")
+    p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
+                   help="gptq: visit columns by decreasing Hessian diagonal, with static groups (no runtime "
+                   "permutation); default on")
+    p.add_argument("--mse", action=argparse.BooleanOptionalAction, default=None,
+                   help="gptq: search each group's range for the least rounding error (the reference "
+                   "quantizer's MSE grid); default on")
     p.add_argument("--calib", default=None,
                    help="gptq/awq calibration text: a UTF-8 file, wikitext2 (default; validation split) or alpaca")
     p.add_argument("--samples", type=int, default=None, help="gptq/awq: calibration windows (default 128)")

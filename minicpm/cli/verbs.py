@@ -310,6 +310,7 @@ def quantize(args: argparse.Namespace) -> int:
     out = quantize_checkpoint(args.src, args.out, bits=args.bits, group_size=args.group_size,
                               head=args.head, overwrite=args.force, embedding=args.embedding,
                               vision=args.vision, method=args.method, sym=args.sym, act_order=args.act_order,
+                              mse=args.mse,
                               calib=args.calib, samples=args.samples, seqlen=args.seqlen)
     print(f"wrote {out} ({args.method} int{args.bits}) in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     return 0

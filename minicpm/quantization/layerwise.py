@@ -49,6 +49,7 @@ class Settings:
     bits: int
     sym: bool = False
     act_order: bool = False
+    mse: bool = False
 
 
 def layer_order(name: str) -> tuple[int, int]:
@@ -161,7 +162,7 @@ def gptq_layer(layer: nn.Module, runner: LayerRunner, x: torch.Tensor, groups: d
         for name in names:
             linear = layer.get_submodule(name)
             res = gptq_quantize(linear.weight, hessian.matrix, settings.bits, groups[name], settings.sym,
-                                act_order=settings.act_order, static_groups=settings.act_order)
+                                act_order=settings.act_order, static_groups=settings.act_order, mse=settings.mse)
             linear.weight.copy_(res.weight)
             results[name] = (res.codes, res.scales, res.zeros)
         del hessian
@@ -202,8 +203,9 @@ def check_supported(config: MiniCPMConfig, settings: Settings) -> None:
         raise MiniCPMError(f"unknown calibrated method {settings.method!r}; choose {', '.join(METHODS)}")
     if config.num_experts:
         raise MiniCPMError(f"--method {settings.method} does not handle mixture-of-experts layers; use --method rtn")
-    if settings.act_order and settings.method != "gptq":
-        raise MiniCPMError("--act-order is a GPTQ option")
+    for flag, value in (("--act-order", settings.act_order), ("--mse", settings.mse)):
+        if value and settings.method != "gptq":
+            raise MiniCPMError(f"{flag} is a GPTQ option")
 
 
 def calibrated_stream(config: MiniCPMConfig, named_tensors: Iterable[tuple[str, torch.Tensor]], ids: torch.Tensor,
