@@ -170,6 +170,32 @@ def test_calibrated_layer_beats_round_to_nearest(method):
     assert err < 0.8 * rtn, (err, rtn)
 
 
+def test_gptq_layer_replays_the_attention_output_exactly(monkeypatch):
+    """After o_proj, gptq_layer replays the attention block's output instead of recomputing it:
+    codes and outputs must be bitwise those of passes that run the whole layer every time."""
+    import contextlib
+    import copy
+
+    from minicpm.quantization import layerwise
+
+    config, model, x = layer_and_inputs("1b")  # GQA
+    x = x[:, :24]
+    runner = LayerRunner(config, x.shape[1])
+    layer = model.model.layers[0]
+    groups = {n: 32 for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    rerun = copy.deepcopy(layer)
+    with torch.no_grad():
+        results, out = gptq_layer(layer, runner, x, groups, Settings("gptq", 4, act_order=True, mse=True))
+        assert torch.equal(out, runner.layer(layer, x))  # the replayed pass is the layer's own
+        monkeypatch.setattr(layerwise, "replaying", lambda *_: contextlib.nullcontext())
+        expected, expected_out = gptq_layer(rerun, runner, x, groups, Settings("gptq", 4, act_order=True, mse=True))
+    assert torch.equal(out, expected_out)
+    assert results.keys() == expected.keys() and len(results) == 7
+    for name, (codes, scales, zeros) in expected.items():
+        assert torch.equal(results[name][0], codes) and torch.equal(results[name][1], scales), name
+        assert torch.equal(results[name][2], zeros), name
+
+
 # --- AWQ scale folding --------------------------------------------------------------------------------
 @pytest.mark.parametrize("variant", ["2b", "llama-mha", "1b"])
 def test_awq_scale_folding_keeps_the_float_model(variant):
