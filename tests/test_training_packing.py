@@ -42,19 +42,22 @@ def test_packed_loss_and_gradients_equal_the_examples_run_alone():
     samples = list(range(task.num_samples))
     batch = task.collate(samples)
     assert batch["attention_mask"].shape == (3, 1, 16, 16)
+    assert task.count(samples) == sum(e.trained_tokens - (e.labels[0] != IGNORE_INDEX) for e in data)
+    assert_as_run_alone(model, task, batch, data)
 
+
+def assert_as_run_alone(model, task, batch, data: list[Example]) -> None:
+    """The task's loss and gradients on `batch` equal the sum of its examples' run alone."""
     loss, _ = task.loss(model, batch)
     loss.backward()
-    packed = {n: p.grad.clone() for n, p in model.named_parameters()}
+    batched = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     reference = sum(alone(model, e) for e in data)
     reference.backward()
-
-    assert task.count(samples) == sum(e.trained_tokens - (e.labels[0] != IGNORE_INDEX) for e in data)
     loss, reference = float(loss.detach()), float(reference.detach())
     assert abs(loss - reference) <= 1e-6 * reference
     for name, p in model.named_parameters():
-        assert float((packed[name] - p.grad).norm()) <= 1e-5 * float(p.grad.norm()), name
+        assert float((batched[name] - p.grad).norm()) <= 1e-5 * float(p.grad.norm()), name
 
 
 def test_without_the_block_mask_the_loss_would_differ():

@@ -153,22 +153,45 @@ def packed_rows(rows: list[list[Example]], pad_id: int) -> dict[str, torch.Tenso
     return {"input_ids": ids, "labels": labels, "position_ids": positions, "attention_mask": mask[:, None]}
 
 
+ROW_MULTIPLE = 64  # real positions per micro-batch are rounded up to this (round_real_positions)
+
+
 def _targets(example: Example) -> int:
     return sum(label != IGNORE_INDEX for label in example.labels[1:])
 
 
 def pad_examples(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """input_ids / labels / attention_mask [B, longest], padded on the right."""
+    """input_ids / labels / attention_mask [B, longest], padded on the right, with the count of
+    positions the layers compute rounded up (`round_real_positions`)."""
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    lengths = [len(e.input_ids) for e in examples]
     for row, e in enumerate(examples):
-        n = len(e.input_ids)
-        ids[row, :n] = torch.tensor(e.input_ids)
-        labels[row, :n] = torch.tensor(e.labels)
-        mask[row, :n] = 1
+        ids[row, :lengths[row]] = torch.tensor(e.input_ids)
+        labels[row, :lengths[row]] = torch.tensor(e.labels)
+    lengths = round_real_positions(lengths, width, ROW_MULTIPLE)
+    mask = (torch.arange(width)[None] < torch.tensor(lengths)[:, None]).long()
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def round_real_positions(lengths: list[int], width: int, multiple: int) -> list[int]:
+    """Row lengths whose total is a multiple of `multiple` (or every position of the batch): the
+    shortest rows are extended into their padding. The layers run on the batch's real positions
+    only (`skip_padding`), so their products have as many rows as the lengths add up to, and
+    oneDNN keeps a primitive, with its buffers, for every row count it meets: with a different
+    count at every micro-batch, LoRA's peak RSS grew by ~600 MB over 20 steps. The added
+    positions come after each row's own tokens and carry no label, so no real token sees them
+    and the loss and gradients are those of the real tokens."""
+    total = sum(lengths)
+    extra = min(-total % multiple, len(lengths) * width - total)
+    lengths = list(lengths)
+    while extra:
+        row = min(range(len(lengths)), key=lambda r: lengths[r])
+        step = min(extra, width - lengths[row])
+        lengths[row] += step
+        extra -= step
+    return lengths
 
 
 @dataclass
