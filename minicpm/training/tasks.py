@@ -180,7 +180,8 @@ def round_real_positions(lengths: list[int], width: int, multiple: int) -> list[
     shortest rows are extended into their padding. The layers run on the batch's real positions
     only (`skip_padding`), so their products have as many rows as the lengths add up to, and
     oneDNN keeps a primitive, with its buffers, for every row count it meets: with a different
-    count at every micro-batch, LoRA's peak RSS grew by ~600 MB over 20 steps. The added
+    count at every micro-batch, LoRA's peak RSS grew by ~600 MB over 20 steps (12 steps of the
+    default model's chosen micro-batch: 2,710 MB, rounded to 64: 2,387 MB). The added
     positions come after each row's own tokens and carry no label, so no real token sees them
     and the loss and gradients are those of the real tokens."""
     total = sum(lengths)
