@@ -23,7 +23,7 @@ from minicpm.files import write_text
 from minicpm.kernels.allocator import apply_heap_policy
 from minicpm.kernels.linear import bf16_is_native as cpu_multiplies_bf16
 from minicpm.training import checkpoint as ckpt
-from minicpm.training.distributed import Processes, setup, shard_model, teardown
+from minicpm.training.distributed import Processes, barrier, setup, shard_model, teardown
 from minicpm.training.memory import (
     choose_micro_batch,
     choose_recomputation,
@@ -142,6 +142,10 @@ def train(recipe: Recipe, procs: Processes = Processes(), resume: bool = False, 
         publish_final(ckpt.latest_checkpoint(run_dir), final)
         echo(f"done: {steps} steps; weights in {final}, log in {run_dir / 'log.jsonl'}, "
              f"curve in {run_dir / 'loss.png'}")
+    # The others wait for rank 0's last writes, so that no process tears the process group down
+    # (and exits) while another still uses it: once, a second rank that did so aborted at exit
+    # ("terminate called without an active exception") while rank 0 published the weights.
+    barrier(procs)
     return last
 
 
