@@ -191,11 +191,11 @@ def gptq_layer(layer: nn.Module, runner: LayerRunner, x: torch.Tensor, groups: d
     results, attention = {}, None
     for names in SEQUENTIAL:
         hessian = Hessian(layer.get_submodule(names[0]).in_features)
-        o_inputs = []
+        o_inputs = [] if names == ("self_attn.o_proj",) else None
 
-        def sink(t: torch.Tensor, keep: bool = names == ("self_attn.o_proj",)) -> None:
+        def sink(t: torch.Tensor) -> None:
             hessian.add(t)
-            if keep:
+            if o_inputs is not None:
                 o_inputs.append(t)
 
         with replaying(layer, "self_attn", attention):
@@ -207,11 +207,21 @@ def gptq_layer(layer: nn.Module, runner: LayerRunner, x: torch.Tensor, groups: d
             linear.weight.copy_(res.weight)
             results[name] = (res.codes, res.scales, res.zeros)
         if o_inputs:
-            o_proj = layer.self_attn.o_proj
-            attention = torch.cat([o_proj(part) for part in o_inputs])
+            attention = _attention_outputs(layer.self_attn.o_proj, o_inputs, x)
         del hessian, o_inputs
     with replaying(layer, "self_attn", attention):
         return results, runner.layer(layer, x)
+
+
+def _attention_outputs(o_proj: nn.Module, o_inputs: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """o_proj over its captured inputs, chunk by chunk, each input freed once used: one more
+    tensor of x's size at a time, not two (604 MB each for MiniCPM-2B at the defaults)."""
+    out, at = torch.empty_like(x), 0
+    while o_inputs:
+        part = o_inputs.pop(0)
+        out[at:at + part.shape[0]] = o_proj(part)
+        at += part.shape[0]
+    return out
 
 
 def awq_layer(layer: nn.Module, runner: LayerRunner, x: torch.Tensor, groups: dict[str, int | None],
@@ -250,7 +260,7 @@ def check_supported(config: MiniCPMConfig, settings: Settings) -> None:
         raise MiniCPMError(f"--method {settings.method} does not handle mixture-of-experts layers; use --method rtn")
     for flag, value in (("--act-order", settings.act_order), ("--mse", settings.mse)):
         if value and settings.method != "gptq":
-            raise MiniCPMError(f"{flag} is a GPTQ option")
+            raise MiniCPMError(f"{flag} is a GPTQ option: drop it, or pass --method gptq")
 
 
 def calibrated_stream(config: MiniCPMConfig, named_tensors: Iterable[tuple[str, torch.Tensor]], ids: torch.Tensor,
