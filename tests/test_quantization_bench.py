@@ -80,8 +80,17 @@ def test_table_and_verdicts_read_the_rows():
     assert "| ours: RTN int4 g128 | 4.00 | 5.00 |" in lines[3]  # 100 bytes x 8 / 200; / 160 for the layers
     verdict = "\n".join(report.verdicts(r))
     assert "GPTQ int4 g128 recovers 75%" in verdict and "AWQ int4 g128 recovers 25%" in verdict
-    assert "Our best int4 (GPTQ int4 g128, layers at 5.00 bits/weight): 11.000 / 12.000" in verdict
-    assert "Q4_K_M + imatrix (6.00 bits/weight): 12.000 / 13.000" in verdict
+    assert ("Our best int4 at no more bits per layer weight than Q4_K_M + imatrix (GPTQ int4 g128, 5.00 "
+            "bits/weight): 11.000 / 12.000") in verdict
+    assert "against Q4_K_M + imatrix (6.00 bits/weight): 12.000 / 13.000: target met." in verdict
+    # a better int4 that spends more bits than the peer is not the one compared
+    r["rows"].insert(4, row("ours", "GPTQ int4 g32", 10.5, layer_bytes=130))
+    r["rows"].insert(4, row("ours", "RTN int4 g32", 12.5, layer_bytes=130))
+    verdict = "\n".join(report.verdicts(r))
+    assert "(GPTQ int4 g128, 5.00 bits/weight)" in verdict
+    assert "GPTQ int4 g32 recovers 80%" in verdict  # (12.5 - 10.5) / (12.5 - 10): against RTN at g32
+    r["rows"][2]["llama.cpp"]["ppl"] = 13.5
+    assert "target not met." in "\n".join(report.verdicts(r))
     text = report.markdown([r])
     assert "--models m --samples 4 --seqlen 64 --windows 2 --chunks 3 --threads 2" in text
     assert "ours: GPTQ int4 g128" in text and "minicpm quantize a b" in text
@@ -96,6 +105,17 @@ def test_the_report_replaces_only_the_text_between_its_markers(tmp_path):
     start, end = report.MARKERS
     assert text.count(start) == 1 and text.count(end) == 1
     assert "hand-written" in text and "second" in text and "first" not in text
+
+
+def test_the_report_keeps_the_sections_of_models_not_measured_again(tmp_path):
+    doc = tmp_path / "quantization.md"
+    doc.write_text("# Quantization\n")
+    report.write_doc("## Report\n\nold header\n\n### base: 1 M\n\nold base\n\n### smollm2: 2 M\n\nold smollm2\n", doc)
+    report.write_doc("## Report\n\nnew header\n\n### base: 3 M\n\nnew base\n", doc)
+    text = doc.read_text()
+    assert "new header" in text and "new base" in text and "old smollm2" in text
+    assert "old header" not in text and "old base" not in text and "base: 1 M" not in text
+    assert text.index("new base") < text.index("old smollm2") < text.index(report.MARKERS[1])
 
 
 @pytest.mark.skipif(shutil.which("/usr/bin/time") is None, reason="GNU time is not installed")

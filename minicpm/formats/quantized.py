@@ -117,9 +117,12 @@ def _calibration_settings(spec: dict, sym: bool, act_order: bool | None, mse: bo
     38% to 67% (docs/quantization.md)."""
     method = spec["method"]
     if method == "rtn":
-        given = [flag for flag, value in (("--sym", sym or None), ("--act-order", act_order), ("--mse", mse),
-                                          ("--calib", calib), ("--samples", samples), ("--seqlen", seqlen))
-                 if value is not None]
+        gptq_only = [flag if value else flag.replace("--", "--no-") for flag, value in
+                     (("--act-order", act_order), ("--mse", mse)) if value is not None]
+        if gptq_only:
+            raise MiniCPMError(f"{gptq_only[0]} is a GPTQ option: drop it, or pass --method gptq")
+        given = [flag for flag, value in (("--sym", sym or None), ("--calib", calib), ("--samples", samples),
+                                          ("--seqlen", seqlen)) if value is not None]
         if given:
             raise MiniCPMError(f"{', '.join(given)}: only for --method gptq or awq (rtn uses no calibration)")
         return None
