@@ -17,7 +17,7 @@ With the shipped CLI only:
      width a multiple of 256, so llama.cpp's k-quants apply to every layer;
   4. the final weights written as bf16 (`minicpm convert --to hf --dtype bfloat16`).
 
-    .venv/bin/python runs/quant_base.py              # ~35 min on 2 cores; prints the output folder
+    .venv/bin/python runs/quant_base.py              # ~52 min on 2 cores; prints the output folder
     .venv/bin/python runs/quant_base.py --quick      # a 1-minute check of the pipeline
 
 Finished steps are kept (rerun to continue after an interruption). The recipe the run used is

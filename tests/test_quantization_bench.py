@@ -91,6 +91,11 @@ def test_table_and_verdicts_read_the_rows():
     assert "GPTQ int4 g32 recovers 80%" in verdict  # (12.5 - 10.5) / (12.5 - 10): against RTN at g32
     r["rows"][2]["llama.cpp"]["ppl"] = 13.5
     assert "target not met." in "\n".join(report.verdicts(r))
+    # a model that int4 RTN hardly moves decides nothing: shares and the comparison are noise
+    r["rows"][1]["minicpm"]["ppl"] = 10.05  # +0.5% over float
+    verdict = "\n".join(report.verdicts(r))
+    assert "GPTQ int4 g128 recovers n/a (minicpm protocol)" in verdict
+    assert "target not decided: RTN int4 g128 moves this model's perplexity by +0.50% / +36.36%" in verdict
     text = report.markdown([r])
     assert "--models m --samples 4 --seqlen 64 --windows 2 --chunks 3 --threads 2" in text
     assert "ours: GPTQ int4 g128" in text and "minicpm quantize a b" in text
