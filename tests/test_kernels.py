@@ -286,6 +286,25 @@ def test_trainable_causal_attention_has_sdpas_values_and_gradients(dtype, b, hea
         assert err <= (1e-5 if dtype == torch.float32 else 2 * their_err + 1e-3), (name, err, their_err)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_training_batch_without_padding_attends_as_plain_causal(dtype):
+    """A micro-batch whose rows are all full has an all-ones mask, which the model hands over as
+    left padding of 0: under autograd that is plain causal attention (values and gradients bitwise
+    those of mask None, the native gradients where they serve), not a dense mask's S x S."""
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(2, 40, 4, 32, generator=g).to(dtype).transpose(1, 2)
+    k, v = (torch.randn(2, 40, 2, 32, generator=g).to(dtype).transpose(1, 2) for _ in range(2))
+
+    def run(mask):
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        out = attention(*leaves, mask)
+        out.float().square().sum().backward()
+        return [out.detach()] + [t.grad for t in leaves]
+
+    for got, want in zip(run(LeftPadding((0, 0))), run(None)):
+        assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("mode", ["torch.inference_mode()", "torch.no_grad()"])
 def test_the_attention_library_loads_first_under_any_grad_mode(mode):
     """Its self-check runs autograd; a server's first use is under inference_mode."""

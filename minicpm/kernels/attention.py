@@ -309,6 +309,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """Attention; mask None means causal with the queries as the last positions (several
     queries), or everything (one query); LeftPadding, that causal attention in a left-padded batch."""
     s, length = q.shape[2], k.shape[2]
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if isinstance(mask, LeftPadding) and training and not any(mask.starts):
+        mask = None  # a training batch with no padding at all: plain causal, which has native gradients
     if isinstance(mask, LeftPadding):
         out = padded_causal_attention(q, k, v, mask.starts)
         if out is not None:
@@ -316,7 +319,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         mask = mask.dense(s, length, q.device)
     if s == 1 and q.dtype != torch.float32:
         return single_query_attention(q, k, v, mask)
-    if mask is None and s > 1 and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+    if mask is None and s > 1 and training:
         out = trainable_causal_attention(q, k, v)
         if out is not None:
             return out
