@@ -101,23 +101,25 @@ def test_table_and_verdicts_read_the_rows():
     assert "ours: GPTQ int4 g128" in text and "minicpm quantize a b" in text
 
 
-def test_the_report_replaces_only_the_text_between_its_markers(tmp_path):
+def written(tmp_path, first: str, second: str) -> str:
+    """A hand-written doc after two reports were put into it, one after the other."""
     doc = tmp_path / "quantization.md"
     doc.write_text("# Quantization\n\nhand-written\n")
-    report.write_doc("first", doc)
-    report.write_doc("second", doc)
-    text = doc.read_text()
+    report.write_doc(first, doc)
+    report.write_doc(second, doc)
+    return doc.read_text()
+
+
+def test_the_report_replaces_only_the_text_between_its_markers(tmp_path):
+    text = written(tmp_path, "first", "second")
     start, end = report.MARKERS
     assert text.count(start) == 1 and text.count(end) == 1
     assert "hand-written" in text and "second" in text and "first" not in text
 
 
 def test_the_report_keeps_the_sections_of_models_not_measured_again(tmp_path):
-    doc = tmp_path / "quantization.md"
-    doc.write_text("# Quantization\n")
-    report.write_doc("## Report\n\nold header\n\n### base: 1 M\n\nold base\n\n### smollm2: 2 M\n\nold smollm2\n", doc)
-    report.write_doc("## Report\n\nnew header\n\n### base: 3 M\n\nnew base\n", doc)
-    text = doc.read_text()
+    text = written(tmp_path, "## Report\n\nold header\n\n### base: 1 M\n\nold base\n\n### smollm2: 2 M\n\nold smollm2\n",
+                   "## Report\n\nnew header\n\n### base: 3 M\n\nnew base\n")
     assert "new header" in text and "new base" in text and "old smollm2" in text
     assert "old header" not in text and "old base" not in text and "base: 1 M" not in text
     assert text.index("new base") < text.index("old smollm2") < text.index(report.MARKERS[1])
