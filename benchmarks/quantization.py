@@ -188,7 +188,7 @@ def sources(name: str, work: Path, base: Path) -> tuple[str, Path]:
     else:
         if not (base / "config.json").is_file():
             sys.exit(f"error: {base} has no config.json; pass --base with a checkpoint folder, or make the "
-                     "default base model with `.venv/bin/python runs/quant_base.py` (~50 min)")
+                     "default base model with `.venv/bin/python runs/quant_base.py` (~52 min)")
         source, stamp = str(base), max(p.stat().st_mtime for p in base.iterdir())
     if not gguf.is_file() or gguf.stat().st_mtime < stamp:
         timed_command([VENV / "bin" / "minicpm", "convert", source, gguf, "--to", "gguf", "--type", "f32",
@@ -340,7 +340,7 @@ def verdicts(result: dict) -> list[str]:
                          "(llama.cpp protocol) of RTN's increase: target 50%.")
     peer = named.get("llama.cpp: Q4_K_M + imatrix")
     ours = [r for r in rows if r["tool"] == "ours" and " int4 " in r["name"]
-            and peer and r["layer_bytes"] <= peer["layer_bytes"]]
+            and r["layer_bytes"] <= peer["layer_bytes"]] if peer else []
     if ours:
         best = min(ours, key=lambda r: r["llama.cpp"]["ppl"])
         shifts = [shift(rows, rtn_row(rows, ["int4", "g128"]), key) for key in ("minicpm", "llama.cpp")]
@@ -408,8 +408,8 @@ def write_doc(text: str, path: Path = DOC) -> None:
     doc = path.read_text(encoding="utf-8")
     start, end = MARKERS
     if start in doc and end in doc:
-        old = model_sections(doc[doc.index(start) + len(start):doc.index(end)])
-        kept = [section.strip("\n") for name, section in old.items() if name not in model_sections(text)]
+        old, new = model_sections(doc[doc.index(start) + len(start):doc.index(end)]), model_sections(text)
+        kept = [section.strip("\n") for name, section in old.items() if name not in new]
         text = "\n\n".join([text.rstrip("\n"), *kept])
         doc = doc[:doc.index(start) + len(start)] + "\n" + text + "\n" + doc[doc.index(end):]
     else:
@@ -444,7 +444,7 @@ def main() -> None:
         sys.exit("error: /usr/bin/time is missing (install GNU time): peak RSS is read from it")
     if importlib.util.find_spec("llama_cpp") is None:
         sys.exit("error: llama-cpp-python is not installed here; it decodes llama.cpp's files for their tok/s: "
-                 "build it once with `bash scripts/build_llama_cpp.sh .venv` (~15 min on 2 cores)")
+                 "build it once with `bash scripts/build_llama_cpp.sh .venv` (9-15 min on 2 cores)")
     tools = llama_tools(VENV, *TOOLS)
     results = []
     for name in models:

@@ -75,16 +75,20 @@ def train_tokenizer(texts: list[Path], out: Path) -> Path:
 
     from minicpm.training.model_setup import load_tokenizer
 
-    default = load_tokenizer("default")
-    default.save_pretrained(out)
-    engine = Engine.from_file(str(out / "tokenizer.json"))
-    specials = sorted((t for t in json.loads((out / "tokenizer.json").read_text())["added_tokens"]),
-                      key=lambda t: t["id"])
+    # built beside `out` and renamed when done: the default's 49,152-token tokenizer.json written
+    # first must never be taken for the finished one by a rerun after an interruption
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    load_tokenizer("default").save_pretrained(tmp)
+    engine = Engine.from_file(str(tmp / "tokenizer.json"))
+    specials = sorted(json.loads((tmp / "tokenizer.json").read_text())["added_tokens"], key=lambda t: t["id"])
     trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=[t["content"] for t in specials],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     engine.train([str(t) for t in texts], trainer)
-    assert [engine.token_to_id(t["content"]) for t in specials] == [t["id"] for t in specials]
-    engine.save(str(out / "tokenizer.json"))
+    if [engine.token_to_id(t["content"]) for t in specials] != [t["id"] for t in specials]:
+        sys.exit("error: the learnt tokenizer moved the default's special tokens; the chat template needs their ids")
+    engine.save(str(tmp / "tokenizer.json"))
+    tmp.rename(out)
     return out
 
 
