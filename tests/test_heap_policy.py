@@ -1,5 +1,6 @@
-"""The heap policy (kernels/allocator.py): inference keeps glibc's own, training is lean,
-MINICPM_HEAP overrides both, and a bad value is a clear error."""
+"""The heap policy (kernels/allocator.py): glibc's own unless a caller or MINICPM_HEAP asks for
+lean, a bad value is a clear error; the trainer gives the heap's freed pages back after each
+micro-batch."""
 
 import os
 import subprocess
@@ -9,12 +10,13 @@ import pytest
 
 from minicpm.kernels.allocator import heap_policy
 
-# After a 1 MiB block is freed, glibc serves a 200 KB block from its heap (its mmap threshold has
-# risen); under the lean policy the block is mapped on its own. mallinfo2 counts mapped blocks.
+# After a 4 MiB block is freed, glibc serves a smaller block from its heap (its mmap threshold
+# has risen); under a fixed threshold below the block's size it is mapped on its own. mallinfo2
+# counts mapped blocks. Prints whether a fixed policy is in force, then the blocks mapped.
 PROBE = """
 import ctypes, sys
 from minicpm.kernels.allocator import apply_heap_policy
-lean = apply_heap_policy(default=sys.argv[1])
+fixed = apply_heap_policy(default=sys.argv[1]) != "fast"
 class Info(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in
                 "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
@@ -22,29 +24,32 @@ libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
 libc.mallinfo2.restype = Info
-libc.free(libc.malloc(1 << 20))
+libc.free(libc.malloc(4 << 20))
 before = libc.mallinfo2().hblks
-block = libc.malloc(200_000)
-print(int(lean), libc.mallinfo2().hblks - before)
+block = libc.malloc(int(sys.argv[2]))
+print(int(fixed), libc.mallinfo2().hblks - before)
 libc.free(block)
 """
 
 
-def probe(default: str, env: str | None = None) -> tuple[int, int]:
+def probe(default: str, env: str | None = None, size: int = 200_000) -> tuple[int, int]:
     environ = {k: v for k, v in os.environ.items() if k != "MINICPM_HEAP"}
     if env is not None:
         environ["MINICPM_HEAP"] = env
-    out = subprocess.run([sys.executable, "-c", PROBE, default], capture_output=True, text=True, env=environ,
+    out = subprocess.run([sys.executable, "-c", PROBE, default, str(size)], capture_output=True, text=True, env=environ,
                          check=True).stdout.split()
     return int(out[0]), int(out[1])
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt/mallinfo2")
-def test_lean_heap_maps_large_blocks_and_fast_keeps_them_in_the_heap():
+def test_lean_and_mid_heaps_map_large_blocks_and_fast_keeps_them_in_the_heap():
     assert probe("fast") == (0, 0)      # inference's default: from the heap
-    assert probe("lean") == (1, 1)      # training's default: a block of its own
+    assert probe("lean") == (1, 1)      # a block of its own
     assert probe("fast", env="lean") == (1, 1)
     assert probe("lean", env="fast") == (0, 0)
+    assert probe("mid") == (1, 0)       # training's default: 200 KB from the heap,
+    assert probe("mid", size=2 << 20) == (1, 1)  # 2 MiB mapped
+    assert probe("fast", size=2 << 20) == (0, 0)
 
 
 def test_heap_policy_reads_the_environment(monkeypatch):
@@ -53,7 +58,7 @@ def test_heap_policy_reads_the_environment(monkeypatch):
     monkeypatch.setenv("MINICPM_HEAP", " Lean ")
     assert heap_policy("fast") == "lean"
     monkeypatch.setenv("MINICPM_HEAP", "small")
-    with pytest.raises(ValueError, match="MINICPM_HEAP='small': expected one of fast, lean"):
+    with pytest.raises(ValueError, match="MINICPM_HEAP='small': expected one of fast, mid, lean"):
         heap_policy()
 
 

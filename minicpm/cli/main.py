@@ -143,8 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     words = sys.argv[1:] if argv is None else argv
-    try:  # first, before torch allocates anything; training's heap is lean (kernels/allocator.py)
-        apply_heap_policy(default="lean" if words[:1] == ["train"] else "fast")
+    try:  # first, before torch allocates anything; training's heap is "mid" (kernels/allocator.py)
+        apply_heap_policy(default="mid" if words[:1] == ["train"] else "fast")
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

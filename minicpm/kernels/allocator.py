@@ -1,17 +1,21 @@
-"""The process's heap policy: "fast" (glibc's own) or "lean" (freed large buffers go back at once).
+"""The process's heap policy: "fast" (glibc's own), "mid" (buffers from 1 MiB up go back at once)
+or "lean" (from 64 KiB up).
 
 glibc serves a large allocation with its own mmap and unmaps it when freed, but after each such
 free it raises that size limit to the freed size (up to 32 MB), so the next buffers of that size
 come from the heap, and the heap keeps the pages of whatever was freed under live blocks.
-"lean" fixes the limit at 64 KiB: every activation-sized buffer is mapped and unmapped, so
-nothing freed stays resident, and each pays its page faults afresh.
+"mid" and "lean" fix the limit: every buffer above it is mapped and unmapped, so nothing of it
+stays resident once freed, and each pays its page faults afresh.
 
-What that trade measured (AMD EPYC, 2 threads, 2026-12-03):
+What that trade measured (AMD EPYC, 2 threads):
 - inference, MiniCPM-2B int4 + int4 head + int4 KV cache, 2k context: peak RSS 2060 -> 1964 MiB
-  (-4.7%), prefill 102 -> 67 tok/s (-35%); MiniCPM-1B int4, a 512-token prompt: 2.2 -> 3.5 s.
-  The kernel's page zeroing costs more than the memory is worth: inference is "fast" by default;
-- training (LoRA of the default model): the heap kept ~5 GB after a step, the step's activations
-  being far larger than a prefill chunk's: training is "lean" by default.
+  (-4.7%), prefill 102 -> 67 tok/s (-35%) lean; MiniCPM-1B int4, a 512-token prompt: 2.2 ->
+  3.5 s. The kernel's page zeroing costs more than the memory is worth: inference is "fast".
+- training (LoRA of the default model, micro-batch 2, 20 steps, the heap trimmed after each
+  micro-batch by the trainer; 2026-12-07): lean 128 tokens/s, peak 1,959 MiB; mid 202 and
+  2,147 MiB; a 4 MiB limit 227 and 2,392 MiB; glibc's own 231 and 2,547 MiB. Lean maps and
+  unmaps every activation-sized temporary of the step (per-row attention, LoRA's products), and
+  their page faults took 40% of the step: training is "mid".
 
 MINICPM_HEAP=lean|fast overrides the default everywhere. Set first in a process (the `minicpm`
 command does): set later, buffers already freed into the heap stay there.
@@ -25,10 +29,10 @@ import functools
 import os
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-MMAP_THRESHOLD = 1 << 16
-POLICIES = ("fast", "lean")
+THRESHOLDS = {"fast": None, "mid": 1 << 20, "lean": 1 << 16}  # None: glibc's own, moving limit
+POLICIES = tuple(THRESHOLDS)
 ENV = "MINICPM_HEAP"
-_lean = False
+_applied: str | None = None  # the policy mallopt set in this process
 
 
 def heap_policy(default: str = "fast") -> str:
@@ -39,17 +43,19 @@ def heap_policy(default: str = "fast") -> str:
     return chosen
 
 
-def apply_heap_policy(default: str = "fast") -> bool:
-    """Make the heap lean if the policy says so (glibc only; once per process, never undone).
-    Returns whether the lean policy is in force."""
-    global _lean
-    if _lean or heap_policy(default) != "lean":
-        return _lean
+def apply_heap_policy(default: str = "fast") -> str:
+    """Fix glibc's mmap threshold as the policy says (glibc only; the first policy set in a
+    process stays: buffers already in the heap would not move). Returns the policy in force."""
+    global _applied
+    if _applied:
+        return _applied
+    policy = heap_policy(default)
     mallopt = getattr(_libc(), "mallopt", None)
-    if mallopt is None:  # not glibc (musl, macOS): its allocator has no such knob
-        return False
-    _lean = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
-    return _lean
+    if THRESHOLDS[policy] is None or mallopt is None:  # not glibc (musl, macOS): no such knob
+        return "fast"
+    if mallopt(M_MMAP_THRESHOLD, THRESHOLDS[policy]):
+        _applied = policy
+    return _applied or "fast"
 
 
 def return_free_heap() -> bool:

@@ -66,7 +66,7 @@ def build_model(config: MiniCPMConfig, named_tensors: Iterable[tuple[str, torch.
     A value may also be a ready module (a GGUF tensor's blocks held as stored): it replaces the
     module that owns `name` (for a tied head: "lm_head.weight" and "model.embed_tokens.weight")."""
     dtype, device = resolve_dtype(dtype), resolve_device(device)
-    apply_heap_policy()  # only where MINICPM_HEAP=lean asks (kernels/allocator.py says why)
+    apply_heap_policy()  # only where MINICPM_HEAP asks (kernels/allocator.py says why)
     with torch.device("meta"):
         model = MiniCPMForCausalLM(config)
     params = dict(model.named_parameters())  # a tied head appears once, as the embedding

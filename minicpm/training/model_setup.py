@@ -38,7 +38,10 @@ def build_trainable_model(recipe: Recipe, device: torch.device):
         if as_stored:  # out of the file mapping first, shard by shard, still 16-bit (QLoRA quantizes them)
             _base_dtypes(model, None, None, own=True)
         _add_adapters(model, recipe)
-        _base_dtypes(model, master, linears)
+        # `own` where the first pass did not copy: a float32 checkpoint's norms and embedding
+        # (already the master dtype) would otherwise stay views of its file mapping, which keeps
+        # every page read while casting the Linears resident (SmolLM2 in fp32: ~400 MB of the peak)
+        _base_dtypes(model, master, linears, own=not as_stored)
     model.gradient_checkpointing = bool(recipe.train.activation_checkpointing)
     model.train()
     return model, tokenizer

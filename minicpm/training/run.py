@@ -101,7 +101,7 @@ def train(recipe: Recipe, procs: Processes = Processes(), resume: bool = False, 
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
     if procs.device.type == "cpu":
-        apply_heap_policy(default="lean")
+        apply_heap_policy(default="mid")  # kernels/allocator.py says why
     torch.manual_seed(recipe.seed)
     _phase(profile, "weights")
     model, tokenizer = build_trainable_model(recipe, procs.device)

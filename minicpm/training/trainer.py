@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from minicpm.kernels.allocator import return_free_heap
 from minicpm.training import checkpoint as ckpt
 from minicpm.training.distributed import (
     Processes,
@@ -158,6 +159,8 @@ class Trainer:
                 self.profile.enter("backward")
             # FSDP averages gradients over processes: scale back up so that they are sums / count
             (loss * (self.procs.world_size / count)).backward()
+            if self.procs.device.type == "cpu":
+                return_free_heap()  # the micro-batch's freed activations (kernels/allocator.py)
             total += float(loss.detach())
             tokens += int(batch["input_ids"].numel())
             for key, value in micro_metrics.items():
