@@ -22,11 +22,11 @@ step reads and the rate that makes. Peak RSS is the process's (VmHWM).
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 from minicpm.bench.arguments import count
+from minicpm.bench.engines import fixed_token_decode_rate
 from minicpm.bench.process import peak_rss_mb
 from minicpm.config import preset
 from minicpm.loading.assemble import random_model
@@ -79,17 +79,6 @@ def threshold_for(model, ids: torch.Tensor, sparsity: float) -> tuple[float, flo
     return threshold, realized
 
 
-def decode_rate(model, ids: torch.Tensor, new: int) -> float:
-    """Decode steps (fixed tokens) per second after the prompt."""
-    with torch.inference_mode():
-        cache = model.new_cache(1, ids.shape[1] + new + 1)
-        model(ids, cache=cache, last_only=True)
-        start = time.perf_counter()
-        for i in range(new):
-            model(torch.tensor([[(17 * i + 5) % 1000]]), cache=cache)
-        return new / (time.perf_counter() - start)
-
-
 def step_bytes(model, active: float) -> float:
     """Weight bytes one decode step reads: every projection and the head, up and down for the
     active share of the neurons only."""
@@ -135,7 +124,8 @@ def main() -> None:
             for name, as_rows, sparse in cases:
                 store_down(model, as_rows)
                 model.sparse_mlp = sparse
-                best[name, as_rows, sparse] = max(best[name, as_rows, sparse], decode_rate(model, ids, args.new))
+                rate = fixed_token_decode_rate(model, ids, args.new)
+                best[name, as_rows, sparse] = max(best[name, as_rows, sparse], rate)
         for (name, as_rows, sparse), rate in best.items():
             gb = step_bytes(model, 1 - realized if sparse else 1.0) * rate / 1e9
             rows.append((target, realized, threshold, name, rate, gb))

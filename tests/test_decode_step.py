@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from minicpm.kernels import decode
-from minicpm.quantization import quantize_model
+from minicpm.quantization import QuantizedLinear, quantize_model
+from minicpm.quantization.linear import quantize_int4
 from tests.conftest import random_model, variant_config
 
 FP32 = 5e-5  # relative logit error allowed in fp32 (see the module docstring)
@@ -132,6 +133,23 @@ def test_bias_and_coded_caches():
 def test_quantized_models(bits, dtype):
     model = quantize_model(random_model(variant_config("1b"), dtype=dtype), bits=bits, group_size=32)
     _compare(model, FP32 if dtype is torch.float32 else 0)
+
+
+@pytest.mark.parametrize("dtype,rel", [(torch.float32, FP32), (torch.bfloat16, 0)])
+def test_act_order_models_take_the_native_step(dtype, rel):
+    """GPTQ act-order layers (columns stored in another order than x's) decode in the step: the
+    kernel gathers x's columns, so the step serves them and matches the Python layers."""
+    model = random_model(variant_config("1b"), dtype=dtype)
+    gen = torch.Generator().manual_seed(2)
+    for name, linear in list(model.model.layers.named_modules(prefix="model.layers")):
+        if isinstance(linear, torch.nn.Linear):
+            perm = torch.randperm(linear.in_features, generator=gen)
+            q, scales, zeros = quantize_int4(linear.weight.detach()[:, perm], 32)
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, QuantizedLinear(
+                linear.in_features, linear.out_features, 4, 32, q, scales.to(dtype), zeros.to(dtype), input_perm=perm))
+    assert model.model.layers[0].self_attn.q_proj.input_perm is not None
+    _compare(model, rel, batch=2)
 
 
 @pytest.mark.parametrize("dtype,rel", [(torch.float32, FP32), (torch.bfloat16, 0)])

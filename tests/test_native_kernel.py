@@ -107,6 +107,34 @@ def test_threads_do_not_change_the_result():
     assert torch.equal(one, two)
 
 
+def permuted(layer: QuantizedLinear, perm: torch.Tensor) -> QuantizedLinear:
+    """The same codes and metadata as `layer`, its columns taken as x's columns `perm` (act-order)."""
+    scales, zeros = layer.scales_zeros()
+    return QuantizedLinear(layer.in_features, layer.out_features, layer.bits, layer.group_size, layer.codes(),
+                           scales, zeros, layer.bias, input_perm=perm)
+
+
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 128), (8, None)])
+@pytest.mark.parametrize("m,dtype", [(1, torch.float32), (5, torch.bfloat16), (40, torch.float32)])
+def test_act_order_layers_gather_x_inside_the_kernel(bits, group, m, dtype):
+    """A layer with input_perm multiplies x's columns in the stored order: bitwise the plain
+    layer's product of x[:, perm] (the kernel gathers as it quantizes x), whichever path runs."""
+    plain, _ = make(bits, group, 48, 256, dtype=dtype)
+    perm = torch.randperm(256, generator=torch.Generator().manual_seed(3))
+    layer = permuted(plain, perm)
+    assert layer.kernel == "native" and layer.decode_spec() is not None
+    x = torch.randn(m, 256, dtype=dtype)
+    expect = plain(x[:, perm].contiguous())
+    assert torch.equal(layer(x), expect)  # the plan's path (a plan exists after the first call)
+    assert torch.equal(layer(x.t().contiguous().t()), expect)  # _forward (non-contiguous x)
+    assert torch.equal(layer(x.unsqueeze(0))[0], expect)
+    assert not torch.equal(layer(x), plain(x))  # the gather did something
+    xg = x.float().clone().requires_grad_()  # autograd goes the dequantize way, gathering in Python
+    layer(xg).sum().backward()
+    tol = 1e-5 if dtype is torch.float32 else 1e-2  # a bf16 layer's gradient is computed in bf16
+    assert rel_error(xg.grad, layer.dequantize().float().sum(0).expand(m, -1)) < tol
+
+
 @pytest.mark.parametrize("bits,group,n,k", [(4, 32, 37, 256), (4, 128, 50, 384), (8, None, 37, 200)])
 def test_layout_gives_back_codes_scales_and_rows_exactly(bits, group, n, k):
     torch.manual_seed(1)

@@ -33,13 +33,20 @@ def tiny(variant: str = "2b", seed: int = 0):
     return random_model(variant_config(variant), seed=seed)
 
 
-def gptq_layers(model, bits=4, group=32, sym=False, act_order=False, v1=True, seed=0, bias=False):
-    """{linear: GPTQ tensors} and {linear: reference dequantized weight [N, K] fp32}."""
+INPUTS = {"q_proj": "attention", "k_proj": "attention", "v_proj": "attention", "gate_proj": "mlp", "up_proj": "mlp"}
+
+
+def gptq_layers(model, bits=4, group=32, sym=False, act_order=False, v1=True, seed=0, bias=False,
+                order_by_input=False):
+    """{linear: GPTQ tensors} and {linear: reference dequantized weight [N, K] fp32}.
+    `order_by_input`: layers that read one input get one act-order (as GPTQ's Hessians make it)."""
     gen = torch.Generator().manual_seed(seed)
-    layers, weights = {}, {}
+    layers, weights, orders = {}, {}, {}
     for name in ref.decoder_linears(model):
         w = model.get_submodule(name).weight.detach()
-        order = torch.randperm(w.shape[1], generator=gen) if act_order else None
+        parent, _, leaf = name.rpartition(".")
+        key = (parent.rpartition(".")[0], INPUTS[leaf]) if order_by_input and leaf in INPUTS else name
+        order = orders.setdefault(key, torch.randperm(w.shape[1], generator=gen)) if act_order else None
         q, zeros, scales, g_idx = ref.gptq_quantize(w, bits, group if group > 0 else w.shape[1], sym, order)
         qweight, qzeros = ref.gptq_pack(q, zeros, bits, v1=v1)
         layers[name] = {"qweight": qweight, "qzeros": qzeros, "scales": scales, "g_idx": g_idx.to(torch.int32)}
@@ -308,6 +315,25 @@ def test_our_format_keeps_act_order_layers(tmp_path, monkeypatch):
     again, _ = load_checkpoint(saved)
     assert_exact_layers(again, weights)
     assert again.model.layers[2].mlp.gate_proj.input_perm is not None
+    assert torch.equal(again(IDS), loaded(IDS))
+
+
+def test_act_order_layers_reading_one_input_share_their_permutation(tmp_path):
+    """GPTQ orders q/k/v (and gate/up) alike: loaded, they hold one permutation tensor, so the
+    native kernel quantizes their input once (its plans compare the pointer), also once saved in
+    our format and loaded again."""
+    model = tiny()
+    layers, weights = gptq_layers(model, act_order=True, order_by_input=True)
+    path = ref.write_checkpoint(tmp_path / "gptq", model, layers, GPTQ_V1)
+    loaded, _ = load_checkpoint(path, dtype="float32")
+    again, _ = load_checkpoint(save_pretrained(loaded, None, tmp_path / "ours"))
+    for m in (loaded, again):
+        for layer in m.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            assert attn.q_proj.input_perm is attn.k_proj.input_perm is attn.v_proj.input_perm
+            assert mlp.gate_proj.input_perm is mlp.up_proj.input_perm
+            assert attn.o_proj.input_perm is not attn.q_proj.input_perm
+        assert_exact_layers(m, weights)
     assert torch.equal(again(IDS), loaded(IDS))
 
 

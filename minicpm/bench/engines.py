@@ -127,6 +127,20 @@ def ours_greedy_tokens(model, ids: list[int], new: int):
         yield from TokenGenerator(model, [ids], params)
 
 
+def fixed_token_decode_rate(model, ids, new: int) -> float:
+    """Ours: decode steps per second after the prompt `ids` [1, P], each step fed a fixed token
+    (the same sequence for every case compared, whatever the model predicts)."""
+    import torch
+
+    with torch.inference_mode():
+        cache = model.new_cache(1, ids.shape[1] + new + 1)
+        model(ids, cache=cache, last_only=True)
+        start = time.perf_counter()
+        for i in range(new):
+            model(torch.tensor([[(17 * i + 5) % 1000]]), cache=cache)
+        return new / (time.perf_counter() - start)
+
+
 def run_ours(workdir: Path, precision: str) -> dict:
     model, load = load_ours(ours_path(workdir, precision), "bfloat16")  # quantized in prepare()
     result = timed_tokens(ours_greedy_tokens(model, prompt_ids(model.config.vocab_size), NEW_TOKENS))

@@ -514,7 +514,7 @@ static inline __attribute__((always_inline)) void run_tile(
         tile_int8g(w + t * 16 * Kp, sc, t * 16 * (Kp / G), mk, xq, xd, xg, Kp, G, MC, out);
 }
 
-int qgemm_abi_version(void) { return 8; }
+int qgemm_abi_version(void) { return 9; }
 
 /* x quantized for the tiles: int8 codes [M][Kp], block scales [M][Kp/QB] (int4: quantize_row_pow2's
  * scratch), group sums [M][Kp/G], the blocks' integer code sums [M][Kp/QB]; for int4 the blocks'
@@ -542,12 +542,36 @@ static struct qx qx_in(void *scratch, long M, long Kp, int QB, int G) {
     return t;
 }
 
+/* Row `row` of x with its columns in the weight's stored order: out[j] = row[perm[j]] (GPTQ
+ * act-order layers store their columns sorted by group). */
+static const void *gather_row(const void *row, int xkind, long K, const int64_t *perm, void *out) {
+    if (xkind == K_F32) {
+        const float *in = (const float *)row;
+        float *o = (float *)out;
+        for (long j = 0; j < K; j++) o[j] = in[perm[j]];
+    } else {
+        const uint16_t *in = (const uint16_t *)row;
+        uint16_t *o = (uint16_t *)out;
+        for (long j = 0; j < K; j++) o[j] = in[perm[j]];
+    }
+    return out;
+}
+
+/* Bytes of one row of x gathered (gather_row's `out`): none without a permutation. */
+static size_t gather_bytes(const int64_t *perm, long K) {
+    return perm ? ((size_t)K * 4 + 63) / 64 * 64 : 0;
+}
+
+/* Rows [m0, m1) of x quantized into t; `perm` (or NULL): x's columns are gathered into the
+ * weight's order first, through `buffer` (gather_bytes), which costs a pass over the row where
+ * an index_select would cost a copy of x and a call. */
 static void quantize_rows(int bits, const struct qx *t, const void *x, int xkind, long m0, long m1, long K,
-                          long Kp, int QB, int G) {
+                          long Kp, int QB, int G, const int64_t *perm, void *buffer) {
     const size_t xrow = (size_t)K * (xkind == K_F32 ? 4 : 2);
     const long nb = Kp / QB, KG = Kp / G;
     for (long m = m0; m < m1; m++) {
         const void *row = (const char *)x + m * xrow;
+        if (perm) row = gather_row(row, xkind, K, perm, buffer);
         if (bits == 4)  /* QB is 32 (group_of) */
             quantize_row_pow2(row, xkind, K, Kp, G, t->q + m * Kp, t->d + m * nb, t->s + m * nb, t->g + m * KG,
                               t->h + m * nb, t->r + m);
@@ -619,30 +643,38 @@ static int group_of(int bits, int G, int QB, long Kp, int form) {
 /* y[M, N] = x[M, K] @ W.T + bias. Kp: K padded to the weight layout (a multiple of QB and G);
  * int8: G = 0 for a scale per row, else per group (16 or a multiple of QB = 32). form (int4):
  * 0 zc holds zero points, 1 offsets, 2 none (the zero point is 8). Returns 0, or -1 when scratch memory is short. */
-int qgemm(int bits, const void *x, int xkind, long M, long K, long Kp, long N, int G, int QB,
-          const uint8_t *w, const void *sc, const void *zc, int mk,
-          const void *bias, int bkind, void *y, int nthreads, int form) {
+static int qgemm_gather(int bits, const void *x, int xkind, long M, long K, long Kp, long N, int G, int QB,
+                        const uint8_t *w, const void *sc, const void *zc, int mk, const void *bias, int bkind,
+                        void *y, int nthreads, int form, const int64_t *perm) {
     if (!(G = group_of(bits, G, QB, Kp, form))) return -2;
     const long T = (N + 15) / 16;
-    void *scratch = malloc(qx_bytes(M, Kp, QB, G));
-    if (!scratch) return -1;
-    const struct qx t = qx_in(scratch, M, Kp, QB, G);
     if (nthreads < 1) nthreads = 1;
     if (T < nthreads) nthreads = (int)T;
+    const size_t xbytes = (qx_bytes(M, Kp, QB, G) + 63) & ~(size_t)63, gbytes = gather_bytes(perm, K);
+    char *scratch = malloc(xbytes + gbytes * nthreads);  /* x quantized, then a gather row per thread */
+    if (!scratch) return -1;
+    const struct qx t = qx_in(scratch, M, Kp, QB, G);
     /* a few rows are quantized before forking: one barrier less per decode call */
     const int serial_quant = M * Kp <= 16384;
-    if (serial_quant) quantize_rows(bits, &t, x, xkind, 0, M, K, Kp, QB, G);
+    if (serial_quant) quantize_rows(bits, &t, x, xkind, 0, M, K, Kp, QB, G, perm, scratch + xbytes);
 #pragma omp parallel num_threads(nthreads)
     {
         const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
         if (!serial_quant) {
-            quantize_rows(bits, &t, x, xkind, M * tid / nt, M * (tid + 1) / nt, K, Kp, QB, G);
+            quantize_rows(bits, &t, x, xkind, M * tid / nt, M * (tid + 1) / nt, K, Kp, QB, G, perm,
+                          scratch + xbytes + gbytes * tid);
 #pragma omp barrier
         }
         tiles(bits, &t, M, Kp, N, G, QB, w, sc, zc, mk, bias, bkind, y, xkind, form, T * tid / nt, T * (tid + 1) / nt);
     }
     free(scratch);
     return 0;
+}
+
+int qgemm(int bits, const void *x, int xkind, long M, long K, long Kp, long N, int G, int QB,
+          const uint8_t *w, const void *sc, const void *zc, int mk,
+          const void *bias, int bkind, void *y, int nthreads, int form) {
+    return qgemm_gather(bits, x, xkind, M, K, Kp, N, G, QB, w, sc, zc, mk, bias, bkind, y, nthreads, form, NULL);
 }
 
 /* A layer's fixed arguments, built once per layer in Python: a decode step makes hundreds of
@@ -654,22 +686,23 @@ struct qplan {
     const void *sc, *zc, *bias;
     int form, pad2;  /* appended (ABI 3): int4 zero points (0) or offsets (1) in zc; (ABI 5) 2: zero point 8, no zc;
                         (ABI 6) 3: Q4_K super-blocks, all metadata in sc (superblock_meta) */
+    const int64_t *perm;  /* (ABI 9) or NULL: stored column j multiplies x's column perm[j] (GPTQ act-order) */
 };
 
 int qgemm_plan(const struct qplan *p, const void *x, int xkind, long M, void *y, int nthreads) {
-    return qgemm(p->bits, x, xkind, M, p->K, p->Kp, p->N, p->G, p->QB, p->w, p->sc, p->zc, p->mk,
-                 p->bias, p->bkind, y, nthreads, p->form);
+    return qgemm_gather(p->bits, x, xkind, M, p->K, p->Kp, p->N, p->G, p->QB, p->w, p->sc, p->zc, p->mk,
+                        p->bias, p->bkind, y, nthreads, p->form, p->perm);
 }
 
-/* Bytes of scratch qgemm_plan_team needs for M rows (per thread). */
+/* Bytes of scratch qgemm_plan_team needs for M rows (per thread): x quantized, then a gathered row. */
 long qgemm_plan_scratch(const struct qplan *p, long M) {
     const int G = group_of(p->bits, p->G, p->QB, p->Kp, p->form);
-    return G ? (long)qx_bytes(M, p->Kp, p->QB, G) : 0;
+    return G ? (long)(((qx_bytes(M, p->Kp, p->QB, G) + 63) & ~(size_t)63) + gather_bytes(p->perm, p->K)) : 0;
 }
 
 /* Whether x quantized for plan a is x quantized for plan b: the same codes, scales and sums. */
 static int same_quantized_x(const struct qplan *a, const struct qplan *b) {
-    return (a->bits == 4) == (b->bits == 4) && a->K == b->K && a->Kp == b->Kp && a->QB == b->QB
+    return (a->bits == 4) == (b->bits == 4) && a->perm == b->perm && a->K == b->K && a->Kp == b->Kp && a->QB == b->QB
            && group_of(a->bits, a->G, a->QB, a->Kp, a->form) == group_of(b->bits, b->G, b->QB, b->Kp, b->form);
 }
 
@@ -693,15 +726,18 @@ int qgemm_plan_team(const struct qplan *p, const void *x, int xkind, long M, voi
     const long T = (p->N + 15) / 16;
     const int team = M >= SHARED_ROWS && nt > 1 && shared;
     const struct qx t = qx_in(team ? shared : scratch, M, p->Kp, p->QB, G);
+    /* this thread's gathered row: its own scratch, past the quantized x (shared is one thread's scratch) */
+    char *gather = (char *)scratch + ((qx_bytes(M, p->Kp, p->QB, G) + 63) & ~(size_t)63);
     if (!held || !same_quantized_x(held, p)) {
         if (team) {
             if (held) {  /* the team may still be reading the previous plan's x (v Q6_K after k Q4_K) */
 #pragma omp barrier
             }
-            quantize_rows(p->bits, &t, x, xkind, M * tid / nt, M * (tid + 1) / nt, p->K, p->Kp, p->QB, G);
+            quantize_rows(p->bits, &t, x, xkind, M * tid / nt, M * (tid + 1) / nt, p->K, p->Kp, p->QB, G, p->perm,
+                          gather);
 #pragma omp barrier
         } else {
-            quantize_rows(p->bits, &t, x, xkind, 0, M, p->K, p->Kp, p->QB, G);
+            quantize_rows(p->bits, &t, x, xkind, 0, M, p->K, p->Kp, p->QB, G, p->perm, gather);
         }
     }
     tiles(p->bits, &t, M, p->Kp, p->N, G, p->QB, p->w, p->sc, p->zc, p->mk, p->bias, p->bkind, y, xkind, p->form,

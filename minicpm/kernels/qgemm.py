@@ -160,19 +160,24 @@ def unpack_meta(m: torch.Tensor, n: int) -> torch.Tensor:
 # ---------------------------------------------------------------- the call
 
 def plan(bits: int, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, n: int, k: int,
-         k_padded: int, group_size: int | None, bias: torch.Tensor | None, offsets: bool = False) -> Plan:
+         k_padded: int, group_size: int | None, bias: torch.Tensor | None, offsets: bool = False,
+         perm: torch.Tensor | None = None) -> Plan:
     """Arguments for `run`. Tensors must stay where they are (a layer rebuilds its plan on .to()).
 
     int4: `zeros` holds zero points, or offsets m (w = q*s + m) with offsets=True. int8:
-    group_size None for a scale per row, else scales [T, K/G, 16] per group (16 or 32j)."""
-    for t in (weight, scales, zeros, bias):
+    group_size None for a scale per row, else scales [T, K/G, 16] per group (16 or 32j).
+    `perm` (int64 [K], a permutation): the weight's column j multiplies x's column perm[j]; the
+    kernel gathers x's columns as it quantizes them (GPTQ act-order layers)."""
+    for t in (weight, scales, zeros, bias, perm):
         if t is not None and (t.device.type != "cpu" or not t.is_contiguous()):
             raise ValueError("native kernel tensors must be contiguous and on the CPU")
+    if perm is not None and (perm.dtype is not torch.int64 or perm.shape != (k,)):
+        raise ValueError(f"perm must be int64 [{k}], got {perm.dtype} {tuple(perm.shape)}")
     address = lambda t: None if t is None else t.data_ptr()  # noqa: E731
     return layout.make_plan(bits, group_size, n, k, k_padded, weight.data_ptr(), scales.data_ptr(),
                             str(scales.dtype).removeprefix("torch."), address(zeros), address(bias),
                             None if bias is None else str(bias.dtype).removeprefix("torch."), offsets,
-                            keep=(weight, scales, zeros, bias))
+                            keep=(weight, scales, zeros, bias, perm), perm=address(perm))
 
 
 def run(p: Plan, x: torch.Tensor, threads: int | None = None) -> torch.Tensor:
@@ -217,7 +222,10 @@ def _self_check() -> None:
     kp = padded_k(8, k - 8, None)
     y8 = gemm(x[:, :k - 8].contiguous(), 8, pack_int8(q8, kp), pack_meta(s8[:, None]).reshape(-1), None,
               n, k - 8, kp, None, None, 1)
-    checks = [(y4, x @ w4.T), (y4o, x @ w4.T), (y4s, x @ w4s.T), (y8, x[:, :k - 8] @ (q8.float() * s8[:, None]).T)]
+    perm = torch.randperm(k, generator=g)  # act-order: the kernel gathers x's columns
+    y4p = run(plan(4, pack_int4(q4), pack_meta(s4), pack_meta(z4), n, k, k, group, None, perm=perm), x, 1)
+    checks = [(y4, x @ w4.T), (y4o, x @ w4.T), (y4s, x @ w4s.T), (y8, x[:, :k - 8] @ (q8.float() * s8[:, None]).T),
+              (y4p, x[:, perm] @ w4.T)]
     for g8 in (16, 32, 64):  # int8 per group: Q6_K's 16, Q8_0's 32, and two blocks per group
         q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
         s = torch.rand(n, k // g8, generator=g) + 0.5

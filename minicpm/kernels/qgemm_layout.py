@@ -19,7 +19,7 @@ import threading
 
 import numpy as np
 
-ABI_VERSION = 8  # qgemm.c's qgemm_abi_version()
+ABI_VERSION = 9  # qgemm.c's qgemm_abi_version()
 FORM_SYMMETRIC = 2  # qgemm.c's int4 form without zero points: w = (q - 8) * s
 FORM_SUPERBLOCK = 3  # qgemm.c's form of GGUF's super-blocks as stored: Q4_K (int4) w = q * (d sc) - dmin mn,
                      # Q6_K (int6) w = (q - 32) * (d sc)
@@ -182,21 +182,22 @@ class Plan(ctypes.Structure):
     _fields_ = [("bits", ctypes.c_int), ("G", ctypes.c_int), ("QB", ctypes.c_int), ("mk", ctypes.c_int),
                 ("bkind", ctypes.c_int), ("pad", ctypes.c_int), ("K", ctypes.c_long), ("Kp", ctypes.c_long),
                 ("N", ctypes.c_long), ("w", ctypes.c_void_p), ("sc", ctypes.c_void_p), ("zc", ctypes.c_void_p),
-                ("bias", ctypes.c_void_p), ("form", ctypes.c_int), ("pad2", ctypes.c_int)]
+                ("bias", ctypes.c_void_p), ("form", ctypes.c_int), ("pad2", ctypes.c_int), ("perm", ctypes.c_void_p)]
 
 
 def make_plan(bits: int, group_size: int | None, n: int, k: int, k_padded: int, weight: int, scales: int,
               scale_kind: str, zeros: int | None = None, bias: int | None = None, bias_kind: str | None = None,
-              offsets: bool = False, keep=(), superblocks: bool = False) -> Plan:
+              offsets: bool = False, keep=(), superblocks: bool = False, perm: int | None = None) -> Plan:
     """The plan of one layer from the addresses of its packed parts (which must stay where they are).
     int4: `zeros` holds zero points, or offsets m (w = q*s + m) with offsets=True; no `zeros`:
     w = (q - 8) * s (GGUF's Q4_0); `superblocks`: `scales` holds GGUF Q4_K (int4, groups of 32) or
     Q6_K (bits 6, groups of 16) metadata as pack_superblock_meta lays it out. int8: group_size None for a scale per row,
-    else scales [T, K/G, 16] per group (16 or 32j)."""
+    else scales [T, K/G, 16] per group (16 or 32j). `perm`: int64 [K], stored column j multiplies x's
+    column perm[j] (the kernel gathers x)."""
     form = FORM_SUPERBLOCK if superblocks else FORM_SYMMETRIC if bits == 4 and zeros is None else int(offsets)
     p = Plan(bits, group_size or 0, act_block(bits, group_size, k_padded), KIND_CODES[scale_kind],
              0 if bias_kind is None else KIND_CODES[bias_kind], 0, k, k_padded, n, weight, scales, zeros, bias,
-             form, 0)
+             form, 0, perm)
     p.keep = keep
     p.ref = ctypes.byref(p)
     return p

@@ -11,7 +11,8 @@ GPTQ/AWQ checkpoints repacked at load (formats/published). Dequantization is
 in float32, each product and sum rounded once: for GGUF blocks exactly gguf-py's values.
 A GPTQ act-order layer, whose groups are scattered over k (g_idx), holds its columns sorted by
 group so that groups are contiguous, and `input_perm` gathers x's columns into that order:
-y = x[..., input_perm] @ W[:, input_perm].T, the same product.
+y = x[..., input_perm] @ W[:, input_perm].T, the same product (the native kernel gathers as it
+quantizes x; elsewhere an index_select).
 
 On CPU the forward pass runs, in order of preference:
   native      our AVX-512 VNNI kernel (minicpm/kernels/qgemm.py): x quantized to int8 per block of
@@ -121,7 +122,8 @@ class QuantizedLinear(nn.Module):
         (native.pack_int4_blocks), which the native layout takes without unpacking.
         `input_perm`: the columns are stored in this order of x's (act-order GPTQ)."""
         super().__init__()
-        self.register_buffer("input_perm", None if input_perm is None else input_perm.long(), persistent=False)
+        self.register_buffer("input_perm", None if input_perm is None else input_perm.long().contiguous(),
+                             persistent=False)
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size = bits, group_size
         self.has_offsets = offsets is not None
@@ -262,8 +264,6 @@ class QuantizedLinear(nn.Module):
         return self._kernel_dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_perm is not None:
-            x = x.index_select(-1, self.input_perm)  # contiguous, in the stored column order
         plan = self._plan
         if (plan is not None and x.is_cpu and (x.dtype is torch.bfloat16 or x.dtype is torch.float32)
                 and x.shape[-1] == self.in_features and x.is_contiguous() and not x.requires_grad):
@@ -278,7 +278,8 @@ class QuantizedLinear(nn.Module):
                 bias = bias.float()  # a copy the plan keeps: the kernel reads fp32/bf16/fp16
             self._plan = native.plan(self.bits, self.qweight, self.scales, self._term,
                                      self.out_features, self.in_features, self.k_padded, self.group_size,
-                                     None if bias is None else bias.contiguous(), self.has_offsets)
+                                     None if bias is None else bias.contiguous(), self.has_offsets,
+                                     perm=self.input_perm)  # act-order: the kernel gathers x itself
         return self._plan
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -289,6 +290,8 @@ class QuantizedLinear(nn.Module):
                 raise ValueError(f"{self}: got input of shape {tuple(shape)} on {x.device}")
             x2 = x if x.dtype in (torch.float32, torch.bfloat16) else x.float()
             return native.run(self._native_plan(), x2.contiguous()).to(x.dtype)
+        if self.input_perm is not None:
+            x = x.index_select(-1, self.input_perm)  # in the stored column order
         x2 = x.reshape(-1, shape[-1]).to(self.compute_dtype)  # the kernels want 2-D x in the scales' dtype
         if self.kernel != "packed" and x2.requires_grad and torch.is_grad_enabled():
             y = FrozenWeightLinear.apply(x2, self)
@@ -410,6 +413,22 @@ class QuantizedLinear(nn.Module):
     def decode_spec(self) -> dict | None:
         """What the native decode step needs (minicpm.kernels.decode): the qgemm plan; None where
         the native kernel does not serve."""
-        if self.kernel != "native" or not self.qweight.is_cpu or self.input_perm is not None:
-            return None  # the fused step has no column gather: such a model decodes layer by layer
+        if self.kernel != "native" or not self.qweight.is_cpu:
+            return None
         return {"kind": "qgemm", "plan": self._native_plan()}
+
+
+def share_equal_permutations(model: nn.Module) -> int:
+    """Give act-order layers with equal permutations one tensor; returns how many now share.
+    GPTQ orders the columns of q/k/v (and of gate/up) alike, for they read the same input, and
+    the native kernels quantize a shared input once only when the plans point at one permutation
+    (qgemm.c `same_quantized_x`)."""
+    seen: dict[bytes, torch.Tensor] = {}
+    shared = 0
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear) and module.input_perm is not None:
+            perm = seen.setdefault(module.input_perm.cpu().numpy().tobytes(), module.input_perm)
+            if perm is not module.input_perm:
+                module.input_perm, module._plan = perm, None
+                shared += 1
+    return shared

@@ -36,7 +36,7 @@ from torch import nn
 from minicpm.config import MiniCPMConfig
 from minicpm.errors import CheckpointError, MiniCPMError
 from minicpm.loading.assemble import release_freed_memory
-from minicpm.quantization.linear import GROUP_SIZES, QuantizedLinear
+from minicpm.quantization.linear import GROUP_SIZES, QuantizedLinear, share_equal_permutations
 
 Predicate = Callable[[str, nn.Module], bool]
 HEADS = ("int8", "int4", "bf16")
@@ -228,6 +228,8 @@ def load_quantized(config: MiniCPMConfig, named_tensors: Iterable[tuple[str, tor
     elif config.tie_word_embeddings and "lm_head" not in chosen:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.model.rotary_emb.to(device)
+    if permuted:
+        share_equal_permutations(model)
     release_freed_memory()
     return model.eval().requires_grad_(False)
 

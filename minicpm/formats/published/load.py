@@ -31,7 +31,7 @@ from minicpm.loading.assemble import (
     resolve_dtype,
 )
 from minicpm.model import MiniCPMForCausalLM
-from minicpm.quantization.linear import QuantizedLinear
+from minicpm.quantization.linear import QuantizedLinear, share_equal_permutations
 
 # the tensors of one quantized layer, by method; "bias" travels with GPTQ/AWQ layers
 LAYER_PARTS = {"gptq": ("qweight", "qzeros", "scales", "g_idx", "bias"),
@@ -67,6 +67,7 @@ def load_published(directory: Path, config: MiniCPMConfig, published: Published,
                                   "head": f"int{head[0]}" if head else "bf16", "embedding": "float"}
         if reader.permuted:
             record["input_perm"] = sorted(reader.permuted)
+            share_equal_permutations(model)
         model.config = model.config.replace(quantization=record)
     release_freed_memory()
     return model
