@@ -256,6 +256,8 @@ def _write_gptq(tmp_path, settings=GPTQ_V1, edit=None, **kwargs):
     ({**GPTQ_V1, "quant_method": "hqq"}, "unknown quant_method 'hqq'"),
     ({**GPTQ_V1, "checkpoint_format": "marlin"}, "checkpoint_format 'marlin' is not supported"),
     ({**GPTQ_V1, "dynamic": {r"-:.*down_proj": {}}}, "'dynamic' per-layer overrides are not supported"),
+    ({**GPTQ_V1, "rotation": "hadamard"}, "rotation 'hadamard' is not supported"),
+    ({**GPTQ_V1, "pack_dtype": "int16"}, "pack_dtype 'int16' is not supported"),
     ({**AWQ, "version": "gemv"}, "AWQ version 'gemv' is not supported"),
     ({"quant_method": "bitsandbytes", "load_in_8bit": True}, "bitsandbytes 8-bit"),
 ])

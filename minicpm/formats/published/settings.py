@@ -115,6 +115,12 @@ def _gptq(settings: dict, where: str) -> Published:
     if settings.get("dynamic"):
         raise CheckpointError(f"{where}: GPTQModel 'dynamic' per-layer overrides are not supported "
                               f"({', '.join(map(str, settings['dynamic']))}); export without them")
+    if settings.get("rotation"):  # its down_proj weights hold a Hadamard transform that x must get too
+        raise CheckpointError(f"{where}: GPTQModel rotation {settings['rotation']!r} is not supported (its down_proj "
+                              "needs an online Hadamard transform at inference); quantize without rotation")
+    pack = str(settings.get("pack_dtype") or "int32").removeprefix("torch.")
+    if pack != "int32":
+        raise CheckpointError(f"{where}: GPTQModel pack_dtype {pack!r} is not supported (int32 is)")
     return Published("gptq", bits, _group(settings, where), fmt, settings.get("sym"), settings.get("desc_act"),
                      settings)
 
