@@ -30,7 +30,7 @@ from minicpm.bench.process import peak_rss_mb
 from minicpm.config import PRESETS, preset
 from minicpm.loading.assemble import random_model
 from minicpm.quantization import QuantizedLinear
-from minicpm.quantization.linear import quantize_int4, share_equal_permutations
+from minicpm.quantization.linear import quantize_int4
 
 
 def _replace(model, kind: type, make) -> None:
@@ -45,23 +45,25 @@ def _replace(model, kind: type, make) -> None:
 INPUTS = {"q_proj": "attention", "k_proj": "attention", "v_proj": "attention", "gate_proj": "mlp", "up_proj": "mlp"}
 
 
-def act_order_int4(model, group: int, seed: int = 0) -> None:
+def act_order_int4(model, group: int, seed: int = 0, shared: bool = True) -> None:
     """Every decoder Linear in place as int4 (RTN, `group`) with its columns stored in a random
-    order, as an act-order GPTQ layer keeps them. Layers that read one input (q/k/v, gate/up)
-    get one order, as GPTQ's Hessians give it, shared as the loaders share it."""
+    order, as an act-order GPTQ layer keeps them. With `shared`, layers that read one input
+    (q/k/v, gate/up) get one order, as GPTQ's Hessians give it, held as one tensor, as the
+    loaders hold it; else every layer an order of its own."""
     gen = torch.Generator().manual_seed(seed)
     orders: dict[tuple[str, str], torch.Tensor] = {}
 
     def make(name, linear):
         parent, _, leaf = name.rpartition(".")
-        key = (parent.rpartition(".")[0], INPUTS.get(leaf, leaf))
-        perm = orders.setdefault(key, torch.randperm(linear.in_features, generator=gen))
+        key = (parent.rpartition(".")[0], INPUTS.get(leaf, leaf) if shared else leaf)
+        if key not in orders:
+            orders[key] = torch.randperm(linear.in_features, generator=gen)
+        perm = orders[key]
         q, scales, zeros = quantize_int4(linear.weight.detach()[:, perm], group)
         dtype = linear.weight.dtype
         return QuantizedLinear(linear.in_features, linear.out_features, 4, group, q, scales.to(dtype),
                                zeros.to(dtype), input_perm=perm)
     _replace(model, torch.nn.Linear, make)
-    share_equal_permutations(model)
 
 
 def without_permutation(model) -> None:
@@ -75,7 +77,8 @@ def without_permutation(model) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="minicpm-2b", choices=sorted(PRESETS))
+    p.add_argument("--preset", default="minicpm-2b", choices=sorted(n for n in PRESETS if "moe" not in n),
+                   help="a dense shape (an MoE's router is a Linear this script would quantize too)")
     p.add_argument("--layers", type=count(1, "--layers"), default=12, help="decoder layers (the preset's are many GB)")
     p.add_argument("--vocab", type=count(1024, "--vocab"), default=8192, help="vocabulary: a small head keeps the layers' share visible")
     p.add_argument("--group", type=int, default=128, choices=[32, 64, 128])
@@ -88,6 +91,10 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     config = preset(args.preset, num_hidden_layers=args.layers, vocab_size=args.vocab)
+    widths = {config.hidden_size, config.intermediate_size, config.num_attention_heads * config.head_dim}
+    if any(width % args.group for width in widths):
+        p.error(f"--group {args.group} does not divide the {args.preset} layers' input widths "
+                f"({', '.join(map(str, sorted(widths)))}); pass --group 32")
     dtype = getattr(torch, args.dtype)
     print(f"building the {args.preset} shape ({args.layers} layers, vocabulary {args.vocab}, {args.dtype}, "
           f"int4 g{args.group}, seeded random weights)...", flush=True)

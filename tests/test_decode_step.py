@@ -16,9 +16,8 @@ import pytest
 import torch
 
 from minicpm.kernels import decode
-from minicpm.quantization import QuantizedLinear, quantize_model
-from minicpm.quantization.linear import quantize_int4
-from tests.conftest import random_model, variant_config
+from minicpm.quantization import quantize_model
+from tests.conftest import benchmark_script, random_model, variant_config
 
 FP32 = 5e-5  # relative logit error allowed in fp32 (see the module docstring)
 
@@ -135,20 +134,18 @@ def test_quantized_models(bits, dtype):
     _compare(model, FP32 if dtype is torch.float32 else 0)
 
 
+@pytest.mark.parametrize("shared", [True, False])
 @pytest.mark.parametrize("dtype,rel", [(torch.float32, FP32), (torch.bfloat16, 0)])
-def test_act_order_models_take_the_native_step(dtype, rel):
+def test_act_order_models_take_the_native_step(dtype, rel, shared):
     """GPTQ act-order layers (columns stored in another order than x's) decode in the step: the
-    kernel gathers x's columns, so the step serves them and matches the Python layers."""
+    kernel gathers x's columns, so the step serves them and matches the Python layers. Shared:
+    q/k/v and gate/up hold one permutation tensor (as loaded), and the step reuses their gathered
+    input; not shared: each its own, and the step must gather afresh for each."""
     model = random_model(variant_config("1b"), dtype=dtype)
-    gen = torch.Generator().manual_seed(2)
-    for name, linear in list(model.model.layers.named_modules(prefix="model.layers")):
-        if isinstance(linear, torch.nn.Linear):
-            perm = torch.randperm(linear.in_features, generator=gen)
-            q, scales, zeros = quantize_int4(linear.weight.detach()[:, perm], 32)
-            parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent), leaf, QuantizedLinear(
-                linear.in_features, linear.out_features, 4, 32, q, scales.to(dtype), zeros.to(dtype), input_perm=perm))
-    assert model.model.layers[0].self_attn.q_proj.input_perm is not None
+    benchmark_script("act_order").act_order_int4(model, 32, shared=shared)
+    attn = model.model.layers[0].self_attn
+    assert attn.q_proj.input_perm is not None
+    assert (attn.q_proj.input_perm is attn.v_proj.input_perm) == shared
     _compare(model, rel, batch=2)
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from minicpm.errors import MiniCPMError
 from minicpm.kernels import qgemm as native
 from minicpm.quantization import QuantizedLinear
 
@@ -133,6 +134,13 @@ def test_act_order_layers_gather_x_inside_the_kernel(bits, group, m, dtype):
     layer(xg).sum().backward()
     tol = 1e-5 if dtype is torch.float32 else 1e-2  # a bf16 layer's gradient is computed in bf16
     assert rel_error(xg.grad, layer.dequantize().float().sum(0).expand(m, -1)) < tol
+
+
+def test_an_input_perm_that_is_not_a_permutation_is_refused():
+    plain, _ = make(4, 32, 16, 64)
+    for bad in (torch.arange(1, 65), torch.zeros(64, dtype=torch.long), torch.arange(32)):
+        with pytest.raises(MiniCPMError, match="input_perm is not a permutation of 0..63"):
+            permuted(plain, bad)
 
 
 @pytest.mark.parametrize("bits,group,n,k", [(4, 32, 37, 256), (4, 128, 50, 384), (8, None, 37, 200)])

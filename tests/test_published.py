@@ -13,7 +13,7 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from minicpm.errors import CheckpointError, MiniCPMError
 from minicpm.formats import load_checkpoint
@@ -337,6 +337,23 @@ def test_act_order_layers_reading_one_input_share_their_permutation(tmp_path):
             assert attn.o_proj.input_perm is not attn.q_proj.input_perm
         assert_exact_layers(m, weights)
     assert torch.equal(again(IDS), loaded(IDS))
+
+
+@pytest.mark.parametrize("damage", [lambda perm: perm.__setitem__(0, 10 ** 6),  # past x: the kernel would read there
+                                    lambda perm: perm.__setitem__(0, perm[1].item())])  # a column twice
+def test_a_damaged_input_perm_is_named_at_load(tmp_path, damage):
+    """Our format's act-order layer whose input_perm is not a permutation: one error naming the
+    layer and the file, not a product over memory past x or a silently wrong one."""
+    model = tiny()
+    layers, _ = gptq_layers(model, act_order=True)
+    loaded, _ = load_checkpoint(ref.write_checkpoint(tmp_path / "gptq", model, layers, GPTQ_V1), dtype="float32")
+    saved = save_pretrained(loaded, None, tmp_path / "ours")
+    tensors = load_file(saved / "model.safetensors")
+    damage(tensors["model.layers.1.mlp.down_proj.input_perm"])
+    save_file(tensors, str(saved / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"model.layers.1.mlp.down_proj: input_perm is not a permutation of "
+                                              r"0\.\.159 .*the file is damaged, write it again"):
+        load_checkpoint(saved)
 
 
 # ----------------------------------------------------------------------------------- export

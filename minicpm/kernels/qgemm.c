@@ -557,6 +557,11 @@ static const void *gather_row(const void *row, int xkind, long K, const int64_t 
     return out;
 }
 
+/* qx_bytes rounded up to 64: where a gathered row starts in a scratch that holds both. */
+static size_t qx_span(long M, long Kp, int QB, int G) {
+    return (qx_bytes(M, Kp, QB, G) + 63) & ~(size_t)63;
+}
+
 /* Bytes of one row of x gathered (gather_row's `out`): none without a permutation. */
 static size_t gather_bytes(const int64_t *perm, long K) {
     return perm ? ((size_t)K * 4 + 63) / 64 * 64 : 0;
@@ -650,7 +655,7 @@ static int qgemm_gather(int bits, const void *x, int xkind, long M, long K, long
     const long T = (N + 15) / 16;
     if (nthreads < 1) nthreads = 1;
     if (T < nthreads) nthreads = (int)T;
-    const size_t xbytes = (qx_bytes(M, Kp, QB, G) + 63) & ~(size_t)63, gbytes = gather_bytes(perm, K);
+    const size_t xbytes = qx_span(M, Kp, QB, G), gbytes = gather_bytes(perm, K);
     char *scratch = malloc(xbytes + gbytes * nthreads);  /* x quantized, then a gather row per thread */
     if (!scratch) return -1;
     const struct qx t = qx_in(scratch, M, Kp, QB, G);
@@ -697,7 +702,7 @@ int qgemm_plan(const struct qplan *p, const void *x, int xkind, long M, void *y,
 /* Bytes of scratch qgemm_plan_team needs for M rows (per thread): x quantized, then a gathered row. */
 long qgemm_plan_scratch(const struct qplan *p, long M) {
     const int G = group_of(p->bits, p->G, p->QB, p->Kp, p->form);
-    return G ? (long)(((qx_bytes(M, p->Kp, p->QB, G) + 63) & ~(size_t)63) + gather_bytes(p->perm, p->K)) : 0;
+    return G ? (long)(qx_span(M, p->Kp, p->QB, G) + gather_bytes(p->perm, p->K)) : 0;
 }
 
 /* Whether x quantized for plan a is x quantized for plan b: the same codes, scales and sums. */
@@ -727,7 +732,7 @@ int qgemm_plan_team(const struct qplan *p, const void *x, int xkind, long M, voi
     const int team = M >= SHARED_ROWS && nt > 1 && shared;
     const struct qx t = qx_in(team ? shared : scratch, M, p->Kp, p->QB, G);
     /* this thread's gathered row: its own scratch, past the quantized x (shared is one thread's scratch) */
-    char *gather = (char *)scratch + ((qx_bytes(M, p->Kp, p->QB, G) + 63) & ~(size_t)63);
+    char *gather = (char *)scratch + qx_span(M, p->Kp, p->QB, G);
     if (!held || !same_quantized_x(held, p)) {
         if (team) {
             if (held) {  /* the team may still be reading the previous plan's x (v Q6_K after k Q4_K) */

@@ -82,6 +82,15 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((packed & 15, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
 
 
+def _permutation(perm: torch.Tensor, k: int) -> torch.Tensor:
+    """`perm` as int64, checked to be a permutation of 0..k-1: the native kernel gathers x's
+    columns through it without bounds checks, so a damaged one would read past x."""
+    perm = perm.long().contiguous()
+    if perm.shape != (k,) or not torch.equal(perm.sort().values, torch.arange(k, device=perm.device)):
+        raise MiniCPMError(f"input_perm is not a permutation of 0..{k - 1} (shape {list(perm.shape)})")
+    return perm
+
+
 def _has_op(name: str) -> bool:
     return hasattr(torch.ops.aten, name)
 
@@ -122,8 +131,9 @@ class QuantizedLinear(nn.Module):
         (native.pack_int4_blocks), which the native layout takes without unpacking.
         `input_perm`: the columns are stored in this order of x's (act-order GPTQ)."""
         super().__init__()
-        self.register_buffer("input_perm", None if input_perm is None else input_perm.long().contiguous(),
-                             persistent=False)
+        if input_perm is not None:
+            input_perm = _permutation(input_perm, in_features)
+        self.register_buffer("input_perm", input_perm, persistent=False)
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size = bits, group_size
         self.has_offsets = offsets is not None
@@ -418,17 +428,13 @@ class QuantizedLinear(nn.Module):
         return {"kind": "qgemm", "plan": self._native_plan()}
 
 
-def share_equal_permutations(model: nn.Module) -> int:
-    """Give act-order layers with equal permutations one tensor; returns how many now share.
-    GPTQ orders the columns of q/k/v (and of gate/up) alike, for they read the same input, and
+def share_equal_permutations(model: nn.Module) -> None:
+    """Give act-order layers with equal permutations one tensor. GPTQ orders the columns of q/k/v (and of gate/up) alike, for they read the same input, and
     the native kernels quantize a shared input once only when the plans point at one permutation
     (qgemm.c `same_quantized_x`)."""
     seen: dict[bytes, torch.Tensor] = {}
-    shared = 0
     for module in model.modules():
         if isinstance(module, QuantizedLinear) and module.input_perm is not None:
             perm = seen.setdefault(module.input_perm.cpu().numpy().tobytes(), module.input_perm)
             if perm is not module.input_perm:
                 module.input_perm, module._plan = perm, None
-                shared += 1
-    return shared

@@ -265,9 +265,12 @@ def _place(model: nn.Module, name: str, parts: dict, bits_group: tuple, dtype, s
     width = expected[1] if bits == 8 else expected[1] // 2
     _check_shape(f"{name}.qweight", parts["qweight"], (expected[0], width), source)
     dtype = dtype or parts["scales"].dtype
-    layer = QuantizedLinear.from_quantized(parts["qweight"], parts["scales"], parts.get("zeros"), bits, group,
-                                           parts.get("bias"), dtype=dtype, offsets=parts.get("offsets"),
-                                           input_perm=parts.get("input_perm"))
+    try:
+        layer = QuantizedLinear.from_quantized(parts["qweight"], parts["scales"], parts.get("zeros"), bits, group,
+                                               parts.get("bias"), dtype=dtype, offsets=parts.get("offsets"),
+                                               input_perm=parts.get("input_perm"))
+    except MiniCPMError as e:  # the file is damaged: say which layer, and where
+        raise CheckpointError(f"{source}: {name}: {e}; the file is damaged, write it again") from None
     _swap(model, name, layer)
 
 

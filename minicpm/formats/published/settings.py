@@ -120,7 +120,8 @@ def _gptq(settings: dict, where: str) -> Published:
                               "needs an online Hadamard transform at inference); quantize without rotation")
     pack = str(settings.get("pack_dtype") or "int32").removeprefix("torch.")
     if pack != "int32":
-        raise CheckpointError(f"{where}: GPTQModel pack_dtype {pack!r} is not supported (int32 is)")
+        raise CheckpointError(f"{where}: GPTQModel pack_dtype {pack!r} is not supported; export with "
+                              "pack_dtype int32 (the GPTQ format's own)")
     return Published("gptq", bits, _group(settings, where), fmt, settings.get("sym"), settings.get("desc_act"),
                      settings)
 
